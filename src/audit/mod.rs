@@ -1,0 +1,352 @@
+//! The audit log: typed events appended to SQLite, each record carrying the SHA-256 of the one
+//! before it, so that a changed, removed or reordered record breaks the chain.
+//!
+//! Durability: `Audit::record` returns only after the event is committed with `synchronous =
+//! FULL`. A writer thread commits every event waiting at that moment in one transaction
+//! (group commit), so many concurrent requests share one disk flush.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use anyhow::Context;
+use ring::digest;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::clock::{Clock, UnixTime};
+
+/// Everything the audit log records. Field names are part of the log's format.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    LoginSucceeded {
+        user: String,
+        session: String,
+        client: String,
+    },
+    LoginFailed {
+        user: String,
+        client: String,
+    },
+    Logout {
+        user: String,
+        session: String,
+        client: String,
+    },
+    SessionEnded {
+        user: String,
+        session: String,
+        by: String,
+    },
+    SessionExpired {
+        user: String,
+        session: String,
+        why: String,
+    },
+    /// The first request of a session to an app (later ones go to the access log).
+    AccessAllowed {
+        user: Option<String>,
+        session: Option<String>,
+        app: String,
+        client: String,
+    },
+    AccessDenied {
+        user: String,
+        session: String,
+        app: String,
+        reason: String,
+        client: String,
+    },
+    /// The front door refused a request before routing.
+    RequestRejected {
+        code: String,
+        client: String,
+        request_id: String,
+    },
+    /// An administrative command (CLI or admin API).
+    Admin {
+        command: String,
+        target: String,
+        detail: String,
+    },
+    GatewayStarted {
+        version: String,
+    },
+}
+
+impl Event {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::LoginSucceeded { .. } => "login_succeeded",
+            Event::LoginFailed { .. } => "login_failed",
+            Event::Logout { .. } => "logout",
+            Event::SessionEnded { .. } => "session_ended",
+            Event::SessionExpired { .. } => "session_expired",
+            Event::AccessAllowed { .. } => "access_allowed",
+            Event::AccessDenied { .. } => "access_denied",
+            Event::RequestRejected { .. } => "request_rejected",
+            Event::Admin { .. } => "admin",
+            Event::GatewayStarted { .. } => "gateway_started",
+        }
+    }
+}
+
+/// One stored record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub seq: i64,
+    pub at: UnixTime,
+    pub kind: String,
+    /// The event as JSON, exactly the bytes that were hashed.
+    pub detail: String,
+    #[serde(serialize_with = "hex")]
+    pub hash: Vec<u8>,
+}
+
+fn hex<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&to_hex(v))
+}
+
+pub fn to_hex(v: &[u8]) -> String {
+    v.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 over the previous hash and this record's fields, each length-prefixed.
+pub fn chain_hash(prev: &[u8], seq: i64, at: UnixTime, kind: &str, detail: &str) -> Vec<u8> {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(b"poort-audit-v1");
+    for part in [
+        prev,
+        &seq.to_be_bytes(),
+        &at.to_be_bytes(),
+        kind.as_bytes(),
+        detail.as_bytes(),
+    ] {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part);
+    }
+    ctx.finish().as_ref().to_vec()
+}
+
+/// Appends events in one transaction; returns the sequence number of the last one.
+pub fn append(conn: &mut Connection, at: UnixTime, events: &[Event]) -> rusqlite::Result<i64> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let (mut seq, mut prev): (i64, Vec<u8>) = tx
+        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?
+        .unwrap_or((0, vec![0u8; 32]));
+    for ev in events {
+        seq += 1;
+        let detail = serde_json::to_string(ev).expect("invariant: audit events serialise");
+        let hash = chain_hash(&prev, seq, at, ev.kind(), &detail);
+        tx.execute(
+            "INSERT INTO audit (seq, at, kind, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![seq, at, ev.kind(), detail, prev, hash],
+        )?;
+        prev = hash;
+    }
+    tx.commit()?;
+    Ok(seq)
+}
+
+type Job = (Event, tokio::sync::oneshot::Sender<Result<i64, String>>);
+
+/// Handle to the audit writer. Cloning is cheap; every clone feeds the same writer thread.
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Audit {
+    /// Starts the writer thread on its own connection to `db`.
+    pub fn start(db: &Path, clock: std::sync::Arc<dyn Clock>) -> anyhow::Result<Audit> {
+        let mut conn = crate::store::open_connection(db)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("poort-audit".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < 1024 {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    let events: Vec<Event> = batch.iter().map(|(e, _)| e.clone()).collect();
+                    let result = append(&mut conn, clock.now(), &events).map_err(|e| e.to_string());
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, events = events.len(), "Audit write failed");
+                    }
+                    for (_, done) in batch {
+                        let _ = done.send(result.clone());
+                    }
+                }
+            })
+            .context("starting the audit writer")?;
+        Ok(Audit { tx })
+    }
+
+    /// Records an event and waits until it is durable. An error means it was not recorded;
+    /// callers on a request path fail closed.
+    pub async fn record(&self, event: Event) -> anyhow::Result<i64> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx
+            .send((event, done))
+            .map_err(|_| anyhow::anyhow!("audit writer stopped"))?;
+        wait.await
+            .map_err(|_| anyhow::anyhow!("audit writer stopped"))?
+            .map_err(|e| anyhow::anyhow!("audit write failed: {e}"))
+    }
+}
+
+/// Reads the last `n` records, oldest first.
+pub fn tail(conn: &Connection, n: usize) -> rusqlite::Result<Vec<Record>> {
+    let mut stmt = conn.prepare("SELECT seq, at, kind, detail, hash FROM audit ORDER BY seq DESC LIMIT ?1")?;
+    let mut rows = stmt
+        .query_map([n as i64], |r| {
+            Ok(Record {
+                seq: r.get(0)?,
+                at: r.get(1)?,
+                kind: r.get(2)?,
+                detail: r.get(3)?,
+                hash: r.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.reverse();
+    Ok(rows)
+}
+
+/// What `verify` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The chain is whole: how many records, and the hash of the last (worth noting down
+    /// elsewhere: removing records from the end leaves a whole but shorter chain).
+    Intact { records: i64, head: String },
+    /// The first record that does not fit, and why.
+    Broken { seq: i64, why: String },
+}
+
+/// Walks the chain from the first record and reports the first one that was changed, removed
+/// or moved.
+pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
+    let mut stmt = conn.prepare("SELECT seq, at, kind, detail, prev_hash, hash FROM audit ORDER BY seq")?;
+    let mut rows = stmt.query([])?;
+    let mut expect_seq = 1i64;
+    let mut prev = vec![0u8; 32];
+    while let Some(r) = rows.next()? {
+        let (seq, at, kind, detail, prev_hash, hash): (i64, i64, String, String, Vec<u8>, Vec<u8>) =
+            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
+        if seq != expect_seq {
+            return Ok(Verdict::Broken {
+                seq: expect_seq,
+                why: format!("record {expect_seq} is missing (next is {seq})"),
+            });
+        }
+        if prev_hash != prev {
+            return Ok(Verdict::Broken {
+                seq,
+                why: "it does not link to the record before it".into(),
+            });
+        }
+        if chain_hash(&prev, seq, at, &kind, &detail) != hash {
+            return Ok(Verdict::Broken {
+                seq,
+                why: "its content does not match its hash".into(),
+            });
+        }
+        prev = hash;
+        expect_seq += 1;
+    }
+    Ok(Verdict::Intact {
+        records: expect_seq - 1,
+        head: to_hex(&prev),
+    })
+}
+
+/// Path of the database in a data directory, for tools that only know the directory.
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("poort.db")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> (tempfile_dir::Dir, Connection) {
+        let dir = tempfile_dir::Dir::new();
+        let conn = crate::store::open_connection(&dir.0.join("a.db")).unwrap();
+        (dir, conn)
+    }
+
+    /// A throwaway directory, removed on drop.
+    mod tempfile_dir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Dir {
+                let mut p = std::env::temp_dir();
+                let mut b = [0u8; 8];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
+                p.push(format!("poort-test-{}", super::to_hex(&b)));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn ev(i: usize) -> Event {
+        Event::LoginFailed {
+            user: format!("u{i}"),
+            client: "127.0.0.1".into(),
+        }
+    }
+
+    #[test]
+    fn chain_detects_edit_removal_and_reorder() {
+        let (_d, mut c) = db();
+        append(&mut c, 100, &[ev(1), ev(2)]).unwrap();
+        append(&mut c, 101, &[ev(3), ev(4)]).unwrap();
+        assert!(matches!(verify(&c).unwrap(), Verdict::Intact { records: 4, .. }));
+
+        c.execute(
+            "UPDATE audit SET detail = replace(detail, 'u2', 'u9') WHERE seq = 2",
+            [],
+        )
+        .unwrap();
+        assert_eq!(
+            verify(&c).unwrap(),
+            Verdict::Broken {
+                seq: 2,
+                why: "its content does not match its hash".into()
+            }
+        );
+        c.execute(
+            "UPDATE audit SET detail = replace(detail, 'u9', 'u2') WHERE seq = 2",
+            [],
+        )
+        .unwrap();
+
+        c.execute("DELETE FROM audit WHERE seq = 3", []).unwrap();
+        assert!(matches!(verify(&c).unwrap(), Verdict::Broken { seq: 3, .. }));
+    }
+
+    #[test]
+    fn swapped_records_break_the_chain() {
+        let (_d, mut c) = db();
+        append(&mut c, 100, &[ev(1), ev(2), ev(3)]).unwrap();
+        // Swap the contents of records 1 and 2, hashes and all.
+        c.execute_batch(
+            "UPDATE audit SET seq = -1 WHERE seq = 1; UPDATE audit SET seq = 1 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = -1;",
+        )
+        .unwrap();
+        assert!(matches!(verify(&c).unwrap(), Verdict::Broken { seq: 1, .. }));
+    }
+}

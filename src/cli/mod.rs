@@ -1,0 +1,562 @@
+//! The `poort` command line: serve, quickstart, check, and the admin commands for users,
+//! sessions and the audit log. Admin commands work on the database directly and record what
+//! they did in the audit log; a running gateway picks their effects up within a second.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::audit::{self, Event, Verdict};
+use crate::clock::{Clock, SystemClock, format_utc};
+use crate::config::{self, Config};
+use crate::identity::{password, valid_name};
+use crate::store::Store;
+use crate::{server, session};
+
+/// Exit status for a config that does not check out (EX_DATAERR would be 65; sysexits'
+/// EX_USAGE, 64, is what operators' scripts expect from `check`).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, Parser)]
+#[command(name = "poort", version, about = "A secure remote-access gateway")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Set up a data directory (certificate, database, admin user, demo app) and serve it.
+    Quickstart {
+        /// Where to keep everything.
+        #[arg(long, default_value = "poort-data")]
+        data_dir: PathBuf,
+        /// Set everything up, print the admin password, and exit without serving.
+        #[arg(long)]
+        no_serve: bool,
+    },
+    /// Serve the gateway described by a config file.
+    Serve(ConfigArg),
+    /// Check a config file; print every problem and exit 64 if there is any.
+    Check(ConfigArg),
+    /// Manage local users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// List and end sessions.
+    #[command(subcommand)]
+    Session(SessionCmd),
+    /// Read and verify the audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// The config file.
+    #[arg(long, short, default_value = "poort-data/poort.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Add a local user. Without --password-stdin a strong password is made and printed once.
+    Add {
+        name: String,
+        #[arg(long)]
+        email: Option<String>,
+        /// A group to put the user in (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List users with their groups and state.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Set a new password (printed once unless --password-stdin).
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Disable a user and end all their sessions.
+    Disable {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Enable a disabled user.
+    Enable {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Add a user to groups or remove them from groups.
+    Groups {
+        name: String,
+        #[arg(long = "add")]
+        add: Vec<String>,
+        #[arg(long = "remove")]
+        remove: Vec<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionCmd {
+    /// List live sessions.
+    List {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// End a session by id, all sessions of a user, or every session.
+    Revoke {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        user: Option<String>,
+        #[arg(long, conflicts_with_all = ["id", "user"])]
+        all: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Show the latest records.
+    Tail {
+        #[arg(short = 'n', default_value_t = 20)]
+        n: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Check the hash chain; exit 1 at the first record that was changed, removed or moved.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Check(c) => Ok(check(&c.config)),
+        Command::Serve(c) => {
+            let cfg = load_or_exit(&c.config)?;
+            serve(cfg)
+        }
+        Command::Quickstart { data_dir, no_serve } => {
+            let cfg = quickstart(&data_dir)?;
+            if no_serve { Ok(0) } else { serve(cfg) }
+        }
+        Command::User(cmd) => user(cmd),
+        Command::Session(cmd) => session_cmd(cmd),
+        Command::Audit(cmd) => audit_cmd(cmd),
+    }
+}
+
+fn check(path: &Path) -> i32 {
+    match config::load(path) {
+        Ok(cfg) => {
+            println!("{}: ok ({} apps)", path.display(), cfg.apps.len());
+            0
+        }
+        Err(problems) => {
+            eprint!("{problems}");
+            eprintln!("{}: {} problem(s)", path.display(), problems.0.len());
+            EXIT_CONFIG
+        }
+    }
+}
+
+fn load_or_exit(path: &Path) -> anyhow::Result<Config> {
+    match config::load(path) {
+        Ok(c) => Ok(c),
+        Err(problems) => {
+            eprint!("{problems}");
+            std::process::exit(EXIT_CONFIG);
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+fn serve(cfg: Config) -> anyhow::Result<i32> {
+    runtime()?.block_on(async {
+        let running = server::start(cfg, Arc::new(SystemClock)).await?;
+        server::signal().await;
+        tracing::info!("Shutting down");
+        running.stop().await;
+        Ok(0)
+    })
+}
+
+/// Writes a file only its owner can read (keys, secrets).
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// A random password of 20 characters from an alphabet without look-alikes (~117 bits).
+pub fn random_password() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut out = String::with_capacity(20);
+    while out.len() < 20 {
+        for b in session::random_bytes::<32>() {
+            // Rejection sampling keeps every character equally likely.
+            if (b as usize) < 256 - 256 % ALPHABET.len() && out.len() < 20 {
+                out.push(ALPHABET[b as usize % ALPHABET.len()] as char);
+            }
+        }
+    }
+    out
+}
+
+const QUICKSTART_CONFIG: &str = r#"# Written by `poort quickstart`. Edit it, check it with
+#   poort check --config poort-data/poort.toml
+# and serve it with
+#   poort serve --config poort-data/poort.toml
+# Every key is described in docs/configuration.md.
+
+[server]
+# Loopback only. To serve others, listen on 0.0.0.0:443 and set external_url to the
+# name users type, with a certificate for that name below.
+listen = "127.0.0.1:8443"
+external_url = "https://localhost:8443"
+
+[store]
+# Relative paths are taken from the folder this file is in.
+data_dir = "."
+
+[tls]
+cert_file = "tls/cert.pem"
+key_file = "tls/key.pem"
+
+[[app]]
+name = "whoami"
+title = "Who am I"
+description = "Demo app: shows the request poort forwarded, identity headers included"
+upstream = "builtin:whoami"
+path = "/whoami/"
+strip_prefix = true
+access = "authenticated"
+"#;
+
+/// Creates what is missing in `data_dir` and returns the resolved config.
+pub fn quickstart(data_dir: &Path) -> anyhow::Result<Config> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let config_path = data_dir.join("poort.toml");
+    if !config_path.exists() {
+        std::fs::write(&config_path, QUICKSTART_CONFIG)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        println!("Wrote {}", config_path.display());
+    }
+    let cfg = match config::load(&config_path) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprint!("{problems}");
+            bail!(
+                "{} has problems; fix them or move the file away to start afresh",
+                config_path.display()
+            );
+        }
+    };
+    if !cfg.tls.cert_file.exists() {
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ])
+        .context("making a self-signed certificate")?;
+        write_private(&cfg.tls.key_file, ck.signing_key.serialize_pem().as_bytes())?;
+        std::fs::write(&cfg.tls.cert_file, ck.cert.pem())?;
+        println!(
+            "Made a self-signed certificate for localhost: {}",
+            cfg.tls.cert_file.display()
+        );
+    }
+    if let Ok(pem) = std::fs::read(&cfg.tls.cert_file) {
+        use rustls::pki_types::pem::PemObject;
+        if let Some(Ok(der)) = rustls::pki_types::CertificateDer::pem_slice_iter(&pem).next() {
+            let fp = ring::digest::digest(&ring::digest::SHA256, &der);
+            let hex: Vec<String> = fp.as_ref().iter().map(|b| format!("{b:02X}")).collect();
+            println!("Certificate SHA-256 fingerprint: {}", hex.join(":"));
+        }
+    }
+    let store = Store::open(&cfg.database)?;
+    if store.user_exists("admin")? {
+        println!("User admin exists already (reset its password with `poort user passwd admin`).");
+    } else {
+        let pw = random_password();
+        let now = SystemClock.now();
+        store.add_user("admin", None, &password::hash(&pw)?, &["admins".to_string()], now)?;
+        record_admin(&cfg, "quickstart", "admin", "created user admin in group admins")?;
+        println!("Created user admin (group admins). Its password, shown only this once:\n\n    {pw}\n");
+    }
+    println!("Open {}/ and sign in as admin.", cfg.server.external_origin);
+    Ok(cfg)
+}
+
+fn record_admin(cfg: &Config, command: &str, target: &str, detail: &str) -> anyhow::Result<()> {
+    let mut conn = crate::store::open_connection(&cfg.database)?;
+    let ev = Event::Admin {
+        command: command.into(),
+        target: target.into(),
+        detail: detail.into(),
+    };
+    audit::append(&mut conn, SystemClock.now(), &[ev])?;
+    Ok(())
+}
+
+fn new_password(stdin: bool, user: &str) -> anyhow::Result<(String, bool)> {
+    if stdin {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        let pw = line.trim_end_matches(['\r', '\n']).to_string();
+        if let Err(why) = password::check_strength(&pw, &[user]) {
+            bail!("{why}");
+        }
+        Ok((pw, false))
+    } else {
+        Ok((random_password(), true))
+    }
+}
+
+fn check_names(user: &str, groups: &[String]) -> anyhow::Result<()> {
+    if !valid_name(user) {
+        bail!("{user:?} is not a valid user name: use letters, digits, and - _ . @ (at most 64)");
+    }
+    if let Some(g) = groups.iter().find(|g| !valid_name(g)) {
+        bail!("{g:?} is not a valid group name: use letters, digits, and - _ . @ (at most 64)");
+    }
+    Ok(())
+}
+
+fn user(cmd: UserCmd) -> anyhow::Result<i32> {
+    let now = SystemClock.now();
+    match cmd {
+        UserCmd::Add {
+            name,
+            email,
+            groups,
+            password_stdin,
+            config,
+        } => {
+            let cfg = load_or_exit(&config.config)?;
+            check_names(&name, &groups)?;
+            let store = Store::open(&cfg.database)?;
+            if store.user_exists(&name)? {
+                bail!("user {name} exists already");
+            }
+            let (pw, made) = new_password(password_stdin, &name)?;
+            store.add_user(&name, email.as_deref(), &password::hash(&pw)?, &groups, now)?;
+            record_admin(&cfg, "user add", &name, &format!("groups: {}", groups.join(",")))?;
+            println!("Added user {name}.");
+            if made {
+                println!("Password, shown only this once: {pw}");
+            }
+        }
+        UserCmd::List { json, config } => {
+            let cfg = load_or_exit(&config.config)?;
+            let users = Store::open(&cfg.database)?.list_users()?;
+            if json {
+                let v: Vec<_> = users
+                    .iter()
+                    .map(|u| serde_json::json!({"name": u.name, "email": u.email, "groups": u.groups, "disabled": u.disabled, "source": u.source}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<24} {:<8} {:<9} GROUPS", "USER", "SOURCE", "STATE");
+                for u in users {
+                    let state = if u.disabled { "disabled" } else { "enabled" };
+                    println!("{:<24} {:<8} {:<9} {}", u.name, u.source, state, u.groups.join(","));
+                }
+            }
+        }
+        UserCmd::Passwd {
+            name,
+            password_stdin,
+            config,
+        } => {
+            let cfg = load_or_exit(&config.config)?;
+            let store = Store::open(&cfg.database)?;
+            if !store.user_exists(&name)? {
+                bail!("no user {name}");
+            }
+            let (pw, made) = new_password(password_stdin, &name)?;
+            store.set_password(&name, &password::hash(&pw)?, now)?;
+            record_admin(&cfg, "user passwd", &name, "password changed")?;
+            println!("Changed the password of {name}.");
+            if made {
+                println!("Password, shown only this once: {pw}");
+            }
+        }
+        UserCmd::Disable { name, config } => {
+            let cfg = load_or_exit(&config.config)?;
+            let store = Store::open(&cfg.database)?;
+            if !store.set_disabled(&name, true, now)? {
+                bail!("no user {name}");
+            }
+            record_admin(&cfg, "user disable", &name, "disabled; sessions ended")?;
+            println!("Disabled {name} and ended their sessions.");
+        }
+        UserCmd::Enable { name, config } => {
+            let cfg = load_or_exit(&config.config)?;
+            if !Store::open(&cfg.database)?.set_disabled(&name, false, now)? {
+                bail!("no user {name}");
+            }
+            record_admin(&cfg, "user enable", &name, "enabled")?;
+            println!("Enabled {name}.");
+        }
+        UserCmd::Groups {
+            name,
+            add,
+            remove,
+            config,
+        } => {
+            let cfg = load_or_exit(&config.config)?;
+            check_names(&name, &add)?;
+            let store = Store::open(&cfg.database)?;
+            if !store.user_exists(&name)? {
+                bail!("no user {name}");
+            }
+            store.change_groups(&name, &add, &remove, now)?;
+            record_admin(
+                &cfg,
+                "user groups",
+                &name,
+                &format!("added: {}; removed: {}", add.join(","), remove.join(",")),
+            )?;
+            let u = store.list_users()?.into_iter().find(|u| u.name == name);
+            println!(
+                "{name} is now in: {}",
+                u.map(|u| u.groups.join(",")).unwrap_or_default()
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn session_cmd(cmd: SessionCmd) -> anyhow::Result<i32> {
+    let now = SystemClock.now();
+    match cmd {
+        SessionCmd::List { user, json, config } => {
+            let cfg = load_or_exit(&config.config)?;
+            let rows = Store::open(&cfg.database)?.list_sessions(user.as_deref())?;
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|s| serde_json::json!({"id": s.id, "user": s.user, "created_at": s.created_at, "last_seen": s.last_seen, "expires_at": s.expires_at, "client_addr": s.client_addr, "user_agent": s.user_agent}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<14} {:<16} {:<21} {:<21} {:<16} BROWSER",
+                    "ID", "USER", "CREATED", "LAST SEEN", "ADDRESS"
+                );
+                for s in rows {
+                    let ua: String = s.user_agent.chars().take(40).collect();
+                    println!(
+                        "{:<14} {:<16} {:<21} {:<21} {:<16} {}",
+                        s.id,
+                        s.user,
+                        format_utc(s.created_at),
+                        format_utc(s.last_seen),
+                        s.client_addr,
+                        ua
+                    );
+                }
+            }
+        }
+        SessionCmd::Revoke { id, user, all, config } => {
+            let cfg = load_or_exit(&config.config)?;
+            let store = Store::open(&cfg.database)?;
+            let (ended, target) = match (id, user, all) {
+                (Some(id), None, false) => (usize::from(store.revoke_session(&id, now)?), id),
+                (None, Some(u), false) => (store.revoke_user_sessions(&u, now)?.len(), format!("user {u}")),
+                (None, None, true) => (store.revoke_all_sessions(now)?.len(), "all".to_string()),
+                _ => bail!("name a session id, --user USER, or --all"),
+            };
+            record_admin(&cfg, "session revoke", &target, &format!("{ended} session(s) ended"))?;
+            println!("Ended {ended} session(s).");
+            if ended == 0 {
+                return Ok(1);
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn audit_cmd(cmd: AuditCmd) -> anyhow::Result<i32> {
+    match cmd {
+        AuditCmd::Tail { n, json, config } => {
+            let cfg = load_or_exit(&config.config)?;
+            let conn = crate::store::open_connection(&cfg.database)?;
+            for r in audit::tail(&conn, n)? {
+                if json {
+                    let detail: serde_json::Value = serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null);
+                    println!(
+                        "{}",
+                        serde_json::json!({"seq": r.seq, "at": format_utc(r.at), "event": detail, "hash": audit::to_hex(&r.hash)})
+                    );
+                } else {
+                    println!("{:>6} {} {:<17} {}", r.seq, format_utc(r.at), r.kind, r.detail);
+                }
+            }
+            Ok(0)
+        }
+        AuditCmd::Verify { config } => {
+            let cfg = load_or_exit(&config.config)?;
+            let conn = crate::store::open_connection(&cfg.database)?;
+            match audit::verify(&conn)? {
+                Verdict::Intact { records, head } => {
+                    println!("audit log intact: {records} records; head {head}");
+                    Ok(0)
+                }
+                Verdict::Broken { seq, why } => {
+                    println!("audit log BROKEN at record {seq}: {why}");
+                    Ok(1)
+                }
+            }
+        }
+    }
+}

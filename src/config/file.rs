@@ -1,0 +1,88 @@
+//! The config file as written by an operator: serde types that refuse unknown keys. Nothing
+//! here is trusted yet; `resolve` turns it into a checked `Config`.
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub server: Server,
+    pub tls: Option<Tls>,
+    #[serde(default)]
+    pub store: Store,
+    #[serde(default)]
+    pub session: Session,
+    #[serde(default)]
+    pub proxy: Proxy,
+    /// Web apps reached through the reverse proxy.
+    #[serde(default, rename = "app")]
+    pub apps: Vec<App>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// HTTPS listener, `ip:port`. Default `127.0.0.1:8443`.
+    pub listen: Option<String>,
+    /// Optional plain-HTTP listener that only redirects to `external_url`.
+    pub redirect_listen: Option<String>,
+    /// The portal's URL as users reach it, for example `https://gate.example.com`.
+    pub external_url: Option<String>,
+    /// Peers whose `X-Forwarded-For` is believed (CIDRs). Default none.
+    pub trusted_proxies: Option<Vec<String>>,
+    pub handshake_timeout: Option<String>,
+    pub header_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub shutdown_grace: Option<String>,
+    pub max_connections: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    /// Directory for the SQLite database and the signing key. Default `./poort-data`.
+    pub data_dir: Option<String>,
+    /// `sqlite://PATH`; defaults to `poort.db` in `data_dir`.
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Session {
+    pub idle_timeout: Option<String>,
+    pub absolute_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Proxy {
+    pub connect_timeout: Option<String>,
+    pub response_timeout: Option<String>,
+    /// Largest request body, in bytes. Default 10 MiB.
+    pub max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    pub name: Option<String>,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub upstream: Option<String>,
+    /// Route by host name: requests for this host go to the app.
+    pub host: Option<String>,
+    /// Route by path prefix on the portal host, `/wiki/`.
+    pub path: Option<String>,
+    /// With `path`: remove the prefix before forwarding. Default false.
+    pub strip_prefix: Option<bool>,
+    /// `"public"`, `"authenticated"` or `{ rules = [...] }`. Required: there is no default.
+    pub access: Option<toml::Value>,
+}

@@ -1,0 +1,769 @@
+//! Configuration in two layers: `file` holds what the operator wrote (serde, unknown keys
+//! refused); `resolve` checks all of it and returns either a `Config` the rest of poort can
+//! trust, or every problem found, each with its key path and a hint.
+
+pub mod file;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::policy::{Access, Effect, Rule};
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: `server.listen`, `app[wiki].upstream`.
+    pub path: String,
+    pub message: String,
+    /// What to write instead.
+    pub hint: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} (hint: {})", self.path, self.message, self.hint)
+    }
+}
+
+/// All problems of one config file.
+#[derive(Debug)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in &self.0 {
+            writeln!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: Server,
+    pub tls: Tls,
+    pub data_dir: PathBuf,
+    pub database: PathBuf,
+    pub session: SessionTimeouts,
+    pub proxy: ProxySettings,
+    pub apps: Vec<App>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub redirect_listen: Option<SocketAddr>,
+    /// `https://host[:port]`, no trailing slash.
+    pub external_origin: String,
+    /// Lower-case host of `external_origin`: where the portal and path-routed apps live.
+    pub portal_host: String,
+    pub trusted_proxies: Vec<IpNet>,
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SessionTimeouts {
+    pub idle: Duration,
+    pub absolute: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProxySettings {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub max_body_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct App {
+    pub name: String,
+    pub title: String,
+    pub description: String,
+    pub upstream: Upstream,
+    pub route: Route,
+    pub access: Access,
+}
+
+impl App {
+    /// Where a user opens this app: its own origin, or the portal origin plus its prefix.
+    pub fn launch_url(&self, server: &Server) -> String {
+        match &self.route {
+            Route::Host(h) => format!("https://{h}{}/", port_suffix(&server.external_origin)),
+            Route::Path { prefix, .. } => format!("{}{prefix}", server.external_origin),
+        }
+    }
+
+    /// The exact origin a login may redirect back to (rule 12), for host-routed apps.
+    pub fn origin(&self, server: &Server) -> Option<String> {
+        match &self.route {
+            Route::Host(h) => Some(format!("https://{h}{}", port_suffix(&server.external_origin))),
+            Route::Path { .. } => None,
+        }
+    }
+}
+
+fn port_suffix(origin: &str) -> &str {
+    let after_scheme = origin.trim_start_matches("https://");
+    match after_scheme.rfind(':') {
+        Some(i) if !after_scheme.ends_with(']') => &after_scheme[i..],
+        _ => "",
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// `http://authority` plus an optional base path (no trailing slash).
+    Http { authority: String, base_path: String },
+    /// The demo app built into poort: it answers with the request it received.
+    Whoami,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Host(String),
+    /// Segment prefix on the portal host, stored with a trailing slash.
+    Path {
+        prefix: String,
+        strip: bool,
+    },
+}
+
+/// Reads and resolves a config file. Relative paths in it are taken from its folder.
+pub fn load(path: &Path) -> Result<Config, Problems> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problems(vec![Problem {
+            path: path.display().to_string(),
+            message: format!("cannot read the config file: {e}"),
+            hint: "pass an existing file with --config".into(),
+        }])
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse(&text, &base)
+}
+
+/// Parses and resolves config text; `base` anchors relative paths.
+pub fn parse(text: &str, base: &Path) -> Result<Config, Problems> {
+    let file: file::File = toml::from_str(text).map_err(|e| Problems(vec![toml_problem(&e)]))?;
+    resolve(file, base)
+}
+
+fn toml_problem(e: &toml::de::Error) -> Problem {
+    let message = e.message().to_string();
+    let hint = if message.contains("unknown field") {
+        "remove the key or fix its spelling; docs/configuration.md lists every key".to_string()
+    } else {
+        "see docs/configuration.md for the expected type".to_string()
+    };
+    let path = match e.span() {
+        Some(span) => format!("at byte {}", span.start),
+        None => "config".into(),
+    };
+    Problem { path, message, hint }
+}
+
+struct Collector(Vec<Problem>);
+
+impl Collector {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>, hint: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+            hint: hint.into(),
+        });
+    }
+
+    fn duration(&mut self, path: &str, raw: &Option<String>, default: Duration) -> Duration {
+        match raw {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    self.add(path, "must be longer than zero", "for example \"30s\" or \"15m\"");
+                    default
+                }
+                Err(_) => {
+                    self.add(
+                        path,
+                        format!("{s:?} is not a duration"),
+                        "for example \"30s\", \"15m\" or \"12h\"",
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn socket(&mut self, path: &str, raw: &str) -> Option<SocketAddr> {
+        match raw.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.add(
+                    path,
+                    format!("{raw:?} is not an ip:port address"),
+                    "for example \"0.0.0.0:443\"",
+                );
+                None
+            }
+        }
+    }
+}
+
+fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
+    let mut c = Collector(Vec::new());
+    let at = |p: &str| -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+    };
+
+    let listen = c.socket("server.listen", f.server.listen.as_deref().unwrap_or("127.0.0.1:8443"));
+    let redirect_listen = f
+        .server
+        .redirect_listen
+        .as_deref()
+        .and_then(|s| c.socket("server.redirect_listen", s));
+    let (external_origin, portal_host) = match f.server.external_url.as_deref() {
+        None => {
+            let port = listen.map_or(8443, |a| a.port());
+            let origin = if port == 443 {
+                "https://localhost".to_string()
+            } else {
+                format!("https://localhost:{port}")
+            };
+            (origin, "localhost".to_string())
+        }
+        Some(raw) => match external_origin(raw) {
+            Some(v) => v,
+            None => {
+                c.add(
+                    "server.external_url",
+                    format!("{raw:?} is not an https URL with a host and nothing after it"),
+                    "for example \"https://gate.example.com\"",
+                );
+                (String::new(), String::new())
+            }
+        },
+    };
+    let mut trusted_proxies = Vec::new();
+    for (i, raw) in f.server.trusted_proxies.iter().flatten().enumerate() {
+        match raw
+            .parse::<IpNet>()
+            .or_else(|_| raw.parse::<std::net::IpAddr>().map(IpNet::from))
+        {
+            Ok(n) => trusted_proxies.push(n),
+            Err(_) => c.add(
+                format!("server.trusted_proxies[{i}]"),
+                format!("{raw:?} is not an address or CIDR range"),
+                "for example \"10.0.0.0/8\" or \"192.0.2.7\"",
+            ),
+        }
+    }
+    let server = Server {
+        listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8443))),
+        redirect_listen,
+        external_origin,
+        portal_host,
+        trusted_proxies,
+        handshake_timeout: c.duration(
+            "server.handshake_timeout",
+            &f.server.handshake_timeout,
+            Duration::from_secs(10),
+        ),
+        header_timeout: c.duration(
+            "server.header_timeout",
+            &f.server.header_timeout,
+            Duration::from_secs(10),
+        ),
+        idle_timeout: c.duration("server.idle_timeout", &f.server.idle_timeout, Duration::from_secs(75)),
+        shutdown_grace: c.duration(
+            "server.shutdown_grace",
+            &f.server.shutdown_grace,
+            Duration::from_secs(10),
+        ),
+        max_connections: f.server.max_connections.unwrap_or(20_000),
+    };
+    if server.max_connections == 0 {
+        c.add(
+            "server.max_connections",
+            "must be at least 1",
+            "leave it out for the default of 20000",
+        );
+    }
+
+    let data_dir = at(f.store.data_dir.as_deref().unwrap_or("poort-data"));
+    let database = match f.store.database_url.as_deref() {
+        None => data_dir.join("poort.db"),
+        Some(url) => match url.strip_prefix("sqlite://") {
+            Some(p) if !p.is_empty() => at(p),
+            _ => {
+                c.add(
+                    "store.database_url",
+                    format!("{url:?} is not a sqlite:// URL"),
+                    "write \"sqlite://PATH\", or leave it out to use poort.db in data_dir",
+                );
+                PathBuf::new()
+            }
+        },
+    };
+
+    let tls = match f.tls {
+        Some(file::Tls {
+            cert_file: Some(cert),
+            key_file: Some(key),
+        }) => Tls {
+            cert_file: at(&cert),
+            key_file: at(&key),
+        },
+        Some(t) => {
+            if t.cert_file.is_none() {
+                c.add("tls.cert_file", "missing", "name the PEM certificate chain file");
+            }
+            if t.key_file.is_none() {
+                c.add("tls.key_file", "missing", "name the PEM private key file");
+            }
+            Tls {
+                cert_file: PathBuf::new(),
+                key_file: PathBuf::new(),
+            }
+        }
+        None => Tls {
+            cert_file: data_dir.join("tls/cert.pem"),
+            key_file: data_dir.join("tls/key.pem"),
+        },
+    };
+
+    let session = SessionTimeouts {
+        idle: c.duration(
+            "session.idle_timeout",
+            &f.session.idle_timeout,
+            Duration::from_secs(30 * 60),
+        ),
+        absolute: c.duration(
+            "session.absolute_timeout",
+            &f.session.absolute_timeout,
+            Duration::from_secs(12 * 3600),
+        ),
+    };
+    if session.idle > session.absolute {
+        c.add(
+            "session.idle_timeout",
+            "is longer than session.absolute_timeout",
+            "make the idle timeout the shorter one",
+        );
+    }
+    let proxy = ProxySettings {
+        connect_timeout: c.duration(
+            "proxy.connect_timeout",
+            &f.proxy.connect_timeout,
+            Duration::from_secs(5),
+        ),
+        response_timeout: c.duration(
+            "proxy.response_timeout",
+            &f.proxy.response_timeout,
+            Duration::from_secs(60),
+        ),
+        max_body_bytes: f.proxy.max_body_bytes.unwrap_or(10 * 1024 * 1024),
+    };
+
+    let mut apps: Vec<App> = Vec::new();
+    for (i, app) in f.apps.into_iter().enumerate() {
+        if let Some(a) = resolve_app(&mut c, i, app, &server.portal_host) {
+            let key = format!("app[{}]", a.name);
+            if apps.iter().any(|b| b.name == a.name) {
+                c.add(
+                    format!("{key}.name"),
+                    "is used by another app too",
+                    "give each app its own name",
+                );
+            }
+            if apps.iter().any(|b| b.route == a.route) {
+                c.add(
+                    format!("{key}.route"),
+                    "another app has the same host or path",
+                    "give each app its own host or path",
+                );
+            }
+            apps.push(a);
+        }
+    }
+
+    if c.0.is_empty() {
+        Ok(Config {
+            server,
+            tls,
+            data_dir,
+            database,
+            session,
+            proxy,
+            apps,
+        })
+    } else {
+        Err(Problems(c.0))
+    }
+}
+
+/// `https://host[:port]` with an optional trailing slash and nothing else.
+fn external_origin(raw: &str) -> Option<(String, String)> {
+    let rest = raw.strip_prefix("https://")?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    let host = crate::request::parse_host(rest.as_bytes()).ok()?;
+    Some((format!("https://{}", rest.to_ascii_lowercase()), host))
+}
+
+/// App names appear in URLs, headers and audit records: keep them plain.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str) -> Option<App> {
+    let name = match app.name {
+        Some(n) if valid_name(&n) => n,
+        Some(n) => {
+            c.add(
+                format!("app[{i}].name"),
+                format!("{n:?} is not a valid app name"),
+                "use 1-64 of a-z, 0-9, - and _",
+            );
+            format!("#{i}")
+        }
+        None => {
+            c.add(
+                format!("app[{i}].name"),
+                "missing",
+                "every app needs a name, for example name = \"wiki\"",
+            );
+            format!("#{i}")
+        }
+    };
+    let key = format!("app[{name}]");
+    let upstream = match app.upstream.as_deref() {
+        None => {
+            c.add(
+                format!("{key}.upstream"),
+                "missing",
+                "for example upstream = \"http://10.0.0.5:8080\"",
+            );
+            None
+        }
+        Some("builtin:whoami") => Some(Upstream::Whoami),
+        Some(raw) => match parse_upstream(raw) {
+            Ok(u) => Some(u),
+            Err(hint) => {
+                c.add(format!("{key}.upstream"), format!("{raw:?} is not an http URL"), hint);
+                None
+            }
+        },
+    };
+    let route = match (app.host, app.path) {
+        (Some(h), None) => match crate::request::parse_host(h.as_bytes()) {
+            Ok(host) if host == portal_host => {
+                c.add(
+                    format!("{key}.host"),
+                    "is the portal's own host",
+                    "route the app by path on the portal host, or give it its own host",
+                );
+                None
+            }
+            Ok(host) if !h.contains(':') => Some(Route::Host(host)),
+            _ => {
+                c.add(
+                    format!("{key}.host"),
+                    format!("{h:?} is not a host name"),
+                    "for example host = \"wiki.example.com\", without scheme or port",
+                );
+                None
+            }
+        },
+        (None, Some(p)) => match crate::request::Target::parse(&p) {
+            Ok(t) if t.query().is_none() && p.len() > 1 && !p.starts_with("/.poort") => {
+                let mut prefix = t.path().to_string();
+                if !prefix.ends_with('/') {
+                    prefix.push('/');
+                }
+                Some(Route::Path {
+                    prefix,
+                    strip: app.strip_prefix.unwrap_or(false),
+                })
+            }
+            _ => {
+                c.add(
+                    format!("{key}.path"),
+                    format!("{p:?} is not a usable path prefix"),
+                    "a canonical path other than / and /.poort, for example path = \"/wiki/\"",
+                );
+                None
+            }
+        },
+        (Some(_), Some(_)) => {
+            c.add(
+                format!("{key}.host"),
+                "host and path are both set",
+                "route an app by host or by path, not both",
+            );
+            None
+        }
+        (None, None) => {
+            c.add(
+                format!("{key}.host"),
+                "neither host nor path is set",
+                "add host = \"wiki.example.com\" or path = \"/wiki/\"",
+            );
+            None
+        }
+    };
+    if app.strip_prefix.is_some() && matches!(route, Some(Route::Host(_))) {
+        c.add(
+            format!("{key}.strip_prefix"),
+            "only applies to path-routed apps",
+            "remove it, or route the app by path",
+        );
+    }
+    let access = match app.access {
+        None => {
+            c.add(
+                format!("{key}.access"),
+                "missing",
+                "state it: \"authenticated\", \"public\" or { rules = [...] }",
+            );
+            None
+        }
+        Some(v) => resolve_access(c, &key, v),
+    };
+    Some(App {
+        title: app.title.unwrap_or_else(|| name.clone()),
+        description: app.description.unwrap_or_default(),
+        name,
+        upstream: upstream?,
+        route: route?,
+        access: access?,
+    })
+}
+
+fn parse_upstream(raw: &str) -> Result<Upstream, &'static str> {
+    if raw.starts_with("https://") {
+        return Err("TLS to upstreams is not supported yet: reach the app over http on a trusted network");
+    }
+    let rest = raw
+        .strip_prefix("http://")
+        .ok_or("write http://HOST:PORT, optionally with a base path")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') || crate::request::parse_host(authority.as_bytes()).is_err() {
+        return Err("write http://HOST:PORT with a plain host name or address");
+    }
+    let base_path = path.trim_end_matches('/');
+    if !base_path.is_empty()
+        && crate::request::Target::parse(base_path)
+            .map(|t| t.query().is_some())
+            .unwrap_or(true)
+    {
+        return Err("the base path must be a plain canonical path without a query");
+    }
+    Ok(Upstream::Http {
+        authority: authority.to_string(),
+        base_path: base_path.to_string(),
+    })
+}
+
+fn resolve_access(c: &mut Collector, key: &str, v: toml::Value) -> Option<Access> {
+    let path = format!("{key}.access");
+    match v {
+        toml::Value::String(s) => match s.as_str() {
+            "public" => Some(Access::Public),
+            "authenticated" => Some(Access::Authenticated),
+            other => {
+                c.add(
+                    path,
+                    format!("{other:?} is not an access mode"),
+                    "\"authenticated\", \"public\" or { rules = [...] }",
+                );
+                None
+            }
+        },
+        toml::Value::Table(mut t) => {
+            let rules = t.remove("rules");
+            if let Some(k) = t.keys().next() {
+                c.add(
+                    format!("{path}.{k}"),
+                    "unknown key",
+                    "the access table takes only rules = [...]",
+                );
+                return None;
+            }
+            let Some(toml::Value::Array(rules)) = rules else {
+                c.add(
+                    format!("{path}.rules"),
+                    "missing or not a list",
+                    "rules = [{ effect = \"allow\", groups = [\"staff\"] }]",
+                );
+                return None;
+            };
+            let mut out = Vec::new();
+            let mut ok = true;
+            for (i, r) in rules.into_iter().enumerate() {
+                match resolve_rule(c, &format!("{path}.rules[{i}]"), r) {
+                    Some(r) => out.push(r),
+                    None => ok = false,
+                }
+            }
+            if out.is_empty() && ok {
+                c.add(
+                    format!("{path}.rules"),
+                    "is empty, so nobody could use the app",
+                    "add an allow rule",
+                );
+                return None;
+            }
+            ok.then_some(Access::Rules(out))
+        }
+        _ => {
+            c.add(
+                path,
+                "must be a string or a table",
+                "\"authenticated\", \"public\" or { rules = [...] }",
+            );
+            None
+        }
+    }
+}
+
+fn resolve_rule(c: &mut Collector, path: &str, v: toml::Value) -> Option<Rule> {
+    let toml::Value::Table(mut t) = v else {
+        c.add(
+            path,
+            "a rule must be a table",
+            "{ effect = \"allow\", groups = [\"staff\"] }",
+        );
+        return None;
+    };
+    let strings = |c: &mut Collector, k: &str, t: &mut toml::Table| -> Option<Vec<String>> {
+        match t.remove(k) {
+            None => Some(Vec::new()),
+            Some(toml::Value::Array(a)) => {
+                let v: Option<Vec<String>> = a.into_iter().map(|x| x.as_str().map(str::to_string)).collect();
+                if v.is_none() {
+                    c.add(
+                        format!("{path}.{k}"),
+                        "must be a list of strings",
+                        format!("{k} = [\"name\"]"),
+                    );
+                }
+                v
+            }
+            Some(_) => {
+                c.add(
+                    format!("{path}.{k}"),
+                    "must be a list of strings",
+                    format!("{k} = [\"name\"]"),
+                );
+                None
+            }
+        }
+    };
+    let users = strings(c, "users", &mut t);
+    let groups = strings(c, "groups", &mut t);
+    let effect = match t.remove("effect") {
+        Some(toml::Value::String(s)) if s == "allow" => Some(Effect::Allow),
+        Some(toml::Value::String(s)) if s == "deny" => Some(Effect::Deny),
+        _ => {
+            c.add(
+                format!("{path}.effect"),
+                "missing or not \"allow\"/\"deny\"",
+                "effect = \"allow\" or effect = \"deny\"",
+            );
+            None
+        }
+    };
+    if let Some(k) = t.keys().next() {
+        c.add(
+            format!("{path}.{k}"),
+            "unknown key",
+            "a rule takes effect, users and groups",
+        );
+        return None;
+    }
+    let (users, groups, effect) = (users?, groups?, effect?);
+    if users.is_empty() && groups.is_empty() {
+        c.add(path, "matches nobody", "name at least one user or group");
+        return None;
+    }
+    Some(Rule { effect, users, groups })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_resolve() {
+        let c = parse("", Path::new("/etc/poort")).unwrap();
+        assert_eq!(c.server.external_origin, "https://localhost:8443");
+        assert_eq!(c.database, Path::new("/etc/poort/poort-data/poort.db"));
+        assert_eq!(c.session.idle, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+            [server]
+            listen = "nope"
+            external_url = "http://gate"
+            [session]
+            idle_timeout = "forever"
+            [[app]]
+            name = "wiki"
+            upstream = "htp://x"
+            path = "/a/../b"
+            access = "everyone"
+            [[app]]
+            name = "Bad Name"
+            upstream = "http://127.0.0.1:1"
+            host = "x.example"
+            access = { rules = [{ effect = "allow" }] }
+        "#;
+        let problems = parse(text, Path::new(".")).unwrap_err().0;
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.listen",
+                "server.external_url",
+                "session.idle_timeout",
+                "app[wiki].upstream",
+                "app[wiki].path",
+                "app[wiki].access",
+                "app[1].name",
+                "app[#1].access.rules[0]",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = parse("[server]\nlisten_on = \"x\"\n", Path::new(".")).unwrap_err().0;
+        assert!(err[0].message.contains("unknown field"), "{err:?}");
+    }
+}

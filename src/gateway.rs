@@ -1,0 +1,337 @@
+//! The gateway: shared state, and `handle`, the one function whose lines are the request
+//! stages of docs/architecture.md. Every response poort itself makes goes through `page` or
+//! `error_page`, so an error never echoes request bytes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::audit::{Audit, Event};
+use crate::body::Body;
+use crate::clock::Clock;
+use crate::config::{Config, Route};
+use crate::policy::{self, Decision};
+use crate::portal;
+use crate::proxy::{Origin, Proxy, Signer};
+use crate::request::{self, Front};
+use crate::route::{Found, Routes};
+use crate::session::{self, Lookup, Session, Sessions};
+use crate::store::Store;
+
+/// Identifies one request in the log and on error pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestId(u64);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+pub struct Gateway {
+    pub cfg: Arc<Config>,
+    pub clock: Arc<dyn Clock>,
+    pub store: Store,
+    pub audit: Audit,
+    pub sessions: Sessions,
+    pub proxy: Proxy,
+    pub routes: Routes,
+    pub portal: portal::State,
+    request_ids: AtomicU64,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gateway")
+    }
+}
+
+/// Per-request facts established before routing.
+pub struct Ctx {
+    pub id: RequestId,
+    pub front: Front,
+    pub client: IpAddr,
+    pub session: Option<Arc<Session>>,
+}
+
+impl Gateway {
+    pub fn new(
+        cfg: Arc<Config>,
+        clock: Arc<dyn Clock>,
+        store: Store,
+        audit: Audit,
+        signer: Arc<Signer>,
+        whoami: Option<String>,
+    ) -> anyhow::Result<Gateway> {
+        let sessions = Sessions::new(store.clone(), clock.clone(), cfg.session, cfg.apps.len())?;
+        let proxy = Proxy::new(cfg.proxy, signer, whoami);
+        let routes = Routes::new(&cfg.server.portal_host, &cfg.apps);
+        let portal = portal::State::new(&cfg);
+        // Request ids: a random start, then counting; unique per process and cheap to make.
+        let start = u64::from_be_bytes(session::random_bytes());
+        Ok(Gateway {
+            cfg,
+            clock,
+            store,
+            audit,
+            sessions,
+            proxy,
+            routes,
+            portal,
+            request_ids: AtomicU64::new(start),
+        })
+    }
+
+    /// One request, start to finish.
+    pub async fn handle(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        let id = RequestId(self.request_ids.fetch_add(1, Ordering::Relaxed));
+        let client = request::client_addr(peer.ip(), req.headers(), &self.cfg.server.trusted_proxies);
+        // request::check: one canonical target and host, bounded headers, strict framing.
+        let front = match request::check(req.method(), req.uri(), req.version(), req.headers()) {
+            Ok(f) => f,
+            Err(r) => return self.reject(r.status(), r.code(), client, id).await,
+        };
+        if front.content_length.is_some_and(|n| n > self.cfg.proxy.max_body_bytes) {
+            return self
+                .reject(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", client, id)
+                .await;
+        }
+        // route: portal, an app, or nothing.
+        let found = self.routes.find(&front.host, front.target.path());
+        if found == Found::UnknownHost {
+            return self
+                .reject(StatusCode::MISDIRECTED_REQUEST, "unknown_host", client, id)
+                .await;
+        }
+        // session::lookup: cookie, token hash, cache, store.
+        let session = self.session_for(&req, &front.host).await;
+        let ctx = Ctx {
+            id,
+            front,
+            client,
+            session,
+        };
+        match found {
+            Found::Portal { on_portal_host } => portal::serve(&self, ctx, on_portal_host, req).await,
+            Found::App(i) => self.app(i, ctx, req).await,
+            Found::AddSlash(i) => match &self.cfg.apps[i].route {
+                Route::Path { prefix, .. } => redirect(
+                    StatusCode::PERMANENT_REDIRECT,
+                    &format!("{}{prefix}", self.cfg.server.external_origin),
+                ),
+                Route::Host(_) => error_page(StatusCode::NOT_FOUND, id),
+            },
+            Found::NotFound | Found::UnknownHost => error_page(StatusCode::NOT_FOUND, id),
+        }
+    }
+
+    /// policy::evaluate, then proxy::forward with the permit.
+    async fn app(&self, i: usize, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
+        let app = &self.cfg.apps[i];
+        let who = ctx.session.as_ref().map(|s| &s.identity);
+        match policy::evaluate(i, &app.access, who) {
+            Decision::Allow(permit) => {
+                if let Some(s) = &ctx.session {
+                    if s.first_open(i) {
+                        let ev = Event::AccessAllowed {
+                            user: Some(s.identity.user.clone()),
+                            session: Some(s.id.clone()),
+                            app: app.name.clone(),
+                            client: ctx.client.to_string(),
+                        };
+                        if let Err(e) = self.audit.record(ev).await {
+                            tracing::error!(request = %ctx.id, error = %e, "Audit unavailable; refusing");
+                            return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+                        }
+                    }
+                }
+                let origin = Origin {
+                    client: ctx.client,
+                    host: &ctx.front.host,
+                    session: ctx.session.as_deref(),
+                    now: self.clock.now(),
+                };
+                match self.proxy.forward(permit, app, &ctx.front.target, origin, req).await {
+                    Ok(resp) => resp,
+                    Err(f) => {
+                        tracing::warn!(request = %ctx.id, app = %app.name, failure = ?f, "Upstream request failed");
+                        error_page(f.status(), ctx.id)
+                    }
+                }
+            }
+            Decision::Authenticate => self.needs_login(&ctx, &req),
+            Decision::Deny(reason) => {
+                let s = ctx
+                    .session
+                    .as_ref()
+                    .expect("invariant: policy denies only identified users");
+                let ev = Event::AccessDenied {
+                    user: s.identity.user.clone(),
+                    session: s.id.clone(),
+                    app: app.name.clone(),
+                    reason: reason.to_string(),
+                    client: ctx.client.to_string(),
+                };
+                if let Err(e) = self.audit.record(ev).await {
+                    tracing::error!(request = %ctx.id, error = %e, "Audit write failed");
+                }
+                error_page(StatusCode::FORBIDDEN, ctx.id)
+            }
+        }
+    }
+
+    /// A browser navigation goes to the login page; anything else gets 401.
+    fn needs_login(&self, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
+        let wants_html = req
+            .headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .any(|v| v.as_bytes().windows(9).any(|w| w == b"text/html"));
+        if !wants_html || !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
+            return error_page(StatusCode::UNAUTHORIZED, ctx.id);
+        }
+        let target = ctx.front.target.forward_form(ctx.front.target.path());
+        let next = if ctx.front.host == self.cfg.server.portal_host {
+            target
+        } else {
+            format!(
+                "https://{}{}{}",
+                ctx.front.host,
+                port_of(&self.cfg.server.external_origin),
+                target
+            )
+        };
+        let mut location = format!("{}/.poort/login?", self.cfg.server.external_origin);
+        location.push_str(
+            &form_urlencoded::Serializer::new(String::new())
+                .append_pair("next", &next)
+                .finish(),
+        );
+        redirect(StatusCode::FOUND, &location)
+    }
+
+    /// The live session for this request's cookie, if it was issued for this host.
+    async fn session_for(&self, req: &Request<Incoming>, host: &str) -> Option<Arc<Session>> {
+        let cookies = req.headers().get_all(header::COOKIE).iter().map(|v| v.as_bytes());
+        let value = session::cookie::find(cookies, session::SESSION_COOKIE)?;
+        match self.sessions.lookup(value).await {
+            Ok(s) if s.host == host => Some(s),
+            Ok(_) => None,
+            Err((Lookup::Expired { idle }, Some(s))) => {
+                let why = if idle { "idle timeout" } else { "absolute timeout" };
+                let ev = Event::SessionExpired {
+                    user: s.identity.user.clone(),
+                    session: s.id.clone(),
+                    why: why.into(),
+                };
+                if let Err(e) = self.audit.record(ev).await {
+                    tracing::error!(error = %e, "Audit write failed");
+                }
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Refuses a request before routing: audited, constant page, connection closed.
+    async fn reject(&self, status: StatusCode, code: &'static str, client: IpAddr, id: RequestId) -> Response<Body> {
+        tracing::info!(request = %id, client = %client, code, "Request rejected");
+        let ev = Event::RequestRejected {
+            code: code.into(),
+            client: client.to_string(),
+            request_id: id.to_string(),
+        };
+        if let Err(e) = self.audit.record(ev).await {
+            tracing::error!(request = %id, error = %e, "Audit write failed");
+        }
+        let mut resp = error_page(status, id);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp
+    }
+}
+
+/// `:port` of an origin, or nothing for the default port.
+pub fn port_of(origin: &str) -> &str {
+    let rest = origin.trim_start_matches("https://");
+    match rest.rfind(':') {
+        Some(i) if !rest.ends_with(']') => &rest[i..],
+        _ => "",
+    }
+}
+
+/// Headers every page poort makes carries.
+fn harden(resp: &mut Response<Body>) {
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
+        ),
+    );
+}
+
+/// A page poort rendered itself.
+pub fn page(status: StatusCode, content_type: &'static str, body: impl Into<Body>) -> Response<Body> {
+    let mut resp = Response::new(body.into());
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    harden(&mut resp);
+    resp
+}
+
+pub fn redirect(status: StatusCode, location: &str) -> Response<Body> {
+    let mut resp = page(status, "text/plain; charset=utf-8", Body::empty());
+    match HeaderValue::from_str(location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        Err(_) => *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
+    }
+    resp
+}
+
+/// The constant error page for a status: fixed words, and only our own request id.
+pub fn error_page(status: StatusCode, id: RequestId) -> Response<Body> {
+    let (title, message) = match status {
+        StatusCode::BAD_REQUEST => (
+            "Bad request",
+            "The request was malformed or ambiguous, so it was refused.",
+        ),
+        StatusCode::UNAUTHORIZED => ("Sign-in required", "Sign in to poort to use this app."),
+        StatusCode::FORBIDDEN => ("Access denied", "You are signed in, but this app is not open to you."),
+        StatusCode::NOT_FOUND => ("Not found", "There is nothing at this address."),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "Method not allowed",
+            "This address does not accept that kind of request.",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => ("Too large", "The request body is larger than allowed."),
+        StatusCode::URI_TOO_LONG => ("Address too long", "The requested address is longer than allowed."),
+        StatusCode::MISDIRECTED_REQUEST => ("Unknown site", "This gateway does not serve that host name."),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
+            ("Headers too large", "The request headers are larger than allowed.")
+        }
+        StatusCode::BAD_GATEWAY => (
+            "App unavailable",
+            "The app did not accept the connection. Try again later.",
+        ),
+        StatusCode::GATEWAY_TIMEOUT => ("App timed out", "The app did not answer in time. Try again later."),
+        StatusCode::SERVICE_UNAVAILABLE => ("Unavailable", "The gateway cannot serve this request right now."),
+        _ => ("Error", "The request could not be served."),
+    };
+    let html = portal::render_error(status.as_u16(), title, message, &id.to_string());
+    page(status, "text/html; charset=utf-8", html)
+}

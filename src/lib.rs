@@ -1,0 +1,25 @@
+//! poort: a secure remote-access gateway.
+//!
+//! The modules follow one request through the gateway (docs/architecture.md), then the
+//! supporting ones. `gateway::Gateway::handle` reads like the list below.
+
+// Request stages, in order.
+pub mod audit;
+pub mod listen;
+pub mod policy;
+pub mod portal;
+pub mod proxy;
+pub mod request;
+pub mod route;
+pub mod session;
+
+// Supporting modules.
+pub mod body;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod gateway;
+pub mod identity;
+pub mod server;
+pub mod store;
+pub mod whoami;

@@ -1,0 +1,186 @@
+//! Accepting connections: TLS 1.2/1.3 with rustls (modern suites only, ALPN h2 and
+//! http/1.1), a bound on connections, a handshake timeout, HTTP/1 and HTTP/2 with bounded
+//! heads and streams, an idle cut-off, and graceful shutdown. Also the optional plain-HTTP
+//! listener, which does nothing but redirect to the configured HTTPS origin.
+
+mod idle;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Server;
+use crate::gateway::{Gateway, redirect};
+use crate::request::{MAX_HEADERS, Target};
+
+pub use idle::IdleIo;
+
+/// Most bytes hyper buffers for one HTTP/1 head (request line and headers).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Loads the certificate chain and key and builds the TLS settings.
+pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig>> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading certificates from {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing certificates in {}", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{} holds no certificate", cert.display());
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the private key from {}", key.display()))?;
+    // ring's default suites are all AEAD with forward secrecy; no CBC, no RSA key exchange.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .context("choosing TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the certificate and key do not fit together")?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+fn http_builder(server: &Server) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // Also bounds the wait for the next request on a kept-alive connection.
+        .header_read_timeout(server.header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS)
+        .half_close(false);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(128)
+        .max_header_list_size(32 * 1024)
+        .max_pending_accept_reset_streams(32)
+        .max_local_error_reset_streams(256)
+        .keep_alive_interval(None);
+    b
+}
+
+/// Serves HTTPS on `listener` until `shutdown` completes, then drains for `shutdown_grace`.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let server = gw.cfg.server.clone();
+    let acceptor = TlsAcceptor::from(tls);
+    let builder = Arc::new(http_builder(&server));
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(server.max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(v) => v,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "Accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(client = %peer, "Connection refused: connection limit reached");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (gw, acceptor, builder, watcher) = (gw.clone(), acceptor.clone(), builder.clone(), graceful.watcher());
+        let (handshake, idle) = (server.handshake_timeout, server.idle_timeout);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let tls = match tokio::time::timeout(handshake, acceptor.accept(IdleIo::new(stream, idle))).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(client = %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = service_fn(move |req: Request<Incoming>| {
+                let gw = gw.clone();
+                async move { Ok::<_, Infallible>(gw.handle(peer, req).await) }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(client = %peer, error = %e, "Connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(connections = graceful.count(), "Draining connections");
+    if tokio::time::timeout(server.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Shutdown grace period over; closing the remaining connections");
+    }
+}
+
+/// Serves the plain-HTTP listener: every request gets a redirect to the HTTPS origin with the
+/// same canonical path, or to the root when the target is not canonical. Nothing else.
+pub async fn serve_redirect(listener: TcpListener, server: Server, shutdown: impl Future<Output = ()>) {
+    let origin: Arc<str> = server.external_origin.clone().into();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_timeout)
+        .max_buf_size(16 * 1024)
+        .keep_alive(false);
+    let builder = Arc::new(builder);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted { Ok(v) => v, Err(_) => continue },
+            () = &mut shutdown => return,
+        };
+        let (origin, builder) = (origin.clone(), builder.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .and_then(|t| Target::parse(t).ok());
+                let location = match path {
+                    Some(t) => format!("{origin}{}", t.forward_form(t.path())),
+                    None => format!("{origin}/"),
+                };
+                async move { Ok::<_, Infallible>(redirect(StatusCode::PERMANENT_REDIRECT, &location)) }
+            });
+            let io = IdleIo::new(stream, Duration::from_secs(30));
+            let _ = builder.serve_connection(TokioIo::new(io), service).await;
+        });
+    }
+}
+
+/// Binds a TCP listener with a useful error.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
+}

@@ -1,0 +1,669 @@
+//! The portal: the fixed set of `/.poort/` pages (login, logout, app launcher, my sessions,
+//! JWKS, health, the style sheet) and the launcher at `/`. Routes are exact matches on the
+//! canonical path; pages are askama templates compiled into the binary with auto-escaping.
+//! Before login only login, JWKS, health, the style sheet and the host hand-off answer.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use askama::Template;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use subtle::ConstantTimeEq;
+
+use crate::audit::Event;
+use crate::body::Body;
+use crate::clock::{UnixTime, format_utc};
+use crate::config::{Config, Route};
+use crate::gateway::{Ctx, Gateway, error_page, page, port_of, redirect};
+use crate::identity::{password, valid_name};
+use crate::policy::{self, Decision};
+use crate::request::Target;
+use crate::session::{self, Session, cookie};
+use crate::store::Store;
+
+const STYLE: &str = include_str!("../../assets/style.css");
+/// Largest form poort accepts (login, logout, session end).
+const MAX_FORM: usize = 16 * 1024;
+/// A host hand-off code is good for this long, once.
+const HANDOFF_SECS: i64 = 60;
+
+/// Portal state that lives in memory: pending host hand-offs.
+#[derive(Debug, Default)]
+pub struct State {
+    handoffs: Mutex<HashMap<String, Handoff>>,
+}
+
+#[derive(Debug)]
+struct Handoff {
+    session_id: String,
+    host: String,
+    path: String,
+    expires: UnixTime,
+}
+
+impl State {
+    pub fn new(_cfg: &Config) -> State {
+        State::default()
+    }
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage<'a> {
+    csrf: &'a str,
+    next: &'a str,
+    username: &'a str,
+    error: Option<&'a str>,
+}
+
+struct AppLink {
+    title: String,
+    description: String,
+    url: String,
+}
+
+#[derive(Template)]
+#[template(path = "launcher.html")]
+struct LauncherPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    apps: Vec<AppLink>,
+}
+
+struct SessionLine {
+    id: String,
+    created: String,
+    last_seen: String,
+    client_addr: String,
+    user_agent: String,
+    current: bool,
+}
+
+#[derive(Template)]
+#[template(path = "sessions.html")]
+struct SessionsPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    sessions: Vec<SessionLine>,
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage<'a> {
+    status: u16,
+    title: &'a str,
+    message: &'a str,
+    request_id: &'a str,
+}
+
+pub fn render_error(status: u16, title: &str, message: &str, request_id: &str) -> String {
+    ErrorPage {
+        status,
+        title,
+        message,
+        request_id,
+    }
+    .render()
+    .unwrap_or_else(|_| format!("{status} {title}"))
+}
+
+fn html(status: StatusCode, t: &impl Template) -> Response<Body> {
+    match t.render() {
+        Ok(s) => page(status, "text/html; charset=utf-8", s),
+        Err(e) => {
+            tracing::error!(error = %e, "Template rendering failed");
+            page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain; charset=utf-8",
+                Body::from_static("internal error\n"),
+            )
+        }
+    }
+}
+
+/// Where to send a user after login (SECURITY.md rule 12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// A single-slash relative path on the portal host.
+    Relative(String),
+    /// A path on a host-routed app's exact origin.
+    App { host: String, path: String },
+    /// Anything else: the launcher.
+    Portal,
+}
+
+fn safe_relative(p: &str) -> bool {
+    p.starts_with('/')
+        && !p.starts_with("//")
+        && !p.starts_with("/\\")
+        && !p.bytes().any(|b| b <= b' ' || b == 0x7f || b == b'\\')
+        && Target::parse(p).is_ok()
+}
+
+/// Classifies a `next` value; anything not plainly safe becomes `Portal`.
+pub fn safe_next(next: &str, cfg: &Config) -> Next {
+    if safe_relative(next) {
+        return Next::Relative(next.to_string());
+    }
+    for app in &cfg.apps {
+        let (Route::Host(host), Some(origin)) = (&app.route, app.origin(&cfg.server)) else {
+            continue;
+        };
+        if let Some(rest) = next.strip_prefix(origin.as_str()) {
+            let path = if rest.is_empty() { "/" } else { rest };
+            if safe_relative(path) {
+                return Next::App {
+                    host: host.clone(),
+                    path: path.to_string(),
+                };
+            }
+        }
+    }
+    Next::Portal
+}
+
+pub async fn serve(gw: &Gateway, ctx: Ctx, on_portal_host: bool, req: Request<Incoming>) -> Response<Body> {
+    let path = ctx.front.target.path().to_string();
+    let get = matches!(*req.method(), Method::GET | Method::HEAD);
+    let post = *req.method() == Method::POST;
+    match (on_portal_host, path.as_str()) {
+        (_, "/.poort/style.css") if get => {
+            let mut r = page(StatusCode::OK, "text/css; charset=utf-8", Body::from_static(STYLE));
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+            r
+        }
+        (_, "/.poort/health") if get => page(StatusCode::OK, "text/plain; charset=utf-8", Body::from_static("ok\n")),
+        (true, "/.poort/jwks.json") if get => {
+            let mut r = page(
+                StatusCode::OK,
+                "application/json",
+                Body::from(gw.proxy.signer().jwks().to_string()),
+            );
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+            r
+        }
+        (true, "/") if get => launcher(gw, &ctx, &req),
+        (true, "/.poort/login") if get => login_form(gw, &ctx, &req).await,
+        (true, "/.poort/login") if post => login_submit(gw, ctx, req).await,
+        (true, "/.poort/logout") if post => logout(gw, ctx, req).await,
+        (true, "/.poort/sessions") if get => sessions_page(gw, &ctx, &req).await,
+        (true, "/.poort/sessions/end") if post => end_session(gw, ctx, req).await,
+        (false, "/.poort/handoff") if get => handoff(gw, &ctx).await,
+        (
+            true,
+            "/"
+            | "/.poort/login"
+            | "/.poort/logout"
+            | "/.poort/sessions"
+            | "/.poort/sessions/end"
+            | "/.poort/jwks.json",
+        )
+        | (_, "/.poort/style.css" | "/.poort/health")
+        | (false, "/.poort/handoff") => error_page(StatusCode::METHOD_NOT_ALLOWED, ctx.id),
+        _ => error_page(StatusCode::NOT_FOUND, ctx.id),
+    }
+}
+
+/// The anti-CSRF value for a page: the browser's existing one, or a new one to set.
+fn csrf_for_page(headers: &HeaderMap) -> (String, bool) {
+    let cookies = headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes());
+    match cookie::find(cookies, cookie::CSRF_COOKIE) {
+        Some(v) if cookie::decode_token(v).is_some() => (v.to_string(), false),
+        _ => (cookie::encode_token(&session::random_bytes()), true),
+    }
+}
+
+fn with_csrf_cookie(mut resp: Response<Body>, csrf: &str, is_new: bool) -> Response<Body> {
+    if is_new {
+        if let Ok(v) = HeaderValue::from_str(&cookie::set_csrf(csrf)) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
+/// A form is genuine when it came from a poort page: the Origin is the portal's and the
+/// hidden field matches the `__Host-` cookie (double submit).
+fn form_is_genuine(gw: &Gateway, headers: &HeaderMap, form: &HashMap<String, String>) -> bool {
+    let origin_ok = headers
+        .get(header::ORIGIN)
+        .is_some_and(|o| o.as_bytes() == gw.cfg.server.external_origin.as_bytes());
+    let cookies = headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes());
+    let cookie_value = cookie::find(cookies, cookie::CSRF_COOKIE).filter(|v| cookie::decode_token(v).is_some());
+    let field = form.get("csrf").map(String::as_str).unwrap_or("");
+    let token_ok = cookie_value.is_some_and(|c| bool::from(c.as_bytes().ct_eq(field.as_bytes())));
+    origin_ok && token_ok
+}
+
+/// Reads a bounded urlencoded form body.
+async fn read_form(req: Request<Incoming>) -> Option<(HeaderMap, HashMap<String, String>)> {
+    let (parts, body) = req.into_parts();
+    let ct = parts.headers.get(header::CONTENT_TYPE)?.as_bytes();
+    if !ct.starts_with(b"application/x-www-form-urlencoded") {
+        return None;
+    }
+    let bytes = Limited::new(body, MAX_FORM).collect().await.ok()?.to_bytes();
+    let mut form = HashMap::new();
+    for (k, v) in form_urlencoded::parse(&bytes) {
+        // A repeated field is ambiguous: refuse the whole form.
+        if form.insert(k.into_owned(), v.into_owned()).is_some() {
+            return None;
+        }
+    }
+    Some((parts.headers, form))
+}
+
+fn query_param(ctx: &Ctx, name: &str) -> Option<String> {
+    let q = ctx.front.target.query()?;
+    form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn to_login(gw: &Gateway) -> Response<Body> {
+    redirect(
+        StatusCode::FOUND,
+        &format!("{}/.poort/login", gw.cfg.server.external_origin),
+    )
+}
+
+fn launcher(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
+    let Some(s) = &ctx.session else { return to_login(gw) };
+    let apps = gw
+        .cfg
+        .apps
+        .iter()
+        .enumerate()
+        .filter(|(i, app)| matches!(policy::evaluate(*i, &app.access, Some(&s.identity)), Decision::Allow(_)))
+        .map(|(_, app)| AppLink {
+            title: app.title.clone(),
+            description: app.description.clone(),
+            url: app.launch_url(&gw.cfg.server),
+        })
+        .collect();
+    let (csrf, new) = csrf_for_page(req.headers());
+    with_csrf_cookie(
+        html(
+            StatusCode::OK,
+            &LauncherPage {
+                user: &s.identity.user,
+                csrf: &csrf,
+                apps,
+            },
+        ),
+        &csrf,
+        new,
+    )
+}
+
+async fn login_form(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
+    let next = query_param(ctx, "next").unwrap_or_default();
+    if let Some(s) = &ctx.session {
+        return go_next(gw, s, safe_next(&next, &gw.cfg));
+    }
+    let (csrf, new) = csrf_for_page(req.headers());
+    let next = match safe_next(&next, &gw.cfg) {
+        Next::Portal => String::new(),
+        _ => next,
+    };
+    let page = LoginPage {
+        csrf: &csrf,
+        next: &next,
+        username: "",
+        error: None,
+    };
+    with_csrf_cookie(html(StatusCode::OK, &page), &csrf, new)
+}
+
+fn login_again(status: StatusCode, headers: &HeaderMap, next: &str, username: &str, error: &str) -> Response<Body> {
+    let (csrf, new) = csrf_for_page(headers);
+    with_csrf_cookie(
+        html(
+            status,
+            &LoginPage {
+                csrf: &csrf,
+                next,
+                username,
+                error: Some(error),
+            },
+        ),
+        &csrf,
+        new,
+    )
+}
+
+async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
+    let Some((headers, form)) = read_form(req).await else {
+        return error_page(StatusCode::BAD_REQUEST, ctx.id);
+    };
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    let (username, pw, next) = (field("username").trim(), field("password"), field("next"));
+    if !form_is_genuine(gw, &headers, &form) {
+        return login_again(
+            StatusCode::FORBIDDEN,
+            &headers,
+            next,
+            "",
+            "The sign-in form expired. Please try again.",
+        );
+    }
+    // Same work and the same answer whether or not the user exists.
+    let name = username.to_string();
+    let hash = if valid_name(username) {
+        gw.store
+            .run(move |c| Store::password_hash(c, &name))
+            .await
+            .unwrap_or(None)
+    } else {
+        None
+    };
+    let pw_owned = pw.to_string();
+    let ok = tokio::task::spawn_blocking(move || match hash {
+        Some(h) => password::verify(&pw_owned, &h),
+        None => {
+            password::verify_dummy(&pw_owned);
+            false
+        }
+    })
+    .await
+    .unwrap_or(false);
+    let client = ctx.client.to_string();
+    let shown_user = if valid_name(username) {
+        username.to_string()
+    } else {
+        "(invalid name)".to_string()
+    };
+    if !ok {
+        tracing::info!(client = %client, user = %shown_user, "Login failed");
+        let _ = gw
+            .audit
+            .record(Event::LoginFailed {
+                user: shown_user,
+                client,
+            })
+            .await;
+        let shown = if valid_name(username) { username } else { "" };
+        return login_again(
+            StatusCode::UNAUTHORIZED,
+            &headers,
+            next,
+            shown,
+            "Wrong username or password.",
+        );
+    }
+    // A new token at every login; a session the browser already had ends here.
+    if let Some(old) = &ctx.session {
+        let _ = gw.sessions.end(&old.id).await;
+    }
+    let ua = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let created = gw
+        .sessions
+        .create(username, &gw.cfg.server.portal_host, client.clone(), ua)
+        .await;
+    let (id, token) = match created {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "Creating a session failed");
+            return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+        }
+    };
+    if let Err(e) = gw
+        .audit
+        .record(Event::LoginSucceeded {
+            user: username.to_string(),
+            session: id.clone(),
+            client,
+        })
+        .await
+    {
+        tracing::error!(error = %e, "Audit unavailable; ending the new session");
+        let _ = gw.sessions.end(&id).await;
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+    }
+    tracing::info!(user = %username, session = %id, "Login succeeded");
+    let mut resp = match safe_next(next, &gw.cfg) {
+        Next::App { host, path } => handoff_redirect(gw, &id, host, path),
+        other => go_to(gw, other),
+    };
+    if let Ok(v) = HeaderValue::from_str(&cookie::set_session(&token.cookie_value)) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+fn go_to(gw: &Gateway, next: Next) -> Response<Body> {
+    let origin = &gw.cfg.server.external_origin;
+    match next {
+        Next::Relative(p) => redirect(StatusCode::SEE_OTHER, &format!("{origin}{p}")),
+        _ => redirect(StatusCode::SEE_OTHER, &format!("{origin}/")),
+    }
+}
+
+fn go_next(gw: &Gateway, s: &Session, next: Next) -> Response<Body> {
+    match next {
+        Next::App { host, path } => handoff_redirect(gw, &s.id, host, path),
+        other => go_to(gw, other),
+    }
+}
+
+/// Sends the browser to an app host with a one-time code that sets that host's own cookie.
+fn handoff_redirect(gw: &Gateway, session_id: &str, host: String, path: String) -> Response<Body> {
+    let code = cookie::encode_token(&session::random_bytes());
+    let now = gw.clock.now();
+    if let Ok(mut h) = gw.portal.handoffs.lock() {
+        h.retain(|_, v| v.expires > now);
+        h.insert(
+            code.clone(),
+            Handoff {
+                session_id: session_id.to_string(),
+                host: host.clone(),
+                path,
+                expires: now + HANDOFF_SECS,
+            },
+        );
+    }
+    redirect(
+        StatusCode::SEE_OTHER,
+        &format!(
+            "https://{host}{}/.poort/handoff?code={code}",
+            port_of(&gw.cfg.server.external_origin)
+        ),
+    )
+}
+
+async fn handoff(gw: &Gateway, ctx: &Ctx) -> Response<Body> {
+    let code = query_param(ctx, "code").unwrap_or_default();
+    let taken = gw.portal.handoffs.lock().ok().and_then(|mut h| h.remove(&code));
+    let Some(h) = taken.filter(|h| h.host == ctx.front.host && h.expires > gw.clock.now()) else {
+        return to_login(gw);
+    };
+    let token = session::new_token();
+    let (hash, sid, host) = (token.hash, h.session_id.clone(), h.host.clone());
+    let added = gw
+        .store
+        .run(move |c| {
+            c.execute(
+                "INSERT INTO session_tokens (token_hash, session_id, host) VALUES (?1, ?2, ?3)",
+                rusqlite::params![&hash[..], sid, host],
+            )
+        })
+        .await;
+    if added.is_err() {
+        // The session ended meanwhile (the foreign key refuses the token).
+        return to_login(gw);
+    }
+    let mut resp = redirect(StatusCode::SEE_OTHER, &h.path);
+    if let Ok(v) = HeaderValue::from_str(&cookie::set_session(&token.cookie_value)) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+fn clear_session_cookie(resp: &mut Response<Body>) {
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie::clear_session()).expect("invariant: constant cookie is valid"),
+    );
+}
+
+async fn logout(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
+    let Some((headers, form)) = read_form(req).await else {
+        return error_page(StatusCode::BAD_REQUEST, ctx.id);
+    };
+    if !form_is_genuine(gw, &headers, &form) {
+        return error_page(StatusCode::FORBIDDEN, ctx.id);
+    }
+    if let Some(s) = &ctx.session {
+        let _ = gw.sessions.end(&s.id).await;
+        let ev = Event::Logout {
+            user: s.identity.user.clone(),
+            session: s.id.clone(),
+            client: ctx.client.to_string(),
+        };
+        if let Err(e) = gw.audit.record(ev).await {
+            tracing::error!(error = %e, "Audit write failed");
+        }
+    }
+    let mut resp = to_login(gw);
+    *resp.status_mut() = StatusCode::SEE_OTHER;
+    clear_session_cookie(&mut resp);
+    resp
+}
+
+async fn sessions_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
+    let Some(s) = &ctx.session else { return to_login(gw) };
+    let store = gw.store.clone();
+    let user = s.identity.user.clone();
+    let rows = match tokio::task::spawn_blocking(move || store.list_sessions(Some(&user))).await {
+        Ok(Ok(rows)) => rows,
+        _ => return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
+    };
+    let sessions = rows
+        .into_iter()
+        .map(|r| SessionLine {
+            current: r.id == s.id,
+            created: format_utc(r.created_at),
+            last_seen: format_utc(if r.id == s.id { s.last_seen() } else { r.last_seen }),
+            client_addr: r.client_addr,
+            user_agent: r.user_agent,
+            id: r.id,
+        })
+        .collect();
+    let (csrf, new) = csrf_for_page(req.headers());
+    with_csrf_cookie(
+        html(
+            StatusCode::OK,
+            &SessionsPage {
+                user: &s.identity.user,
+                csrf: &csrf,
+                sessions,
+            },
+        ),
+        &csrf,
+        new,
+    )
+}
+
+async fn end_session(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
+    let Some(s) = ctx.session.clone() else {
+        return to_login(gw);
+    };
+    let Some((headers, form)) = read_form(req).await else {
+        return error_page(StatusCode::BAD_REQUEST, ctx.id);
+    };
+    if !form_is_genuine(gw, &headers, &form) {
+        return error_page(StatusCode::FORBIDDEN, ctx.id);
+    }
+    let id = form.get("id").cloned().unwrap_or_default();
+    let (store, user) = (gw.store.clone(), s.identity.user.clone());
+    let owned = tokio::task::spawn_blocking(move || store.list_sessions(Some(&user)))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .is_some_and(|rows| rows.iter().any(|r| r.id == id));
+    if !owned {
+        return error_page(StatusCode::NOT_FOUND, ctx.id);
+    }
+    let _ = gw.sessions.end(&id).await;
+    let ev = Event::SessionEnded {
+        user: s.identity.user.clone(),
+        session: id.clone(),
+        by: s.identity.user.clone(),
+    };
+    if let Err(e) = gw.audit.record(ev).await {
+        tracing::error!(error = %e, "Audit write failed");
+    }
+    if id == s.id {
+        let mut resp = to_login(gw);
+        *resp.status_mut() = StatusCode::SEE_OTHER;
+        clear_session_cookie(&mut resp);
+        return resp;
+    }
+    redirect(
+        StatusCode::SEE_OTHER,
+        &format!("{}/.poort/sessions", gw.cfg.server.external_origin),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_targets() {
+        let cfg = crate::config::parse(
+            r#"
+            [server]
+            external_url = "https://gate.example:8443"
+            [[app]]
+            name = "git"
+            upstream = "http://127.0.0.1:1"
+            host = "git.example"
+            access = "authenticated"
+            "#,
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let cases = [
+            ("/", Next::Relative("/".into())),
+            ("/wiki/page?x=1", Next::Relative("/wiki/page?x=1".into())),
+            ("//evil.example", Next::Portal),
+            ("/\\evil.example", Next::Portal),
+            ("/%2f/evil.example", Next::Portal),
+            ("https://evil.example/", Next::Portal),
+            ("javascript:alert(1)", Next::Portal),
+            ("/ /evil", Next::Portal),
+            ("/\t/evil", Next::Portal),
+            ("", Next::Portal),
+            (
+                "https://git.example:8443/repo",
+                Next::App {
+                    host: "git.example".into(),
+                    path: "/repo".into(),
+                },
+            ),
+            (
+                "https://git.example:8443",
+                Next::App {
+                    host: "git.example".into(),
+                    path: "/".into(),
+                },
+            ),
+            ("https://git.example:8443.evil.example/", Next::Portal),
+            ("https://git.example:8443@evil.example/", Next::Portal),
+            ("https://git.example/", Next::Portal),
+        ];
+        for (next, want) in cases {
+            assert_eq!(safe_next(next, &cfg), want, "{next:?}");
+        }
+    }
+}

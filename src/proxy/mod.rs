@@ -1,0 +1,403 @@
+//! The reverse proxy: forwards a permitted request to its app over pooled keep-alive
+//! connections, with the upstream request built by rule 5 (client identity and control headers
+//! stripped by normalised name, hop-by-hop headers dropped, poort's identity headers and signed
+//! assertion added last, poort's cookies never forwarded). Bodies stream both ways.
+
+pub mod assertion;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http_body_util::Limited;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::body::Body;
+use crate::clock::UnixTime;
+use crate::config::{App, ProxySettings, Route, Upstream};
+use crate::identity::Identity;
+use crate::policy::Permit;
+use crate::request::Target;
+use crate::session::{Session, cookie};
+
+pub use assertion::Signer;
+
+type UpstreamBody = Limited<Incoming>;
+
+/// Why a forward failed; each maps to one status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The upstream refused or broke the connection: 502.
+    Unreachable,
+    /// The upstream did not answer in time: 504.
+    Timeout,
+    /// The request body was larger than allowed: 413.
+    TooLarge,
+}
+
+impl Failure {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Failure::Unreachable => StatusCode::BAD_GATEWAY,
+            Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+}
+
+pub struct Proxy {
+    client: Client<HttpConnector, UpstreamBody>,
+    settings: ProxySettings,
+    signer: Arc<Signer>,
+    /// Where the built-in demo app listens, when an app uses it.
+    whoami: Option<String>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Proxy")
+    }
+}
+
+/// Who and where the request came from, as the gateway established it.
+pub struct Origin<'a> {
+    pub client: IpAddr,
+    pub host: &'a str,
+    pub session: Option<&'a Session>,
+    pub now: UnixTime,
+}
+
+const X_POORT_USER: HeaderName = HeaderName::from_static("x-poort-user");
+const X_POORT_EMAIL: HeaderName = HeaderName::from_static("x-poort-email");
+const X_POORT_GROUPS: HeaderName = HeaderName::from_static("x-poort-groups");
+const X_POORT_ASSERTION: HeaderName = HeaderName::from_static("x-poort-assertion");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Headers that belong to one connection (RFC 9110 §7.6.1) or that poort sets itself.
+fn is_hop_or_own(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "host"
+            | "http2-settings"
+    )
+}
+
+/// Headers a client could use to claim an identity, an address or a different URL. Matched
+/// on the name with `_` read as `-` (HTTP names are already lower case here).
+fn is_spoofable(name: &str) -> bool {
+    let mut buf = [0u8; 64];
+    let n = name.len().min(64);
+    for (d, s) in buf[..n].iter_mut().zip(name.bytes()) {
+        *d = if s == b'_' { b'-' } else { s };
+    }
+    let norm = std::str::from_utf8(&buf[..n]).unwrap_or("");
+    const PREFIXES: [&str; 5] = ["x-poort", "x-forwarded-", "x-auth-request-", "x-remote-", "x-original-"];
+    const EXACT: [&str; 11] = [
+        "forwarded",
+        "x-real-ip",
+        "x-rewrite-url",
+        "x-client-ip",
+        "true-client-ip",
+        "client-ip",
+        "x-cluster-client-ip",
+        "remote-user",
+        "x-user",
+        "x-email",
+        "x-groups",
+    ];
+    name.len() > 64 || PREFIXES.iter().any(|p| norm.starts_with(p)) || EXACT.contains(&norm)
+}
+
+/// Names listed in `Connection` values: also hop-by-hop (the CVE-2022-1388 pattern).
+fn connection_named(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+impl Proxy {
+    pub fn new(settings: ProxySettings, signer: Arc<Signer>, whoami: Option<String>) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .pool_max_idle_per_host(512)
+            .build(connector);
+        Proxy {
+            client,
+            settings,
+            signer,
+            whoami,
+        }
+    }
+
+    pub fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
+    fn assertion(
+        &self,
+        app: &App,
+        app_index: usize,
+        who: &Identity,
+        session: Option<&Session>,
+        now: UnixTime,
+    ) -> Option<Arc<str>> {
+        if let Some(s) = session {
+            if let Ok(cache) = s.assertions.lock() {
+                if let Some((_, _, jwt)) = cache
+                    .iter()
+                    .find(|(a, iat, _)| *a == app_index && now - iat < assertion::REUSE_FOR && *iat <= now)
+                {
+                    return Some(jwt.clone());
+                }
+            }
+        }
+        let amr: &[&str] = match session {
+            Some(s) => &[s.factors.as_str()],
+            None => &[],
+        };
+        let jwt: Arc<str> = match self.signer.sign(&app.name, who, amr, now) {
+            Ok(j) => j.into(),
+            Err(e) => {
+                tracing::error!(error = %e, "Signing an assertion failed");
+                return None;
+            }
+        };
+        if let Some(s) = session {
+            if let Ok(mut cache) = s.assertions.lock() {
+                cache.retain(|(a, iat, _)| *a != app_index && now - iat < assertion::REUSE_FOR);
+                cache.push((app_index, now, jwt.clone()));
+            }
+        }
+        Some(jwt)
+    }
+
+    /// Forwards `req` to the app the permit names. The permit is consumed: one permit, one
+    /// upstream request.
+    pub async fn forward(
+        &self,
+        permit: Permit,
+        app: &App,
+        target: &Target,
+        origin: Origin<'_>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Body>, Failure> {
+        let websocket = is_websocket(req.version(), req.headers());
+        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+
+        let (authority, base) = match &app.upstream {
+            Upstream::Http { authority, base_path } => (authority.as_str(), base_path.as_str()),
+            Upstream::Whoami => (self.whoami.as_deref().ok_or(Failure::Unreachable)?, ""),
+        };
+        let path = match &app.route {
+            Route::Path { prefix, strip: true } => &target.path()[prefix.len() - 1..],
+            _ => target.path(),
+        };
+        let mut uri = String::with_capacity(8 + authority.len() + base.len() + path.len() + 32);
+        uri.push_str("http://");
+        uri.push_str(authority);
+        uri.push_str(base);
+        uri.push_str(&target.forward_form(path));
+
+        let mut headers = HeaderMap::with_capacity(parts.headers.len() + 8);
+        let named = connection_named(&parts.headers);
+        let mut cookies: Vec<String> = Vec::new();
+        for (name, value) in &parts.headers {
+            let n = name.as_str();
+            if is_hop_or_own(n) || is_spoofable(n) || named.iter().any(|x| x == n) {
+                continue;
+            }
+            if name == header::COOKIE {
+                cookies.extend(cookie::without_poort(value.as_bytes()));
+                continue;
+            }
+            headers.append(name.clone(), value.clone());
+        }
+        if !cookies.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&cookies.join("; ")) {
+                headers.insert(header::COOKIE, v);
+            }
+        }
+        let value = |s: &str| HeaderValue::from_str(s).ok();
+        headers.insert(header::HOST, value(authority).ok_or(Failure::Unreachable)?);
+        if let Some(v) = value(&origin.client.to_string()) {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        if let Some(v) = value(origin.host) {
+            headers.insert(X_FORWARDED_HOST, v);
+        }
+        if websocket {
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        // Identity last, so nothing above can have set it.
+        if let Some(session) = origin.session {
+            let who = &session.identity;
+            if let Some(v) = value(&who.user) {
+                headers.insert(X_POORT_USER, v);
+            }
+            if let Some(v) = who.email.as_deref().and_then(value) {
+                headers.insert(X_POORT_EMAIL, v);
+            }
+            if let Some(v) = value(&who.groups.join(",")) {
+                headers.insert(X_POORT_GROUPS, v);
+            }
+            let jwt = self
+                .assertion(app, permit.app(), who, Some(session), origin.now)
+                .ok_or(Failure::Unreachable)?;
+            if let Some(v) = value(&jwt) {
+                headers.insert(X_POORT_ASSERTION, v);
+            }
+        }
+
+        let mut out = Request::builder()
+            .method(parts.method)
+            .uri(uri)
+            .version(Version::HTTP_11);
+        if let Some(h) = out.headers_mut() {
+            *h = headers;
+        }
+        let out = out
+            .body(Limited::new(body, self.settings.max_body_bytes as usize))
+            .map_err(|_| Failure::Unreachable)?;
+        let mut resp = match tokio::time::timeout(self.settings.response_timeout, self.client.request(out)).await {
+            Err(_) => return Err(Failure::Timeout),
+            Ok(Err(e)) => return Err(classify(&e)),
+            Ok(Ok(r)) => r,
+        };
+
+        if let Some(client_upgrade) = client_upgrade {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(a), Ok(b)) = (client_upgrade.await, upstream_upgrade.await) {
+                        let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    }
+                });
+                let (mut parts, _) = resp.into_parts();
+                clean_response_headers(&mut parts.headers, true);
+                return Ok(Response::from_parts(parts, Body::empty()));
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        clean_response_headers(&mut parts.headers, false);
+        Ok(Response::from_parts(parts, Body::Upstream(body)))
+    }
+}
+
+fn is_websocket(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        })
+}
+
+/// Drops hop-by-hop headers from an upstream response, and any attempt by an app to set
+/// poort's own cookies (an app on the portal host could otherwise fix a session).
+fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
+    let named = connection_named(headers);
+    for n in named {
+        if !(upgrade && n == "upgrade") {
+            headers.remove(n.as_str());
+        }
+    }
+    for h in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "proxy-authenticate",
+    ] {
+        headers.remove(h);
+    }
+    if !upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    let cookies: Vec<HeaderValue> = headers.get_all(header::SET_COOKIE).iter().cloned().collect();
+    if cookies
+        .iter()
+        .any(|v| v.as_bytes().trim_ascii_start().starts_with(b"__Host-poort"))
+    {
+        headers.remove(header::SET_COOKIE);
+        for v in cookies {
+            if !v.as_bytes().trim_ascii_start().starts_with(b"__Host-poort") {
+                headers.append(header::SET_COOKIE, v);
+            }
+        }
+    }
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if s.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            return Failure::TooLarge;
+        }
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return Failure::Timeout;
+        }
+        src = s.source();
+    }
+    Failure::Unreachable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spoofable_names() {
+        for n in [
+            "x-poort-user",
+            "x_poort_user",
+            "x-poort_groups",
+            "x-forwarded-user",
+            "x_forwarded_for",
+            "forwarded",
+            "x-real-ip",
+            "x-original-url",
+            "x-rewrite-url",
+            "x-auth-request-email",
+            "remote-user",
+            "remote_user",
+        ] {
+            assert!(is_spoofable(n), "{n}");
+        }
+        for n in ["accept", "authorization", "content-type", "x-request-id", "user-agent"] {
+            assert!(!is_spoofable(n), "{n}");
+        }
+    }
+}

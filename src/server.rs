@@ -1,0 +1,143 @@
+//! Starting and stopping a whole gateway from a resolved config: store, audit writer, signing
+//! key, the demo app if used, listeners and background tasks. `poort serve`, `poort
+//! quickstart` and the integration tests all start poort through `start`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::audit::{Audit, Event};
+use crate::clock::Clock;
+use crate::config::{Config, Upstream};
+use crate::gateway::Gateway;
+use crate::proxy::Signer;
+use crate::store::Store;
+use crate::{listen, whoami};
+
+/// How often a gateway looks for revocations made by other processes.
+pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
+
+/// A running gateway.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub redirect_addr: Option<SocketAddr>,
+    pub gateway: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Running({})", self.addr)
+    }
+}
+
+pub fn signing_key_path(cfg: &Config) -> std::path::PathBuf {
+    cfg.data_dir.join("assertion-key.p8")
+}
+
+/// Starts everything and returns once the listeners are bound.
+pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    let cfg = Arc::new(cfg);
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let tls = listen::tls_config(&cfg.tls.cert_file, &cfg.tls.key_file)?;
+    let store = Store::open(&cfg.database)?;
+    let audit = Audit::start(&cfg.database, clock.clone())?;
+    let signer = Arc::new(Signer::load_or_create(
+        &signing_key_path(&cfg),
+        &cfg.server.external_origin,
+    )?);
+    let whoami = if cfg.apps.iter().any(|a| a.upstream == Upstream::Whoami) {
+        Some(whoami::start().await?.to_string())
+    } else {
+        None
+    };
+    let gateway = Arc::new(Gateway::new(cfg.clone(), clock, store, audit.clone(), signer, whoami)?);
+    let listener = listen::bind(cfg.server.listen).await?;
+    let addr = listener.local_addr()?;
+    let redirect = match cfg.server.redirect_listen {
+        Some(a) => Some(listen::bind(a).await?),
+        None => None,
+    };
+    let redirect_addr = redirect.as_ref().map(|l| l.local_addr()).transpose()?;
+    audit
+        .record(Event::GatewayStarted {
+            version: env!("CARGO_PKG_VERSION").into(),
+        })
+        .await?;
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = vec![tokio::spawn(listen::serve(
+        gateway.clone(),
+        listener,
+        tls,
+        until_stop(stopped.clone()),
+    ))];
+    if let Some(l) = redirect {
+        tasks.push(tokio::spawn(listen::serve_redirect(
+            l,
+            cfg.server.clone(),
+            until_stop(stopped.clone()),
+        )));
+    }
+    let gw = gateway.clone();
+    let mut rx = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut poll = tokio::time::interval(REVOCATION_POLL);
+        let mut flush = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = poll.tick() => {
+                    if let Err(e) = gw.sessions.poll_revocations().await {
+                        tracing::error!(error = %e, "Reading revocations failed");
+                    }
+                }
+                _ = flush.tick() => {
+                    if let Err(e) = gw.sessions.flush().await {
+                        tracing::error!(error = %e, "Writing session activity failed");
+                    }
+                }
+                _ = rx.changed() => break,
+            }
+        }
+    }));
+    tracing::info!(listen = %addr, portal = %cfg.server.external_origin, apps = cfg.apps.len(), "poort is serving");
+    Ok(Running {
+        addr,
+        redirect_addr,
+        gateway,
+        stop,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (bounded by `shutdown_grace`), and
+    /// writes back session activity.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Err(e) = self.gateway.sessions.flush_all().await {
+            tracing::error!(error = %e, "Writing session activity at shutdown failed");
+        }
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("invariant: installing a signal handler works");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,461 @@
+//! Durable state in one SQLite file: users, groups, sessions, revocations and the audit chain.
+//!
+//! SQLite is synchronous; async callers go through `Store::run`, which moves the work to the
+//! blocking pool. The gateway and the `poort` admin commands open the same file (WAL mode), so
+//! an admin action in another process reaches a running gateway through the `revocations`
+//! table, which the gateway polls.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::clock::UnixTime;
+use crate::identity::Identity;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE users (
+    name          TEXT PRIMARY KEY,
+    email         TEXT,
+    password_hash TEXT,
+    disabled      INTEGER NOT NULL DEFAULT 0,
+    source        TEXT NOT NULL DEFAULT 'local',
+    created_at    INTEGER NOT NULL
+);
+CREATE TABLE user_groups (
+    user  TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    grp   TEXT NOT NULL,
+    PRIMARY KEY (user, grp)
+);
+CREATE TABLE sessions (
+    id          TEXT PRIMARY KEY,
+    user        TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    created_at  INTEGER NOT NULL,
+    last_seen   INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    client_addr TEXT NOT NULL,
+    user_agent  TEXT NOT NULL,
+    factors     TEXT NOT NULL
+);
+CREATE INDEX sessions_user ON sessions(user);
+CREATE TABLE session_tokens (
+    token_hash BLOB PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    host       TEXT NOT NULL
+);
+CREATE INDEX session_tokens_session ON session_tokens(session_id);
+CREATE TABLE revocations (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT,
+    user       TEXT,
+    at         INTEGER NOT NULL
+);
+CREATE TABLE audit (
+    seq       INTEGER PRIMARY KEY,
+    at        INTEGER NOT NULL,
+    kind      TEXT NOT NULL,
+    detail    TEXT NOT NULL,
+    prev_hash BLOB NOT NULL,
+    hash      BLOB NOT NULL
+);
+"#];
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+/// Opens (creating if needed) a database file with poort's settings and schema.
+pub fn open_connection(path: &Path) -> anyhow::Result<Connection> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let conn = Connection::open(path).with_context(|| format!("opening database {}", path.display()))?;
+    // Password hashes and session hashes live here: owner only. SQLite gives its -wal and
+    // -shm files the same mode.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", path.display()))?;
+    }
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // WAL lets the admin commands read while the gateway writes; FULL makes each commit durable.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> anyhow::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    let done: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let done = usize::try_from(done).unwrap_or(usize::MAX);
+    if done > MIGRATIONS.len() {
+        anyhow::bail!("the database schema (version {done}) is newer than this poort; upgrade poort");
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(done) {
+        tx.execute_batch(m)
+            .with_context(|| format!("schema migration {}", i + 1))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct UserRow {
+    pub name: String,
+    pub email: Option<String>,
+    pub disabled: bool,
+    pub source: String,
+    pub groups: Vec<String>,
+    pub created_at: UnixTime,
+}
+
+/// A session as stored; the token itself is never stored, only its SHA-256.
+#[derive(Debug, Clone)]
+pub struct SessionRow {
+    pub id: String,
+    pub user: String,
+    pub created_at: UnixTime,
+    pub last_seen: UnixTime,
+    pub expires_at: UnixTime,
+    pub client_addr: String,
+    pub user_agent: String,
+    pub factors: String,
+}
+
+/// What a revocation poll returns: end this session, or forget cached data of this user.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    pub seq: i64,
+    pub session_id: Option<String>,
+    pub user: Option<String>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> anyhow::Result<Store> {
+        Ok(Store {
+            conn: Arc::new(Mutex::new(open_connection(path)?)),
+        })
+    }
+
+    /// Runs `f` with the connection on the calling thread. For the CLI and start-up.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>) -> anyhow::Result<R> {
+        let mut conn = self.conn.lock().map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
+        Ok(f(&mut conn)?)
+    }
+
+    /// Runs `f` on the blocking pool. For request handling.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.with(f))
+            .await
+            .context("store task failed")?
+    }
+
+    // ---- users -------------------------------------------------------------------------
+
+    pub fn add_user(
+        &self,
+        name: &str,
+        email: Option<&str>,
+        hash: &str,
+        groups: &[String],
+        now: UnixTime,
+    ) -> anyhow::Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO users (name, email, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![name, email, hash, now],
+            )?;
+            for g in groups {
+                tx.execute(
+                    "INSERT OR IGNORE INTO user_groups (user, grp) VALUES (?1, ?2)",
+                    params![name, g],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    pub fn user_exists(&self, name: &str) -> anyhow::Result<bool> {
+        self.with(|c| {
+            c.query_row("SELECT 1 FROM users WHERE name = ?1", [name], |_| Ok(()))
+                .optional()
+                .map(|o| o.is_some())
+        })
+    }
+
+    pub fn list_users(&self) -> anyhow::Result<Vec<UserRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT u.name, u.email, u.disabled, u.source, u.created_at,
+                        COALESCE((SELECT group_concat(grp, ',') FROM (SELECT grp FROM user_groups g WHERE g.user = u.name ORDER BY grp)), '')
+                 FROM users u ORDER BY u.name",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let groups: String = r.get(5)?;
+                Ok(UserRow {
+                    name: r.get(0)?,
+                    email: r.get(1)?,
+                    disabled: r.get(2)?,
+                    source: r.get(3)?,
+                    created_at: r.get(4)?,
+                    groups: groups.split(',').filter(|g| !g.is_empty()).map(str::to_string).collect(),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// The password hash of an enabled local user; None for unknown or disabled users.
+    pub fn password_hash(conn: &Connection, name: &str) -> rusqlite::Result<Option<String>> {
+        conn.query_row(
+            "SELECT password_hash FROM users WHERE name = ?1 AND disabled = 0 AND password_hash IS NOT NULL",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()
+    }
+
+    pub fn identity(conn: &Connection, name: &str) -> rusqlite::Result<Option<Identity>> {
+        let email: Option<Option<String>> = conn
+            .query_row(
+                "SELECT email FROM users WHERE name = ?1 AND disabled = 0",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(email) = email else { return Ok(None) };
+        let mut stmt = conn.prepare_cached("SELECT grp FROM user_groups WHERE user = ?1 ORDER BY grp")?;
+        let groups = stmt
+            .query_map([name], |r| r.get(0))?
+            .collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(Some(Identity {
+            user: name.to_string(),
+            email,
+            groups,
+        }))
+    }
+
+    /// Changes a user and tells running gateways to drop what they cached about them.
+    fn change_user(&self, name: &str, now: UnixTime, sql: &str, args: &[&dyn rusqlite::ToSql]) -> anyhow::Result<bool> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(sql, args)?;
+            if n > 0 {
+                tx.execute("INSERT INTO revocations (user, at) VALUES (?1, ?2)", params![name, now])?;
+            }
+            tx.commit()?;
+            Ok(n > 0)
+        })
+    }
+
+    pub fn set_password(&self, name: &str, hash: &str, now: UnixTime) -> anyhow::Result<bool> {
+        self.change_user(
+            name,
+            now,
+            "UPDATE users SET password_hash = ?1 WHERE name = ?2",
+            &[&hash, &name],
+        )
+    }
+
+    /// Disabling also ends every session of the user.
+    pub fn set_disabled(&self, name: &str, disabled: bool, now: UnixTime) -> anyhow::Result<bool> {
+        let changed = self.change_user(
+            name,
+            now,
+            "UPDATE users SET disabled = ?1 WHERE name = ?2",
+            &[&disabled, &name],
+        )?;
+        if changed && disabled {
+            self.revoke_user_sessions(name, now)?;
+        }
+        Ok(changed)
+    }
+
+    pub fn change_groups(&self, name: &str, add: &[String], remove: &[String], now: UnixTime) -> anyhow::Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for g in add {
+                tx.execute(
+                    "INSERT OR IGNORE INTO user_groups (user, grp) VALUES (?1, ?2)",
+                    params![name, g],
+                )?;
+            }
+            for g in remove {
+                tx.execute("DELETE FROM user_groups WHERE user = ?1 AND grp = ?2", params![name, g])?;
+            }
+            tx.execute("INSERT INTO revocations (user, at) VALUES (?1, ?2)", params![name, now])?;
+            tx.commit()
+        })
+    }
+
+    // ---- sessions ----------------------------------------------------------------------
+
+    pub fn insert_session(
+        conn: &mut Connection,
+        s: &SessionRow,
+        token_hash: &[u8],
+        host: &str,
+    ) -> rusqlite::Result<()> {
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO sessions (id, user, created_at, last_seen, expires_at, client_addr, user_agent, factors)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                s.id,
+                s.user,
+                s.created_at,
+                s.last_seen,
+                s.expires_at,
+                s.client_addr,
+                s.user_agent,
+                s.factors
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO session_tokens (token_hash, session_id, host) VALUES (?1, ?2, ?3)",
+            params![token_hash, s.id, host],
+        )?;
+        tx.commit()
+    }
+
+    /// The session a token hash belongs to, with its user's identity, if both are live.
+    pub fn load_session(
+        conn: &Connection,
+        token_hash: &[u8],
+    ) -> rusqlite::Result<Option<(SessionRow, String, Identity)>> {
+        let row = conn
+            .prepare_cached(
+                "SELECT s.id, s.user, s.created_at, s.last_seen, s.expires_at, s.client_addr, s.user_agent, s.factors, t.host
+                 FROM session_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = ?1",
+            )?
+            .query_row([token_hash], |r| {
+                Ok((
+                    SessionRow {
+                        id: r.get(0)?,
+                        user: r.get(1)?,
+                        created_at: r.get(2)?,
+                        last_seen: r.get(3)?,
+                        expires_at: r.get(4)?,
+                        client_addr: r.get(5)?,
+                        user_agent: r.get(6)?,
+                        factors: r.get(7)?,
+                    },
+                    r.get::<_, String>(8)?,
+                ))
+            })
+            .optional()?;
+        let Some((row, host)) = row else { return Ok(None) };
+        Ok(Store::identity(conn, &row.user)?.map(|id| (row, host, id)))
+    }
+
+    pub fn touch_sessions(&self, updates: &[(String, UnixTime)]) -> anyhow::Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for (id, seen) in updates {
+                tx.execute(
+                    "UPDATE sessions SET last_seen = max(last_seen, ?1) WHERE id = ?2",
+                    params![seen, id],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    pub fn list_sessions(&self, user: Option<&str>) -> anyhow::Result<Vec<SessionRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, user, created_at, last_seen, expires_at, client_addr, user_agent, factors FROM sessions
+                 WHERE ?1 IS NULL OR user = ?1 ORDER BY created_at, id",
+            )?;
+            let rows = stmt.query_map([user], |r| {
+                Ok(SessionRow {
+                    id: r.get(0)?,
+                    user: r.get(1)?,
+                    created_at: r.get(2)?,
+                    last_seen: r.get(3)?,
+                    expires_at: r.get(4)?,
+                    client_addr: r.get(5)?,
+                    user_agent: r.get(6)?,
+                    factors: r.get(7)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Deletes sessions and records their revocation in one transaction. Returns the ids.
+    fn revoke_where(&self, filter: &str, arg: Option<&str>, now: UnixTime) -> anyhow::Result<Vec<String>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let ids: Vec<String> = {
+                let mut stmt = tx.prepare(&format!("SELECT id FROM sessions WHERE {filter}"))?;
+                stmt.query_map([arg], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+            };
+            for id in &ids {
+                tx.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
+                tx.execute(
+                    "INSERT INTO revocations (session_id, at) VALUES (?1, ?2)",
+                    params![id, now],
+                )?;
+            }
+            tx.commit()?;
+            Ok(ids)
+        })
+    }
+
+    pub fn revoke_session(&self, id: &str, now: UnixTime) -> anyhow::Result<bool> {
+        Ok(!self.revoke_where("id = ?1", Some(id), now)?.is_empty())
+    }
+
+    pub fn revoke_user_sessions(&self, user: &str, now: UnixTime) -> anyhow::Result<Vec<String>> {
+        self.revoke_where("user = ?1", Some(user), now)
+    }
+
+    pub fn revoke_all_sessions(&self, now: UnixTime) -> anyhow::Result<Vec<String>> {
+        self.revoke_where("?1 IS NULL", None, now)
+    }
+
+    /// Removes sessions past their absolute expiry (idle expiry is decided on lookup).
+    pub fn purge_expired(&self, now: UnixTime, idle_secs: i64) -> anyhow::Result<usize> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM sessions WHERE expires_at <= ?1 OR last_seen + ?2 <= ?1",
+                params![now, idle_secs],
+            )
+        })
+    }
+
+    pub fn revocations_since(conn: &Connection, seq: i64) -> rusqlite::Result<Vec<Revocation>> {
+        let mut stmt =
+            conn.prepare_cached("SELECT seq, session_id, user FROM revocations WHERE seq > ?1 ORDER BY seq")?;
+        let rows = stmt.query_map([seq], |r| {
+            Ok(Revocation {
+                seq: r.get(0)?,
+                session_id: r.get(1)?,
+                user: r.get(2)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    pub fn last_revocation(&self) -> anyhow::Result<i64> {
+        self.with(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM revocations", [], |r| r.get(0)))
+    }
+}
