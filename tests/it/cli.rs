@@ -1,0 +1,265 @@
+//! The command line as an operator uses it: check, quickstart, users, audit verification,
+//! and a clean exit on SIGTERM.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{Gate, TempDir, path_of};
+
+fn poort(args: &[&str], dir: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_poort"))
+        .args(args)
+        .current_dir(dir)
+        .env("POORT_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_reports_every_problem_with_its_path() {
+    let dir = TempDir::new();
+    let path = dir.0.join("broken.toml");
+    std::fs::write(
+        &path,
+        r#"
+[server]
+listen = "localhost"
+external_url = "https://gate.example/path"
+trusted_proxies = ["10.0.0.0/33"]
+[session]
+idle_timeout = "soon"
+absolute_timeout = "1h"
+[[app]]
+name = "wiki"
+upstream = "ftp://wiki"
+path = "/wiki/"
+access = "authenticated"
+[[app]]
+name = "wiki"
+upstream = "http://10.0.0.2:80"
+host = "Bad Host"
+access = { rules = [{ effect = "maybe", groups = ["a"] }] }
+[[app]]
+name = "open"
+upstream = "http://10.0.0.3"
+path = "/open/"
+"#,
+    )
+    .unwrap();
+    let out = poort(&["check", "--config", path_of(&path)], &dir.0);
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for p in [
+        "server.listen:",
+        "server.external_url:",
+        "server.trusted_proxies[0]:",
+        "session.idle_timeout:",
+        "app[wiki].upstream:",
+        "app[wiki].host:",
+        "app[wiki].access.rules[0].effect:",
+        "app[open].access: missing",
+    ] {
+        assert!(err.contains(p), "{p} not reported in:\n{err}");
+    }
+    assert!(err.contains("8 problem(s)"), "{err}");
+    assert!(
+        err.lines().filter(|l| l.contains("(hint: ")).count() == 8,
+        "every problem has a hint:\n{err}"
+    );
+
+    let typo = dir.0.join("typo.toml");
+    std::fs::write(&typo, "[server]\nlisten_addr = \"127.0.0.1:1\"\n").unwrap();
+    let out = poort(&["check", "--config", path_of(&typo)], &dir.0);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `listen_addr`"));
+    let missing = poort(&["check", "--config", "/nonexistent/poort.toml"], &dir.0);
+    assert_eq!(missing.status.code(), Some(64));
+}
+
+#[test]
+fn the_example_configs_check_out() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut found = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let cfg = poort::config::load(&path).unwrap_or_else(|p| panic!("{}:\n{p}", path.display()));
+            assert!(!cfg.apps.is_empty(), "{}", path.display());
+            found += 1;
+        }
+    }
+    assert_eq!(found, 2, "examples/minimal.toml and examples/full.toml");
+}
+
+#[test]
+fn quickstart_sets_up_once_and_prints_the_secret_once() {
+    let dir = TempDir::new();
+    let first = poort(&["quickstart", "--no-serve"], &dir.0);
+    assert!(first.status.success(), "{first:?}");
+    let out = String::from_utf8_lossy(&first.stdout);
+    assert!(out.contains("shown only this once"), "{out}");
+    let pw = out
+        .lines()
+        .skip_while(|l| !l.contains("shown only this once"))
+        .nth(2)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(pw.len(), 20);
+    let data = dir.0.join("poort-data");
+    for f in ["poort.toml", "poort.db", "tls/cert.pem", "tls/key.pem"] {
+        assert!(data.join(f).exists(), "{f}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(data.join("tls/key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o077,
+        0
+    );
+    assert_eq!(
+        std::fs::metadata(data.join("poort.db")).unwrap().permissions().mode() & 0o077,
+        0
+    );
+    let again = poort(&["quickstart", "--no-serve"], &dir.0);
+    let out2 = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success());
+    assert!(!out2.contains(&pw) && !out2.contains("shown only this once"), "{out2}");
+    let store = poort::store::Store::open(&data.join("poort.db")).unwrap();
+    let hash = store
+        .with(|c| poort::store::Store::password_hash(c, "admin"))
+        .unwrap()
+        .unwrap();
+    assert!(
+        poort::identity::password::verify(&pw, &hash),
+        "the printed password is admin's"
+    );
+    let users = poort(&["user", "list", "--json"], &dir.0);
+    let v: serde_json::Value = serde_json::from_slice(&users.stdout).unwrap();
+    assert_eq!(v[0]["name"], "admin");
+    assert_eq!(v[0]["groups"], serde_json::json!(["admins"]));
+}
+
+#[test]
+fn user_commands() {
+    let dir = TempDir::new();
+    assert!(poort(&["quickstart", "--no-serve"], &dir.0).status.success());
+    let weak = Command::new(env!("CARGO_BIN_EXE_poort"))
+        .args(["user", "add", "carol", "--password-stdin"])
+        .current_dir(&dir.0)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(b"password1234\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(!weak.status.success());
+    assert!(String::from_utf8_lossy(&weak.stderr).contains("too weak"), "{weak:?}");
+    let add = poort(
+        &[
+            "user",
+            "add",
+            "carol",
+            "--group",
+            "staff",
+            "--group",
+            "ops",
+            "--email",
+            "carol@example.com",
+        ],
+        &dir.0,
+    );
+    assert!(add.status.success(), "{add:?}");
+    assert!(
+        !poort(&["user", "add", "carol"], &dir.0).status.success(),
+        "no duplicate users"
+    );
+    assert!(!poort(&["user", "add", "bad name"], &dir.0).status.success());
+    assert!(
+        poort(&["user", "groups", "carol", "--add", "dev", "--remove", "ops"], &dir.0)
+            .status
+            .success()
+    );
+    assert!(poort(&["user", "disable", "carol"], &dir.0).status.success());
+    let list = String::from_utf8_lossy(&poort(&["user", "list"], &dir.0).stdout).into_owned();
+    let line = list.lines().find(|l| l.starts_with("carol")).unwrap();
+    assert!(line.contains("disabled") && line.contains("dev,staff"), "{line}");
+    assert!(poort(&["user", "enable", "carol"], &dir.0).status.success());
+    assert!(!poort(&["user", "disable", "nobody"], &dir.0).status.success());
+    let tail = String::from_utf8_lossy(&poort(&["audit", "tail", "-n", "50"], &dir.0).stdout).into_owned();
+    for cmd in ["user add", "user groups", "user disable", "user enable"] {
+        assert!(tail.contains(cmd), "{cmd} not audited:\n{tail}");
+    }
+}
+
+#[tokio::test]
+async fn audit_verify_finds_an_edited_record() {
+    let gate = Gate::start().await;
+    gate.login("alice").await;
+    let _ = gate.try_login("bob", "wrong password!", "").await;
+    let ok = gate.cli(&["audit", "verify"]);
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("intact"));
+    let conn = poort::store::open_connection(&gate.db()).unwrap();
+    let seq: i64 = conn
+        .query_row("SELECT seq FROM audit WHERE kind = 'login_failed'", [], |r| r.get(0))
+        .unwrap();
+    conn.execute(
+        "UPDATE audit SET detail = replace(detail, 'bob', 'eve') WHERE seq = ?1",
+        [seq],
+    )
+    .unwrap();
+    let bad = gate.cli(&["audit", "verify"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert!(text.contains(&format!("record {seq}")), "{text}");
+    let json = gate.cli(&["audit", "tail", "--json", "-n", "3"]);
+    for line in String::from_utf8_lossy(&json.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["event"]["kind"].is_string());
+    }
+}
+
+#[test]
+fn sigterm_stops_the_gateway_cleanly() {
+    let dir = TempDir::new();
+    assert!(poort(&["quickstart", "--no-serve"], &dir.0).status.success());
+    // Serve on a free port instead of the default.
+    let cfg = dir.0.join("poort-data/poort.toml");
+    let port = crate::harness::closed_port();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"));
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_poort"))
+        .args(["serve", "--config", path_of(&cfg)])
+        .current_dir(&dir.0)
+        .env("POORT_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the gateway did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status:?}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "the gateway did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

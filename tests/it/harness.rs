@@ -1,0 +1,536 @@
+//! Test harness: a real gateway on a loopback port with a clock the test moves, real
+//! upstreams that record what reached them, and a raw TLS client that sends exact bytes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use poort::clock::{Clock, ManualClock};
+use poort::server::Running;
+use poort::store::Store;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+
+pub const ORIGIN: &str = "https://localhost:8443";
+pub const PASSWORD: &str = "violet-anchor-sings-47";
+
+/// A request as an upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// An HTTP upstream that records every request and answers 200.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+                            let headers = parts
+                                .headers
+                                .iter()
+                                .map(|(k, v)| {
+                                    (
+                                        k.as_str().to_string(),
+                                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                    )
+                                })
+                                .collect();
+                            log.lock().unwrap().push(Seen {
+                                method: parts.method.to_string(),
+                                target: parts.uri.to_string(),
+                                headers,
+                                body,
+                            });
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"upstream ok"),
+                            )))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, seen }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream received a request")
+    }
+}
+
+/// A WebSocket upstream that echoes every message.
+pub async fn ws_echo() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        let _ = ws.send(msg).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that accepts connections and never answers.
+pub async fn silent() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            held.push(s);
+        }
+    });
+    addr
+}
+
+/// A loopback port with nothing listening.
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A throwaway directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let b: [u8; 8] = poort::session::random_bytes();
+        let p = std::env::temp_dir().join(format!("poort-it-{}", poort::audit::to_hex(&b)));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A parsed response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The value a `Set-Cookie` gives to cookie `name`.
+    pub fn cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+            .filter_map(|(_, v)| v.split(';').next()?.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+fn parse_response(raw: &[u8]) -> Resp {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| {
+        panic!("no complete response head in {:?}", String::from_utf8_lossy(raw));
+    });
+    let head = std::str::from_utf8(&raw[..end]).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.trim().to_ascii_lowercase(), v.trim().to_string())
+        })
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
+    {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let nl = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap().trim(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
+            rest = &rest[nl + 2 + size + 2..];
+        }
+        body = out;
+    }
+    Resp { status, headers, body }
+}
+
+pub struct Gate {
+    pub dir: TempDir,
+    pub config_path: PathBuf,
+    pub clock: ManualClock,
+    pub running: Option<Running>,
+    pub addr: SocketAddr,
+    pub redirect_addr: SocketAddr,
+    pub upstream: Upstream,
+    tls: TlsConnector,
+}
+
+/// The apps every test gateway has. `{up}` and friends are filled in by `Gate::start`.
+const APPS: &str = r#"
+[[app]]
+name = "app"
+upstream = "http://{up}"
+path = "/app/"
+strip_prefix = true
+access = "authenticated"
+
+[[app]]
+name = "staff"
+title = "Staff only"
+upstream = "http://{up}"
+path = "/staff/"
+access = { rules = [{ effect = "allow", groups = ["staff"] }] }
+
+[[app]]
+name = "pub"
+upstream = "http://{up}"
+path = "/pub/"
+access = "public"
+
+[[app]]
+name = "ws"
+upstream = "http://{ws}"
+path = "/ws/"
+access = "authenticated"
+
+[[app]]
+name = "git"
+upstream = "http://{up}"
+host = "git.localhost"
+access = "authenticated"
+
+[[app]]
+name = "down"
+upstream = "http://127.0.0.1:{closed}"
+path = "/down/"
+access = "authenticated"
+
+[[app]]
+name = "slow"
+upstream = "http://{silent}"
+path = "/slow/"
+access = "authenticated"
+"#;
+
+impl Gate {
+    /// Starts a gateway with the standard apps and users `alice` (group staff) and `bob`.
+    pub async fn start() -> Gate {
+        let dir = TempDir::new();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "git.localhost".into()]).unwrap();
+        std::fs::write(dir.0.join("cert.pem"), ck.cert.pem()).unwrap();
+        std::fs::write(dir.0.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+        let upstream = Upstream::start().await;
+        let apps = APPS
+            .replace("{up}", &upstream.addr.to_string())
+            .replace("{ws}", &ws_echo().await.to_string())
+            .replace("{silent}", &silent().await.to_string())
+            .replace("{closed}", &closed_port().to_string());
+        let config = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+redirect_listen = "127.0.0.1:0"
+external_url = "{ORIGIN}"
+[store]
+data_dir = "."
+[tls]
+cert_file = "cert.pem"
+key_file = "key.pem"
+[proxy]
+response_timeout = "2s"
+{apps}"#
+        );
+        let config_path = dir.0.join("poort.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let cfg = poort::config::load(&config_path).unwrap();
+        let store = Store::open(&cfg.database).unwrap();
+        let now = poort::clock::SystemClock.now();
+        let hash = poort::identity::password::hash(PASSWORD).unwrap();
+        store
+            .add_user("alice", Some("alice@example.com"), &hash, &["staff".into()], now)
+            .unwrap();
+        store.add_user("bob", None, &hash, &[], now).unwrap();
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let clock = ManualClock::new(now);
+        let mut gate = Gate {
+            dir,
+            config_path,
+            clock,
+            running: None,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            redirect_addr: "127.0.0.1:1".parse().unwrap(),
+            upstream,
+            tls: TlsConnector::from(Arc::new(tls)),
+        };
+        gate.boot().await;
+        gate
+    }
+
+    /// Starts (or restarts) the gateway process part on the same data directory.
+    pub async fn boot(&mut self) {
+        let cfg = poort::config::load(&self.config_path).unwrap();
+        let running = poort::server::start(cfg, Arc::new(self.clock.clone())).await.unwrap();
+        self.addr = running.addr;
+        self.redirect_addr = running.redirect_addr.unwrap();
+        self.running = Some(running);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir.0.join("poort.db")
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(&self.db()).unwrap()
+    }
+
+    /// Opens a TLS connection to the gateway.
+    pub async fn connect(&self, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let mut cfg = (**self.tls.config()).clone();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap()
+    }
+
+    /// Sends exact bytes and reads the response until the gateway closes the connection.
+    pub async fn raw(&self, bytes: &[u8]) -> Resp {
+        let mut tls = self
+            .tls
+            .connect(
+                ServerName::try_from("localhost").unwrap(),
+                TcpStream::connect(self.addr).await.unwrap(),
+            )
+            .await
+            .unwrap();
+        tls.write_all(bytes).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out))
+            .await
+            .expect("the gateway answered in time")
+            .ok();
+        parse_response(&out)
+    }
+
+    /// A request with `Host: localhost` and `Connection: close` plus `headers`.
+    pub async fn request(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        let mut req = format!("{method} {target} HTTP/1.1\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req.push_str("Host: localhost\r\n");
+        }
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !body.is_empty() {
+            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        req.push_str("Connection: close\r\n\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        self.raw(&bytes).await
+    }
+
+    pub async fn get(&self, target: &str, session: Option<&str>) -> Resp {
+        let cookie = session.map(|s| format!("__Host-poort={s}"));
+        let headers: Vec<(&str, &str)> = cookie.iter().map(|c| ("Cookie", c.as_str())).collect();
+        self.request("GET", target, &headers, b"").await
+    }
+
+    /// Fetches the login form: (csrf cookie, csrf field).
+    pub async fn login_form(&self) -> (String, String) {
+        let page = self.get("/.poort/login", None).await;
+        assert_eq!(page.status, 200);
+        let cookie = page
+            .cookie("__Host-poort-csrf")
+            .expect("the login page sets the csrf cookie");
+        let text = page.text();
+        let field = text
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .to_string();
+        (cookie, field)
+    }
+
+    /// Posts a form as a browser on the portal would.
+    pub async fn post_form(
+        &self,
+        path: &str,
+        csrf_cookie: &str,
+        session: Option<&str>,
+        fields: &[(&str, &str)],
+    ) -> Resp {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(fields)
+            .finish();
+        let mut cookie = format!("__Host-poort-csrf={csrf_cookie}");
+        if let Some(s) = session {
+            cookie.push_str(&format!("; __Host-poort={s}"));
+        }
+        let headers = [
+            ("Origin", ORIGIN),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Cookie", cookie.as_str()),
+        ];
+        self.request("POST", path, &headers, body.as_bytes()).await
+    }
+
+    /// Submits the login form; returns the response.
+    pub async fn try_login(&self, user: &str, password: &str, next: &str) -> Resp {
+        let (cookie, field) = self.login_form().await;
+        self.post_form(
+            "/.poort/login",
+            &cookie,
+            None,
+            &[
+                ("username", user),
+                ("password", password),
+                ("csrf", &field),
+                ("next", next),
+            ],
+        )
+        .await
+    }
+
+    /// Logs in and returns the session cookie value.
+    pub async fn login(&self, user: &str) -> String {
+        let r = self.try_login(user, PASSWORD, "").await;
+        assert_eq!(r.status, 303, "login failed: {}", r.text());
+        r.cookie("__Host-poort").expect("login sets the session cookie")
+    }
+
+    /// Audit records of one kind, as JSON details.
+    pub fn audit(&self, kind: &str) -> Vec<serde_json::Value> {
+        let conn = poort::store::open_connection(&self.db()).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT detail FROM audit WHERE kind = ?1 ORDER BY seq")
+            .unwrap();
+        stmt.query_map([kind], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(|d| serde_json::from_str(&d.unwrap()).unwrap())
+            .collect()
+    }
+
+    /// Runs the poort binary against this gateway's config.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_poort"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("POORT_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+}
+
+/// Waits (polling, bounded) until `f` returns true.
+pub async fn eventually(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what} did not happen within {limit:?}");
+}
+
+pub fn path_of(p: &Path) -> &str {
+    p.to_str().unwrap()
+}

@@ -1,0 +1,8 @@
+//! Integration tests: each starts a real gateway on a loopback port with real upstreams.
+#![allow(clippy::unwrap_used)]
+
+mod cli;
+mod flow;
+mod front_door;
+mod harness;
+mod proxy;

@@ -1,0 +1,223 @@
+//! What reaches an upstream: identity headers that cannot be spoofed, a verifiable assertion,
+//! streamed bodies, WebSockets, and clear failures when the upstream is down or slow.
+
+use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+
+use crate::harness::{Gate, eventually};
+
+#[tokio::test]
+async fn spoofed_identity_headers_never_reach_the_upstream() {
+    let gate = Gate::start().await;
+    let s = gate.login("bob").await;
+    let cookie = format!("__Host-poort={s}; theme=dark");
+    let spoofs = [
+        ("X-Poort-User", "alice"),
+        ("X_Poort_User", "alice"),
+        ("x-poort-groups", "admins"),
+        ("X-Poort-Assertion", "forged"),
+        ("X-Forwarded-For", "127.0.0.1"),
+        ("Forwarded", "for=127.0.0.1"),
+        ("X-Forwarded-User", "alice"),
+        ("X_Forwarded_User", "alice"),
+        ("X-Real-IP", "10.0.0.1"),
+        ("X-Original-URL", "/admin"),
+        ("X-Rewrite-URL", "/admin"),
+        ("Connection", "close, X-Secret-Token"),
+        ("X-Secret-Token", "dropped because Connection names it"),
+        ("Cookie", cookie.as_str()),
+    ];
+    let r = gate.request("GET", "/app/", &spoofs, b"").await;
+    assert_eq!(r.status, 200);
+    let seen = gate.upstream.last();
+    let users: Vec<_> = seen
+        .headers
+        .iter()
+        .filter(|(k, _)| k.replace('_', "-") == "x-poort-user")
+        .collect();
+    assert_eq!(users.len(), 1, "{:?}", seen.headers);
+    assert_eq!(seen.header("x-poort-user"), Some("bob"));
+    assert_eq!(seen.header("x-poort-groups"), Some(""));
+    assert_ne!(seen.header("x-poort-assertion"), Some("forged"));
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("127.0.0.1"),
+        "poort's own value: the real peer"
+    );
+    for gone in [
+        "x_poort_user",
+        "forwarded",
+        "x-forwarded-user",
+        "x_forwarded_user",
+        "x-real-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-secret-token",
+    ] {
+        assert_eq!(seen.header(gone), None, "{gone} reached the upstream");
+    }
+    assert_eq!(
+        seen.header("cookie"),
+        Some("theme=dark"),
+        "other cookies pass, poort's do not"
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("localhost"));
+}
+
+fn b64(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).unwrap()
+}
+
+#[tokio::test]
+async fn the_assertion_verifies_against_the_jwks() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    gate.get("/staff/", Some(&s)).await;
+    let jwt = gate.upstream.last().header("x-poort-assertion").unwrap().to_string();
+    let jwks: serde_json::Value = serde_json::from_slice(&gate.get("/.poort/jwks.json", None).await.body).unwrap();
+    let key = &jwks["keys"][0];
+    assert_eq!(key["kty"], "EC");
+    assert_eq!(key["crv"], "P-256");
+    let mut point = vec![4u8];
+    point.extend(b64(key["x"].as_str().unwrap()));
+    point.extend(b64(key["y"].as_str().unwrap()));
+    let parts: Vec<&str> = jwt.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let header: serde_json::Value = serde_json::from_slice(&b64(parts[0])).unwrap();
+    assert_eq!(header["alg"], "ES256");
+    assert_eq!(header["kid"], key["kid"]);
+    let signed = format!("{}.{}", parts[0], parts[1]);
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
+        .verify(signed.as_bytes(), &b64(parts[2]))
+        .expect("the assertion's signature verifies with the published key");
+    let claims: serde_json::Value = serde_json::from_slice(&b64(parts[1])).unwrap();
+    assert_eq!(claims["aud"], "staff", "the audience is the app");
+    assert_eq!(claims["iss"], "https://localhost:8443");
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["groups"], serde_json::json!(["staff"]));
+    let (iat, exp) = (claims["iat"].as_i64().unwrap(), claims["exp"].as_i64().unwrap());
+    assert!(exp - iat <= 60 && exp > iat);
+    // A changed payload does not verify.
+    let tampered = format!("{}.{}", parts[0], parts[1].replace('a', "b"));
+    assert!(
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
+            .verify(tampered.as_bytes(), &b64(parts[2]))
+            .is_err()
+    );
+    // Another app gets its own audience.
+    gate.get("/app/", Some(&s)).await;
+    let other = gate.upstream.last().header("x-poort-assertion").unwrap().to_string();
+    let claims: serde_json::Value = serde_json::from_slice(&b64(other.split('.').nth(1).unwrap())).unwrap();
+    assert_eq!(claims["aud"], "app");
+}
+
+#[tokio::test]
+async fn bodies_stream_to_the_upstream_and_limits_hold() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let cookie = format!("__Host-poort={s}");
+    let body = vec![b'x'; 300_000];
+    let r = gate
+        .request(
+            "POST",
+            "/app/upload",
+            &[("Cookie", &cookie), ("Content-Type", "application/octet-stream")],
+            &body,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(gate.upstream.last().body.len(), 300_000);
+    let chunked = b"POST /app/upload HTTP/1.1\r\nHost: localhost\r\nCookie: COOKIE\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+    let chunked = String::from_utf8_lossy(chunked).replace("COOKIE", &cookie);
+    assert_eq!(gate.raw(chunked.as_bytes()).await.status, 200);
+    assert_eq!(gate.upstream.last().body, b"hello world");
+    let hits = gate.upstream.hits();
+    let too_big = format!(
+        "POST /app/x HTTP/1.1\r\nHost: localhost\r\nCookie: {cookie}\r\nContent-Length: 999999999\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(gate.raw(too_big.as_bytes()).await.status, 413);
+    assert_eq!(gate.upstream.hits(), hits);
+}
+
+#[tokio::test]
+async fn websocket_echoes_through_the_proxy() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let stream = gate.connect(&[b"http/1.1"]).await;
+    let mut req = "wss://localhost/ws/echo".into_client_request().unwrap();
+    req.headers_mut()
+        .insert("cookie", format!("__Host-poort={s}").parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, stream)
+        .await
+        .expect("the upgrade goes through");
+    assert_eq!(resp.status(), 101);
+    for msg in ["hello", "poort", &"x".repeat(70_000)] {
+        ws.send(Message::text(msg)).await.unwrap();
+        let back = ws.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), msg);
+    }
+    // Without a session there is no upgrade.
+    let stream = gate.connect(&[b"http/1.1"]).await;
+    let err = tokio_tungstenite::client_async("wss://localhost/ws/echo", stream)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+}
+
+#[tokio::test]
+async fn upstream_failures_are_502_and_504_with_a_request_id() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let down = gate.get("/down/", Some(&s)).await;
+    assert_eq!(down.status, 502);
+    assert!(down.text().contains("request "), "the page names the request id");
+    let slow = gate.get("/slow/", Some(&s)).await;
+    assert_eq!(slow.status, 504);
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let stream = gate.connect(&[b"h2"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("https://localhost/app/h2")
+        .header("cookie", format!("__Host-poort={s}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(gate.upstream.last().target, "/h2");
+    assert_eq!(gate.upstream.last().header("x-poort-user"), Some("alice"));
+    // A traversal over HTTP/2 is refused the same way.
+    let req = http::Request::get("https://localhost/app/%2e%2e/x")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(send.send_request(req).await.unwrap().status(), 400);
+}
+
+#[tokio::test]
+async fn the_audit_log_records_first_access_per_session_and_app() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    for _ in 0..3 {
+        gate.get("/app/", Some(&s)).await;
+        gate.get("/staff/", Some(&s)).await;
+    }
+    eventually("audit writes", std::time::Duration::from_secs(1), async || {
+        gate.audit("access_allowed").len() == 2
+    })
+    .await;
+}
