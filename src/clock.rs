@@ -50,3 +50,9 @@ pub fn format_utc(t: UnixTime) -> String {
     let st = UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
     humantime::format_rfc3339_seconds(st).to_string()
 }
+
+/// `2026-11-30 08:15 UTC`: for people reading pages.
+pub fn format_minutes(t: UnixTime) -> String {
+    let full = format_utc(t);
+    format!("{} {} UTC", &full[..10], &full[11..16])
+}

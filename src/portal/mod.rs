@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use crate::audit::Event;
 use crate::body::Body;
-use crate::clock::{UnixTime, format_utc};
+use crate::clock::{UnixTime, format_minutes};
 use crate::config::{Config, Route};
 use crate::gateway::{Ctx, Gateway, error_page, page, port_of, redirect};
 use crate::identity::{password, valid_name};
@@ -551,8 +551,8 @@ async fn sessions_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Resp
         .into_iter()
         .map(|r| SessionLine {
             current: r.id == s.id,
-            created: format_utc(r.created_at),
-            last_seen: format_utc(if r.id == s.id { s.last_seen() } else { r.last_seen }),
+            created: format_minutes(r.created_at),
+            last_seen: format_minutes(if r.id == s.id { s.last_seen() } else { r.last_seen }),
             client_addr: r.client_addr,
             user_agent: r.user_agent,
             id: r.id,

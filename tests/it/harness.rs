@@ -292,6 +292,11 @@ access = "authenticated"
 impl Gate {
     /// Starts a gateway with the standard apps and users `alice` (group staff) and `bob`.
     pub async fn start() -> Gate {
+        Gate::start_with("").await
+    }
+
+    /// As `start`, with extra lines for the `[server]` table.
+    pub async fn start_with(server_extra: &str) -> Gate {
         let dir = TempDir::new();
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "git.localhost".into()]).unwrap();
         std::fs::write(dir.0.join("cert.pem"), ck.cert.pem()).unwrap();
@@ -308,6 +313,7 @@ impl Gate {
 listen = "127.0.0.1:0"
 redirect_listen = "127.0.0.1:0"
 external_url = "{ORIGIN}"
+{server_extra}
 [store]
 data_dir = "."
 [tls]

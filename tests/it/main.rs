@@ -6,3 +6,4 @@ mod flow;
 mod front_door;
 mod harness;
 mod proxy;
+mod tls;

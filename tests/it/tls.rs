@@ -1,0 +1,99 @@
+//! The connection layer: TLS versions and suites as a scanner sees them (the openssl client),
+//! and slow clients that must not hold the gateway.
+
+use std::process::Command;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::Gate;
+
+/// Runs `openssl s_client` against the gateway; returns (handshake succeeded, output).
+fn s_client(gate: &Gate, args: &[&str]) -> (bool, String) {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &gate.addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl is installed (scripts/test installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && !text.contains("Cipher is (NONE)"), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_modern_tls_is_spoken() {
+    let gate = Gate::start().await;
+    let gate_ref = &gate;
+    let check = |args: Vec<&'static str>| {
+        let gate = gate_ref;
+        async move { tokio::task::block_in_place(|| s_client(gate, &args)) }
+    };
+    // SECLEVEL=0 makes the client offer what the server must refuse.
+    for old in [
+        vec!["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"],
+        vec!["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"],
+    ] {
+        let (ok, text) = check(old.clone()).await;
+        assert!(!ok, "{old:?} was accepted:\n{text}");
+    }
+    for weak in [
+        "AES128-SHA",
+        "AES256-GCM-SHA384",
+        "ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES128-SHA",
+        "DHE-RSA-AES128-GCM-SHA256",
+    ] {
+        let (ok, text) = check(vec!["-tls1_2", "-cipher", weak]).await;
+        assert!(!ok, "TLS 1.2 suite {weak} was accepted:\n{text}");
+    }
+    let (ok, text) = check(vec!["-tls1_2"]).await;
+    assert!(
+        ok && text.contains("TLSv1.2, Cipher is ECDHE-"),
+        "TLS 1.2 with forward secrecy works:\n{text}"
+    );
+    let (ok, text) = check(vec!["-tls1_3", "-alpn", "h2,http/1.1"]).await;
+    assert!(ok && text.contains("TLSv1.3"), "{text}");
+    assert!(text.contains("ALPN protocol: h2"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_are_cut_off_and_others_are_served() {
+    let gate = Gate::start_with("header_timeout = \"1s\"\nhandshake_timeout = \"1s\"").await;
+    // A client that never finishes its request head (slowloris).
+    let mut slow = gate.connect(&[b"http/1.1"]).await;
+    slow.write_all(b"GET /app/ HTTP/1.1\r\nHost: localhost\r\nX-A: ")
+        .await
+        .unwrap();
+    // A client that never starts the TLS handshake.
+    let mut silent = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        gate.get("/.poort/health", None).await.status,
+        200,
+        "others are served meanwhile"
+    );
+    for _ in 0..3 {
+        slow.write_all(b"a").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "the slow request head was not cut off");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    let mut b = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut b)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "the silent connection was not closed: {r:?}"
+    );
+    assert_eq!(gate.upstream.hits(), 0);
+}
