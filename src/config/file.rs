@@ -36,6 +36,8 @@ pub struct Server {
     pub idle_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
     pub max_connections: Option<usize>,
+    /// Open connections from one client address at most. Default 256.
+    pub max_connections_per_client: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -69,6 +69,7 @@ pub struct Server {
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
+    pub max_connections_per_client: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -296,12 +297,20 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
             Duration::from_secs(10),
         ),
         max_connections: f.server.max_connections.unwrap_or(20_000),
+        max_connections_per_client: f.server.max_connections_per_client.unwrap_or(256),
     };
     if server.max_connections == 0 {
         c.add(
             "server.max_connections",
             "must be at least 1",
             "leave it out for the default of 20000",
+        );
+    }
+    if server.max_connections_per_client == 0 {
+        c.add(
+            "server.max_connections_per_client",
+            "must be at least 1",
+            "leave it out for the default of 256",
         );
     }
 

@@ -32,6 +32,43 @@ use crate::request::{MAX_HEADERS, Target};
 
 pub use idle::IdleIo;
 
+/// Open connections per client address. A slot is held for a connection's life.
+#[derive(Debug, Default)]
+struct PerClient(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+struct ClientSlot {
+    table: Arc<PerClient>,
+    ip: std::net::IpAddr,
+}
+
+impl PerClient {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut t = self.0.lock().ok()?;
+        let n = t.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.table.0.lock() {
+            if let Some(n) = t.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    t.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
 /// Most bytes hyper buffers for one HTTP/1 head (request line and headers).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
@@ -89,6 +126,7 @@ pub async fn serve(
     let builder = Arc::new(http_builder(&server));
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(server.max_connections));
+    let per_client = Arc::new(PerClient::default());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -107,11 +145,15 @@ pub async fn serve(
             tracing::warn!(client = %peer, "Connection refused: connection limit reached");
             continue;
         };
+        let Some(client_slot) = per_client.take(peer.ip(), server.max_connections_per_client) else {
+            tracing::warn!(client = %peer, "Connection refused: per-client connection limit reached");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let (gw, acceptor, builder, watcher) = (gw.clone(), acceptor.clone(), builder.clone(), graceful.watcher());
         let (handshake, idle) = (server.handshake_timeout, server.idle_timeout);
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, client_slot);
             let tls = match tokio::time::timeout(handshake, acceptor.accept(IdleIo::new(stream, idle))).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {

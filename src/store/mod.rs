@@ -134,6 +134,22 @@ pub struct SessionRow {
     pub factors: String,
 }
 
+impl SessionRow {
+    /// Reads the eight session columns, in table order, from the start of a row.
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
+        Ok(SessionRow {
+            id: r.get(0)?,
+            user: r.get(1)?,
+            created_at: r.get(2)?,
+            last_seen: r.get(3)?,
+            expires_at: r.get(4)?,
+            client_addr: r.get(5)?,
+            user_agent: r.get(6)?,
+            factors: r.get(7)?,
+        })
+    }
+}
+
 /// What a revocation poll returns: end this session, or forget cached data of this user.
 #[derive(Debug, Clone)]
 pub struct Revocation {
@@ -346,19 +362,7 @@ impl Store {
                  FROM session_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = ?1",
             )?
             .query_row([token_hash], |r| {
-                Ok((
-                    SessionRow {
-                        id: r.get(0)?,
-                        user: r.get(1)?,
-                        created_at: r.get(2)?,
-                        last_seen: r.get(3)?,
-                        expires_at: r.get(4)?,
-                        client_addr: r.get(5)?,
-                        user_agent: r.get(6)?,
-                        factors: r.get(7)?,
-                    },
-                    r.get::<_, String>(8)?,
-                ))
+                Ok((SessionRow::from_row(r)?, r.get::<_, String>(8)?))
             })
             .optional()?;
         let Some((row, host)) = row else { return Ok(None) };
@@ -384,18 +388,7 @@ impl Store {
                 "SELECT id, user, created_at, last_seen, expires_at, client_addr, user_agent, factors FROM sessions
                  WHERE ?1 IS NULL OR user = ?1 ORDER BY created_at, id",
             )?;
-            let rows = stmt.query_map([user], |r| {
-                Ok(SessionRow {
-                    id: r.get(0)?,
-                    user: r.get(1)?,
-                    created_at: r.get(2)?,
-                    last_seen: r.get(3)?,
-                    expires_at: r.get(4)?,
-                    client_addr: r.get(5)?,
-                    user_agent: r.get(6)?,
-                    factors: r.get(7)?,
-                })
-            })?;
+            let rows = stmt.query_map([user], SessionRow::from_row)?;
             rows.collect()
         })
     }
