@@ -14,7 +14,8 @@ use crate::audit::{Audit, Event};
 use crate::body::Body;
 use crate::clock::Clock;
 use crate::config::{Config, Route};
-use crate::policy::{self, Decision};
+use crate::identity::seal::Sealer;
+use crate::policy::{self, Decision, Subject};
 use crate::portal;
 use crate::proxy::{Origin, Proxy, Signer};
 use crate::request::{self, Front};
@@ -65,12 +66,13 @@ impl Gateway {
         store: Store,
         audit: Audit,
         signer: Arc<Signer>,
+        sealer: Arc<Sealer>,
         whoami: Option<String>,
     ) -> anyhow::Result<Gateway> {
         let sessions = Sessions::new(store.clone(), clock.clone(), cfg.session, cfg.apps.len())?;
         let proxy = Proxy::new(cfg.proxy, signer, whoami);
         let routes = Routes::new(&cfg.server.portal_host, &cfg.apps);
-        let portal = portal::State::new(&cfg);
+        let portal = portal::State::new(&cfg, sealer);
         // Request ids: a random start, then counting; unique per process and cheap to make.
         let start = u64::from_be_bytes(session::random_bytes());
         Ok(Gateway {
@@ -132,8 +134,11 @@ impl Gateway {
     /// policy::evaluate, then proxy::forward with the permit.
     async fn app(&self, i: usize, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
         let app = &self.cfg.apps[i];
-        let who = ctx.session.as_ref().map(|s| &s.identity);
-        match policy::evaluate(i, &app.access, who) {
+        let who = ctx.session.as_ref().map(|s| Subject {
+            identity: &s.identity,
+            mfa: s.mfa(),
+        });
+        match policy::evaluate(i, &app.access, app.mfa, who) {
             Decision::Allow(permit) => {
                 if let Some(s) = &ctx.session {
                     if s.first_open(i) {
@@ -163,7 +168,7 @@ impl Gateway {
                     }
                 }
             }
-            Decision::Authenticate => self.needs_login(&ctx, &req),
+            Decision::Authenticate { step_up } => self.needs_login(&ctx, &req, step_up),
             Decision::Deny(reason) => {
                 let s = ctx
                     .session
@@ -184,8 +189,9 @@ impl Gateway {
         }
     }
 
-    /// A browser navigation goes to the login page; anything else gets 401.
-    fn needs_login(&self, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
+    /// A browser navigation goes to the login page (or, to step up, the second-factor page);
+    /// anything else gets 401.
+    fn needs_login(&self, ctx: &Ctx, req: &Request<Incoming>, step_up: bool) -> Response<Body> {
         let wants_html = req
             .headers()
             .get_all(header::ACCEPT)
@@ -205,7 +211,8 @@ impl Gateway {
                 target
             )
         };
-        let mut location = format!("{}/.poort/login?", self.cfg.server.external_origin);
+        let page = if step_up { "mfa" } else { "login" };
+        let mut location = format!("{}/.poort/{page}?", self.cfg.server.external_origin);
         location.push_str(
             &form_urlencoded::Serializer::new(String::new())
                 .append_pair("next", &next)
@@ -321,6 +328,7 @@ pub fn error_page(status: StatusCode, id: RequestId) -> Response<Body> {
             "Method not allowed",
             "This address does not accept that kind of request.",
         ),
+        StatusCode::TOO_MANY_REQUESTS => ("Too many requests", "Wait a minute and try again."),
         StatusCode::PAYLOAD_TOO_LARGE => ("Too large", "The request body is larger than allowed."),
         StatusCode::URI_TOO_LONG => ("Address too long", "The requested address is longer than allowed."),
         StatusCode::MISDIRECTED_REQUEST => ("Unknown site", "This gateway does not serve that host name."),

@@ -107,6 +107,7 @@ mod tests {
             upstream: Upstream::Whoami,
             route,
             access: Access::Authenticated,
+            mfa: false,
         }
     }
 

@@ -14,6 +14,7 @@ use crate::audit::{Audit, Event};
 use crate::clock::Clock;
 use crate::config::{Config, Upstream};
 use crate::gateway::Gateway;
+use crate::identity::seal::Sealer;
 use crate::proxy::Signer;
 use crate::store::Store;
 use crate::{listen, whoami};
@@ -40,6 +41,11 @@ pub fn signing_key_path(cfg: &Config) -> std::path::PathBuf {
     cfg.data_dir.join("assertion-key.p8")
 }
 
+/// The key that seals second-factor secrets at rest.
+pub fn sealing_key_path(cfg: &Config) -> std::path::PathBuf {
+    cfg.data_dir.join("secrets.key")
+}
+
 /// Starts everything and returns once the listeners are bound.
 pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
     let cfg = Arc::new(cfg);
@@ -51,12 +57,21 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         &signing_key_path(&cfg),
         &cfg.server.external_origin,
     )?);
+    let sealer = Arc::new(Sealer::load_or_create(&sealing_key_path(&cfg))?);
     let whoami = if cfg.apps.iter().any(|a| a.upstream == Upstream::Whoami) {
         Some(whoami::start().await?.to_string())
     } else {
         None
     };
-    let gateway = Arc::new(Gateway::new(cfg.clone(), clock, store, audit.clone(), signer, whoami)?);
+    let gateway = Arc::new(Gateway::new(
+        cfg.clone(),
+        clock,
+        store,
+        audit.clone(),
+        signer,
+        sealer,
+        whoami,
+    )?);
     let listener = listen::bind(cfg.server.listen).await?;
     let addr = listener.local_addr()?;
     let redirect = match cfg.server.redirect_listen {
@@ -100,6 +115,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                     }
                 }
                 _ = flush.tick() => {
+                    gw.portal.tidy();
                     if let Err(e) = gw.sessions.flush().await {
                         tracing::error!(error = %e, "Writing session activity failed");
                     }

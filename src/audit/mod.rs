@@ -63,6 +63,40 @@ pub enum Event {
         client: String,
         request_id: String,
     },
+    /// A second factor was accepted (`factor`: otp, recovery, hwk/swk) and the session renewed.
+    MfaSucceeded {
+        user: String,
+        session: String,
+        factor: String,
+        client: String,
+    },
+    MfaFailed {
+        user: String,
+        factor: String,
+        client: String,
+    },
+    /// Consecutive failures locked an account until `until` (Unix time).
+    AccountLocked {
+        user: String,
+        failures: u32,
+        until: i64,
+        client: String,
+    },
+    /// Too many sign-in attempts from one address.
+    RateLimited {
+        client: String,
+    },
+    /// A user changed their own second factors.
+    FactorChanged {
+        user: String,
+        change: String,
+        client: String,
+    },
+    RecoveryCodeUsed {
+        user: String,
+        remaining: usize,
+        client: String,
+    },
     /// An administrative command (CLI or admin API).
     Admin {
         command: String,
@@ -85,6 +119,12 @@ impl Event {
             Event::AccessAllowed { .. } => "access_allowed",
             Event::AccessDenied { .. } => "access_denied",
             Event::RequestRejected { .. } => "request_rejected",
+            Event::MfaSucceeded { .. } => "mfa_succeeded",
+            Event::MfaFailed { .. } => "mfa_failed",
+            Event::AccountLocked { .. } => "account_locked",
+            Event::RateLimited { .. } => "rate_limited",
+            Event::FactorChanged { .. } => "factor_changed",
+            Event::RecoveryCodeUsed { .. } => "recovery_code_used",
             Event::Admin { .. } => "admin",
             Event::GatewayStarted { .. } => "gateway_started",
         }

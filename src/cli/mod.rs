@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use rusqlite::OptionalExtension;
 
 use crate::audit::{self, Event, Verdict};
 use crate::clock::{Clock, SystemClock, format_utc};
@@ -99,6 +100,24 @@ pub enum UserCmd {
     },
     /// Enable a disabled user.
     Enable {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show a user's second factors and lock state.
+    Mfa {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Remove all of a user's second factors (a lost phone): they set up new ones at next use.
+    MfaReset {
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Clear a user's failed sign-in count and lock.
+    Unlock {
         name: String,
         #[command(flatten)]
         config: ConfigArg,
@@ -275,6 +294,16 @@ upstream = "builtin:whoami"
 path = "/whoami/"
 strip_prefix = true
 access = "authenticated"
+
+[[app]]
+name = "whoami-mfa"
+title = "Who am I, with a second factor"
+description = "The same demo app behind a second factor: opening it asks for one, or to set one up"
+upstream = "builtin:whoami"
+path = "/secure/"
+strip_prefix = true
+access = "authenticated"
+mfa = "required"
 "#;
 
 /// Creates what is missing in `data_dir` and returns the resolved config.
@@ -446,6 +475,57 @@ fn user(cmd: UserCmd) -> anyhow::Result<i32> {
             }
             record_admin(&cfg, "user enable", &name, "enabled")?;
             println!("Enabled {name}.");
+        }
+        UserCmd::Mfa { name, config } => {
+            let cfg = load_or_exit(&config.config)?;
+            let store = Store::open(&cfg.database)?;
+            if !store.user_exists(&name)? {
+                bail!("no user {name}");
+            }
+            let (f, lock) = store.with(|c| {
+                let f = crate::identity::mfa::factors(c, &name)?;
+                let lock: Option<(u32, i64)> = c
+                    .query_row(
+                        "SELECT failures, locked_until FROM lockouts WHERE user = ?1",
+                        [&name],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                Ok((f, lock))
+            })?;
+            println!("user:            {name}");
+            println!("authenticator:   {}", if f.totp { "set up" } else { "none" });
+            println!("passkeys:        {}", f.passkeys);
+            println!("recovery codes:  {} unused", f.recovery_left);
+            match lock {
+                Some((n, until)) if until > SystemClock.now() => {
+                    println!("locked:          until {} ({n} failures)", format_utc(until))
+                }
+                Some((n, _)) => println!("locked:          no ({n} recent failures)"),
+                None => println!("locked:          no"),
+            }
+        }
+        UserCmd::MfaReset { name, config } => {
+            let cfg = load_or_exit(&config.config)?;
+            let store = Store::open(&cfg.database)?;
+            if !store.user_exists(&name)? {
+                bail!("no user {name}");
+            }
+            store.with(|c| crate::identity::mfa::reset(c, &name))?;
+            record_admin(&cfg, "user mfa-reset", &name, "all second factors removed")?;
+            println!("Removed every second factor of {name}.");
+        }
+        UserCmd::Unlock { name, config } => {
+            let cfg = load_or_exit(&config.config)?;
+            let store = Store::open(&cfg.database)?;
+            let was = store.with(|c| crate::identity::mfa::unlock(c, &name))?;
+            record_admin(
+                &cfg,
+                "user unlock",
+                &name,
+                if was { "failures cleared" } else { "was not locked" },
+            )?;
+            println!("{name} can sign in again.");
         }
         UserCmd::Groups {
             name,

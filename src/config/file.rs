@@ -15,6 +15,10 @@ pub struct File {
     pub session: Session,
     #[serde(default)]
     pub proxy: Proxy,
+    #[serde(default)]
+    pub mfa: Mfa,
+    #[serde(default)]
+    pub login: Login,
     /// Web apps reached through the reverse proxy.
     #[serde(default, rename = "app")]
     pub apps: Vec<App>,
@@ -72,6 +76,31 @@ pub struct Proxy {
     pub max_body_bytes: Option<u64>,
 }
 
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Mfa {
+    /// Whether apps with `mfa = "inherit"` (the default) need a second factor. Default false.
+    pub required: Option<bool>,
+    /// A user without a second factor on an app that needs one: `"enrol"` (sent to set one
+    /// up, the default) or `"refuse"`.
+    pub missing: Option<String>,
+    /// The name authenticator apps show. Default "poort".
+    pub issuer: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    /// Consecutive failures (any factor) before an account is locked. Default 5.
+    pub lock_after: Option<u32>,
+    /// First lock; each further failure doubles it. Default "1m".
+    pub lock_base: Option<String>,
+    /// Longest lock. Default "30m".
+    pub lock_max: Option<String>,
+    /// Sign-in attempts (any factor) per client address per minute. Default 30.
+    pub per_address_per_minute: Option<u32>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct App {
@@ -87,4 +116,6 @@ pub struct App {
     pub strip_prefix: Option<bool>,
     /// `"public"`, `"authenticated"` or `{ rules = [...] }`. Required: there is no default.
     pub access: Option<toml::Value>,
+    /// `"required"` or `"inherit"` (from `[mfa] required`, the default).
+    pub mfa: Option<String>,
 }

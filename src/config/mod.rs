@@ -52,7 +52,31 @@ pub struct Config {
     pub database: PathBuf,
     pub session: SessionTimeouts,
     pub proxy: ProxySettings,
+    pub mfa: MfaSettings,
+    pub login: LoginSettings,
     pub apps: Vec<App>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MfaSettings {
+    /// `[mfa] required`: whether apps that inherit need a second factor, and whether sign-in
+    /// asks for one straight after the password.
+    pub required: bool,
+    pub missing: MissingFactor,
+    pub issuer: String,
+}
+
+/// What happens to a user without a second factor on an app that needs one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingFactor {
+    Enrol,
+    Refuse,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LoginSettings {
+    pub lock: crate::identity::mfa::LockPolicy,
+    pub per_address_per_minute: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +123,8 @@ pub struct App {
     pub upstream: Upstream,
     pub route: Route,
     pub access: Access,
+    /// Whether a second factor is needed (resolved from `mfa` and `[mfa] required`).
+    pub mfa: bool,
 }
 
 impl App {
@@ -389,9 +415,58 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         max_body_bytes: f.proxy.max_body_bytes.unwrap_or(10 * 1024 * 1024),
     };
 
+    let mfa_default = f.mfa.required.unwrap_or(false);
+    let mfa = MfaSettings {
+        required: mfa_default,
+        missing: match f.mfa.missing.as_deref() {
+            None | Some("enrol") => MissingFactor::Enrol,
+            Some("refuse") => MissingFactor::Refuse,
+            Some(other) => {
+                c.add(
+                    "mfa.missing",
+                    format!("{other:?} is not a choice"),
+                    "\"enrol\" or \"refuse\"",
+                );
+                MissingFactor::Enrol
+            }
+        },
+        issuer: f.mfa.issuer.unwrap_or_else(|| "poort".into()),
+    };
+    if mfa.issuer.is_empty() || mfa.issuer.len() > 64 || mfa.issuer.contains(':') {
+        c.add(
+            "mfa.issuer",
+            "must be 1-64 characters without ':'",
+            "for example issuer = \"Example Corp\"",
+        );
+    }
+    let lock_base = c.duration("login.lock_base", &f.login.lock_base, Duration::from_secs(60));
+    let lock_max = c.duration("login.lock_max", &f.login.lock_max, Duration::from_secs(30 * 60));
+    let login = LoginSettings {
+        lock: crate::identity::mfa::LockPolicy {
+            after: f.login.lock_after.unwrap_or(5),
+            base_secs: lock_base.as_secs() as i64,
+            max_secs: lock_max.as_secs() as i64,
+        },
+        per_address_per_minute: f.login.per_address_per_minute.unwrap_or(30),
+    };
+    if login.lock.after == 0 {
+        c.add(
+            "login.lock_after",
+            "must be at least 1",
+            "leave it out for the default of 5",
+        );
+    }
+    if login.per_address_per_minute == 0 {
+        c.add(
+            "login.per_address_per_minute",
+            "must be at least 1",
+            "leave it out for the default of 30",
+        );
+    }
+
     let mut apps: Vec<App> = Vec::new();
     for (i, app) in f.apps.into_iter().enumerate() {
-        if let Some(a) = resolve_app(&mut c, i, app, &server.portal_host) {
+        if let Some(a) = resolve_app(&mut c, i, app, &server.portal_host, mfa_default) {
             let key = format!("app[{}]", a.name);
             if apps.iter().any(|b| b.name == a.name) {
                 c.add(
@@ -419,6 +494,8 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
             database,
             session,
             proxy,
+            mfa,
+            login,
             apps,
         })
     } else {
@@ -445,7 +522,7 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
-fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str) -> Option<App> {
+fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, mfa_default: bool) -> Option<App> {
     let name = match app.name {
         Some(n) if valid_name(&n) => n,
         Some(n) => {
@@ -559,7 +636,20 @@ fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str) -
         }
         Some(v) => resolve_access(c, &key, v),
     };
+    let mfa = match app.mfa.as_deref() {
+        None | Some("inherit") => Some(mfa_default),
+        Some("required") => Some(true),
+        Some(other) => {
+            c.add(
+                format!("{key}.mfa"),
+                format!("{other:?} is not a choice"),
+                "\"required\" or \"inherit\"",
+            );
+            None
+        }
+    };
     Some(App {
+        mfa: mfa?,
         title: app.title.unwrap_or_else(|| name.clone()),
         description: app.description.unwrap_or_default(),
         name,

@@ -1,7 +1,10 @@
 //! Who a person is: local users and groups, and password hashing with argon2id.
 //! Directory (LDAP) and single sign-on (OIDC) sources will sit beside the local one.
 
+pub mod mfa;
 pub mod password;
+pub mod seal;
+pub mod totp;
 
 /// The authenticated identity a session carries and policy decides on.
 #[derive(Debug, Clone, PartialEq, Eq)]

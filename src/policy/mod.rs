@@ -73,33 +73,59 @@ impl fmt::Display for DenyReason {
 #[derive(Debug)]
 pub enum Decision {
     Allow(Permit),
-    /// Not logged in (or the session is gone): log in first.
-    Authenticate,
+    /// Sign in first; with `step_up`, the user is signed in but must add a second factor.
+    Authenticate {
+        step_up: bool,
+    },
     Deny(DenyReason),
 }
 
-/// Decides whether `who` (None: no valid session) may use the app at `app_index` with `access`.
-pub fn evaluate(app_index: usize, access: &Access, who: Option<&Identity>) -> Decision {
+/// Who is asking: the identity of a live session, and whether that session was opened or
+/// stepped up with a second factor.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub identity: &'a Identity,
+    pub mfa: bool,
+}
+
+/// Decides whether `who` (None: no valid session) may use the app at `app_index` with
+/// `access`, which needs a second factor when `mfa_required`. Access rules are decided before
+/// the factor, so a user is never asked for a factor for an app they may not use.
+pub fn evaluate(app_index: usize, access: &Access, mfa_required: bool, who: Option<Subject<'_>>) -> Decision {
     let allow = || {
         Decision::Allow(Permit {
             app: app_index,
             _private: (),
         })
     };
-    match (access, who) {
-        (Access::Public, _) => allow(),
-        (_, None) => Decision::Authenticate,
-        (Access::Authenticated, Some(_)) => allow(),
-        (Access::Rules(rules), Some(who)) => {
-            if let Some(i) = rules.iter().position(|r| r.effect == Effect::Deny && r.matches(who)) {
+    let Some(who) = who else {
+        return match access {
+            Access::Public => allow(),
+            _ => Decision::Authenticate { step_up: false },
+        };
+    };
+    match access {
+        Access::Public => return allow(),
+        Access::Authenticated => {}
+        Access::Rules(rules) => {
+            if let Some(i) = rules
+                .iter()
+                .position(|r| r.effect == Effect::Deny && r.matches(who.identity))
+            {
                 return Decision::Deny(DenyReason::DenyRule(i));
             }
-            if rules.iter().any(|r| r.effect == Effect::Allow && r.matches(who)) {
-                allow()
-            } else {
-                Decision::Deny(DenyReason::NoRuleMatched)
+            if !rules
+                .iter()
+                .any(|r| r.effect == Effect::Allow && r.matches(who.identity))
+            {
+                return Decision::Deny(DenyReason::NoRuleMatched);
             }
         }
+    }
+    if mfa_required && !who.mfa {
+        Decision::Authenticate { step_up: true }
+    } else {
+        allow()
     }
 }
 
@@ -148,15 +174,37 @@ mod tests {
             (&empty, Some(&alice), "no allow rule matched"),
         ];
         for (access, who, want) in cases {
-            let got = match evaluate(7, access, who) {
-                Decision::Allow(p) => {
-                    assert_eq!(p.app(), 7);
-                    "allow".to_string()
-                }
-                Decision::Authenticate => "login".to_string(),
-                Decision::Deny(r) => r.to_string(),
+            let subject = who.map(|identity| Subject { identity, mfa: false });
+            assert_eq!(outcome(evaluate(7, access, false, subject)), want, "{access:?} {who:?}");
+            // Requiring a second factor changes only the allows of password-only sessions.
+            let with_mfa = who.map(|identity| Subject { identity, mfa: true });
+            assert_eq!(
+                outcome(evaluate(7, access, true, with_mfa)),
+                want,
+                "{access:?} {who:?} with mfa"
+            );
+            let expect = match (want, access, who) {
+                ("allow", Access::Public, _) => "allow",
+                ("allow", _, Some(_)) => "step up",
+                (w, _, _) => w,
             };
-            assert_eq!(got, want, "{access:?} {who:?}");
+            assert_eq!(
+                outcome(evaluate(7, access, true, subject)),
+                expect,
+                "{access:?} {who:?} password only"
+            );
+        }
+    }
+
+    fn outcome(d: Decision) -> String {
+        match d {
+            Decision::Allow(p) => {
+                assert_eq!(p.app(), 7);
+                "allow".to_string()
+            }
+            Decision::Authenticate { step_up: false } => "login".to_string(),
+            Decision::Authenticate { step_up: true } => "step up".to_string(),
+            Decision::Deny(r) => r.to_string(),
         }
     }
 
@@ -168,7 +216,11 @@ mod tests {
             let who = who("u", &groups.iter().map(|s| s.as_str()).collect::<Vec<_>>());
             let mut rules = vec![rule(Effect::Allow, &[], &["a"]), rule(Effect::Allow, &[], &["b"]), rule(Effect::Allow, &["u"], &[])];
             rules.insert(pos.min(rules.len()), rule(Effect::Deny, &["u"], &[]));
-            proptest::prop_assert!(matches!(evaluate(0, &Access::Rules(rules), Some(&who)), Decision::Deny(DenyReason::DenyRule(_))));
+            for mfa in [false, true] {
+                let subject = Some(Subject { identity: &who, mfa });
+                let d = evaluate(0, &Access::Rules(rules.clone()), mfa, subject);
+                proptest::prop_assert!(matches!(d, Decision::Deny(DenyReason::DenyRule(_))));
+            }
         }
     }
 }

@@ -3,6 +3,8 @@
 //! canonical path; pages are askama templates compiled into the binary with auto-escaping.
 //! Before login only login, JWKS, health, the style sheet and the host hand-off answer.
 
+mod mfa;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -18,11 +20,11 @@ use crate::body::Body;
 use crate::clock::{UnixTime, format_minutes};
 use crate::config::{Config, Route};
 use crate::gateway::{Ctx, Gateway, error_page, page, port_of, redirect};
-use crate::identity::{password, valid_name};
-use crate::policy::{self, Decision};
+use crate::identity::seal::Sealer;
+use crate::identity::valid_name;
+use crate::policy::{self, Decision, Subject};
 use crate::request::Target;
 use crate::session::{self, Session, cookie};
-use crate::store::Store;
 
 const STYLE: &str = include_str!("../../assets/style.css");
 /// Largest form poort accepts (login, logout, session end).
@@ -30,10 +32,17 @@ const MAX_FORM: usize = 16 * 1024;
 /// A host hand-off code is good for this long, once.
 const HANDOFF_SECS: i64 = 60;
 
-/// Portal state that lives in memory: pending host hand-offs.
-#[derive(Debug, Default)]
+/// Portal state: pending host hand-offs, the sign-in rate limiter, the sealer for secrets.
 pub struct State {
     handoffs: Mutex<HashMap<String, Handoff>>,
+    limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+    sealer: std::sync::Arc<Sealer>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("portal::State")
+    }
 }
 
 #[derive(Debug)]
@@ -45,8 +54,19 @@ struct Handoff {
 }
 
 impl State {
-    pub fn new(_cfg: &Config) -> State {
-        State::default()
+    pub fn new(cfg: &Config, sealer: std::sync::Arc<Sealer>) -> State {
+        let per_minute =
+            std::num::NonZeroU32::new(cfg.login.per_address_per_minute).unwrap_or(std::num::NonZeroU32::MIN);
+        State {
+            handoffs: Mutex::new(HashMap::new()),
+            limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
+            sealer,
+        }
+    }
+
+    /// Forgets rate-limit state of addresses that have been quiet (called periodically).
+    pub fn tidy(&self) {
+        self.limiter.retain_recent();
     }
 }
 
@@ -110,7 +130,7 @@ pub fn render_error(status: u16, title: &str, message: &str, request_id: &str) -
     .unwrap_or_else(|_| format!("{status} {title}"))
 }
 
-fn html(status: StatusCode, t: &impl Template) -> Response<Body> {
+pub(crate) fn html(status: StatusCode, t: &impl Template) -> Response<Body> {
     match t.render() {
         Ok(s) => page(status, "text/html; charset=utf-8", s),
         Err(e) => {
@@ -194,6 +214,13 @@ pub async fn serve(gw: &Gateway, ctx: Ctx, on_portal_host: bool, req: Request<In
         (true, "/.poort/sessions") if get => sessions_page(gw, &ctx, &req).await,
         (true, "/.poort/sessions/end") if post => end_session(gw, ctx, req).await,
         (false, "/.poort/handoff") if get => handoff(gw, &ctx).await,
+        (true, "/.poort/mfa") if get => mfa::mfa_page(gw, &ctx, &req).await,
+        (true, "/.poort/mfa") if post => mfa::mfa_submit(gw, ctx, req).await,
+        (true, "/.poort/security") if get => mfa::security_page(gw, &ctx, &req).await,
+        (true, "/.poort/security/totp") if post => mfa::security_change(gw, ctx, req, "totp").await,
+        (true, "/.poort/security/totp/confirm") if post => mfa::security_change(gw, ctx, req, "totp/confirm").await,
+        (true, "/.poort/security/totp/remove") if post => mfa::security_change(gw, ctx, req, "totp/remove").await,
+        (true, "/.poort/security/recovery") if post => mfa::security_change(gw, ctx, req, "recovery").await,
         (
             true,
             "/"
@@ -201,7 +228,13 @@ pub async fn serve(gw: &Gateway, ctx: Ctx, on_portal_host: bool, req: Request<In
             | "/.poort/logout"
             | "/.poort/sessions"
             | "/.poort/sessions/end"
-            | "/.poort/jwks.json",
+            | "/.poort/jwks.json"
+            | "/.poort/mfa"
+            | "/.poort/security"
+            | "/.poort/security/totp"
+            | "/.poort/security/totp/confirm"
+            | "/.poort/security/totp/remove"
+            | "/.poort/security/recovery",
         )
         | (_, "/.poort/style.css" | "/.poort/health")
         | (false, "/.poort/handoff") => error_page(StatusCode::METHOD_NOT_ALLOWED, ctx.id),
@@ -210,7 +243,7 @@ pub async fn serve(gw: &Gateway, ctx: Ctx, on_portal_host: bool, req: Request<In
 }
 
 /// The anti-CSRF value for a page: the browser's existing one, or a new one to set.
-fn csrf_for_page(headers: &HeaderMap) -> (String, bool) {
+pub(crate) fn csrf_for_page(headers: &HeaderMap) -> (String, bool) {
     let cookies = headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes());
     match cookie::find(cookies, cookie::CSRF_COOKIE) {
         Some(v) if cookie::decode_token(v).is_some() => (v.to_string(), false),
@@ -218,7 +251,7 @@ fn csrf_for_page(headers: &HeaderMap) -> (String, bool) {
     }
 }
 
-fn with_csrf_cookie(mut resp: Response<Body>, csrf: &str, is_new: bool) -> Response<Body> {
+pub(crate) fn with_csrf_cookie(mut resp: Response<Body>, csrf: &str, is_new: bool) -> Response<Body> {
     if is_new {
         if let Ok(v) = HeaderValue::from_str(&cookie::set_csrf(csrf)) {
             resp.headers_mut().append(header::SET_COOKIE, v);
@@ -229,7 +262,7 @@ fn with_csrf_cookie(mut resp: Response<Body>, csrf: &str, is_new: bool) -> Respo
 
 /// A form is genuine when it came from a poort page: the Origin is the portal's and the
 /// hidden field matches the `__Host-` cookie (double submit).
-fn form_is_genuine(gw: &Gateway, headers: &HeaderMap, form: &HashMap<String, String>) -> bool {
+pub(crate) fn form_is_genuine(gw: &Gateway, headers: &HeaderMap, form: &HashMap<String, String>) -> bool {
     let origin_ok = headers
         .get(header::ORIGIN)
         .is_some_and(|o| o.as_bytes() == gw.cfg.server.external_origin.as_bytes());
@@ -241,7 +274,7 @@ fn form_is_genuine(gw: &Gateway, headers: &HeaderMap, form: &HashMap<String, Str
 }
 
 /// Reads a bounded urlencoded form body.
-async fn read_form(req: Request<Incoming>) -> Option<(HeaderMap, HashMap<String, String>)> {
+pub(crate) async fn read_form(req: Request<Incoming>) -> Option<(HeaderMap, HashMap<String, String>)> {
     let (parts, body) = req.into_parts();
     let ct = parts.headers.get(header::CONTENT_TYPE)?.as_bytes();
     if !ct.starts_with(b"application/x-www-form-urlencoded") {
@@ -258,14 +291,14 @@ async fn read_form(req: Request<Incoming>) -> Option<(HeaderMap, HashMap<String,
     Some((parts.headers, form))
 }
 
-fn query_param(ctx: &Ctx, name: &str) -> Option<String> {
+pub(crate) fn query_param(ctx: &Ctx, name: &str) -> Option<String> {
     let q = ctx.front.target.query()?;
     form_urlencoded::parse(q.as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
 }
 
-fn to_login(gw: &Gateway) -> Response<Body> {
+pub(crate) fn to_login(gw: &Gateway) -> Response<Body> {
     redirect(
         StatusCode::FOUND,
         &format!("{}/.poort/login", gw.cfg.server.external_origin),
@@ -279,7 +312,17 @@ fn launcher(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> 
         .apps
         .iter()
         .enumerate()
-        .filter(|(i, app)| matches!(policy::evaluate(*i, &app.access, Some(&s.identity)), Decision::Allow(_)))
+        .filter(|(i, app)| {
+            // Apps that need a step-up are listed too: opening one asks for the factor.
+            let who = Subject {
+                identity: &s.identity,
+                mfa: true,
+            };
+            matches!(
+                policy::evaluate(*i, &app.access, app.mfa, Some(who)),
+                Decision::Allow(_)
+            )
+        })
         .map(|(_, app)| AppLink {
             title: app.title.clone(),
             description: app.description.clone(),
@@ -352,26 +395,13 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
             "The sign-in form expired. Please try again.",
         );
     }
-    // Same work and the same answer whether or not the user exists.
-    let name = username.to_string();
-    let hash = if valid_name(username) {
-        gw.store
-            .run(move |c| Store::password_hash(c, &name))
-            .await
-            .unwrap_or(None)
-    } else {
-        None
-    };
-    let pw_owned = pw.to_string();
-    let ok = tokio::task::spawn_blocking(move || match hash {
-        Some(h) => password::verify(&pw_owned, &h),
-        None => {
-            password::verify_dummy(&pw_owned);
-            false
-        }
-    })
-    .await
-    .unwrap_or(false);
+    if !mfa::attempt_allowed(gw, ctx.client) {
+        let msg = "Too many sign-in attempts from your address. Wait a minute and try again.";
+        return login_again(StatusCode::TOO_MANY_REQUESTS, &headers, next, "", msg);
+    }
+    // Same work and the same answer whether the user exists, is locked, or typed a wrong
+    // password.
+    let ok = mfa::check_password(gw, username, pw, ctx.client).await;
     let client = ctx.client.to_string();
     let shown_user = if valid_name(username) {
         username.to_string()
@@ -430,7 +460,24 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     }
     tracing::info!(user = %username, session = %id, "Login succeeded");
+    // With `[mfa] required`, a user who has a second factor gives it right away.
+    let ask_factor = gw.cfg.mfa.required && {
+        let name = username.to_string();
+        gw.store
+            .run(move |c| crate::identity::mfa::factors(c, &name))
+            .await
+            .is_ok_and(|f| f.any())
+    };
     let mut resp = match safe_next(next, &gw.cfg) {
+        _ if ask_factor => {
+            let q = form_urlencoded::Serializer::new(String::new())
+                .append_pair("next", next)
+                .finish();
+            redirect(
+                StatusCode::SEE_OTHER,
+                &format!("{}/.poort/mfa?{q}", gw.cfg.server.external_origin),
+            )
+        }
         Next::App { host, path } => handoff_redirect(gw, &id, host, path),
         other => go_to(gw, other),
     };
@@ -440,7 +487,7 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
     resp
 }
 
-fn go_to(gw: &Gateway, next: Next) -> Response<Body> {
+pub(crate) fn go_to(gw: &Gateway, next: Next) -> Response<Body> {
     let origin = &gw.cfg.server.external_origin;
     match next {
         Next::Relative(p) => redirect(StatusCode::SEE_OTHER, &format!("{origin}{p}")),
@@ -448,7 +495,7 @@ fn go_to(gw: &Gateway, next: Next) -> Response<Body> {
     }
 }
 
-fn go_next(gw: &Gateway, s: &Session, next: Next) -> Response<Body> {
+pub(crate) fn go_next(gw: &Gateway, s: &Session, next: Next) -> Response<Body> {
     match next {
         Next::App { host, path } => handoff_redirect(gw, &s.id, host, path),
         other => go_to(gw, other),
@@ -456,7 +503,7 @@ fn go_next(gw: &Gateway, s: &Session, next: Next) -> Response<Body> {
 }
 
 /// Sends the browser to an app host with a one-time code that sets that host's own cookie.
-fn handoff_redirect(gw: &Gateway, session_id: &str, host: String, path: String) -> Response<Body> {
+pub(crate) fn handoff_redirect(gw: &Gateway, session_id: &str, host: String, path: String) -> Response<Body> {
     let code = cookie::encode_token(&session::random_bytes());
     let now = gw.clock.now();
     if let Ok(mut h) = gw.portal.handoffs.lock() {

@@ -174,11 +174,8 @@ impl Proxy {
                 }
             }
         }
-        let amr: &[&str] = match session {
-            Some(s) => &[s.factors.as_str()],
-            None => &[],
-        };
-        let jwt: Arc<str> = match self.signer.sign(&app.name, who, amr, now) {
+        let amr: Vec<&str> = session.map(Session::amr).unwrap_or_default();
+        let jwt: Arc<str> = match self.signer.sign(&app.name, who, &amr, now) {
             Ok(j) => j.into(),
             Err(e) => {
                 tracing::error!(error = %e, "Signing an assertion failed");

@@ -88,6 +88,16 @@ impl Session {
         self.last_seen.load(Ordering::Relaxed)
     }
 
+    /// Whether the session was opened or stepped up with a second factor.
+    pub fn mfa(&self) -> bool {
+        self.factors.split(' ').any(|f| !f.is_empty() && f != "pwd")
+    }
+
+    /// The factors as `amr` values for an assertion.
+    pub fn amr(&self) -> Vec<&str> {
+        self.factors.split(' ').filter(|f| !f.is_empty()).collect()
+    }
+
     /// True the first time it is called for `app` in this session's life in this process.
     pub fn first_open(&self, app: usize) -> bool {
         let (word, bit) = (app / 64, 1u64 << (app % 64));
@@ -240,6 +250,35 @@ impl Sessions {
         self.store
             .run(move |c| Store::insert_session(c, &row, &hash, &host))
             .await?;
+        Ok((id, token))
+    }
+
+    /// Replaces `old` with a new session that also records `factor`: a new token, the same
+    /// absolute expiry. The old token stops working at once.
+    pub async fn step_up(&self, old: &Session, factor: &str, host: &str) -> anyhow::Result<(String, NewToken)> {
+        let now = self.clock.now();
+        let token = new_token();
+        let mut factors = old.factors.clone();
+        if !factors.split(' ').any(|f| f == factor) {
+            factors.push(' ');
+            factors.push_str(factor);
+        }
+        let row = SessionRow {
+            id: new_session_id(),
+            user: old.identity.user.clone(),
+            created_at: now,
+            last_seen: now,
+            expires_at: old.expires_at,
+            client_addr: old.client_addr.clone(),
+            user_agent: old.user_agent.clone(),
+            factors,
+        };
+        let id = row.id.clone();
+        let (hash, host) = (token.hash, host.to_string());
+        self.store
+            .run(move |c| Store::insert_session(c, &row, &hash, &host))
+            .await?;
+        self.end(&old.id).await?;
         Ok((id, token))
     }
 

@@ -15,7 +15,8 @@ use crate::clock::UnixTime;
 use crate::identity::Identity;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (
     name          TEXT PRIMARY KEY,
     email         TEXT,
@@ -60,7 +61,38 @@ CREATE TABLE audit (
     prev_hash BLOB NOT NULL,
     hash      BLOB NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE totp (
+    user       TEXT PRIMARY KEY REFERENCES users(name) ON DELETE CASCADE,
+    secret     BLOB NOT NULL,
+    confirmed  INTEGER NOT NULL DEFAULT 0,
+    last_step  INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE recovery_codes (
+    user      TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    code_hash BLOB NOT NULL,
+    used_at   INTEGER,
+    PRIMARY KEY (user, code_hash)
+);
+CREATE TABLE passkeys (
+    id         TEXT PRIMARY KEY,
+    user       TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    name       TEXT NOT NULL,
+    passkey    TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_used  INTEGER
+);
+CREATE INDEX passkeys_user ON passkeys(user);
+CREATE TABLE lockouts (
+    user         TEXT PRIMARY KEY,
+    failures     INTEGER NOT NULL,
+    locked_until INTEGER NOT NULL,
+    last_failure INTEGER NOT NULL
+);
+"#,
+];
 
 #[derive(Clone)]
 pub struct Store {

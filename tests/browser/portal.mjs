@@ -4,7 +4,33 @@
 // Environment: GATEWAY (https://localhost:PORT), ADMIN_PASSWORD, and optionally SHOTS, a
 // folder for screenshots of each page.
 
+import { createHmac } from "node:crypto";
 import { chromium } from "playwright-core";
+
+// What a phone authenticator app does, written independently of poort (RFC 6238).
+function base32Decode(text) {
+  const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+  let bits = 0, value = 0;
+  const out = [];
+  for (const c of text.replace(/\s+/g, "")) {
+    value = (value << 5) | alphabet.indexOf(c);
+    bits += 5;
+    if (bits >= 8) {
+      out.push((value >>> (bits - 8)) & 0xff);
+      bits -= 8;
+    }
+  }
+  return Buffer.from(out);
+}
+function totp(secret, step) {
+  const counter = Buffer.alloc(8);
+  counter.writeBigUInt64BE(BigInt(step));
+  const h = createHmac("sha1", secret).update(counter).digest();
+  const o = h[h.length - 1] & 0xf;
+  const bin = ((h[o] & 0x7f) << 24) | (h[o + 1] << 16) | (h[o + 2] << 8) | h[o + 3];
+  return String(bin % 1000000).padStart(6, "0");
+}
+const stepNow = () => Math.floor(Date.now() / 1000 / 30);
 
 const gateway = process.env.GATEWAY;
 const password = process.env.ADMIN_PASSWORD;
@@ -73,12 +99,34 @@ try {
 
   await page.goto(`${gateway}/`);
   check("the launcher greets the user", (await page.locator("h1").textContent()) === "Your apps");
-  const link = page.locator("ul.apps a", { hasText: "Who am I" });
+  const link = page.locator(`ul.apps a[href="${gateway}/whoami/"]`);
   check("the launcher lists the demo app", (await link.count()) === 1);
+  check("and the one behind a second factor", (await page.locator(`ul.apps a[href="${gateway}/secure/"]`).count()) === 1);
   await shot("4-launcher");
   await link.click();
   await page.waitForURL(`${gateway}/whoami/`);
   check("the launcher opens the app", page.url() === `${gateway}/whoami/`);
+
+  // An app behind a second factor: the user sets up an authenticator app on the way.
+  await page.goto(`${gateway}/secure/`);
+  check("an MFA app sends a user without a factor to set one up", page.url().startsWith(`${gateway}/.poort/security?next=`), page.url());
+  await shot("6-security");
+  await page.fill("#pw-totp", password);
+  await page.click("button:has-text(\"Set up an authenticator app\")");
+  check("the enrolment page shows a QR code", (await page.locator("img.qr").count()) === 1);
+  const secret = base32Decode(await page.locator(".key code").textContent());
+  check("the key is 160 bits", secret.length === 20);
+  await shot("7-enrol");
+  await page.fill("#code", totp(secret, stepNow()));
+  await page.click("button:has-text(\"Confirm\")");
+  const codes = await page.locator("ul.codes li").count();
+  check("ten recovery codes are shown after enrolment", codes === 10, String(codes));
+  await shot("8-recovery");
+  await page.click("text=I have saved them");
+  await page.waitForURL(`${gateway}/secure/`);
+  const secure = await page.locator("body").innerText();
+  check("after enrolment the MFA app opens", /x-poort-user: admin/i.test(secure));
+  check("its assertion records the second factor", /"amr":\["pwd","otp"\]/.test(secure), secure.slice(-300));
 
   await page.goto(`${gateway}/.poort/sessions`);
   const rows = page.locator("tbody tr");
@@ -90,6 +138,22 @@ try {
   check("sign out goes back to the login page", page.url() === `${gateway}/.poort/login`);
   await page.goto(`${gateway}/whoami/`);
   check("after sign-out the app asks for sign-in again", page.url().startsWith(`${gateway}/.poort/login`));
+
+  // Back in: a password-only session is asked for the code when it opens the MFA app.
+  await page.fill("#username", "admin");
+  await page.fill("#password", password);
+  await page.click("button[type=submit]");
+  await page.waitForURL(`${gateway}/whoami/`);
+  check("the plain app needs only the password", /x-poort-user: admin/i.test(await page.locator("body").innerText()));
+  await page.goto(`${gateway}/secure/`);
+  check("the MFA app asks a password-only session for the code", page.url().startsWith(`${gateway}/.poort/mfa?next=`), page.url());
+  await shot("9-step-up");
+  // The code of the step just used at enrolment would be a replay; the next one is within
+  // the accepted drift, as a phone a few seconds ahead would show it.
+  await page.fill("#code", totp(secret, stepNow() + 1));
+  await page.click("button:has-text(\"Continue\")");
+  await page.waitForURL(`${gateway}/secure/`);
+  check("with the code, the MFA app opens", /x-poort-user: admin/i.test(await page.locator("body").innerText()));
 } finally {
   await browser.close();
 }

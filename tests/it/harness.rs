@@ -259,6 +259,14 @@ path = "/staff/"
 access = { rules = [{ effect = "allow", groups = ["staff"] }] }
 
 [[app]]
+name = "vault"
+title = "Vault"
+upstream = "http://{up}"
+path = "/vault/"
+access = "authenticated"
+mfa = "required"
+
+[[app]]
 name = "pub"
 upstream = "http://{up}"
 path = "/pub/"
@@ -499,6 +507,14 @@ response_timeout = "2s"
         let r = self.try_login(user, PASSWORD, "").await;
         assert_eq!(r.status, 303, "login failed: {}", r.text());
         r.cookie("__Host-poort").expect("login sets the session cookie")
+    }
+
+    /// Posts a form on the portal with a fresh CSRF pair and a session.
+    pub async fn post(&self, path: &str, session: &str, fields: &[(&str, &str)]) -> Resp {
+        let (csrf, field) = self.login_form().await;
+        let mut all: Vec<(&str, &str)> = vec![("csrf", field.as_str())];
+        all.extend_from_slice(fields);
+        self.post_form(path, &csrf, Some(session), &all).await
     }
 
     /// Audit records of one kind, as JSON details.

@@ -5,5 +5,6 @@ mod cli;
 mod flow;
 mod front_door;
 mod harness;
+mod mfa;
 mod proxy;
 mod tls;

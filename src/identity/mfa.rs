@@ -1,0 +1,253 @@
+//! Second factors in the store: TOTP enrolment with replay protection, recovery codes, and the
+//! per-account failure counter behind lockouts. SQL only; the decisions (which factor a policy
+//! needs, how long a lock lasts) are made by the callers with pure functions.
+
+use ring::digest;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::seal::Sealer;
+use super::totp;
+use crate::clock::UnixTime;
+
+/// What second factors a user has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Factors {
+    pub totp: bool,
+    pub passkeys: usize,
+    pub recovery_left: usize,
+}
+
+impl Factors {
+    pub fn any(&self) -> bool {
+        self.totp || self.passkeys > 0
+    }
+}
+
+pub fn factors(conn: &Connection, user: &str) -> rusqlite::Result<Factors> {
+    let totp: bool = conn
+        .query_row("SELECT confirmed FROM totp WHERE user = ?1", [user], |r| r.get(0))
+        .optional()?
+        .unwrap_or(false);
+    let recovery_left: i64 = conn.query_row(
+        "SELECT count(*) FROM recovery_codes WHERE user = ?1 AND used_at IS NULL",
+        [user],
+        |r| r.get(0),
+    )?;
+    let passkeys: i64 = conn.query_row("SELECT count(*) FROM passkeys WHERE user = ?1", [user], |r| r.get(0))?;
+    Ok(Factors {
+        totp,
+        passkeys: passkeys as usize,
+        recovery_left: recovery_left as usize,
+    })
+}
+
+/// Starts (or restarts) a TOTP enrolment with a new secret; refuses while a confirmed one
+/// exists. Returns the secret, to be shown once.
+pub fn totp_begin(conn: &Connection, sealer: &Sealer, user: &str, now: UnixTime) -> rusqlite::Result<Option<Vec<u8>>> {
+    let confirmed: Option<bool> = conn
+        .query_row("SELECT confirmed FROM totp WHERE user = ?1", [user], |r| r.get(0))
+        .optional()?;
+    if confirmed == Some(true) {
+        return Ok(None);
+    }
+    let secret: [u8; totp::SECRET_LEN] = crate::session::random_bytes();
+    conn.execute(
+        "INSERT INTO totp (user, secret, confirmed, last_step, created_at) VALUES (?1, ?2, 0, 0, ?3)
+         ON CONFLICT (user) DO UPDATE SET secret = excluded.secret, created_at = excluded.created_at, last_step = 0",
+        params![user, sealer.seal(user, &secret), now],
+    )?;
+    Ok(Some(secret.to_vec()))
+}
+
+/// The pending (unconfirmed) secret, for showing the QR code again.
+pub fn totp_pending(conn: &Connection, sealer: &Sealer, user: &str) -> rusqlite::Result<Option<Vec<u8>>> {
+    let sealed: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT secret FROM totp WHERE user = ?1 AND confirmed = 0",
+            [user],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(sealed.and_then(|s| sealer.open(user, &s)))
+}
+
+/// Checks a code. With `confirming`, the pending secret is checked and confirmed on success;
+/// otherwise only a confirmed one counts. A step is accepted at most once: the update only
+/// succeeds when the step is newer than the last one used, which also holds across restarts
+/// and between gateways sharing the database.
+pub fn totp_check(
+    conn: &Connection,
+    sealer: &Sealer,
+    user: &str,
+    code: &str,
+    now: UnixTime,
+    confirming: bool,
+) -> rusqlite::Result<bool> {
+    let sealed: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT secret FROM totp WHERE user = ?1 AND confirmed = ?2",
+            params![user, !confirming],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(secret) = sealed.and_then(|s| sealer.open(user, &s)) else {
+        return Ok(false);
+    };
+    let Some(step) = totp::matching_step(&secret, code, now) else {
+        return Ok(false);
+    };
+    let n = conn.execute(
+        "UPDATE totp SET last_step = ?1, confirmed = 1 WHERE user = ?2 AND last_step < ?1 AND confirmed = ?3",
+        params![step, user, !confirming],
+    )?;
+    Ok(n == 1)
+}
+
+pub fn totp_remove(conn: &Connection, user: &str) -> rusqlite::Result<bool> {
+    Ok(conn.execute("DELETE FROM totp WHERE user = ?1", [user])? > 0)
+}
+
+const RECOVERY_COUNT: usize = 10;
+
+fn recovery_hash(user: &str, code: &str) -> Vec<u8> {
+    let normal: String = code
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(b"poort-recovery-v1\0");
+    ctx.update(user.as_bytes());
+    ctx.update(b"\0");
+    ctx.update(normal.as_bytes());
+    ctx.finish().as_ref().to_vec()
+}
+
+/// Replaces a user's recovery codes with ten new ones and returns them (shown once; only
+/// their hashes are kept). Each has 50 random bits, written `xxxxx-xxxxx`.
+pub fn recovery_new(conn: &mut Connection, user: &str) -> rusqlite::Result<Vec<String>> {
+    const ALPHABET: &[u8; 32] = b"abcdefghijkmnpqrstuvwxyz23456789";
+    let codes: Vec<String> = (0..RECOVERY_COUNT)
+        .map(|_| {
+            let b: [u8; 10] = crate::session::random_bytes();
+            let chars: Vec<char> = b.iter().map(|x| ALPHABET[(*x & 31) as usize] as char).collect();
+            format!(
+                "{}-{}",
+                chars[..5].iter().collect::<String>(),
+                chars[5..].iter().collect::<String>()
+            )
+        })
+        .collect();
+    let tx = conn.transaction()?;
+    tx.execute("DELETE FROM recovery_codes WHERE user = ?1", [user])?;
+    for c in &codes {
+        tx.execute(
+            "INSERT INTO recovery_codes (user, code_hash) VALUES (?1, ?2)",
+            params![user, recovery_hash(user, c)],
+        )?;
+    }
+    tx.commit()?;
+    Ok(codes)
+}
+
+/// Uses up a recovery code. True if it was valid and unused.
+pub fn recovery_use(conn: &Connection, user: &str, code: &str, now: UnixTime) -> rusqlite::Result<bool> {
+    let n = conn.execute(
+        "UPDATE recovery_codes SET used_at = ?1 WHERE user = ?2 AND code_hash = ?3 AND used_at IS NULL",
+        params![now, user, recovery_hash(user, code)],
+    )?;
+    Ok(n == 1)
+}
+
+/// Removes every second factor of a user (the admin's `mfa-reset`).
+pub fn reset(conn: &mut Connection, user: &str) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute("DELETE FROM totp WHERE user = ?1", [user])?;
+    tx.execute("DELETE FROM recovery_codes WHERE user = ?1", [user])?;
+    tx.execute("DELETE FROM passkeys WHERE user = ?1", [user])?;
+    tx.commit()
+}
+
+/// Lockout policy: after `after` consecutive failures the account is locked for `base`,
+/// doubling with each further failure, up to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockPolicy {
+    pub after: u32,
+    pub base_secs: i64,
+    pub max_secs: i64,
+}
+
+impl LockPolicy {
+    /// Seconds locked after the `failures`-th consecutive failure (0: not locked).
+    pub fn lock_secs(&self, failures: u32) -> i64 {
+        if failures < self.after {
+            return 0;
+        }
+        let doublings = (failures - self.after).min(40);
+        self.base_secs.saturating_mul(1i64 << doublings).min(self.max_secs)
+    }
+}
+
+/// True while `user` is locked.
+pub fn locked(conn: &Connection, user: &str, now: UnixTime) -> rusqlite::Result<bool> {
+    let until: Option<i64> = conn
+        .query_row("SELECT locked_until FROM lockouts WHERE user = ?1", [user], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(until.is_some_and(|u| u > now))
+}
+
+/// Counts a failure; returns (consecutive failures, locked until) when this failure locks.
+pub fn record_failure(
+    conn: &Connection,
+    policy: LockPolicy,
+    user: &str,
+    now: UnixTime,
+) -> rusqlite::Result<Option<(u32, UnixTime)>> {
+    let failures: u32 = conn.query_row(
+        "INSERT INTO lockouts (user, failures, locked_until, last_failure) VALUES (?1, 1, 0, ?2)
+         ON CONFLICT (user) DO UPDATE SET failures = failures + 1, last_failure = excluded.last_failure
+         RETURNING failures",
+        params![user, now],
+        |r| r.get(0),
+    )?;
+    let secs = policy.lock_secs(failures);
+    if secs == 0 {
+        return Ok(None);
+    }
+    let until = now + secs;
+    conn.execute(
+        "UPDATE lockouts SET locked_until = max(locked_until, ?1) WHERE user = ?2",
+        params![until, user],
+    )?;
+    Ok(Some((failures, until)))
+}
+
+/// Clears the failure count (after a success, or by an admin).
+pub fn unlock(conn: &Connection, user: &str) -> rusqlite::Result<bool> {
+    Ok(conn.execute("DELETE FROM lockouts WHERE user = ?1", [user])? > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_grows_and_caps() {
+        let p = LockPolicy {
+            after: 5,
+            base_secs: 60,
+            max_secs: 1800,
+        };
+        let secs: Vec<i64> = (1..=12).map(|f| p.lock_secs(f)).collect();
+        assert_eq!(secs, [0, 0, 0, 0, 60, 120, 240, 480, 960, 1800, 1800, 1800]);
+        assert_eq!(p.lock_secs(u32::MAX), 1800);
+    }
+
+    #[test]
+    fn recovery_codes_are_normalised() {
+        assert_eq!(recovery_hash("a", "ABCDE-fghij"), recovery_hash("a", "abcde fghij"));
+        assert_ne!(recovery_hash("a", "abcde-fghij"), recovery_hash("b", "abcde-fghij"));
+    }
+}

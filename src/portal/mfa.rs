@@ -1,0 +1,583 @@
+//! Second factors in the portal: the step-up page, the security page where users set up and
+//! remove their authenticator app and recovery codes, and the guards every factor passes:
+//! a per-address rate limit and the per-account lockout, both with answers that do not tell
+//! whether an account exists or is locked.
+
+use std::net::IpAddr;
+
+use askama::Template;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::{
+    Next, csrf_for_page, form_is_genuine, html, query_param, read_form, safe_next, to_login, with_csrf_cookie,
+};
+use crate::audit::Event;
+use crate::body::Body;
+use crate::config::MissingFactor;
+use crate::gateway::{Ctx, Gateway, error_page, redirect};
+use crate::identity::mfa::{self, Factors};
+use crate::identity::{password, totp, valid_name};
+use crate::session::Session;
+use crate::store::Store;
+
+#[derive(Template)]
+#[template(path = "mfa.html")]
+struct MfaPage<'a> {
+    csrf: &'a str,
+    next: &'a str,
+    totp: bool,
+    error: Option<&'a str>,
+}
+
+#[derive(Template)]
+#[template(path = "security.html")]
+struct SecurityPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    next: &'a str,
+    totp: bool,
+    has_factor: bool,
+    recovery_left: usize,
+    notice: Option<&'a str>,
+    error: Option<&'a str>,
+}
+
+#[derive(Template)]
+#[template(path = "totp_enrol.html")]
+struct TotpEnrolPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    next: &'a str,
+    qr: &'a str,
+    key: &'a str,
+    error: Option<&'a str>,
+}
+
+#[derive(Template)]
+#[template(path = "recovery.html")]
+struct RecoveryPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    codes: &'a [String],
+    continue_to: &'a str,
+}
+
+/// True if this address may make another sign-in attempt (any factor) now.
+pub(crate) fn attempt_allowed(gw: &Gateway, client: IpAddr) -> bool {
+    let ok = gw.portal.limiter.check_key(&client).is_ok();
+    if !ok {
+        tracing::warn!(client = %client, "Sign-in attempts rate-limited");
+    }
+    ok
+}
+
+/// Checks a password with the lockout applied: a locked or unknown account costs the same
+/// hashing work and gets the same `false` as a wrong password. Failures count towards the
+/// lock; a success clears the count.
+pub(crate) async fn check_password(gw: &Gateway, user: &str, pw: &str, client: IpAddr) -> bool {
+    let now = gw.clock.now();
+    let (locked, hash) = if valid_name(user) {
+        let name = user.to_string();
+        gw.store
+            .run(move |c| Ok((mfa::locked(c, &name, now)?, Store::password_hash(c, &name)?)))
+            .await
+            .unwrap_or((true, None))
+    } else {
+        (true, None)
+    };
+    let pw = pw.to_string();
+    let ok = tokio::task::spawn_blocking(move || match (locked, hash) {
+        (false, Some(h)) => password::verify(&pw, &h),
+        _ => {
+            password::verify_dummy(&pw);
+            false
+        }
+    })
+    .await
+    .unwrap_or(false);
+    if valid_name(user) {
+        settle(gw, user, ok, client).await;
+    }
+    ok
+}
+
+/// Records the outcome of one factor check for the lockout, auditing a lock.
+async fn settle(gw: &Gateway, user: &str, ok: bool, client: IpAddr) {
+    let (name, now, policy) = (user.to_string(), gw.clock.now(), gw.cfg.login.lock);
+    let result = gw
+        .store
+        .run(move |c| {
+            if ok {
+                mfa::unlock(c, &name).map(|_| None)
+            } else {
+                mfa::record_failure(c, policy, &name, now)
+            }
+        })
+        .await;
+    match result {
+        Ok(Some((failures, until))) => {
+            tracing::warn!(user = %user, failures, "Account locked");
+            let ev = Event::AccountLocked {
+                user: user.to_string(),
+                failures,
+                until,
+                client: client.to_string(),
+            };
+            if let Err(e) = gw.audit.record(ev).await {
+                tracing::error!(error = %e, "Audit write failed");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "Recording a sign-in outcome failed"),
+    }
+}
+
+async fn factors_of(gw: &Gateway, user: &str) -> Option<Factors> {
+    let name = user.to_string();
+    gw.store.run(move |c| mfa::factors(c, &name)).await.ok()
+}
+
+fn set_cookie(resp: &mut Response<Body>, token: &str) {
+    if let Ok(v) = http::HeaderValue::from_str(&crate::session::cookie::set_session(token)) {
+        resp.headers_mut().append(http::header::SET_COOKIE, v);
+    }
+}
+
+/// Where a stepped-up session goes next, carrying its new cookie.
+fn continue_with(gw: &Gateway, session_id: &str, token: &str, next: &str) -> Response<Body> {
+    let mut resp = match safe_next(next, &gw.cfg) {
+        Next::App { host, path } => super::handoff_redirect(gw, session_id, host, path),
+        other => super::go_to(gw, other),
+    };
+    set_cookie(&mut resp, token);
+    resp
+}
+
+/// GET /.poort/mfa: ask a signed-in user for a second factor.
+pub(crate) async fn mfa_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
+    let Some(s) = &ctx.session else { return to_login(gw) };
+    let next = query_param(ctx, "next").unwrap_or_default();
+    if s.mfa() {
+        return super::go_next(gw, s, safe_next(&next, &gw.cfg));
+    }
+    let Some(f) = factors_of(gw, &s.identity.user).await else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+    };
+    if !f.any() {
+        return match gw.cfg.mfa.missing {
+            MissingFactor::Enrol => {
+                let mut location = format!("{}/.poort/security?", gw.cfg.server.external_origin);
+                location.push_str(
+                    &form_urlencoded::Serializer::new(String::new())
+                        .append_pair("next", &next)
+                        .finish(),
+                );
+                redirect(StatusCode::FOUND, &location)
+            }
+            MissingFactor::Refuse => error_page(StatusCode::FORBIDDEN, ctx.id),
+        };
+    }
+    let (csrf, new) = csrf_for_page(req.headers());
+    let next = if safe_next(&next, &gw.cfg) == Next::Portal {
+        String::new()
+    } else {
+        next
+    };
+    with_csrf_cookie(
+        html(
+            StatusCode::OK,
+            &MfaPage {
+                csrf: &csrf,
+                next: &next,
+                totp: f.totp,
+                error: None,
+            },
+        ),
+        &csrf,
+        new,
+    )
+}
+
+/// POST /.poort/mfa: a TOTP code or a recovery code; on success the session is replaced by
+/// one that records the factor.
+pub(crate) async fn mfa_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
+    let Some(s) = ctx.session.clone() else {
+        return to_login(gw);
+    };
+    let Some((headers, form)) = read_form(req).await else {
+        return error_page(StatusCode::BAD_REQUEST, ctx.id);
+    };
+    if !form_is_genuine(gw, &headers, &form) {
+        return error_page(StatusCode::FORBIDDEN, ctx.id);
+    }
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    let next = field("next").to_string();
+    let totp_enrolled = factors_of(gw, &s.identity.user).await.is_some_and(|f| f.totp);
+    let again = |status: StatusCode, error: &str| {
+        let (csrf, new) = csrf_for_page(&headers);
+        let page = MfaPage {
+            csrf: &csrf,
+            next: &next,
+            totp: totp_enrolled,
+            error: Some(error),
+        };
+        with_csrf_cookie(html(status, &page), &csrf, new)
+    };
+    if !attempt_allowed(gw, ctx.client) {
+        return again(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many attempts from your address. Wait a minute and try again.",
+        );
+    }
+    let (user, now, client) = (s.identity.user.clone(), gw.clock.now(), ctx.client);
+    let (code, recovery) = (field("code").to_string(), field("recovery").to_string());
+    let use_recovery = code.is_empty() && !recovery.is_empty();
+    let sealer = gw.portal.sealer.clone();
+    let name = user.clone();
+    let checked = gw
+        .store
+        .run(move |c| {
+            if mfa::locked(c, &name, now)? {
+                return Ok((false, 0));
+            }
+            if use_recovery {
+                let ok = mfa::recovery_use(c, &name, &recovery, now)?;
+                Ok((ok, mfa::factors(c, &name)?.recovery_left))
+            } else {
+                Ok((mfa::totp_check(c, &sealer, &name, &code, now, false)?, 0))
+            }
+        })
+        .await;
+    let (ok, remaining) = checked.unwrap_or((false, 0));
+    settle(gw, &user, ok, client).await;
+    let factor = if use_recovery { "rc" } else { "otp" };
+    if !ok {
+        let ev = Event::MfaFailed {
+            user: user.clone(),
+            factor: factor.into(),
+            client: client.to_string(),
+        };
+        if let Err(e) = gw.audit.record(ev).await {
+            tracing::error!(error = %e, "Audit write failed");
+        }
+        return again(StatusCode::UNAUTHORIZED, "That code did not work. Try the current one.");
+    }
+    if use_recovery {
+        let ev = Event::RecoveryCodeUsed {
+            user: user.clone(),
+            remaining,
+            client: client.to_string(),
+        };
+        if let Err(e) = gw.audit.record(ev).await {
+            tracing::error!(error = %e, "Audit write failed");
+        }
+    }
+    renew(gw, &s, factor, &ctx, &next).await
+}
+
+/// Replaces the session with one that records `factor`, audits it, and continues to `next`.
+async fn renew(gw: &Gateway, s: &Session, factor: &str, ctx: &Ctx, next: &str) -> Response<Body> {
+    let (id, token) = match gw.sessions.step_up(s, factor, &gw.cfg.server.portal_host).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "Renewing a session failed");
+            return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+        }
+    };
+    let ev = Event::MfaSucceeded {
+        user: s.identity.user.clone(),
+        session: id.clone(),
+        factor: factor.into(),
+        client: ctx.client.to_string(),
+    };
+    if let Err(e) = gw.audit.record(ev).await {
+        tracing::error!(error = %e, "Audit unavailable; ending the new session");
+        let _ = gw.sessions.end(&id).await;
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+    }
+    continue_with(gw, &id, &token.cookie_value, next)
+}
+
+/// A message on the security page.
+enum Say<'a> {
+    Nothing,
+    Notice(&'a str),
+    Error(&'a str),
+}
+
+fn security_view(
+    gw: &Gateway,
+    s: &Session,
+    headers: &http::HeaderMap,
+    f: &Factors,
+    next: &str,
+    status: StatusCode,
+    say: Say<'_>,
+) -> Response<Body> {
+    let (notice, error) = match say {
+        Say::Nothing => (None, None),
+        Say::Notice(m) => (Some(m), None),
+        Say::Error(m) => (None, Some(m)),
+    };
+    let (csrf, new) = csrf_for_page(headers);
+    let next = if safe_next(next, &gw.cfg) == Next::Portal {
+        ""
+    } else {
+        next
+    };
+    let page = SecurityPage {
+        user: &s.identity.user,
+        csrf: &csrf,
+        next,
+        totp: f.totp,
+        has_factor: f.any(),
+        recovery_left: f.recovery_left,
+        notice,
+        error,
+    };
+    with_csrf_cookie(html(status, &page), &csrf, new)
+}
+
+/// GET /.poort/security
+pub(crate) async fn security_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
+    let Some(s) = &ctx.session else { return to_login(gw) };
+    let Some(f) = factors_of(gw, &s.identity.user).await else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+    };
+    let next = query_param(ctx, "next").unwrap_or_default();
+    let say = if !next.is_empty() && !f.any() {
+        Say::Notice("That app needs a second factor. Set up an authenticator app to continue.")
+    } else {
+        Say::Nothing
+    };
+    security_view(gw, s, req.headers(), &f, &next, StatusCode::OK, say)
+}
+
+/// The QR code for an otpauth URI as an SVG data URI (no external service, no script).
+fn qr_data_uri(uri: &str) -> Option<String> {
+    use base64::Engine;
+    let code = qrcode::QrCode::new(uri.as_bytes()).ok()?;
+    let svg = code
+        .render::<qrcode::render::svg::Color<'_>>()
+        .min_dimensions(200, 200)
+        .quiet_zone(true)
+        .build();
+    Some(format!(
+        "data:image/svg+xml;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(svg)
+    ))
+}
+
+fn grouped(key: &str) -> String {
+    key.as_bytes()
+        .chunks(4)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The security forms all post here with a `password`; `action` names what to change.
+pub(crate) async fn security_change(gw: &Gateway, ctx: Ctx, req: Request<Incoming>, action: &str) -> Response<Body> {
+    let Some(s) = ctx.session.clone() else {
+        return to_login(gw);
+    };
+    let Some((headers, form)) = read_form(req).await else {
+        return error_page(StatusCode::BAD_REQUEST, ctx.id);
+    };
+    if !form_is_genuine(gw, &headers, &form) {
+        return error_page(StatusCode::FORBIDDEN, ctx.id);
+    }
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    let next = field("next").to_string();
+    let user = s.identity.user.clone();
+    let Some(f) = factors_of(gw, &user).await else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+    };
+    let fail = |status: StatusCode, error: &str| security_view(gw, &s, &headers, &f, &next, status, Say::Error(error));
+    if !attempt_allowed(gw, ctx.client) {
+        return fail(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many attempts from your address. Wait a minute and try again.",
+        );
+    }
+
+    if action == "totp/confirm" {
+        let (sealer, name, now, code) = (
+            gw.portal.sealer.clone(),
+            user.clone(),
+            gw.clock.now(),
+            field("code").to_string(),
+        );
+        let ok = gw
+            .store
+            .run(move |c| mfa::totp_check(c, &sealer, &name, &code, now, true))
+            .await
+            .unwrap_or(false);
+        settle(gw, &user, ok, ctx.client).await;
+        if !ok {
+            return totp_enrol_view(
+                gw,
+                &s,
+                &headers,
+                &next,
+                Some("That code did not work. Check the app and try the current one."),
+            )
+            .await;
+        }
+        changed(gw, &user, "authenticator app set up", ctx.client).await;
+        // The user just proved the factor: renew the session with it, and hand out
+        // recovery codes if there are none yet.
+        let (id, token) = match gw.sessions.step_up(&s, "otp", &gw.cfg.server.portal_host).await {
+            Ok(v) => v,
+            Err(_) => return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
+        };
+        let ev = Event::MfaSucceeded {
+            user: user.clone(),
+            session: id.clone(),
+            factor: "otp".into(),
+            client: ctx.client.to_string(),
+        };
+        if let Err(e) = gw.audit.record(ev).await {
+            tracing::error!(error = %e, "Audit unavailable; ending the new session");
+            let _ = gw.sessions.end(&id).await;
+            return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+        }
+        if f.recovery_left == 0 {
+            let name = user.clone();
+            if let Ok(codes) = gw.store.run(move |c| mfa::recovery_new(c, &name)).await {
+                changed(gw, &user, "recovery codes made", ctx.client).await;
+                let continue_to = match safe_next(&next, &gw.cfg) {
+                    Next::Portal => "/.poort/security".to_string(),
+                    _ => format!(
+                        "/.poort/login?next={}",
+                        form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>()
+                    ),
+                };
+                let (csrf, _) = csrf_for_page(&headers);
+                let mut resp = html(
+                    StatusCode::OK,
+                    &RecoveryPage {
+                        user: &user,
+                        csrf: &csrf,
+                        codes: &codes,
+                        continue_to: &continue_to,
+                    },
+                );
+                set_cookie(&mut resp, &token.cookie_value);
+                return resp;
+            }
+        }
+        if safe_next(&next, &gw.cfg) == Next::Portal {
+            let mut resp = redirect(
+                StatusCode::SEE_OTHER,
+                &format!("{}/.poort/security", gw.cfg.server.external_origin),
+            );
+            set_cookie(&mut resp, &token.cookie_value);
+            return resp;
+        }
+        return continue_with(gw, &id, &token.cookie_value, &next);
+    }
+
+    if !check_password(gw, &user, field("password"), ctx.client).await {
+        return fail(StatusCode::UNAUTHORIZED, "That password is not right.");
+    }
+    match action {
+        "totp" => {
+            let (sealer, name, now) = (gw.portal.sealer.clone(), user.clone(), gw.clock.now());
+            match gw.store.run(move |c| mfa::totp_begin(c, &sealer, &name, now)).await {
+                Ok(Some(_)) => totp_enrol_view(gw, &s, &headers, &next, None).await,
+                Ok(None) => fail(
+                    StatusCode::CONFLICT,
+                    "An authenticator app is set up already. Remove it first.",
+                ),
+                Err(_) => error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
+            }
+        }
+        "totp/remove" => {
+            let name = user.clone();
+            let _ = gw.store.run(move |c| mfa::totp_remove(c, &name)).await;
+            changed(gw, &user, "authenticator app removed", ctx.client).await;
+            let f = factors_of(gw, &user).await.unwrap_or_default();
+            security_view(
+                gw,
+                &s,
+                &headers,
+                &f,
+                "",
+                StatusCode::OK,
+                Say::Notice("The authenticator app was removed."),
+            )
+        }
+        "recovery" => {
+            let name = user.clone();
+            match gw.store.run(move |c| mfa::recovery_new(c, &name)).await {
+                Ok(codes) => {
+                    changed(gw, &user, "recovery codes made", ctx.client).await;
+                    let (csrf, _) = csrf_for_page(&headers);
+                    html(
+                        StatusCode::OK,
+                        &RecoveryPage {
+                            user: &user,
+                            csrf: &csrf,
+                            codes: &codes,
+                            continue_to: "/.poort/security",
+                        },
+                    )
+                }
+                Err(_) => error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
+            }
+        }
+        _ => error_page(StatusCode::NOT_FOUND, ctx.id),
+    }
+}
+
+async fn totp_enrol_view(
+    gw: &Gateway,
+    s: &Session,
+    headers: &http::HeaderMap,
+    next: &str,
+    error: Option<&str>,
+) -> Response<Body> {
+    let (sealer, name) = (gw.portal.sealer.clone(), s.identity.user.clone());
+    let Ok(Some(secret)) = gw.store.run(move |c| mfa::totp_pending(c, &sealer, &name)).await else {
+        return redirect(
+            StatusCode::SEE_OTHER,
+            &format!("{}/.poort/security", gw.cfg.server.external_origin),
+        );
+    };
+    let uri = totp::otpauth_uri(&gw.cfg.mfa.issuer, &s.identity.user, &secret);
+    let qr = qr_data_uri(&uri).unwrap_or_default();
+    let key = grouped(&totp::base32(&secret));
+    let (csrf, new) = csrf_for_page(headers);
+    let next = if safe_next(next, &gw.cfg) == Next::Portal {
+        ""
+    } else {
+        next
+    };
+    let status = if error.is_some() {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::OK
+    };
+    let page = TotpEnrolPage {
+        user: &s.identity.user,
+        csrf: &csrf,
+        next,
+        qr: &qr,
+        key: &key,
+        error,
+    };
+    with_csrf_cookie(html(status, &page), &csrf, new)
+}
+
+async fn changed(gw: &Gateway, user: &str, change: &str, client: IpAddr) {
+    let ev = Event::FactorChanged {
+        user: user.to_string(),
+        change: change.to_string(),
+        client: client.to_string(),
+    };
+    if let Err(e) = gw.audit.record(ev).await {
+        tracing::error!(error = %e, "Audit write failed");
+    }
+}
