@@ -72,20 +72,10 @@ impl Gateway {
         let sessions = Sessions::new(store.clone(), clock.clone(), cfg.session, cfg.apps.len())?;
         let proxy = Proxy::new(cfg.proxy, signer, whoami);
         let routes = Routes::new(&cfg.server.portal_host, &cfg.apps);
-        let portal = portal::State::new(&cfg, sealer);
+        let portal = portal::State::new(&cfg, sealer)?;
         // Request ids: a random start, then counting; unique per process and cheap to make.
         let start = u64::from_be_bytes(session::random_bytes());
-        Ok(Gateway {
-            cfg,
-            clock,
-            store,
-            audit,
-            sessions,
-            proxy,
-            routes,
-            portal,
-            request_ids: AtomicU64::new(start),
-        })
+        Ok(Gateway { cfg, clock, store, audit, sessions, proxy, routes, portal, request_ids: AtomicU64::new(start) })
     }
 
     /// One request, start to finish.
@@ -98,33 +88,23 @@ impl Gateway {
             Err(r) => return self.reject(r.status(), r.code(), client, id).await,
         };
         if front.content_length.is_some_and(|n| n > self.cfg.proxy.max_body_bytes) {
-            return self
-                .reject(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", client, id)
-                .await;
+            return self.reject(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", client, id).await;
         }
         // route: portal, an app, or nothing.
         let found = self.routes.find(&front.host, front.target.path());
         if found == Found::UnknownHost {
-            return self
-                .reject(StatusCode::MISDIRECTED_REQUEST, "unknown_host", client, id)
-                .await;
+            return self.reject(StatusCode::MISDIRECTED_REQUEST, "unknown_host", client, id).await;
         }
         // session::lookup: cookie, token hash, cache, store.
         let session = self.session_for(&req, &front.host).await;
-        let ctx = Ctx {
-            id,
-            front,
-            client,
-            session,
-        };
+        let ctx = Ctx { id, front, client, session };
         match found {
             Found::Portal { on_portal_host } => portal::serve(&self, ctx, on_portal_host, req).await,
             Found::App(i) => self.app(i, ctx, req).await,
             Found::AddSlash(i) => match &self.cfg.apps[i].route {
-                Route::Path { prefix, .. } => redirect(
-                    StatusCode::PERMANENT_REDIRECT,
-                    &format!("{}{prefix}", self.cfg.server.external_origin),
-                ),
+                Route::Path { prefix, .. } => {
+                    redirect(StatusCode::PERMANENT_REDIRECT, &format!("{}{prefix}", self.cfg.server.external_origin))
+                }
                 Route::Host(_) => error_page(StatusCode::NOT_FOUND, id),
             },
             Found::NotFound | Found::UnknownHost => error_page(StatusCode::NOT_FOUND, id),
@@ -134,10 +114,7 @@ impl Gateway {
     /// policy::evaluate, then proxy::forward with the permit.
     async fn app(&self, i: usize, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
         let app = &self.cfg.apps[i];
-        let who = ctx.session.as_ref().map(|s| Subject {
-            identity: &s.identity,
-            mfa: s.mfa(),
-        });
+        let who = ctx.session.as_ref().map(|s| Subject { identity: &s.identity, mfa: s.mfa() });
         match policy::evaluate(i, &app.access, app.mfa, who) {
             Decision::Allow(permit) => {
                 if let Some(s) = &ctx.session {
@@ -170,10 +147,7 @@ impl Gateway {
             }
             Decision::Authenticate { step_up } => self.needs_login(&ctx, &req, step_up),
             Decision::Deny(reason) => {
-                let s = ctx
-                    .session
-                    .as_ref()
-                    .expect("invariant: policy denies only identified users");
+                let s = ctx.session.as_ref().expect("invariant: policy denies only identified users");
                 let ev = Event::AccessDenied {
                     user: s.identity.user.clone(),
                     session: s.id.clone(),
@@ -192,11 +166,8 @@ impl Gateway {
     /// A browser navigation goes to the login page (or, to step up, the second-factor page);
     /// anything else gets 401.
     fn needs_login(&self, ctx: &Ctx, req: &Request<Incoming>, step_up: bool) -> Response<Body> {
-        let wants_html = req
-            .headers()
-            .get_all(header::ACCEPT)
-            .iter()
-            .any(|v| v.as_bytes().windows(9).any(|w| w == b"text/html"));
+        let wants_html =
+            req.headers().get_all(header::ACCEPT).iter().any(|v| v.as_bytes().windows(9).any(|w| w == b"text/html"));
         if !wants_html || !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
             return error_page(StatusCode::UNAUTHORIZED, ctx.id);
         }
@@ -204,20 +175,11 @@ impl Gateway {
         let next = if ctx.front.host == self.cfg.server.portal_host {
             target
         } else {
-            format!(
-                "https://{}{}{}",
-                ctx.front.host,
-                port_of(&self.cfg.server.external_origin),
-                target
-            )
+            format!("https://{}{}{}", ctx.front.host, port_of(&self.cfg.server.external_origin), target)
         };
         let page = if step_up { "mfa" } else { "login" };
         let mut location = format!("{}/.poort/{page}?", self.cfg.server.external_origin);
-        location.push_str(
-            &form_urlencoded::Serializer::new(String::new())
-                .append_pair("next", &next)
-                .finish(),
-        );
+        location.push_str(&form_urlencoded::Serializer::new(String::new()).append_pair("next", &next).finish());
         redirect(StatusCode::FOUND, &location)
     }
 
@@ -230,11 +192,8 @@ impl Gateway {
             Ok(_) => None,
             Err((Lookup::Expired { idle }, Some(s))) => {
                 let why = if idle { "idle timeout" } else { "absolute timeout" };
-                let ev = Event::SessionExpired {
-                    user: s.identity.user.clone(),
-                    session: s.id.clone(),
-                    why: why.into(),
-                };
+                let ev =
+                    Event::SessionExpired { user: s.identity.user.clone(), session: s.id.clone(), why: why.into() };
                 if let Err(e) = self.audit.record(ev).await {
                     tracing::error!(error = %e, "Audit write failed");
                 }
@@ -247,17 +206,12 @@ impl Gateway {
     /// Refuses a request before routing: audited, constant page, connection closed.
     async fn reject(&self, status: StatusCode, code: &'static str, client: IpAddr, id: RequestId) -> Response<Body> {
         tracing::info!(request = %id, client = %client, code, "Request rejected");
-        let ev = Event::RequestRejected {
-            code: code.into(),
-            client: client.to_string(),
-            request_id: id.to_string(),
-        };
+        let ev = Event::RequestRejected { code: code.into(), client: client.to_string(), request_id: id.to_string() };
         if let Err(e) = self.audit.record(ev).await {
             tracing::error!(request = %id, error = %e, "Audit write failed");
         }
         let mut resp = error_page(status, id);
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         resp
     }
 }
@@ -281,14 +235,11 @@ fn harden(resp: &mut Response<Body>) {
     // form's Origin check needs the real origin. "same-origin" still keeps referrers from
     // leaving the portal.
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
-    h.insert(
-        header::STRICT_TRANSPORT_SECURITY,
-        HeaderValue::from_static("max-age=31536000"),
-    );
+    h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
-            "default-src 'none'; style-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
+            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
         ),
     );
 }
@@ -297,8 +248,7 @@ fn harden(resp: &mut Response<Body>) {
 pub fn page(status: StatusCode, content_type: &'static str, body: impl Into<Body>) -> Response<Body> {
     let mut resp = Response::new(body.into());
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     harden(&mut resp);
     resp
 }
@@ -317,17 +267,11 @@ pub fn redirect(status: StatusCode, location: &str) -> Response<Body> {
 /// The constant error page for a status: fixed words, and only our own request id.
 pub fn error_page(status: StatusCode, id: RequestId) -> Response<Body> {
     let (title, message) = match status {
-        StatusCode::BAD_REQUEST => (
-            "Bad request",
-            "The request was malformed or ambiguous, so it was refused.",
-        ),
+        StatusCode::BAD_REQUEST => ("Bad request", "The request was malformed or ambiguous, so it was refused."),
         StatusCode::UNAUTHORIZED => ("Sign-in required", "Sign in to poort to use this app."),
         StatusCode::FORBIDDEN => ("Access denied", "You are signed in, but this app is not open to you."),
         StatusCode::NOT_FOUND => ("Not found", "There is nothing at this address."),
-        StatusCode::METHOD_NOT_ALLOWED => (
-            "Method not allowed",
-            "This address does not accept that kind of request.",
-        ),
+        StatusCode::METHOD_NOT_ALLOWED => ("Method not allowed", "This address does not accept that kind of request."),
         StatusCode::TOO_MANY_REQUESTS => ("Too many requests", "Wait a minute and try again."),
         StatusCode::PAYLOAD_TOO_LARGE => ("Too large", "The request body is larger than allowed."),
         StatusCode::URI_TOO_LONG => ("Address too long", "The requested address is longer than allowed."),
@@ -335,10 +279,7 @@ pub fn error_page(status: StatusCode, id: RequestId) -> Response<Body> {
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => {
             ("Headers too large", "The request headers are larger than allowed.")
         }
-        StatusCode::BAD_GATEWAY => (
-            "App unavailable",
-            "The app did not accept the connection. Try again later.",
-        ),
+        StatusCode::BAD_GATEWAY => ("App unavailable", "The app did not accept the connection. Try again later."),
         StatusCode::GATEWAY_TIMEOUT => ("App timed out", "The app did not answer in time. Try again later."),
         StatusCode::SERVICE_UNAVAILABLE => ("Unavailable", "The gateway cannot serve this request right now."),
         _ => ("Error", "The request could not be served."),

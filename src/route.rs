@@ -31,10 +31,7 @@ pub struct Routes {
 
 impl Routes {
     pub fn new(portal_host: &str, apps: &[App]) -> Routes {
-        let mut r = Routes {
-            portal_host: portal_host.to_string(),
-            ..Routes::default()
-        };
+        let mut r = Routes { portal_host: portal_host.to_string(), ..Routes::default() };
         for (i, app) in apps.iter().enumerate() {
             match &app.route {
                 Route::Host(h) => {
@@ -72,12 +69,8 @@ impl Routes {
             path
         };
         // Try each segment boundary from the longest candidate down.
-        let ends: Vec<usize> = path
-            .match_indices('/')
-            .map(|(i, _)| i + 1)
-            .skip(1)
-            .take(self.longest_prefix_segments)
-            .collect();
+        let ends: Vec<usize> =
+            path.match_indices('/').map(|(i, _)| i + 1).skip(1).take(self.longest_prefix_segments).collect();
         for &end in ends.iter().rev() {
             if let Some(&i) = self.prefixes.get(&path[..end]) {
                 return Found::App(i);
@@ -114,14 +107,8 @@ mod tests {
     #[test]
     fn table() {
         let apps = vec![
-            app(Route::Path {
-                prefix: "/wiki/".into(),
-                strip: false,
-            }),
-            app(Route::Path {
-                prefix: "/wiki/admin/".into(),
-                strip: false,
-            }),
+            app(Route::Path { prefix: "/wiki/".into(), strip: false }),
+            app(Route::Path { prefix: "/wiki/admin/".into(), strip: false }),
             app(Route::Host("git.example".into())),
         ];
         let r = Routes::new("gate.example", &apps);
@@ -138,11 +125,7 @@ mod tests {
             ("gate.example", "/wikipedia", Found::NotFound),
             ("gate.example", "/other/wiki/", Found::NotFound),
             ("git.example", "/anything", Found::App(2)),
-            (
-                "git.example",
-                "/.poort/handoff",
-                Found::Portal { on_portal_host: false },
-            ),
+            ("git.example", "/.poort/handoff", Found::Portal { on_portal_host: false }),
             ("evil.example", "/", Found::UnknownHost),
         ];
         for (host, path, want) in cases {

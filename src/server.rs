@@ -53,25 +53,14 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     let tls = listen::tls_config(&cfg.tls.cert_file, &cfg.tls.key_file)?;
     let store = Store::open(&cfg.database)?;
     let audit = Audit::start(&cfg.database, clock.clone())?;
-    let signer = Arc::new(Signer::load_or_create(
-        &signing_key_path(&cfg),
-        &cfg.server.external_origin,
-    )?);
+    let signer = Arc::new(Signer::load_or_create(&signing_key_path(&cfg), &cfg.server.external_origin)?);
     let sealer = Arc::new(Sealer::load_or_create(&sealing_key_path(&cfg))?);
     let whoami = if cfg.apps.iter().any(|a| a.upstream == Upstream::Whoami) {
         Some(whoami::start().await?.to_string())
     } else {
         None
     };
-    let gateway = Arc::new(Gateway::new(
-        cfg.clone(),
-        clock,
-        store,
-        audit.clone(),
-        signer,
-        sealer,
-        whoami,
-    )?);
+    let gateway = Arc::new(Gateway::new(cfg.clone(), clock, store, audit.clone(), signer, sealer, whoami)?);
     let listener = listen::bind(cfg.server.listen).await?;
     let addr = listener.local_addr()?;
     let redirect = match cfg.server.redirect_listen {
@@ -79,28 +68,15 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         None => None,
     };
     let redirect_addr = redirect.as_ref().map(|l| l.local_addr()).transpose()?;
-    audit
-        .record(Event::GatewayStarted {
-            version: env!("CARGO_PKG_VERSION").into(),
-        })
-        .await?;
+    audit.record(Event::GatewayStarted { version: env!("CARGO_PKG_VERSION").into() }).await?;
 
     let (stop, stopped) = watch::channel(false);
     let until_stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let mut tasks = vec![tokio::spawn(listen::serve(
-        gateway.clone(),
-        listener,
-        tls,
-        until_stop(stopped.clone()),
-    ))];
+    let mut tasks = vec![tokio::spawn(listen::serve(gateway.clone(), listener, tls, until_stop(stopped.clone())))];
     if let Some(l) = redirect {
-        tasks.push(tokio::spawn(listen::serve_redirect(
-            l,
-            cfg.server.clone(),
-            until_stop(stopped.clone()),
-        )));
+        tasks.push(tokio::spawn(listen::serve_redirect(l, cfg.server.clone(), until_stop(stopped.clone()))));
     }
     let gw = gateway.clone();
     let mut rx = stopped.clone();
@@ -125,13 +101,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         }
     }));
     tracing::info!(listen = %addr, portal = %cfg.server.external_origin, apps = cfg.apps.len(), "poort is serving");
-    Ok(Running {
-        addr,
-        redirect_addr,
-        gateway,
-        stop,
-        tasks,
-    })
+    Ok(Running { addr, redirect_addr, gateway, stop, tasks })
 }
 
 impl Running {

@@ -155,13 +155,7 @@ pub fn to_hex(v: &[u8]) -> String {
 pub fn chain_hash(prev: &[u8], seq: i64, at: UnixTime, kind: &str, detail: &str) -> Vec<u8> {
     let mut ctx = digest::Context::new(&digest::SHA256);
     ctx.update(b"poort-audit-v1");
-    for part in [
-        prev,
-        &seq.to_be_bytes(),
-        &at.to_be_bytes(),
-        kind.as_bytes(),
-        detail.as_bytes(),
-    ] {
+    for part in [prev, &seq.to_be_bytes(), &at.to_be_bytes(), kind.as_bytes(), detail.as_bytes()] {
         ctx.update(&(part.len() as u64).to_be_bytes());
         ctx.update(part);
     }
@@ -172,9 +166,7 @@ pub fn chain_hash(prev: &[u8], seq: i64, at: UnixTime, kind: &str, detail: &str)
 pub fn append(conn: &mut Connection, at: UnixTime, events: &[Event]) -> rusqlite::Result<i64> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let (mut seq, mut prev): (i64, Vec<u8>) = tx
-        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?
         .unwrap_or((0, vec![0u8; 32]));
     for ev in events {
@@ -233,9 +225,7 @@ impl Audit {
     /// callers on a request path fail closed.
     pub async fn record(&self, event: Event) -> anyhow::Result<i64> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.tx
-            .send((event, done))
-            .map_err(|_| anyhow::anyhow!("audit writer stopped"))?;
+        self.tx.send((event, done)).map_err(|_| anyhow::anyhow!("audit writer stopped"))?;
         wait.await
             .map_err(|_| anyhow::anyhow!("audit writer stopped"))?
             .map_err(|e| anyhow::anyhow!("audit write failed: {e}"))
@@ -247,13 +237,7 @@ pub fn tail(conn: &Connection, n: usize) -> rusqlite::Result<Vec<Record>> {
     let mut stmt = conn.prepare("SELECT seq, at, kind, detail, hash FROM audit ORDER BY seq DESC LIMIT ?1")?;
     let mut rows = stmt
         .query_map([n as i64], |r| {
-            Ok(Record {
-                seq: r.get(0)?,
-                at: r.get(1)?,
-                kind: r.get(2)?,
-                detail: r.get(3)?,
-                hash: r.get(4)?,
-            })
+            Ok(Record { seq: r.get(0)?, at: r.get(1)?, kind: r.get(2)?, detail: r.get(3)?, hash: r.get(4)? })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.reverse();
@@ -287,24 +271,15 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
             });
         }
         if prev_hash != prev {
-            return Ok(Verdict::Broken {
-                seq,
-                why: "it does not link to the record before it".into(),
-            });
+            return Ok(Verdict::Broken { seq, why: "it does not link to the record before it".into() });
         }
         if chain_hash(&prev, seq, at, &kind, &detail) != hash {
-            return Ok(Verdict::Broken {
-                seq,
-                why: "its content does not match its hash".into(),
-            });
+            return Ok(Verdict::Broken { seq, why: "its content does not match its hash".into() });
         }
         prev = hash;
         expect_seq += 1;
     }
-    Ok(Verdict::Intact {
-        records: expect_seq - 1,
-        head: to_hex(&prev),
-    })
+    Ok(Verdict::Intact { records: expect_seq - 1, head: to_hex(&prev) })
 }
 
 /// Path of the database in a data directory, for tools that only know the directory.
@@ -343,10 +318,7 @@ mod tests {
     }
 
     fn ev(i: usize) -> Event {
-        Event::LoginFailed {
-            user: format!("u{i}"),
-            client: "127.0.0.1".into(),
-        }
+        Event::LoginFailed { user: format!("u{i}"), client: "127.0.0.1".into() }
     }
 
     #[test]
@@ -356,23 +328,9 @@ mod tests {
         append(&mut c, 101, &[ev(3), ev(4)]).unwrap();
         assert!(matches!(verify(&c).unwrap(), Verdict::Intact { records: 4, .. }));
 
-        c.execute(
-            "UPDATE audit SET detail = replace(detail, 'u2', 'u9') WHERE seq = 2",
-            [],
-        )
-        .unwrap();
-        assert_eq!(
-            verify(&c).unwrap(),
-            Verdict::Broken {
-                seq: 2,
-                why: "its content does not match its hash".into()
-            }
-        );
-        c.execute(
-            "UPDATE audit SET detail = replace(detail, 'u9', 'u2') WHERE seq = 2",
-            [],
-        )
-        .unwrap();
+        c.execute("UPDATE audit SET detail = replace(detail, 'u2', 'u9') WHERE seq = 2", []).unwrap();
+        assert_eq!(verify(&c).unwrap(), Verdict::Broken { seq: 2, why: "its content does not match its hash".into() });
+        c.execute("UPDATE audit SET detail = replace(detail, 'u9', 'u2') WHERE seq = 2", []).unwrap();
 
         c.execute("DELETE FROM audit WHERE seq = 3", []).unwrap();
         assert!(matches!(verify(&c).unwrap(), Verdict::Broken { seq: 3, .. }));

@@ -218,10 +218,7 @@ fn load_or_exit(path: &Path) -> anyhow::Result<Config> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")
 }
 
 fn serve(cfg: Config) -> anyhow::Result<i32> {
@@ -323,10 +320,7 @@ pub fn quickstart(data_dir: &Path) -> anyhow::Result<Config> {
         Ok(c) => c,
         Err(problems) => {
             eprint!("{problems}");
-            bail!(
-                "{} has problems; fix them or move the file away to start afresh",
-                config_path.display()
-            );
+            bail!("{} has problems; fix them or move the file away to start afresh", config_path.display());
         }
     };
     if !cfg.tls.cert_file.exists() {
@@ -338,10 +332,7 @@ pub fn quickstart(data_dir: &Path) -> anyhow::Result<Config> {
         .context("making a self-signed certificate")?;
         write_private(&cfg.tls.key_file, ck.signing_key.serialize_pem().as_bytes())?;
         std::fs::write(&cfg.tls.cert_file, ck.cert.pem())?;
-        println!(
-            "Made a self-signed certificate for localhost: {}",
-            cfg.tls.cert_file.display()
-        );
+        println!("Made a self-signed certificate for localhost: {}", cfg.tls.cert_file.display());
     }
     if let Ok(pem) = std::fs::read(&cfg.tls.cert_file) {
         use rustls::pki_types::pem::PemObject;
@@ -367,11 +358,7 @@ pub fn quickstart(data_dir: &Path) -> anyhow::Result<Config> {
 
 fn record_admin(cfg: &Config, command: &str, target: &str, detail: &str) -> anyhow::Result<()> {
     let mut conn = crate::store::open_connection(&cfg.database)?;
-    let ev = Event::Admin {
-        command: command.into(),
-        target: target.into(),
-        detail: detail.into(),
-    };
+    let ev = Event::Admin { command: command.into(), target: target.into(), detail: detail.into() };
     audit::append(&mut conn, SystemClock.now(), &[ev])?;
     Ok(())
 }
@@ -403,13 +390,7 @@ fn check_names(user: &str, groups: &[String]) -> anyhow::Result<()> {
 fn user(cmd: UserCmd) -> anyhow::Result<i32> {
     let now = SystemClock.now();
     match cmd {
-        UserCmd::Add {
-            name,
-            email,
-            groups,
-            password_stdin,
-            config,
-        } => {
+        UserCmd::Add { name, email, groups, password_stdin, config } => {
             let cfg = load_or_exit(&config.config)?;
             check_names(&name, &groups)?;
             let store = Store::open(&cfg.database)?;
@@ -441,11 +422,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<i32> {
                 }
             }
         }
-        UserCmd::Passwd {
-            name,
-            password_stdin,
-            config,
-        } => {
+        UserCmd::Passwd { name, password_stdin, config } => {
             let cfg = load_or_exit(&config.config)?;
             let store = Store::open(&cfg.database)?;
             if !store.user_exists(&name)? {
@@ -485,11 +462,9 @@ fn user(cmd: UserCmd) -> anyhow::Result<i32> {
             let (f, lock) = store.with(|c| {
                 let f = crate::identity::mfa::factors(c, &name)?;
                 let lock: Option<(u32, i64)> = c
-                    .query_row(
-                        "SELECT failures, locked_until FROM lockouts WHERE user = ?1",
-                        [&name],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
+                    .query_row("SELECT failures, locked_until FROM lockouts WHERE user = ?1", [&name], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
                     .optional()?;
                 Ok((f, lock))
             })?;
@@ -519,20 +494,10 @@ fn user(cmd: UserCmd) -> anyhow::Result<i32> {
             let cfg = load_or_exit(&config.config)?;
             let store = Store::open(&cfg.database)?;
             let was = store.with(|c| crate::identity::mfa::unlock(c, &name))?;
-            record_admin(
-                &cfg,
-                "user unlock",
-                &name,
-                if was { "failures cleared" } else { "was not locked" },
-            )?;
+            record_admin(&cfg, "user unlock", &name, if was { "failures cleared" } else { "was not locked" })?;
             println!("{name} can sign in again.");
         }
-        UserCmd::Groups {
-            name,
-            add,
-            remove,
-            config,
-        } => {
+        UserCmd::Groups { name, add, remove, config } => {
             let cfg = load_or_exit(&config.config)?;
             check_names(&name, &add)?;
             let store = Store::open(&cfg.database)?;
@@ -547,10 +512,7 @@ fn user(cmd: UserCmd) -> anyhow::Result<i32> {
                 &format!("added: {}; removed: {}", add.join(","), remove.join(",")),
             )?;
             let u = store.list_users()?.into_iter().find(|u| u.name == name);
-            println!(
-                "{name} is now in: {}",
-                u.map(|u| u.groups.join(",")).unwrap_or_default()
-            );
+            println!("{name} is now in: {}", u.map(|u| u.groups.join(",")).unwrap_or_default());
         }
     }
     Ok(0)
@@ -569,10 +531,7 @@ fn session_cmd(cmd: SessionCmd) -> anyhow::Result<i32> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!(
-                    "{:<14} {:<16} {:<21} {:<21} {:<16} BROWSER",
-                    "ID", "USER", "CREATED", "LAST SEEN", "ADDRESS"
-                );
+                println!("{:<14} {:<16} {:<21} {:<21} {:<16} BROWSER", "ID", "USER", "CREATED", "LAST SEEN", "ADDRESS");
                 for s in rows {
                     let ua: String = s.user_agent.chars().take(40).collect();
                     println!(

@@ -208,11 +208,7 @@ struct Collector(Vec<Problem>);
 
 impl Collector {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>, hint: impl Into<String>) {
-        self.0.push(Problem {
-            path: path.into(),
-            message: message.into(),
-            hint: hint.into(),
-        });
+        self.0.push(Problem { path: path.into(), message: message.into(), hint: hint.into() });
     }
 
     fn duration(&mut self, path: &str, raw: &Option<String>, default: Duration) -> Duration {
@@ -225,11 +221,7 @@ impl Collector {
                     default
                 }
                 Err(_) => {
-                    self.add(
-                        path,
-                        format!("{s:?} is not a duration"),
-                        "for example \"30s\", \"15m\" or \"12h\"",
-                    );
+                    self.add(path, format!("{s:?} is not a duration"), "for example \"30s\", \"15m\" or \"12h\"");
                     default
                 }
             },
@@ -240,11 +232,7 @@ impl Collector {
         match raw.parse() {
             Ok(a) => Some(a),
             Err(_) => {
-                self.add(
-                    path,
-                    format!("{raw:?} is not an ip:port address"),
-                    "for example \"0.0.0.0:443\"",
-                );
+                self.add(path, format!("{raw:?} is not an ip:port address"), "for example \"0.0.0.0:443\"");
                 None
             }
         }
@@ -259,19 +247,12 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
     };
 
     let listen = c.socket("server.listen", f.server.listen.as_deref().unwrap_or("127.0.0.1:8443"));
-    let redirect_listen = f
-        .server
-        .redirect_listen
-        .as_deref()
-        .and_then(|s| c.socket("server.redirect_listen", s));
+    let redirect_listen = f.server.redirect_listen.as_deref().and_then(|s| c.socket("server.redirect_listen", s));
     let (external_origin, portal_host) = match f.server.external_url.as_deref() {
         None => {
             let port = listen.map_or(8443, |a| a.port());
-            let origin = if port == 443 {
-                "https://localhost".to_string()
-            } else {
-                format!("https://localhost:{port}")
-            };
+            let origin =
+                if port == 443 { "https://localhost".to_string() } else { format!("https://localhost:{port}") };
             (origin, "localhost".to_string())
         }
         Some(raw) => match external_origin(raw) {
@@ -288,10 +269,7 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
     };
     let mut trusted_proxies = Vec::new();
     for (i, raw) in f.server.trusted_proxies.iter().flatten().enumerate() {
-        match raw
-            .parse::<IpNet>()
-            .or_else(|_| raw.parse::<std::net::IpAddr>().map(IpNet::from))
-        {
+        match raw.parse::<IpNet>().or_else(|_| raw.parse::<std::net::IpAddr>().map(IpNet::from)) {
             Ok(n) => trusted_proxies.push(n),
             Err(_) => c.add(
                 format!("server.trusted_proxies[{i}]"),
@@ -306,38 +284,18 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         external_origin,
         portal_host,
         trusted_proxies,
-        handshake_timeout: c.duration(
-            "server.handshake_timeout",
-            &f.server.handshake_timeout,
-            Duration::from_secs(10),
-        ),
-        header_timeout: c.duration(
-            "server.header_timeout",
-            &f.server.header_timeout,
-            Duration::from_secs(10),
-        ),
+        handshake_timeout: c.duration("server.handshake_timeout", &f.server.handshake_timeout, Duration::from_secs(10)),
+        header_timeout: c.duration("server.header_timeout", &f.server.header_timeout, Duration::from_secs(10)),
         idle_timeout: c.duration("server.idle_timeout", &f.server.idle_timeout, Duration::from_secs(75)),
-        shutdown_grace: c.duration(
-            "server.shutdown_grace",
-            &f.server.shutdown_grace,
-            Duration::from_secs(10),
-        ),
+        shutdown_grace: c.duration("server.shutdown_grace", &f.server.shutdown_grace, Duration::from_secs(10)),
         max_connections: f.server.max_connections.unwrap_or(20_000),
         max_connections_per_client: f.server.max_connections_per_client.unwrap_or(256),
     };
     if server.max_connections == 0 {
-        c.add(
-            "server.max_connections",
-            "must be at least 1",
-            "leave it out for the default of 20000",
-        );
+        c.add("server.max_connections", "must be at least 1", "leave it out for the default of 20000");
     }
     if server.max_connections_per_client == 0 {
-        c.add(
-            "server.max_connections_per_client",
-            "must be at least 1",
-            "leave it out for the default of 256",
-        );
+        c.add("server.max_connections_per_client", "must be at least 1", "leave it out for the default of 256");
     }
 
     let data_dir = at(f.store.data_dir.as_deref().unwrap_or("poort-data"));
@@ -357,13 +315,9 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
     };
 
     let tls = match f.tls {
-        Some(file::Tls {
-            cert_file: Some(cert),
-            key_file: Some(key),
-        }) => Tls {
-            cert_file: at(&cert),
-            key_file: at(&key),
-        },
+        Some(file::Tls { cert_file: Some(cert), key_file: Some(key) }) => {
+            Tls { cert_file: at(&cert), key_file: at(&key) }
+        }
         Some(t) => {
             if t.cert_file.is_none() {
                 c.add("tls.cert_file", "missing", "name the PEM certificate chain file");
@@ -371,28 +325,14 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
             if t.key_file.is_none() {
                 c.add("tls.key_file", "missing", "name the PEM private key file");
             }
-            Tls {
-                cert_file: PathBuf::new(),
-                key_file: PathBuf::new(),
-            }
+            Tls { cert_file: PathBuf::new(), key_file: PathBuf::new() }
         }
-        None => Tls {
-            cert_file: data_dir.join("tls/cert.pem"),
-            key_file: data_dir.join("tls/key.pem"),
-        },
+        None => Tls { cert_file: data_dir.join("tls/cert.pem"), key_file: data_dir.join("tls/key.pem") },
     };
 
     let session = SessionTimeouts {
-        idle: c.duration(
-            "session.idle_timeout",
-            &f.session.idle_timeout,
-            Duration::from_secs(30 * 60),
-        ),
-        absolute: c.duration(
-            "session.absolute_timeout",
-            &f.session.absolute_timeout,
-            Duration::from_secs(12 * 3600),
-        ),
+        idle: c.duration("session.idle_timeout", &f.session.idle_timeout, Duration::from_secs(30 * 60)),
+        absolute: c.duration("session.absolute_timeout", &f.session.absolute_timeout, Duration::from_secs(12 * 3600)),
     };
     if session.idle > session.absolute {
         c.add(
@@ -402,16 +342,8 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         );
     }
     let proxy = ProxySettings {
-        connect_timeout: c.duration(
-            "proxy.connect_timeout",
-            &f.proxy.connect_timeout,
-            Duration::from_secs(5),
-        ),
-        response_timeout: c.duration(
-            "proxy.response_timeout",
-            &f.proxy.response_timeout,
-            Duration::from_secs(60),
-        ),
+        connect_timeout: c.duration("proxy.connect_timeout", &f.proxy.connect_timeout, Duration::from_secs(5)),
+        response_timeout: c.duration("proxy.response_timeout", &f.proxy.response_timeout, Duration::from_secs(60)),
         max_body_bytes: f.proxy.max_body_bytes.unwrap_or(10 * 1024 * 1024),
     };
 
@@ -422,22 +354,14 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
             None | Some("enrol") => MissingFactor::Enrol,
             Some("refuse") => MissingFactor::Refuse,
             Some(other) => {
-                c.add(
-                    "mfa.missing",
-                    format!("{other:?} is not a choice"),
-                    "\"enrol\" or \"refuse\"",
-                );
+                c.add("mfa.missing", format!("{other:?} is not a choice"), "\"enrol\" or \"refuse\"");
                 MissingFactor::Enrol
             }
         },
         issuer: f.mfa.issuer.unwrap_or_else(|| "poort".into()),
     };
     if mfa.issuer.is_empty() || mfa.issuer.len() > 64 || mfa.issuer.contains(':') {
-        c.add(
-            "mfa.issuer",
-            "must be 1-64 characters without ':'",
-            "for example issuer = \"Example Corp\"",
-        );
+        c.add("mfa.issuer", "must be 1-64 characters without ':'", "for example issuer = \"Example Corp\"");
     }
     let lock_base = c.duration("login.lock_base", &f.login.lock_base, Duration::from_secs(60));
     let lock_max = c.duration("login.lock_max", &f.login.lock_max, Duration::from_secs(30 * 60));
@@ -450,18 +374,10 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         per_address_per_minute: f.login.per_address_per_minute.unwrap_or(30),
     };
     if login.lock.after == 0 {
-        c.add(
-            "login.lock_after",
-            "must be at least 1",
-            "leave it out for the default of 5",
-        );
+        c.add("login.lock_after", "must be at least 1", "leave it out for the default of 5");
     }
     if login.per_address_per_minute == 0 {
-        c.add(
-            "login.per_address_per_minute",
-            "must be at least 1",
-            "leave it out for the default of 30",
-        );
+        c.add("login.per_address_per_minute", "must be at least 1", "leave it out for the default of 30");
     }
 
     let mut apps: Vec<App> = Vec::new();
@@ -469,11 +385,7 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         if let Some(a) = resolve_app(&mut c, i, app, &server.portal_host, mfa_default) {
             let key = format!("app[{}]", a.name);
             if apps.iter().any(|b| b.name == a.name) {
-                c.add(
-                    format!("{key}.name"),
-                    "is used by another app too",
-                    "give each app its own name",
-                );
+                c.add(format!("{key}.name"), "is used by another app too", "give each app its own name");
             }
             if apps.iter().any(|b| b.route == a.route) {
                 c.add(
@@ -487,17 +399,7 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
     }
 
     if c.0.is_empty() {
-        Ok(Config {
-            server,
-            tls,
-            data_dir,
-            database,
-            session,
-            proxy,
-            mfa,
-            login,
-            apps,
-        })
+        Ok(Config { server, tls, data_dir, database, session, proxy, mfa, login, apps })
     } else {
         Err(Problems(c.0))
     }
@@ -518,38 +420,25 @@ fn external_origin(raw: &str) -> Option<(String, String)> {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, mfa_default: bool) -> Option<App> {
     let name = match app.name {
         Some(n) if valid_name(&n) => n,
         Some(n) => {
-            c.add(
-                format!("app[{i}].name"),
-                format!("{n:?} is not a valid app name"),
-                "use 1-64 of a-z, 0-9, - and _",
-            );
+            c.add(format!("app[{i}].name"), format!("{n:?} is not a valid app name"), "use 1-64 of a-z, 0-9, - and _");
             format!("#{i}")
         }
         None => {
-            c.add(
-                format!("app[{i}].name"),
-                "missing",
-                "every app needs a name, for example name = \"wiki\"",
-            );
+            c.add(format!("app[{i}].name"), "missing", "every app needs a name, for example name = \"wiki\"");
             format!("#{i}")
         }
     };
     let key = format!("app[{name}]");
     let upstream = match app.upstream.as_deref() {
         None => {
-            c.add(
-                format!("{key}.upstream"),
-                "missing",
-                "for example upstream = \"http://10.0.0.5:8080\"",
-            );
+            c.add(format!("{key}.upstream"), "missing", "for example upstream = \"http://10.0.0.5:8080\"");
             None
         }
         Some("builtin:whoami") => Some(Upstream::Whoami),
@@ -587,10 +476,7 @@ fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, m
                 if !prefix.ends_with('/') {
                     prefix.push('/');
                 }
-                Some(Route::Path {
-                    prefix,
-                    strip: app.strip_prefix.unwrap_or(false),
-                })
+                Some(Route::Path { prefix, strip: app.strip_prefix.unwrap_or(false) })
             }
             _ => {
                 c.add(
@@ -602,11 +488,7 @@ fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, m
             }
         },
         (Some(_), Some(_)) => {
-            c.add(
-                format!("{key}.host"),
-                "host and path are both set",
-                "route an app by host or by path, not both",
-            );
+            c.add(format!("{key}.host"), "host and path are both set", "route an app by host or by path, not both");
             None
         }
         (None, None) => {
@@ -619,19 +501,11 @@ fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, m
         }
     };
     if app.strip_prefix.is_some() && matches!(route, Some(Route::Host(_))) {
-        c.add(
-            format!("{key}.strip_prefix"),
-            "only applies to path-routed apps",
-            "remove it, or route the app by path",
-        );
+        c.add(format!("{key}.strip_prefix"), "only applies to path-routed apps", "remove it, or route the app by path");
     }
     let access = match app.access {
         None => {
-            c.add(
-                format!("{key}.access"),
-                "missing",
-                "state it: \"authenticated\", \"public\" or { rules = [...] }",
-            );
+            c.add(format!("{key}.access"), "missing", "state it: \"authenticated\", \"public\" or { rules = [...] }");
             None
         }
         Some(v) => resolve_access(c, &key, v),
@@ -640,11 +514,7 @@ fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, m
         None | Some("inherit") => Some(mfa_default),
         Some("required") => Some(true),
         Some(other) => {
-            c.add(
-                format!("{key}.mfa"),
-                format!("{other:?} is not a choice"),
-                "\"required\" or \"inherit\"",
-            );
+            c.add(format!("{key}.mfa"), format!("{other:?} is not a choice"), "\"required\" or \"inherit\"");
             None
         }
     };
@@ -663,9 +533,7 @@ fn parse_upstream(raw: &str) -> Result<Upstream, &'static str> {
     if raw.starts_with("https://") {
         return Err("TLS to upstreams is not supported yet: reach the app over http on a trusted network");
     }
-    let rest = raw
-        .strip_prefix("http://")
-        .ok_or("write http://HOST:PORT, optionally with a base path")?;
+    let rest = raw.strip_prefix("http://").ok_or("write http://HOST:PORT, optionally with a base path")?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
@@ -674,17 +542,10 @@ fn parse_upstream(raw: &str) -> Result<Upstream, &'static str> {
         return Err("write http://HOST:PORT with a plain host name or address");
     }
     let base_path = path.trim_end_matches('/');
-    if !base_path.is_empty()
-        && crate::request::Target::parse(base_path)
-            .map(|t| t.query().is_some())
-            .unwrap_or(true)
-    {
+    if !base_path.is_empty() && crate::request::Target::parse(base_path).map(|t| t.query().is_some()).unwrap_or(true) {
         return Err("the base path must be a plain canonical path without a query");
     }
-    Ok(Upstream::Http {
-        authority: authority.to_string(),
-        base_path: base_path.to_string(),
-    })
+    Ok(Upstream::Http { authority: authority.to_string(), base_path: base_path.to_string() })
 }
 
 fn resolve_access(c: &mut Collector, key: &str, v: toml::Value) -> Option<Access> {
@@ -705,11 +566,7 @@ fn resolve_access(c: &mut Collector, key: &str, v: toml::Value) -> Option<Access
         toml::Value::Table(mut t) => {
             let rules = t.remove("rules");
             if let Some(k) = t.keys().next() {
-                c.add(
-                    format!("{path}.{k}"),
-                    "unknown key",
-                    "the access table takes only rules = [...]",
-                );
+                c.add(format!("{path}.{k}"), "unknown key", "the access table takes only rules = [...]");
                 return None;
             }
             let Some(toml::Value::Array(rules)) = rules else {
@@ -729,21 +586,13 @@ fn resolve_access(c: &mut Collector, key: &str, v: toml::Value) -> Option<Access
                 }
             }
             if out.is_empty() && ok {
-                c.add(
-                    format!("{path}.rules"),
-                    "is empty, so nobody could use the app",
-                    "add an allow rule",
-                );
+                c.add(format!("{path}.rules"), "is empty, so nobody could use the app", "add an allow rule");
                 return None;
             }
             ok.then_some(Access::Rules(out))
         }
         _ => {
-            c.add(
-                path,
-                "must be a string or a table",
-                "\"authenticated\", \"public\" or { rules = [...] }",
-            );
+            c.add(path, "must be a string or a table", "\"authenticated\", \"public\" or { rules = [...] }");
             None
         }
     }
@@ -751,11 +600,7 @@ fn resolve_access(c: &mut Collector, key: &str, v: toml::Value) -> Option<Access
 
 fn resolve_rule(c: &mut Collector, path: &str, v: toml::Value) -> Option<Rule> {
     let toml::Value::Table(mut t) = v else {
-        c.add(
-            path,
-            "a rule must be a table",
-            "{ effect = \"allow\", groups = [\"staff\"] }",
-        );
+        c.add(path, "a rule must be a table", "{ effect = \"allow\", groups = [\"staff\"] }");
         return None;
     };
     let strings = |c: &mut Collector, k: &str, t: &mut toml::Table| -> Option<Vec<String>> {
@@ -764,20 +609,12 @@ fn resolve_rule(c: &mut Collector, path: &str, v: toml::Value) -> Option<Rule> {
             Some(toml::Value::Array(a)) => {
                 let v: Option<Vec<String>> = a.into_iter().map(|x| x.as_str().map(str::to_string)).collect();
                 if v.is_none() {
-                    c.add(
-                        format!("{path}.{k}"),
-                        "must be a list of strings",
-                        format!("{k} = [\"name\"]"),
-                    );
+                    c.add(format!("{path}.{k}"), "must be a list of strings", format!("{k} = [\"name\"]"));
                 }
                 v
             }
             Some(_) => {
-                c.add(
-                    format!("{path}.{k}"),
-                    "must be a list of strings",
-                    format!("{k} = [\"name\"]"),
-                );
+                c.add(format!("{path}.{k}"), "must be a list of strings", format!("{k} = [\"name\"]"));
                 None
             }
         }
@@ -797,11 +634,7 @@ fn resolve_rule(c: &mut Collector, path: &str, v: toml::Value) -> Option<Rule> {
         }
     };
     if let Some(k) = t.keys().next() {
-        c.add(
-            format!("{path}.{k}"),
-            "unknown key",
-            "a rule takes effect, users and groups",
-        );
+        c.add(format!("{path}.{k}"), "unknown key", "a rule takes effect, users and groups");
         return None;
     }
     let (users, groups, effect) = (users?, groups?, effect?);

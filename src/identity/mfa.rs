@@ -24,29 +24,21 @@ impl Factors {
 }
 
 pub fn factors(conn: &Connection, user: &str) -> rusqlite::Result<Factors> {
-    let totp: bool = conn
-        .query_row("SELECT confirmed FROM totp WHERE user = ?1", [user], |r| r.get(0))
-        .optional()?
-        .unwrap_or(false);
-    let recovery_left: i64 = conn.query_row(
-        "SELECT count(*) FROM recovery_codes WHERE user = ?1 AND used_at IS NULL",
-        [user],
-        |r| r.get(0),
-    )?;
+    let totp: bool =
+        conn.query_row("SELECT confirmed FROM totp WHERE user = ?1", [user], |r| r.get(0)).optional()?.unwrap_or(false);
+    let recovery_left: i64 =
+        conn.query_row("SELECT count(*) FROM recovery_codes WHERE user = ?1 AND used_at IS NULL", [user], |r| {
+            r.get(0)
+        })?;
     let passkeys: i64 = conn.query_row("SELECT count(*) FROM passkeys WHERE user = ?1", [user], |r| r.get(0))?;
-    Ok(Factors {
-        totp,
-        passkeys: passkeys as usize,
-        recovery_left: recovery_left as usize,
-    })
+    Ok(Factors { totp, passkeys: passkeys as usize, recovery_left: recovery_left as usize })
 }
 
 /// Starts (or restarts) a TOTP enrolment with a new secret; refuses while a confirmed one
 /// exists. Returns the secret, to be shown once.
 pub fn totp_begin(conn: &Connection, sealer: &Sealer, user: &str, now: UnixTime) -> rusqlite::Result<Option<Vec<u8>>> {
-    let confirmed: Option<bool> = conn
-        .query_row("SELECT confirmed FROM totp WHERE user = ?1", [user], |r| r.get(0))
-        .optional()?;
+    let confirmed: Option<bool> =
+        conn.query_row("SELECT confirmed FROM totp WHERE user = ?1", [user], |r| r.get(0)).optional()?;
     if confirmed == Some(true) {
         return Ok(None);
     }
@@ -61,13 +53,8 @@ pub fn totp_begin(conn: &Connection, sealer: &Sealer, user: &str, now: UnixTime)
 
 /// The pending (unconfirmed) secret, for showing the QR code again.
 pub fn totp_pending(conn: &Connection, sealer: &Sealer, user: &str) -> rusqlite::Result<Option<Vec<u8>>> {
-    let sealed: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT secret FROM totp WHERE user = ?1 AND confirmed = 0",
-            [user],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let sealed: Option<Vec<u8>> =
+        conn.query_row("SELECT secret FROM totp WHERE user = ?1 AND confirmed = 0", [user], |r| r.get(0)).optional()?;
     Ok(sealed.and_then(|s| sealer.open(user, &s)))
 }
 
@@ -84,11 +71,9 @@ pub fn totp_check(
     confirming: bool,
 ) -> rusqlite::Result<bool> {
     let sealed: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT secret FROM totp WHERE user = ?1 AND confirmed = ?2",
-            params![user, !confirming],
-            |r| r.get(0),
-        )
+        .query_row("SELECT secret FROM totp WHERE user = ?1 AND confirmed = ?2", params![user, !confirming], |r| {
+            r.get(0)
+        })
         .optional()?;
     let Some(secret) = sealed.and_then(|s| sealer.open(user, &s)) else {
         return Ok(false);
@@ -110,11 +95,7 @@ pub fn totp_remove(conn: &Connection, user: &str) -> rusqlite::Result<bool> {
 const RECOVERY_COUNT: usize = 10;
 
 fn recovery_hash(user: &str, code: &str) -> Vec<u8> {
-    let normal: String = code
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
+    let normal: String = code.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect();
     let mut ctx = digest::Context::new(&digest::SHA256);
     ctx.update(b"poort-recovery-v1\0");
     ctx.update(user.as_bytes());
@@ -131,11 +112,7 @@ pub fn recovery_new(conn: &mut Connection, user: &str) -> rusqlite::Result<Vec<S
         .map(|_| {
             let b: [u8; 10] = crate::session::random_bytes();
             let chars: Vec<char> = b.iter().map(|x| ALPHABET[(*x & 31) as usize] as char).collect();
-            format!(
-                "{}-{}",
-                chars[..5].iter().collect::<String>(),
-                chars[5..].iter().collect::<String>()
-            )
+            format!("{}-{}", chars[..5].iter().collect::<String>(), chars[5..].iter().collect::<String>())
         })
         .collect();
     let tx = conn.transaction()?;
@@ -190,11 +167,8 @@ impl LockPolicy {
 
 /// True while `user` is locked.
 pub fn locked(conn: &Connection, user: &str, now: UnixTime) -> rusqlite::Result<bool> {
-    let until: Option<i64> = conn
-        .query_row("SELECT locked_until FROM lockouts WHERE user = ?1", [user], |r| {
-            r.get(0)
-        })
-        .optional()?;
+    let until: Option<i64> =
+        conn.query_row("SELECT locked_until FROM lockouts WHERE user = ?1", [user], |r| r.get(0)).optional()?;
     Ok(until.is_some_and(|u| u > now))
 }
 
@@ -217,10 +191,7 @@ pub fn record_failure(
         return Ok(None);
     }
     let until = now + secs;
-    conn.execute(
-        "UPDATE lockouts SET locked_until = max(locked_until, ?1) WHERE user = ?2",
-        params![until, user],
-    )?;
+    conn.execute("UPDATE lockouts SET locked_until = max(locked_until, ?1) WHERE user = ?2", params![until, user])?;
     Ok(Some((failures, until)))
 }
 
@@ -235,11 +206,7 @@ mod tests {
 
     #[test]
     fn lock_grows_and_caps() {
-        let p = LockPolicy {
-            after: 5,
-            base_secs: 60,
-            max_secs: 1800,
-        };
+        let p = LockPolicy { after: 5, base_secs: 60, max_secs: 1800 };
         let secs: Vec<i64> = (1..=12).map(|f| p.lock_secs(f)).collect();
         assert_eq!(secs, [0, 0, 0, 0, 60, 120, 240, 480, 960, 1800, 1800, 1800]);
         assert_eq!(p.lock_secs(u32::MAX), 1800);

@@ -2,6 +2,7 @@
 //! Directory (LDAP) and single sign-on (OIDC) sources will sit beside the local one.
 
 pub mod mfa;
+pub mod passkey;
 pub mod password;
 pub mod seal;
 pub mod totp;
@@ -18,7 +19,6 @@ pub struct Identity {
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
         && !s.starts_with(['-', '.'])
 }

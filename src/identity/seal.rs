@@ -31,20 +31,14 @@ impl Sealer {
         };
         let unbound = UnboundKey::new(&AES_256_GCM, &bytes)
             .map_err(|_| anyhow::anyhow!("{} must hold exactly 32 bytes", path.display()))?;
-        Ok(Sealer {
-            key: LessSafeKey::new(unbound),
-        })
+        Ok(Sealer { key: LessSafeKey::new(unbound) })
     }
 
     pub fn seal(&self, owner: &str, plain: &[u8]) -> Vec<u8> {
         let nonce: [u8; NONCE_LEN] = crate::session::random_bytes();
         let mut buf = plain.to_vec();
         self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(owner.as_bytes()),
-                &mut buf,
-            )
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(owner.as_bytes()), &mut buf)
             .expect("invariant: AES-GCM sealing a short buffer succeeds");
         let mut out = nonce.to_vec();
         out.extend(buf);
@@ -59,10 +53,7 @@ impl Sealer {
         let (nonce, rest) = sealed.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut buf = rest.to_vec();
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(owner.as_bytes()), &mut buf)
-            .ok()?;
+        let plain = self.key.open_in_place(nonce, Aad::from(owner.as_bytes()), &mut buf).ok()?;
         Some(plain.to_vec())
     }
 }
@@ -73,10 +64,8 @@ mod tests {
 
     #[test]
     fn seal_open_and_refuse_tampering() {
-        let dir = std::env::temp_dir().join(format!(
-            "poort-seal-{}",
-            crate::audit::to_hex(&crate::session::random_bytes::<6>())
-        ));
+        let dir = std::env::temp_dir()
+            .join(format!("poort-seal-{}", crate::audit::to_hex(&crate::session::random_bytes::<6>())));
         let s = Sealer::load_or_create(&dir.join("k")).unwrap();
         let sealed = s.seal("alice", b"secret");
         assert_eq!(s.open("alice", &sealed).as_deref(), Some(&b"secret"[..]));
@@ -85,11 +74,7 @@ mod tests {
         bad[15] ^= 1;
         assert_eq!(s.open("alice", &bad), None);
         let again = Sealer::load_or_create(&dir.join("k")).unwrap();
-        assert_eq!(
-            again.open("alice", &sealed).as_deref(),
-            Some(&b"secret"[..]),
-            "the key persists"
-        );
+        assert_eq!(again.open("alice", &sealed).as_deref(), Some(&b"secret"[..]), "the key persists");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

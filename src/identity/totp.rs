@@ -68,11 +68,7 @@ pub fn base32(data: &[u8]) -> String {
 
 /// The `otpauth://` URI an authenticator app reads from the QR code.
 pub fn otpauth_uri(issuer: &str, user: &str, secret: &[u8]) -> String {
-    let enc = |s: &str| {
-        form_urlencoded::byte_serialize(s.as_bytes())
-            .collect::<String>()
-            .replace('+', "%20")
-    };
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20");
     format!(
         "otpauth://totp/{}:{}?secret={}&issuer={}&algorithm=SHA1&digits={DIGITS}&period={STEP}",
         enc(issuer),
@@ -108,9 +104,7 @@ mod tests {
     /// RFC 4226 Appendix D.
     #[test]
     fn rfc4226_vectors() {
-        let want = [
-            755224, 287082, 359152, 969429, 338314, 254676, 287922, 162583, 399871, 520489,
-        ];
+        let want = [755224, 287082, 359152, 969429, 338314, 254676, 287922, 162583, 399871, 520489];
         for (i, w) in want.iter().enumerate() {
             assert_eq!(hotp(b"12345678901234567890", i as u64, 6), *w);
         }
@@ -124,11 +118,7 @@ mod tests {
         assert_eq!(matching_step(&s, &code_at_step(&s, step), now), Some(step));
         assert_eq!(matching_step(&s, &code_at_step(&s, step - 1), now), Some(step - 1));
         assert_eq!(matching_step(&s, &code_at_step(&s, step + 1), now), Some(step + 1));
-        assert_eq!(
-            matching_step(&s, &code_at_step(&s, step - 2), now),
-            None,
-            "two steps ago is too old"
-        );
+        assert_eq!(matching_step(&s, &code_at_step(&s, step - 2), now), None, "two steps ago is too old");
         assert_eq!(matching_step(&s, "12345", now), None);
         assert_eq!(matching_step(&s, "12345a", now), None);
     }

@@ -19,12 +19,7 @@ pub struct IdleIo<T> {
 impl<T> IdleIo<T> {
     pub fn new(inner: T, idle: Duration) -> IdleIo<T> {
         let now = Instant::now();
-        IdleIo {
-            inner,
-            idle,
-            last: now,
-            timer: Box::pin(tokio::time::sleep_until(now + idle)),
-        }
+        IdleIo { inner, idle, last: now, timer: Box::pin(tokio::time::sleep_until(now + idle)) }
     }
 
     /// True when the connection has been idle for the whole period. Re-arms the timer

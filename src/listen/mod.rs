@@ -49,10 +49,7 @@ impl PerClient {
             return None;
         }
         *n += 1;
-        Some(ClientSlot {
-            table: self.clone(),
-            ip,
-        })
+        Some(ClientSlot { table: self.clone(), ip })
     }
 }
 
@@ -177,10 +174,7 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!(connections = graceful.count(), "Draining connections");
-    if tokio::time::timeout(server.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(server.shutdown_grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("Shutdown grace period over; closing the remaining connections");
     }
 }
@@ -205,11 +199,7 @@ pub async fn serve_redirect(listener: TcpListener, server: Server, shutdown: imp
         let (origin, builder) = (origin.clone(), builder.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let path = req
-                    .uri()
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .and_then(|t| Target::parse(t).ok());
+                let path = req.uri().path_and_query().map(|p| p.as_str()).and_then(|t| Target::parse(t).ok());
                 let location = match path {
                     Some(t) => format!("{origin}{}", t.forward_form(t.path())),
                     None => format!("{origin}/"),

@@ -92,12 +92,7 @@ pub struct Subject<'a> {
 /// `access`, which needs a second factor when `mfa_required`. Access rules are decided before
 /// the factor, so a user is never asked for a factor for an app they may not use.
 pub fn evaluate(app_index: usize, access: &Access, mfa_required: bool, who: Option<Subject<'_>>) -> Decision {
-    let allow = || {
-        Decision::Allow(Permit {
-            app: app_index,
-            _private: (),
-        })
-    };
+    let allow = || Decision::Allow(Permit { app: app_index, _private: () });
     let Some(who) = who else {
         return match access {
             Access::Public => allow(),
@@ -108,25 +103,15 @@ pub fn evaluate(app_index: usize, access: &Access, mfa_required: bool, who: Opti
         Access::Public => return allow(),
         Access::Authenticated => {}
         Access::Rules(rules) => {
-            if let Some(i) = rules
-                .iter()
-                .position(|r| r.effect == Effect::Deny && r.matches(who.identity))
-            {
+            if let Some(i) = rules.iter().position(|r| r.effect == Effect::Deny && r.matches(who.identity)) {
                 return Decision::Deny(DenyReason::DenyRule(i));
             }
-            if !rules
-                .iter()
-                .any(|r| r.effect == Effect::Allow && r.matches(who.identity))
-            {
+            if !rules.iter().any(|r| r.effect == Effect::Allow && r.matches(who.identity)) {
                 return Decision::Deny(DenyReason::NoRuleMatched);
             }
         }
     }
-    if mfa_required && !who.mfa {
-        Decision::Authenticate { step_up: true }
-    } else {
-        allow()
-    }
+    if mfa_required && !who.mfa { Decision::Authenticate { step_up: true } } else { allow() }
 }
 
 #[cfg(test)]
@@ -134,11 +119,7 @@ mod tests {
     use super::*;
 
     fn who(user: &str, groups: &[&str]) -> Identity {
-        Identity {
-            user: user.into(),
-            email: None,
-            groups: groups.iter().map(|g| g.to_string()).collect(),
-        }
+        Identity { user: user.into(), email: None, groups: groups.iter().map(|g| g.to_string()).collect() }
     }
 
     fn rule(effect: Effect, users: &[&str], groups: &[&str]) -> Rule {
@@ -178,21 +159,13 @@ mod tests {
             assert_eq!(outcome(evaluate(7, access, false, subject)), want, "{access:?} {who:?}");
             // Requiring a second factor changes only the allows of password-only sessions.
             let with_mfa = who.map(|identity| Subject { identity, mfa: true });
-            assert_eq!(
-                outcome(evaluate(7, access, true, with_mfa)),
-                want,
-                "{access:?} {who:?} with mfa"
-            );
+            assert_eq!(outcome(evaluate(7, access, true, with_mfa)), want, "{access:?} {who:?} with mfa");
             let expect = match (want, access, who) {
                 ("allow", Access::Public, _) => "allow",
                 ("allow", _, Some(_)) => "step up",
                 (w, _, _) => w,
             };
-            assert_eq!(
-                outcome(evaluate(7, access, true, subject)),
-                expect,
-                "{access:?} {who:?} password only"
-            );
+            assert_eq!(outcome(evaluate(7, access, true, subject)), expect, "{access:?} {who:?} password only");
         }
     }
 

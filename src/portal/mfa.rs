@@ -27,6 +27,7 @@ struct MfaPage<'a> {
     csrf: &'a str,
     next: &'a str,
     totp: bool,
+    passkey: bool,
     error: Option<&'a str>,
 }
 
@@ -34,6 +35,7 @@ struct MfaPage<'a> {
 #[template(path = "security.html")]
 struct SecurityPage<'a> {
     user: &'a str,
+    passkeys: Vec<PasskeyLine>,
     csrf: &'a str,
     next: &'a str,
     totp: bool,
@@ -41,6 +43,14 @@ struct SecurityPage<'a> {
     recovery_left: usize,
     notice: Option<&'a str>,
     error: Option<&'a str>,
+}
+
+#[derive(Clone)]
+struct PasskeyLine {
+    id: String,
+    name: String,
+    created: String,
+    last_used: String,
 }
 
 #[derive(Template)]
@@ -103,27 +113,16 @@ pub(crate) async fn check_password(gw: &Gateway, user: &str, pw: &str, client: I
 }
 
 /// Records the outcome of one factor check for the lockout, auditing a lock.
-async fn settle(gw: &Gateway, user: &str, ok: bool, client: IpAddr) {
+pub(crate) async fn settle(gw: &Gateway, user: &str, ok: bool, client: IpAddr) {
     let (name, now, policy) = (user.to_string(), gw.clock.now(), gw.cfg.login.lock);
     let result = gw
         .store
-        .run(move |c| {
-            if ok {
-                mfa::unlock(c, &name).map(|_| None)
-            } else {
-                mfa::record_failure(c, policy, &name, now)
-            }
-        })
+        .run(move |c| if ok { mfa::unlock(c, &name).map(|_| None) } else { mfa::record_failure(c, policy, &name, now) })
         .await;
     match result {
         Ok(Some((failures, until))) => {
             tracing::warn!(user = %user, failures, "Account locked");
-            let ev = Event::AccountLocked {
-                user: user.to_string(),
-                failures,
-                until,
-                client: client.to_string(),
-            };
+            let ev = Event::AccountLocked { user: user.to_string(), failures, until, client: client.to_string() };
             if let Err(e) = gw.audit.record(ev).await {
                 tracing::error!(error = %e, "Audit write failed");
             }
@@ -131,6 +130,23 @@ async fn settle(gw: &Gateway, user: &str, ok: bool, client: IpAddr) {
         Ok(None) => {}
         Err(e) => tracing::error!(error = %e, "Recording a sign-in outcome failed"),
     }
+}
+
+/// Factors and the passkey list, for the security page.
+async fn security_data(gw: &Gateway, user: &str) -> Option<(Factors, Vec<PasskeyLine>)> {
+    let name = user.to_string();
+    let (f, list) =
+        gw.store.run(move |c| Ok((mfa::factors(c, &name)?, crate::identity::passkey::list(c, &name)?))).await.ok()?;
+    let lines = list
+        .into_iter()
+        .map(|p| PasskeyLine {
+            id: p.id,
+            name: p.name,
+            created: crate::clock::format_minutes(p.created_at),
+            last_used: p.last_used.map(crate::clock::format_minutes).unwrap_or_else(|| "never".into()),
+        })
+        .collect();
+    Some((f, lines))
 }
 
 async fn factors_of(gw: &Gateway, user: &str) -> Option<Factors> {
@@ -168,32 +184,16 @@ pub(crate) async fn mfa_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -
         return match gw.cfg.mfa.missing {
             MissingFactor::Enrol => {
                 let mut location = format!("{}/.poort/security?", gw.cfg.server.external_origin);
-                location.push_str(
-                    &form_urlencoded::Serializer::new(String::new())
-                        .append_pair("next", &next)
-                        .finish(),
-                );
+                location.push_str(&form_urlencoded::Serializer::new(String::new()).append_pair("next", &next).finish());
                 redirect(StatusCode::FOUND, &location)
             }
             MissingFactor::Refuse => error_page(StatusCode::FORBIDDEN, ctx.id),
         };
     }
     let (csrf, new) = csrf_for_page(req.headers());
-    let next = if safe_next(&next, &gw.cfg) == Next::Portal {
-        String::new()
-    } else {
-        next
-    };
+    let next = if safe_next(&next, &gw.cfg) == Next::Portal { String::new() } else { next };
     with_csrf_cookie(
-        html(
-            StatusCode::OK,
-            &MfaPage {
-                csrf: &csrf,
-                next: &next,
-                totp: f.totp,
-                error: None,
-            },
-        ),
+        html(StatusCode::OK, &MfaPage { csrf: &csrf, next: &next, totp: f.totp, passkey: f.passkeys > 0, error: None }),
         &csrf,
         new,
     )
@@ -213,15 +213,11 @@ pub(crate) async fn mfa_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -
     }
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     let next = field("next").to_string();
-    let totp_enrolled = factors_of(gw, &s.identity.user).await.is_some_and(|f| f.totp);
+    let have = factors_of(gw, &s.identity.user).await.unwrap_or_default();
     let again = |status: StatusCode, error: &str| {
         let (csrf, new) = csrf_for_page(&headers);
-        let page = MfaPage {
-            csrf: &csrf,
-            next: &next,
-            totp: totp_enrolled,
-            error: Some(error),
-        };
+        let page =
+            MfaPage { csrf: &csrf, next: &next, totp: have.totp, passkey: have.passkeys > 0, error: Some(error) };
         with_csrf_cookie(html(status, &page), &csrf, new)
     };
     if !attempt_allowed(gw, ctx.client) {
@@ -253,22 +249,14 @@ pub(crate) async fn mfa_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -
     settle(gw, &user, ok, client).await;
     let factor = if use_recovery { "rc" } else { "otp" };
     if !ok {
-        let ev = Event::MfaFailed {
-            user: user.clone(),
-            factor: factor.into(),
-            client: client.to_string(),
-        };
+        let ev = Event::MfaFailed { user: user.clone(), factor: factor.into(), client: client.to_string() };
         if let Err(e) = gw.audit.record(ev).await {
             tracing::error!(error = %e, "Audit write failed");
         }
         return again(StatusCode::UNAUTHORIZED, "That code did not work. Try the current one.");
     }
     if use_recovery {
-        let ev = Event::RecoveryCodeUsed {
-            user: user.clone(),
-            remaining,
-            client: client.to_string(),
-        };
+        let ev = Event::RecoveryCodeUsed { user: user.clone(), remaining, client: client.to_string() };
         if let Err(e) = gw.audit.record(ev).await {
             tracing::error!(error = %e, "Audit write failed");
         }
@@ -276,13 +264,14 @@ pub(crate) async fn mfa_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -
     renew(gw, &s, factor, &ctx, &next).await
 }
 
-/// Replaces the session with one that records `factor`, audits it, and continues to `next`.
-async fn renew(gw: &Gateway, s: &Session, factor: &str, ctx: &Ctx, next: &str) -> Response<Body> {
+/// Replaces the session with one that records `factor` and audits it; returns the new
+/// session id and cookie value.
+pub(crate) async fn renew_session(gw: &Gateway, s: &Session, factor: &str, ctx: &Ctx) -> Option<(String, String)> {
     let (id, token) = match gw.sessions.step_up(s, factor, &gw.cfg.server.portal_host).await {
         Ok(v) => v,
         Err(e) => {
             tracing::error!(error = %e, "Renewing a session failed");
-            return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+            return None;
         }
     };
     let ev = Event::MfaSucceeded {
@@ -294,9 +283,17 @@ async fn renew(gw: &Gateway, s: &Session, factor: &str, ctx: &Ctx, next: &str) -
     if let Err(e) = gw.audit.record(ev).await {
         tracing::error!(error = %e, "Audit unavailable; ending the new session");
         let _ = gw.sessions.end(&id).await;
-        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+        return None;
     }
-    continue_with(gw, &id, &token.cookie_value, next)
+    Some((id, token.cookie_value))
+}
+
+/// Renews the session with `factor` and continues to `next`.
+async fn renew(gw: &Gateway, s: &Session, factor: &str, ctx: &Ctx, next: &str) -> Response<Body> {
+    match renew_session(gw, s, factor, ctx).await {
+        Some((id, token)) => continue_with(gw, &id, &token, next),
+        None => error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
+    }
 }
 
 /// A message on the security page.
@@ -310,7 +307,7 @@ fn security_view(
     gw: &Gateway,
     s: &Session,
     headers: &http::HeaderMap,
-    f: &Factors,
+    (f, passkeys): &(Factors, Vec<PasskeyLine>),
     next: &str,
     status: StatusCode,
     say: Say<'_>,
@@ -321,12 +318,9 @@ fn security_view(
         Say::Error(m) => (None, Some(m)),
     };
     let (csrf, new) = csrf_for_page(headers);
-    let next = if safe_next(next, &gw.cfg) == Next::Portal {
-        ""
-    } else {
-        next
-    };
+    let next = if safe_next(next, &gw.cfg) == Next::Portal { "" } else { next };
     let page = SecurityPage {
+        passkeys: passkeys.clone(),
         user: &s.identity.user,
         csrf: &csrf,
         next,
@@ -342,39 +336,28 @@ fn security_view(
 /// GET /.poort/security
 pub(crate) async fn security_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
     let Some(s) = &ctx.session else { return to_login(gw) };
-    let Some(f) = factors_of(gw, &s.identity.user).await else {
+    let Some(data) = security_data(gw, &s.identity.user).await else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     };
     let next = query_param(ctx, "next").unwrap_or_default();
-    let say = if !next.is_empty() && !f.any() {
+    let say = if !next.is_empty() && !data.0.any() {
         Say::Notice("That app needs a second factor. Set up an authenticator app to continue.")
     } else {
         Say::Nothing
     };
-    security_view(gw, s, req.headers(), &f, &next, StatusCode::OK, say)
+    security_view(gw, s, req.headers(), &data, &next, StatusCode::OK, say)
 }
 
 /// The QR code for an otpauth URI as an SVG data URI (no external service, no script).
 fn qr_data_uri(uri: &str) -> Option<String> {
     use base64::Engine;
     let code = qrcode::QrCode::new(uri.as_bytes()).ok()?;
-    let svg = code
-        .render::<qrcode::render::svg::Color<'_>>()
-        .min_dimensions(200, 200)
-        .quiet_zone(true)
-        .build();
-    Some(format!(
-        "data:image/svg+xml;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(svg)
-    ))
+    let svg = code.render::<qrcode::render::svg::Color<'_>>().min_dimensions(200, 200).quiet_zone(true).build();
+    Some(format!("data:image/svg+xml;base64,{}", base64::engine::general_purpose::STANDARD.encode(svg)))
 }
 
 fn grouped(key: &str) -> String {
-    key.as_bytes()
-        .chunks(4)
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
+    key.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
 }
 
 /// The security forms all post here with a `password`; `action` names what to change.
@@ -391,10 +374,12 @@ pub(crate) async fn security_change(gw: &Gateway, ctx: Ctx, req: Request<Incomin
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     let next = field("next").to_string();
     let user = s.identity.user.clone();
-    let Some(f) = factors_of(gw, &user).await else {
+    let Some(data) = security_data(gw, &user).await else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     };
-    let fail = |status: StatusCode, error: &str| security_view(gw, &s, &headers, &f, &next, status, Say::Error(error));
+    let f = &data.0;
+    let fail =
+        |status: StatusCode, error: &str| security_view(gw, &s, &headers, &data, &next, status, Say::Error(error));
     if !attempt_allowed(gw, ctx.client) {
         return fail(
             StatusCode::TOO_MANY_REQUESTS,
@@ -403,17 +388,9 @@ pub(crate) async fn security_change(gw: &Gateway, ctx: Ctx, req: Request<Incomin
     }
 
     if action == "totp/confirm" {
-        let (sealer, name, now, code) = (
-            gw.portal.sealer.clone(),
-            user.clone(),
-            gw.clock.now(),
-            field("code").to_string(),
-        );
-        let ok = gw
-            .store
-            .run(move |c| mfa::totp_check(c, &sealer, &name, &code, now, true))
-            .await
-            .unwrap_or(false);
+        let (sealer, name, now, code) =
+            (gw.portal.sealer.clone(), user.clone(), gw.clock.now(), field("code").to_string());
+        let ok = gw.store.run(move |c| mfa::totp_check(c, &sealer, &name, &code, now, true)).await.unwrap_or(false);
         settle(gw, &user, ok, ctx.client).await;
         if !ok {
             return totp_enrol_view(
@@ -428,21 +405,9 @@ pub(crate) async fn security_change(gw: &Gateway, ctx: Ctx, req: Request<Incomin
         changed(gw, &user, "authenticator app set up", ctx.client).await;
         // The user just proved the factor: renew the session with it, and hand out
         // recovery codes if there are none yet.
-        let (id, token) = match gw.sessions.step_up(&s, "otp", &gw.cfg.server.portal_host).await {
-            Ok(v) => v,
-            Err(_) => return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
-        };
-        let ev = Event::MfaSucceeded {
-            user: user.clone(),
-            session: id.clone(),
-            factor: "otp".into(),
-            client: ctx.client.to_string(),
-        };
-        if let Err(e) = gw.audit.record(ev).await {
-            tracing::error!(error = %e, "Audit unavailable; ending the new session");
-            let _ = gw.sessions.end(&id).await;
+        let Some((id, token)) = renew_session(gw, &s, "otp", &ctx).await else {
             return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
-        }
+        };
         if f.recovery_left == 0 {
             let name = user.clone();
             if let Ok(codes) = gw.store.run(move |c| mfa::recovery_new(c, &name)).await {
@@ -457,26 +422,19 @@ pub(crate) async fn security_change(gw: &Gateway, ctx: Ctx, req: Request<Incomin
                 let (csrf, _) = csrf_for_page(&headers);
                 let mut resp = html(
                     StatusCode::OK,
-                    &RecoveryPage {
-                        user: &user,
-                        csrf: &csrf,
-                        codes: &codes,
-                        continue_to: &continue_to,
-                    },
+                    &RecoveryPage { user: &user, csrf: &csrf, codes: &codes, continue_to: &continue_to },
                 );
-                set_cookie(&mut resp, &token.cookie_value);
+                set_cookie(&mut resp, &token);
                 return resp;
             }
         }
         if safe_next(&next, &gw.cfg) == Next::Portal {
-            let mut resp = redirect(
-                StatusCode::SEE_OTHER,
-                &format!("{}/.poort/security", gw.cfg.server.external_origin),
-            );
-            set_cookie(&mut resp, &token.cookie_value);
+            let mut resp =
+                redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/security", gw.cfg.server.external_origin));
+            set_cookie(&mut resp, &token);
             return resp;
         }
-        return continue_with(gw, &id, &token.cookie_value, &next);
+        return continue_with(gw, &id, &token, &next);
     }
 
     if !check_password(gw, &user, field("password"), ctx.client).await {
@@ -487,10 +445,7 @@ pub(crate) async fn security_change(gw: &Gateway, ctx: Ctx, req: Request<Incomin
             let (sealer, name, now) = (gw.portal.sealer.clone(), user.clone(), gw.clock.now());
             match gw.store.run(move |c| mfa::totp_begin(c, &sealer, &name, now)).await {
                 Ok(Some(_)) => totp_enrol_view(gw, &s, &headers, &next, None).await,
-                Ok(None) => fail(
-                    StatusCode::CONFLICT,
-                    "An authenticator app is set up already. Remove it first.",
-                ),
+                Ok(None) => fail(StatusCode::CONFLICT, "An authenticator app is set up already. Remove it first."),
                 Err(_) => error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
             }
         }
@@ -498,16 +453,26 @@ pub(crate) async fn security_change(gw: &Gateway, ctx: Ctx, req: Request<Incomin
             let name = user.clone();
             let _ = gw.store.run(move |c| mfa::totp_remove(c, &name)).await;
             changed(gw, &user, "authenticator app removed", ctx.client).await;
-            let f = factors_of(gw, &user).await.unwrap_or_default();
+            let data = security_data(gw, &user).await.unwrap_or_default();
             security_view(
                 gw,
                 &s,
                 &headers,
-                &f,
+                &data,
                 "",
                 StatusCode::OK,
                 Say::Notice("The authenticator app was removed."),
             )
+        }
+        "passkey/remove" => {
+            let (name, id) = (user.clone(), field("id").to_string());
+            let removed = gw.store.run(move |c| crate::identity::passkey::remove(c, &name, &id)).await.unwrap_or(false);
+            if !removed {
+                return fail(StatusCode::NOT_FOUND, "No such passkey.");
+            }
+            changed(gw, &user, "passkey removed", ctx.client).await;
+            let data = security_data(gw, &user).await.unwrap_or_default();
+            security_view(gw, &s, &headers, &data, "", StatusCode::OK, Say::Notice("The passkey was removed."))
         }
         "recovery" => {
             let name = user.clone();
@@ -517,12 +482,7 @@ pub(crate) async fn security_change(gw: &Gateway, ctx: Ctx, req: Request<Incomin
                     let (csrf, _) = csrf_for_page(&headers);
                     html(
                         StatusCode::OK,
-                        &RecoveryPage {
-                            user: &user,
-                            csrf: &csrf,
-                            codes: &codes,
-                            continue_to: "/.poort/security",
-                        },
+                        &RecoveryPage { user: &user, csrf: &csrf, codes: &codes, continue_to: "/.poort/security" },
                     )
                 }
                 Err(_) => error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
@@ -541,42 +501,20 @@ async fn totp_enrol_view(
 ) -> Response<Body> {
     let (sealer, name) = (gw.portal.sealer.clone(), s.identity.user.clone());
     let Ok(Some(secret)) = gw.store.run(move |c| mfa::totp_pending(c, &sealer, &name)).await else {
-        return redirect(
-            StatusCode::SEE_OTHER,
-            &format!("{}/.poort/security", gw.cfg.server.external_origin),
-        );
+        return redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/security", gw.cfg.server.external_origin));
     };
     let uri = totp::otpauth_uri(&gw.cfg.mfa.issuer, &s.identity.user, &secret);
     let qr = qr_data_uri(&uri).unwrap_or_default();
     let key = grouped(&totp::base32(&secret));
     let (csrf, new) = csrf_for_page(headers);
-    let next = if safe_next(next, &gw.cfg) == Next::Portal {
-        ""
-    } else {
-        next
-    };
-    let status = if error.is_some() {
-        StatusCode::UNAUTHORIZED
-    } else {
-        StatusCode::OK
-    };
-    let page = TotpEnrolPage {
-        user: &s.identity.user,
-        csrf: &csrf,
-        next,
-        qr: &qr,
-        key: &key,
-        error,
-    };
+    let next = if safe_next(next, &gw.cfg) == Next::Portal { "" } else { next };
+    let status = if error.is_some() { StatusCode::UNAUTHORIZED } else { StatusCode::OK };
+    let page = TotpEnrolPage { user: &s.identity.user, csrf: &csrf, next, qr: &qr, key: &key, error };
     with_csrf_cookie(html(status, &page), &csrf, new)
 }
 
-async fn changed(gw: &Gateway, user: &str, change: &str, client: IpAddr) {
-    let ev = Event::FactorChanged {
-        user: user.to_string(),
-        change: change.to_string(),
-        client: client.to_string(),
-    };
+pub(crate) async fn changed(gw: &Gateway, user: &str, change: &str, client: IpAddr) {
+    let ev = Event::FactorChanged { user: user.to_string(), change: change.to_string(), client: client.to_string() };
     if let Err(e) = gw.audit.record(ev).await {
         tracing::error!(error = %e, "Audit write failed");
     }

@@ -4,6 +4,7 @@
 //! Before login only login, JWKS, health, the style sheet and the host hand-off answer.
 
 mod mfa;
+mod passkey;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -27,6 +28,7 @@ use crate::request::Target;
 use crate::session::{self, Session, cookie};
 
 const STYLE: &str = include_str!("../../assets/style.css");
+const SCRIPT: &str = include_str!("../../assets/webauthn.js");
 /// Largest form poort accepts (login, logout, session end).
 const MAX_FORM: usize = 16 * 1024;
 /// A host hand-off code is good for this long, once.
@@ -37,6 +39,7 @@ pub struct State {
     handoffs: Mutex<HashMap<String, Handoff>>,
     limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
     sealer: std::sync::Arc<Sealer>,
+    passkeys: passkey::Passkeys,
 }
 
 impl std::fmt::Debug for State {
@@ -54,14 +57,15 @@ struct Handoff {
 }
 
 impl State {
-    pub fn new(cfg: &Config, sealer: std::sync::Arc<Sealer>) -> State {
+    pub fn new(cfg: &Config, sealer: std::sync::Arc<Sealer>) -> anyhow::Result<State> {
         let per_minute =
             std::num::NonZeroU32::new(cfg.login.per_address_per_minute).unwrap_or(std::num::NonZeroU32::MIN);
-        State {
+        Ok(State {
+            passkeys: passkey::Passkeys::new(&cfg.server.external_origin, &cfg.server.portal_host)?,
             handoffs: Mutex::new(HashMap::new()),
             limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
             sealer,
-        }
+        })
     }
 
     /// Forgets rate-limit state of addresses that have been quiet (called periodically).
@@ -120,14 +124,7 @@ struct ErrorPage<'a> {
 }
 
 pub fn render_error(status: u16, title: &str, message: &str, request_id: &str) -> String {
-    ErrorPage {
-        status,
-        title,
-        message,
-        request_id,
-    }
-    .render()
-    .unwrap_or_else(|_| format!("{status} {title}"))
+    ErrorPage { status, title, message, request_id }.render().unwrap_or_else(|_| format!("{status} {title}"))
 }
 
 pub(crate) fn html(status: StatusCode, t: &impl Template) -> Response<Body> {
@@ -135,11 +132,7 @@ pub(crate) fn html(status: StatusCode, t: &impl Template) -> Response<Body> {
         Ok(s) => page(status, "text/html; charset=utf-8", s),
         Err(e) => {
             tracing::error!(error = %e, "Template rendering failed");
-            page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain; charset=utf-8",
-                Body::from_static("internal error\n"),
-            )
+            page(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", Body::from_static("internal error\n"))
         }
     }
 }
@@ -175,10 +168,7 @@ pub fn safe_next(next: &str, cfg: &Config) -> Next {
         if let Some(rest) = next.strip_prefix(origin.as_str()) {
             let path = if rest.is_empty() { "/" } else { rest };
             if safe_relative(path) {
-                return Next::App {
-                    host: host.clone(),
-                    path: path.to_string(),
-                };
+                return Next::App { host: host.clone(), path: path.to_string() };
             }
         }
     }
@@ -192,19 +182,18 @@ pub async fn serve(gw: &Gateway, ctx: Ctx, on_portal_host: bool, req: Request<In
     match (on_portal_host, path.as_str()) {
         (_, "/.poort/style.css") if get => {
             let mut r = page(StatusCode::OK, "text/css; charset=utf-8", Body::from_static(STYLE));
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+            r
+        }
+        (true, "/.poort/webauthn.js") if get => {
+            let mut r = page(StatusCode::OK, "text/javascript; charset=utf-8", Body::from_static(SCRIPT));
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
             r
         }
         (_, "/.poort/health") if get => page(StatusCode::OK, "text/plain; charset=utf-8", Body::from_static("ok\n")),
         (true, "/.poort/jwks.json") if get => {
-            let mut r = page(
-                StatusCode::OK,
-                "application/json",
-                Body::from(gw.proxy.signer().jwks().to_string()),
-            );
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+            let mut r = page(StatusCode::OK, "application/json", Body::from(gw.proxy.signer().jwks().to_string()));
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
             r
         }
         (true, "/") if get => launcher(gw, &ctx, &req),
@@ -221,6 +210,13 @@ pub async fn serve(gw: &Gateway, ctx: Ctx, on_portal_host: bool, req: Request<In
         (true, "/.poort/security/totp/confirm") if post => mfa::security_change(gw, ctx, req, "totp/confirm").await,
         (true, "/.poort/security/totp/remove") if post => mfa::security_change(gw, ctx, req, "totp/remove").await,
         (true, "/.poort/security/recovery") if post => mfa::security_change(gw, ctx, req, "recovery").await,
+        (true, "/.poort/security/passkey/remove") if post => mfa::security_change(gw, ctx, req, "passkey/remove").await,
+        (true, "/.poort/security/passkey/start") if post => passkey::register_start(gw, ctx, req).await,
+        (true, "/.poort/security/passkey/finish") if post => passkey::register_finish(gw, ctx, req).await,
+        (true, "/.poort/mfa/passkey/start") if post => passkey::factor_start(gw, ctx, req).await,
+        (true, "/.poort/mfa/passkey/finish") if post => passkey::factor_finish(gw, ctx, req).await,
+        (true, "/.poort/login/passkey/start") if post => passkey::passwordless_start(gw, ctx, req).await,
+        (true, "/.poort/login/passkey/finish") if post => passkey::passwordless_finish(gw, ctx, req).await,
         (
             true,
             "/"
@@ -234,7 +230,15 @@ pub async fn serve(gw: &Gateway, ctx: Ctx, on_portal_host: bool, req: Request<In
             | "/.poort/security/totp"
             | "/.poort/security/totp/confirm"
             | "/.poort/security/totp/remove"
-            | "/.poort/security/recovery",
+            | "/.poort/security/recovery"
+            | "/.poort/security/passkey/remove"
+            | "/.poort/security/passkey/start"
+            | "/.poort/security/passkey/finish"
+            | "/.poort/mfa/passkey/start"
+            | "/.poort/mfa/passkey/finish"
+            | "/.poort/login/passkey/start"
+            | "/.poort/login/passkey/finish"
+            | "/.poort/webauthn.js",
         )
         | (_, "/.poort/style.css" | "/.poort/health")
         | (false, "/.poort/handoff") => error_page(StatusCode::METHOD_NOT_ALLOWED, ctx.id),
@@ -263,9 +267,8 @@ pub(crate) fn with_csrf_cookie(mut resp: Response<Body>, csrf: &str, is_new: boo
 /// A form is genuine when it came from a poort page: the Origin is the portal's and the
 /// hidden field matches the `__Host-` cookie (double submit).
 pub(crate) fn form_is_genuine(gw: &Gateway, headers: &HeaderMap, form: &HashMap<String, String>) -> bool {
-    let origin_ok = headers
-        .get(header::ORIGIN)
-        .is_some_and(|o| o.as_bytes() == gw.cfg.server.external_origin.as_bytes());
+    let origin_ok =
+        headers.get(header::ORIGIN).is_some_and(|o| o.as_bytes() == gw.cfg.server.external_origin.as_bytes());
     let cookies = headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes());
     let cookie_value = cookie::find(cookies, cookie::CSRF_COOKIE).filter(|v| cookie::decode_token(v).is_some());
     let field = form.get("csrf").map(String::as_str).unwrap_or("");
@@ -293,16 +296,11 @@ pub(crate) async fn read_form(req: Request<Incoming>) -> Option<(HeaderMap, Hash
 
 pub(crate) fn query_param(ctx: &Ctx, name: &str) -> Option<String> {
     let q = ctx.front.target.query()?;
-    form_urlencoded::parse(q.as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
+    form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
 pub(crate) fn to_login(gw: &Gateway) -> Response<Body> {
-    redirect(
-        StatusCode::FOUND,
-        &format!("{}/.poort/login", gw.cfg.server.external_origin),
-    )
+    redirect(StatusCode::FOUND, &format!("{}/.poort/login", gw.cfg.server.external_origin))
 }
 
 fn launcher(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
@@ -314,14 +312,8 @@ fn launcher(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> 
         .enumerate()
         .filter(|(i, app)| {
             // Apps that need a step-up are listed too: opening one asks for the factor.
-            let who = Subject {
-                identity: &s.identity,
-                mfa: true,
-            };
-            matches!(
-                policy::evaluate(*i, &app.access, app.mfa, Some(who)),
-                Decision::Allow(_)
-            )
+            let who = Subject { identity: &s.identity, mfa: true };
+            matches!(policy::evaluate(*i, &app.access, app.mfa, Some(who)), Decision::Allow(_))
         })
         .map(|(_, app)| AppLink {
             title: app.title.clone(),
@@ -330,18 +322,7 @@ fn launcher(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> 
         })
         .collect();
     let (csrf, new) = csrf_for_page(req.headers());
-    with_csrf_cookie(
-        html(
-            StatusCode::OK,
-            &LauncherPage {
-                user: &s.identity.user,
-                csrf: &csrf,
-                apps,
-            },
-        ),
-        &csrf,
-        new,
-    )
+    with_csrf_cookie(html(StatusCode::OK, &LauncherPage { user: &s.identity.user, csrf: &csrf, apps }), &csrf, new)
 }
 
 async fn login_form(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
@@ -354,30 +335,13 @@ async fn login_form(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Respons
         Next::Portal => String::new(),
         _ => next,
     };
-    let page = LoginPage {
-        csrf: &csrf,
-        next: &next,
-        username: "",
-        error: None,
-    };
+    let page = LoginPage { csrf: &csrf, next: &next, username: "", error: None };
     with_csrf_cookie(html(StatusCode::OK, &page), &csrf, new)
 }
 
 fn login_again(status: StatusCode, headers: &HeaderMap, next: &str, username: &str, error: &str) -> Response<Body> {
     let (csrf, new) = csrf_for_page(headers);
-    with_csrf_cookie(
-        html(
-            status,
-            &LoginPage {
-                csrf: &csrf,
-                next,
-                username,
-                error: Some(error),
-            },
-        ),
-        &csrf,
-        new,
-    )
+    with_csrf_cookie(html(status, &LoginPage { csrf: &csrf, next, username, error: Some(error) }), &csrf, new)
 }
 
 async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
@@ -387,13 +351,7 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     let (username, pw, next) = (field("username").trim(), field("password"), field("next"));
     if !form_is_genuine(gw, &headers, &form) {
-        return login_again(
-            StatusCode::FORBIDDEN,
-            &headers,
-            next,
-            "",
-            "The sign-in form expired. Please try again.",
-        );
+        return login_again(StatusCode::FORBIDDEN, &headers, next, "", "The sign-in form expired. Please try again.");
     }
     if !mfa::attempt_allowed(gw, ctx.client) {
         let msg = "Too many sign-in attempts from your address. Wait a minute and try again.";
@@ -403,42 +361,19 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
     // password.
     let ok = mfa::check_password(gw, username, pw, ctx.client).await;
     let client = ctx.client.to_string();
-    let shown_user = if valid_name(username) {
-        username.to_string()
-    } else {
-        "(invalid name)".to_string()
-    };
+    let shown_user = if valid_name(username) { username.to_string() } else { "(invalid name)".to_string() };
     if !ok {
         tracing::info!(client = %client, user = %shown_user, "Login failed");
-        let _ = gw
-            .audit
-            .record(Event::LoginFailed {
-                user: shown_user,
-                client,
-            })
-            .await;
+        let _ = gw.audit.record(Event::LoginFailed { user: shown_user, client }).await;
         let shown = if valid_name(username) { username } else { "" };
-        return login_again(
-            StatusCode::UNAUTHORIZED,
-            &headers,
-            next,
-            shown,
-            "Wrong username or password.",
-        );
+        return login_again(StatusCode::UNAUTHORIZED, &headers, next, shown, "Wrong username or password.");
     }
     // A new token at every login; a session the browser already had ends here.
     if let Some(old) = &ctx.session {
         let _ = gw.sessions.end(&old.id).await;
     }
-    let ua = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let created = gw
-        .sessions
-        .create(username, &gw.cfg.server.portal_host, client.clone(), ua)
-        .await;
+    let ua = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let created = gw.sessions.create(username, &gw.cfg.server.portal_host, client.clone(), ua).await;
     let (id, token) = match created {
         Ok(v) => v,
         Err(e) => {
@@ -446,14 +381,8 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
             return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
         }
     };
-    if let Err(e) = gw
-        .audit
-        .record(Event::LoginSucceeded {
-            user: username.to_string(),
-            session: id.clone(),
-            client,
-        })
-        .await
+    if let Err(e) =
+        gw.audit.record(Event::LoginSucceeded { user: username.to_string(), session: id.clone(), client }).await
     {
         tracing::error!(error = %e, "Audit unavailable; ending the new session");
         let _ = gw.sessions.end(&id).await;
@@ -463,20 +392,12 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
     // With `[mfa] required`, a user who has a second factor gives it right away.
     let ask_factor = gw.cfg.mfa.required && {
         let name = username.to_string();
-        gw.store
-            .run(move |c| crate::identity::mfa::factors(c, &name))
-            .await
-            .is_ok_and(|f| f.any())
+        gw.store.run(move |c| crate::identity::mfa::factors(c, &name)).await.is_ok_and(|f| f.any())
     };
     let mut resp = match safe_next(next, &gw.cfg) {
         _ if ask_factor => {
-            let q = form_urlencoded::Serializer::new(String::new())
-                .append_pair("next", next)
-                .finish();
-            redirect(
-                StatusCode::SEE_OTHER,
-                &format!("{}/.poort/mfa?{q}", gw.cfg.server.external_origin),
-            )
+            let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", next).finish();
+            redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/mfa?{q}", gw.cfg.server.external_origin))
         }
         Next::App { host, path } => handoff_redirect(gw, &id, host, path),
         other => go_to(gw, other),
@@ -510,20 +431,12 @@ pub(crate) fn handoff_redirect(gw: &Gateway, session_id: &str, host: String, pat
         h.retain(|_, v| v.expires > now);
         h.insert(
             code.clone(),
-            Handoff {
-                session_id: session_id.to_string(),
-                host: host.clone(),
-                path,
-                expires: now + HANDOFF_SECS,
-            },
+            Handoff { session_id: session_id.to_string(), host: host.clone(), path, expires: now + HANDOFF_SECS },
         );
     }
     redirect(
         StatusCode::SEE_OTHER,
-        &format!(
-            "https://{host}{}/.poort/handoff?code={code}",
-            port_of(&gw.cfg.server.external_origin)
-        ),
+        &format!("https://{host}{}/.poort/handoff?code={code}", port_of(&gw.cfg.server.external_origin)),
     )
 }
 
@@ -571,11 +484,7 @@ async fn logout(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body
     }
     if let Some(s) = &ctx.session {
         let _ = gw.sessions.end(&s.id).await;
-        let ev = Event::Logout {
-            user: s.identity.user.clone(),
-            session: s.id.clone(),
-            client: ctx.client.to_string(),
-        };
+        let ev = Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: ctx.client.to_string() };
         if let Err(e) = gw.audit.record(ev).await {
             tracing::error!(error = %e, "Audit write failed");
         }
@@ -606,18 +515,7 @@ async fn sessions_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Resp
         })
         .collect();
     let (csrf, new) = csrf_for_page(req.headers());
-    with_csrf_cookie(
-        html(
-            StatusCode::OK,
-            &SessionsPage {
-                user: &s.identity.user,
-                csrf: &csrf,
-                sessions,
-            },
-        ),
-        &csrf,
-        new,
-    )
+    with_csrf_cookie(html(StatusCode::OK, &SessionsPage { user: &s.identity.user, csrf: &csrf, sessions }), &csrf, new)
 }
 
 async fn end_session(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
@@ -641,11 +539,7 @@ async fn end_session(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response
         return error_page(StatusCode::NOT_FOUND, ctx.id);
     }
     let _ = gw.sessions.end(&id).await;
-    let ev = Event::SessionEnded {
-        user: s.identity.user.clone(),
-        session: id.clone(),
-        by: s.identity.user.clone(),
-    };
+    let ev = Event::SessionEnded { user: s.identity.user.clone(), session: id.clone(), by: s.identity.user.clone() };
     if let Err(e) = gw.audit.record(ev).await {
         tracing::error!(error = %e, "Audit write failed");
     }
@@ -655,10 +549,7 @@ async fn end_session(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response
         clear_session_cookie(&mut resp);
         return resp;
     }
-    redirect(
-        StatusCode::SEE_OTHER,
-        &format!("{}/.poort/sessions", gw.cfg.server.external_origin),
-    )
+    redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/sessions", gw.cfg.server.external_origin))
 }
 
 #[cfg(test)]
@@ -691,20 +582,8 @@ mod tests {
             ("/ /evil", Next::Portal),
             ("/\t/evil", Next::Portal),
             ("", Next::Portal),
-            (
-                "https://git.example:8443/repo",
-                Next::App {
-                    host: "git.example".into(),
-                    path: "/repo".into(),
-                },
-            ),
-            (
-                "https://git.example:8443",
-                Next::App {
-                    host: "git.example".into(),
-                    path: "/".into(),
-                },
-            ),
+            ("https://git.example:8443/repo", Next::App { host: "git.example".into(), path: "/repo".into() }),
+            ("https://git.example:8443", Next::App { host: "git.example".into(), path: "/".into() }),
             ("https://git.example:8443.evil.example/", Next::Portal),
             ("https://git.example:8443@evil.example/", Next::Portal),
             ("https://git.example/", Next::Portal),

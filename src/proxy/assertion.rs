@@ -70,13 +70,7 @@ impl Signer {
             "keys": [{ "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid, "x": encode_b64(x), "y": encode_b64(y) }]
         })
         .to_string();
-        Ok(Signer {
-            key,
-            rng,
-            kid,
-            issuer: issuer.to_string(),
-            jwks,
-        })
+        Ok(Signer { key, rng, kid, issuer: issuer.to_string(), jwks })
     }
 
     pub fn jwks(&self) -> &str {
@@ -103,10 +97,7 @@ impl Signer {
         let mut out = encode_b64(header.to_string().as_bytes());
         out.push('.');
         out.push_str(&encode_b64(&serde_json::to_vec(&claims)?));
-        let sig = self
-            .key
-            .sign(&self.rng, out.as_bytes())
-            .map_err(|_| anyhow::anyhow!("signing failed"))?;
+        let sig = self.key.sign(&self.rng, out.as_bytes()).map_err(|_| anyhow::anyhow!("signing failed"))?;
         out.push('.');
         out.push_str(&encode_b64(sig.as_ref()));
         Ok(out)

@@ -144,12 +144,7 @@ impl Proxy {
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .pool_max_idle_per_host(512)
             .build(connector);
-        Proxy {
-            client,
-            settings,
-            signer,
-            whoami,
-        }
+        Proxy { client, settings, signer, whoami }
     }
 
     pub fn signer(&self) -> &Signer {
@@ -166,9 +161,8 @@ impl Proxy {
     ) -> Option<Arc<str>> {
         if let Some(s) = session {
             if let Ok(cache) = s.assertions.lock() {
-                if let Some((_, _, jwt)) = cache
-                    .iter()
-                    .find(|(a, iat, _)| *a == app_index && now - iat < assertion::REUSE_FOR && *iat <= now)
+                if let Some((_, _, jwt)) =
+                    cache.iter().find(|(a, iat, _)| *a == app_index && now - iat < assertion::REUSE_FOR && *iat <= now)
                 {
                     return Some(jwt.clone());
                 }
@@ -263,24 +257,18 @@ impl Proxy {
             if let Some(v) = value(&who.groups.join(",")) {
                 headers.insert(X_POORT_GROUPS, v);
             }
-            let jwt = self
-                .assertion(app, permit.app(), who, Some(session), origin.now)
-                .ok_or(Failure::Unreachable)?;
+            let jwt = self.assertion(app, permit.app(), who, Some(session), origin.now).ok_or(Failure::Unreachable)?;
             if let Some(v) = value(&jwt) {
                 headers.insert(X_POORT_ASSERTION, v);
             }
         }
 
-        let mut out = Request::builder()
-            .method(parts.method)
-            .uri(uri)
-            .version(Version::HTTP_11);
+        let mut out = Request::builder().method(parts.method).uri(uri).version(Version::HTTP_11);
         if let Some(h) = out.headers_mut() {
             *h = headers;
         }
-        let out = out
-            .body(Limited::new(body, self.settings.max_body_bytes as usize))
-            .map_err(|_| Failure::Unreachable)?;
+        let out =
+            out.body(Limited::new(body, self.settings.max_body_bytes as usize)).map_err(|_| Failure::Unreachable)?;
         let mut resp = match tokio::time::timeout(self.settings.response_timeout, self.client.request(out)).await {
             Err(_) => return Err(Failure::Timeout),
             Ok(Err(e)) => return Err(classify(&e)),
@@ -309,13 +297,11 @@ impl Proxy {
 
 fn is_websocket(version: Version, headers: &HeaderMap) -> bool {
     version == Version::HTTP_11
+        && headers.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
         && headers
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
-        && headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
-        })
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
 /// Drops hop-by-hop headers from an upstream response, and any attempt by an app to set
@@ -327,14 +313,7 @@ fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(n.as_str());
         }
     }
-    for h in [
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "proxy-authenticate",
-    ] {
+    for h in ["keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "proxy-authenticate"] {
         headers.remove(h);
     }
     if !upgrade {
@@ -342,10 +321,7 @@ fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
         headers.remove(header::UPGRADE);
     }
     let cookies: Vec<HeaderValue> = headers.get_all(header::SET_COOKIE).iter().cloned().collect();
-    if cookies
-        .iter()
-        .any(|v| v.as_bytes().trim_ascii_start().starts_with(b"__Host-poort"))
-    {
+    if cookies.iter().any(|v| v.as_bytes().trim_ascii_start().starts_with(b"__Host-poort")) {
         headers.remove(header::SET_COOKIE);
         for v in cookies {
             if !v.as_bytes().trim_ascii_start().starts_with(b"__Host-poort") {
@@ -361,9 +337,7 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
         if s.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
             return Failure::TooLarge;
         }
-        if s.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
+        if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
             return Failure::Timeout;
         }
         src = s.source();

@@ -115,11 +115,7 @@ pub fn check(method: &Method, uri: &Uri, version: Version, headers: &HeaderMap) 
     let raw_target = raw_target.ok_or(Reject::Target(TargetError::NotOriginForm))?;
     let target = Target::parse(raw_target).map_err(Reject::Target)?;
     let host = request_host(version, uri, headers)?;
-    Ok(Front {
-        target,
-        host,
-        content_length,
-    })
+    Ok(Front { target, host, content_length })
 }
 
 fn check_method(method: &Method) -> Result<(), Reject> {
@@ -164,10 +160,7 @@ fn check_framing(version: Version, headers: &HeaderMap) -> Result<Option<u64>, R
     if let Some(te) = te1 {
         let single_chunked = te2.is_none()
             && version == Version::HTTP_11
-            && te
-                .to_str()
-                .map(|s| s.trim().eq_ignore_ascii_case("chunked"))
-                .unwrap_or(false);
+            && te.to_str().map(|s| s.trim().eq_ignore_ascii_case("chunked")).unwrap_or(false);
         if !single_chunked {
             return Err(Reject::BadTransferEncoding);
         }
@@ -293,26 +286,16 @@ mod tests {
     fn framing_and_hosts() {
         assert!(run("GET", "/", &[("host", "Gate.Example:8443")]).is_ok_and(|f| f.host == "gate.example"));
         assert_eq!(run("GET", "/", &[]).unwrap_err(), Reject::HostCount);
-        assert_eq!(
-            run("GET", "/", &[("host", "a"), ("host", "b")]).unwrap_err(),
-            Reject::HostCount
-        );
+        assert_eq!(run("GET", "/", &[("host", "a"), ("host", "b")]).unwrap_err(), Reject::HostCount);
         assert_eq!(run("GET", "/", &[("host", "a b")]).unwrap_err(), Reject::BadHost);
         assert_eq!(run("GET", "/", &[("host", "a:x")]).unwrap_err(), Reject::BadHost);
-        assert_eq!(
-            run("GET", "/", &[("host", &"a".repeat(300))]).unwrap_err(),
-            Reject::BadHost
-        );
+        assert_eq!(run("GET", "/", &[("host", &"a".repeat(300))]).unwrap_err(), Reject::BadHost);
         assert!(run("GET", "/", &[("host", "[::1]:8443")]).is_ok_and(|f| f.host == "[::1]"));
         let te_cl = [("host", "a"), ("content-length", "3"), ("transfer-encoding", "chunked")];
         assert_eq!(run("POST", "/", &te_cl).unwrap_err(), Reject::LengthAndChunked);
         let te2 = [("host", "a"), ("transfer-encoding", "chunked, chunked")];
         assert_eq!(run("POST", "/", &te2).unwrap_err(), Reject::BadTransferEncoding);
-        let te_dup = [
-            ("host", "a"),
-            ("transfer-encoding", "chunked"),
-            ("transfer-encoding", "chunked"),
-        ];
+        let te_dup = [("host", "a"), ("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")];
         assert_eq!(run("POST", "/", &te_dup).unwrap_err(), Reject::BadTransferEncoding);
         let te_gzip = [("host", "a"), ("transfer-encoding", "gzip")];
         assert_eq!(run("POST", "/", &te_gzip).unwrap_err(), Reject::BadTransferEncoding);
@@ -322,15 +305,9 @@ mod tests {
         assert_eq!(run("POST", "/", &cl_sign).unwrap_err(), Reject::BadContentLength);
         assert!(run("POST", "/", &[("host", "a"), ("content-length", "3")]).is_ok_and(|f| f.content_length == Some(3)));
         assert_eq!(run("TRACE", "/", &[("host", "a")]).unwrap_err(), Reject::Method);
-        assert_eq!(
-            run("GET", "http://a/", &[("host", "a")]).unwrap_err().code(),
-            "target_not_origin_form"
-        );
+        assert_eq!(run("GET", "http://a/", &[("host", "a")]).unwrap_err().code(), "target_not_origin_form");
         let big_cookie = "c=".to_owned() + &"x".repeat(MAX_COOKIE_BYTES);
-        assert_eq!(
-            run("GET", "/", &[("host", "a"), ("cookie", &big_cookie)]).unwrap_err(),
-            Reject::CookiesTooLarge
-        );
+        assert_eq!(run("GET", "/", &[("host", "a"), ("cookie", &big_cookie)]).unwrap_err(), Reject::CookiesTooLarge);
     }
 
     #[test]
@@ -342,10 +319,7 @@ mod tests {
         let outsider: IpAddr = "8.8.8.8".parse().unwrap();
         assert_eq!(client_addr(outsider, &h, &trusted), outsider);
         let spoof = head(&[("x-forwarded-for", "127.0.0.1, 5.6.7.8")]);
-        assert_eq!(
-            client_addr(peer, &spoof, &trusted),
-            "5.6.7.8".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(client_addr(peer, &spoof, &trusted), "5.6.7.8".parse::<IpAddr>().unwrap());
         let garbage = head(&[("x-forwarded-for", "nonsense")]);
         assert_eq!(client_addr(peer, &garbage, &trusted), peer);
     }

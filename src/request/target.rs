@@ -218,10 +218,7 @@ fn check_query(q: &[u8]) -> Result<(), TargetError> {
     while i < q.len() {
         let b = q[i];
         if b == b'%' {
-            match (
-                q.get(i + 1).copied().and_then(hex_val),
-                q.get(i + 2).copied().and_then(hex_val),
-            ) {
+            match (q.get(i + 1).copied().and_then(hex_val), q.get(i + 2).copied().and_then(hex_val)) {
                 (Some(_), Some(_)) => i += 3,
                 _ => return Err(TargetError::BadQuery),
             }

@@ -106,10 +106,7 @@ mod tests {
         assert_eq!(find(dup.into_iter(), SESSION_COOKIE), None);
         let prefix = [&b"__Host-poort-csrf=x"[..]];
         assert_eq!(find(prefix.into_iter(), SESSION_COOKIE), None);
-        assert_eq!(
-            without_poort(b"a=1; __Host-poort=abc; __Host-poort-csrf=z; b=2").as_deref(),
-            Some("a=1; b=2")
-        );
+        assert_eq!(without_poort(b"a=1; __Host-poort=abc; __Host-poort-csrf=z; b=2").as_deref(), Some("a=1; b=2"));
         assert_eq!(without_poort(b"__Host-poort=abc"), None);
     }
 

@@ -36,18 +36,13 @@ impl std::fmt::Debug for NewToken {
 
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
-    SystemRandom::new()
-        .fill(&mut b)
-        .expect("invariant: the system random source works");
+    SystemRandom::new().fill(&mut b).expect("invariant: the system random source works");
     b
 }
 
 pub fn new_token() -> NewToken {
     let raw: [u8; 32] = random_bytes();
-    NewToken {
-        cookie_value: cookie::encode_token(&raw),
-        hash: hash_token(&raw),
-    }
+    NewToken { cookie_value: cookie::encode_token(&raw), hash: hash_token(&raw) }
 }
 
 pub fn hash_token(raw: &[u8; 32]) -> TokenHash {
@@ -198,10 +193,7 @@ impl Sessions {
         if let Some(idle) = self.expired(session.expires_at, session.last_seen(), now) {
             self.forget(&session.id);
             let id = session.id.clone();
-            let _ = self
-                .store
-                .run(move |c| c.execute("DELETE FROM sessions WHERE id = ?1", [id]))
-                .await;
+            let _ = self.store.run(move |c| c.execute("DELETE FROM sessions WHERE id = ?1", [id])).await;
             return Err((Lookup::Expired { idle }, Some(session)));
         }
         session.last_seen.fetch_max(now, Ordering::Relaxed);
@@ -225,13 +217,26 @@ impl Sessions {
         }
     }
 
-    /// Creates a session for `user` and returns its token. The caller sets the cookie.
+    /// Creates a password-only session for `user` and returns its token.
     pub async fn create(
         &self,
         user: &str,
         host: &str,
         client_addr: String,
         user_agent: String,
+    ) -> anyhow::Result<(String, NewToken)> {
+        self.create_with(user, host, client_addr, user_agent, "pwd").await
+    }
+
+    /// Creates a session for `user` that signed in with `factors` (space-separated `amr`
+    /// values) and returns its token. The caller sets the cookie.
+    pub async fn create_with(
+        &self,
+        user: &str,
+        host: &str,
+        client_addr: String,
+        user_agent: String,
+        factors: &str,
     ) -> anyhow::Result<(String, NewToken)> {
         let now = self.clock.now();
         let token = new_token();
@@ -243,13 +248,11 @@ impl Sessions {
             expires_at: now + self.timeouts.absolute.as_secs() as i64,
             client_addr,
             user_agent: user_agent.chars().take(256).collect(),
-            factors: "pwd".into(),
+            factors: factors.into(),
         };
         let id = row.id.clone();
         let (hash, host) = (token.hash, host.to_string());
-        self.store
-            .run(move |c| Store::insert_session(c, &row, &hash, &host))
-            .await?;
+        self.store.run(move |c| Store::insert_session(c, &row, &hash, &host)).await?;
         Ok((id, token))
     }
 
@@ -275,9 +278,7 @@ impl Sessions {
         };
         let id = row.id.clone();
         let (hash, host) = (token.hash, host.to_string());
-        self.store
-            .run(move |c| Store::insert_session(c, &row, &hash, &host))
-            .await?;
+        self.store.run(move |c| Store::insert_session(c, &row, &hash, &host)).await?;
         self.end(&old.id).await?;
         Ok((id, token))
     }

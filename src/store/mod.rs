@@ -92,6 +92,10 @@ CREATE TABLE lockouts (
     last_failure INTEGER NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE users ADD COLUMN handle BLOB;
+CREATE UNIQUE INDEX users_handle ON users(handle);
+"#,
 ];
 
 #[derive(Clone)]
@@ -135,8 +139,7 @@ fn migrate(conn: &Connection) -> anyhow::Result<()> {
         anyhow::bail!("the database schema (version {done}) is newer than this poort; upgrade poort");
     }
     for (i, m) in MIGRATIONS.iter().enumerate().skip(done) {
-        tx.execute_batch(m)
-            .with_context(|| format!("schema migration {}", i + 1))?;
+        tx.execute_batch(m).with_context(|| format!("schema migration {}", i + 1))?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
     }
     tx.commit()?;
@@ -192,9 +195,7 @@ pub struct Revocation {
 
 impl Store {
     pub fn open(path: &Path) -> anyhow::Result<Store> {
-        Ok(Store {
-            conn: Arc::new(Mutex::new(open_connection(path)?)),
-        })
+        Ok(Store { conn: Arc::new(Mutex::new(open_connection(path)?)) })
     }
 
     /// Runs `f` with the connection on the calling thread. For the CLI and start-up.
@@ -209,9 +210,7 @@ impl Store {
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> anyhow::Result<R> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.with(f))
-            .await
-            .context("store task failed")?
+        tokio::task::spawn_blocking(move || store.with(f)).await.context("store task failed")?
     }
 
     // ---- users -------------------------------------------------------------------------
@@ -231,10 +230,7 @@ impl Store {
                 params![name, email, hash, now],
             )?;
             for g in groups {
-                tx.execute(
-                    "INSERT OR IGNORE INTO user_groups (user, grp) VALUES (?1, ?2)",
-                    params![name, g],
-                )?;
+                tx.execute("INSERT OR IGNORE INTO user_groups (user, grp) VALUES (?1, ?2)", params![name, g])?;
             }
             tx.commit()
         })
@@ -242,9 +238,7 @@ impl Store {
 
     pub fn user_exists(&self, name: &str) -> anyhow::Result<bool> {
         self.with(|c| {
-            c.query_row("SELECT 1 FROM users WHERE name = ?1", [name], |_| Ok(()))
-                .optional()
-                .map(|o| o.is_some())
+            c.query_row("SELECT 1 FROM users WHERE name = ?1", [name], |_| Ok(())).optional().map(|o| o.is_some())
         })
     }
 
@@ -282,22 +276,12 @@ impl Store {
 
     pub fn identity(conn: &Connection, name: &str) -> rusqlite::Result<Option<Identity>> {
         let email: Option<Option<String>> = conn
-            .query_row(
-                "SELECT email FROM users WHERE name = ?1 AND disabled = 0",
-                [name],
-                |r| r.get(0),
-            )
+            .query_row("SELECT email FROM users WHERE name = ?1 AND disabled = 0", [name], |r| r.get(0))
             .optional()?;
         let Some(email) = email else { return Ok(None) };
         let mut stmt = conn.prepare_cached("SELECT grp FROM user_groups WHERE user = ?1 ORDER BY grp")?;
-        let groups = stmt
-            .query_map([name], |r| r.get(0))?
-            .collect::<rusqlite::Result<Vec<String>>>()?;
-        Ok(Some(Identity {
-            user: name.to_string(),
-            email,
-            groups,
-        }))
+        let groups = stmt.query_map([name], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(Some(Identity { user: name.to_string(), email, groups }))
     }
 
     /// Changes a user and tells running gateways to drop what they cached about them.
@@ -314,22 +298,13 @@ impl Store {
     }
 
     pub fn set_password(&self, name: &str, hash: &str, now: UnixTime) -> anyhow::Result<bool> {
-        self.change_user(
-            name,
-            now,
-            "UPDATE users SET password_hash = ?1 WHERE name = ?2",
-            &[&hash, &name],
-        )
+        self.change_user(name, now, "UPDATE users SET password_hash = ?1 WHERE name = ?2", &[&hash, &name])
     }
 
     /// Disabling also ends every session of the user.
     pub fn set_disabled(&self, name: &str, disabled: bool, now: UnixTime) -> anyhow::Result<bool> {
-        let changed = self.change_user(
-            name,
-            now,
-            "UPDATE users SET disabled = ?1 WHERE name = ?2",
-            &[&disabled, &name],
-        )?;
+        let changed =
+            self.change_user(name, now, "UPDATE users SET disabled = ?1 WHERE name = ?2", &[&disabled, &name])?;
         if changed && disabled {
             self.revoke_user_sessions(name, now)?;
         }
@@ -340,10 +315,7 @@ impl Store {
         self.with(|c| {
             let tx = c.transaction()?;
             for g in add {
-                tx.execute(
-                    "INSERT OR IGNORE INTO user_groups (user, grp) VALUES (?1, ?2)",
-                    params![name, g],
-                )?;
+                tx.execute("INSERT OR IGNORE INTO user_groups (user, grp) VALUES (?1, ?2)", params![name, g])?;
             }
             for g in remove {
                 tx.execute("DELETE FROM user_groups WHERE user = ?1 AND grp = ?2", params![name, g])?;
@@ -365,16 +337,7 @@ impl Store {
         tx.execute(
             "INSERT INTO sessions (id, user, created_at, last_seen, expires_at, client_addr, user_agent, factors)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                s.id,
-                s.user,
-                s.created_at,
-                s.last_seen,
-                s.expires_at,
-                s.client_addr,
-                s.user_agent,
-                s.factors
-            ],
+            params![s.id, s.user, s.created_at, s.last_seen, s.expires_at, s.client_addr, s.user_agent, s.factors],
         )?;
         tx.execute(
             "INSERT INTO session_tokens (token_hash, session_id, host) VALUES (?1, ?2, ?3)",
@@ -405,10 +368,7 @@ impl Store {
         self.with(|c| {
             let tx = c.transaction()?;
             for (id, seen) in updates {
-                tx.execute(
-                    "UPDATE sessions SET last_seen = max(last_seen, ?1) WHERE id = ?2",
-                    params![seen, id],
-                )?;
+                tx.execute("UPDATE sessions SET last_seen = max(last_seen, ?1) WHERE id = ?2", params![seen, id])?;
             }
             tx.commit()
         })
@@ -435,10 +395,7 @@ impl Store {
             };
             for id in &ids {
                 tx.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
-                tx.execute(
-                    "INSERT INTO revocations (session_id, at) VALUES (?1, ?2)",
-                    params![id, now],
-                )?;
+                tx.execute("INSERT INTO revocations (session_id, at) VALUES (?1, ?2)", params![id, now])?;
             }
             tx.commit()?;
             Ok(ids)
@@ -460,23 +417,15 @@ impl Store {
     /// Removes sessions past their absolute expiry (idle expiry is decided on lookup).
     pub fn purge_expired(&self, now: UnixTime, idle_secs: i64) -> anyhow::Result<usize> {
         self.with(|c| {
-            c.execute(
-                "DELETE FROM sessions WHERE expires_at <= ?1 OR last_seen + ?2 <= ?1",
-                params![now, idle_secs],
-            )
+            c.execute("DELETE FROM sessions WHERE expires_at <= ?1 OR last_seen + ?2 <= ?1", params![now, idle_secs])
         })
     }
 
     pub fn revocations_since(conn: &Connection, seq: i64) -> rusqlite::Result<Vec<Revocation>> {
         let mut stmt =
             conn.prepare_cached("SELECT seq, session_id, user FROM revocations WHERE seq > ?1 ORDER BY seq")?;
-        let rows = stmt.query_map([seq], |r| {
-            Ok(Revocation {
-                seq: r.get(0)?,
-                session_id: r.get(1)?,
-                user: r.get(2)?,
-            })
-        })?;
+        let rows =
+            stmt.query_map([seq], |r| Ok(Revocation { seq: r.get(0)?, session_id: r.get(1)?, user: r.get(2)? }))?;
         rows.collect()
     }
 

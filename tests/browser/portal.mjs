@@ -128,6 +128,27 @@ try {
   check("after enrolment the MFA app opens", /x-poort-user: admin/i.test(secure));
   check("its assertion records the second factor", /"amr":\["pwd","otp"\]/.test(secure), secure.slice(-300));
 
+  // A passkey, made by Chromium's virtual authenticator (a real WebAuthn ceremony).
+  const cdp = await context.newCDPSession(page);
+  await cdp.send("WebAuthn.enable");
+  await cdp.send("WebAuthn.addVirtualAuthenticator", {
+    options: {
+      protocol: "ctap2",
+      transport: "internal",
+      hasResidentKey: true,
+      hasUserVerification: true,
+      isUserVerified: true,
+      automaticPresenceSimulation: true,
+    },
+  });
+  await page.goto(`${gateway}/.poort/security`);
+  await page.fill("#pk-name", "laptop");
+  await page.fill("#pk-password", password);
+  await page.click("button:has-text(\"Add a passkey\")");
+  await page.waitForSelector("td:has-text(\"laptop\")", { timeout: 10000 }).catch(() => {});
+  check("a passkey can be added and named", (await page.locator("td", { hasText: "laptop" }).count()) === 1, await page.locator("#passkey-status").textContent().catch(() => ""));
+  await shot("10-passkey");
+
   await page.goto(`${gateway}/.poort/sessions`);
   const rows = page.locator("tbody tr");
   check("my sessions lists this session", (await rows.count()) === 1 && (await rows.first().innerText()).includes("this session"));
@@ -154,6 +175,17 @@ try {
   await page.click("button:has-text(\"Continue\")");
   await page.waitForURL(`${gateway}/secure/`);
   check("with the code, the MFA app opens", /x-poort-user: admin/i.test(await page.locator("body").innerText()));
+
+  // Passwordless: sign out, then sign in with the passkey alone; it counts as two factors.
+  await page.goto(`${gateway}/`);
+  await page.click("button.link");
+  await page.waitForURL(`${gateway}/.poort/login`);
+  await page.click("button:has-text(\"Sign in with a passkey\")");
+  await page.waitForURL(`${gateway}/`, { timeout: 10000 }).catch(() => {});
+  check("a passkey signs in without a password", page.url() === `${gateway}/`, page.url() + " " + (await page.locator("#passkey-status").textContent().catch(() => "")));
+  await page.goto(`${gateway}/secure/`);
+  const pl = await page.locator("body").innerText();
+  check("a passkey sign-in opens the MFA app without another prompt", page.url() === `${gateway}/secure/` && /"amr":\["hwk","mfa"\]/.test(pl), page.url());
 } finally {
   await browser.close();
 }

@@ -7,12 +7,7 @@ use std::time::Duration;
 use crate::harness::{Gate, TempDir, path_of};
 
 fn poort(args: &[&str], dir: &std::path::Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_poort"))
-        .args(args)
-        .current_dir(dir)
-        .env("POORT_LOG", "warn")
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_poort")).args(args).current_dir(dir).env("POORT_LOG", "warn").output().unwrap()
 }
 
 #[test]
@@ -62,10 +57,7 @@ path = "/open/"
         assert!(err.contains(p), "{p} not reported in:\n{err}");
     }
     assert!(err.contains("8 problem(s)"), "{err}");
-    assert!(
-        err.lines().filter(|l| l.contains("(hint: ")).count() == 8,
-        "every problem has a hint:\n{err}"
-    );
+    assert!(err.lines().filter(|l| l.contains("(hint: ")).count() == 8, "every problem has a hint:\n{err}");
 
     let typo = dir.0.join("typo.toml");
     std::fs::write(&typo, "[server]\nlisten_addr = \"127.0.0.1:1\"\n").unwrap();
@@ -98,44 +90,22 @@ fn quickstart_sets_up_once_and_prints_the_secret_once() {
     assert!(first.status.success(), "{first:?}");
     let out = String::from_utf8_lossy(&first.stdout);
     assert!(out.contains("shown only this once"), "{out}");
-    let pw = out
-        .lines()
-        .skip_while(|l| !l.contains("shown only this once"))
-        .nth(2)
-        .unwrap()
-        .trim()
-        .to_string();
+    let pw = out.lines().skip_while(|l| !l.contains("shown only this once")).nth(2).unwrap().trim().to_string();
     assert_eq!(pw.len(), 20);
     let data = dir.0.join("poort-data");
     for f in ["poort.toml", "poort.db", "tls/cert.pem", "tls/key.pem"] {
         assert!(data.join(f).exists(), "{f}");
     }
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(data.join("tls/key.pem"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o077,
-        0
-    );
-    assert_eq!(
-        std::fs::metadata(data.join("poort.db")).unwrap().permissions().mode() & 0o077,
-        0
-    );
+    assert_eq!(std::fs::metadata(data.join("tls/key.pem")).unwrap().permissions().mode() & 0o077, 0);
+    assert_eq!(std::fs::metadata(data.join("poort.db")).unwrap().permissions().mode() & 0o077, 0);
     let again = poort(&["quickstart", "--no-serve"], &dir.0);
     let out2 = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success());
     assert!(!out2.contains(&pw) && !out2.contains("shown only this once"), "{out2}");
     let store = poort::store::Store::open(&data.join("poort.db")).unwrap();
-    let hash = store
-        .with(|c| poort::store::Store::password_hash(c, "admin"))
-        .unwrap()
-        .unwrap();
-    assert!(
-        poort::identity::password::verify(&pw, &hash),
-        "the printed password is admin's"
-    );
+    let hash = store.with(|c| poort::store::Store::password_hash(c, "admin")).unwrap().unwrap();
+    assert!(poort::identity::password::verify(&pw, &hash), "the printed password is admin's");
     let users = poort(&["user", "list", "--json"], &dir.0);
     let v: serde_json::Value = serde_json::from_slice(&users.stdout).unwrap();
     assert_eq!(v[0]["name"], "admin");
@@ -161,31 +131,12 @@ fn user_commands() {
         .unwrap();
     assert!(!weak.status.success());
     assert!(String::from_utf8_lossy(&weak.stderr).contains("too weak"), "{weak:?}");
-    let add = poort(
-        &[
-            "user",
-            "add",
-            "carol",
-            "--group",
-            "staff",
-            "--group",
-            "ops",
-            "--email",
-            "carol@example.com",
-        ],
-        &dir.0,
-    );
+    let add =
+        poort(&["user", "add", "carol", "--group", "staff", "--group", "ops", "--email", "carol@example.com"], &dir.0);
     assert!(add.status.success(), "{add:?}");
-    assert!(
-        !poort(&["user", "add", "carol"], &dir.0).status.success(),
-        "no duplicate users"
-    );
+    assert!(!poort(&["user", "add", "carol"], &dir.0).status.success(), "no duplicate users");
     assert!(!poort(&["user", "add", "bad name"], &dir.0).status.success());
-    assert!(
-        poort(&["user", "groups", "carol", "--add", "dev", "--remove", "ops"], &dir.0)
-            .status
-            .success()
-    );
+    assert!(poort(&["user", "groups", "carol", "--add", "dev", "--remove", "ops"], &dir.0).status.success());
     assert!(poort(&["user", "disable", "carol"], &dir.0).status.success());
     let list = String::from_utf8_lossy(&poort(&["user", "list"], &dir.0).stdout).into_owned();
     let line = list.lines().find(|l| l.starts_with("carol")).unwrap();
@@ -207,14 +158,8 @@ async fn audit_verify_finds_an_edited_record() {
     assert!(ok.status.success(), "{ok:?}");
     assert!(String::from_utf8_lossy(&ok.stdout).contains("intact"));
     let conn = poort::store::open_connection(&gate.db()).unwrap();
-    let seq: i64 = conn
-        .query_row("SELECT seq FROM audit WHERE kind = 'login_failed'", [], |r| r.get(0))
-        .unwrap();
-    conn.execute(
-        "UPDATE audit SET detail = replace(detail, 'bob', 'eve') WHERE seq = ?1",
-        [seq],
-    )
-    .unwrap();
+    let seq: i64 = conn.query_row("SELECT seq FROM audit WHERE kind = 'login_failed'", [], |r| r.get(0)).unwrap();
+    conn.execute("UPDATE audit SET detail = replace(detail, 'bob', 'eve') WHERE seq = ?1", [seq]).unwrap();
     let bad = gate.cli(&["audit", "verify"]);
     assert_eq!(bad.status.code(), Some(1));
     let text = String::from_utf8_lossy(&bad.stdout);
@@ -233,9 +178,7 @@ fn sigterm_stops_the_gateway_cleanly() {
     // Serve on a free port instead of the default.
     let cfg = dir.0.join("poort-data/poort.toml");
     let port = crate::harness::closed_port();
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"));
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"));
     std::fs::write(&cfg, text).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_poort"))
         .args(["serve", "--config", path_of(&cfg)])
@@ -248,10 +191,7 @@ fn sigterm_stops_the_gateway_cleanly() {
         assert!(start.elapsed() < Duration::from_secs(10), "the gateway did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let start = std::time::Instant::now();
     loop {

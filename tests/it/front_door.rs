@@ -11,10 +11,7 @@ async fn refused(gate: &Gate, session: &str, target: &str, status: u16) {
     );
     let r = gate.raw(req.as_bytes()).await;
     assert_eq!(r.status, status, "{target}");
-    assert!(
-        !r.text().contains(target),
-        "the error page must not echo the request: {target}"
-    );
+    assert!(!r.text().contains(target), "the error page must not echo the request: {target}");
     assert_eq!(gate.upstream.hits(), before, "{target} reached the upstream");
 }
 
@@ -45,11 +42,7 @@ async fn traversal_and_ambiguous_paths_are_refused() {
         refused(&gate, &s, t, 400).await;
     }
     let rejected = gate.audit("request_rejected");
-    assert_eq!(
-        rejected.len() - rejected_before,
-        targets.len(),
-        "every refusal is audited"
-    );
+    assert_eq!(rejected.len() - rejected_before, targets.len(), "every refusal is audited");
     assert!(rejected.iter().any(|e| e["code"] == "target_dot_segment"));
     assert!(rejected.iter().any(|e| e["code"] == "target_encoded_delimiter"));
     // The canonical form is what the upstream gets.
@@ -76,10 +69,7 @@ async fn hosts_sizes_framing_and_methods() {
     assert_eq!(send("Host: localhost\r\nHost: evil.example\r\n".into()).await, 400);
     assert_eq!(send(String::new()).await, 400);
     assert_eq!(send(format!("Host: {}\r\n", "a".repeat(300))).await, 400);
-    assert_eq!(
-        send(format!("Host: localhost\r\nX-Big: {}\r\n", "a".repeat(40_000))).await,
-        431
-    );
+    assert_eq!(send(format!("Host: localhost\r\nX-Big: {}\r\n", "a".repeat(40_000))).await, 431);
     let many: String = (0..120).map(|i| format!("X-H{i}: v\r\n")).collect();
     assert_eq!(send(format!("Host: localhost\r\n{many}")).await, 431);
     let hits = gate.upstream.hits();
@@ -113,24 +103,17 @@ async fn hosts_sizes_framing_and_methods() {
 async fn length_and_chunked_cannot_smuggle_a_request() {
     let gate = Gate::start().await;
     let s = gate.login("alice").await;
-    for order in [
-        "Content-Length: 40\r\nTransfer-Encoding: chunked",
-        "Transfer-Encoding: chunked\r\nContent-Length: 40",
-    ] {
+    for order in
+        ["Content-Length: 40\r\nTransfer-Encoding: chunked", "Transfer-Encoding: chunked\r\nContent-Length: 40"]
+    {
         let before = gate.upstream.hits();
         let req = format!(
             "POST /app/a HTTP/1.1\r\nHost: localhost\r\nCookie: __Host-poort={s}\r\n{order}\r\n\r\n0\r\n\r\nGET /app/smuggled HTTP/1.1\r\nHost: localhost\r\nCookie: __Host-poort={s}\r\n\r\n"
         );
         let r = gate.raw(req.as_bytes()).await;
         assert!(r.status == 400 || r.status == 200, "{order}: {}", r.status);
-        let seen: Vec<String> = gate.upstream.seen.lock().unwrap()[before..]
-            .iter()
-            .map(|s| s.target.clone())
-            .collect();
-        assert!(
-            seen.len() <= 1 && !seen.iter().any(|t| t.contains("smuggled")),
-            "{order}: {seen:?}"
-        );
+        let seen: Vec<String> = gate.upstream.seen.lock().unwrap()[before..].iter().map(|s| s.target.clone()).collect();
+        assert!(seen.len() <= 1 && !seen.iter().any(|t| t.contains("smuggled")), "{order}: {seen:?}");
         if let Some(first) = gate.upstream.seen.lock().unwrap()[before..].first() {
             assert_eq!(first.method, "POST");
             assert!(first.body.is_empty(), "{order}: the chunked body was empty");
@@ -147,14 +130,7 @@ async fn before_login_only_the_fixed_routes_answer() {
     assert_eq!(gate.get("/.poort/login", None).await.status, 200);
     assert_eq!(gate.get("/", None).await.status, 302);
     assert_eq!(gate.get("/.poort/sessions", None).await.status, 302);
-    for p in [
-        "/.poort/",
-        "/.poort/admin",
-        "/.poort/login/x",
-        "/.poort/../etc/passwd",
-        "/favicon.ico",
-        "/nothing/",
-    ] {
+    for p in ["/.poort/", "/.poort/admin", "/.poort/login/x", "/.poort/../etc/passwd", "/favicon.ico", "/nothing/"] {
         let status = gate.get(p, None).await.status;
         assert!(status == 404 || status == 400, "{p}: {status}");
     }
@@ -165,21 +141,13 @@ async fn before_login_only_the_fixed_routes_answer() {
 async fn the_plain_listener_only_redirects() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gate = Gate::start().await;
-    for (target, want) in [
-        ("/app/x?y=1", "https://localhost:8443/app/x?y=1"),
-        ("/a/../b", "https://localhost:8443/"),
-    ] {
+    for (target, want) in [("/app/x?y=1", "https://localhost:8443/app/x?y=1"), ("/a/../b", "https://localhost:8443/")] {
         let mut s = tokio::net::TcpStream::connect(gate.redirect_addr).await.unwrap();
-        s.write_all(format!("GET {target} HTTP/1.1\r\nHost: evil.example\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(format!("GET {target} HTTP/1.1\r\nHost: evil.example\r\n\r\n").as_bytes()).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         assert!(out.starts_with("HTTP/1.1 308"), "{out}");
-        assert!(
-            out.to_ascii_lowercase().contains(&format!("location: {want}\r\n")),
-            "{out}"
-        );
+        assert!(out.to_ascii_lowercase().contains(&format!("location: {want}\r\n")), "{out}");
     }
     assert_eq!(gate.upstream.hits(), 0);
 }

@@ -31,10 +31,7 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -65,10 +62,7 @@ impl Upstream {
                                 .headers
                                 .iter()
                                 .map(|(k, v)| {
-                                    (
-                                        k.as_str().to_string(),
-                                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                                    )
+                                    (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())
                                 })
                                 .collect();
                             log.lock().unwrap().push(Seen {
@@ -96,12 +90,7 @@ impl Upstream {
     }
 
     pub fn last(&self) -> Seen {
-        self.seen
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .expect("the upstream received a request")
+        self.seen.lock().unwrap().last().cloned().expect("the upstream received a request")
     }
 }
 
@@ -176,10 +165,7 @@ pub struct Resp {
 
 impl Resp {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// The value a `Set-Cookie` gives to cookie `name`.
@@ -211,10 +197,7 @@ fn parse_response(raw: &[u8]) -> Resp {
         })
         .collect();
     let mut body = raw[end + 4..].to_vec();
-    if headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"))
-    {
+    if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked")) {
         let mut out = Vec::new();
         let mut rest = &body[..];
         loop {
@@ -337,9 +320,7 @@ response_timeout = "2s"
         let store = Store::open(&cfg.database).unwrap();
         let now = poort::clock::SystemClock.now();
         let hash = poort::identity::password::hash(PASSWORD).unwrap();
-        store
-            .add_user("alice", Some("alice@example.com"), &hash, &["staff".into()], now)
-            .unwrap();
+        store.add_user("alice", Some("alice@example.com"), &hash, &["staff".into()], now).unwrap();
         store.add_user("bob", None, &hash, &[], now).unwrap();
 
         let mut roots = rustls::RootCertStore::empty();
@@ -394,20 +375,14 @@ response_timeout = "2s"
         let tcp = TcpStream::connect(self.addr).await.unwrap();
         let mut cfg = (**self.tls.config()).clone();
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        TlsConnector::from(Arc::new(cfg))
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .unwrap()
+        TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
     }
 
     /// Sends exact bytes and reads the response until the gateway closes the connection.
     pub async fn raw(&self, bytes: &[u8]) -> Resp {
         let mut tls = self
             .tls
-            .connect(
-                ServerName::try_from("localhost").unwrap(),
-                TcpStream::connect(self.addr).await.unwrap(),
-            )
+            .connect(ServerName::try_from("localhost").unwrap(), TcpStream::connect(self.addr).await.unwrap())
             .await
             .unwrap();
         tls.write_all(bytes).await.unwrap();
@@ -447,18 +422,9 @@ response_timeout = "2s"
     pub async fn login_form(&self) -> (String, String) {
         let page = self.get("/.poort/login", None).await;
         assert_eq!(page.status, 200);
-        let cookie = page
-            .cookie("__Host-poort-csrf")
-            .expect("the login page sets the csrf cookie");
+        let cookie = page.cookie("__Host-poort-csrf").expect("the login page sets the csrf cookie");
         let text = page.text();
-        let field = text
-            .split("name=\"csrf\" value=\"")
-            .nth(1)
-            .unwrap()
-            .split('"')
-            .next()
-            .unwrap()
-            .to_string();
+        let field = text.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
         (cookie, field)
     }
 
@@ -470,18 +436,13 @@ response_timeout = "2s"
         session: Option<&str>,
         fields: &[(&str, &str)],
     ) -> Resp {
-        let body = form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(fields)
-            .finish();
+        let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(fields).finish();
         let mut cookie = format!("__Host-poort-csrf={csrf_cookie}");
         if let Some(s) = session {
             cookie.push_str(&format!("; __Host-poort={s}"));
         }
-        let headers = [
-            ("Origin", ORIGIN),
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("Cookie", cookie.as_str()),
-        ];
+        let headers =
+            [("Origin", ORIGIN), ("Content-Type", "application/x-www-form-urlencoded"), ("Cookie", cookie.as_str())];
         self.request("POST", path, &headers, body.as_bytes()).await
     }
 
@@ -492,12 +453,7 @@ response_timeout = "2s"
             "/.poort/login",
             &cookie,
             None,
-            &[
-                ("username", user),
-                ("password", password),
-                ("csrf", &field),
-                ("next", next),
-            ],
+            &[("username", user), ("password", password), ("csrf", &field), ("next", next)],
         )
         .await
     }
@@ -517,12 +473,26 @@ response_timeout = "2s"
         self.post_form(path, &csrf, Some(session), &all).await
     }
 
+    /// Posts JSON as the portal's script does (Origin, CSRF header and cookie).
+    pub async fn post_json(&self, path: &str, session: Option<&str>, body: &serde_json::Value) -> Resp {
+        let (csrf, _) = self.login_form().await;
+        let mut cookie = format!("__Host-poort-csrf={csrf}");
+        if let Some(s) = session {
+            cookie.push_str(&format!("; __Host-poort={s}"));
+        }
+        let headers = [
+            ("Origin", ORIGIN),
+            ("Content-Type", "application/json"),
+            ("X-Poort-CSRF", csrf.as_str()),
+            ("Cookie", cookie.as_str()),
+        ];
+        self.request("POST", path, &headers, body.to_string().as_bytes()).await
+    }
+
     /// Audit records of one kind, as JSON details.
     pub fn audit(&self, kind: &str) -> Vec<serde_json::Value> {
         let conn = poort::store::open_connection(&self.db()).unwrap();
-        let mut stmt = conn
-            .prepare("SELECT detail FROM audit WHERE kind = ?1 ORDER BY seq")
-            .unwrap();
+        let mut stmt = conn.prepare("SELECT detail FROM audit WHERE kind = ?1 ORDER BY seq").unwrap();
         stmt.query_map([kind], |r| r.get::<_, String>(0))
             .unwrap()
             .map(|d| serde_json::from_str(&d.unwrap()).unwrap())
@@ -539,6 +509,16 @@ response_timeout = "2s"
             .output()
             .unwrap()
     }
+}
+
+/// A login page with its per-request parts blanked (CSRF values, the echoed user name), so
+/// that two answers can be compared byte for byte.
+pub fn normalised(page: &str, user: &str) -> String {
+    let mut out = page.replace(&format!("value=\"{user}\""), "value=\"\"");
+    for marker in ["name=\"csrf\" value=\"", "data-csrf=\""] {
+        out = out.split(marker).map(|p| p.split_once('"').map_or(p, |(_, rest)| rest)).collect::<Vec<_>>().join(marker);
+    }
+    out
 }
 
 /// Waits (polling, bounded) until `f` returns true.

@@ -6,5 +6,6 @@ mod flow;
 mod front_door;
 mod harness;
 mod mfa;
+mod passkey;
 mod proxy;
 mod tls;

@@ -29,20 +29,12 @@ async fn spoofed_identity_headers_never_reach_the_upstream() {
     let r = gate.request("GET", "/app/", &spoofs, b"").await;
     assert_eq!(r.status, 200);
     let seen = gate.upstream.last();
-    let users: Vec<_> = seen
-        .headers
-        .iter()
-        .filter(|(k, _)| k.replace('_', "-") == "x-poort-user")
-        .collect();
+    let users: Vec<_> = seen.headers.iter().filter(|(k, _)| k.replace('_', "-") == "x-poort-user").collect();
     assert_eq!(users.len(), 1, "{:?}", seen.headers);
     assert_eq!(seen.header("x-poort-user"), Some("bob"));
     assert_eq!(seen.header("x-poort-groups"), Some(""));
     assert_ne!(seen.header("x-poort-assertion"), Some("forged"));
-    assert_eq!(
-        seen.header("x-forwarded-for"),
-        Some("127.0.0.1"),
-        "poort's own value: the real peer"
-    );
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"), "poort's own value: the real peer");
     for gone in [
         "x_poort_user",
         "forwarded",
@@ -55,11 +47,7 @@ async fn spoofed_identity_headers_never_reach_the_upstream() {
     ] {
         assert_eq!(seen.header(gone), None, "{gone} reached the upstream");
     }
-    assert_eq!(
-        seen.header("cookie"),
-        Some("theme=dark"),
-        "other cookies pass, poort's do not"
-    );
+    assert_eq!(seen.header("cookie"), Some("theme=dark"), "other cookies pass, poort's do not");
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
     assert_eq!(seen.header("x-forwarded-host"), Some("localhost"));
 }
@@ -101,9 +89,7 @@ async fn the_assertion_verifies_against_the_jwks() {
     // A changed payload does not verify.
     let tampered = format!("{}.{}", parts[0], parts[1].replace('a', "b"));
     assert!(
-        UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
-            .verify(tampered.as_bytes(), &b64(parts[2]))
-            .is_err()
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point).verify(tampered.as_bytes(), &b64(parts[2])).is_err()
     );
     // Another app gets its own audience.
     gate.get("/app/", Some(&s)).await;
@@ -119,12 +105,7 @@ async fn bodies_stream_to_the_upstream_and_limits_hold() {
     let cookie = format!("__Host-poort={s}");
     let body = vec![b'x'; 300_000];
     let r = gate
-        .request(
-            "POST",
-            "/app/upload",
-            &[("Cookie", &cookie), ("Content-Type", "application/octet-stream")],
-            &body,
-        )
+        .request("POST", "/app/upload", &[("Cookie", &cookie), ("Content-Type", "application/octet-stream")], &body)
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(gate.upstream.last().body.len(), 300_000);
@@ -150,11 +131,8 @@ async fn websocket_echoes_through_the_proxy() {
     let s = gate.login("alice").await;
     let stream = gate.connect(&[b"http/1.1"]).await;
     let mut req = "wss://localhost/ws/echo".into_client_request().unwrap();
-    req.headers_mut()
-        .insert("cookie", format!("__Host-poort={s}").parse().unwrap());
-    let (mut ws, resp) = tokio_tungstenite::client_async(req, stream)
-        .await
-        .expect("the upgrade goes through");
+    req.headers_mut().insert("cookie", format!("__Host-poort={s}").parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, stream).await.expect("the upgrade goes through");
     assert_eq!(resp.status(), 101);
     for msg in ["hello", "poort", &"x".repeat(70_000)] {
         ws.send(Message::text(msg)).await.unwrap();
@@ -163,9 +141,7 @@ async fn websocket_echoes_through_the_proxy() {
     }
     // Without a session there is no upgrade.
     let stream = gate.connect(&[b"http/1.1"]).await;
-    let err = tokio_tungstenite::client_async("wss://localhost/ws/echo", stream)
-        .await
-        .unwrap_err();
+    let err = tokio_tungstenite::client_async("wss://localhost/ws/echo", stream).await.unwrap_err();
     assert!(err.to_string().contains("401"), "{err}");
 }
 
@@ -216,8 +192,6 @@ async fn the_audit_log_records_first_access_per_session_and_app() {
         gate.get("/app/", Some(&s)).await;
         gate.get("/staff/", Some(&s)).await;
     }
-    eventually("audit writes", std::time::Duration::from_secs(1), async || {
-        gate.audit("access_allowed").len() == 2
-    })
-    .await;
+    eventually("audit writes", std::time::Duration::from_secs(1), async || gate.audit("access_allowed").len() == 2)
+        .await;
 }

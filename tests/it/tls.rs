@@ -11,22 +11,12 @@ use crate::harness::Gate;
 /// Runs `openssl s_client` against the gateway; returns (handshake succeeded, output).
 fn s_client(gate: &Gate, args: &[&str]) -> (bool, String) {
     let out = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &gate.addr.to_string(),
-            "-servername",
-            "localhost",
-        ])
+        .args(["s_client", "-connect", &gate.addr.to_string(), "-servername", "localhost"])
         .args(args)
         .stdin(std::process::Stdio::null())
         .output()
         .expect("openssl is installed (scripts/test installs it)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success() && !text.contains("Cipher is (NONE)"), text)
 }
 
@@ -39,27 +29,18 @@ async fn only_modern_tls_is_spoken() {
         async move { tokio::task::block_in_place(|| s_client(gate, &args)) }
     };
     // SECLEVEL=0 makes the client offer what the server must refuse.
-    for old in [
-        vec!["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"],
-        vec!["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"],
-    ] {
+    for old in [vec!["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"], vec!["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]] {
         let (ok, text) = check(old.clone()).await;
         assert!(!ok, "{old:?} was accepted:\n{text}");
     }
-    for weak in [
-        "AES128-SHA",
-        "AES256-GCM-SHA384",
-        "ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES128-SHA",
-        "DHE-RSA-AES128-GCM-SHA256",
-    ] {
+    for weak in
+        ["AES128-SHA", "AES256-GCM-SHA384", "ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES128-SHA", "DHE-RSA-AES128-GCM-SHA256"]
+    {
         let (ok, text) = check(vec!["-tls1_2", "-cipher", weak]).await;
         assert!(!ok, "TLS 1.2 suite {weak} was accepted:\n{text}");
     }
     let (ok, text) = check(vec!["-tls1_2"]).await;
-    assert!(
-        ok && text.contains("TLSv1.2, Cipher is ECDHE-"),
-        "TLS 1.2 with forward secrecy works:\n{text}"
-    );
+    assert!(ok && text.contains("TLSv1.2, Cipher is ECDHE-"), "TLS 1.2 with forward secrecy works:\n{text}");
     let (ok, text) = check(vec!["-tls1_3", "-alpn", "h2,http/1.1"]).await;
     assert!(ok && text.contains("TLSv1.3"), "{text}");
     assert!(text.contains("ALPN protocol: h2"), "{text}");
@@ -70,17 +51,11 @@ async fn slow_clients_are_cut_off_and_others_are_served() {
     let gate = Gate::start_with("header_timeout = \"1s\"\nhandshake_timeout = \"1s\"").await;
     // A client that never finishes its request head (slowloris).
     let mut slow = gate.connect(&[b"http/1.1"]).await;
-    slow.write_all(b"GET /app/ HTTP/1.1\r\nHost: localhost\r\nX-A: ")
-        .await
-        .unwrap();
+    slow.write_all(b"GET /app/ HTTP/1.1\r\nHost: localhost\r\nX-A: ").await.unwrap();
     // A client that never starts the TLS handshake.
     let mut silent = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
     let started = tokio::time::Instant::now();
-    assert_eq!(
-        gate.get("/.poort/health", None).await.status,
-        200,
-        "others are served meanwhile"
-    );
+    assert_eq!(gate.get("/.poort/health", None).await.status, 200, "others are served meanwhile");
     for _ in 0..3 {
         slow.write_all(b"a").await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -91,10 +66,7 @@ async fn slow_clients_are_cut_off_and_others_are_served() {
     assert!(started.elapsed() < Duration::from_secs(4));
     let mut b = [0u8; 16];
     let r = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut b)).await;
-    assert!(
-        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
-        "the silent connection was not closed: {r:?}"
-    );
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "the silent connection was not closed: {r:?}");
     assert_eq!(gate.upstream.hits(), 0);
 }
 
@@ -112,9 +84,7 @@ async fn one_client_address_cannot_take_every_connection() {
             .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert))
             .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let fourth = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(name, tcp)
-        .await;
+    let fourth = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await;
     assert!(fourth.is_err(), "a fourth connection was served");
     drop(held);
     crate::harness::eventually("a slot to free up", Duration::from_secs(3), async || {
@@ -155,8 +125,6 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
         Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
     }
 }

@@ -1,0 +1,127 @@
+// poort's only script: the WebAuthn ceremonies (passkeys and security keys). Every form on
+// the portal works without it; it runs only where a page has a [data-passkey] element.
+"use strict";
+
+(function () {
+  const root = document.querySelector("[data-passkey]");
+  if (!root) return;
+  const csrf = root.dataset.csrf;
+  const next = root.dataset.next || "";
+  const status = document.getElementById("passkey-status");
+
+  const toBytes = (s) => {
+    const b64 = s.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((s.length + 3) % 4);
+    return Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  };
+  const toText = (buf) =>
+    btoa(String.fromCharCode(...new Uint8Array(buf))).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  const say = (msg) => { if (status) status.textContent = msg; };
+
+  async function post(url, body) {
+    const r = await fetch(url, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-Poort-CSRF": csrf },
+      body: JSON.stringify(body),
+    });
+    const j = await r.json().catch(() => ({}));
+    if (!r.ok) throw new Error(j.error || "the request failed");
+    return j;
+  }
+
+  function requestOptions(options) {
+    const pk = options.publicKey;
+    pk.challenge = toBytes(pk.challenge);
+    (pk.allowCredentials || []).forEach((c) => { c.id = toBytes(c.id); });
+    return options;
+  }
+
+  function assertion(cred) {
+    return {
+      id: cred.id,
+      rawId: toText(cred.rawId),
+      type: cred.type,
+      response: {
+        authenticatorData: toText(cred.response.authenticatorData),
+        clientDataJSON: toText(cred.response.clientDataJSON),
+        signature: toText(cred.response.signature),
+        userHandle: cred.response.userHandle ? toText(cred.response.userHandle) : null,
+      },
+      extensions: cred.getClientExtensionResults ? cred.getClientExtensionResults() : {},
+    };
+  }
+
+  function finished(done) {
+    if (done.recovery_codes && done.recovery_codes.length) {
+      const list = document.getElementById("passkey-codes");
+      if (list) {
+        list.hidden = false;
+        list.querySelector("ul").innerHTML = "";
+        done.recovery_codes.forEach((c) => {
+          const li = document.createElement("li");
+          const code = document.createElement("code");
+          code.textContent = c;
+          li.appendChild(code);
+          list.querySelector("ul").appendChild(li);
+        });
+        const go = list.querySelector("a");
+        go.href = done.redirect;
+        say("Passkey added.");
+        return;
+      }
+    }
+    window.location.assign(done.redirect);
+  }
+
+  async function register(form) {
+    const start = await post("/.poort/security/passkey/start", {
+      password: form.elements.password.value,
+      name: form.elements.name.value,
+      next,
+    });
+    const pk = start.options.publicKey;
+    pk.challenge = toBytes(pk.challenge);
+    pk.user.id = toBytes(pk.user.id);
+    (pk.excludeCredentials || []).forEach((c) => { c.id = toBytes(c.id); });
+    const cred = await navigator.credentials.create(start.options);
+    const credential = {
+      id: cred.id,
+      rawId: toText(cred.rawId),
+      type: cred.type,
+      response: {
+        attestationObject: toText(cred.response.attestationObject),
+        clientDataJSON: toText(cred.response.clientDataJSON),
+        transports: cred.response.getTransports ? cred.response.getTransports() : undefined,
+      },
+      extensions: cred.getClientExtensionResults ? cred.getClientExtensionResults() : {},
+    };
+    finished(await post("/.poort/security/passkey/finish", { ceremony: start.ceremony, credential }));
+  }
+
+  async function authenticate(kind) {
+    const base = kind === "login" ? "/.poort/login/passkey" : "/.poort/mfa/passkey";
+    const start = await post(base + "/start", { next });
+    const cred = await navigator.credentials.get(requestOptions(start.options));
+    finished(await post(base + "/finish", { ceremony: start.ceremony, credential: assertion(cred) }));
+  }
+
+  if (!window.PublicKeyCredential) {
+    say("This browser does not support passkeys.");
+    return;
+  }
+  root.hidden = false;
+  root.querySelectorAll("form[data-passkey-register]").forEach((form) => {
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      say("Follow your browser's prompt…");
+      register(form).catch((err) => say("That did not work: " + err.message));
+    });
+  });
+  root.querySelectorAll("button[data-passkey-auth]").forEach((button) => {
+    button.addEventListener("click", (e) => {
+      e.preventDefault();
+      say("Follow your browser's prompt…");
+      authenticate(button.dataset.passkeyAuth).catch((err) => say("That did not work: " + err.message));
+    });
+  });
+})();
