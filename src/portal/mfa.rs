@@ -9,9 +9,7 @@ use askama::Template;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::{
-    Next, csrf_for_page, form_is_genuine, html, query_param, read_form, safe_next, to_login, with_csrf_cookie,
-};
+use super::{Next, csrf_for_page, html, query_param, safe_next, signed_in_form, to_login, with_csrf_cookie};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::config::MissingFactor;
@@ -202,15 +200,10 @@ pub(crate) async fn mfa_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -
 /// POST /.poort/mfa: a TOTP code or a recovery code; on success the session is replaced by
 /// one that records the factor.
 pub(crate) async fn mfa_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let Some(s) = ctx.session.clone() else {
-        return to_login(gw);
+    let (s, headers, form) = match signed_in_form(gw, &ctx, req).await {
+        Ok(v) => v,
+        Err(resp) => return resp,
     };
-    let Some((headers, form)) = read_form(req).await else {
-        return error_page(StatusCode::BAD_REQUEST, ctx.id);
-    };
-    if !form_is_genuine(gw, &headers, &form) {
-        return error_page(StatusCode::FORBIDDEN, ctx.id);
-    }
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     let next = field("next").to_string();
     let have = factors_of(gw, &s.identity.user).await.unwrap_or_default();
@@ -362,15 +355,10 @@ fn grouped(key: &str) -> String {
 
 /// The security forms all post here with a `password`; `action` names what to change.
 pub(crate) async fn security_change(gw: &Gateway, ctx: Ctx, req: Request<Incoming>, action: &str) -> Response<Body> {
-    let Some(s) = ctx.session.clone() else {
-        return to_login(gw);
+    let (s, headers, form) = match signed_in_form(gw, &ctx, req).await {
+        Ok(v) => v,
+        Err(resp) => return resp,
     };
-    let Some((headers, form)) = read_form(req).await else {
-        return error_page(StatusCode::BAD_REQUEST, ctx.id);
-    };
-    if !form_is_genuine(gw, &headers, &form) {
-        return error_page(StatusCode::FORBIDDEN, ctx.id);
-    }
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     let next = field("next").to_string();
     let user = s.identity.user.clone();

@@ -294,6 +294,21 @@ pub(crate) async fn read_form(req: Request<Incoming>) -> Option<(HeaderMap, Hash
     Some((parts.headers, form))
 }
 
+/// A form posted by a signed-in user from a poort page: the session, the headers, the fields.
+/// Anything else is answered here (sign in, 400 or 403).
+pub(crate) async fn signed_in_form(
+    gw: &Gateway,
+    ctx: &Ctx,
+    req: Request<Incoming>,
+) -> Result<(std::sync::Arc<Session>, HeaderMap, HashMap<String, String>), Response<Body>> {
+    let Some(s) = ctx.session.clone() else { return Err(to_login(gw)) };
+    let Some((headers, form)) = read_form(req).await else { return Err(error_page(StatusCode::BAD_REQUEST, ctx.id)) };
+    if !form_is_genuine(gw, &headers, &form) {
+        return Err(error_page(StatusCode::FORBIDDEN, ctx.id));
+    }
+    Ok((s, headers, form))
+}
+
 pub(crate) fn query_param(ctx: &Ctx, name: &str) -> Option<String> {
     let q = ctx.front.target.query()?;
     form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
@@ -519,15 +534,10 @@ async fn sessions_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Resp
 }
 
 async fn end_session(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let Some(s) = ctx.session.clone() else {
-        return to_login(gw);
+    let (s, _, form) = match signed_in_form(gw, &ctx, req).await {
+        Ok(v) => v,
+        Err(resp) => return resp,
     };
-    let Some((headers, form)) = read_form(req).await else {
-        return error_page(StatusCode::BAD_REQUEST, ctx.id);
-    };
-    if !form_is_genuine(gw, &headers, &form) {
-        return error_page(StatusCode::FORBIDDEN, ctx.id);
-    }
     let id = form.get("id").cloned().unwrap_or_default();
     let (store, user) = (gw.store.clone(), s.identity.user.clone());
     let owned = tokio::task::spawn_blocking(move || store.list_sessions(Some(&user)))
