@@ -42,6 +42,7 @@ pub struct Gateway {
     pub proxy: Proxy,
     pub routes: Routes,
     pub portal: portal::State,
+    pub tunnels: Arc<crate::tunnel::Tunnels>,
     request_ids: AtomicU64,
 }
 
@@ -75,7 +76,18 @@ impl Gateway {
         let portal = portal::State::new(&cfg, sealer)?;
         // Request ids: a random start, then counting; unique per process and cheap to make.
         let start = u64::from_be_bytes(session::random_bytes());
-        Ok(Gateway { cfg, clock, store, audit, sessions, proxy, routes, portal, request_ids: AtomicU64::new(start) })
+        Ok(Gateway {
+            cfg,
+            clock,
+            store,
+            audit,
+            sessions,
+            proxy,
+            routes,
+            portal,
+            tunnels: Arc::default(),
+            request_ids: AtomicU64::new(start),
+        })
     }
 
     /// One request, start to finish.

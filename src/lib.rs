@@ -4,14 +4,15 @@
 //! supporting ones. `gateway::Gateway::handle` reads like the list below.
 
 // Request stages, in order.
-pub mod audit;
 pub mod listen;
+pub mod request;
+pub mod session;
+pub mod route;
 pub mod policy;
 pub mod portal;
 pub mod proxy;
-pub mod request;
-pub mod route;
-pub mod session;
+pub mod tunnel;
+pub mod audit;
 
 // Supporting modules.
 pub mod body;

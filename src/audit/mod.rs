@@ -97,6 +97,35 @@ pub enum Event {
         remaining: usize,
         client: String,
     },
+    TunnelOpened {
+        user: String,
+        session: String,
+        tunnel: String,
+        client: String,
+    },
+    TunnelClosed {
+        user: String,
+        session: String,
+        tunnel: String,
+        bytes_in: u64,
+        bytes_out: u64,
+        seconds: u64,
+        why: String,
+    },
+    /// A permitted tunnel whose target could not be reached.
+    TunnelFailed {
+        user: String,
+        tunnel: String,
+        why: String,
+        client: String,
+    },
+    /// A signed-in user approved a command-line sign-in (device code flow).
+    DeviceLogin {
+        user: String,
+        session: String,
+        approved_from: String,
+        device_client: String,
+    },
     /// An administrative command (CLI or admin API).
     Admin {
         command: String,
@@ -125,6 +154,10 @@ impl Event {
             Event::RateLimited { .. } => "rate_limited",
             Event::FactorChanged { .. } => "factor_changed",
             Event::RecoveryCodeUsed { .. } => "recovery_code_used",
+            Event::TunnelOpened { .. } => "tunnel_opened",
+            Event::TunnelClosed { .. } => "tunnel_closed",
+            Event::TunnelFailed { .. } => "tunnel_failed",
+            Event::DeviceLogin { .. } => "device_login",
             Event::Admin { .. } => "admin",
             Event::GatewayStarted { .. } => "gateway_started",
         }

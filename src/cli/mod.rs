@@ -52,6 +52,31 @@ pub enum Command {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Sign the command line in to a gateway (approve in a browser) for `poort connect`.
+    Login {
+        /// The gateway, https://HOST[:PORT].
+        #[arg(long)]
+        gateway: String,
+        /// Trust the gateway's certificate through this CA file (PEM).
+        #[arg(long, conflicts_with = "fingerprint")]
+        ca_file: Option<PathBuf>,
+        /// Trust exactly the certificate with this SHA-256 fingerprint (poort quickstart prints it).
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+    /// End the command line's session and forget it.
+    Logout,
+    /// Reach a TCP service through a tunnel.
+    Connect {
+        /// The tunnel's name (the portal lists them).
+        name: String,
+        /// Listen here and carry each connection through its own tunnel, e.g. 127.0.0.1:2222.
+        #[arg(long, conflicts_with = "stdio", required_unless_present = "stdio")]
+        listen: Option<String>,
+        /// Carry standard input and output (for ssh -o ProxyCommand).
+        #[arg(long)]
+        stdio: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -190,6 +215,39 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::User(cmd) => user(cmd),
         Command::Session(cmd) => session_cmd(cmd),
         Command::Audit(cmd) => audit_cmd(cmd),
+        Command::Login { gateway, ca_file, fingerprint } => runtime()?.block_on(async {
+            let trust = crate::tunnel::client::Trust { fingerprint, ca_file };
+            let c = crate::tunnel::client::login(&gateway, trust, |m| eprintln!("{m}")).await?;
+            eprintln!("Signed in to {} as {}.", c.gateway, c.user);
+            Ok(0)
+        }),
+        Command::Logout => runtime()?.block_on(async {
+            let ended = crate::tunnel::client::logout().await?;
+            eprintln!(
+                "{}",
+                if ended { "Signed out." } else { "Signed out here (the gateway had already ended the session)." }
+            );
+            Ok(0)
+        }),
+        Command::Connect { name, listen, stdio } => runtime()?.block_on(async {
+            let r = match (listen, stdio) {
+                (_, true) => crate::tunnel::client::connect_stdio(&name).await,
+                (Some(addr), false) => {
+                    crate::tunnel::client::connect_listen(&name, &addr, |a| {
+                        eprintln!("Listening on {a}; each connection goes to {name} through the gateway.")
+                    })
+                    .await
+                }
+                (None, false) => Err(anyhow::anyhow!("use --listen ADDR or --stdio")),
+            };
+            match r {
+                Ok(()) => Ok(0),
+                Err(e) => {
+                    eprintln!("poort: {e:#}");
+                    Ok(1)
+                }
+            }
+        }),
     }
 }
 
@@ -301,6 +359,14 @@ path = "/secure/"
 strip_prefix = true
 access = "authenticated"
 mfa = "required"
+
+# A TCP service (SSH, RDP, a database) reached with `poort connect` (docs/tunnels.md).
+# Uncomment to reach this machine's SSH server through the gateway:
+# [[tunnel]]
+# name = "ssh"
+# title = "This machine over SSH"
+# target = "127.0.0.1:22"
+# access = "authenticated"
 "#;
 
 /// Creates what is missing in `data_dir` and returns the resolved config.

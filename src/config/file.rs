@@ -22,6 +22,36 @@ pub struct File {
     /// Web apps reached through the reverse proxy.
     #[serde(default, rename = "app")]
     pub apps: Vec<App>,
+    #[serde(default)]
+    pub tunnels: Tunnels,
+    /// TCP services (SSH, RDP, databases) reached through `poort connect`.
+    #[serde(default, rename = "tunnel")]
+    pub tunnel_list: Vec<Tunnel>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Tunnels {
+    /// Open tunnels per session at most. Default 16.
+    pub per_session: Option<usize>,
+    /// Open tunnels in all at most. Default 1024.
+    pub total: Option<usize>,
+    /// A tunnel with no bytes either way for this long is closed. Default "1h".
+    pub idle_timeout: Option<String>,
+    /// Connecting to a target. Default "5s".
+    pub connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tunnel {
+    pub name: Option<String>,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    /// `host:port` of the service, as poort reaches it.
+    pub target: Option<String>,
+    pub access: Option<toml::Value>,
+    pub mfa: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

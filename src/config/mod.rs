@@ -55,6 +55,28 @@ pub struct Config {
     pub mfa: MfaSettings,
     pub login: LoginSettings,
     pub apps: Vec<App>,
+    pub tunnel: TunnelSettings,
+    pub tunnels: Vec<Tunnel>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelSettings {
+    pub per_session: usize,
+    pub total: usize,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// A TCP service reached through a WebSocket tunnel.
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    pub name: String,
+    pub title: String,
+    pub description: String,
+    /// `host:port`, checked.
+    pub target: String,
+    pub access: Access,
+    pub mfa: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -398,8 +420,27 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         }
     }
 
+    let tunnel = TunnelSettings {
+        per_session: f.tunnels.per_session.unwrap_or(16),
+        total: f.tunnels.total.unwrap_or(1024),
+        idle_timeout: c.duration("tunnels.idle_timeout", &f.tunnels.idle_timeout, Duration::from_secs(3600)),
+        connect_timeout: c.duration("tunnels.connect_timeout", &f.tunnels.connect_timeout, Duration::from_secs(5)),
+    };
+    if tunnel.per_session == 0 || tunnel.total == 0 {
+        c.add("tunnels", "per_session and total must be at least 1", "leave them out for 16 and 1024");
+    }
+    let mut tunnels: Vec<Tunnel> = Vec::new();
+    for (i, t) in f.tunnel_list.into_iter().enumerate() {
+        if let Some(t) = resolve_tunnel(&mut c, i, t, mfa_default) {
+            if tunnels.iter().any(|u| u.name == t.name) || apps.iter().any(|a| a.name == t.name) {
+                c.add(format!("tunnel[{}].name", t.name), "is used by another app or tunnel", "give each its own name");
+            }
+            tunnels.push(t);
+        }
+    }
+
     if c.0.is_empty() {
-        Ok(Config { server, tls, data_dir, database, session, proxy, mfa, login, apps })
+        Ok(Config { server, tls, data_dir, database, session, proxy, mfa, login, apps, tunnel, tunnels })
     } else {
         Err(Problems(c.0))
     }
@@ -527,6 +568,70 @@ fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, m
         route: route?,
         access: access?,
     })
+}
+
+fn resolve_tunnel(c: &mut Collector, i: usize, t: file::Tunnel, mfa_default: bool) -> Option<Tunnel> {
+    let name = match t.name {
+        Some(n) if valid_name(&n) => n,
+        Some(n) => {
+            c.add(format!("tunnel[{i}].name"), format!("{n:?} is not a valid name"), "use 1-64 of a-z, 0-9, - and _");
+            format!("#{i}")
+        }
+        None => {
+            c.add(format!("tunnel[{i}].name"), "missing", "every tunnel needs a name, for example name = \"db\"");
+            format!("#{i}")
+        }
+    };
+    let key = format!("tunnel[{name}]");
+    let target = match t.target.as_deref() {
+        Some(raw) if valid_target(raw) => Some(raw.to_ascii_lowercase()),
+        Some(raw) => {
+            c.add(
+                format!("{key}.target"),
+                format!("{raw:?} is not host:port"),
+                "for example target = \"10.0.0.9:5432\"",
+            );
+            None
+        }
+        None => {
+            c.add(format!("{key}.target"), "missing", "for example target = \"10.0.0.9:22\"");
+            None
+        }
+    };
+    let access = match t.access {
+        None => {
+            c.add(format!("{key}.access"), "missing", "state it: \"authenticated\" or { rules = [...] }");
+            None
+        }
+        Some(v) => resolve_access(c, &key, v),
+    };
+    if access == Some(Access::Public) {
+        c.add(format!("{key}.access"), "a tunnel cannot be public", "use \"authenticated\" or { rules = [...] }");
+    }
+    let mfa = match t.mfa.as_deref() {
+        None | Some("inherit") => Some(mfa_default),
+        Some("required") => Some(true),
+        Some(other) => {
+            c.add(format!("{key}.mfa"), format!("{other:?} is not a choice"), "\"required\" or \"inherit\"");
+            None
+        }
+    };
+    Some(Tunnel {
+        title: t.title.unwrap_or_else(|| name.clone()),
+        description: t.description.unwrap_or_default(),
+        name,
+        target: target?,
+        access: access.filter(|a| *a != Access::Public)?,
+        mfa: mfa?,
+    })
+}
+
+/// `host:port` with a DNS name, IPv4 or bracketed IPv6 host and a port from 1 to 65535.
+fn valid_target(raw: &str) -> bool {
+    let Some(i) = raw.rfind(':') else { return false };
+    let (host, port) = (&raw[..i], &raw[i + 1..]);
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0) && port.bytes().all(|b| b.is_ascii_digit());
+    port_ok && !host.is_empty() && crate::request::parse_host(host.as_bytes()).is_ok()
 }
 
 fn parse_upstream(raw: &str) -> Result<Upstream, &'static str> {

@@ -3,6 +3,7 @@
 //! canonical path; pages are askama templates compiled into the binary with auto-escaping.
 //! Before login only login, JWKS, health, the style sheet and the host hand-off answer.
 
+mod device;
 mod mfa;
 mod passkey;
 
@@ -40,6 +41,7 @@ pub struct State {
     limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
     sealer: std::sync::Arc<Sealer>,
     passkeys: passkey::Passkeys,
+    devices: device::Devices,
 }
 
 impl std::fmt::Debug for State {
@@ -63,6 +65,7 @@ impl State {
         Ok(State {
             passkeys: passkey::Passkeys::new(&cfg.server.external_origin, &cfg.server.portal_host)?,
             handoffs: Mutex::new(HashMap::new()),
+            devices: device::Devices::default(),
             limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
             sealer,
         })
@@ -83,6 +86,14 @@ struct LoginPage<'a> {
     error: Option<&'a str>,
 }
 
+struct TunnelLink {
+    name: String,
+    title: String,
+    description: String,
+    /// A suggested local port: the target's own port above 1024, else 10000 plus it.
+    port: u32,
+}
+
 struct AppLink {
     title: String,
     description: String,
@@ -95,6 +106,8 @@ struct LauncherPage<'a> {
     user: &'a str,
     csrf: &'a str,
     apps: Vec<AppLink>,
+    tunnels: Vec<TunnelLink>,
+    origin: &'a str,
 }
 
 struct SessionLine {
@@ -215,6 +228,15 @@ pub async fn serve(gw: &Gateway, ctx: Ctx, on_portal_host: bool, req: Request<In
         (true, "/.poort/security/passkey/finish") if post => passkey::register_finish(gw, ctx, req).await,
         (true, "/.poort/mfa/passkey/start") if post => passkey::factor_start(gw, ctx, req).await,
         (true, "/.poort/mfa/passkey/finish") if post => passkey::factor_finish(gw, ctx, req).await,
+        (true, "/.poort/device/code") if post => device::code(gw, ctx, req).await,
+        (true, "/.poort/device/token") if post => device::token(gw, req).await,
+        (true, "/.poort/device/logout") if post => device::logout(gw, ctx, req).await,
+        (true, "/.poort/device") if get => device::approve_page(gw, &ctx, &req).await,
+        (true, "/.poort/device") if post => device::decide(gw, ctx, req).await,
+        (true, p) if get && p.starts_with("/.poort/tunnel/") => {
+            let name = p["/.poort/tunnel/".len()..].to_string();
+            crate::tunnel::open(gw, ctx, req, &name).await
+        }
         (true, "/.poort/login/passkey/start") if post => passkey::passwordless_start(gw, ctx, req).await,
         (true, "/.poort/login/passkey/finish") if post => passkey::passwordless_finish(gw, ctx, req).await,
         (
@@ -238,7 +260,11 @@ pub async fn serve(gw: &Gateway, ctx: Ctx, on_portal_host: bool, req: Request<In
             | "/.poort/mfa/passkey/finish"
             | "/.poort/login/passkey/start"
             | "/.poort/login/passkey/finish"
-            | "/.poort/webauthn.js",
+            | "/.poort/webauthn.js"
+            | "/.poort/device"
+            | "/.poort/device/code"
+            | "/.poort/device/token"
+            | "/.poort/device/logout",
         )
         | (_, "/.poort/style.css" | "/.poort/health")
         | (false, "/.poort/handoff") => error_page(StatusCode::METHOD_NOT_ALLOWED, ctx.id),
@@ -336,8 +362,29 @@ fn launcher(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> 
             url: app.launch_url(&gw.cfg.server),
         })
         .collect();
+    let who = Subject { identity: &s.identity, mfa: true };
+    let tunnels = gw
+        .cfg
+        .tunnels
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| {
+            matches!(policy::evaluate(gw.cfg.apps.len() + i, &t.access, t.mfa, Some(who)), Decision::Allow(_))
+        })
+        .map(|(_, t)| {
+            let port: u32 = t.target.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            TunnelLink {
+                name: t.name.clone(),
+                title: t.title.clone(),
+                description: t.description.clone(),
+                port: if port > 1024 { port } else { 10000 + port },
+            }
+        })
+        .collect();
     let (csrf, new) = csrf_for_page(req.headers());
-    with_csrf_cookie(html(StatusCode::OK, &LauncherPage { user: &s.identity.user, csrf: &csrf, apps }), &csrf, new)
+    let page =
+        LauncherPage { user: &s.identity.user, csrf: &csrf, apps, tunnels, origin: &gw.cfg.server.external_origin };
+    with_csrf_cookie(html(StatusCode::OK, &page), &csrf, new)
 }
 
 async fn login_form(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {

@@ -83,6 +83,11 @@ impl Session {
         self.last_seen.load(Ordering::Relaxed)
     }
 
+    /// Marks the session as used now (a busy tunnel keeps it from idling out).
+    pub fn touch(&self, now: UnixTime) {
+        self.last_seen.fetch_max(now, Ordering::Relaxed);
+    }
+
     /// Whether the session was opened or stepped up with a second factor.
     pub fn mfa(&self) -> bool {
         self.factors.split(' ').any(|f| !f.is_empty() && f != "pwd")
@@ -119,6 +124,8 @@ pub struct Sessions {
     app_words: usize,
     cache: RwLock<HashMap<TokenHash, Arc<Session>>>,
     last_revocation: AtomicI64,
+    /// Ids of sessions that ended, for tunnels to close on.
+    ended: tokio::sync::broadcast::Sender<String>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -145,6 +152,7 @@ impl Sessions {
             app_words: apps.div_ceil(64).max(1),
             cache: RwLock::new(HashMap::new()),
             last_revocation: AtomicI64::new(last),
+            ended: tokio::sync::broadcast::channel(1024).0,
         })
     }
 
@@ -295,6 +303,12 @@ impl Sessions {
         if let Ok(mut c) = self.cache.write() {
             c.retain(|_, s| s.id != id);
         }
+        let _ = self.ended.send(id.to_string());
+    }
+
+    /// Announces every session that ends in this process (logout, revocation, expiry).
+    pub fn subscribe_ended(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.ended.subscribe()
     }
 
     fn forget_user(&self, user: &str) {

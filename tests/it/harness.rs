@@ -94,6 +94,46 @@ impl Upstream {
     }
 }
 
+/// A TCP service that reads everything it is sent, then answers with its SHA-256 and
+/// closes. Counts the connections it accepted.
+#[derive(Clone)]
+pub struct Sink {
+    pub addr: SocketAddr,
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Sink {
+    pub async fn start() -> Sink {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+                    let mut buf = vec![0u8; 256 * 1024];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => ctx.update(&buf[..n]),
+                        }
+                    }
+                    let _ = s.write_all(ctx.finish().as_ref()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        Sink { addr, accepted }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// A WebSocket upstream that echoes every message.
 pub async fn ws_echo() -> SocketAddr {
     use futures_util::{SinkExt, StreamExt};
@@ -222,6 +262,8 @@ pub struct Gate {
     pub addr: SocketAddr,
     pub redirect_addr: SocketAddr,
     pub upstream: Upstream,
+    pub sink: Sink,
+    pub cert_der: Vec<u8>,
     tls: TlsConnector,
 }
 
@@ -288,16 +330,24 @@ impl Gate {
 
     /// As `start`, with extra lines for the `[server]` table.
     pub async fn start_with(server_extra: &str) -> Gate {
+        Gate::start_config(server_extra, "").await
+    }
+
+    /// As `start`, with extra `[server]` lines and extra tables at the end of the config.
+    pub async fn start_config(server_extra: &str, tables: &str) -> Gate {
         let dir = TempDir::new();
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "git.localhost".into()]).unwrap();
         std::fs::write(dir.0.join("cert.pem"), ck.cert.pem()).unwrap();
         std::fs::write(dir.0.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
         let upstream = Upstream::start().await;
+        let sink = Sink::start().await;
+        let closed = closed_port();
         let apps = APPS
             .replace("{up}", &upstream.addr.to_string())
             .replace("{ws}", &ws_echo().await.to_string())
             .replace("{silent}", &silent().await.to_string())
             .replace("{closed}", &closed_port().to_string());
+        let sink_addr = sink.addr;
         let config = format!(
             r#"
 [server]
@@ -312,7 +362,23 @@ cert_file = "cert.pem"
 key_file = "key.pem"
 [proxy]
 response_timeout = "2s"
-{apps}"#
+{apps}
+[[tunnel]]
+name = "sink"
+title = "Checksum service"
+target = "{sink_addr}"
+access = "authenticated"
+
+[[tunnel]]
+name = "ops"
+target = "{sink_addr}"
+access = {{ rules = [{{ effect = "allow", groups = ["ops"] }}] }}
+
+[[tunnel]]
+name = "nowhere"
+target = "127.0.0.1:{closed}"
+access = "authenticated"
+{tables}"#
         );
         let config_path = dir.0.join("poort.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -341,6 +407,8 @@ response_timeout = "2s"
             addr: "127.0.0.1:1".parse().unwrap(),
             redirect_addr: "127.0.0.1:1".parse().unwrap(),
             upstream,
+            sink,
+            cert_der: ck.cert.der().to_vec(),
             tls: TlsConnector::from(Arc::new(tls)),
         };
         gate.boot().await;
@@ -519,6 +587,16 @@ pub fn normalised(page: &str, user: &str) -> String {
         out = out.split(marker).map(|p| p.split_once('"').map_or(p, |(_, rest)| rest)).collect::<Vec<_>>().join(marker);
     }
     out
+}
+
+/// A child process that is killed and reaped when dropped, also when a test fails.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Waits (polling, bounded) until `f` returns true.

@@ -9,3 +9,4 @@ mod mfa;
 mod passkey;
 mod proxy;
 mod tls;
+mod tunnel;

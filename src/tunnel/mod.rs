@@ -1,0 +1,317 @@
+//! TCP tunnels: `/.poort/tunnel/<name>` accepts a WebSocket upgrade only after the session
+//! check and `policy::evaluate` allowed it, dials the target with the permit, and then carries
+//! bytes both ways (binary messages one way, TCP the other) with bounded buffers. A tunnel
+//! ends when either side closes, when it idles, or at once when its session ends.
+//!
+//! Half-close: an empty binary message from the client means "no more bytes from me". The
+//! target's write side is shut down and its answer still flows back until it closes (a
+//! WebSocket Close cannot say this: it ends both directions).
+//! The command-line side (`poort login`, `poort connect`) is in `client`.
+
+pub mod client;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::audit::Event;
+use crate::body::Body;
+use crate::config::Tunnel;
+use crate::gateway::{Ctx, Gateway, page};
+use crate::policy::{self, Decision, Permit, Subject};
+use crate::session::Session;
+
+/// Bytes read from the target per message.
+const CHUNK: usize = 64 * 1024;
+
+/// Open-tunnel counts, for the per-session and total limits.
+#[derive(Debug, Default)]
+pub struct Tunnels {
+    total: AtomicUsize,
+    per_session: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+/// A held tunnel slot; dropping it frees the slot.
+struct Slot {
+    tunnels: Arc<Tunnels>,
+    session: String,
+}
+
+impl Tunnels {
+    fn take(self: &Arc<Self>, session: &str, per_session: usize, total: usize) -> Option<Slot> {
+        let mut m = self.per_session.lock().ok()?;
+        let n = m.entry(session.to_string()).or_insert(0);
+        if *n >= per_session || self.total.load(Ordering::Relaxed) >= total {
+            return None;
+        }
+        *n += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Some(Slot { tunnels: self.clone(), session: session.to_string() })
+    }
+
+    /// Tunnels open now.
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.tunnels.total.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut m) = self.tunnels.per_session.lock() {
+            if let Some(n) = m.get_mut(&self.session) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.session);
+                }
+            }
+        }
+    }
+}
+
+fn refuse(status: StatusCode, why: &str) -> Response<Body> {
+    page(status, "application/json", Body::from(serde_json::json!({ "error": why }).to_string()))
+}
+
+fn websocket_key(req: &Request<Incoming>) -> Option<HeaderValue> {
+    let h = req.headers();
+    let upgrade = h.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let version = h.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v.as_bytes() == b"13");
+    let key = h.get(header::SEC_WEBSOCKET_KEY)?;
+    (upgrade && version && req.method() == http::Method::GET && req.version() == http::Version::HTTP_11)
+        .then(|| tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()).parse().ok())
+        .flatten()
+}
+
+/// Dials the target of a permitted tunnel. Taking the permit makes policy the only way here.
+async fn dial(_permit: Permit, t: &Tunnel, timeout: Duration) -> Result<TcpStream, String> {
+    match tokio::time::timeout(timeout, TcpStream::connect(&t.target)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(format!("target unreachable: {e}")),
+        Err(_) => Err("target unreachable: connect timed out".into()),
+    }
+}
+
+/// GET /.poort/tunnel/<name> with a WebSocket upgrade.
+pub async fn open(gw: &Gateway, ctx: Ctx, mut req: Request<Incoming>, name: &str) -> Response<Body> {
+    let Some(index) = gw.cfg.tunnels.iter().position(|t| t.name == name) else {
+        return refuse(StatusCode::NOT_FOUND, &format!("no tunnel named {name:?}"));
+    };
+    let t = &gw.cfg.tunnels[index];
+    let who = ctx.session.as_ref().map(|s| Subject { identity: &s.identity, mfa: s.mfa() });
+    let permit = match policy::evaluate(gw.cfg.apps.len() + index, &t.access, t.mfa, who) {
+        Decision::Allow(p) => p,
+        Decision::Authenticate { step_up: false } => {
+            return refuse(StatusCode::UNAUTHORIZED, "not signed in, or the session ended: run poort login");
+        }
+        Decision::Authenticate { step_up: true } => {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "this tunnel needs a second factor: run poort login and approve it with one",
+            );
+        }
+        Decision::Deny(reason) => {
+            let s = ctx.session.as_ref().expect("invariant: policy denies only identified users");
+            let ev = Event::AccessDenied {
+                user: s.identity.user.clone(),
+                session: s.id.clone(),
+                app: t.name.clone(),
+                reason: reason.to_string(),
+                client: ctx.client.to_string(),
+            };
+            if let Err(e) = gw.audit.record(ev).await {
+                tracing::error!(error = %e, "Audit write failed");
+            }
+            return refuse(StatusCode::FORBIDDEN, &format!("denied by policy: {reason}"));
+        }
+    };
+    // A plain GET asks whether the tunnel could open, without dialing anything.
+    let Some(accept) = websocket_key(&req) else {
+        return page(StatusCode::OK, "application/json", Body::from(serde_json::json!({ "ready": true }).to_string()));
+    };
+    let session = ctx.session.clone().expect("invariant: policy allows tunnels only with a session");
+    let limits = gw.cfg.tunnel;
+    let Some(slot) = gw.tunnels.take(&session.id, limits.per_session, limits.total) else {
+        return refuse(StatusCode::TOO_MANY_REQUESTS, "too many open tunnels");
+    };
+    let client = ctx.client.to_string();
+    let tcp = match dial(permit, t, limits.connect_timeout).await {
+        Ok(s) => s,
+        Err(why) => {
+            tracing::info!(tunnel = %t.name, user = %session.identity.user, why = %why, "Tunnel failed");
+            let ev = Event::TunnelFailed {
+                user: session.identity.user.clone(),
+                tunnel: t.name.clone(),
+                why: why.clone(),
+                client,
+            };
+            if let Err(e) = gw.audit.record(ev).await {
+                tracing::error!(error = %e, "Audit write failed");
+            }
+            return refuse(StatusCode::BAD_GATEWAY, &why);
+        }
+    };
+    let ev = Event::TunnelOpened {
+        user: session.identity.user.clone(),
+        session: session.id.clone(),
+        tunnel: t.name.clone(),
+        client: client.clone(),
+    };
+    if let Err(e) = gw.audit.record(ev).await {
+        tracing::error!(error = %e, "Audit unavailable; refusing the tunnel");
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "the gateway cannot record this tunnel");
+    }
+
+    let upgrade = hyper::upgrade::on(&mut req);
+    let ended = gw.sessions.subscribe_ended();
+    let (audit, clock) = (gw.audit.clone(), gw.clock.clone());
+    let name = t.name.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        let started = tokio::time::Instant::now();
+        let Ok(upgraded) = upgrade.await else { return };
+        let config = WebSocketConfig::default().max_message_size(Some(1 << 20)).max_frame_size(Some(1 << 20));
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        let counts = Counts::default();
+        let why = splice(ws, tcp, &session, ended, limits.idle_timeout, &counts, clock.as_ref()).await;
+        tracing::info!(tunnel = %name, user = %session.identity.user, why, "Tunnel closed");
+        let ev = Event::TunnelClosed {
+            user: session.identity.user.clone(),
+            session: session.id.clone(),
+            tunnel: name,
+            bytes_in: counts.up.load(Ordering::Relaxed),
+            bytes_out: counts.down.load(Ordering::Relaxed),
+            seconds: started.elapsed().as_secs(),
+            why: why.to_string(),
+        };
+        if let Err(e) = audit.record(ev).await {
+            tracing::error!(error = %e, "Audit write failed");
+        }
+    });
+
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    resp
+}
+
+/// Bytes carried each way, and when anything last moved (milliseconds since start).
+#[derive(Default)]
+struct Counts {
+    up: AtomicU64,
+    down: AtomicU64,
+    last: AtomicU64,
+}
+
+/// Carries bytes until one side closes, the tunnel idles, or its session ends; says why.
+async fn splice<S>(
+    ws: WebSocketStream<S>,
+    tcp: TcpStream,
+    session: &Arc<Session>,
+    mut ended: tokio::sync::broadcast::Receiver<String>,
+    idle: Duration,
+    counts: &Counts,
+    clock: &dyn crate::clock::Clock,
+) -> &'static str
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let start = tokio::time::Instant::now();
+    let since = move || start.elapsed().as_millis() as u64;
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let (mut rd, mut wr) = tcp.into_split();
+
+    // Client to target: every binary message is written in full before the next is read.
+    let up = async {
+        while let Some(msg) = ws_rx.next().await {
+            match msg {
+                Ok(Message::Binary(b)) if b.is_empty() => {
+                    let _ = wr.shutdown().await;
+                }
+                Ok(Message::Binary(b)) => {
+                    if wr.write_all(&b).await.is_err() {
+                        return "target closed";
+                    }
+                    counts.up.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    counts.last.store(since(), Ordering::Relaxed);
+                }
+                Ok(Message::Close(_)) => break,
+                Ok(_) => {}
+                Err(_) => return "client connection failed",
+            }
+        }
+        let _ = wr.shutdown().await;
+        "client closed"
+    };
+    // Target to client: one read becomes one message, sent before the next read.
+    let down = async {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if ws_tx.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                        return "client connection failed";
+                    }
+                    counts.down.fetch_add(n as u64, Ordering::Relaxed);
+                    counts.last.store(since(), Ordering::Relaxed);
+                }
+            }
+        }
+        let _ = ws_tx.send(Message::Close(None)).await;
+        "target closed"
+    };
+    let cut = async {
+        loop {
+            match ended.recv().await {
+                Ok(id) if id == session.id => return "session ended",
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+            }
+        }
+    };
+    let watch = async {
+        let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            tokio::time::sleep(tick).await;
+            let quiet = Duration::from_millis(since().saturating_sub(counts.last.load(Ordering::Relaxed)));
+            if quiet >= idle {
+                return "idle";
+            }
+            let now = clock.now();
+            if now >= session.expires_at {
+                return "session expired";
+            }
+            // Traffic counts as use of the session, so its idle timeout does not cut a busy tunnel.
+            if quiet < tick {
+                session.touch(now);
+            }
+        }
+    };
+    tokio::select! {
+        why = up => why,
+        why = down => why,
+        why = cut => why,
+        why = watch => why,
+    }
+}

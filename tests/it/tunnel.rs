@@ -1,0 +1,263 @@
+//! TCP tunnels through the real `poort` command line: device sign-in, `connect --listen` and
+//! `--stdio`, a real OpenSSH server, policy refusals, revocation and unreachable targets.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use poort::tunnel::client::Credentials;
+
+use crate::harness::{Gate, Reaped, TempDir, eventually};
+
+fn fingerprint(gate: &Gate) -> String {
+    poort::audit::to_hex(ring::digest::digest(&ring::digest::SHA256, &gate.cert_der).as_ref())
+}
+
+/// A config directory for the command line, signed in with `session` (as `poort login`
+/// would leave it).
+fn signed_in(gate: &Gate, session: &str) -> TempDir {
+    let home = TempDir::new();
+    let c = Credentials {
+        gateway: format!("https://localhost:{}", gate.addr.port()),
+        token: session.to_string(),
+        user: "alice".into(),
+        expires_at: 0,
+        fingerprint: Some(fingerprint(gate)),
+        ca_file: None,
+    };
+    std::fs::create_dir_all(home.0.join("poort")).unwrap();
+    std::fs::write(home.0.join("poort/credentials.json"), serde_json::to_vec(&c).unwrap()).unwrap();
+    home
+}
+
+fn poort(home: &TempDir) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_poort"));
+    c.env("XDG_CONFIG_HOME", &home.0).env("POORT_LOG", "warn");
+    c
+}
+
+/// Starts `poort connect NAME --listen 127.0.0.1:0`; returns the child and the bound port.
+fn listen(home: &TempDir, name: &str) -> (Reaped, u16) {
+    let mut child =
+        poort(home).args(["connect", name, "--listen", "127.0.0.1:0"]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    let mut byte = [0u8; 1];
+    while !seen.contains('\n') {
+        assert_eq!(err.read(&mut byte).unwrap(), 1, "poort connect exited: {seen}");
+        seen.push(byte[0] as char);
+    }
+    let port = seen.split("127.0.0.1:").nth(1).and_then(|p| p.split(';').next()).and_then(|p| p.parse().ok());
+    (Reaped(child), port.unwrap_or_else(|| panic!("no port in {seen:?}")))
+}
+
+fn sha256(data: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, data).as_ref().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn device_sign_in_then_a_bulk_transfer_arrives_intact() {
+    let gate = Gate::start().await;
+    let browser = gate.login("alice").await;
+    let home = TempDir::new();
+    let mut login = poort(&home)
+        .args([
+            "login",
+            "--gateway",
+            &format!("https://localhost:{}", gate.addr.port()),
+            "--fingerprint",
+            &fingerprint(&gate),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the code the command line shows, as a person would from the terminal.
+    let mut err = login.stderr.take().unwrap();
+    let mut shown = String::new();
+    let mut byte = [0u8; 1];
+    while !shown.contains("Waiting") {
+        assert_eq!(err.read(&mut byte).unwrap(), 1, "poort login exited: {shown}");
+        shown.push(byte[0] as char);
+    }
+    let code = shown.split("?code=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let page = gate.get(&format!("/.poort/device?code={code}"), Some(&browser)).await;
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains(&code), "the approval page shows the code");
+    let r = gate.post("/.poort/device", &browser, &[("code", &code), ("decision", "approve")]).await;
+    assert!(r.text().contains("Go back to your terminal"), "{}", r.text());
+    let status = tokio::task::spawn_blocking(move || login.wait().unwrap()).await.unwrap();
+    assert!(status.success());
+    let creds = home.0.join("poort/credentials.json");
+    assert!(poort::tunnel::client::private(&creds), "credentials are mode 0600");
+    let c: Credentials = serde_json::from_slice(&std::fs::read(&creds).unwrap()).unwrap();
+    assert_eq!(c.user, "alice");
+    let sessions = gate.store().list_sessions(Some("alice")).unwrap();
+    assert!(sessions.iter().any(|s| s.user_agent == "poort command line"), "the command line has its own session");
+    assert_eq!(gate.audit("device_login").len(), 1);
+
+    let (child, port) = listen(&home, "sink");
+    let data: Vec<u8> = (0..100 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let want = sha256(&data);
+    let got = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&data).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut digest = Vec::new();
+        s.read_to_end(&mut digest).unwrap();
+        digest
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, want, "100 MiB arrived with the same SHA-256");
+    drop(child);
+    eventually("the tunnel to be audited", Duration::from_secs(3), async || !gate.audit("tunnel_closed").is_empty())
+        .await;
+    let closed = &gate.audit("tunnel_closed")[0];
+    assert_eq!(closed["bytes_in"], 100 * 1024 * 1024);
+    assert_eq!(closed["bytes_out"], 32);
+    assert_eq!(gate.audit("tunnel_opened")[0]["tunnel"], "sink");
+
+    let out = poort(&home).arg("logout").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!creds.exists());
+    let c_session = sessions.iter().find(|s| s.user_agent == "poort command line").unwrap();
+    assert!(!gate.store().list_sessions(Some("alice")).unwrap().iter().any(|s| s.id == c_session.id));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_refusals_are_explained_and_dial_nothing() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let home = signed_in(&gate, &s);
+    let out = poort(&home).args(["connect", "ops", "--listen", "127.0.0.1:0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("denied by policy: no allow rule matched"), "{err}");
+    let out = poort(&home).args(["connect", "ops", "--stdio"]).stdin(Stdio::null()).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("denied by policy"));
+    assert_eq!(gate.sink.accepted(), 0, "the target saw no connection");
+    assert!(gate.audit("access_denied").iter().any(|e| e["app"] == "ops"));
+
+    let out = poort(&home).args(["connect", "nope", "--stdio"]).stdin(Stdio::null()).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no tunnel named"), "{out:?}");
+    let nobody = TempDir::new();
+    let out = poort(&nobody).args(["connect", "sink", "--stdio"]).stdin(Stdio::null()).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not signed in"), "{out:?}");
+    let expired = signed_in(&gate, "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+    let out = poort(&expired).args(["connect", "sink", "--stdio"]).stdin(Stdio::null()).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("session ended"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_target_fails_cleanly_and_is_audited() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let home = signed_in(&gate, &s);
+    let out = poort(&home).args(["connect", "nowhere", "--stdio"]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("target unreachable"), "{err}");
+    let failed = gate.audit("tunnel_failed");
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["tunnel"], "nowhere");
+    assert!(gate.audit("tunnel_opened").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_the_session_cuts_a_live_tunnel_within_a_second() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let home = signed_in(&gate, &s);
+    let (child, port) = listen(&home, "sink");
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"still here").unwrap();
+    eventually("the tunnel to open", Duration::from_secs(3), async || !gate.audit("tunnel_opened").is_empty()).await;
+    let id = gate.store().list_sessions(Some("alice")).unwrap()[0].id.clone();
+    let out = gate.cli(&["session", "revoke", &id]);
+    assert!(out.status.success());
+    let revoked = Instant::now();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let n = conn.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the tunnel was cut rather than answered");
+    assert!(revoked.elapsed() < Duration::from_secs(1), "cut after {:?}", revoked.elapsed());
+    eventually("the close to be audited", Duration::from_secs(3), async || {
+        gate.audit("tunnel_closed").iter().any(|e| e["why"] == "session ended")
+    })
+    .await;
+    drop(child);
+}
+
+/// A real OpenSSH server on loopback, reached with `ssh -o ProxyCommand='poort connect ssh
+/// --stdio'`.
+#[tokio::test(flavor = "multi_thread")]
+async fn ssh_runs_a_command_through_the_tunnel() {
+    let dir = TempDir::new();
+    let d = &dir.0;
+    for (key, kind) in [("host_key", "ed25519"), ("client_key", "ed25519")] {
+        let ok = Command::new("ssh-keygen").args(["-q", "-t", kind, "-N", "", "-f"]).arg(d.join(key)).status().unwrap();
+        assert!(ok.success());
+    }
+    std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+    let port = crate::harness::closed_port();
+    let config = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nPidFile none\n",
+        d.join("host_key").display(),
+        d.join("authorized_keys").display()
+    );
+    std::fs::write(d.join("sshd_config"), config).unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let sshd = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("OpenSSH sshd is installed (scripts/test installs it)");
+    let sshd = Reaped(sshd);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "sshd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let tables = format!("\n[[tunnel]]\nname = \"ssh\"\ntarget = \"127.0.0.1:{port}\"\naccess = \"authenticated\"\n");
+    let gate = Gate::start_config("", &tables).await;
+    let s = gate.login("alice").await;
+    let home = signed_in(&gate, &s);
+    let proxy = format!(
+        "ProxyCommand=env XDG_CONFIG_HOME={} {} connect ssh --stdio",
+        home.0.display(),
+        env!("CARGO_BIN_EXE_poort")
+    );
+    let out = tokio::task::spawn_blocking({
+        let key = d.join("client_key");
+        move || {
+            Command::new("ssh")
+                .args(["-F", "/dev/null", "-i"])
+                .arg(key)
+                .args(["-o", &proxy, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+                .args([
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "LogLevel=ERROR",
+                    "root@internal-host",
+                    "echo",
+                    "through-poort",
+                    "$((6*7))",
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    drop(sshd);
+    assert!(out.status.success(), "ssh failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "through-poort 42");
+    eventually("the ssh tunnel to be audited", Duration::from_secs(3), async || {
+        gate.audit("tunnel_closed").iter().any(|e| e["tunnel"] == "ssh")
+    })
+    .await;
+}
