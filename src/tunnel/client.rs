@@ -306,7 +306,7 @@ where
 {
     let (mut tx, mut rx) = ws.split();
     let up = async {
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; 256 * 1024];
         loop {
             let n = rd.read(&mut buf).await?;
             if n == 0 {

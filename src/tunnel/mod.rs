@@ -35,7 +35,7 @@ use crate::policy::{self, Decision, Permit, Subject};
 use crate::session::Session;
 
 /// Bytes read from the target per message.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
 
 /// Open-tunnel counts, for the per-session and total limits.
 #[derive(Debug, Default)]
