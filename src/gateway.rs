@@ -15,6 +15,7 @@ use crate::body::Body;
 use crate::clock::Clock;
 use crate::config::{Config, Route};
 use crate::identity::seal::Sealer;
+use crate::mitigate::{self, Mitigation, Verdict};
 use crate::policy::{self, Decision, Subject};
 use crate::portal;
 use crate::proxy::{Origin, Proxy, Signer};
@@ -43,6 +44,7 @@ pub struct Gateway {
     pub routes: Routes,
     pub portal: portal::State,
     pub tunnels: Arc<crate::tunnel::Tunnels>,
+    pub mitigation: Mitigation,
     request_ids: AtomicU64,
 }
 
@@ -50,6 +52,15 @@ impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Gateway")
     }
+}
+
+/// What start-up loads for a gateway besides its config and store.
+pub struct Parts {
+    pub signer: Arc<Signer>,
+    pub sealer: Arc<Sealer>,
+    pub mitigation: Mitigation,
+    /// Where the demo app listens, if an app uses it.
+    pub whoami: Option<String>,
 }
 
 /// Per-request facts established before routing.
@@ -66,10 +77,9 @@ impl Gateway {
         clock: Arc<dyn Clock>,
         store: Store,
         audit: Audit,
-        signer: Arc<Signer>,
-        sealer: Arc<Sealer>,
-        whoami: Option<String>,
+        parts: Parts,
     ) -> anyhow::Result<Gateway> {
+        let Parts { signer, sealer, mitigation, whoami } = parts;
         let sessions = Sessions::new(store.clone(), clock.clone(), cfg.session, cfg.apps.len())?;
         let proxy = Proxy::new(cfg.proxy, signer, whoami);
         let routes = Routes::new(&cfg.server.portal_host, &cfg.apps);
@@ -86,6 +96,7 @@ impl Gateway {
             routes,
             portal,
             tunnels: Arc::default(),
+            mitigation,
             request_ids: AtomicU64::new(start),
         })
     }
@@ -107,8 +118,41 @@ impl Gateway {
         if found == Found::UnknownHost {
             return self.reject(StatusCode::MISDIRECTED_REQUEST, "unknown_host", client, id).await;
         }
+        // mitigate::check: the operator's emergency rules, before any session work.
+        let app = match found {
+            Found::App(i) | Found::AddSlash(i) => Some(self.cfg.apps[i].name.as_str()),
+            _ => None,
+        };
+        let raw_target = req.uri().path_and_query().map_or("", |p| p.as_str());
+        let facts = mitigate::Facts {
+            method: req.method().as_str(),
+            path: front.target.path(),
+            raw_target,
+            headers: req.headers(),
+            client,
+            app,
+        };
+        match self.mitigation.check(&facts) {
+            Verdict::Pass => {}
+            verdict => {
+                if let Some(resp) = self.mitigated(verdict, &front, client, id).await {
+                    return resp;
+                }
+            }
+        }
         // session::lookup: cookie, token hash, cache, store.
         let session = self.session_for(&req, &front.host).await;
+        if self.mitigation.lockdown() && !self.lockdown_allows(session.as_deref(), &found, front.target.path()) {
+            let ev = Event::LockedDown {
+                user: session.as_ref().map(|s| s.identity.user.clone()),
+                path: front.target.path().chars().take(256).collect(),
+                client: client.to_string(),
+            };
+            if let Err(e) = self.audit.record(ev).await {
+                tracing::error!(error = %e, "Audit write failed");
+            }
+            return maintenance_page(id);
+        }
         let ctx = Ctx { id, front, client, session };
         match found {
             Found::Portal { on_portal_host } => portal::serve(&self, ctx, on_portal_host, req).await,
@@ -121,6 +165,52 @@ impl Gateway {
             },
             Found::NotFound | Found::UnknownHost => error_page(StatusCode::NOT_FOUND, id),
         }
+    }
+
+    /// Acts on a matching rule: audited; a response for deny and throttle, None to go on.
+    async fn mitigated(
+        &self,
+        verdict: Verdict,
+        front: &Front,
+        client: IpAddr,
+        id: RequestId,
+    ) -> Option<Response<Body>> {
+        let (rule, action, status) = match &verdict {
+            Verdict::Pass => return None,
+            Verdict::Logged { rule } => (rule.clone(), "log", None),
+            Verdict::Deny { rule, .. } => (rule.clone(), "deny", Some(StatusCode::FORBIDDEN)),
+            Verdict::Throttled { rule, .. } => (rule.clone(), "throttle", Some(StatusCode::TOO_MANY_REQUESTS)),
+        };
+        tracing::warn!(request = %id, client = %client, rule = %rule, action, "Mitigation rule matched");
+        let ev = Event::MitigationMatched {
+            rule,
+            action: action.into(),
+            path: front.target.path().chars().take(256).collect(),
+            client: client.to_string(),
+            request_id: id.to_string(),
+        };
+        if let Err(e) = self.audit.record(ev).await {
+            tracing::error!(request = %id, error = %e, "Audit write failed");
+        }
+        status.map(|s| error_page(s, id))
+    }
+
+    /// During a lockdown: admins go on; everyone else may only reach the sign-in page and
+    /// the fixed assets (so that an admin can still sign in).
+    fn lockdown_allows(&self, session: Option<&Session>, found: &Found, path: &str) -> bool {
+        if session.is_some_and(|s| s.identity.groups.contains(&self.mitigation.admin_group)) {
+            return true;
+        }
+        matches!(found, Found::Portal { .. })
+            && matches!(
+                path,
+                "/.poort/login"
+                    | "/.poort/logout"
+                    | "/.poort/style.css"
+                    | "/.poort/health"
+                    | "/.poort/jwks.json"
+                    | "/.poort/webauthn.js"
+            )
     }
 
     /// policy::evaluate, then proxy::forward with the permit.
@@ -274,6 +364,17 @@ pub fn redirect(status: StatusCode, location: &str) -> Response<Body> {
         Err(_) => *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
     }
     resp
+}
+
+/// The page everyone but administrators gets during a lockdown.
+pub fn maintenance_page(id: RequestId) -> Response<Body> {
+    let html = portal::render_error(
+        503,
+        "Under maintenance",
+        "The gateway is closed for maintenance. Only administrators can sign in right now. Try again later.",
+        &id.to_string(),
+    );
+    page(StatusCode::SERVICE_UNAVAILABLE, "text/html; charset=utf-8", html)
 }
 
 /// The constant error page for a status: fixed words, and only our own request id.

@@ -6,6 +6,7 @@
 // Request stages, in order.
 pub mod listen;
 pub mod request;
+pub mod mitigate;
 pub mod session;
 pub mod route;
 pub mod policy;

@@ -55,12 +55,19 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     let audit = Audit::start(&cfg.database, clock.clone())?;
     let signer = Arc::new(Signer::load_or_create(&signing_key_path(&cfg), &cfg.server.external_origin)?);
     let sealer = Arc::new(Sealer::load_or_create(&sealing_key_path(&cfg))?);
+    let mitigation = crate::mitigate::Mitigation::start(&cfg.mitigate, &cfg.data_dir)?;
     let whoami = if cfg.apps.iter().any(|a| a.upstream == Upstream::Whoami) {
         Some(whoami::start().await?.to_string())
     } else {
         None
     };
-    let gateway = Arc::new(Gateway::new(cfg.clone(), clock, store, audit.clone(), signer, sealer, whoami)?);
+    let gateway = Arc::new(Gateway::new(
+        cfg.clone(),
+        clock,
+        store,
+        audit.clone(),
+        crate::gateway::Parts { signer, sealer, mitigation, whoami },
+    )?);
     let listener = listen::bind(cfg.server.listen).await?;
     let addr = listener.local_addr()?;
     let redirect = match cfg.server.redirect_listen {
@@ -82,6 +89,8 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     let mut rx = stopped.clone();
     tasks.push(tokio::spawn(async move {
         let mut poll = tokio::time::interval(REVOCATION_POLL);
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .expect("invariant: installing a signal handler works");
         let mut flush = tokio::time::interval(Duration::from_secs(10));
         loop {
             tokio::select! {
@@ -89,9 +98,20 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                     if let Err(e) = gw.sessions.poll_revocations().await {
                         tracing::error!(error = %e, "Reading revocations failed");
                     }
+                    // The lockdown switch (poort lockdown on|off) and the rules file.
+                    match gw.store.run(|c| crate::store::Store::setting(c, "lockdown")).await {
+                        Ok(v) => gw.mitigation.set_lockdown_switch(v.as_deref() == Some("on")),
+                        Err(e) => tracing::error!(error = %e, "Reading the lockdown switch failed"),
+                    }
+                    gw.mitigation.poll();
+                }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the mitigation rules");
+                    gw.mitigation.reload();
                 }
                 _ = flush.tick() => {
                     gw.portal.tidy();
+                    gw.mitigation.write_status();
                     if let Err(e) = gw.sessions.flush().await {
                         tracing::error!(error = %e, "Writing session activity failed");
                     }

@@ -126,6 +126,20 @@ pub enum Event {
         approved_from: String,
         device_client: String,
     },
+    /// A mitigation rule matched (`action`: deny, throttle or log).
+    MitigationMatched {
+        rule: String,
+        action: String,
+        path: String,
+        client: String,
+        request_id: String,
+    },
+    /// A request refused because the gateway is in lockdown.
+    LockedDown {
+        user: Option<String>,
+        path: String,
+        client: String,
+    },
     /// An administrative command (CLI or admin API).
     Admin {
         command: String,
@@ -158,6 +172,8 @@ impl Event {
             Event::TunnelClosed { .. } => "tunnel_closed",
             Event::TunnelFailed { .. } => "tunnel_failed",
             Event::DeviceLogin { .. } => "device_login",
+            Event::MitigationMatched { .. } => "mitigation_matched",
+            Event::LockedDown { .. } => "locked_down",
             Event::Admin { .. } => "admin",
             Event::GatewayStarted { .. } => "gateway_started",
         }

@@ -52,6 +52,16 @@ pub enum Command {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Emergency mitigation rules: test, status, and signing.
+    #[command(subcommand)]
+    Rules(RulesCmd),
+    /// Close the gateway to everyone but the admin group, or open it again.
+    Lockdown {
+        /// on, off or status
+        state: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Sign the command line in to a gateway (approve in a browser) for `poort connect`.
     Login {
         /// The gateway, https://HOST[:PORT].
@@ -183,6 +193,51 @@ pub enum SessionCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RulesCmd {
+    /// Show which rule a request would meet, without a running gateway.
+    Test {
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The request target as sent, for example '/vpn/../vpns/cfg/smb.conf'.
+        #[arg(long, required_unless_present = "raw")]
+        target: Option<String>,
+        /// A header, 'Name: value' (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// The client address.
+        #[arg(long, default_value = "192.0.2.1")]
+        client: std::net::IpAddr,
+        /// A file with a raw request head (request line and headers) instead.
+        #[arg(long, conflicts_with = "target")]
+        raw: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// What the running gateway loaded, and why it refused the newest file if it did.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Make an Ed25519 key pair for signing rule files; prints the public key for the config.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a rules file: writes FILE.sig.
+    Sign {
+        #[arg(long)]
+        key: PathBuf,
+        file: PathBuf,
+    },
+    /// Check FILE.sig against a public key.
+    Verify {
+        #[arg(long)]
+        public_key: String,
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCmd {
     /// Show the latest records.
     Tail {
@@ -215,6 +270,32 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::User(cmd) => user(cmd),
         Command::Session(cmd) => session_cmd(cmd),
         Command::Audit(cmd) => audit_cmd(cmd),
+        Command::Rules(cmd) => rules_cmd(cmd),
+        Command::Lockdown { state, config } => {
+            let cfg = load_or_exit(&config.config)?;
+            let store = Store::open(&cfg.database)?;
+            match state.as_str() {
+                "on" | "off" => {
+                    store.set_setting("lockdown", &state)?;
+                    record_admin(
+                        &cfg,
+                        "lockdown",
+                        &state,
+                        &format!("only group {} may sign in", cfg.mitigate.admin_group),
+                    )?;
+                    println!(
+                        "Lockdown is {state}{}.",
+                        if cfg.mitigate.lockdown { " (but the config keeps it on)" } else { "" }
+                    );
+                }
+                "status" => {
+                    let switch = store.with(|c| Store::setting(c, "lockdown"))?.unwrap_or_else(|| "off".into());
+                    println!("lockdown switch: {switch}; config: {}", if cfg.mitigate.lockdown { "on" } else { "off" });
+                }
+                other => bail!("{other:?}: say on, off or status"),
+            }
+            Ok(0)
+        }
         Command::Login { gateway, ca_file, fingerprint } => runtime()?.block_on(async {
             let trust = crate::tunnel::client::Trust { fingerprint, ca_file };
             let c = crate::tunnel::client::login(&gateway, trust, |m| eprintln!("{m}")).await?;
@@ -664,4 +745,172 @@ fn audit_cmd(cmd: AuditCmd) -> anyhow::Result<i32> {
             }
         }
     }
+}
+
+fn rules_cmd(cmd: RulesCmd) -> anyhow::Result<i32> {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    match cmd {
+        RulesCmd::Test { method, target, headers, client, raw, config } => {
+            let cfg = load_or_exit(&config.config)?;
+            let (method, target, headers) = match raw {
+                Some(path) => parse_raw_head(
+                    &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+                )?,
+                None => (method, target.unwrap_or_default(), headers),
+            };
+            rules_test(&cfg, &method, &target, &headers, client)
+        }
+        RulesCmd::Status { config } => {
+            let cfg = load_or_exit(&config.config)?;
+            match crate::mitigate::read_status(&cfg.data_dir) {
+                None => println!("No status yet: the gateway has not run with this data directory."),
+                Some(s) => {
+                    println!("file:      {}", s.file.as_deref().unwrap_or("(no rules file configured)"));
+                    println!("rules:     {} in force, loaded {}", s.rules, s.loaded_at.as_deref().unwrap_or("never"));
+                    println!("sha256:    {}", s.sha256.as_deref().unwrap_or("-"));
+                    match &s.last_error {
+                        Some(e) => println!("REFUSED:   the newest file was not loaded: {e}"),
+                        None => println!("newest file: loaded"),
+                    }
+                    let mut hits: Vec<_> = s.hits.iter().collect();
+                    hits.sort();
+                    for (rule, n) in hits {
+                        println!("hits:      {rule}: {n}");
+                    }
+                    if s.last_error.is_some() {
+                        return Ok(1);
+                    }
+                }
+            }
+            Ok(0)
+        }
+        RulesCmd::Keygen { out } => {
+            let rng = ring::rand::SystemRandom::new();
+            let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| anyhow::anyhow!("key generation failed"))?;
+            let pair =
+                Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|_| anyhow::anyhow!("key generation failed"))?;
+            write_private(&out, doc.as_ref())?;
+            println!("Wrote the private key to {} (keep it away from the gateway).", out.display());
+            println!(
+                "Public key for the gateway's [mitigate] public_key:\n\n    {}",
+                STANDARD.encode(pair.public_key().as_ref())
+            );
+            Ok(0)
+        }
+        RulesCmd::Sign { key, file } => {
+            let pkcs8 = std::fs::read(&key).with_context(|| format!("reading {}", key.display()))?;
+            let pair = Ed25519KeyPair::from_pkcs8(&pkcs8)
+                .map_err(|_| anyhow::anyhow!("{} is not an Ed25519 key", key.display()))?;
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            if let Err(problems) = crate::mitigate::rules::compile(&String::from_utf8_lossy(&bytes)) {
+                bail!("refusing to sign a rules file with problems:\n  {}", problems.join("\n  "));
+            }
+            let sig_path = crate::mitigate::signature_path(&file);
+            std::fs::write(&sig_path, format!("{}\n", STANDARD.encode(pair.sign(&bytes).as_ref())))?;
+            println!("Wrote {}", sig_path.display());
+            Ok(0)
+        }
+        RulesCmd::Verify { public_key, file } => {
+            let key = STANDARD.decode(public_key.trim()).context("the public key is not base64")?;
+            match crate::mitigate::load_file(&file, Some(&key)) {
+                Ok((rules, digest)) => {
+                    println!("signature good; {} rules; sha256 {digest}", rules.rules.len());
+                    Ok(0)
+                }
+                Err(problems) => {
+                    println!("NOT good: {}", problems.join("; "));
+                    Ok(1)
+                }
+            }
+        }
+    }
+}
+
+/// A raw request head: `METHOD TARGET HTTP/1.1`, then `Name: value` lines.
+fn parse_raw_head(text: &str) -> anyhow::Result<(String, String, Vec<String>)> {
+    let mut lines = text.lines();
+    let first = lines.next().context("the file is empty")?;
+    let mut parts = first.split(' ');
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        bail!("the first line is not METHOD TARGET HTTP/1.1")
+    };
+    let headers = lines.take_while(|l| !l.trim().is_empty()).map(str::to_string).collect();
+    Ok((method.to_string(), target.to_string(), headers))
+}
+
+fn rules_test(
+    cfg: &Config,
+    method: &str,
+    target: &str,
+    headers: &[String],
+    client: std::net::IpAddr,
+) -> anyhow::Result<i32> {
+    let mut map = http::HeaderMap::new();
+    for h in headers {
+        let (k, v) = h.split_once(':').with_context(|| format!("{h:?} is not 'Name: value'"))?;
+        map.append(http::HeaderName::from_bytes(k.trim().as_bytes())?, http::HeaderValue::from_str(v.trim())?);
+    }
+    if !map.contains_key(http::header::HOST) {
+        map.insert(http::header::HOST, http::HeaderValue::from_str(&cfg.server.portal_host)?);
+    }
+    let method: http::Method = method.parse().context("not an HTTP method")?;
+    let front = match target.parse::<http::Uri>() {
+        Err(_) => {
+            println!("front door: refused with 400 (the target does not parse); no rule is consulted");
+            return Ok(0);
+        }
+        Ok(uri) => crate::request::check(&method, &uri, http::Version::HTTP_11, &map),
+    };
+    let front = match front {
+        Ok(f) => f,
+        Err(r) => {
+            println!("front door: refused with {} ({}); no rule is consulted", r.status().as_u16(), r.code());
+            return Ok(0);
+        }
+    };
+    let routes = crate::route::Routes::new(&cfg.server.portal_host, &cfg.apps);
+    let app = match routes.find(&front.host, front.target.path()) {
+        crate::route::Found::App(i) | crate::route::Found::AddSlash(i) => Some(cfg.apps[i].name.as_str()),
+        _ => None,
+    };
+    println!("canonical path: {}", front.target.path());
+    println!("app: {}", app.unwrap_or("(none: portal or not found)"));
+    let Some(file) = &cfg.mitigate.rules_file else {
+        println!("no rules file is configured: the request goes on to the session check");
+        return Ok(0);
+    };
+    let rules = match crate::mitigate::load_file(file, cfg.mitigate.public_key.as_deref()) {
+        Ok((r, _)) => r,
+        Err(problems) => {
+            println!("the rules file would be refused (the running rules stay):\n  {}", problems.join("\n  "));
+            return Ok(1);
+        }
+    };
+    let facts = crate::mitigate::Facts {
+        method: method.as_str(),
+        path: front.target.path(),
+        raw_target: target,
+        headers: &map,
+        client,
+        app,
+    };
+    match rules.check(&facts) {
+        None => println!("no rule matches: the request goes on to the session check"),
+        Some((_, r)) => {
+            let what = match r.action {
+                crate::mitigate::Action::Deny => "deny: 403".to_string(),
+                crate::mitigate::Action::Log => "log: audited, then the request goes on".to_string(),
+                crate::mitigate::Action::Throttle { count, per_secs } => {
+                    format!("throttle: 429 above {count} requests per {per_secs} s from one address")
+                }
+            };
+            println!("rule {} matches: {what}", r.id);
+            if !r.reason.is_empty() {
+                println!("reason: {}", r.reason);
+            }
+        }
+    }
+    Ok(0)
 }

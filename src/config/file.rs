@@ -24,9 +24,26 @@ pub struct File {
     pub apps: Vec<App>,
     #[serde(default)]
     pub tunnels: Tunnels,
+    #[serde(default)]
+    pub mitigate: Mitigate,
     /// TCP services (SSH, RDP, databases) reached through `poort connect`.
     #[serde(default, rename = "tunnel")]
     pub tunnel_list: Vec<Tunnel>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Mitigate {
+    /// Mitigation rules (docs/mitigation.md), reloaded when the file changes.
+    pub rules_file: Option<String>,
+    /// Refuse a rules file without a valid `.sig` from `public_key`. Default false.
+    pub require_signature: Option<bool>,
+    /// Ed25519 public key (base64, as `poort rules keygen` prints it).
+    pub public_key: Option<String>,
+    /// Only `admin_group` may sign in or reach apps. Default false.
+    pub lockdown: Option<bool>,
+    /// Who may still work during a lockdown. Default "admins".
+    pub admin_group: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -57,6 +57,16 @@ pub struct Config {
     pub apps: Vec<App>,
     pub tunnel: TunnelSettings,
     pub tunnels: Vec<Tunnel>,
+    pub mitigate: Mitigate,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mitigate {
+    pub rules_file: Option<PathBuf>,
+    /// Set when a signature is required: the raw 32-byte Ed25519 key.
+    pub public_key: Option<Vec<u8>>,
+    pub lockdown: bool,
+    pub admin_group: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -439,8 +449,51 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         }
     }
 
+    let public_key = match (f.mitigate.require_signature.unwrap_or(false), f.mitigate.public_key.as_deref()) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            c.add(
+                "mitigate.public_key",
+                "is set but require_signature is not",
+                "set require_signature = true, or remove the key",
+            );
+            None
+        }
+        (true, None) => {
+            c.add(
+                "mitigate.public_key",
+                "missing",
+                "require_signature needs the publisher's key (poort rules keygen prints it)",
+            );
+            None
+        }
+        (true, Some(k)) => {
+            use base64::Engine;
+            match base64::engine::general_purpose::STANDARD.decode(k.trim()) {
+                Ok(b) if b.len() == 32 => Some(b),
+                _ => {
+                    c.add(
+                        "mitigate.public_key",
+                        "is not a base64 Ed25519 public key",
+                        "paste what poort rules keygen printed",
+                    );
+                    None
+                }
+            }
+        }
+    };
+    let mitigate = Mitigate {
+        rules_file: f.mitigate.rules_file.as_deref().map(&at),
+        public_key,
+        lockdown: f.mitigate.lockdown.unwrap_or(false),
+        admin_group: f.mitigate.admin_group.unwrap_or_else(|| "admins".into()),
+    };
+    if f.mitigate.require_signature == Some(true) && mitigate.rules_file.is_none() {
+        c.add("mitigate.rules_file", "missing", "require_signature applies to a rules file: name it");
+    }
+
     if c.0.is_empty() {
-        Ok(Config { server, tls, data_dir, database, session, proxy, mfa, login, apps, tunnel, tunnels })
+        Ok(Config { server, tls, data_dir, database, session, proxy, mfa, login, apps, tunnel, tunnels, mitigate })
     } else {
         Err(Problems(c.0))
     }

@@ -320,6 +320,20 @@ pub(crate) async fn read_form(req: Request<Incoming>) -> Option<(HeaderMap, Hash
     Some((parts.headers, form))
 }
 
+/// Whether `user` may still sign in during a lockdown (a member of the admin group).
+pub(crate) async fn lockdown_admin(gw: &Gateway, user: &str) -> bool {
+    if !valid_name(user) {
+        return false;
+    }
+    let (name, group) = (user.to_string(), gw.mitigation.admin_group.clone());
+    gw.store
+        .run(move |c| crate::store::Store::identity(c, &name))
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|id| id.groups.contains(&group))
+}
+
 /// A form posted by a signed-in user from a poort page: the session, the headers, the fields.
 /// Anything else is answered here (sign in, 400 or 403).
 pub(crate) async fn signed_in_form(
@@ -418,6 +432,17 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
     if !mfa::attempt_allowed(gw, ctx.client) {
         let msg = "Too many sign-in attempts from your address. Wait a minute and try again.";
         return login_again(StatusCode::TOO_MANY_REQUESTS, &headers, next, "", msg);
+    }
+    if gw.mitigation.lockdown() && !lockdown_admin(gw, username).await {
+        // No password check and no session for anyone but administrators; the same page for
+        // unknown users, so this tells nothing about accounts.
+        let pw = pw.to_string();
+        let _ = tokio::task::spawn_blocking(move || crate::identity::password::verify_dummy(&pw)).await;
+        let ev = Event::LockedDown { user: None, path: "/.poort/login".into(), client: ctx.client.to_string() };
+        if let Err(e) = gw.audit.record(ev).await {
+            tracing::error!(error = %e, "Audit write failed");
+        }
+        return crate::gateway::maintenance_page(ctx.id);
     }
     // Same work and the same answer whether the user exists, is locked, or typed a wrong
     // password.

@@ -385,6 +385,9 @@ pub(crate) async fn passwordless_finish(gw: &Gateway, ctx: Ctx, req: Request<Inc
     let Some((user, locked, stored)) = found else {
         return refuse(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     };
+    if gw.mitigation.lockdown() && !super::lockdown_admin(gw, &user).await {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "the gateway is closed for maintenance");
+    }
     let result =
         wa.finish_discoverable_authentication_v2(&body.credential, state, &stored.passkey).map_err(|e| e.to_string());
     let ok = !locked && verify_and_touch(gw, &user, result).await;

@@ -96,6 +96,12 @@ CREATE TABLE lockouts (
 ALTER TABLE users ADD COLUMN handle BLOB;
 CREATE UNIQUE INDEX users_handle ON users(handle);
 "#,
+    r#"
+CREATE TABLE settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"#,
 ];
 
 #[derive(Clone)]
@@ -427,6 +433,20 @@ impl Store {
         let rows =
             stmt.query_map([seq], |r| Ok(Revocation { seq: r.get(0)?, session_id: r.get(1)?, user: r.get(2)? }))?;
         rows.collect()
+    }
+
+    pub fn setting(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+        conn.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0)).optional()
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map(|_| ())
+        })
     }
 
     pub fn last_revocation(&self) -> anyhow::Result<i64> {

@@ -6,6 +6,7 @@ mod flow;
 mod front_door;
 mod harness;
 mod mfa;
+mod mitigate;
 mod passkey;
 mod proxy;
 mod tls;
