@@ -133,3 +133,112 @@ mod tests {
         }
     }
 }
+
+/// The differential oracle (SECURITY.md): whatever target the front door accepts, an
+/// upstream that reads paths in the worst way we know of must land on the same app, so the
+/// app poort routed (and decided policy) for is the app that serves the request.
+#[cfg(test)]
+mod oracle {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::Upstream;
+    use crate::policy::Access;
+    use crate::request::Target;
+
+    fn lenient_decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' && i + 2 < b.len() {
+                if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                    out.push(v);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(b[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// RFC 3986 §5.2.4 remove_dot_segments, on an absolute path.
+    fn remove_dot_segments(path: &str) -> String {
+        let mut out: Vec<&str> = Vec::new();
+        for seg in path.split('/').skip(1) {
+            match seg {
+                "." => {}
+                ".." => {
+                    out.pop();
+                }
+                s => out.push(s),
+            }
+        }
+        let mut p = format!("/{}", out.join("/"));
+        if path.ends_with("/.") || path.ends_with("/..") {
+            p.push('/');
+        }
+        p
+    }
+
+    /// Decode twice, `\` as `/`, drop `;` parameters, merge `//`, resolve dots, lower-case.
+    fn worst_case(raw_path: &str) -> String {
+        let p = lenient_decode(&lenient_decode(raw_path)).replace('\\', "/");
+        let p: Vec<String> = p.split('/').map(|seg| seg.split(';').next().unwrap_or("").to_string()).collect();
+        let mut p = p.join("/");
+        while p.contains("//") {
+            p = p.replace("//", "/");
+        }
+        remove_dot_segments(&p).to_lowercase()
+    }
+
+    fn app(prefix: &str) -> App {
+        App {
+            name: "a".into(),
+            title: "a".into(),
+            description: String::new(),
+            upstream: Upstream::Whoami,
+            route: Route::Path { prefix: prefix.into(), strip: false },
+            access: Access::Authenticated,
+            mfa: false,
+        }
+    }
+
+    fn token() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "/", "//", "wiki", "WIKI", "admin", "public", "x", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%25",
+            "%252e", ";", ";x=1", "\\", "%00", "%41", "%c3%a9", "é", "%c0%ae", "~", "a.b", ".poort", "%3b", "?", "#",
+        ])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+        #[test]
+        fn accepted_targets_land_on_the_same_app(tokens in prop::collection::vec(token(), 1..12)) {
+            let raw = format!("/{}", tokens.concat());
+            let routes = Routes::new("gate", &[app("/wiki/"), app("/wiki/admin/"), app("/public/")]);
+            if let Ok(t) = Target::parse(&raw) {
+                let raw_path = raw.split('?').next().unwrap_or("");
+                let ours = routes.find("gate", t.path());
+                let theirs = routes.find("gate", &worst_case(raw_path));
+                if let Found::App(i) = ours {
+                    prop_assert_eq!(theirs.clone(), Found::App(i), "raw {:?} canonical {:?} worst {:?}", raw, t.path(), worst_case(raw_path));
+                }
+                // Nor can a request that reached no app reach one upstream.
+                if let Found::App(j) = theirs {
+                    prop_assert_eq!(ours, Found::App(j), "raw {:?}", raw);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_oracle_itself_sees_the_classic_confusions() {
+        assert_eq!(worst_case("/public/..;/wiki/admin/"), "/wiki/admin/");
+        assert_eq!(worst_case("/public/%252e%252e/wiki/"), "/wiki/");
+        assert_eq!(worst_case("/public\\..\\wiki/"), "/wiki/");
+        assert_eq!(worst_case("//WIKI//admin/"), "/wiki/admin/");
+    }
+}

@@ -37,6 +37,8 @@ pub enum Failure {
     Timeout,
     /// The request body was larger than allowed: 413.
     TooLarge,
+    /// The client's body was malformed (bad chunk framing): 400.
+    BadBody,
 }
 
 impl Failure {
@@ -45,6 +47,7 @@ impl Failure {
             Failure::Unreachable => StatusCode::BAD_GATEWAY,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Failure::BadBody => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -332,15 +335,24 @@ fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = src {
-        if s.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-            return Failure::TooLarge;
-        }
-        if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
-            return Failure::Timeout;
-        }
-        src = s.source();
+    let chain = || {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        std::iter::from_fn(move || {
+            let cur = next?;
+            next = cur.source();
+            Some(cur)
+        })
+    };
+    if chain().any(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some()) {
+        return Failure::TooLarge;
+    }
+    // The request body stream (the client's body) failed while it was being forwarded: bad
+    // chunk framing or a body cut short.
+    if chain().any(|s| s.downcast_ref::<hyper::Error>().is_some_and(|e| e.is_user())) {
+        return Failure::BadBody;
+    }
+    if chain().any(|s| s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)) {
+        return Failure::Timeout;
     }
     Failure::Unreachable
 }

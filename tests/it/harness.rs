@@ -57,7 +57,11 @@ impl Upstream {
                         let log = log.clone();
                         async move {
                             let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+                            // A request whose body was cut off (poort aborts a body that turns
+                            // out malformed mid-stream) never reached the app as a request.
+                            let Ok(body) = body.collect().await.map(|b| b.to_bytes().to_vec()) else {
+                                return Ok(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new())));
+                            };
                             let headers = parts
                                 .headers
                                 .iter()
@@ -460,6 +464,23 @@ access = "authenticated"
             .expect("the gateway answered in time")
             .ok();
         parse_response(&out)
+    }
+
+    /// Sends hostile bytes; returns the status (None: closed without an answer) and how many
+    /// requests the upstream received meanwhile.
+    pub async fn hostile(&self, bytes: &[u8]) -> (Option<u16>, usize) {
+        let before = self.upstream.hits();
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let mut tls = self.tls.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+        let _ = tls.write_all(bytes).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+        let status = std::str::from_utf8(&out)
+            .ok()
+            .and_then(|t| t.strip_prefix("HTTP/1.1 "))
+            .and_then(|t| t.get(..3))
+            .and_then(|c| c.parse().ok());
+        (status, self.upstream.hits() - before)
     }
 
     /// A request with `Host: localhost` and `Connection: close` plus `headers`.

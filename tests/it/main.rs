@@ -9,5 +9,8 @@ mod mfa;
 mod mitigate;
 mod passkey;
 mod proxy;
+mod security_framing;
+mod security_headers;
+mod security_paths;
 mod tls;
 mod tunnel;

@@ -1,0 +1,122 @@
+//! Trust taken from headers the client controls: identity, address and URL claims sent by a
+//! client never reach an upstream, and never change who poort thinks the client is.
+
+use crate::harness::Gate;
+
+/// (header line, the name that must not arrive, what it imitates)
+const SPOOFS: &[(&str, &str, &str)] = &[
+    ("X-Poort-User: admin", "x-poort-user", "poort's identity header"),
+    ("X_Poort_User: admin", "x_poort_user", "underscore spelling (oauth2-proxy CVE-2025-64484)"),
+    ("x-POORT-user: admin", "x-poort-user", "odd case"),
+    ("X-Poort_Groups: admins", "x-poort_groups", "mixed separators"),
+    ("X-Poort-Assertion: eyJhbGciOiJub25lIn0.e30.", "x-poort-assertion", "an unsigned assertion"),
+    ("X-Poort-Email: ceo@example.com", "x-poort-email", "email claim"),
+    ("X-Forwarded-User: admin", "x-forwarded-user", "oauth2-proxy identity"),
+    ("X_Forwarded_User: admin", "x_forwarded_user", "oauth2-proxy identity, underscores"),
+    ("X-Forwarded-Email: ceo@example.com", "x-forwarded-email", "oauth2-proxy email"),
+    ("X-Forwarded-Groups: admins", "x-forwarded-groups", "group claim"),
+    ("X-Auth-Request-User: admin", "x-auth-request-user", "auth_request identity"),
+    ("Remote-User: admin", "remote-user", "Authelia/CGI identity"),
+    ("Remote_User: admin", "remote_user", "CGI identity, underscore"),
+    ("X-Remote-User: admin", "x-remote-user", "Apache-style identity"),
+    ("Forwarded: for=\"[127.0.0.1]:8888\";by=\"[127.0.0.1]:8888\"", "forwarded", "FortiOS CVE-2022-40684"),
+    ("X-Real-IP: 127.0.0.1", "x-real-ip", "address claim"),
+    ("True-Client-IP: 127.0.0.1", "true-client-ip", "CDN address claim"),
+    ("X-Original-URL: /admin", "x-original-url", "URL rewrite header"),
+    ("X-Rewrite-URL: /admin", "x-rewrite-url", "URL rewrite header"),
+    ("X-Forwarded-Uri: /admin", "x-forwarded-uri", "forward-auth URL claim"),
+    ("X-Forwarded-Prefix: /admin", "x-forwarded-prefix", "prefix claim"),
+];
+
+#[tokio::test]
+async fn identity_address_and_url_claims_are_stripped() {
+    let gate = Gate::start().await;
+    let s = gate.login("bob").await;
+    for (line, name, what) in SPOOFS {
+        let req = format!(
+            "GET /app/x HTTP/1.1\r\nHost: localhost\r\nCookie: __Host-poort={s}\r\n{line}\r\nConnection: close\r\n\r\n"
+        );
+        let (status, hits) = gate.hostile(req.as_bytes()).await;
+        assert_eq!((status, hits), (Some(200), 1), "{what}");
+        let seen = gate.upstream.last();
+        let spoofed_value = line.split_once(": ").unwrap().1;
+        for (k, v) in &seen.headers {
+            assert!(!(k == name && v == spoofed_value), "{what}: {k}: {v} reached the upstream");
+        }
+        assert_eq!(seen.header("x-poort-user"), Some("bob"), "{what}");
+        assert_eq!(seen.header("x-poort-groups"), Some(""), "{what}");
+        assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"), "{what}");
+    }
+}
+
+/// Anonymous requests with identity claims get no further than any anonymous request.
+#[tokio::test]
+async fn claims_without_a_session_open_nothing() {
+    let gate = Gate::start().await;
+    for (line, _, what) in SPOOFS {
+        let req = format!(
+            "GET /app/x HTTP/1.1\r\nHost: localhost\r\n{line}\r\nUser-Agent: Report Runner\r\nConnection: close\r\n\r\n"
+        );
+        let (status, hits) = gate.hostile(req.as_bytes()).await;
+        assert_eq!((status, hits), (Some(401), 0), "{what}");
+    }
+    // PAN-OS CVE-2024-0012: a header that "turns the auth check off".
+    let req = b"GET /app/ HTTP/1.1\r\nHost: localhost\r\nX-PAN-AUTHCHECK: off\r\nConnection: close\r\n\r\n";
+    assert_eq!(gate.hostile(req).await, (Some(401), 0));
+}
+
+/// Hop-by-hop stripping cannot be used to remove poort's own headers (F5 CVE-2022-1388).
+#[tokio::test]
+async fn connection_cannot_strip_poorts_headers() {
+    let gate = Gate::start().await;
+    let s = gate.login("bob").await;
+    for named in [
+        "X-Poort-User",
+        "X-Poort-Assertion",
+        "X-Forwarded-For",
+        "Host",
+        "X-Poort-User, X-Poort-Groups, X-Poort-Assertion",
+    ] {
+        let req = format!(
+            "GET /app/x HTTP/1.1\r\nHost: localhost\r\nCookie: __Host-poort={s}\r\nConnection: keep-alive, {named}\r\nConnection: close\r\n\r\n"
+        );
+        let (status, hits) = gate.hostile(req.as_bytes()).await;
+        assert_eq!((status, hits), (Some(200), 1), "{named}");
+        let seen = gate.upstream.last();
+        assert_eq!(seen.header("x-poort-user"), Some("bob"), "{named}");
+        assert!(seen.header("x-poort-assertion").is_some(), "{named}");
+        assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"), "{named}");
+    }
+}
+
+/// X-Forwarded-For from a peer that is not a configured proxy is not believed.
+#[tokio::test]
+async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let gate = Gate::start().await;
+    let _ = gate
+        .hostile(b"GET /pub/ HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 10.9.8.7\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(gate.upstream.last().header("x-forwarded-for"), Some("127.0.0.1"));
+    // ...and so cannot dodge the per-address limits: 31 logins "from" 31 addresses are one.
+    let mut last = 0;
+    for i in 0..31 {
+        let (cookie, field) = gate.login_form().await;
+        let body = format!("username=bob&password=wrong%20password%20here&csrf={field}");
+        let xff = format!("10.0.0.{i}");
+        let r = gate
+            .request(
+                "POST",
+                "/.poort/login",
+                &[
+                    ("Origin", crate::harness::ORIGIN),
+                    ("Content-Type", "application/x-www-form-urlencoded"),
+                    ("Cookie", &format!("__Host-poort-csrf={cookie}")),
+                    ("X-Forwarded-For", &xff),
+                ],
+                body.as_bytes(),
+            )
+            .await;
+        last = r.status;
+    }
+    assert_eq!(last, 429, "the limit counts the real peer");
+}
