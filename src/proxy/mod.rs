@@ -362,6 +362,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn apps_cannot_set_poorts_cookies() {
+        let mut h = HeaderMap::new();
+        h.append(header::SET_COOKIE, HeaderValue::from_static("__Host-poort=planted; Path=/; Secure"));
+        h.append(header::SET_COOKIE, HeaderValue::from_static(" __Host-poort-csrf=x; Path=/; Secure"));
+        h.append(header::SET_COOKIE, HeaderValue::from_static("app_session=1; Path=/"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-internal"));
+        h.append("x-internal", HeaderValue::from_static("secret"));
+        h.append("keep-alive", HeaderValue::from_static("timeout=5"));
+        clean_response_headers(&mut h, false);
+        let cookies: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(cookies, [HeaderValue::from_static("app_session=1; Path=/")]);
+        assert!(h.get("x-internal").is_none() && h.get("keep-alive").is_none() && h.get(header::CONNECTION).is_none());
+    }
+
+    #[test]
     fn spoofable_names() {
         for n in [
             "x-poort-user",
