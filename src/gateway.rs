@@ -249,19 +249,24 @@ impl Gateway {
             }
             Decision::Authenticate { step_up } => self.needs_login(&ctx, &req, step_up),
             Decision::Deny(reason) => {
-                let s = ctx.session.as_ref().expect("invariant: policy denies only identified users");
-                let ev = Event::AccessDenied {
-                    user: s.identity.user.clone(),
-                    session: s.id.clone(),
-                    app: app.name.clone(),
-                    reason: reason.to_string(),
-                    client: ctx.client.to_string(),
-                };
-                if let Err(e) = self.audit.record(ev).await {
-                    tracing::error!(request = %ctx.id, error = %e, "Audit write failed");
-                }
+                self.audit_denied(&ctx, &app.name, reason).await;
                 error_page(StatusCode::FORBIDDEN, ctx.id)
             }
+        }
+    }
+
+    /// Records a policy refusal (for an app or a tunnel).
+    pub async fn audit_denied(&self, ctx: &Ctx, resource: &str, reason: policy::DenyReason) {
+        let s = ctx.session.as_ref().expect("invariant: policy denies only identified users");
+        let ev = Event::AccessDenied {
+            user: s.identity.user.clone(),
+            session: s.id.clone(),
+            app: resource.to_string(),
+            reason: reason.to_string(),
+            client: ctx.client.to_string(),
+        };
+        if let Err(e) = self.audit.record(ev).await {
+            tracing::error!(request = %ctx.id, error = %e, "Audit write failed");
         }
     }
 

@@ -127,17 +127,7 @@ pub async fn open(gw: &Gateway, ctx: Ctx, mut req: Request<Incoming>, name: &str
             );
         }
         Decision::Deny(reason) => {
-            let s = ctx.session.as_ref().expect("invariant: policy denies only identified users");
-            let ev = Event::AccessDenied {
-                user: s.identity.user.clone(),
-                session: s.id.clone(),
-                app: t.name.clone(),
-                reason: reason.to_string(),
-                client: ctx.client.to_string(),
-            };
-            if let Err(e) = gw.audit.record(ev).await {
-                tracing::error!(error = %e, "Audit write failed");
-            }
+            gw.audit_denied(&ctx, &t.name, reason).await;
             return refuse(StatusCode::FORBIDDEN, &format!("denied by policy: {reason}"));
         }
     };

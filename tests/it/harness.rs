@@ -444,10 +444,15 @@ access = "authenticated"
 
     /// Opens a TLS connection to the gateway.
     pub async fn connect(&self, alpn: &[&[u8]]) -> tokio_rustls::client::TlsStream<TcpStream> {
-        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        self.try_connect(alpn).await.unwrap()
+    }
+
+    /// Opens a TLS connection to the gateway; an error if the handshake fails.
+    pub async fn try_connect(&self, alpn: &[&[u8]]) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.addr).await?;
         let mut cfg = (**self.tls.config()).clone();
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
+        TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from("localhost").unwrap(), tcp).await
     }
 
     /// Sends exact bytes and reads the response until the gateway closes the connection.

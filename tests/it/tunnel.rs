@@ -40,15 +40,20 @@ fn poort(home: &TempDir) -> Command {
 fn listen(home: &TempDir, name: &str) -> (Reaped, u16) {
     let mut child =
         poort(home).args(["connect", name, "--listen", "127.0.0.1:0"]).stderr(Stdio::piped()).spawn().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let mut seen = String::new();
-    let mut byte = [0u8; 1];
-    while !seen.contains('\n') {
-        assert_eq!(err.read(&mut byte).unwrap(), 1, "poort connect exited: {seen}");
-        seen.push(byte[0] as char);
-    }
+    let seen = read_until(child.stderr.as_mut().unwrap(), "\n");
     let port = seen.split("127.0.0.1:").nth(1).and_then(|p| p.split(';').next()).and_then(|p| p.parse().ok());
     (Reaped(child), port.unwrap_or_else(|| panic!("no port in {seen:?}")))
+}
+
+/// Reads a child's output until `marker` appears (the child must still be running).
+fn read_until(out: &mut impl Read, marker: &str) -> String {
+    let mut seen = String::new();
+    let mut byte = [0u8; 1];
+    while !seen.contains(marker) {
+        assert_eq!(out.read(&mut byte).unwrap(), 1, "the command exited early: {seen}");
+        seen.push(byte[0] as char);
+    }
+    seen
 }
 
 fn sha256(data: &[u8]) -> Vec<u8> {
@@ -72,13 +77,7 @@ async fn device_sign_in_then_a_bulk_transfer_arrives_intact() {
         .spawn()
         .unwrap();
     // Read the code the command line shows, as a person would from the terminal.
-    let mut err = login.stderr.take().unwrap();
-    let mut shown = String::new();
-    let mut byte = [0u8; 1];
-    while !shown.contains("Waiting") {
-        assert_eq!(err.read(&mut byte).unwrap(), 1, "poort login exited: {shown}");
-        shown.push(byte[0] as char);
-    }
+    let shown = read_until(login.stderr.as_mut().unwrap(), "Waiting");
     let code = shown.split("?code=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
     let page = gate.get(&format!("/.poort/device?code={code}"), Some(&browser)).await;
     assert_eq!(page.status, 200);
