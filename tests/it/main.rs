@@ -12,5 +12,6 @@ mod proxy;
 mod security_framing;
 mod security_headers;
 mod security_paths;
+mod security_session;
 mod tls;
 mod tunnel;
