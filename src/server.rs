@@ -20,7 +20,7 @@ use crate::store::Store;
 use crate::{listen, whoami};
 
 /// How often a gateway looks for revocations made by other processes.
-pub const REVOCATION_POLL: Duration = Duration::from_millis(250);
+pub const REVOCATION_POLL: Duration = Duration::from_millis(100);
 
 /// A running gateway.
 pub struct Running {

@@ -26,7 +26,7 @@ async fn only_the_exact_token_is_a_session() {
         "%00".repeat(15),
         base64_standard(&real),
     ];
-    for token in cases {
+    for token in cases.into_iter().filter(|t| *t != real) {
         let cookie = format!("__Host-poort={token}");
         let r = gate.request("GET", "/app/", &[("Cookie", &cookie)], b"").await;
         assert!(matches!(r.status, 400 | 401), "{token:?} was taken for a session: {}", r.status);
