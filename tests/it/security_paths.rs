@@ -52,6 +52,8 @@ const CASES: &[(&str, &str)] = &[
     ("/app//../staff/", "empty segment then dot-dot"),
     ("/.poort/../staff/", "traversal out of the portal prefix"),
     ("/.poort/%2e%2e/staff/", "encoded traversal out of the portal prefix"),
+    ("/.poort%2f../staff/", "Pomerium CVE-2023-33189 (the proxy's own prefix, encoded)"),
+    ("/%2epoort/../staff/", "the portal prefix with an encoded dot"),
     ("/app/%u002e%u002e/staff/", "IIS %u encoding"),
     ("/app/%%32%65%%32%65/staff/", "nested percent encoding"),
     ("/app/%2/x", "truncated escape"),
