@@ -112,6 +112,12 @@ async fn rules_test_explains_without_a_gateway() {
     assert!(out.contains("rule vpns-path matches"), "{out}");
 }
 
+/// Signs a rules file with the publisher's key, as the publisher would.
+fn sign(key: &std::path::Path, file: &std::path::Path) -> bool {
+    let bin = env!("CARGO_BIN_EXE_poort");
+    std::process::Command::new(bin).args(["rules", "sign", "--key"]).arg(key).arg(file).status().unwrap().success()
+}
+
 #[tokio::test]
 async fn only_signed_rule_bundles_are_applied_when_a_key_is_configured() {
     let keys = crate::harness::TempDir::new();
@@ -123,15 +129,7 @@ async fn only_signed_rule_bundles_are_applied_when_a_key_is_configured() {
     let gate_dir = crate::harness::TempDir::new();
     let file = gate_dir.0.join("rules.toml");
     std::fs::write(&file, FIRST).unwrap();
-    assert!(
-        std::process::Command::new(bin)
-            .args(["rules", "sign", "--key"])
-            .arg(&key)
-            .arg(&file)
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(sign(&key, &file), "poort rules sign failed");
     let verify =
         std::process::Command::new(bin).args(["rules", "verify", "--public-key", &public]).arg(&file).output().unwrap();
     assert!(String::from_utf8_lossy(&verify.stdout).contains("signature good"));
@@ -151,15 +149,7 @@ async fn only_signed_rule_bundles_are_applied_when_a_key_is_configured() {
     .await;
     assert_eq!(gate.get("/vpns/x", None).await.status, 403);
     // Signed by the publisher, it applies.
-    assert!(
-        std::process::Command::new(bin)
-            .args(["rules", "sign", "--key"])
-            .arg(&key)
-            .arg(&file)
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(sign(&key, &file), "poort rules sign failed");
     eventually("the signed bundle to apply", Duration::from_secs(3), async || {
         gate.get("/vpns/x", None).await.status == 404
     })
