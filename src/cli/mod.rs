@@ -335,7 +335,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
 fn check(path: &Path) -> i32 {
     match config::load(path) {
         Ok(cfg) => {
-            println!("{}: ok ({} apps)", path.display(), cfg.apps.len());
+            let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+            println!(
+                "{}: ok ({}, {})",
+                path.display(),
+                count(cfg.apps.len(), "app"),
+                count(cfg.tunnels.len(), "tunnel")
+            );
             0
         }
         Err(problems) => {
