@@ -260,6 +260,33 @@ impl Collector {
         }
     }
 
+    /// An app's or tunnel's name; a placeholder (`#i`) keeps later problems addressable.
+    fn name(&mut self, kind: &str, i: usize, raw: Option<String>, invalid: &str, missing_hint: &str) -> String {
+        match raw {
+            Some(n) if valid_name(&n) => n,
+            Some(n) => {
+                self.add(format!("{kind}[{i}].name"), format!("{n:?} {invalid}"), "use 1-64 of a-z, 0-9, - and _");
+                format!("#{i}")
+            }
+            None => {
+                self.add(format!("{kind}[{i}].name"), "missing", missing_hint);
+                format!("#{i}")
+            }
+        }
+    }
+
+    /// `mfa = "required" | "inherit"` (the default inherits `[mfa] required`).
+    fn mfa(&mut self, key: &str, raw: Option<&str>, default: bool) -> Option<bool> {
+        match raw {
+            None | Some("inherit") => Some(default),
+            Some("required") => Some(true),
+            Some(other) => {
+                self.add(format!("{key}.mfa"), format!("{other:?} is not a choice"), "\"required\" or \"inherit\"");
+                None
+            }
+        }
+    }
+
     fn socket(&mut self, path: &str, raw: &str) -> Option<SocketAddr> {
         match raw.parse() {
             Ok(a) => Some(a),
@@ -518,17 +545,8 @@ fn valid_name(s: &str) -> bool {
 }
 
 fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, mfa_default: bool) -> Option<App> {
-    let name = match app.name {
-        Some(n) if valid_name(&n) => n,
-        Some(n) => {
-            c.add(format!("app[{i}].name"), format!("{n:?} is not a valid app name"), "use 1-64 of a-z, 0-9, - and _");
-            format!("#{i}")
-        }
-        None => {
-            c.add(format!("app[{i}].name"), "missing", "every app needs a name, for example name = \"wiki\"");
-            format!("#{i}")
-        }
-    };
+    let name =
+        c.name("app", i, app.name, "is not a valid app name", "every app needs a name, for example name = \"wiki\"");
     let key = format!("app[{name}]");
     let upstream = match app.upstream.as_deref() {
         None => {
@@ -604,14 +622,7 @@ fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, m
         }
         Some(v) => resolve_access(c, &key, v),
     };
-    let mfa = match app.mfa.as_deref() {
-        None | Some("inherit") => Some(mfa_default),
-        Some("required") => Some(true),
-        Some(other) => {
-            c.add(format!("{key}.mfa"), format!("{other:?} is not a choice"), "\"required\" or \"inherit\"");
-            None
-        }
-    };
+    let mfa = c.mfa(&key, app.mfa.as_deref(), mfa_default);
     Some(App {
         mfa: mfa?,
         title: app.title.unwrap_or_else(|| name.clone()),
@@ -624,17 +635,8 @@ fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, m
 }
 
 fn resolve_tunnel(c: &mut Collector, i: usize, t: file::Tunnel, mfa_default: bool) -> Option<Tunnel> {
-    let name = match t.name {
-        Some(n) if valid_name(&n) => n,
-        Some(n) => {
-            c.add(format!("tunnel[{i}].name"), format!("{n:?} is not a valid name"), "use 1-64 of a-z, 0-9, - and _");
-            format!("#{i}")
-        }
-        None => {
-            c.add(format!("tunnel[{i}].name"), "missing", "every tunnel needs a name, for example name = \"db\"");
-            format!("#{i}")
-        }
-    };
+    let name =
+        c.name("tunnel", i, t.name, "is not a valid name", "every tunnel needs a name, for example name = \"db\"");
     let key = format!("tunnel[{name}]");
     let target = match t.target.as_deref() {
         Some(raw) if valid_target(raw) => Some(raw.to_ascii_lowercase()),
@@ -661,14 +663,7 @@ fn resolve_tunnel(c: &mut Collector, i: usize, t: file::Tunnel, mfa_default: boo
     if access == Some(Access::Public) {
         c.add(format!("{key}.access"), "a tunnel cannot be public", "use \"authenticated\" or { rules = [...] }");
     }
-    let mfa = match t.mfa.as_deref() {
-        None | Some("inherit") => Some(mfa_default),
-        Some("required") => Some(true),
-        Some(other) => {
-            c.add(format!("{key}.mfa"), format!("{other:?} is not a choice"), "\"required\" or \"inherit\"");
-            None
-        }
-    };
+    let mfa = c.mfa(&key, t.mfa.as_deref(), mfa_default);
     Some(Tunnel {
         title: t.title.unwrap_or_else(|| name.clone()),
         description: t.description.unwrap_or_default(),
