@@ -7,10 +7,15 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 
+use crate::proxy::PooledBody;
+
 #[derive(Debug)]
 pub enum Body {
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    /// A pooled upstream connection's response.
+    Upstream(PooledBody),
+    /// A response on a connection of its own.
+    Direct(Incoming),
 }
 
 impl Body {
@@ -43,6 +48,7 @@ impl hyper::body::Body for Body {
         match self.get_mut() {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Upstream(inner) => Pin::new(inner).poll_frame(cx),
+            Body::Direct(inner) => Pin::new(inner).poll_frame(cx),
         }
     }
 
@@ -50,6 +56,7 @@ impl hyper::body::Body for Body {
         match self {
             Body::Full(b) => b.is_none(),
             Body::Upstream(inner) => inner.is_end_stream(),
+            Body::Direct(inner) => inner.is_end_stream(),
         }
     }
 
@@ -57,6 +64,7 @@ impl hyper::body::Body for Body {
         match self {
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Upstream(inner) => inner.size_hint(),
+            Body::Direct(inner) => inner.size_hint(),
         }
     }
 }

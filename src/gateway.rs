@@ -81,7 +81,7 @@ impl Gateway {
     ) -> anyhow::Result<Gateway> {
         let Parts { signer, sealer, mitigation, whoami } = parts;
         let sessions = Sessions::new(store.clone(), clock.clone(), cfg.session, cfg.apps.len())?;
-        let proxy = Proxy::new(cfg.proxy, signer, whoami);
+        let proxy = Proxy::new(cfg.proxy, cfg.server.workers, signer, whoami);
         let routes = Routes::new(&cfg.server.portal_host, &cfg.apps);
         let portal = portal::State::new(&cfg, sealer)?;
         // Request ids: a random start, then counting; unique per process and cheap to make.
@@ -108,15 +108,15 @@ impl Gateway {
         // request::check: one canonical target and host, bounded headers, strict framing.
         let front = match request::check(req.method(), req.uri(), req.version(), req.headers()) {
             Ok(f) => f,
-            Err(r) => return self.reject(r.status(), r.code(), client, id).await,
+            Err(r) => return Box::pin(self.reject(r.status(), r.code(), client, id)).await,
         };
         if front.content_length.is_some_and(|n| n > self.cfg.proxy.max_body_bytes) {
-            return self.reject(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", client, id).await;
+            return Box::pin(self.reject(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", client, id)).await;
         }
         // route: portal, an app, or nothing.
         let found = self.routes.find(&front.host, front.target.path());
         if found == Found::UnknownHost {
-            return self.reject(StatusCode::MISDIRECTED_REQUEST, "unknown_host", client, id).await;
+            return Box::pin(self.reject(StatusCode::MISDIRECTED_REQUEST, "unknown_host", client, id)).await;
         }
         // mitigate::check: the operator's emergency rules, before any session work.
         let app = match found {
@@ -135,7 +135,7 @@ impl Gateway {
         match self.mitigation.check(&facts) {
             Verdict::Pass => {}
             verdict => {
-                if let Some(resp) = self.mitigated(verdict, &front, client, id).await {
+                if let Some(resp) = Box::pin(self.mitigated(verdict, &front, client, id)).await {
                     return resp;
                 }
             }
@@ -148,14 +148,15 @@ impl Gateway {
                 path: front.target.path().chars().take(256).collect(),
                 client: client.to_string(),
             };
-            if let Err(e) = self.audit.record(ev).await {
+            if let Err(e) = Box::pin(self.audit.record(ev)).await {
                 tracing::error!(error = %e, "Audit write failed");
             }
             return maintenance_page(id);
         }
         let ctx = Ctx { id, front, client, session };
         match found {
-            Found::Portal { on_portal_host } => portal::serve(&self, ctx, on_portal_host, req).await,
+            // Cold paths are boxed so that the future of every request stays small.
+            Found::Portal { on_portal_host } => Box::pin(portal::serve(&self, ctx, on_portal_host, req)).await,
             Found::App(i) => self.app(i, ctx, req).await,
             Found::AddSlash(i) => match &self.cfg.apps[i].route {
                 Route::Path { prefix, .. } => {
@@ -227,7 +228,7 @@ impl Gateway {
                             app: app.name.clone(),
                             client: ctx.client.to_string(),
                         };
-                        if let Err(e) = self.audit.record(ev).await {
+                        if let Err(e) = Box::pin(self.audit.record(ev)).await {
                             tracing::error!(request = %ctx.id, error = %e, "Audit unavailable; refusing");
                             return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
                         }
@@ -249,7 +250,7 @@ impl Gateway {
             }
             Decision::Authenticate { step_up } => self.needs_login(&ctx, &req, step_up),
             Decision::Deny(reason) => {
-                self.audit_denied(&ctx, &app.name, reason).await;
+                Box::pin(self.audit_denied(&ctx, &app.name, reason)).await;
                 error_page(StatusCode::FORBIDDEN, ctx.id)
             }
         }
@@ -301,7 +302,7 @@ impl Gateway {
                 let why = if idle { "idle timeout" } else { "absolute timeout" };
                 let ev =
                     Event::SessionExpired { user: s.identity.user.clone(), session: s.id.clone(), why: why.into() };
-                if let Err(e) = self.audit.record(ev).await {
+                if let Err(e) = Box::pin(self.audit.record(ev)).await {
                     tracing::error!(error = %e, "Audit write failed");
                 }
                 None

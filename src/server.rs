@@ -81,7 +81,36 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     let until_stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let mut tasks = vec![tokio::spawn(listen::serve(gateway.clone(), listener, tls, until_stop(stopped.clone())))];
+    let mut tasks = Vec::new();
+    let limits = listen::Limits::new(&cfg.server);
+    let listener = listener.into_std().context("preparing the listener for the workers")?;
+    for worker in 0..cfg.server.workers {
+        let listener = listener.try_clone().context("sharing the listener with a worker")?;
+        let (gw, tls, limits, stopped) = (gateway.clone(), tls.clone(), limits.clone(), stopped.clone());
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("poort-worker-{worker}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => return tracing::error!(error = %e, worker, "Starting a worker failed"),
+                };
+                rt.block_on(async move {
+                    crate::proxy::set_worker(worker);
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => listen::serve(gw, l, tls, limits, until_stop(stopped)).await,
+                        Err(e) => tracing::error!(error = %e, worker, "A worker could not use the listener"),
+                    }
+                });
+                // Ends the worker's remaining tasks before reporting it finished.
+                drop(rt);
+                drop(done);
+            })
+            .context("starting a worker thread")?;
+        tasks.push(tokio::spawn(async move {
+            let _ = finished.await;
+        }));
+    }
     if let Some(l) = redirect {
         tasks.push(tokio::spawn(listen::serve_redirect(l, cfg.server.clone(), until_stop(stopped.clone()))));
     }

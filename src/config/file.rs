@@ -89,6 +89,8 @@ pub struct Server {
     pub max_connections: Option<usize>,
     /// Open connections from one client address at most. Default 256.
     pub max_connections_per_client: Option<usize>,
+    /// Threads that serve connections. Default: one per CPU core.
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

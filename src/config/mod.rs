@@ -126,6 +126,8 @@ pub struct Server {
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     pub max_connections_per_client: usize,
+    /// Threads serving connections, each with its own event loop and upstream pool.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -349,7 +351,11 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         shutdown_grace: c.duration("server.shutdown_grace", &f.server.shutdown_grace, Duration::from_secs(10)),
         max_connections: f.server.max_connections.unwrap_or(20_000),
         max_connections_per_client: f.server.max_connections_per_client.unwrap_or(256),
+        workers: f.server.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     };
+    if server.workers == 0 || server.workers > 256 {
+        c.add("server.workers", "must be between 1 and 256", "leave it out for one per CPU core");
+    }
     if server.max_connections == 0 {
         c.add("server.max_connections", "must be at least 1", "leave it out for the default of 20000");
     }

@@ -111,19 +111,33 @@ fn http_builder(server: &Server) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The connection limits, shared by every worker that accepts on the same address.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    slots: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
+}
+
+impl Limits {
+    pub fn new(server: &Server) -> Limits {
+        Limits { slots: Arc::new(Semaphore::new(server.max_connections)), per_client: Arc::default() }
+    }
+}
+
 /// Serves HTTPS on `listener` until `shutdown` completes, then drains for `shutdown_grace`.
+/// Several workers may serve clones of one listener; they share `limits`.
 pub async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
     tls: Arc<ServerConfig>,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
     let server = gw.cfg.server.clone();
     let acceptor = TlsAcceptor::from(tls);
     let builder = Arc::new(http_builder(&server));
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(server.max_connections));
-    let per_client = Arc::new(PerClient::default());
+    let Limits { slots, per_client } = limits;
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {

@@ -4,6 +4,7 @@
 //! assertion added last, poort's cookies never forwarded). Bodies stream both ways.
 
 pub mod assertion;
+mod pool;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -12,9 +13,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::Limited;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 use crate::body::Body;
 use crate::clock::UnixTime;
@@ -25,6 +24,7 @@ use crate::request::Target;
 use crate::session::{Session, cookie};
 
 pub use assertion::Signer;
+pub use pool::PooledBody;
 
 type UpstreamBody = Limited<Incoming>;
 
@@ -52,8 +52,18 @@ impl Failure {
     }
 }
 
+thread_local! {
+    /// The worker this thread serves as, if it is one (server::start).
+    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Marks the calling thread as worker `i`: its requests use the worker's own upstream pool.
+pub fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(Some(i)));
+}
+
 pub struct Proxy {
-    client: Client<HttpConnector, UpstreamBody>,
+    pools: pool::Pools,
     settings: ProxySettings,
     signer: Arc<Signer>,
     /// Where the built-in demo app listens, when an app uses it.
@@ -139,15 +149,9 @@ fn connection_named(headers: &HeaderMap) -> Vec<String> {
 }
 
 impl Proxy {
-    pub fn new(settings: ProxySettings, signer: Arc<Signer>, whoami: Option<String>) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .pool_max_idle_per_host(512)
-            .build(connector);
-        Proxy { client, settings, signer, whoami }
+    pub fn new(settings: ProxySettings, workers: usize, signer: Arc<Signer>, whoami: Option<String>) -> Proxy {
+        let pools = pool::Pools::new(workers, settings.connect_timeout);
+        Proxy { pools, settings, signer, whoami }
     }
 
     pub fn signer(&self) -> &Signer {
@@ -210,9 +214,8 @@ impl Proxy {
             Route::Path { prefix, strip: true } => &target.path()[prefix.len() - 1..],
             _ => target.path(),
         };
-        let mut uri = String::with_capacity(8 + authority.len() + base.len() + path.len() + 32);
-        uri.push_str("http://");
-        uri.push_str(authority);
+        // Origin form: the connection already goes to the upstream, and Host names it.
+        let mut uri = String::with_capacity(base.len() + path.len() + 32);
         uri.push_str(base);
         uri.push_str(&target.forward_form(path));
 
@@ -272,29 +275,52 @@ impl Proxy {
         }
         let out =
             out.body(Limited::new(body, self.settings.max_body_bytes as usize)).map_err(|_| Failure::Unreachable)?;
-        let mut resp = match tokio::time::timeout(self.settings.response_timeout, self.client.request(out)).await {
+        if let Some(client_upgrade) = client_upgrade {
+            return self.upgrade(authority, out, client_upgrade).await;
+        }
+        let worker = WORKER.with(|w| w.get());
+        let resp =
+            match tokio::time::timeout(self.settings.response_timeout, self.pools.send(worker, authority, out)).await {
+                Err(_) => return Err(Failure::Timeout),
+                Ok(r) => r?,
+            };
+        let (mut parts, body) = resp.into_parts();
+        clean_response_headers(&mut parts.headers, false);
+        Ok(Response::from_parts(parts, Body::Upstream(body)))
+    }
+
+    /// A WebSocket request: on its own connection (never pooled), spliced to the client's
+    /// once the upstream agrees to switch protocols.
+    async fn upgrade(
+        &self,
+        authority: &str,
+        out: Request<UpstreamBody>,
+        client_upgrade: hyper::upgrade::OnUpgrade,
+    ) -> Result<Response<Body>, Failure> {
+        let (mut sender, conn) = pool::connect(authority, self.settings.connect_timeout).await?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        let mut resp = match tokio::time::timeout(self.settings.response_timeout, sender.send_request(out)).await {
             Err(_) => return Err(Failure::Timeout),
             Ok(Err(e)) => return Err(classify(&e)),
             Ok(Ok(r)) => r,
         };
-
-        if let Some(client_upgrade) = client_upgrade {
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    if let (Ok(a), Ok(b)) = (client_upgrade.await, upstream_upgrade.await) {
-                        let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-                    }
-                });
-                let (mut parts, _) = resp.into_parts();
-                clean_response_headers(&mut parts.headers, true);
-                return Ok(Response::from_parts(parts, Body::empty()));
-            }
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let (mut parts, body) = resp.into_parts();
+            clean_response_headers(&mut parts.headers, false);
+            return Ok(Response::from_parts(parts, Body::Direct(body)));
         }
-        let (mut parts, body) = resp.into_parts();
-        clean_response_headers(&mut parts.headers, false);
-        Ok(Response::from_parts(parts, Body::Upstream(body)))
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(a), Ok(b)) = (client_upgrade.await, upstream_upgrade.await) {
+                let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            }
+        });
+        let (mut parts, _) = resp.into_parts();
+        clean_response_headers(&mut parts.headers, true);
+        Ok(Response::from_parts(parts, Body::empty()))
     }
 }
 
@@ -334,7 +360,7 @@ fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+fn classify(e: &hyper::Error) -> Failure {
     let chain = || {
         let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
         std::iter::from_fn(move || {

@@ -195,3 +195,60 @@ async fn the_audit_log_records_first_access_per_session_and_app() {
     eventually("audit writes", std::time::Duration::from_secs(1), async || gate.audit("access_allowed").len() == 2)
         .await;
 }
+
+/// Upstream connections are kept alive and reused: sequential requests need at most one
+/// connection per worker.
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let gate = Gate::start_with("workers = 2").await;
+    let session = gate.login("alice").await;
+    for i in 0..20 {
+        let r = gate.get(&format!("/app/n{i}"), Some(&session)).await;
+        assert_eq!((r.status, r.text()), (200, "upstream ok".to_string()));
+    }
+    assert_eq!(gate.upstream.hits(), 20);
+    let opened = gate.upstream.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=2).contains(&opened), "{opened} upstream connections for 20 sequential requests");
+}
+
+/// An upstream that closes kept-alive connections behind poort's back (a short keep-alive
+/// timeout) costs nothing but a new connection: every request still gets its answer.
+#[tokio::test]
+async fn a_connection_the_upstream_closed_is_not_reused() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n) = s.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                // A keep-alive answer, then a silent close a moment later.
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            });
+        }
+    });
+    let tables = format!(
+        "[[app]]\nname = \"flaky\"\nupstream = \"http://{addr}\"\npath = \"/flaky/\"\naccess = \"authenticated\"\n"
+    );
+    let gate = Gate::start_config("workers = 1", &tables).await;
+    let session = gate.login("alice").await;
+    for i in 0..5 {
+        let r = gate.get(&format!("/flaky/{i}"), Some(&session)).await;
+        assert_eq!((r.status, r.text()), (200, "ok".to_string()), "request {i}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5, "a closed connection was not replaced");
+}

@@ -1,0 +1,121 @@
+//! Micro-benchmarks of the pure per-request stages (bench/README.md). `cargo bench --bench
+//! hotpath` measures; `cargo test --benches` (as CI does) runs each once, checking that it
+//! still works, without timing anything.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use futures_util::FutureExt;
+use http::{HeaderMap, HeaderValue, Method, Uri, Version, header};
+
+use poort::clock::{Clock, SystemClock};
+use poort::config::{self, Config, SessionTimeouts};
+use poort::identity::Identity;
+use poort::policy::{self, Decision, Subject};
+use poort::request::{self, Target};
+use poort::route::{Found, Routes};
+use poort::session::{self, Sessions};
+use poort::store::Store;
+
+/// A config with `n` path apps, each with a group rule and a deny rule.
+fn config(n: usize) -> Config {
+    let mut text = String::from(
+        "[server]\nlisten = \"127.0.0.1:8443\"\nexternal_url = \"https://gate.example.org\"\n[store]\ndata_dir = \".\"\n",
+    );
+    for i in 0..n {
+        text.push_str(&format!(
+            "[[app]]\nname = \"app{i}\"\nupstream = \"http://10.0.{}.{}:8080\"\npath = \"/team{}/app{i}/\"\n\
+             access = {{ rules = [ {{ effect = \"allow\", groups = [\"staff\", \"team{}\"] }}, \
+             {{ effect = \"deny\", users = [\"mallory\"] }} ] }}\n",
+            i / 250,
+            i % 250,
+            i % 7,
+            i % 7
+        ));
+    }
+    config::parse(&text, Path::new("/tmp")).expect("the benchmark config is valid")
+}
+
+const TARGET: &str = "/team3/app423/api/v2/projects/42/issues?state=open&sort=updated";
+
+fn stages(c: &mut Criterion) {
+    c.bench_function("normalise a target", |b| b.iter(|| Target::parse(black_box(TARGET)).is_ok()));
+
+    let uri: Uri = TARGET.parse().expect("valid uri");
+    let mut headers = HeaderMap::new();
+    headers.insert(header::HOST, HeaderValue::from_static("gate.example.org"));
+    headers.insert(header::USER_AGENT, HeaderValue::from_static("Mozilla/5.0 (X11; Linux x86_64)"));
+    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    headers.insert(header::COOKIE, HeaderValue::from_static("theme=dark; __Host-poort=abc"));
+    c.bench_function("check a request head", |b| {
+        b.iter(|| request::check(&Method::GET, black_box(&uri), Version::HTTP_11, black_box(&headers)).is_ok())
+    });
+
+    let cfg = config(500);
+    let routes = Routes::new(&cfg.server.portal_host, &cfg.apps);
+    let path = Target::parse(TARGET).expect("valid target");
+    assert_eq!(routes.find("gate.example.org", path.path()), Found::App(423));
+    c.bench_function("route among 500 apps", |b| {
+        b.iter(|| routes.find(black_box("gate.example.org"), black_box(path.path())))
+    });
+
+    let alice = Identity {
+        user: "alice".into(),
+        email: Some("alice@example.org".into()),
+        groups: vec!["staff".into(), "team3".into(), "vpn".into()],
+    };
+    let app = &cfg.apps[423];
+    assert!(matches!(
+        policy::evaluate(423, &app.access, app.mfa, Some(Subject { identity: &alice, mfa: false })),
+        Decision::Allow(_)
+    ));
+    c.bench_function("evaluate policy", |b| {
+        b.iter(|| {
+            let who = Subject { identity: black_box(&alice), mfa: false };
+            matches!(policy::evaluate(423, &app.access, app.mfa, Some(who)), Decision::Allow(_))
+        })
+    });
+
+    let token = session::new_token();
+    let cookie_header = format!("theme=dark; lang=nl; __Host-poort={}; _ga=GA1.2.3", token.cookie_value);
+    c.bench_function("decode the session cookie", |b| {
+        b.iter(|| {
+            let v =
+                session::cookie::find(std::iter::once(black_box(cookie_header.as_bytes())), session::SESSION_COOKIE);
+            v.and_then(session::cookie::decode_token).map(|raw| session::hash_token(&raw))
+        })
+    });
+
+    let (sessions, value) = signed_in();
+    c.bench_function("session cache hit", |b| {
+        b.iter(|| {
+            let found = sessions.lookup(black_box(&value)).now_or_never();
+            assert!(matches!(found, Some(Ok(_))), "a cache hit completes without waiting");
+        })
+    });
+}
+
+/// A session store with one signed-in user whose session is already in the cache.
+fn signed_in() -> (Sessions, String) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let dir = std::env::temp_dir().join(format!("poort-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let store = Store::open(&dir.join("poort.db")).expect("store");
+    store.add_user("alice", None, "x", &["staff".into()], 0).expect("user");
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let timeouts =
+        SessionTimeouts { idle: std::time::Duration::from_secs(1800), absolute: std::time::Duration::from_secs(43200) };
+    let sessions = Sessions::new(store, clock, timeouts, 500).expect("sessions");
+    let value = rt.block_on(async {
+        let (_, token) = sessions.create("alice", "gate.example.org", "127.0.0.1".into(), "bench".into()).await?;
+        sessions.lookup(&token.cookie_value).await.map_err(|_| anyhow::anyhow!("fresh session not found"))?;
+        anyhow::Ok(token.cookie_value)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    (sessions, value.expect("sign in"))
+}
+
+criterion_group!(benches, stages);
+criterion_main!(benches);

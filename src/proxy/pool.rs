@@ -1,0 +1,237 @@
+//! Upstream connections: HTTP/1.1 keep-alive, one pool per worker thread and upstream
+//! address. A connection is driven by the request that borrowed it (while waiting for the
+//! response head) and then by the response body as the client reads it; it goes back to its
+//! pool when the body has ended. There is no task per connection and no hand-over between
+//! threads: on a request's path nothing waits for another core (bench/README.md).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::{Failure, UpstreamBody, classify};
+
+type Conn = Connection<TokioIo<TcpStream>, UpstreamBody>;
+
+/// Idle connections kept per worker and upstream address at most.
+const MAX_IDLE: usize = 256;
+/// An idle connection older than this is closed rather than reused.
+const IDLE_FOR: Duration = Duration::from_secs(60);
+
+/// One borrowed upstream connection.
+struct Lease {
+    sender: SendRequest<UpstreamBody>,
+    conn: Pin<Box<Conn>>,
+    /// Where it goes back to.
+    home: Arc<Mutex<Idle>>,
+    authority: Arc<str>,
+}
+
+struct Parked {
+    lease: Lease,
+    since: Instant,
+}
+
+/// One worker's idle connections by upstream address.
+#[derive(Default)]
+struct Idle(HashMap<Arc<str>, Vec<Parked>>);
+
+pub struct Pools {
+    /// One per worker; the last serves threads that are not workers.
+    workers: Box<[Arc<Mutex<Idle>>]>,
+    connect_timeout: Duration,
+}
+
+impl Pools {
+    pub fn new(workers: usize, connect_timeout: Duration) -> Pools {
+        Pools { workers: (0..=workers).map(|_| Arc::default()).collect(), connect_timeout }
+    }
+
+    fn home(&self, worker: Option<usize>) -> &Arc<Mutex<Idle>> {
+        let last = self.workers.len() - 1;
+        &self.workers[worker.map_or(last, |i| i.min(last))]
+    }
+
+    /// Sends `req` to `authority` on a pooled connection (a new one if none is idle) and
+    /// returns the response head; its body keeps the connection until it ends.
+    pub async fn send(
+        &self,
+        worker: Option<usize>,
+        authority: &str,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, Failure> {
+        let home = self.home(worker);
+        // A parked connection the upstream has meanwhile closed gives the request back
+        // unsent; then try the next one, and finally a fresh connection.
+        loop {
+            let (mut lease, fresh) = match take_idle(home, authority) {
+                Some(l) => (l, false),
+                None => (self.connect(home, authority).await?, true),
+            };
+            match lease.send(req).await {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    let body = PooledBody { body, lease: Some(lease) };
+                    return Ok(Response::from_parts(parts, body));
+                }
+                Err(SendError::Unsent(r)) if !fresh => req = *r,
+                Err(SendError::Unsent(_)) => return Err(Failure::Unreachable),
+                Err(SendError::Failed(e)) => return Err(classify(&e)),
+            }
+        }
+    }
+
+    async fn connect(&self, home: &Arc<Mutex<Idle>>, authority: &str) -> Result<Lease, Failure> {
+        let (sender, conn) = connect(authority, self.connect_timeout).await?;
+        Ok(Lease { sender, conn: Box::pin(conn), home: home.clone(), authority: authority.into() })
+    }
+}
+
+/// Opens a new HTTP/1.1 connection to `authority` (`host:port`).
+pub async fn connect(authority: &str, timeout: Duration) -> Result<(SendRequest<UpstreamBody>, Conn), Failure> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
+        Err(_) => return Err(Failure::Timeout),
+        Ok(Err(e)) => {
+            tracing::debug!(upstream = authority, error = %e, "Connecting to the upstream failed");
+            return Err(Failure::Unreachable);
+        }
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|_| Failure::Unreachable)
+}
+
+fn take_idle(home: &Mutex<Idle>, authority: &str) -> Option<Lease> {
+    let mut idle = home.lock().ok()?;
+    let list = idle.0.get_mut(authority)?;
+    while let Some(mut p) = list.pop() {
+        if p.since.elapsed() < IDLE_FOR && p.lease.usable() {
+            return Some(p.lease);
+        }
+    }
+    None
+}
+
+enum SendError {
+    /// The connection was closed before the request was written; here it is back.
+    Unsent(Box<Request<UpstreamBody>>),
+    Failed(hyper::Error),
+}
+
+impl Lease {
+    /// Polls the connection once without waiting: true if it is open and ready for a request.
+    fn usable(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        if self.conn.as_mut().poll(&mut cx).is_ready() {
+            return false;
+        }
+        matches!(self.sender.poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
+
+    /// Writes the request and waits for the response head, driving the connection meanwhile.
+    async fn send(&mut self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
+        let mut response = std::pin::pin!(self.sender.try_send_request(req));
+        let mut conn_done = false;
+        std::future::poll_fn(|cx| {
+            if !conn_done {
+                // Ends with the connection: the pending response then fails or completes.
+                conn_done = self.conn.as_mut().poll(cx).is_ready();
+            }
+            match response.as_mut().poll(cx) {
+                Poll::Ready(Ok(resp)) => Poll::Ready(Ok(resp)),
+                Poll::Ready(Err(mut e)) => Poll::Ready(Err(match e.take_message() {
+                    Some(req) => SendError::Unsent(Box::new(req)),
+                    None => SendError::Failed(e.into_error()),
+                })),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Parks the connection for the next request, if it can take one.
+    fn release(mut self) {
+        if !self.usable() {
+            return;
+        }
+        let home = self.home.clone();
+        let Ok(mut idle) = home.lock() else { return };
+        let now = Instant::now();
+        let list = idle.0.entry(self.authority.clone()).or_default();
+        // The oldest is first: close it if it has idled too long.
+        if list.first().is_some_and(|p| now - p.since >= IDLE_FOR) {
+            list.remove(0);
+        }
+        if list.len() < MAX_IDLE {
+            list.push(Parked { lease: self, since: now });
+        }
+    }
+}
+
+/// An upstream response body. While it streams it also drives its connection; at its end the
+/// connection goes back to the pool. Dropped early (the client went away), the connection is
+/// closed, since the rest of the response is still on it.
+pub struct PooledBody {
+    body: Incoming,
+    lease: Option<Lease>,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PooledBody")
+    }
+}
+
+impl PooledBody {
+    fn finish(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
+    }
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(lease) = &mut this.lease {
+            if lease.conn.as_mut().poll(cx).is_ready() {
+                // Closed or failed: the body below reports how it ended; nothing to park.
+                this.lease = None;
+            }
+        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            this.finish();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // A body without content (HEAD, 204, 304) may never be polled.
+        if self.body.is_end_stream() {
+            self.finish();
+        }
+    }
+}
