@@ -336,6 +336,23 @@ fn is_websocket(version: Version, headers: &HeaderMap) -> bool {
 /// Drops hop-by-hop headers from an upstream response, and any attempt by an app to set
 /// poort's own cookies (an app on the portal host could otherwise fix a session).
 fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
+    // One look at the names first: an ordinary response has nothing to remove.
+    let suspicious = headers.iter().any(|(name, value)| {
+        matches!(
+            name.as_str(),
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+                | "proxy-authenticate"
+        ) || (name == header::SET_COOKIE && value.as_bytes().trim_ascii_start().starts_with(b"__Host-poort"))
+    });
+    if !suspicious {
+        return;
+    }
     let named = connection_named(headers);
     for n in named {
         if !(upgrade && n == "upgrade") {
