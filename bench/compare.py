@@ -482,7 +482,7 @@ def run(a, d, procs):
     cert = os.path.join(d, "poort-data/tls/cert.pem")
     key = os.path.join(d, "poort-data/tls/key.pem")
     poort_cfg = poort_config(d, ports)
-    env = dict(os.environ, POORT_LOG="warn")
+    env = dict(os.environ, POORT_LOG="warn,rustls=error")
     password = "correct horse battery staple 42"
     subprocess.run(
         [a.poort, "user", "add", "alice", "--config", poort_cfg, "--group", "staff", "--password-stdin"],
@@ -544,6 +544,9 @@ def run(a, d, procs):
             url, hdrs = targets[t]
             print(f"{t} (pids {' '.join(map(str, pids[t]))}): wrk -t1 -c64 -d10s " + " ".join(f"-H '{h}'" for h in hdrs) + f" {url}small")
         sys.stdout.flush()
+        # Blocked first, so that the signal is waited for instead of killing the script
+        # before it stops what it started.
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT, signal.SIGTERM])
         signal.sigwait([signal.SIGINT, signal.SIGTERM])
         return ""
 
