@@ -45,6 +45,10 @@ pub struct Gateway {
     pub portal: portal::State,
     pub tunnels: Arc<crate::tunnel::Tunnels>,
     pub mitigation: Mitigation,
+    /// The LDAP / Active Directory source of users, if configured.
+    pub directory: Option<crate::identity::ldap::Directory>,
+    /// OpenID Connect providers for single sign-on.
+    pub oidc: crate::identity::oidc::Providers,
     request_ids: AtomicU64,
 }
 
@@ -84,6 +88,8 @@ impl Gateway {
         let proxy = Proxy::new(cfg.proxy, cfg.server.workers, signer, whoami);
         let routes = Routes::new(&cfg.server.portal_host, &cfg.apps);
         let portal = portal::State::new(&cfg, sealer)?;
+        let directory = cfg.auth.ldap.clone().map(crate::identity::ldap::Directory::new).transpose()?;
+        let oidc = crate::identity::oidc::Providers::new(&cfg.auth.oidc, &cfg.server.external_origin)?;
         // Request ids: a random start, then counting; unique per process and cheap to make.
         let start = u64::from_be_bytes(session::random_bytes());
         Ok(Gateway {
@@ -97,6 +103,8 @@ impl Gateway {
             portal,
             tunnels: Arc::default(),
             mitigation,
+            directory,
+            oidc,
             request_ids: AtomicU64::new(start),
         })
     }

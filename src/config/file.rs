@@ -26,6 +26,9 @@ pub struct File {
     pub tunnels: Tunnels,
     #[serde(default)]
     pub mitigate: Mitigate,
+    /// Directory and single sign-on sources of users.
+    #[serde(default)]
+    pub auth: super::auth::AuthFile,
     /// TCP services (SSH, RDP, databases) reached through `poort connect`.
     #[serde(default, rename = "tunnel")]
     pub tunnel_list: Vec<Tunnel>,

@@ -2,6 +2,7 @@
 //! refused); `resolve` checks all of it and returns either a `Config` the rest of poort can
 //! trust, or every problem found, each with its key path and a hint.
 
+pub mod auth;
 pub mod file;
 
 use std::fmt;
@@ -58,6 +59,7 @@ pub struct Config {
     pub tunnel: TunnelSettings,
     pub tunnels: Vec<Tunnel>,
     pub mitigate: Mitigate,
+    pub auth: auth::Auth,
 }
 
 #[derive(Debug, Clone)]
@@ -524,9 +526,24 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
     if f.mitigate.require_signature == Some(true) && mitigate.rules_file.is_none() {
         c.add("mitigate.rules_file", "missing", "require_signature applies to a rules file: name it");
     }
+    let auth = auth::resolve(&mut c, f.auth, base);
 
     if c.0.is_empty() {
-        Ok(Config { server, tls, data_dir, database, session, proxy, mfa, login, apps, tunnel, tunnels, mitigate })
+        Ok(Config {
+            server,
+            tls,
+            data_dir,
+            database,
+            session,
+            proxy,
+            mfa,
+            login,
+            apps,
+            tunnel,
+            tunnels,
+            mitigate,
+            auth,
+        })
     } else {
         Err(Problems(c.0))
     }

@@ -1,7 +1,9 @@
 //! Who a person is: local users and groups, and password hashing with argon2id.
 //! Directory (LDAP) and single sign-on (OIDC) sources will sit beside the local one.
 
+pub mod ldap;
 pub mod mfa;
+pub mod oidc;
 pub mod passkey;
 pub mod password;
 pub mod seal;

@@ -80,34 +80,105 @@ pub(crate) fn attempt_allowed(gw: &Gateway, client: IpAddr) -> bool {
     ok
 }
 
+/// The outcome of a password check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PasswordCheck {
+    /// Right; the user's poort name (a directory may spell it differently than typed).
+    Right(String),
+    /// Wrong password, unknown, locked or disabled user, or not allowed to sign in.
+    Wrong,
+    /// The directory that holds the user did not answer.
+    DirectoryDown,
+}
+
 /// Checks a password with the lockout applied: a locked or unknown account costs the same
 /// hashing work and gets the same `false` as a wrong password. Failures count towards the
 /// lock; a success clears the count.
 pub(crate) async fn check_password(gw: &Gateway, user: &str, pw: &str, client: IpAddr) -> bool {
-    let now = gw.clock.now();
-    let (locked, hash) = if valid_name(user) {
-        let name = user.to_string();
-        gw.store
-            .run(move |c| Ok((mfa::locked(c, &name, now)?, Store::password_hash(c, &name)?)))
-            .await
-            .unwrap_or((true, None))
-    } else {
-        (true, None)
-    };
-    let pw = pw.to_string();
-    let ok = tokio::task::spawn_blocking(move || match (locked, hash) {
-        (false, Some(h)) => password::verify(&pw, &h),
-        _ => {
-            password::verify_dummy(&pw);
-            false
-        }
-    })
-    .await
-    .unwrap_or(false);
-    if valid_name(user) {
-        settle(gw, user, ok, client).await;
+    matches!(password_check(gw, user, pw, client).await, PasswordCheck::Right(_))
+}
+
+/// As `check_password`, telling a directory outage apart. Local accounts are checked first;
+/// a name poort does not know as a local account goes to the directory, if one is configured.
+pub(crate) async fn password_check(gw: &Gateway, user: &str, pw: &str, client: IpAddr) -> PasswordCheck {
+    if !valid_name(user) {
+        let pw = pw.to_string();
+        let _ = tokio::task::spawn_blocking(move || password::verify_dummy(&pw)).await;
+        return PasswordCheck::Wrong;
     }
-    ok
+    let now = gw.clock.now();
+    let name = user.to_string();
+    let (locked, hash, source) = gw
+        .store
+        .run(move |c| Ok((mfa::locked(c, &name, now)?, Store::password_hash(c, &name)?, Store::user_source(c, &name)?)))
+        .await
+        .unwrap_or((true, None, None));
+    let directory_user = match &source {
+        None => true,
+        Some((s, disabled)) => s == "ldap" && !disabled,
+    };
+    let outcome = match (&gw.directory, hash) {
+        (Some(dir), None) if directory_user && !locked => directory_check(gw, dir, user, pw, client).await,
+        (_, hash) => {
+            let pw = pw.to_string();
+            let ok = tokio::task::spawn_blocking(move || match (locked, hash) {
+                (false, Some(h)) => password::verify(&pw, &h),
+                _ => {
+                    password::verify_dummy(&pw);
+                    false
+                }
+            })
+            .await
+            .unwrap_or(false);
+            if ok { PasswordCheck::Right(user.to_string()) } else { PasswordCheck::Wrong }
+        }
+    };
+    // An outage is not the user's fault: it does not count towards a lock.
+    if outcome != PasswordCheck::DirectoryDown {
+        settle(gw, user, matches!(outcome, PasswordCheck::Right(_)), client).await;
+    }
+    outcome
+}
+
+/// Checks the password in the directory and records the user as the directory sees them.
+async fn directory_check(
+    gw: &Gateway,
+    dir: &crate::identity::ldap::Directory,
+    user: &str,
+    pw: &str,
+    client: IpAddr,
+) -> PasswordCheck {
+    use crate::identity::ldap::Refusal;
+    match dir.authenticate(user, pw).await {
+        Ok(du) => {
+            let (now, synced) = (gw.clock.now(), du.clone());
+            let result = gw
+                .store
+                .run(move |c| {
+                    Store::sync_external(c, &synced.name, synced.email.as_deref(), "ldap", &synced.groups, now)
+                })
+                .await;
+            match result {
+                Ok(true) => PasswordCheck::Right(du.name),
+                Ok(false) => {
+                    tracing::warn!(user = %du.name, "A directory user has the name of a local account; refused");
+                    PasswordCheck::Wrong
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Recording a directory user failed");
+                    PasswordCheck::Wrong
+                }
+            }
+        }
+        Err(Refusal::Unavailable(why)) => {
+            tracing::error!(error = %why, client = %client, "The directory is unavailable; sign-in refused");
+            PasswordCheck::DirectoryDown
+        }
+        Err(why) => {
+            tracing::info!(user = %user, reason = %why, "Directory sign-in refused");
+            PasswordCheck::Wrong
+        }
+    }
 }
 
 /// Records the outcome of one factor check for the lockout, auditing a lock.

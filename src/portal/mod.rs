@@ -6,6 +6,7 @@
 mod device;
 mod mfa;
 mod passkey;
+mod sso;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -80,6 +81,8 @@ impl State {
 #[derive(Template)]
 #[template(path = "login.html")]
 struct LoginPage<'a> {
+    /// Single sign-on providers: (name, button title).
+    providers: &'a [(String, String)],
     csrf: &'a str,
     next: &'a str,
     username: &'a str,
@@ -236,6 +239,10 @@ pub async fn serve(gw: &Gateway, ctx: Ctx, on_portal_host: bool, req: Request<In
         (true, p) if get && p.starts_with("/.poort/tunnel/") => {
             let name = p["/.poort/tunnel/".len()..].to_string();
             crate::tunnel::open(gw, ctx, req, &name).await
+        }
+        (true, p) if get && p.starts_with("/.poort/oidc/") => {
+            let rest = p["/.poort/oidc/".len()..].to_string();
+            sso::serve(gw, ctx, req, &rest).await
         }
         (true, "/.poort/login/passkey/start") if post => passkey::passwordless_start(gw, ctx, req).await,
         (true, "/.poort/login/passkey/finish") if post => passkey::passwordless_finish(gw, ctx, req).await,
@@ -411,13 +418,23 @@ async fn login_form(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Respons
         Next::Portal => String::new(),
         _ => next,
     };
-    let page = LoginPage { csrf: &csrf, next: &next, username: "", error: None };
+    let providers = gw.oidc.buttons();
+    let page = LoginPage { providers: &providers, csrf: &csrf, next: &next, username: "", error: None };
     with_csrf_cookie(html(StatusCode::OK, &page), &csrf, new)
 }
 
-fn login_again(status: StatusCode, headers: &HeaderMap, next: &str, username: &str, error: &str) -> Response<Body> {
+fn login_again(
+    gw: &Gateway,
+    status: StatusCode,
+    headers: &HeaderMap,
+    next: &str,
+    username: &str,
+    error: &str,
+) -> Response<Body> {
     let (csrf, new) = csrf_for_page(headers);
-    with_csrf_cookie(html(status, &LoginPage { csrf: &csrf, next, username, error: Some(error) }), &csrf, new)
+    let providers = gw.oidc.buttons();
+    let page = LoginPage { providers: &providers, csrf: &csrf, next, username, error: Some(error) };
+    with_csrf_cookie(html(status, &page), &csrf, new)
 }
 
 async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
@@ -427,11 +444,18 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     let (username, pw, next) = (field("username").trim(), field("password"), field("next"));
     if !form_is_genuine(gw, &headers, &form) {
-        return login_again(StatusCode::FORBIDDEN, &headers, next, "", "The sign-in form expired. Please try again.");
+        return login_again(
+            gw,
+            StatusCode::FORBIDDEN,
+            &headers,
+            next,
+            "",
+            "The sign-in form expired. Please try again.",
+        );
     }
     if !mfa::attempt_allowed(gw, ctx.client) {
         let msg = "Too many sign-in attempts from your address. Wait a minute and try again.";
-        return login_again(StatusCode::TOO_MANY_REQUESTS, &headers, next, "", msg);
+        return login_again(gw, StatusCode::TOO_MANY_REQUESTS, &headers, next, "", msg);
     }
     if gw.mitigation.lockdown() && !lockdown_admin(gw, username).await {
         // No password check and no session for anyone but administrators; the same page for
@@ -446,15 +470,23 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
     }
     // Same work and the same answer whether the user exists, is locked, or typed a wrong
     // password.
-    let ok = mfa::check_password(gw, username, pw, ctx.client).await;
+    let checked = mfa::password_check(gw, username, pw, ctx.client).await;
     let client = ctx.client.to_string();
     let shown_user = if valid_name(username) { username.to_string() } else { "(invalid name)".to_string() };
-    if !ok {
-        tracing::info!(client = %client, user = %shown_user, "Login failed");
-        let _ = gw.audit.record(Event::LoginFailed { user: shown_user, client }).await;
-        let shown = if valid_name(username) { username } else { "" };
-        return login_again(StatusCode::UNAUTHORIZED, &headers, next, shown, "Wrong username or password.");
-    }
+    let username = match checked {
+        mfa::PasswordCheck::Right(name) => name,
+        failed => {
+            tracing::info!(client = %client, user = %shown_user, "Login failed");
+            let _ = gw.audit.record(Event::LoginFailed { user: shown_user, client }).await;
+            let shown = if valid_name(username) { username } else { "" };
+            if failed == mfa::PasswordCheck::DirectoryDown {
+                let msg = "The user directory cannot be reached, so poort cannot check your password. Try again in a few minutes; if it persists, tell your IT helpdesk.";
+                return login_again(gw, StatusCode::SERVICE_UNAVAILABLE, &headers, next, shown, msg);
+            }
+            return login_again(gw, StatusCode::UNAUTHORIZED, &headers, next, shown, "Wrong username or password.");
+        }
+    };
+    let username = username.as_str();
     // A new token at every login; a session the browser already had ends here.
     if let Some(old) = &ctx.session {
         let _ = gw.sessions.end(&old.id).await;
@@ -569,14 +601,20 @@ async fn logout(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body
     if !form_is_genuine(gw, &headers, &form) {
         return error_page(StatusCode::FORBIDDEN, ctx.id);
     }
+    let mut provider_logout = None;
     if let Some(s) = &ctx.session {
+        // Read before the session row goes: a single sign-on session also ends at the provider.
+        provider_logout = sso::logout_url(gw, &s.id).await;
         let _ = gw.sessions.end(&s.id).await;
         let ev = Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: ctx.client.to_string() };
         if let Err(e) = gw.audit.record(ev).await {
             tracing::error!(error = %e, "Audit write failed");
         }
     }
-    let mut resp = to_login(gw);
+    let mut resp = match provider_logout {
+        Some(url) => redirect(StatusCode::SEE_OTHER, &url),
+        None => to_login(gw),
+    };
     *resp.status_mut() = StatusCode::SEE_OTHER;
     clear_session_cookie(&mut resp);
     resp

@@ -74,6 +74,18 @@ pub fn clear_session() -> String {
     format!("{SESSION_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0")
 }
 
+/// Ties a single sign-on in flight to the browser that started it. Lax, so that it comes back
+/// with the provider's redirect.
+pub const SSO_COOKIE: &str = "__Host-poort-sso";
+
+pub fn set_sso(value: &str) -> String {
+    format!("{SSO_COOKIE}={value}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=600")
+}
+
+pub fn clear_sso() -> String {
+    format!("{SSO_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0")
+}
+
 pub fn set_csrf(value: &str) -> String {
     format!("{CSRF_COOKIE}={value}; Path=/; Secure; HttpOnly; SameSite=Strict")
 }

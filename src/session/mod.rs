@@ -88,9 +88,10 @@ impl Session {
         self.last_seen.fetch_max(now, Ordering::Relaxed);
     }
 
-    /// Whether the session was opened or stepped up with a second factor.
+    /// Whether the session was opened or stepped up with a second factor. `pwd` (a password)
+    /// and `ext` (an identity provider that did not vouch for a second factor) are one factor.
     pub fn mfa(&self) -> bool {
-        self.factors.split(' ').any(|f| !f.is_empty() && f != "pwd")
+        self.factors.split(' ').any(|f| !f.is_empty() && f != "pwd" && f != "ext")
     }
 
     /// The factors as `amr` values for an assertion.

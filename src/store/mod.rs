@@ -102,6 +102,9 @@ CREATE TABLE settings (
     value TEXT NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE sessions ADD COLUMN logout_url TEXT;
+"#,
 ];
 
 #[derive(Clone)]
@@ -329,6 +332,69 @@ impl Store {
             tx.execute("INSERT INTO revocations (user, at) VALUES (?1, ?2)", params![name, now])?;
             tx.commit()
         })
+    }
+
+    /// Where signing out of a session also ends its identity provider session.
+    pub fn set_logout_url(conn: &Connection, session: &str, url: &str) -> rusqlite::Result<()> {
+        conn.execute("UPDATE sessions SET logout_url = ?1 WHERE id = ?2", params![url, session]).map(|_| ())
+    }
+
+    pub fn logout_url(conn: &Connection, session: &str) -> rusqlite::Result<Option<String>> {
+        conn.query_row("SELECT logout_url FROM sessions WHERE id = ?1", [session], |r| r.get(0))
+            .optional()
+            .map(Option::flatten)
+    }
+
+    /// `source` and `disabled` of a user, if the user exists.
+    pub fn user_source(conn: &Connection, name: &str) -> rusqlite::Result<Option<(String, bool)>> {
+        conn.query_row("SELECT source, disabled FROM users WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+    }
+
+    /// Records a user who signed in through a directory or an identity provider: created on
+    /// first sight, email and groups replaced with what the source says now. Refuses (false)
+    /// when the name belongs to a user of another source, so a directory can never take over a
+    /// local account.
+    pub fn sync_external(
+        conn: &mut Connection,
+        name: &str,
+        email: Option<&str>,
+        source: &str,
+        groups: &[String],
+        now: UnixTime,
+    ) -> rusqlite::Result<bool> {
+        let tx = conn.transaction()?;
+        let existing: Option<String> =
+            tx.query_row("SELECT source FROM users WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+        match existing.as_deref() {
+            Some(s) if s != source => return Ok(false),
+            Some(_) => {
+                tx.execute("UPDATE users SET email = ?1 WHERE name = ?2", params![email, name])?;
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO users (name, email, password_hash, source, created_at) VALUES (?1, ?2, NULL, ?3, ?4)",
+                    params![name, email, source, now],
+                )?;
+            }
+        }
+        let before: Vec<String> = {
+            let mut stmt = tx.prepare("SELECT grp FROM user_groups WHERE user = ?1 ORDER BY grp")?;
+            stmt.query_map([name], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+        };
+        let mut after = groups.to_vec();
+        after.sort();
+        after.dedup();
+        if before != after {
+            tx.execute("DELETE FROM user_groups WHERE user = ?1", [name])?;
+            for g in &after {
+                tx.execute("INSERT INTO user_groups (user, grp) VALUES (?1, ?2)", params![name, g])?;
+            }
+            // Running gateways drop what they cached about the user.
+            tx.execute("INSERT INTO revocations (user, at) VALUES (?1, ?2)", params![name, now])?;
+        }
+        tx.commit()?;
+        Ok(true)
     }
 
     // ---- sessions ----------------------------------------------------------------------

@@ -231,7 +231,7 @@ impl Resp {
     }
 }
 
-fn parse_response(raw: &[u8]) -> Resp {
+pub fn parse_response(raw: &[u8]) -> Resp {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| {
         panic!("no complete response head in {:?}", String::from_utf8_lossy(raw));
     });

@@ -1,0 +1,165 @@
+//! Single sign-on pages: `/.poort/oidc/NAME/start` sends the browser to the provider,
+//! `/.poort/oidc/NAME/callback` takes it back, checks everything (identity::oidc) and opens a
+//! session for the user the provider named.
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::{Next, go_to, handoff_redirect, safe_next};
+use crate::audit::Event;
+use crate::body::Body;
+use crate::gateway::{Ctx, Gateway, error_page, redirect};
+use crate::identity::oidc::Failure;
+use crate::session::cookie;
+use crate::store::Store;
+
+/// `/.poort/oidc/NAME/ACTION`.
+pub async fn serve(gw: &Gateway, ctx: Ctx, req: Request<Incoming>, rest: &str) -> Response<Body> {
+    let Some((name, action)) = rest.split_once('/') else {
+        return error_page(StatusCode::NOT_FOUND, ctx.id);
+    };
+    let query: Vec<(String, String)> =
+        form_urlencoded::parse(ctx.front.target.query().unwrap_or("").as_bytes()).into_owned().collect();
+    let param = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    match action {
+        "start" => start(gw, &ctx, name, param("next").unwrap_or("")).await,
+        "callback" => {
+            let browser =
+                cookie::find(req.headers().get_all(header::COOKIE).iter().map(|v| v.as_bytes()), cookie::SSO_COOKIE);
+            let browser = browser.map(str::to_string);
+            match (param("code"), param("state"), param("error")) {
+                (_, _, Some(error)) => {
+                    let why = format!("the provider answered {}", error.chars().take(64).collect::<String>());
+                    failed(gw, &ctx, name, &Failure::Refused(why)).await
+                }
+                (Some(code), Some(state), None) => {
+                    let (code, state) = (code.to_string(), state.to_string());
+                    callback(gw, ctx, name, &code, &state, browser.as_deref()).await
+                }
+                _ => failed(gw, &ctx, name, &Failure::State).await,
+            }
+        }
+        _ => error_page(StatusCode::NOT_FOUND, ctx.id),
+    }
+}
+
+async fn start(gw: &Gateway, ctx: &Ctx, name: &str, next: &str) -> Response<Body> {
+    match gw.oidc.start(name, next).await {
+        Ok(Some(s)) => {
+            let mut resp = redirect(StatusCode::FOUND, &s.authorize_url);
+            if let Ok(v) = HeaderValue::from_str(&cookie::set_sso(&s.browser_cookie)) {
+                resp.headers_mut().append(header::SET_COOKIE, v);
+            }
+            resp
+        }
+        Ok(None) => error_page(StatusCode::NOT_FOUND, ctx.id),
+        Err(e) => failed(gw, ctx, name, &e).await,
+    }
+}
+
+async fn callback(
+    gw: &Gateway,
+    ctx: Ctx,
+    name: &str,
+    code: &str,
+    state: &str,
+    browser: Option<&str>,
+) -> Response<Body> {
+    let (user, next) = match gw.oidc.finish(name, code, state, browser).await {
+        Ok(v) => v,
+        Err(e) => return failed(gw, &ctx, name, &e).await,
+    };
+    let source = format!("oidc:{name}");
+    let (now, u) = (gw.clock.now(), user.clone());
+    let synced =
+        gw.store.run(move |c| Store::sync_external(c, &u.name, u.email.as_deref(), &source, &u.groups, now)).await;
+    match synced {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(user = %user.name, provider = name, "A provider user has the name of another account");
+            return failed(gw, &ctx, name, &Failure::NotAllowed).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "Recording a provider user failed");
+            return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+        }
+    }
+    if let Some(old) = &ctx.session {
+        let _ = gw.sessions.end(&old.id).await;
+    }
+    let factors = if user.mfa { "ext mfa" } else { "ext" };
+    let client = ctx.client.to_string();
+    let created =
+        gw.sessions.create_with(&user.name, &gw.cfg.server.portal_host, client.clone(), format!("sso:{name}"), factors);
+    let (id, token) = match created.await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "Creating a session failed");
+            return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+        }
+    };
+    if let Some(url) = user.logout_url.clone() {
+        let sid = id.clone();
+        if let Err(e) = gw.store.run(move |c| Store::set_logout_url(c, &sid, &url)).await {
+            tracing::warn!(error = %e, "Recording the provider's logout address failed");
+        }
+    }
+    let ev = Event::LoginSucceeded { user: user.name.clone(), session: id.clone(), client };
+    if let Err(e) = gw.audit.record(ev).await {
+        tracing::error!(error = %e, "Audit unavailable; ending the new session");
+        let _ = gw.sessions.end(&id).await;
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+    }
+    tracing::info!(user = %user.name, session = %id, provider = name, mfa = user.mfa, "Single sign-on succeeded");
+    // As after a password: with `[mfa] required`, a user with a poort factor gives it now,
+    // unless the provider already vouched for one.
+    let ask_factor = !user.mfa && gw.cfg.mfa.required && {
+        let n = user.name.clone();
+        gw.store.run(move |c| crate::identity::mfa::factors(c, &n)).await.is_ok_and(|f| f.any())
+    };
+    let mut resp = match safe_next(&next, &gw.cfg) {
+        _ if ask_factor => {
+            let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", &next).finish();
+            redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/mfa?{q}", gw.cfg.server.external_origin))
+        }
+        Next::App { host, path } => handoff_redirect(gw, &id, host, path),
+        other => go_to(gw, other),
+    };
+    for c in [cookie::set_session(&token.cookie_value), cookie::clear_sso()] {
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
+/// A failed single sign-on: audited with the reason, a short page for the user.
+async fn failed(gw: &Gateway, ctx: &Ctx, name: &str, why: &Failure) -> Response<Body> {
+    tracing::warn!(provider = name, client = %ctx.client, reason = %why, "Single sign-on failed");
+    let ev = Event::LoginFailed {
+        user: format!("(oidc:{})", name.chars().take(64).collect::<String>()),
+        client: ctx.client.to_string(),
+    };
+    let _ = gw.audit.record(ev).await;
+    let (status, message) = match why {
+        Failure::Provider(_) => (
+            StatusCode::BAD_GATEWAY,
+            "The sign-in service could not be reached. Try again in a few minutes, or sign in with a password.",
+        ),
+        Failure::NotAllowed => (StatusCode::FORBIDDEN, "Your account may not sign in to this gateway."),
+        _ => (StatusCode::BAD_REQUEST, "Single sign-on did not complete. Start again from the sign-in page."),
+    };
+    let html = crate::portal::render_error(status.as_u16(), "Sign-in failed", message, &ctx.id.to_string());
+    let mut resp = crate::gateway::page(status, "text/html; charset=utf-8", html);
+    if let Ok(v) = HeaderValue::from_str(&cookie::clear_sso()) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+/// The provider's logout address for a session that came from single sign-on.
+pub async fn logout_url(gw: &Gateway, session: &str) -> Option<String> {
+    let id = session.to_string();
+    gw.store.run(move |c| Store::logout_url(c, &id)).await.ok().flatten()
+}
