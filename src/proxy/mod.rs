@@ -92,22 +92,21 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Headers that belong to one connection (RFC 9110 §7.6.1) or that poort sets itself.
+/// Headers that belong to one connection (RFC 9110 §7.6.1), either way.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+];
+
+/// Hop-by-hop request headers, and those that poort sets itself.
 fn is_hop_or_own(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-            | "host"
-            | "http2-settings"
-    )
+    HOP_BY_HOP.contains(&name) || matches!(name, "proxy-authorization" | "host" | "http2-settings")
 }
 
 /// Headers a client could use to claim an identity, an address or a different URL. Matched
@@ -338,17 +337,8 @@ fn is_websocket(version: Version, headers: &HeaderMap) -> bool {
 fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
     // One look at the names first: an ordinary response has nothing to remove.
     let suspicious = headers.iter().any(|(name, value)| {
-        matches!(
-            name.as_str(),
-            "connection"
-                | "keep-alive"
-                | "proxy-connection"
-                | "te"
-                | "trailer"
-                | "transfer-encoding"
-                | "upgrade"
-                | "proxy-authenticate"
-        ) || (name == header::SET_COOKIE && value.as_bytes().trim_ascii_start().starts_with(b"__Host-poort"))
+        HOP_BY_HOP.contains(&name.as_str())
+            || (name == header::SET_COOKIE && value.as_bytes().trim_ascii_start().starts_with(b"__Host-poort"))
     });
     if !suspicious {
         return;
@@ -359,8 +349,9 @@ fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(n.as_str());
         }
     }
-    for h in ["keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "proxy-authenticate"] {
-        headers.remove(h);
+    // Connection and Upgrade stay on a switch of protocols; below.
+    for h in HOP_BY_HOP.iter().filter(|h| !matches!(**h, "connection" | "upgrade")) {
+        headers.remove(*h);
     }
     if !upgrade {
         headers.remove(header::CONNECTION);

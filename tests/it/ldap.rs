@@ -37,27 +37,8 @@ impl Slapd {
         std::fs::write(d.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
         std::fs::write(d.join("bind-password"), "service-account-secret\n").unwrap();
         std::fs::create_dir_all(d.join("db")).unwrap();
-        let conf = format!(
-            "include /etc/ldap/schema/core.schema\n\
-             include /etc/ldap/schema/cosine.schema\n\
-             include /etc/ldap/schema/inetorgperson.schema\n\
-             modulepath /usr/lib/ldap\n\
-             moduleload back_mdb\n\
-             moduleload memberof\n\
-             pidfile {d}/slapd.pid\n\
-             TLSCertificateFile {d}/cert.pem\n\
-             TLSCertificateKeyFile {d}/key.pem\n\
-             database mdb\n\
-             maxsize 10485760\n\
-             suffix \"{SUFFIX}\"\n\
-             rootdn \"cn=admin,{SUFFIX}\"\n\
-             rootpw admin-secret\n\
-             directory {d}/db\n\
-             overlay memberof\n\
-             access to attrs=userPassword by self read by anonymous auth by * none\n\
-             access to * by dn.exact=\"cn=poort,ou=services,{SUFFIX}\" read by * none\n",
-            d = d.display()
-        );
+        let template = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ldap/slapd.conf");
+        let conf = std::fs::read_to_string(template).unwrap().replace("@DIR@", &d.display().to_string());
         std::fs::write(d.join("slapd.conf"), conf).unwrap();
         let (ldaps, ldap) = (free_port(), free_port());
         let mut slapd = Slapd { dir, ldaps, process: None };
