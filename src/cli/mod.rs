@@ -336,11 +336,19 @@ fn check(path: &Path) -> i32 {
     match config::load(path) {
         Ok(cfg) => {
             let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+            let mut sources = vec!["local accounts".to_string()];
+            if cfg.auth.ldap.is_some() {
+                sources.push("a directory".into());
+            }
+            if !cfg.auth.oidc.is_empty() {
+                sources.push(count(cfg.auth.oidc.len(), "single sign-on provider"));
+            }
             println!(
-                "{}: ok ({}, {})",
+                "{}: ok ({}, {}; sign-in: {})",
                 path.display(),
                 count(cfg.apps.len(), "app"),
-                count(cfg.tunnels.len(), "tunnel")
+                count(cfg.tunnels.len(), "tunnel"),
+                sources.join(", ")
             );
             0
         }
@@ -568,10 +576,10 @@ fn user(cmd: UserCmd) -> anyhow::Result<i32> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{:<24} {:<8} {:<9} GROUPS", "USER", "SOURCE", "STATE");
+                println!("{:<24} {:<16} {:<9} GROUPS", "USER", "SOURCE", "STATE");
                 for u in users {
                     let state = if u.disabled { "disabled" } else { "enabled" };
-                    println!("{:<24} {:<8} {:<9} {}", u.name, u.source, state, u.groups.join(","));
+                    println!("{:<24} {:<16} {:<9} {}", u.name, u.source, state, u.groups.join(","));
                 }
             }
         }

@@ -8,8 +8,10 @@ port="${1:-6360}"
 plain=$((port + 1))
 dir=$(mktemp -d)
 trap 'kill "${pid:-0}" 2>/dev/null; rm -rf "$dir"' EXIT
+# A server certificate (not a CA: rustls refuses a CA certificate as a server's) for 127.0.0.1.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=127.0.0.1 \
-  -addext subjectAltName=IP:127.0.0.1 -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
+  -config <(printf '[req]\ndistinguished_name=dn\nx509_extensions=ext\n[dn]\n[ext]\nbasicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n') \
+  -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
 mkdir "$dir/db"
 sed "s#@DIR@#$dir#g" "$here/slapd.conf" > "$dir/slapd.conf"
 echo service-account-secret > "$dir/bind-password"
