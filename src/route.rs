@@ -68,13 +68,16 @@ impl Routes {
         } else {
             path
         };
-        // Try each segment boundary from the longest candidate down.
-        let ends: Vec<usize> =
-            path.match_indices('/').map(|(i, _)| i + 1).skip(1).take(self.longest_prefix_segments).collect();
-        for &end in ends.iter().rev() {
-            if let Some(&i) = self.prefixes.get(&path[..end]) {
+        // Try each segment boundary from the longest candidate down (no allocation: this runs
+        // on every request). The longest candidate ends at the slash after the longest prefix's
+        // last segment; the root slash is never a candidate.
+        let limit = path.match_indices('/').nth(self.longest_prefix_segments).map_or(path.len(), |(i, _)| i + 1);
+        let mut rest = &path[..limit];
+        while let Some(end) = rest.rfind('/').filter(|&end| end > 0) {
+            if let Some(&i) = self.prefixes.get(&path[..=end]) {
                 return Found::App(i);
             }
+            rest = &path[..end];
         }
         let mut with_slash = String::with_capacity(path.len() + 1);
         with_slash.push_str(path);
