@@ -75,7 +75,7 @@
 
   async function register(form) {
     const start = await post("/.poort/security/passkey/start", {
-      password: form.elements.password.value,
+      password: form.elements.password ? form.elements.password.value : "",
       name: form.elements.name.value,
       next,
     });

@@ -33,6 +33,8 @@ struct MfaPage<'a> {
 #[template(path = "security.html")]
 struct SecurityPage<'a> {
     user: &'a str,
+    /// Signed in through single sign-on: no password to ask for.
+    sso: bool,
     passkeys: Vec<PasskeyLine>,
     csrf: &'a str,
     next: &'a str,
@@ -96,6 +98,19 @@ pub(crate) enum PasswordCheck {
 /// lock; a success clears the count.
 pub(crate) async fn check_password(gw: &Gateway, user: &str, pw: &str, client: IpAddr) -> bool {
     matches!(password_check(gw, user, pw, client).await, PasswordCheck::Right(_))
+}
+
+/// How long after a single sign-on factors can be changed without a password.
+const SSO_FRESH_FOR: i64 = 300;
+
+/// Whether the user of session `s` proved who they are just now, before a factor changes: with
+/// their password (local or directory), or, for a single sign-on session, which has no
+/// password to ask for, by having signed in at the provider within the last five minutes.
+pub(crate) async fn reauthenticated(gw: &Gateway, s: &crate::session::Session, password: &str, client: IpAddr) -> bool {
+    if s.single_sign_on() {
+        return gw.clock.now() - s.created_at < SSO_FRESH_FOR;
+    }
+    check_password(gw, &s.identity.user, password, client).await
 }
 
 /// As `check_password`, telling a directory outage apart. Local accounts are checked first;
@@ -386,6 +401,7 @@ fn security_view(
     let page = SecurityPage {
         passkeys: passkeys.clone(),
         user: &s.identity.user,
+        sso: s.single_sign_on(),
         csrf: &csrf,
         next,
         totp: f.totp,
@@ -496,8 +512,13 @@ pub(crate) async fn security_change(gw: &Gateway, ctx: Ctx, req: Request<Incomin
         return continue_with(gw, &id, &token, &next);
     }
 
-    if !check_password(gw, &user, field("password"), ctx.client).await {
-        return fail(StatusCode::UNAUTHORIZED, "That password is not right.");
+    if !reauthenticated(gw, &s, field("password"), ctx.client).await {
+        let msg = if s.single_sign_on() {
+            "Your sign-in is more than five minutes old. Sign out and in again, then change your factors."
+        } else {
+            "That password is not right."
+        };
+        return fail(StatusCode::UNAUTHORIZED, msg);
     }
     match action {
         "totp" => {

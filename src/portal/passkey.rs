@@ -152,8 +152,8 @@ pub(crate) async fn register_start(gw: &Gateway, ctx: Ctx, req: Request<Incoming
     if !mfa::attempt_allowed(gw, ctx.client) {
         return refuse(StatusCode::TOO_MANY_REQUESTS, "too many attempts; wait a minute");
     }
-    if !mfa::check_password(gw, &s.identity.user, &body.password, ctx.client).await {
-        return refuse(StatusCode::UNAUTHORIZED, "that password is not right");
+    if !mfa::reauthenticated(gw, &s, &body.password, ctx.client).await {
+        return refuse(StatusCode::UNAUTHORIZED, "that password is not right, or a single sign-on is too old");
     }
     let user = s.identity.user.clone();
     let existing = {

@@ -94,6 +94,11 @@ impl Session {
         self.factors.split(' ').any(|f| !f.is_empty() && f != "pwd" && f != "ext")
     }
 
+    /// Whether the session was opened through an identity provider (it has no password).
+    pub fn single_sign_on(&self) -> bool {
+        self.factors.split(' ').any(|f| f == "ext")
+    }
+
     /// The factors as `amr` values for an assertion.
     pub fn amr(&self) -> Vec<&str> {
         self.factors.split(' ').filter(|f| !f.is_empty()).collect()
