@@ -186,11 +186,7 @@ fn sigterm_stops_the_gateway_cleanly() {
         .env("POORT_LOG", "warn")
         .spawn()
         .unwrap();
-    let start = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "the gateway did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::harness::wait_for_port(port, "the gateway", Duration::from_secs(10));
     let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let start = std::time::Instant::now();

@@ -185,6 +185,15 @@ pub fn closed_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// Waits until something accepts connections on a loopback port (a server the test started).
+pub fn wait_for_port(port: u16, what: &str, limit: Duration) {
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < limit, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A throwaway directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Gate, Reaped, TempDir};
+use crate::harness::{Gate, Reaped, TempDir, closed_port, wait_for_port};
 
 const SUFFIX: &str = "dc=example,dc=org";
 
@@ -16,16 +16,8 @@ struct Slapd {
     process: Option<Reaped>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn wait_for(port: u16) {
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "slapd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_port(port, "slapd", Duration::from_secs(10));
 }
 
 impl Slapd {
@@ -40,7 +32,7 @@ impl Slapd {
         let template = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ldap/slapd.conf");
         let conf = std::fs::read_to_string(template).unwrap().replace("@DIR@", &d.display().to_string());
         std::fs::write(d.join("slapd.conf"), conf).unwrap();
-        let (ldaps, ldap) = (free_port(), free_port());
+        let (ldaps, ldap) = (closed_port(), closed_port());
         let mut slapd = Slapd { dir, ldaps, process: None };
         slapd.run(ldap);
         let out = Command::new("ldapadd")

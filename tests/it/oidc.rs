@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{Gate, ORIGIN, Reaped, Resp, TempDir, parse_response};
+use crate::harness::{Gate, ORIGIN, Reaped, Resp, TempDir, closed_port, parse_response, wait_for_port};
 
 /// The provider process and the browser's cookies for it.
 struct Op {
@@ -26,7 +26,7 @@ impl Op {
             dir.join("node_modules/oidc-provider").exists(),
             "run `npm ci` in tests/oidc first (scripts/test does)"
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = closed_port();
         let child = Command::new("node")
             .arg(dir.join("provider.mjs"))
             .arg(port.to_string())
@@ -37,11 +37,7 @@ impl Op {
             .spawn()
             .expect("Node.js is installed");
         let process = Reaped(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "the OpenID Provider did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(port, "the OpenID Provider", Duration::from_secs(20));
         let secret = TempDir::new();
         let secret_file = secret.0.join("client-secret");
         std::fs::write(&secret_file, "poort-client-secret\n").unwrap();

@@ -214,11 +214,7 @@ async fn ssh_runs_a_command_through_the_tunnel() {
         .spawn()
         .expect("OpenSSH sshd is installed (scripts/test installs it)");
     let sshd = Reaped(sshd);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "sshd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::harness::wait_for_port(port, "sshd", Duration::from_secs(10));
 
     let tables = format!("\n[[tunnel]]\nname = \"ssh\"\ntarget = \"127.0.0.1:{port}\"\naccess = \"authenticated\"\n");
     let gate = Gate::start_config("", &tables).await;
