@@ -42,7 +42,7 @@ pub enum Command {
     /// Serve the gateway described by a config file.
     Serve(ConfigArg),
     /// Check a config file; print every problem and exit 64 if there is any.
-    Check(ConfigArg),
+    Check(CheckArgs),
     /// Manage local users.
     #[command(subcommand)]
     User(UserCmd),
@@ -94,6 +94,16 @@ pub struct ConfigArg {
     /// The config file.
     #[arg(long, short, default_value = "poort-data/poort.toml")]
     pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Also try the sign-in sources: a service bind to the directory, discovery at each
+    /// OpenID Connect provider. Exits 1 if one fails.
+    #[arg(long)]
+    pub live: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,7 +268,13 @@ pub enum AuditCmd {
 /// Runs a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Check(c) => Ok(check(&c.config)),
+        Command::Check(c) => {
+            let code = check(&c.config.config);
+            if code != 0 || !c.live {
+                return Ok(code);
+            }
+            check_live(&load_or_exit(&c.config.config)?)
+        }
         Command::Serve(c) => {
             let cfg = load_or_exit(&c.config)?;
             serve(cfg)
@@ -330,6 +346,34 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             }
         }),
     }
+}
+
+/// Tries each sign-in source once and says what answered.
+fn check_live(cfg: &Config) -> anyhow::Result<i32> {
+    runtime()?.block_on(async {
+        let mut failed = 0;
+        if let Some(l) = &cfg.auth.ldap {
+            let dir = crate::identity::ldap::Directory::new(l.clone())?;
+            match dir.ping().await {
+                Ok(()) => println!("auth.ldap: {} answered a service bind", l.url),
+                Err(e) => {
+                    failed += 1;
+                    println!("auth.ldap: {}: {e}", l.url);
+                }
+            }
+        }
+        let providers = crate::identity::oidc::Providers::new(&cfg.auth.oidc, &cfg.server.external_origin)?;
+        for (name, result) in providers.discover_all().await {
+            match result {
+                Ok(()) => println!("auth.oidc.{name}: discovery and signing keys fetched"),
+                Err(e) => {
+                    failed += 1;
+                    println!("auth.oidc.{name}: {e}");
+                }
+            }
+        }
+        Ok(if failed == 0 { 0 } else { 1 })
+    })
 }
 
 fn check(path: &Path) -> i32 {

@@ -5,7 +5,6 @@
 //! The service connection is kept and reused; every operation has a time limit.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use ldap3::{Ldap as Conn, LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry, ldap_escape};
 use tokio::sync::Mutex;
@@ -208,15 +207,10 @@ impl Directory {
         }
     }
 
-    /// Checks that the directory answers a service bind and search (for `poort check --live`
-    /// and the tests).
+    /// Checks that the directory answers a service bind (for `poort check --live`).
     pub async fn ping(&self) -> Result<(), Refusal> {
         self.drop_service().await;
         self.service().await.map(|_| ()).map_err(unavailable)
-    }
-
-    pub fn timeout(&self) -> Duration {
-        self.settings.timeout
     }
 }
 

@@ -136,6 +136,15 @@ impl Providers {
         Ok(Providers { list, pending: Mutex::new(HashMap::new()), origin: origin.to_string() })
     }
 
+    /// Fetches every provider's discovery document and keys now (for `poort check --live`).
+    pub async fn discover_all(&self) -> Vec<(String, Result<(), Failure>)> {
+        let mut out = Vec::new();
+        for p in &self.list {
+            out.push((p.settings.name.clone(), p.metadata().await.map(|_| ())));
+        }
+        out
+    }
+
     /// (name, title) of each provider, for the login page.
     pub fn buttons(&self) -> Vec<(String, String)> {
         self.list.iter().map(|p| (p.settings.name.clone(), p.settings.title.clone())).collect()

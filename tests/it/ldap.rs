@@ -174,8 +174,13 @@ async fn with_the_directory_down_sign_in_fails_clearly_and_sessions_go_on() {
     let r = gate.try_login("carol", "carol-directory-password", "").await;
     assert_eq!(r.status, 303);
     let carol = r.cookie("__Host-poort").unwrap();
+    let live = gate.cli(&["check", "--live"]);
+    assert!(live.status.success(), "{}", String::from_utf8_lossy(&live.stdout));
+    assert!(String::from_utf8_lossy(&live.stdout).contains("answered a service bind"));
 
     slapd.stop();
+    let live = gate.cli(&["check", "--live"]);
+    assert_eq!(live.status.code(), Some(1), "{}", String::from_utf8_lossy(&live.stdout));
     let r = gate.try_login("dave", "dave-directory-password", "").await;
     assert_eq!(r.status, 503);
     assert!(r.text().contains("directory cannot be reached"), "{}", r.text());

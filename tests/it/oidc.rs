@@ -145,6 +145,9 @@ async fn the_code_flow_with_pkce_signs_in_with_mapped_groups() {
     // The login page offers the provider.
     let page = gate.get("/.poort/login", None).await.text();
     assert!(page.contains("/.poort/oidc/test/start") && page.contains("Sign in with Example ID"), "{page}");
+    let live = gate.cli(&["check", "--live"]);
+    let said = String::from_utf8_lossy(&live.stdout);
+    assert!(live.status.success() && said.contains("auth.oidc.test: discovery and signing keys fetched"), "{said}");
 
     let r = sign_in(&gate, &op, "/staff/").await;
     assert_eq!(r.status, 303, "{}", r.text());
