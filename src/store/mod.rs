@@ -519,3 +519,29 @@ impl Store {
         self.with(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM revocations", [], |r| r.get(0)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outside_source_cannot_take_over_a_name_and_its_groups_follow_the_source() {
+        let dir = std::env::temp_dir().join(format!("poort-store-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("poort.db")).unwrap();
+        store.add_user("admin", None, "hash", &["admins".into()], 0).unwrap();
+        let groups = |name: &str| store.with(|c| Store::identity(c, name)).unwrap().unwrap().groups;
+        // A directory user named like the local admin is refused, and admin stays as it was.
+        let taken = store.with(|c| Store::sync_external(c, "admin", None, "ldap", &["staff".into()], 1)).unwrap();
+        assert!(!taken);
+        assert_eq!(groups("admin"), ["admins"]);
+        // A new directory user is created; a later sign-in replaces the groups.
+        assert!(store.with(|c| Store::sync_external(c, "carol", None, "ldap", &["b".into(), "a".into()], 1)).unwrap());
+        assert_eq!(groups("carol"), ["a", "b"]);
+        assert!(store.with(|c| Store::sync_external(c, "carol", None, "ldap", &["c".into()], 2)).unwrap());
+        assert_eq!(groups("carol"), ["c"]);
+        // One provider cannot take over another's user either.
+        assert!(!store.with(|c| Store::sync_external(c, "carol", None, "oidc:x", &[], 3)).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

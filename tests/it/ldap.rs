@@ -190,3 +190,19 @@ async fn with_the_directory_down_sign_in_fails_clearly_and_sessions_go_on() {
     // Local accounts still sign in.
     assert_eq!(gate.try_login("alice", crate::harness::PASSWORD, "").await.status, 303);
 }
+
+/// The login form already refuses names with filter characters; the directory client escapes
+/// them too, so a caller that skips the form cannot change the filter either.
+#[tokio::test]
+async fn the_directory_client_escapes_what_it_is_given() {
+    use poort::identity::ldap::{Directory, Refusal};
+    let slapd = Slapd::start();
+    let cfg = poort::config::parse(&slapd.config(""), std::path::Path::new("/")).unwrap();
+    let dir = Directory::new(cfg.auth.ldap.unwrap()).unwrap();
+    assert_eq!(dir.authenticate("carol", "carol-directory-password").await.map(|u| u.name), Ok("carol".into()));
+    for user in ["c*", "*", "carol)(uid=dave", "*)(uid=*))(|(uid=*", "carol\0", "ca\\72ol"] {
+        for pw in ["carol-directory-password", "dave-directory-password"] {
+            assert_eq!(dir.authenticate(user, pw).await, Err(Refusal::Wrong), "{user:?} with {pw}");
+        }
+    }
+}
