@@ -54,7 +54,7 @@ const INVALID_CREDENTIALS: u32 = 49;
 impl Directory {
     pub fn new(settings: Settings) -> anyhow::Result<Directory> {
         let tls = if settings.url.starts_with("ldaps://") || settings.start_tls {
-            Some(tls_config(settings.ca_file.as_deref())?)
+            Some(crate::identity::client_tls(settings.ca_file.as_deref())?)
         } else {
             None
         };
@@ -251,28 +251,6 @@ pub fn map_groups(map: &[(String, String)], groups: &[String]) -> Vec<String> {
     }
     out.sort();
     out
-}
-
-/// TLS settings for the directory: the operator's CA file, or the public roots.
-pub(crate) fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    use anyhow::Context;
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            for cert in CertificateDer::pem_file_iter(path).with_context(|| format!("reading {}", path.display()))? {
-                roots.add(cert.with_context(|| format!("parsing {}", path.display()))?)?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
 }
 
 #[cfg(test)]

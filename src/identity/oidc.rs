@@ -127,7 +127,7 @@ impl Providers {
             .iter()
             .map(|s| {
                 Ok(Provider {
-                    tls: crate::identity::ldap::tls_config(s.ca_file.as_deref())?,
+                    tls: crate::identity::client_tls(s.ca_file.as_deref())?,
                     settings: s.clone(),
                     discovered: tokio::sync::Mutex::new(None),
                 })

@@ -487,12 +487,32 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
         }
     };
     let username = username.as_str();
-    // A new token at every login; a session the browser already had ends here.
+    let user_agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let signed_in = SignedIn { user: username, factors: "pwd", user_agent, next, logout_url: None };
+    open_session(gw, &ctx, signed_in).await
+}
+
+/// A sign-in that succeeded, by password or at an identity provider.
+pub(crate) struct SignedIn<'a> {
+    pub user: &'a str,
+    /// `amr` values, space-separated: `pwd`, `ext`, `ext mfa`.
+    pub factors: &'a str,
+    pub user_agent: String,
+    pub next: &'a str,
+    /// Where signing out also ends the provider's session.
+    pub logout_url: Option<String>,
+}
+
+/// Opens the session for a sign-in: a new token (a session the browser already had ends
+/// here), audited before it is handed out, and the user sent on; with `[mfa] required`, a
+/// user with a second factor on file gives it first, unless the sign-in already included one.
+pub(crate) async fn open_session(gw: &Gateway, ctx: &Ctx, s: SignedIn<'_>) -> Response<Body> {
     if let Some(old) = &ctx.session {
         let _ = gw.sessions.end(&old.id).await;
     }
-    let ua = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let created = gw.sessions.create(username, &gw.cfg.server.portal_host, client.clone(), ua).await;
+    let client = ctx.client.to_string();
+    let created =
+        gw.sessions.create_with(s.user, &gw.cfg.server.portal_host, client.clone(), s.user_agent, s.factors).await;
     let (id, token) = match created {
         Ok(v) => v,
         Err(e) => {
@@ -500,22 +520,27 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
             return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
         }
     };
+    if let Some(url) = s.logout_url {
+        let sid = id.clone();
+        if let Err(e) = gw.store.run(move |c| crate::store::Store::set_logout_url(c, &sid, &url)).await {
+            tracing::warn!(error = %e, "Recording the provider's logout address failed");
+        }
+    }
     if let Err(e) =
-        gw.audit.record(Event::LoginSucceeded { user: username.to_string(), session: id.clone(), client }).await
+        gw.audit.record(Event::LoginSucceeded { user: s.user.to_string(), session: id.clone(), client }).await
     {
         tracing::error!(error = %e, "Audit unavailable; ending the new session");
         let _ = gw.sessions.end(&id).await;
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     }
-    tracing::info!(user = %username, session = %id, "Login succeeded");
-    // With `[mfa] required`, a user who has a second factor gives it right away.
-    let ask_factor = gw.cfg.mfa.required && {
-        let name = username.to_string();
+    tracing::info!(user = %s.user, session = %id, factors = s.factors, "Login succeeded");
+    let ask_factor = !session::includes_second_factor(s.factors) && gw.cfg.mfa.required && {
+        let name = s.user.to_string();
         gw.store.run(move |c| crate::identity::mfa::factors(c, &name)).await.is_ok_and(|f| f.any())
     };
-    let mut resp = match safe_next(next, &gw.cfg) {
+    let mut resp = match safe_next(s.next, &gw.cfg) {
         _ if ask_factor => {
-            let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", next).finish();
+            let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", s.next).finish();
             redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/mfa?{q}", gw.cfg.server.external_origin))
         }
         Next::App { host, path } => handoff_redirect(gw, &id, host, path),

@@ -6,7 +6,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use super::{Next, go_to, handoff_redirect, safe_next};
+use super::{SignedIn, open_session};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::gateway::{Ctx, Gateway, error_page, redirect};
@@ -85,51 +85,18 @@ async fn callback(
             return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
         }
     }
-    if let Some(old) = &ctx.session {
-        let _ = gw.sessions.end(&old.id).await;
-    }
+    tracing::info!(user = %user.name, provider = name, mfa = user.mfa, "Single sign-on succeeded");
     let factors = if user.mfa { "ext mfa" } else { "ext" };
-    let client = ctx.client.to_string();
-    let created =
-        gw.sessions.create_with(&user.name, &gw.cfg.server.portal_host, client.clone(), format!("sso:{name}"), factors);
-    let (id, token) = match created.await {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!(error = %e, "Creating a session failed");
-            return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
-        }
+    let signed_in = SignedIn {
+        user: &user.name,
+        factors,
+        user_agent: format!("sso:{name}"),
+        next: &next,
+        logout_url: user.logout_url.clone(),
     };
-    if let Some(url) = user.logout_url.clone() {
-        let sid = id.clone();
-        if let Err(e) = gw.store.run(move |c| Store::set_logout_url(c, &sid, &url)).await {
-            tracing::warn!(error = %e, "Recording the provider's logout address failed");
-        }
-    }
-    let ev = Event::LoginSucceeded { user: user.name.clone(), session: id.clone(), client };
-    if let Err(e) = gw.audit.record(ev).await {
-        tracing::error!(error = %e, "Audit unavailable; ending the new session");
-        let _ = gw.sessions.end(&id).await;
-        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
-    }
-    tracing::info!(user = %user.name, session = %id, provider = name, mfa = user.mfa, "Single sign-on succeeded");
-    // As after a password: with `[mfa] required`, a user with a poort factor gives it now,
-    // unless the provider already vouched for one.
-    let ask_factor = !user.mfa && gw.cfg.mfa.required && {
-        let n = user.name.clone();
-        gw.store.run(move |c| crate::identity::mfa::factors(c, &n)).await.is_ok_and(|f| f.any())
-    };
-    let mut resp = match safe_next(&next, &gw.cfg) {
-        _ if ask_factor => {
-            let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", &next).finish();
-            redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/mfa?{q}", gw.cfg.server.external_origin))
-        }
-        Next::App { host, path } => handoff_redirect(gw, &id, host, path),
-        other => go_to(gw, other),
-    };
-    for c in [cookie::set_session(&token.cookie_value), cookie::clear_sso()] {
-        if let Ok(v) = HeaderValue::from_str(&c) {
-            resp.headers_mut().append(header::SET_COOKIE, v);
-        }
+    let mut resp = open_session(gw, &ctx, signed_in).await;
+    if let Ok(v) = HeaderValue::from_str(&cookie::clear_sso()) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
     }
     resp
 }

@@ -164,7 +164,7 @@ impl Proxy {
         who: &Identity,
         session: Option<&Session>,
         now: UnixTime,
-    ) -> Option<Arc<str>> {
+    ) -> Option<HeaderValue> {
         if let Some(s) = session {
             if let Ok(cache) = s.assertions.lock() {
                 if let Some((_, _, jwt)) =
@@ -175,8 +175,13 @@ impl Proxy {
             }
         }
         let amr: Vec<&str> = session.map(Session::amr).unwrap_or_default();
-        let jwt: Arc<str> = match self.signer.sign(&app.name, who, &amr, now) {
-            Ok(j) => j.into(),
+        // Kept as a header value, so that a reused assertion is not checked again per request.
+        let jwt = match self.signer.sign(&app.name, who, &amr, now).map(HeaderValue::try_from) {
+            Ok(Ok(j)) => j,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "A signed assertion is not a valid header value");
+                return None;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "Signing an assertion failed");
                 return None;
@@ -263,9 +268,7 @@ impl Proxy {
                 headers.insert(X_POORT_GROUPS, v);
             }
             let jwt = self.assertion(app, permit.app(), who, Some(session), origin.now).ok_or(Failure::Unreachable)?;
-            if let Some(v) = value(&jwt) {
-                headers.insert(X_POORT_ASSERTION, v);
-            }
+            headers.insert(X_POORT_ASSERTION, jwt);
         }
 
         let mut out = Request::builder().method(parts.method).uri(uri).version(Version::HTTP_11);

@@ -58,6 +58,12 @@ pub fn new_session_id() -> String {
     cookie::encode_b64(&b)
 }
 
+/// Whether space-separated factors include a second one: anything but `pwd` (a password) and
+/// `ext` (an identity provider that did not vouch for a second factor).
+pub fn includes_second_factor(factors: &str) -> bool {
+    factors.split(' ').any(|f| !f.is_empty() && f != "pwd" && f != "ext")
+}
+
 /// A live session as the gateway holds it in memory.
 #[derive(Debug)]
 pub struct Session {
@@ -75,7 +81,7 @@ pub struct Session {
     /// Bit i set: the first access to app i has been audited.
     opened: Box<[AtomicU64]>,
     /// Assertion JWTs per app, reused while fresh: (app, issued at, token).
-    pub assertions: Mutex<Vec<(usize, UnixTime, Arc<str>)>>,
+    pub assertions: Mutex<Vec<(usize, UnixTime, http::HeaderValue)>>,
 }
 
 impl Session {
@@ -91,7 +97,7 @@ impl Session {
     /// Whether the session was opened or stepped up with a second factor. `pwd` (a password)
     /// and `ext` (an identity provider that did not vouch for a second factor) are one factor.
     pub fn mfa(&self) -> bool {
-        self.factors.split(' ').any(|f| !f.is_empty() && f != "pwd" && f != "ext")
+        includes_second_factor(&self.factors)
     }
 
     /// Whether the session was opened through an identity provider (it has no password).
