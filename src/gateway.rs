@@ -15,6 +15,7 @@ use crate::body::Body;
 use crate::clock::Clock;
 use crate::config::{Config, Route};
 use crate::identity::seal::Sealer;
+use crate::listen::Conn;
 use crate::mitigate::{self, Mitigation, Verdict};
 use crate::policy::{self, Decision, Subject};
 use crate::portal;
@@ -50,6 +51,9 @@ pub struct Gateway {
     /// OpenID Connect providers for single sign-on.
     pub oidc: crate::identity::oidc::Providers,
     request_ids: AtomicU64,
+    /// The target of the request a connection's wrapper hands over in place of a refused
+    /// head (`listen::Strict`): random per process, so no client can send it.
+    marker: &'static str,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -106,18 +110,49 @@ impl Gateway {
             directory,
             oidc,
             request_ids: AtomicU64::new(start),
+            marker: Box::leak(
+                format!("/.poort/refused/{}", session::cookie::encode_token(&session::random_bytes())).into_boxed_str(),
+            ),
         })
     }
 
-    /// One request, start to finish.
-    pub async fn handle(self: Arc<Self>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    /// The marker target for `listen::Strict`.
+    pub fn marker(&self) -> &'static str {
+        self.marker
+    }
+
+    /// One request, start to finish. Closes an HTTP/1 connection whose request asked to
+    /// switch protocols and did not: the bytes after it were never checked as HTTP.
+    pub async fn handle(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+        let upgrade = req.version() == http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
+        let head = req.method() == http::Method::HEAD;
+        let mut resp = self.stages(peer, conn, req).await;
+        if upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if head {
+            without_body(&mut resp);
+        }
+        resp
+    }
+
+    async fn stages(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         let id = RequestId(self.request_ids.fetch_add(1, Ordering::Relaxed));
         let client = request::client_addr(peer.ip(), req.headers(), &self.cfg.server.trusted_proxies);
+        if req.uri().path() == self.marker {
+            let why = conn.refused.take().unwrap_or(request::Reject::RequestLine);
+            return Box::pin(self.reject(why.status(), why.code(), client, id)).await;
+        }
         // request::check: one canonical target and host, bounded headers, strict framing.
         let front = match request::check(req.method(), req.uri(), req.version(), req.headers()) {
             Ok(f) => f,
             Err(r) => return Box::pin(self.reject(r.status(), r.code(), client, id)).await,
         };
+        // The host must be the one the TLS handshake named (RFC 9110 §7.4: 421 makes a
+        // browser that reused a connection for another host open a new one).
+        if conn.sni.as_ref().is_some_and(|sni| *sni != front.host) {
+            return Box::pin(self.reject(StatusCode::MISDIRECTED_REQUEST, "host_not_sni", client, id)).await;
+        }
         if front.content_length.is_some_and(|n| n > self.cfg.proxy.max_body_bytes) {
             return Box::pin(self.reject(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", client, id)).await;
         }
@@ -132,14 +167,7 @@ impl Gateway {
             _ => None,
         };
         let raw_target = req.uri().path_and_query().map_or("", |p| p.as_str());
-        let facts = mitigate::Facts {
-            method: req.method().as_str(),
-            path: front.target.path(),
-            raw_target,
-            headers: req.headers(),
-            client,
-            app,
-        };
+        let facts = mitigate::Facts::of(req.method().as_str(), &front.target, raw_target, req.headers(), client, app);
         match self.mitigation.check(&facts) {
             Verdict::Pass => {}
             verdict => {
@@ -199,9 +227,11 @@ impl Gateway {
             request_id: id.to_string(),
         };
         if let Err(e) = self.audit.record(ev).await {
-            tracing::error!(request = %id, error = %e, "Audit write failed");
+            // A rule that asks for a record lets nothing pass without one.
+            tracing::error!(request = %id, error = %e, "Audit unavailable; refusing");
+            return Some(error_page(StatusCode::SERVICE_UNAVAILABLE, id));
         }
-        status.map(|s| error_page(s, id))
+        status.map(|s| blocked_page(s, id))
     }
 
     /// During a lockdown: admins go on; everyone else may only reach the sign-in page and
@@ -248,8 +278,12 @@ impl Gateway {
                     session: ctx.session.as_deref(),
                     now: self.clock.now(),
                 };
-                match self.proxy.forward(permit, app, &ctx.front.target, origin, req).await {
+                match self.proxy.forward(permit, app, &ctx.front.target, origin, ctx.front.content_length, req).await {
                     Ok(resp) => resp,
+                    // A body that broke its framing: refused like a bad head, and audited.
+                    Err(crate::proxy::Failure::BadBody) => {
+                        Box::pin(self.reject(StatusCode::BAD_REQUEST, "body_malformed", ctx.client, ctx.id)).await
+                    }
                     Err(f) => {
                         tracing::warn!(request = %ctx.id, app = %app.name, failure = ?f, "Upstream request failed");
                         error_page(f.status(), ctx.id)
@@ -332,6 +366,16 @@ impl Gateway {
     }
 }
 
+/// A response to HEAD: the headers of the answer to GET, with its length and without its body
+/// (HTTP/2 refuses a body on a HEAD response).
+fn without_body(resp: &mut Response<Body>) {
+    if let Body::Full(Some(b)) = resp.body() {
+        let len = HeaderValue::from(b.len());
+        resp.headers_mut().insert(header::CONTENT_LENGTH, len);
+        *resp.body_mut() = Body::empty();
+    }
+}
+
 /// `:port` of an origin, or nothing for the default port.
 pub fn port_of(origin: &str) -> &str {
     let rest = origin.trim_start_matches("https://");
@@ -378,6 +422,17 @@ pub fn redirect(status: StatusCode, location: &str) -> Response<Body> {
         Err(_) => *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
     }
     resp
+}
+
+/// The page for a request an emergency rule refused: it says nothing about who is asking.
+pub fn blocked_page(status: StatusCode, id: RequestId) -> Response<Body> {
+    let (title, message) = if status == StatusCode::TOO_MANY_REQUESTS {
+        ("Too many requests", "Wait a minute and try again.")
+    } else {
+        ("Blocked", "The gateway's security rules do not allow this request.")
+    };
+    let html = portal::render_error(status.as_u16(), title, message, &id.to_string());
+    page(status, "text/html; charset=utf-8", html)
 }
 
 /// The page everyone but administrators gets during a lockdown.

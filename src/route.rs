@@ -1,11 +1,13 @@
 //! Routing on the canonical host and path: `/.poort/*` to the portal, otherwise the app whose
 //! host or path prefix matches. Pure, built once from the config. Path prefixes match whole
-//! segments and ignore ASCII case, so a case-insensitive upstream cannot be reached through
-//! another app's prefix by changing case.
+//! segments on the case-folded path (`request::fold_case`, the form mitigation rules match on
+//! too), so a case-insensitive upstream cannot be reached through another app's prefix by
+//! changing case.
 
 use std::collections::HashMap;
 
 use crate::config::{App, Route};
+use crate::request::fold_case;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
@@ -39,7 +41,7 @@ impl Routes {
                 }
                 Route::Path { prefix, .. } => {
                     r.longest_prefix_segments = r.longest_prefix_segments.max(prefix.matches('/').count() - 1);
-                    r.prefixes.insert(prefix.to_ascii_lowercase(), i);
+                    r.prefixes.insert(fold_case(prefix).into_owned(), i);
                 }
             }
         }
@@ -61,13 +63,8 @@ impl Routes {
         if self.prefixes.is_empty() {
             return Found::NotFound;
         }
-        let lower;
-        let path = if path.bytes().any(|b| b.is_ascii_uppercase()) {
-            lower = path.to_ascii_lowercase();
-            lower.as_str()
-        } else {
-            path
-        };
+        let folded = fold_case(path);
+        let path = folded.as_ref();
         // Try each segment boundary from the longest candidate down (no allocation: this runs
         // on every request). The longest candidate ends at the slash after the longest prefix's
         // last segment; the root slash is never a candidate.
@@ -104,6 +101,8 @@ mod tests {
             route,
             access: Access::Authenticated,
             mfa: false,
+            forward_headers: Vec::new(),
+            websocket_origins: Vec::new(),
         }
     }
 
@@ -194,7 +193,8 @@ mod oracle {
         while p.contains("//") {
             p = p.replace("//", "/");
         }
-        remove_dot_segments(&p).to_lowercase()
+        // Both ways a case-insensitive upstream may compare: lower case and upper case.
+        remove_dot_segments(&p).to_uppercase().to_lowercase()
     }
 
     fn app(prefix: &str) -> App {
@@ -206,13 +206,50 @@ mod oracle {
             route: Route::Path { prefix: prefix.into(), strip: false },
             access: Access::Authenticated,
             mfa: false,
+            forward_headers: Vec::new(),
+            websocket_origins: Vec::new(),
         }
     }
 
     fn token() -> impl Strategy<Value = &'static str> {
         prop::sample::select(vec![
-            "/", "//", "wiki", "WIKI", "admin", "public", "x", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "%25",
-            "%252e", ";", ";x=1", "\\", "%00", "%41", "%c3%a9", "é", "%c0%ae", "~", "a.b", ".poort", "%3b", "?", "#",
+            "/",
+            "//",
+            "wiki",
+            "WIKI",
+            "admin",
+            "public",
+            "x",
+            ".",
+            "..",
+            "%2e",
+            "%2E",
+            "%2f",
+            "%2F",
+            "%5c",
+            "%25",
+            "%252e",
+            ";",
+            ";x=1",
+            "\\",
+            "%00",
+            "%41",
+            "%c3%a9",
+            "é",
+            "%c0%ae",
+            "~",
+            "a.b",
+            ".poort",
+            "%3b",
+            "?",
+            "#",
+            // U+0131 dotless i, U+212A Kelvin sign, U+017F long s: upper-case to ASCII letters.
+            "w%c4%b1ki",
+            "wi%e2%84%aai",
+            "public",
+            "publ%c4%b1c",
+            "%c5%bf",
+            "%c4%b0",
         ])
     }
 

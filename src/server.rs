@@ -55,7 +55,11 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     let audit = Audit::start(&cfg.database, clock.clone())?;
     let signer = Arc::new(Signer::load_or_create(&signing_key_path(&cfg), &cfg.server.external_origin)?);
     let sealer = Arc::new(Sealer::load_or_create(&sealing_key_path(&cfg))?);
-    let mitigation = crate::mitigate::Mitigation::start(&cfg.mitigate, &cfg.data_dir)?;
+    let applied = store
+        .with(|c| Store::setting(c, RULES_APPLIED))?
+        .and_then(|v| serde_json::from_str::<crate::mitigate::Applied>(&v).ok());
+    let (mitigation, first_rules) =
+        crate::mitigate::Mitigation::start(&cfg.mitigate, &cfg.data_dir, applied, clock.now())?;
     let whoami = if cfg.apps.iter().any(|a| a.upstream == Upstream::Whoami) {
         Some(whoami::start().await?.to_string())
     } else {
@@ -76,6 +80,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     };
     let redirect_addr = redirect.as_ref().map(|l| l.local_addr()).transpose()?;
     audit.record(Event::GatewayStarted { version: env!("CARGO_PKG_VERSION").into() }).await?;
+    rules_outcome(&gateway, first_rules).await;
 
     let (stop, stopped) = watch::channel(false);
     let until_stop = |mut rx: watch::Receiver<bool>| async move {
@@ -132,11 +137,11 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                         Ok(v) => gw.mitigation.set_lockdown_switch(v.as_deref() == Some("on")),
                         Err(e) => tracing::error!(error = %e, "Reading the lockdown switch failed"),
                     }
-                    gw.mitigation.poll();
+                    rules_outcome(&gw, gw.mitigation.poll(gw.clock.now())).await;
                 }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the mitigation rules");
-                    gw.mitigation.reload();
+                    rules_outcome(&gw, gw.mitigation.reload(gw.clock.now())).await;
                 }
                 _ = flush.tick() => {
                     gw.portal.tidy();
@@ -151,6 +156,29 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     }));
     tracing::info!(listen = %addr, portal = %cfg.server.external_origin, apps = cfg.apps.len(), "poort is serving");
     Ok(Running { addr, redirect_addr, gateway, stop, tasks })
+}
+
+/// Where the gateway keeps the rules file it applied last, so that a restart cannot go back
+/// to an older signed file.
+const RULES_APPLIED: &str = "rules_applied";
+
+/// Audits a look at the rules file, and remembers a file that was applied.
+async fn rules_outcome(gw: &Gateway, outcome: crate::mitigate::Reload) {
+    use crate::mitigate::Reload;
+    let ev = match outcome {
+        Reload::Unchanged => return,
+        Reload::Loaded { file, applied, rules } => {
+            let value = serde_json::to_string(&applied).unwrap_or_default();
+            if let Err(e) = gw.store.run(move |c| Store::put_setting(c, RULES_APPLIED, &value)).await {
+                tracing::error!(error = %e, "Recording the applied rules version failed");
+            }
+            Event::RulesLoaded { file, version: applied.version, sha256: applied.sha256, rules }
+        }
+        Reload::Refused { file, why } => Event::RulesRefused { file, why },
+    };
+    if let Err(e) = gw.audit.record(ev).await {
+        tracing::error!(error = %e, "Audit write failed");
+    }
 }
 
 impl Running {

@@ -134,6 +134,18 @@ pub enum Event {
         client: String,
         request_id: String,
     },
+    /// A rules file was applied (at start, on a change, or on SIGHUP).
+    RulesLoaded {
+        file: String,
+        version: Option<u64>,
+        sha256: String,
+        rules: usize,
+    },
+    /// A rules file was refused; the rules in force stay.
+    RulesRefused {
+        file: String,
+        why: String,
+    },
     /// A request refused because the gateway is in lockdown.
     LockedDown {
         user: Option<String>,
@@ -173,6 +185,8 @@ impl Event {
             Event::TunnelFailed { .. } => "tunnel_failed",
             Event::DeviceLogin { .. } => "device_login",
             Event::MitigationMatched { .. } => "mitigation_matched",
+            Event::RulesLoaded { .. } => "rules_loaded",
+            Event::RulesRefused { .. } => "rules_refused",
             Event::LockedDown { .. } => "locked_down",
             Event::Admin { .. } => "admin",
             Event::GatewayStarted { .. } => "gateway_started",

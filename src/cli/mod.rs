@@ -292,13 +292,14 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             let store = Store::open(&cfg.database)?;
             match state.as_str() {
                 "on" | "off" => {
-                    store.set_setting("lockdown", &state)?;
+                    // The record first: a switch that cannot be audited is not switched.
                     record_admin(
                         &cfg,
                         "lockdown",
                         &state,
                         &format!("only group {} may sign in", cfg.mitigate.admin_group),
                     )?;
+                    store.set_setting("lockdown", &state)?;
                     println!(
                         "Lockdown is {state}{}.",
                         if cfg.mitigate.lockdown { " (but the config keeps it on)" } else { "" }
@@ -813,10 +814,13 @@ fn rules_cmd(cmd: RulesCmd) -> anyhow::Result<i32> {
         RulesCmd::Test { method, target, headers, client, raw, config } => {
             let cfg = load_or_exit(&config.config)?;
             let (method, target, headers) = match raw {
-                Some(path) => parse_raw_head(
-                    &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
-                )?,
-                None => (method, target.unwrap_or_default(), headers),
+                Some(path) => {
+                    parse_raw_head(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)?
+                }
+                None => {
+                    let headers = headers.iter().map(|h| h.as_bytes().to_vec()).collect();
+                    (method, target.unwrap_or_default(), headers)
+                }
             };
             rules_test(&cfg, &method, &target, &headers, client)
         }
@@ -828,6 +832,7 @@ fn rules_cmd(cmd: RulesCmd) -> anyhow::Result<i32> {
                     println!("file:      {}", s.file.as_deref().unwrap_or("(no rules file configured)"));
                     println!("rules:     {} in force, loaded {}", s.rules, s.loaded_at.as_deref().unwrap_or("never"));
                     println!("sha256:    {}", s.sha256.as_deref().unwrap_or("-"));
+                    println!("version:   {}", s.version.map_or("-".to_string(), |v| v.to_string()));
                     match &s.last_error {
                         Some(e) => println!("REFUSED:   the newest file was not loaded: {e}"),
                         None => println!("newest file: loaded"),
@@ -862,8 +867,12 @@ fn rules_cmd(cmd: RulesCmd) -> anyhow::Result<i32> {
             let pair = Ed25519KeyPair::from_pkcs8(&pkcs8)
                 .map_err(|_| anyhow::anyhow!("{} is not an Ed25519 key", key.display()))?;
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            if let Err(problems) = crate::mitigate::rules::compile(&String::from_utf8_lossy(&bytes)) {
-                bail!("refusing to sign a rules file with problems:\n  {}", problems.join("\n  "));
+            match crate::mitigate::rules::compile(&String::from_utf8_lossy(&bytes)) {
+                Err(problems) => bail!("refusing to sign a rules file with problems:\n  {}", problems.join("\n  ")),
+                Ok(r) if r.version.is_none() => bail!(
+                    "refusing to sign a rules file without a version: gateways never go back to a lower version, so each file needs one (hint: version = 1 at the top, one higher in every new file)"
+                ),
+                Ok(_) => {}
             }
             let sig_path = crate::mitigate::signature_path(&file);
             std::fs::write(&sig_path, format!("{}\n", STANDARD.encode(pair.sign(&bytes).as_ref())))?;
@@ -872,7 +881,7 @@ fn rules_cmd(cmd: RulesCmd) -> anyhow::Result<i32> {
         }
         RulesCmd::Verify { public_key, file } => {
             let key = STANDARD.decode(public_key.trim()).context("the public key is not base64")?;
-            match crate::mitigate::load_file(&file, Some(&key)) {
+            match crate::mitigate::load_file(&file, Some(&key), SystemClock.now()) {
                 Ok((rules, digest)) => {
                     println!("signature good; {} rules; sha256 {digest}", rules.rules.len());
                     Ok(0)
@@ -886,15 +895,17 @@ fn rules_cmd(cmd: RulesCmd) -> anyhow::Result<i32> {
     }
 }
 
-/// A raw request head: `METHOD TARGET HTTP/1.1`, then `Name: value` lines.
-fn parse_raw_head(text: &str) -> anyhow::Result<(String, String, Vec<String>)> {
-    let mut lines = text.lines();
-    let first = lines.next().context("the file is empty")?;
+/// A raw request head: `METHOD TARGET HTTP/1.1`, then `Name: value` lines. Header values are
+/// taken as bytes: a captured request may carry values that are not UTF-8.
+fn parse_raw_head(raw: &[u8]) -> anyhow::Result<(String, String, Vec<Vec<u8>>)> {
+    let mut lines = raw.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let first =
+        std::str::from_utf8(lines.next().context("the file is empty")?).context("the request line is not text")?;
     let mut parts = first.split(' ');
     let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
         bail!("the first line is not METHOD TARGET HTTP/1.1")
     };
-    let headers = lines.take_while(|l| !l.trim().is_empty()).map(str::to_string).collect();
+    let headers = lines.take_while(|l| !l.trim_ascii().is_empty()).map(<[u8]>::to_vec).collect();
     Ok((method.to_string(), target.to_string(), headers))
 }
 
@@ -902,13 +913,15 @@ fn rules_test(
     cfg: &Config,
     method: &str,
     target: &str,
-    headers: &[String],
+    headers: &[Vec<u8>],
     client: std::net::IpAddr,
 ) -> anyhow::Result<i32> {
     let mut map = http::HeaderMap::new();
     for h in headers {
-        let (k, v) = h.split_once(':').with_context(|| format!("{h:?} is not 'Name: value'"))?;
-        map.append(http::HeaderName::from_bytes(k.trim().as_bytes())?, http::HeaderValue::from_str(v.trim())?);
+        let colon = h.iter().position(|b| *b == b':');
+        let Some(colon) = colon else { bail!("{:?} is not 'Name: value'", String::from_utf8_lossy(h)) };
+        let (k, v) = (h[..colon].trim_ascii(), h[colon + 1..].trim_ascii());
+        map.append(http::HeaderName::from_bytes(k)?, http::HeaderValue::from_bytes(v)?);
     }
     if !map.contains_key(http::header::HOST) {
         map.insert(http::header::HOST, http::HeaderValue::from_str(&cfg.server.portal_host)?);
@@ -939,21 +952,14 @@ fn rules_test(
         println!("no rules file is configured: the request goes on to the session check");
         return Ok(0);
     };
-    let rules = match crate::mitigate::load_file(file, cfg.mitigate.public_key.as_deref()) {
+    let rules = match crate::mitigate::load_file(file, cfg.mitigate.public_key.as_deref(), SystemClock.now()) {
         Ok((r, _)) => r,
         Err(problems) => {
             println!("the rules file would be refused (the running rules stay):\n  {}", problems.join("\n  "));
             return Ok(1);
         }
     };
-    let facts = crate::mitigate::Facts {
-        method: method.as_str(),
-        path: front.target.path(),
-        raw_target: target,
-        headers: &map,
-        client,
-        app,
-    };
+    let facts = crate::mitigate::Facts::of(method.as_str(), &front.target, target, &map, client, app);
     match rules.check(&facts) {
         None => println!("no rule matches: the request goes on to the session check"),
         Some((_, r)) => {

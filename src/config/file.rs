@@ -126,6 +126,9 @@ pub struct Proxy {
     pub response_timeout: Option<String>,
     /// Largest request body, in bytes. Default 10 MiB.
     pub max_body_bytes: Option<u64>,
+    /// Request bodies up to this size are read whole before the upstream request starts.
+    /// Default 64 KiB.
+    pub buffer_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -170,4 +173,9 @@ pub struct App {
     pub access: Option<toml::Value>,
     /// `"required"` or `"inherit"` (from `[mfa] required`, the default).
     pub mfa: Option<String>,
+    /// Request headers this app needs beyond the standard ones poort forwards.
+    pub forward_headers: Option<Vec<String>>,
+    /// Origins (`https://host[:port]`) besides the app's own whose pages may open WebSockets
+    /// to it.
+    pub websocket_origins: Option<Vec<String>>,
 }

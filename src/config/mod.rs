@@ -149,6 +149,7 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub max_body_bytes: u64,
+    pub buffer_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -161,6 +162,10 @@ pub struct App {
     pub access: Access,
     /// Whether a second factor is needed (resolved from `mfa` and `[mfa] required`).
     pub mfa: bool,
+    /// Request headers forwarded to this app besides `proxy::FORWARDED`.
+    pub forward_headers: Vec<http::HeaderName>,
+    /// Origins besides the app's own that may open WebSockets to it: `https://host[:port]`.
+    pub websocket_origins: Vec<String>,
 }
 
 impl App {
@@ -412,7 +417,15 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         connect_timeout: c.duration("proxy.connect_timeout", &f.proxy.connect_timeout, Duration::from_secs(5)),
         response_timeout: c.duration("proxy.response_timeout", &f.proxy.response_timeout, Duration::from_secs(60)),
         max_body_bytes: f.proxy.max_body_bytes.unwrap_or(10 * 1024 * 1024),
+        buffer_bytes: f.proxy.buffer_bytes.unwrap_or(64 * 1024),
     };
+    if proxy.buffer_bytes > 16 * 1024 * 1024 {
+        c.add(
+            "proxy.buffer_bytes",
+            "is more than 16 MiB",
+            "bodies above this stream anyway; keep it at 64 KiB to 1 MiB",
+        );
+    }
 
     let mfa_default = f.mfa.required.unwrap_or(false);
     let mfa = MfaSettings {
@@ -549,6 +562,17 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
     }
 }
 
+/// `http(s)://host[:port]`, lower case, as a browser sends it in `Origin`.
+fn web_origin(raw: &str) -> Option<String> {
+    let rest = raw.strip_prefix("https://").or_else(|| raw.strip_prefix("http://"))?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    crate::request::parse_host(rest.as_bytes()).ok()?;
+    Some(raw.trim_end_matches('/').to_ascii_lowercase())
+}
+
 /// `https://host[:port]` with an optional trailing slash and nothing else.
 fn external_origin(raw: &str) -> Option<(String, String)> {
     let rest = raw.strip_prefix("https://")?;
@@ -646,7 +670,36 @@ fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, m
         Some(v) => resolve_access(c, &key, v),
     };
     let mfa = c.mfa(&key, app.mfa.as_deref(), mfa_default);
+    let mut forward_headers = Vec::new();
+    for h in app.forward_headers.unwrap_or_default() {
+        match http::HeaderName::from_bytes(h.as_bytes()) {
+            Ok(_) if crate::proxy::never_forwarded(&h) => c.add(
+                format!("{key}.forward_headers"),
+                format!("{h:?} is a framing, connection or identity header"),
+                "poort sets or removes it itself; forward only the app's own headers",
+            ),
+            Ok(name) => forward_headers.push(name),
+            Err(_) => c.add(
+                format!("{key}.forward_headers"),
+                format!("{h:?} is not a header name"),
+                "for example \"X-Api-Key\"",
+            ),
+        }
+    }
+    let mut websocket_origins = Vec::new();
+    for o in app.websocket_origins.unwrap_or_default() {
+        match web_origin(&o) {
+            Some(o) => websocket_origins.push(o),
+            None => c.add(
+                format!("{key}.websocket_origins"),
+                format!("{o:?} is not an origin"),
+                "scheme, host and port only, for example \"https://tools.example.com\"",
+            ),
+        }
+    }
     Some(App {
+        forward_headers,
+        websocket_origins,
         mfa: mfa?,
         title: app.title.unwrap_or_else(|| name.clone()),
         description: app.description.unwrap_or_default(),

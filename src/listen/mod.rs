@@ -4,6 +4,7 @@
 //! listener, which does nothing but redirect to the configured HTTPS origin.
 
 mod idle;
+mod strict;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,8 +18,6 @@ use http::{Request, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -31,6 +30,16 @@ use crate::gateway::{Gateway, redirect};
 use crate::request::{MAX_HEADERS, Target};
 
 pub use idle::IdleIo;
+pub use strict::{Refused, Strict};
+
+/// What the gateway knows of the connection a request came on.
+#[derive(Debug, Default)]
+pub struct Conn {
+    /// The host name the client asked for in the TLS handshake, lower case.
+    pub sni: Option<String>,
+    /// Why the connection's last head was refused, for the marker request (`strict`).
+    pub refused: Arc<Refused>,
+}
 
 /// Open connections per client address. A slot is held for a connection's life.
 #[derive(Debug, Default)]
@@ -92,23 +101,29 @@ pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig>> 
     Ok(Arc::new(cfg))
 }
 
-fn http_builder(server: &Server) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+/// HTTP/1 and HTTP/2 settings. The protocol comes from ALPN: nothing guesses it from the
+/// first bytes (which `Strict` holds back until a head is complete).
+struct Builders {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+fn http_builders(server: &Server) -> Builders {
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
         // Also bounds the wait for the next request on a kept-alive connection.
         .header_read_timeout(server.header_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS)
         .half_close(false);
-    b.http2()
-        .timer(TokioTimer::new())
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_concurrent_streams(128)
         .max_header_list_size(32 * 1024)
         .max_pending_accept_reset_streams(32)
         .max_local_error_reset_streams(256)
         .keep_alive_interval(None);
-    b
+    Builders { h1, h2 }
 }
 
 /// The connection limits, shared by every worker that accepts on the same address.
@@ -135,8 +150,10 @@ pub async fn serve(
 ) {
     let server = gw.cfg.server.clone();
     let acceptor = TlsAcceptor::from(tls);
-    let builder = Arc::new(http_builder(&server));
-    let graceful = GracefulShutdown::new();
+    let builders = Arc::new(http_builders(&server));
+    // Connections in flight, and the signal that asks them to finish their requests and close.
+    let mut conns = tokio::task::JoinSet::new();
+    let (drain, draining) = tokio::sync::watch::channel(false);
     let Limits { slots, per_client } = limits;
     tokio::pin!(shutdown);
     loop {
@@ -161,9 +178,10 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (gw, acceptor, builder, watcher) = (gw.clone(), acceptor.clone(), builder.clone(), graceful.watcher());
+        while conns.try_join_next().is_some() {}
+        let (gw, acceptor, builders, mut draining) = (gw.clone(), acceptor.clone(), builders.clone(), draining.clone());
         let (handshake, idle) = (server.handshake_timeout, server.idle_timeout);
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let _slots = (slot, client_slot);
             let tls = match tokio::time::timeout(handshake, acceptor.accept(IdleIo::new(stream, idle))).await {
                 Ok(Ok(tls)) => tls,
@@ -176,20 +194,46 @@ pub async fn serve(
                     return;
                 }
             };
+            let (_, session) = tls.get_ref();
+            let h2 = session.alpn_protocol() == Some(b"h2");
+            let conn =
+                Arc::new(Conn { sni: session.server_name().map(str::to_ascii_lowercase), refused: Arc::default() });
+            let io = Strict::new(tls, h2, conn.refused.clone(), gw.marker());
             let service = service_fn(move |req: Request<Incoming>| {
-                let gw = gw.clone();
-                async move { Ok::<_, Infallible>(gw.handle(peer, req).await) }
+                let (gw, conn) = (gw.clone(), conn.clone());
+                async move { Ok::<_, Infallible>(gw.handle(peer, &conn, req).await) }
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            // Serves the connection; on shutdown, lets its requests finish and closes it.
+            macro_rules! drive {
+                ($conn:expr) => {{
+                    let conn = $conn;
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        r = conn.as_mut() => r,
+                        _ = draining.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    }
+                }};
+            }
+            let ended = if h2 {
+                drive!(builders.h2.serve_connection(TokioIo::new(io), service))
+            } else {
+                drive!(builders.h1.serve_connection(TokioIo::new(io), service).with_upgrades())
+            };
+            if let Err(e) = ended {
                 tracing::debug!(client = %peer, error = %e, "Connection ended with an error");
             }
         });
     }
     drop(listener);
-    tracing::info!(connections = graceful.count(), "Draining connections");
-    if tokio::time::timeout(server.shutdown_grace, graceful.shutdown()).await.is_err() {
+    tracing::info!(connections = conns.len(), "Draining connections");
+    let _ = drain.send(true);
+    let drained = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(server.shutdown_grace, drained).await.is_err() {
         tracing::warn!("Shutdown grace period over; closing the remaining connections");
+        conns.abort_all();
     }
 }
 

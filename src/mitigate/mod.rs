@@ -2,7 +2,9 @@
 //! (deny, throttle or log), reloaded within a second when the file changes or on SIGHUP, and
 //! the lockdown switch. A new rules file is checked completely (and its signature, when the
 //! config requires one) before it replaces the old rules; a bad one changes nothing and says
-//! why in the log and in `poort rules status`.
+//! why in the log and in `poort rules status`. A file is read only once it has stopped
+//! changing, a signed file never goes back to a lower `version`, and a file with no rules does
+//! not replace rules unless it says `rule = []`.
 
 pub mod rules;
 
@@ -45,13 +47,16 @@ pub struct Status {
     pub rules: usize,
     pub loaded_at: Option<String>,
     pub sha256: Option<String>,
+    #[serde(default)]
+    pub version: Option<u64>,
     /// Why the newest file was refused; the rules above stay in force.
     pub last_error: Option<String>,
     pub hits: HashMap<String, u64>,
 }
 
-/// Reads, verifies and checks a rules file: `Err` lists every problem.
-pub fn load_file(path: &Path, public_key: Option<&[u8]>) -> Result<(Rules, String), Vec<String>> {
+/// Reads, verifies and checks a rules file: `Err` lists every problem. A signed file must
+/// carry a `version`, and is refused after its `expires`.
+pub fn load_file(path: &Path, public_key: Option<&[u8]>, now: i64) -> Result<(Rules, String), Vec<String>> {
     let bytes = std::fs::read(path).map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
     if let Some(key) = public_key {
         let sig_path = signature_path(path);
@@ -64,7 +69,41 @@ pub fn load_file(path: &Path, public_key: Option<&[u8]>) -> Result<(Rules, Strin
     }
     let text = String::from_utf8(bytes.clone()).map_err(|_| vec![format!("{}: not UTF-8", path.display())])?;
     let rules = rules::compile(&text)?;
+    if public_key.is_some() && rules.version.is_none() {
+        return Err(vec![format!(
+            "{}: a signed rules file needs a version (hint: version = 1 at the top, one higher in every new file)",
+            path.display()
+        )]);
+    }
+    if let Some(t) = rules.expires.filter(|t| *t <= now) {
+        return Err(vec![format!("{}: expired at {}", path.display(), crate::clock::format_utc(t))]);
+    }
     Ok((rules, crate::audit::to_hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref())))
+}
+
+/// The rules file in force: its version (if it gives one) and digest. The gateway keeps it in
+/// its database, so that a restart does not accept a file older than the one applied before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    pub version: Option<u64>,
+    pub sha256: String,
+}
+
+/// What a look at the rules file came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reload {
+    /// Nothing new, or the file is still being written.
+    Unchanged,
+    Loaded {
+        file: String,
+        applied: Applied,
+        rules: usize,
+    },
+    /// The file was refused; the rules in force stay.
+    Refused {
+        file: String,
+        why: String,
+    },
 }
 
 /// Where the detached signature of a rules file lives.
@@ -79,8 +118,11 @@ pub struct Mitigation {
     public_key: Option<Vec<u8>>,
     status_path: PathBuf,
     rules: RwLock<Arc<Rules>>,
-    /// Timestamps of the rules file and its signature when last read.
-    seen: Mutex<Stamp>,
+    /// The file in force.
+    applied: Mutex<Option<Applied>>,
+    /// Stamps of the rules file and its signature when last read, and a newer stamp seen
+    /// once, waiting to be seen again unchanged before the file is read.
+    seen: Mutex<(Stamp, Option<Stamp>)>,
     throttles: Mutex<HashMap<String, governor::DefaultKeyedRateLimiter<IpAddr>>>,
     status: Mutex<Status>,
     lockdown_config: bool,
@@ -107,67 +149,125 @@ fn stamp(path: &Path) -> Stamp {
 }
 
 impl Mitigation {
-    /// Loads the rules named by the config. At start-up a bad file is an error: poort does not
-    /// start without the mitigations the operator asked for.
-    pub fn start(cfg: &crate::config::Mitigate, data_dir: &Path) -> anyhow::Result<Mitigation> {
+    /// Loads the rules named by the config; `applied` is the file the gateway applied last
+    /// (from its database). At start-up a bad file is an error: poort does not start without
+    /// the mitigations the operator asked for.
+    pub fn start(
+        cfg: &crate::config::Mitigate,
+        data_dir: &Path,
+        applied: Option<Applied>,
+        now: i64,
+    ) -> anyhow::Result<(Mitigation, Reload)> {
         let m = Mitigation {
             file: cfg.rules_file.clone(),
             public_key: cfg.public_key.clone(),
             status_path: data_dir.join("rules-status.json"),
             rules: RwLock::new(Arc::new(Rules::default())),
-            seen: Mutex::new([None, None]),
+            applied: Mutex::new(applied),
+            seen: Mutex::new(([None, None], None)),
             throttles: Mutex::new(HashMap::new()),
             status: Mutex::new(Status::default()),
             lockdown_config: cfg.lockdown,
             lockdown_switch: AtomicBool::new(false),
             admin_group: cfg.admin_group.clone(),
         };
-        if let Some(path) = &m.file {
-            if let Err(problems) = load_file(path, m.public_key.as_deref()) {
-                anyhow::bail!("the mitigation rules cannot be loaded:\n  {}", problems.join("\n  "));
+        let mut first = m.reload(now);
+        // A file being written at this moment: wait for it to settle (at most five seconds).
+        for _ in 0..50 {
+            if m.file.is_none() || first != Reload::Unchanged {
+                break;
             }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            first = m.reload(now);
         }
-        m.reload();
-        Ok(m)
+        match &first {
+            Reload::Refused { why, .. } => anyhow::bail!("the mitigation rules cannot be loaded: {why}"),
+            Reload::Unchanged if m.file.is_some() => anyhow::bail!("the mitigation rules file does not stop changing"),
+            _ => Ok((m, first)),
+        }
     }
 
-    /// Re-reads the rules file; keeps the old rules if the new file is bad. True if replaced.
-    pub fn reload(&self) -> bool {
-        let Some(path) = &self.file else { return false };
-        *self.seen.lock().expect("invariant: lock not poisoned") = stamp(path);
-        let result = load_file(path, self.public_key.as_deref());
+    /// Whether `rules` (with `digest`) may replace the rules in force.
+    fn acceptable(&self, rules: &Rules, digest: &str) -> Result<(), String> {
+        let applied = self.applied.lock().expect("invariant: lock not poisoned").clone();
+        if let (Some(new), Some(Applied { version: Some(old), sha256 })) = (rules.version, &applied) {
+            if new < *old || (new == *old && digest != sha256) {
+                return Err(format!(
+                    "version {new} does not follow version {old} in force (hint: a new file needs a higher version)"
+                ));
+            }
+        }
+        if self.public_key.is_some() && rules.version.is_none() {
+            return Err("a signed rules file needs a version".into());
+        }
+        let in_force = self.rules.read().expect("invariant: lock not poisoned").rules.len();
+        if rules.rules.is_empty() && !rules.explicitly_empty && in_force > 0 {
+            return Err(format!(
+                "the file has no rules and would replace {in_force} (hint: write rule = [] to remove every rule on purpose; write files elsewhere and rename them into place)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the rules file now; keeps the old rules if the new file is bad.
+    pub fn reload(&self, now: i64) -> Reload {
+        let Some(path) = &self.file else { return Reload::Unchanged };
+        let before = stamp(path);
+        let result = load_file(path, self.public_key.as_deref(), now);
+        if stamp(path) != before {
+            // Written to while it was read: look again once it has settled.
+            return Reload::Unchanged;
+        }
+        *self.seen.lock().expect("invariant: lock not poisoned") = (before, None);
+        let file = path.display().to_string();
+        let result = result.map_err(|p| p.join("; ")).and_then(|(rules, digest)| {
+            self.acceptable(&rules, &digest)?;
+            Ok((rules, digest))
+        });
         let mut status = self.status.lock().expect("invariant: lock not poisoned");
-        status.file = Some(path.display().to_string());
-        let replaced = match result {
+        status.file = Some(file.clone());
+        let outcome = match result {
             Ok((rules, digest)) => {
-                tracing::info!(file = %path.display(), rules = rules.rules.len(), "Mitigation rules loaded");
-                status.rules = rules.rules.len();
+                tracing::info!(file = %path.display(), rules = rules.rules.len(), version = ?rules.version, "Mitigation rules loaded");
+                let applied = Applied { version: rules.version, sha256: digest.clone() };
+                let count = rules.rules.len();
+                status.rules = count;
                 status.sha256 = Some(digest);
-                status.loaded_at = Some(crate::clock::format_utc(crate::clock::Clock::now(&crate::clock::SystemClock)));
+                status.version = rules.version;
+                status.loaded_at = Some(crate::clock::format_utc(now));
                 status.last_error = None;
                 *self.rules.write().expect("invariant: lock not poisoned") = Arc::new(rules);
+                *self.applied.lock().expect("invariant: lock not poisoned") = Some(applied.clone());
                 self.throttles.lock().expect("invariant: lock not poisoned").clear();
-                true
+                Reload::Loaded { file, applied, rules: count }
             }
-            Err(problems) => {
-                let why = problems.join("; ");
+            Err(why) => {
                 tracing::error!(file = %path.display(), problems = %why, "Mitigation rules refused; the previous rules stay in force");
-                status.last_error = Some(why);
-                false
+                status.last_error = Some(why.clone());
+                Reload::Refused { file, why }
             }
         };
         drop(status);
         self.write_status();
-        replaced
+        outcome
     }
 
-    /// Reloads if the file changed since it was last read.
-    pub fn poll(&self) {
-        let Some(path) = &self.file else { return };
-        let now = stamp(path);
-        if now != *self.seen.lock().expect("invariant: lock not poisoned") {
-            self.reload();
+    /// Reloads once the file has changed and then stayed the same for one more look (an
+    /// editor or a copy that truncates and then writes is never read in between).
+    pub fn poll(&self, now: i64) -> Reload {
+        let Some(path) = &self.file else { return Reload::Unchanged };
+        let current = stamp(path);
+        let mut seen = self.seen.lock().expect("invariant: lock not poisoned");
+        if current == seen.0 {
+            seen.1 = None;
+            return Reload::Unchanged;
         }
+        if seen.1 != Some(current) {
+            seen.1 = Some(current);
+            return Reload::Unchanged;
+        }
+        drop(seen);
+        self.reload(now)
     }
 
     pub fn write_status(&self) {

@@ -9,8 +9,12 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
-    #[serde(default, rename = "rule")]
-    rules: Vec<FileRule>,
+    /// Counts up with every published file; a gateway never goes back to a lower one.
+    version: Option<u64>,
+    /// After this time (RFC 3339) the file is no longer accepted.
+    expires: Option<toml::Value>,
+    #[serde(rename = "rule")]
+    rules: Option<Vec<FileRule>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,11 +101,15 @@ impl RawFeature {
     }
 }
 
+/// Header values are compared as bytes, ASCII letters without regard to case: a value that
+/// is not valid UTF-8 is still a value a rule must see.
 #[derive(Debug, Clone)]
 enum HeaderTest {
     Present(bool),
-    Equals(String),
-    Contains(String),
+    /// Lower case.
+    Equals(Vec<u8>),
+    /// Lower case.
+    Contains(Vec<u8>),
 }
 
 #[derive(Debug, Clone)]
@@ -126,11 +134,11 @@ pub struct Rule {
 }
 
 /// The request facts rules look at.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Facts<'a> {
     pub method: &'a str,
-    /// The canonical path.
-    pub path: &'a str,
+    /// The canonical path in the form rules match on: `Target::match_key`.
+    pub path: std::borrow::Cow<'a, str>,
     /// The target as sent (path and query).
     pub raw_target: &'a str,
     pub headers: &'a http::HeaderMap,
@@ -139,10 +147,30 @@ pub struct Facts<'a> {
     pub app: Option<&'a str>,
 }
 
+impl<'a> Facts<'a> {
+    /// The facts of a request the front door accepted.
+    pub fn of(
+        method: &'a str,
+        target: &'a crate::request::Target,
+        raw_target: &'a str,
+        headers: &'a http::HeaderMap,
+        client: IpAddr,
+        app: Option<&'a str>,
+    ) -> Facts<'a> {
+        Facts { method, path: target.match_key(), raw_target, headers, client, app }
+    }
+}
+
 /// A checked rule set, in file order.
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
     pub rules: Vec<Rule>,
+    /// The file's `version`, if it gives one.
+    pub version: Option<u64>,
+    /// The file's `expires`, as a Unix time.
+    pub expires: Option<i64>,
+    /// The file says `rule = []` itself: no rules on purpose, not an empty or cut-off file.
+    pub explicitly_empty: bool,
 }
 
 /// `*` matches within one segment, `**` any number of whole segments.
@@ -165,14 +193,26 @@ fn segment_match(p: &[u8], s: &[u8]) -> bool {
     }
 }
 
+/// A path without its trailing slash (the root stays `/`): `/a/b/` and `/a/b` meet the same
+/// rules, since many upstreams serve both alike.
+fn without_trailing_slash(p: &str) -> &str {
+    if p.len() > 1 { p.strip_suffix('/').unwrap_or(p) } else { p }
+}
+
+/// ASCII-case-insensitive search for lower-case `needle` in `hay`.
+fn contains_folded(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || hay.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+}
+
 impl Rule {
     fn matches(&self, f: &Facts<'_>) -> bool {
+        let path = without_trailing_slash(&f.path);
         let path_ok = match &self.path {
             None => true,
-            Some(PathTest::Exact(p)) => f.path == p,
-            Some(PathTest::Prefix(p)) => f.path.starts_with(p.as_str()) || f.path == p.trim_end_matches('/'),
+            Some(PathTest::Exact(p)) => path == p,
+            Some(PathTest::Prefix(p)) => path.starts_with(p.as_str()) || path == p.trim_end_matches('/'),
             Some(PathTest::Glob(g)) => {
-                let segs: Vec<&str> = f.path.trim_start_matches('/').split('/').collect();
+                let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
                 glob(g, &segs)
             }
         };
@@ -180,11 +220,11 @@ impl Rule {
             && self.raw.iter().all(|r| r.present(f.raw_target))
             && (self.methods.is_empty() || self.methods.iter().any(|m| m == f.method))
             && self.headers.iter().all(|(name, t)| {
-                let mut values = f.headers.get_all(name.as_str()).iter().filter_map(|v| v.to_str().ok());
+                let mut values = f.headers.get_all(name.as_str()).iter().map(|v| v.as_bytes());
                 match t {
                     HeaderTest::Present(want) => f.headers.contains_key(name.as_str()) == *want,
                     HeaderTest::Equals(v) => values.any(|x| x.eq_ignore_ascii_case(v)),
-                    HeaderTest::Contains(v) => values.any(|x| x.to_ascii_lowercase().contains(v.as_str())),
+                    HeaderTest::Contains(v) => values.any(|x| contains_folded(x, v)),
                 }
             })
             && (self.clients.is_empty() || self.clients.iter().any(|n| n.contains(&f.client)))
@@ -218,7 +258,26 @@ pub fn compile(text: &str) -> Result<Rules, Vec<String>> {
     let file: File = toml::from_str(text).map_err(|e| vec![format!("rules file: {}", e.message())])?;
     let mut problems = Vec::new();
     let mut rules = Vec::new();
-    for (i, r) in file.rules.into_iter().enumerate() {
+    let explicitly_empty = file.rules.as_ref().is_some_and(Vec::is_empty);
+    let expires = match &file.expires {
+        None => None,
+        Some(v) => {
+            let text = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Datetime(d) => d.to_string(),
+                other => other.to_string(),
+            };
+            match humantime::parse_rfc3339_weak(&text) {
+                Ok(t) => Some(t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)),
+                Err(_) => {
+                    problems
+                        .push(format!("expires: {text:?} is not a time (hint: expires = \"2027-01-31T00:00:00Z\")"));
+                    None
+                }
+            }
+        }
+    };
+    for (i, r) in file.rules.unwrap_or_default().into_iter().enumerate() {
         let id = r.id.clone().unwrap_or_else(|| format!("#{i}"));
         // What the operator wrote, valid or not: a rule with a bad condition is reported for
         // that condition, not also as matching everything.
@@ -262,22 +321,29 @@ pub fn compile(text: &str) -> Result<Rules, Vec<String>> {
         if paths.iter().filter(|p| p.is_some()).count() > 1 {
             bad("path", "give one of path_exact, path_prefix, path_glob".into());
         }
+        // Patterns are brought into the form requests are matched in: canonical (escapes
+        // decoded, as the front door does) and case folded.
+        let mut pattern = |key: &str, p: &str| -> String {
+            // Letters beyond ASCII may be written as they are.
+            let escaped: String =
+                p.bytes().map(|b| if b.is_ascii() { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
+            match crate::request::Target::parse(&escaped) {
+                Ok(t) if t.query().is_none() && !p.contains('?') => without_trailing_slash(&t.match_key()).to_string(),
+                _ => {
+                    bad(key, format!("{p:?} is not a canonical path (hint: start with /, no .., //, ; or ?)"));
+                    String::new()
+                }
+            }
+        };
         let path = if let Some(p) = r.path_exact {
-            if !p.starts_with('/') {
-                bad("path_exact", format!("{p:?} does not start with /"));
-            }
-            Some(PathTest::Exact(p))
+            Some(PathTest::Exact(pattern("path_exact", &p)))
         } else if let Some(p) = r.path_prefix {
-            if !p.starts_with('/') {
-                bad("path_prefix", format!("{p:?} does not start with /"));
-            }
             // A segment prefix: "/vpns" matches /vpns and /vpns/x, never /vpnsx.
+            let p = pattern("path_prefix", &p);
             let p = if p.ends_with('/') { p } else { format!("{p}/") };
             Some(PathTest::Prefix(p))
         } else if let Some(g) = r.path_glob {
-            if !g.starts_with('/') {
-                bad("path_glob", format!("{g:?} does not start with /"));
-            }
+            let g = pattern("path_glob", &g);
             Some(PathTest::Glob(g.trim_start_matches('/').split('/').map(str::to_string).collect()))
         } else {
             None
@@ -302,8 +368,8 @@ pub fn compile(text: &str) -> Result<Rules, Vec<String>> {
             }
             let test = match (h.present, h.equals, h.contains) {
                 (Some(p), None, None) => HeaderTest::Present(p),
-                (None, Some(v), None) => HeaderTest::Equals(v),
-                (None, None, Some(v)) => HeaderTest::Contains(v.to_ascii_lowercase()),
+                (None, Some(v), None) => HeaderTest::Equals(v.to_ascii_lowercase().into_bytes()),
+                (None, None, Some(v)) => HeaderTest::Contains(v.to_ascii_lowercase().into_bytes()),
                 _ => {
                     bad("header", format!("{name}: give exactly one of present, equals, contains"));
                     continue;
@@ -335,7 +401,11 @@ pub fn compile(text: &str) -> Result<Rules, Vec<String>> {
             });
         }
     }
-    if problems.is_empty() { Ok(Rules { rules }) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(Rules { rules, version: file.version, expires, explicitly_empty })
+    } else {
+        Err(problems)
+    }
 }
 
 #[cfg(test)]
@@ -343,6 +413,7 @@ mod tests {
     use super::*;
 
     fn facts<'a>(method: &'a str, path: &'a str, raw: &'a str, headers: &'a http::HeaderMap) -> Facts<'a> {
+        let path = crate::request::fold_case(path);
         Facts { method, path, raw_target: raw, headers, client: "192.0.2.7".parse().unwrap(), app: Some("wiki") }
     }
 
@@ -419,5 +490,161 @@ mod tests {
             assert!(e.starts_with(w), "{e} should start with {w}");
         }
         assert!(compile("[[rule]]\nid = \"x\"\nactoin = \"deny\"\n").is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn letter_case_trailing_slash_and_raw_header_bytes() {
+        let rules = compile(
+            r#"
+            [[rule]]
+            id = "admin"
+            action = "deny"
+            path_glob = "/whoami/Admin/**"
+            [[rule]]
+            id = "secret"
+            action = "deny"
+            path_exact = "/up/secret/"
+            [[rule]]
+            id = "caf"
+            action = "deny"
+            path_prefix = "/caf%C3%A9"
+            [[rule]]
+            id = "sqlmap"
+            action = "deny"
+            header = [{ name = "user-agent", contains = "SQLMap" }]
+            "#,
+        )
+        .unwrap();
+        let h = http::HeaderMap::new();
+        let id = |path: &str, h: &http::HeaderMap| rules.check(&facts("GET", path, path, h)).map(|(_, r)| r.id.clone());
+        for p in ["/whoami/admin/panel", "/WHOAMI/admin/panel", "/WhoAmI/ADMIN/x/y", "/whoami/admin/", "/whoami/admin"]
+        {
+            assert_eq!(id(p, &h).as_deref(), Some("admin"), "{p}");
+        }
+        // Letters an upstream comparing in Unicode reads as ASCII.
+        assert_eq!(id("/whoam\u{131}/adm\u{131}n/x", &h).as_deref(), Some("admin"));
+        for p in ["/up/secret", "/up/secret/", "/UP/Secret/"] {
+            assert_eq!(id(p, &h).as_deref(), Some("secret"), "{p}");
+        }
+        assert_eq!(id("/up/secrets", &h), None);
+        assert_eq!(id("/CAFÉ/x", &h), None, "only ASCII-mapped letters fold");
+        assert_eq!(id("/café/x", &h).as_deref(), Some("caf"), "patterns are decoded like requests");
+        let mut ua = http::HeaderMap::new();
+        ua.insert("user-agent", http::HeaderValue::from_bytes(b"sqlmap\xff/1.0").unwrap());
+        assert_eq!(id("/x", &ua).as_deref(), Some("sqlmap"), "a value that is not UTF-8 is still seen");
+        // Patterns that are not canonical paths are refused, not silently never matched.
+        for bad in ["/a/../b", "/a//b", "/a;x", "/a?b", "wiki"] {
+            let text = format!("[[rule]]\nid = \"x\"\naction = \"deny\"\npath_prefix = {bad:?}\n");
+            assert!(compile(&text).is_err(), "{bad}");
+        }
+    }
+
+    /// One spelling of a path: every character as it is, in the other case, or percent-encoded
+    /// (with either case of hex digits).
+    fn spell(path: &str, choices: &[u8]) -> String {
+        let mut out = String::new();
+        for (i, c) in path.chars().enumerate() {
+            let pick = choices.get(i).copied().unwrap_or(0) % 4;
+            if c == '/' {
+                out.push('/');
+                continue;
+            }
+            match pick {
+                1 if c.is_ascii_alphabetic() => {
+                    out.push(if c.is_ascii_lowercase() { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() })
+                }
+                2 | 3 => {
+                    let mut buf = [0u8; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        if pick == 2 { out.push_str(&format!("%{b:02X}")) } else { out.push_str(&format!("%{b:02x}")) }
+                    }
+                }
+                _ if c.is_ascii() => out.push(c),
+                _ => {
+                    let mut buf = [0u8; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        out.push_str(&format!("%{b:02X}"));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// Every spelling the front door accepts of a target that reaches the same app with the
+        /// same forwarded path (up to letter case and a trailing slash) meets the same rule.
+        #[test]
+        fn every_spelling_of_a_request_meets_the_same_rule(
+            segs in proptest::collection::vec("[a-zA-Z0-9_\\-\u{131}\u{17f}\u{212a}é]{1,6}", 1..5),
+            // The rule is written from the path itself: its first `take` segments, each
+            // in its own letter case or (in globs) a `*`, so that it often matches.
+            take in 1usize..6,
+            rule_case in proptest::collection::vec(proptest::num::u8::ANY, 40),
+            stars in proptest::collection::vec(proptest::bool::weighted(0.2), 6),
+            kind in 0u8..3,
+            a in proptest::collection::vec(proptest::num::u8::ANY, 40),
+            b in proptest::collection::vec(proptest::num::u8::ANY, 40),
+            slash_a in proptest::bool::ANY,
+            slash_b in proptest::bool::ANY,
+        ) {
+            use crate::config::{App, Route, Upstream};
+            let apps = vec![App {
+                name: "up".into(),
+                title: "up".into(),
+                description: String::new(),
+                upstream: Upstream::Whoami,
+                route: Route::Path { prefix: "/up/".into(), strip: true },
+                access: crate::policy::Access::Authenticated,
+                mfa: false,
+                forward_headers: Vec::new(),
+                websocket_origins: Vec::new(),
+            }];
+            let routes = crate::route::Routes::new("gate", &apps);
+            let key = match kind {
+                0 => "path_exact",
+                1 => "path_prefix",
+                _ => "path_glob",
+            };
+            let all: Vec<&str> = std::iter::once("up").chain(segs.iter().map(String::as_str)).collect();
+            let mut pattern = String::new();
+            for (i, seg) in all.iter().take(take).enumerate() {
+                pattern.push('/');
+                if kind == 2 && stars[i] {
+                    pattern.push('*');
+                } else {
+                    let cased: String = seg
+                        .chars()
+                        .zip(rule_case.iter().skip(i * 6))
+                        .map(|(c, r)| if r % 2 == 0 { c.to_ascii_uppercase() } else { c })
+                        .collect();
+                    pattern.push_str(&cased);
+                }
+            }
+            if kind == 2 && take < all.len() {
+                pattern.push_str("/**");
+            }
+            let text = format!("[[rule]]\nid = \"r\"\naction = \"deny\"\n{key} = {pattern:?}\n");
+            let rules = compile(&text).expect("a pattern made of path segments compiles");
+            let base = format!("/up/{}", segs.join("/"));
+            let h = http::HeaderMap::new();
+            let verdict = |spelled: &str| -> Option<(crate::route::Found, String, bool)> {
+                let t = crate::request::Target::parse(spelled).ok()?;
+                let found = routes.find("gate", t.path());
+                let forwarded = match found {
+                    crate::route::Found::App(_) => crate::request::fold_case(&t.path()[4..]).into_owned(),
+                    _ => return None,
+                };
+                let f = Facts::of("GET", &t, spelled, &h, "192.0.2.1".parse().unwrap(), Some("up"));
+                Some((found, forwarded.trim_end_matches('/').to_string(), rules.check(&f).is_some()))
+            };
+            let one = format!("{}{}", spell(&base, &a), if slash_a { "/" } else { "" });
+            let two = format!("{}{}", spell(&base, &b), if slash_b { "/" } else { "" });
+            if let (Some((app1, fwd1, hit1)), Some((app2, fwd2, hit2))) = (verdict(&one), verdict(&two)) {
+                if app1 == app2 && fwd1 == fwd2 {
+                    proptest::prop_assert_eq!(hit1, hit2, "{} and {} against {} = {}", one, two, key, pattern);
+                }
+            }
+        }
     }
 }

@@ -1,7 +1,10 @@
 //! The reverse proxy: forwards a permitted request to its app over pooled keep-alive
-//! connections, with the upstream request built by rule 5 (client identity and control headers
-//! stripped by normalised name, hop-by-hop headers dropped, poort's identity headers and signed
-//! assertion added last, poort's cookies never forwarded). Bodies stream both ways.
+//! connections, with the upstream request built by rule 5 from an allowlist: the end-to-end
+//! request headers apps use, plus the app's own `forward_headers`; poort's cookies never, and
+//! poort's identity headers and signed assertion added last. The gateway frames every upstream
+//! request itself. Request bodies up to `[proxy] buffer_bytes` are read whole before the
+//! upstream request starts (a body that breaks off never reaches an app half-sent); larger
+//! ones, and responses, stream.
 
 pub mod assertion;
 mod pool;
@@ -9,6 +12,7 @@ mod pool;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::Limited;
@@ -26,7 +30,45 @@ use crate::session::{Session, cookie};
 pub use assertion::Signer;
 pub use pool::PooledBody;
 
-type UpstreamBody = Limited<Incoming>;
+/// A request body on its way to an upstream.
+pub enum UpstreamBody {
+    /// Read whole before the request started.
+    Full(Option<Bytes>),
+    /// What was read while deciding, then the rest as it comes.
+    Stream { first: Option<Bytes>, rest: Limited<Incoming> },
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Full(b) => std::task::Poll::Ready(b.take().map(|b| Ok(hyper::body::Frame::data(b)))),
+            UpstreamBody::Stream { first, rest } => match first.take() {
+                Some(b) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(b)))),
+                None => std::pin::Pin::new(rest).poll_frame(cx),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Full(b) => b.is_none(),
+            UpstreamBody::Stream { first, rest } => first.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            UpstreamBody::Full(b) => hyper::body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            UpstreamBody::Stream { .. } => hyper::body::SizeHint::default(),
+        }
+    }
+}
 
 /// Why a forward failed; each maps to one status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,35 +146,88 @@ const HOP_BY_HOP: [&str; 8] = [
     "proxy-authenticate",
 ];
 
-/// Hop-by-hop request headers, and those that poort sets itself.
-fn is_hop_or_own(name: &str) -> bool {
-    HOP_BY_HOP.contains(&name) || matches!(name, "proxy-authorization" | "host" | "http2-settings")
+/// The request headers every app receives when a client sends them: the end-to-end fields of
+/// RFC 9110 that browsers and API clients use (content negotiation, conditional and range
+/// requests, caching, the app's own authorization and CSRF tokens, fetch metadata, tracing),
+/// and the WebSocket handshake. Anything else (identity claims such as `Remote-User` or
+/// `X-WEBAUTH-USER`, address claims, method overrides, server-internal headers) reaches an app
+/// only if its `forward_headers` names it.
+pub const FORWARDED: &[&str] = &[
+    "accept",
+    "accept-encoding",
+    "accept-language",
+    "authorization",
+    "cache-control",
+    "content-encoding",
+    "content-language",
+    "content-type",
+    "dnt",
+    "if-match",
+    "if-modified-since",
+    "if-none-match",
+    "if-range",
+    "if-unmodified-since",
+    "origin",
+    "pragma",
+    "priority",
+    "range",
+    "referer",
+    "sec-ch-ua",
+    "sec-ch-ua-mobile",
+    "sec-ch-ua-platform",
+    "sec-fetch-dest",
+    "sec-fetch-mode",
+    "sec-fetch-site",
+    "sec-fetch-user",
+    "sec-websocket-extensions",
+    "sec-websocket-key",
+    "sec-websocket-protocol",
+    "sec-websocket-version",
+    "traceparent",
+    "tracestate",
+    "upgrade-insecure-requests",
+    "user-agent",
+    "x-csrf-token",
+    "x-csrftoken",
+    "x-requested-with",
+    "x-xsrf-token",
+];
+
+/// Names no app may ask for in `forward_headers` (compared with `_` read as `-`): framing,
+/// connection control, and the identity and address headers poort itself sets or strips.
+pub fn never_forwarded(name: &str) -> bool {
+    let norm: String = name.bytes().map(|b| if b == b'_' { '-' } else { b.to_ascii_lowercase() as char }).collect();
+    HOP_BY_HOP.contains(&norm.as_str())
+        || matches!(
+            norm.as_str(),
+            "host" | "content-length" | "cookie" | "expect" | "forwarded" | "x-real-ip" | "proxy-authorization"
+        )
+        || ["x-poort", "x-forwarded-"].iter().any(|p| norm.starts_with(p))
 }
 
-/// Headers a client could use to claim an identity, an address or a different URL. Matched
-/// on the name with `_` read as `-` (HTTP names are already lower case here).
-fn is_spoofable(name: &str) -> bool {
-    let mut buf = [0u8; 64];
-    let n = name.len().min(64);
-    for (d, s) in buf[..n].iter_mut().zip(name.bytes()) {
-        *d = if s == b'_' { b'-' } else { s };
+/// The headers of the upstream request, from the client's: only allowed names, no poort
+/// cookies. Framing, Host, forwarding and identity headers are added by the caller.
+pub fn allowed_headers(incoming: &HeaderMap, extra: &[HeaderName]) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(incoming.len() + 8);
+    let mut cookies: Vec<String> = Vec::new();
+    // Names the client's `Connection` lists belong to its connection with poort only.
+    let named = if incoming.contains_key(header::CONNECTION) { connection_named(incoming) } else { Vec::new() };
+    for (name, value) in incoming {
+        if named.iter().any(|n| n == name.as_str()) {
+            continue;
+        }
+        if name == header::COOKIE {
+            cookies.extend(cookie::without_poort(value.as_bytes()));
+        } else if FORWARDED.contains(&name.as_str()) || extra.contains(name) {
+            out.append(name.clone(), value.clone());
+        }
     }
-    let norm = std::str::from_utf8(&buf[..n]).unwrap_or("");
-    const PREFIXES: [&str; 5] = ["x-poort", "x-forwarded-", "x-auth-request-", "x-remote-", "x-original-"];
-    const EXACT: [&str; 11] = [
-        "forwarded",
-        "x-real-ip",
-        "x-rewrite-url",
-        "x-client-ip",
-        "true-client-ip",
-        "client-ip",
-        "x-cluster-client-ip",
-        "remote-user",
-        "x-user",
-        "x-email",
-        "x-groups",
-    ];
-    name.len() > 64 || PREFIXES.iter().any(|p| norm.starts_with(p)) || EXACT.contains(&norm)
+    if !cookies.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&cookies.join("; ")) {
+            out.insert(header::COOKIE, v);
+        }
+    }
+    out
 }
 
 /// Names listed in `Connection` values: also hop-by-hop (the CVE-2022-1388 pattern).
@@ -196,14 +291,60 @@ impl Proxy {
         Some(jwt)
     }
 
+    /// The upstream request's body and its length, if known: read whole when it is at most
+    /// `buffer_bytes`, else streamed (with what was read while deciding in front).
+    async fn read_body(&self, body: Incoming, length: Option<u64>) -> Result<(UpstreamBody, Option<u64>), Failure> {
+        use hyper::body::Body as _;
+        let (bound, max) = (self.settings.buffer_bytes, self.settings.max_body_bytes);
+        if body.is_end_stream() {
+            return Ok((UpstreamBody::Full(None), length.filter(|n| *n > 0)));
+        }
+        if length.is_some_and(|n| n > max) {
+            return Err(Failure::TooLarge);
+        }
+        let mut rest = Limited::new(body, max as usize);
+        if length.is_some_and(|n| n > bound) {
+            return Ok((UpstreamBody::Stream { first: None, rest }, length));
+        }
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match http_body_util::BodyExt::frame(&mut rest).await {
+                None => break,
+                Some(Err(e)) => {
+                    return Err(if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                        Failure::TooLarge
+                    } else {
+                        Failure::BadBody
+                    });
+                }
+                Some(Ok(frame)) => {
+                    // Trailers are not forwarded.
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                    }
+                    if buf.len() as u64 > bound {
+                        // A chunked body larger than the bound: the rest streams.
+                        return Ok((UpstreamBody::Stream { first: Some(buf.freeze()), rest }, None));
+                    }
+                }
+            }
+        }
+        let n = buf.len() as u64;
+        if length.is_some_and(|want| want != n) {
+            return Err(Failure::BadBody);
+        }
+        Ok((UpstreamBody::Full((n > 0).then(|| buf.freeze())), Some(n).filter(|n| *n > 0)))
+    }
+
     /// Forwards `req` to the app the permit names. The permit is consumed: one permit, one
-    /// upstream request.
+    /// upstream request. `length` is the body length the front door read.
     pub async fn forward(
         &self,
         permit: Permit,
         app: &App,
         target: &Target,
         origin: Origin<'_>,
+        length: Option<u64>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Failure> {
         let websocket = is_websocket(req.version(), req.headers());
@@ -223,25 +364,7 @@ impl Proxy {
         uri.push_str(base);
         uri.push_str(&target.forward_form(path));
 
-        let mut headers = HeaderMap::with_capacity(parts.headers.len() + 8);
-        let named = connection_named(&parts.headers);
-        let mut cookies: Vec<String> = Vec::new();
-        for (name, value) in &parts.headers {
-            let n = name.as_str();
-            if is_hop_or_own(n) || is_spoofable(n) || named.iter().any(|x| x == n) {
-                continue;
-            }
-            if name == header::COOKIE {
-                cookies.extend(cookie::without_poort(value.as_bytes()));
-                continue;
-            }
-            headers.append(name.clone(), value.clone());
-        }
-        if !cookies.is_empty() {
-            if let Ok(v) = HeaderValue::from_str(&cookies.join("; ")) {
-                headers.insert(header::COOKIE, v);
-            }
-        }
+        let mut headers = allowed_headers(&parts.headers, &app.forward_headers);
         let value = |s: &str| HeaderValue::from_str(s).ok();
         headers.insert(header::HOST, value(authority).ok_or(Failure::Unreachable)?);
         if let Some(v) = value(&origin.client.to_string()) {
@@ -275,8 +398,11 @@ impl Proxy {
         if let Some(h) = out.headers_mut() {
             *h = headers;
         }
-        let out =
-            out.body(Limited::new(body, self.settings.max_body_bytes as usize)).map_err(|_| Failure::Unreachable)?;
+        let (body, length) = self.read_body(body, length).await?;
+        if let (Some(h), Some(n)) = (out.headers_mut(), length) {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        let out = out.body(body).map_err(|_| Failure::Unreachable)?;
         if let Some(client_upgrade) = client_upgrade {
             return self.upgrade(authority, out, client_upgrade).await;
         }
@@ -414,25 +540,48 @@ mod tests {
     }
 
     #[test]
-    fn spoofable_names() {
-        for n in [
-            "x-poort-user",
-            "x_poort_user",
-            "x-poort_groups",
-            "x-forwarded-user",
-            "x_forwarded_for",
-            "forwarded",
-            "x-real-ip",
-            "x-original-url",
-            "x-rewrite-url",
-            "x-auth-request-email",
-            "remote-user",
-            "remote_user",
+    fn only_allowed_names_are_forwarded() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("accept", "text/html"),
+            ("authorization", "Bearer app-token"),
+            ("x-csrftoken", "t"),
+            ("x-webauth-user", "admin"),
+            ("remote-user", "admin"),
+            ("x-http-method-override", "DELETE"),
+            ("x-middleware-subrequest", "middleware"),
+            ("content-length", "5"),
+            ("x-api-key", "k"),
+            ("cookie", "app=1; __Host-poort=secret"),
         ] {
-            assert!(is_spoofable(n), "{n}");
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
-        for n in ["accept", "authorization", "content-type", "x-request-id", "user-agent"] {
-            assert!(!is_spoofable(n), "{n}");
+        let out = allowed_headers(&h, &[HeaderName::from_static("x-api-key")]);
+        let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        names.sort();
+        assert_eq!(names, ["accept", "authorization", "cookie", "x-api-key", "x-csrftoken"]);
+        assert_eq!(out.get(header::COOKIE).unwrap(), "app=1");
+        for n in ["x-poort-user", "X_Poort_User", "x_forwarded_for", "transfer_encoding", "Content_Length", "forwarded"]
+        {
+            assert!(never_forwarded(n), "{n}");
+        }
+        assert!(!never_forwarded("x-api-key"));
+    }
+
+    proptest::proptest! {
+        /// Whatever names a client sends, only the allowed ones arrive.
+        #[test]
+        fn unknown_names_never_arrive(names in proptest::collection::vec("[a-zA-Z][a-zA-Z0-9_-]{0,24}", 1..30)) {
+            let mut h = HeaderMap::new();
+            for n in &names {
+                if let Ok(name) = HeaderName::from_bytes(n.as_bytes()) {
+                    h.append(name, HeaderValue::from_static("v"));
+                }
+            }
+            let out = allowed_headers(&h, &[]);
+            for name in out.keys() {
+                proptest::prop_assert!(FORWARDED.contains(&name.as_str()) || name == header::COOKIE, "{}", name);
+            }
         }
     }
 }

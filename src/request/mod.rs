@@ -2,9 +2,10 @@
 //! target, the one Host, bounded headers, strict framing, the allowed methods and the client
 //! address. Pure: no I/O, no clock. A rejection maps to a fixed status and a constant page.
 
+pub mod head;
 mod target;
 
-pub use target::{MAX_TARGET_LEN, Target, TargetError};
+pub use target::{MAX_TARGET_LEN, Target, TargetError, fold_case};
 
 use std::net::IpAddr;
 
@@ -45,6 +46,22 @@ pub enum Reject {
     BadContentLength,
     #[error("method not allowed")]
     Method,
+    #[error("a line ends in a bare LF")]
+    BareLineFeed,
+    #[error("a CR that does not end a line")]
+    BareCarriageReturn,
+    #[error("a header field folded over lines")]
+    ObsFold,
+    #[error("whitespace between a header name and its colon")]
+    SpaceBeforeColon,
+    #[error("malformed header name")]
+    BadHeaderName,
+    #[error("control character in a header value")]
+    BadHeaderValue,
+    #[error("malformed request line")]
+    RequestLine,
+    #[error("malformed chunked body")]
+    BadChunk,
 }
 
 impl Reject {
@@ -86,6 +103,14 @@ impl Reject {
             Reject::BadTransferEncoding => "framing_transfer_encoding",
             Reject::BadContentLength => "framing_content_length",
             Reject::Method => "method_not_allowed",
+            Reject::BareLineFeed => "framing_bare_lf",
+            Reject::BareCarriageReturn => "framing_bare_cr",
+            Reject::ObsFold => "framing_obs_fold",
+            Reject::SpaceBeforeColon => "framing_space_before_colon",
+            Reject::BadHeaderName => "header_bad_name",
+            Reject::BadHeaderValue => "header_bad_value",
+            Reject::RequestLine => "request_line_malformed",
+            Reject::BadChunk => "framing_bad_chunk",
         }
     }
 }

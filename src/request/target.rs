@@ -91,6 +91,11 @@ impl Target {
         self.query.as_deref()
     }
 
+    /// The path as routing and mitigation rules compare it: case folded (`fold_case`).
+    pub fn match_key(&self) -> std::borrow::Cow<'_, str> {
+        fold_case(&self.path)
+    }
+
     /// The path re-encoded for the wire: what the upstream receives (after any prefix strip).
     pub fn encode_path(path: &str, out: &mut String) {
         for &b in path.as_bytes() {
@@ -118,6 +123,36 @@ impl Target {
 }
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// The one form in which paths are compared by routing and by mitigation rules: ASCII letters
+/// in lower case, and the few other letters whose simple case mapping is an ASCII letter
+/// (U+0131 dotless i, U+017F long s, U+212A Kelvin sign) folded to that letter. An upstream that
+/// compares paths without regard to case, in ASCII or in Unicode, then serves the same
+/// resource for every spelling that meets the same rule. Allocates only when something
+/// changes.
+pub fn fold_case(path: &str) -> std::borrow::Cow<'_, str> {
+    let needs = |c: char| c.is_ascii_uppercase() || (!c.is_ascii() && ascii_fold(c).is_some());
+    if !path.chars().any(needs) {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let folded =
+        path.chars().map(|c| if c.is_ascii() { c.to_ascii_lowercase() } else { ascii_fold(c).unwrap_or(c) }).collect();
+    std::borrow::Cow::Owned(folded)
+}
+
+/// The lower-case ASCII letter a non-ASCII character turns into under a simple (one
+/// character to one character) case mapping, if any.
+fn ascii_fold(c: char) -> Option<char> {
+    fn single(mut it: impl Iterator<Item = char>) -> Option<char> {
+        let first = it.next()?;
+        it.next().is_none().then_some(first)
+    }
+    [single(c.to_lowercase()), single(c.to_uppercase())]
+        .into_iter()
+        .flatten()
+        .find(char::is_ascii_alphabetic)
+        .map(|a| a.to_ascii_lowercase())
+}
 
 /// RFC 3986 `pchar` minus `%` (escapes are handled apart) and minus `;` (path parameters are
 /// refused: Tomcat and others treat them as delimiters, CVE-2020-5902).
@@ -300,6 +335,19 @@ mod tests {
             assert_eq!(Target::parse(raw), Err(want), "{raw:?}");
         }
         assert_eq!(Target::parse(&format!("/{}", "a".repeat(MAX_TARGET_LEN))), Err(TooLong));
+    }
+
+    #[test]
+    fn case_folding_for_matching() {
+        assert_eq!(fold_case("/wiki/page"), "/wiki/page");
+        assert!(matches!(fold_case("/wiki/page"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(fold_case("/WIKI/Page"), "/wiki/page");
+        // Letters whose case mapping lands in ASCII: an upstream comparing in Unicode would
+        // read them as these.
+        assert_eq!(fold_case("/wı\u{212A}i/ſecret"), "/wiki/secret");
+        // Other letters stay as they are.
+        assert_eq!(fold_case("/Café/Ärger"), "/café/Ärger");
+        assert_eq!(fold_case("/İ"), "/İ");
     }
 
     #[test]

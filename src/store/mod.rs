@@ -506,13 +506,15 @@ impl Store {
     }
 
     pub fn set_setting(&self, key: &str, value: &str) -> anyhow::Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                params![key, value],
-            )
-            .map(|_| ())
-        })
+        self.with(|c| Store::put_setting(c, key, value))
+    }
+
+    pub fn put_setting(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+        conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )
+        .map(|_| ())
     }
 
     pub fn last_revocation(&self) -> anyhow::Result<i64> {

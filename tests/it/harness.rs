@@ -365,6 +365,8 @@ impl Gate {
             .replace("{silent}", &silent().await.to_string())
             .replace("{closed}", &closed_port().to_string());
         let sink_addr = sink.addr;
+        // Extra tables may name the recording upstream as `{up}` too.
+        let tables = tables.replace("{up}", &upstream.addr.to_string());
         let config = format!(
             r#"
 [server]
@@ -470,9 +472,14 @@ access = "authenticated"
 
     /// Sends exact bytes and reads the response until the gateway closes the connection.
     pub async fn raw(&self, bytes: &[u8]) -> Resp {
+        self.raw_to("localhost", bytes).await
+    }
+
+    /// As `raw`, on a connection whose TLS handshake names `sni`.
+    pub async fn raw_to(&self, sni: &str, bytes: &[u8]) -> Resp {
         let mut tls = self
             .tls
-            .connect(ServerName::try_from("localhost").unwrap(), TcpStream::connect(self.addr).await.unwrap())
+            .connect(ServerName::try_from(sni.to_string()).unwrap(), TcpStream::connect(self.addr).await.unwrap())
             .await
             .unwrap();
         tls.write_all(bytes).await.unwrap();
@@ -501,8 +508,12 @@ access = "authenticated"
         (status, self.upstream.hits() - before)
     }
 
-    /// A request with `Host: localhost` and `Connection: close` plus `headers`.
+    /// A request with `Host: localhost` and `Connection: close` plus `headers`, on a connection
+    /// to the host it names (as a browser makes it).
     pub async fn request(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        let host = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("host")).map_or("localhost", |(_, v)| *v);
+        let sni = host.split(':').next().unwrap_or(host);
+        let sni = if sni.parse::<std::net::IpAddr>().is_ok() || sni.is_empty() { "localhost" } else { sni };
         let mut req = format!("{method} {target} HTTP/1.1\r\n");
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
             req.push_str("Host: localhost\r\n");
@@ -516,7 +527,7 @@ access = "authenticated"
         req.push_str("Connection: close\r\n\r\n");
         let mut bytes = req.into_bytes();
         bytes.extend_from_slice(body);
-        self.raw(&bytes).await
+        self.raw_to(sni, &bytes).await
     }
 
     pub async fn get(&self, target: &str, session: Option<&str>) -> Resp {

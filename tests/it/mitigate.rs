@@ -128,7 +128,7 @@ async fn only_signed_rule_bundles_are_applied_when_a_key_is_configured() {
     // The first bundle, signed before the gateway starts.
     let gate_dir = crate::harness::TempDir::new();
     let file = gate_dir.0.join("rules.toml");
-    std::fs::write(&file, FIRST).unwrap();
+    std::fs::write(&file, format!("version = 1\n{FIRST}")).unwrap();
     assert!(sign(&key, &file), "poort rules sign failed");
     let verify =
         std::process::Command::new(bin).args(["rules", "verify", "--public-key", &public]).arg(&file).output().unwrap();
@@ -141,7 +141,7 @@ async fn only_signed_rule_bundles_are_applied_when_a_key_is_configured() {
     assert_eq!(gate.get("/vpns/x", None).await.status, 403);
 
     // A changed file without a new signature is refused; the signed rules stay.
-    let tampered = FIRST.replace("/vpns", "/nothing");
+    let tampered = format!("version = 2\n{}", FIRST.replace("/vpns", "/nothing"));
     std::fs::write(&file, &tampered).unwrap();
     eventually("the unsigned change to be refused", Duration::from_secs(3), async || {
         String::from_utf8_lossy(&gate.cli(&["rules", "status"]).stdout).contains("signature does not match")
@@ -181,4 +181,181 @@ async fn lockdown_leaves_only_admins() {
         gate.get("/app/", Some(&bob)).await.status == 200
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_rule_meets_every_spelling_the_front_door_accepts() {
+    let rules = r#"
+[[rule]]
+id = "admin-panel"
+action = "deny"
+path_glob = "/app/admin/**"
+
+[[rule]]
+id = "secret"
+action = "deny"
+path_exact = "/pub/secret"
+
+[[rule]]
+id = "sqlmap"
+action = "deny"
+header = [{ name = "user-agent", contains = "sqlmap" }]
+"#;
+    let (gate, _rules) = gate_with_rules(rules, "").await;
+    let s = gate.login("alice").await;
+    // Each reaches the same app, and all but the last the same upstream path, as the rule's
+    // spelling; none may reach the upstream.
+    for target in [
+        "/app/admin/panel",
+        "/APP/admin/panel",
+        "/App/Admin/panel",
+        "/app/ADMIN/",
+        "/app/admin",
+        "/app/%61dmin/panel",
+        "/app/%41DMIN/panel",
+        "/app/adm%C4%B1n/panel",
+        "/pub/secret/",
+        "/PUB/Secret",
+    ] {
+        let before = gate.upstream.hits();
+        let r = gate.get(target, Some(&s)).await;
+        assert_eq!((target, r.status), (target, 403));
+        assert_eq!(gate.upstream.hits(), before, "{target} reached the upstream");
+    }
+    assert_eq!(gate.get("/app/administrator", Some(&s)).await.status, 200, "a different segment is not matched");
+
+    // A header value with a byte that is not UTF-8 is still read by a header rule.
+    let before = gate.upstream.hits();
+    let (status, reached) = gate
+        .hostile(b"GET /pub/x HTTP/1.1\r\nHost: localhost\r\nUser-Agent: sqlmap\xff/1.7\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!((status, reached), (Some(403), 0));
+    assert_eq!(gate.upstream.hits(), before);
+
+    // `poort rules test` agrees, for a typed target and for a captured request with that byte.
+    let out = String::from_utf8_lossy(&gate.cli(&["rules", "test", "--target", "/WHOAMI/x"]).stdout).into_owned();
+    assert!(out.contains("no rule matches"), "{out}");
+    let out = String::from_utf8_lossy(&gate.cli(&["rules", "test", "--target", "/APP/Admin/x"]).stdout).into_owned();
+    assert!(out.contains("rule admin-panel matches"), "{out}");
+    let raw = gate.dir.0.join("req.txt");
+    std::fs::write(&raw, b"GET /pub/x HTTP/1.1\r\nHost: localhost\r\nUser-Agent: SQLMAP\xfe\r\n\r\n").unwrap();
+    let out =
+        String::from_utf8_lossy(&gate.cli(&["rules", "test", "--raw", raw.to_str().unwrap()]).stdout).into_owned();
+    assert!(out.contains("rule sqlmap matches"), "{out}");
+}
+
+#[tokio::test]
+async fn an_older_signed_rules_file_is_never_put_back() {
+    let keys = crate::harness::TempDir::new();
+    let key = keys.0.join("publisher.pk8");
+    let bin = env!("CARGO_BIN_EXE_poort");
+    let out = std::process::Command::new(bin).args(["rules", "keygen", "--out"]).arg(&key).output().unwrap();
+    let public = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().trim().to_string();
+    let dir = crate::harness::TempDir::new();
+    let file = dir.0.join("rules.toml");
+    let sig = crate::harness::TempDir::new();
+    // Version 1, signed; kept aside as an attacker (or a careless restore) would keep it.
+    std::fs::write(&file, format!("version = 1\n{FIRST}")).unwrap();
+    assert!(sign(&key, &file));
+    let old = (std::fs::read(&file).unwrap(), std::fs::read(dir.0.join("rules.toml.sig")).unwrap());
+    // A file without a version cannot be signed.
+    let unversioned = sig.0.join("plain.toml");
+    std::fs::write(&unversioned, FIRST).unwrap();
+    assert!(!sign(&key, &unversioned), "poort rules sign refuses a file without a version");
+
+    let tables = format!(
+        "\n[mitigate]\nrules_file = \"{}\"\nrequire_signature = true\npublic_key = \"{public}\"\n",
+        file.display()
+    );
+    let mut gate = Gate::start_config("", &tables).await;
+    let probe = "/pub/report?lang=../../etc/passwd";
+    assert_eq!(gate.get(probe, None).await.status, 200);
+    // Version 2 adds a rule.
+    let v2 = format!("version = 2\n{FIRST}\n[[rule]]\nid = \"lang\"\naction = \"deny\"\nraw = [\"dot_dot\"]\n");
+    std::fs::write(&file, &v2).unwrap();
+    assert!(sign(&key, &file));
+    eventually("version 2 to apply", Duration::from_secs(3), async || gate.get(probe, None).await.status == 403).await;
+    let new = (std::fs::read(&file).unwrap(), std::fs::read(dir.0.join("rules.toml.sig")).unwrap());
+
+    // Version 1 and its valid signature are copied back over version 2: refused.
+    std::fs::write(&file, &old.0).unwrap();
+    std::fs::write(dir.0.join("rules.toml.sig"), &old.1).unwrap();
+    eventually("the older file to be refused", Duration::from_secs(3), async || {
+        gate.audit("rules_refused").iter().any(|e| e["why"].as_str().unwrap().contains("version 1 does not follow"))
+    })
+    .await;
+    assert_eq!(gate.get(probe, None).await.status, 403, "version 2's rules stay in force");
+    let loaded = gate.audit("rules_loaded");
+    assert!(loaded.iter().any(|e| e["version"] == 1) && loaded.iter().any(|e| e["version"] == 2), "{loaded:?}");
+
+    // Across a restart too: the gateway remembers version 2 and will not start on version 1.
+    gate.stop().await;
+    let cfg = poort::config::load(&gate.config_path).unwrap();
+    let err = poort::server::start(cfg, std::sync::Arc::new(gate.clock.clone())).await.unwrap_err();
+    assert!(format!("{err:#}").contains("does not follow version 2"), "{err:#}");
+    std::fs::write(&file, &new.0).unwrap();
+    std::fs::write(dir.0.join("rules.toml.sig"), &new.1).unwrap();
+    gate.boot().await;
+    assert_eq!(gate.get(probe, None).await.status, 403);
+
+    // An expired file is refused as well.
+    let expired = format!("version = 3\nexpires = \"2001-01-01T00:00:00Z\"\n{FIRST}");
+    std::fs::write(&file, expired).unwrap();
+    assert!(sign(&key, &file));
+    eventually("the expired file to be refused", Duration::from_secs(3), async || {
+        gate.audit("rules_refused").iter().any(|e| e["why"].as_str().unwrap().contains("expired"))
+    })
+    .await;
+    assert_eq!(gate.get(probe, None).await.status, 403);
+}
+
+#[tokio::test]
+async fn a_file_caught_empty_mid_write_changes_nothing() {
+    let (gate, _rules) = gate_with_rules(FIRST, "").await;
+    assert_eq!(gate.get("/vpns/x", None).await.status, 403);
+    // As an editor or scp does: truncate, then (slowly) write the new content.
+    std::fs::write(rules_path(&gate), "").unwrap();
+    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < until {
+        assert_eq!(gate.get("/vpns/x", None).await.status, 403, "the empty file replaced the rules");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let why = gate.audit("rules_refused");
+    assert!(why.iter().any(|e| e["why"].as_str().unwrap().contains("rule = []")), "{why:?}");
+    // A half-written file that does not parse changes nothing either.
+    std::fs::write(rules_path(&gate), "[[rule]]\nid = \"vpns-path\"\naction = \"de").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gate.get("/vpns/x", None).await.status, 403);
+    // Removing every rule on purpose works.
+    std::fs::write(rules_path(&gate), "rule = []\n").unwrap();
+    eventually("the rules to be removed", Duration::from_secs(3), async || {
+        gate.get("/vpns/x", None).await.status == 404
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_log_rule_lets_nothing_through_unrecorded() {
+    let rules = "[[rule]]\nid = \"watch\"\naction = \"log\"\npath_prefix = \"/pub\"\n";
+    let (gate, _rules) = gate_with_rules(rules, "").await;
+    assert_eq!(gate.get("/pub/a", None).await.status, 200);
+    // The audit log stops taking records.
+    let conn = poort::store::open_connection(&gate.db()).unwrap();
+    conn.execute_batch("CREATE TRIGGER no_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;")
+        .unwrap();
+    let before = gate.upstream.hits();
+    assert_eq!(gate.get("/pub/a", None).await.status, 503);
+    assert_eq!(gate.upstream.hits(), before, "forwarded without its record");
+}
+
+#[tokio::test]
+async fn lockdown_is_recorded_before_it_is_switched() {
+    let (gate, _rules) = gate_with_rules(FIRST, "").await;
+    let conn = poort::store::open_connection(&gate.db()).unwrap();
+    conn.execute_batch("CREATE TRIGGER no_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;")
+        .unwrap();
+    assert!(!gate.cli(&["lockdown", "on"]).status.success(), "a switch that cannot be recorded fails");
+    let switch: Option<String> =
+        conn.query_row("SELECT value FROM settings WHERE key = 'lockdown'", [], |r| r.get(0)).ok();
+    assert_ne!(switch.as_deref(), Some("on"));
 }

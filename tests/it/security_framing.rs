@@ -145,3 +145,166 @@ async fn unknown_and_malformed_hosts_are_refused() {
     );
     assert_eq!(gate.hostile(req.as_bytes()).await, (Some(400), 0));
 }
+
+/// Every head the gateway refuses is answered with its own status on a connection that then
+/// closes, and the refusal is in the audit log with its reason; the upstream gets nothing.
+/// These are refusals the HTTP library would otherwise have repaired (a duplicate length,
+/// chunked over a length, a bare LF) or made on its own, unaudited (an oversized head).
+#[tokio::test]
+async fn the_head_is_refused_before_the_http_library_reads_it() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let cookie = format!("Cookie: __Host-poort={s}");
+    let cases: Vec<(String, u16, &str)> = vec![
+        (
+            format!(
+                "POST /app/x HTTP/1.1\r\nHost: localhost\r\n{cookie}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            400,
+            "framing_length_and_chunked",
+        ),
+        (
+            format!(
+                "POST /app/x HTTP/1.1\r\nHost: localhost\r\n{cookie}\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"
+            ),
+            400,
+            "framing_length_and_chunked",
+        ),
+        (
+            format!(
+                "POST /app/x HTTP/1.1\r\nHost: localhost\r\n{cookie}\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
+            ),
+            400,
+            "framing_content_length",
+        ),
+        (format!("GET /app/x HTTP/1.1\nHost: localhost\n{cookie}\n\n"), 400, "framing_bare_lf"),
+        (format!("GET /app/x HTTP/1.1\r\nHost: localhost\n{cookie}\r\n\r\n"), 400, "framing_bare_lf"),
+        (
+            format!("GET /app/x HTTP/1.1\r\nHost: localhost\r\n{cookie}\r\nX-A: 1\r\n  folded\r\n\r\n"),
+            400,
+            "framing_obs_fold",
+        ),
+        (
+            format!("GET /app/x HTTP/1.1\r\nHost: localhost\r\n{cookie}\r\nX-A : 1\r\n\r\n"),
+            400,
+            "framing_space_before_colon",
+        ),
+        (format!("GET /app/x HTTP/1.1\r\nHost: localhost\r\n{cookie}\r\nX-A: 1\0\r\n\r\n"), 400, "header_bad_value"),
+        (format!("GET /app/x HTTP/1.1\r\nHost: localhost\r\n{cookie}\r\nX-A: 1\r2\r\n\r\n"), 400, "framing_bare_cr"),
+        (format!("GET  /app/x HTTP/1.1\r\nHost: localhost\r\n{cookie}\r\n\r\n"), 400, "request_line_malformed"),
+        (format!("GET /app/x HTTP/1.2\r\nHost: localhost\r\n{cookie}\r\n\r\n"), 400, "request_line_malformed"),
+        (format!("GET /{} HTTP/1.1\r\nHost: localhost\r\n\r\n", "a".repeat(9000)), 414, "target_too_long"),
+        (
+            format!("GET /app/x HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n", "b".repeat(70 * 1024)),
+            431,
+            "headers_too_large",
+        ),
+        (
+            format!(
+                "GET /app/x HTTP/1.1\r\nHost: localhost\r\n{}\r\n",
+                (0..150).map(|i| format!("X-{i}: 1\r\n")).collect::<String>()
+            ),
+            431,
+            "too_many_headers",
+        ),
+    ];
+    for (req, want, code) in cases {
+        let before = gate.audit("request_rejected").len();
+        let r = gate.raw(req.as_bytes()).await;
+        assert_eq!((code, r.status), (code, want));
+        assert_eq!(r.header("connection"), Some("close"), "{code}");
+        assert_eq!(gate.upstream.hits(), 0, "{code} reached the upstream");
+        let audited = gate.audit("request_rejected");
+        assert_eq!(audited.len(), before + 1, "{code} was not audited");
+        assert_eq!(audited.last().unwrap()["code"], code);
+    }
+}
+
+/// A body that breaks its chunked framing part way never reaches an app half-sent: bodies up
+/// to the buffering bound are read whole before the upstream request starts.
+#[tokio::test]
+async fn a_broken_chunked_body_never_reaches_the_app() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    for broken in ["5\r\nhello\r\n5\nworld\r\n0\r\n\r\n", "5\r\nhello\r\nzz\r\n", "5\r\nhelloworld\r\n0\r\n\r\n"] {
+        let req = format!(
+            "POST /app/upload HTTP/1.1\r\nHost: localhost\r\nCookie: __Host-poort={s}\r\nTransfer-Encoding: chunked\r\n\r\n{broken}"
+        );
+        let tcp = gate.hostile(req.as_bytes()).await;
+        assert!(matches!(tcp.0, Some(400) | None), "{broken:?}: {tcp:?}");
+        assert_eq!(tcp.1, 0, "{broken:?} reached the upstream");
+        assert_eq!(gate.upstream.connections.load(std::sync::atomic::Ordering::SeqCst), 0, "{broken:?}");
+    }
+    // A body that stops half way: the app is not even connected to while it waits.
+    let mut tls = gate.connect(&[b"http/1.1"]).await;
+    let head = format!(
+        "POST /app/upload HTTP/1.1\r\nHost: localhost\r\nCookie: __Host-poort={s}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut tls, head.as_bytes()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(gate.upstream.connections.load(std::sync::atomic::Ordering::SeqCst), 0);
+    drop(tls);
+    // A good chunked body arrives whole, with a length the gateway wrote.
+    let req = format!(
+        "POST /app/upload HTTP/1.1\r\nHost: localhost\r\nCookie: __Host-poort={s}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    );
+    assert_eq!(gate.raw(req.as_bytes()).await.status, 200);
+    let seen = gate.upstream.last();
+    assert_eq!(seen.body, b"hello world");
+    assert_eq!(seen.header("content-length"), Some("11"));
+    assert_eq!(seen.header("transfer-encoding"), None);
+}
+
+/// The length the upstream reads is the one the gateway counted, written by the gateway.
+#[tokio::test]
+async fn every_upstream_request_is_framed_by_the_gateway() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let req = format!(
+        "POST /app/x HTTP/1.1\r\nHost: localhost\r\nCookie: __Host-poort={s}\r\nContent-Length: 0005\r\nConnection: close\r\n\r\nhello"
+    );
+    assert_eq!(gate.raw(req.as_bytes()).await.status, 200);
+    let seen = gate.upstream.last();
+    assert_eq!((seen.header("content-length"), seen.body.as_slice()), (Some("5"), &b"hello"[..]));
+}
+
+/// A request on a connection made for another host name (SNI) is misdirected.
+#[tokio::test]
+async fn a_host_other_than_the_tls_name_gets_421() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let req = format!("GET / HTTP/1.1\r\nHost: git.localhost\r\nCookie: __Host-poort={s}\r\nConnection: close\r\n\r\n");
+    let r = gate.raw_to("localhost", req.as_bytes()).await;
+    assert_eq!(r.status, 421);
+    assert_eq!(gate.upstream.hits(), 0);
+    assert!(gate.audit("request_rejected").iter().any(|e| e["code"] == "host_not_sni"));
+    let req = format!("GET /app/ HTTP/1.1\r\nHost: localhost\r\nCookie: __Host-poort={s}\r\nConnection: close\r\n\r\n");
+    assert_eq!(gate.raw_to("git.localhost", req.as_bytes()).await.status, 421);
+    assert_eq!(gate.raw_to("localhost", req.as_bytes()).await.status, 200);
+}
+
+/// Health checks use HEAD, over HTTP/2 as well: headers and length, no body.
+#[tokio::test]
+async fn head_over_http2_on_the_gateways_own_pages() {
+    let gate = Gate::start().await;
+    let stream = gate.connect(&[b"h2"]).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for path in ["/.poort/health", "/.poort/login", "/.poort/style.css", "/.poort/nothing"] {
+        let req = http::Request::head(format!("https://localhost{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = resp.status().as_u16();
+        let len: usize = resp.headers().get("content-length").unwrap().to_str().unwrap().parse().unwrap();
+        let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+        assert!(body.is_empty(), "{path}");
+        assert!(len > 0, "{path}: the length of the GET answer");
+        assert!(matches!(status, 200 | 404), "{path}: {status}");
+    }
+}

@@ -121,3 +121,74 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
     }
     assert_eq!(last, 429, "the limit counts the real peer");
 }
+
+/// Upstream request headers come from an allowlist: identity headers of other gateways and
+/// apps, address claims of CDNs, method overrides and server-internal headers never arrive,
+/// from a signed-in user or, on a public app, from anyone; an app's `forward_headers` are the
+/// one way in, and names spelled with `_` for framing or identity headers never pass.
+#[tokio::test]
+async fn only_allowed_request_headers_reach_an_app() {
+    let tables = "\n[[app]]\nname = \"api\"\nupstream = \"http://{up}\"\npath = \"/api/\"\naccess = \"public\"\nforward_headers = [\"X-Api-Key\", \"X-Tenant\"]\n";
+    let gate = Gate::start_config("", tables).await;
+    let s = gate.login("bob").await;
+    let hostile = [
+        "X-WEBAUTH-USER: admin",
+        "Remote-User: admin",
+        "Remote-Groups: admins",
+        "Remote-Email: ceo@example.com",
+        "X-Authenticated-User: admin",
+        "X-Auth-User: admin",
+        "X-Authentik-Username: admin",
+        "X-Authentik-Groups: admins",
+        "X-Ms-Client-Principal-Name: admin",
+        "X-Ms-Client-Principal-Id: 1",
+        "Cf-Access-Authenticated-User-Email: ceo@example.com",
+        "X-Amzn-Oidc-Identity: admin",
+        "X-Amzn-Oidc-Data: e30",
+        "X-Goog-Authenticated-User-Email: ceo@example.com",
+        "X-Pomerium-Claim-Email: ceo@example.com",
+        "X-Pomerium-Jwt-Assertion: e30",
+        "CF-Connecting-IP: 127.0.0.1",
+        "Fastly-Client-IP: 127.0.0.1",
+        "X-Azure-ClientIP: 127.0.0.1",
+        "X-Envoy-External-Address: 127.0.0.1",
+        "X-HTTP-Method-Override: DELETE",
+        "X-HTTP-Method: DELETE",
+        "X-Method-Override: DELETE",
+        "X-Middleware-Subrequest: middleware:middleware:middleware",
+        "X-Accel-Redirect: /internal/secret",
+        "Transfer_Encoding: chunked",
+        "Content_Length: 99",
+        "X_Forwarded_For: 127.0.0.1",
+        "X-Unknown-To-Poort: 1",
+    ];
+    let all: String = hostile.iter().map(|h| format!("{h}\r\n")).collect();
+    for (target, cookie) in [("/app/x", format!("Cookie: __Host-poort={s}\r\n")), ("/api/x", String::new())] {
+        let req = format!(
+            "GET {target} HTTP/1.1\r\nHost: localhost\r\n{cookie}{all}X-Api-Key: k1\r\nX-Tenant: t1\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+        );
+        let (status, hits) = gate.hostile(req.as_bytes()).await;
+        assert_eq!((status, hits), (Some(200), 1), "{target}");
+        let seen = gate.upstream.last();
+        for h in hostile {
+            let name = h.split(':').next().unwrap().to_ascii_lowercase();
+            assert!(seen.header(&name).is_none(), "{target}: {name} reached the app");
+        }
+        assert_eq!(seen.header("accept"), Some("text/plain"), "{target}");
+        let listed = if target == "/api/x" { Some("k1") } else { None };
+        assert_eq!(seen.header("x-api-key"), listed, "{target}: only the app that lists it gets it");
+    }
+}
+
+#[tokio::test]
+async fn an_app_cannot_be_configured_to_receive_framing_or_identity_headers() {
+    for name in
+        ["X-Poort-User", "x_poort_user", "Transfer_Encoding", "Content-Length", "X-Forwarded-For", "Host", "Forwarded"]
+    {
+        let text = format!(
+            "[server]\nexternal_url = \"https://gate.example\"\n[[app]]\nname = \"a\"\nupstream = \"http://127.0.0.1:1\"\npath = \"/a/\"\naccess = \"public\"\nforward_headers = [\"{name}\"]\n"
+        );
+        let err = poort::config::parse(&text, std::path::Path::new(".")).unwrap_err().to_string();
+        assert!(err.contains("app[a].forward_headers"), "{name}: {err}");
+    }
+}
