@@ -7,6 +7,7 @@
   if (!root) return;
   const csrf = root.dataset.csrf;
   const next = root.dataset.next || "";
+  const device = root.dataset.device || "";
   const status = document.getElementById("passkey-status");
 
   const toBytes = (s) => {
@@ -74,11 +75,7 @@
   }
 
   async function register(form) {
-    const start = await post("/.poort/security/passkey/start", {
-      password: form.elements.password ? form.elements.password.value : "",
-      name: form.elements.name.value,
-      next,
-    });
+    const start = await post("/.poort/security/passkey/start", { name: form.elements.name.value, next });
     const pk = start.options.publicKey;
     pk.challenge = toBytes(pk.challenge);
     pk.user.id = toBytes(pk.user.id);
@@ -100,7 +97,7 @@
 
   async function authenticate(kind) {
     const base = kind === "login" ? "/.poort/login/passkey" : "/.poort/mfa/passkey";
-    const start = await post(base + "/start", { next });
+    const start = await post(base + "/start", kind === "login" ? { next } : { next, device });
     const cred = await navigator.credentials.get(requestOptions(start.options));
     finished(await post(base + "/finish", { ceremony: start.ceremony, credential: assertion(cred) }));
   }

@@ -109,7 +109,16 @@ fn signed_in() -> (Sessions, String) {
         SessionTimeouts { idle: std::time::Duration::from_secs(1800), absolute: std::time::Duration::from_secs(43200) };
     let sessions = Sessions::new(store, clock, timeouts, 500).expect("sessions");
     let value = rt.block_on(async {
-        let (_, token) = sessions.create("alice", "gate.example.org", "127.0.0.1".into(), "bench".into()).await?;
+        let opening = poort::session::Opening {
+            user: "alice",
+            host: "gate.example.org",
+            client_addr: "127.0.0.1".into(),
+            user_agent: "bench".into(),
+            factors: "pwd",
+            kind: poort::session::Kind::Browser,
+            approved_by: None,
+        };
+        let (_, token) = sessions.open(opening).await?;
         sessions.lookup(&token.cookie_value).await.map_err(|_| anyhow::anyhow!("fresh session not found"))?;
         anyhow::Ok(token.cookie_value)
     });

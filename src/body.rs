@@ -1,6 +1,9 @@
 //! One response body type for everything poort answers: its own pages (a fixed buffer) and
-//! upstream responses (streamed through untouched, without buffering).
+//! upstream responses (streamed through untouched, without buffering). A signed-in user's
+//! upstream response ends, with an error, once their session does: a long stream (a download,
+//! server-sent events) does not outlive a logout, a revocation or a lockdown.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -8,6 +11,9 @@ use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 
 use crate::proxy::PooledBody;
+use crate::session::Lifeline;
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug)]
 pub enum Body {
@@ -16,6 +22,34 @@ pub enum Body {
     Upstream(PooledBody),
     /// A response on a connection of its own.
     Direct(Incoming),
+    /// A pooled upstream response to a session, cut when the session ends.
+    Watched(Box<Watched>),
+}
+
+/// Why a response stream was cut.
+#[derive(Debug, thiserror::Error)]
+#[error("the stream's session ended: {0}")]
+pub struct Cut(pub &'static str);
+
+/// An upstream response body tied to a session's line.
+pub struct Watched {
+    inner: PooledBody,
+    line: Lifeline,
+    /// Made the first time the body waits for the upstream: wakes it when the line is cut.
+    wait: Option<Pin<Box<dyn Future<Output = &'static str> + Send>>>,
+}
+
+impl std::fmt::Debug for Watched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watched")
+    }
+}
+
+impl Body {
+    /// An upstream response body that ends when `line` does.
+    pub fn watched(inner: PooledBody, line: Lifeline) -> Body {
+        Body::Watched(Box::new(Watched { inner, line, wait: None }))
+    }
 }
 
 impl Body {
@@ -42,13 +76,29 @@ impl From<Bytes> for Body {
 
 impl hyper::body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         match self.get_mut() {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Body::Upstream(inner) => Pin::new(inner).poll_frame(cx),
-            Body::Direct(inner) => Pin::new(inner).poll_frame(cx),
+            Body::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            Body::Direct(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            Body::Watched(w) => {
+                if let Some(why) = w.line.ended_now() {
+                    return Poll::Ready(Some(Err(Box::new(Cut(why)))));
+                }
+                match Pin::new(&mut w.inner).poll_frame(cx) {
+                    Poll::Pending => {
+                        let line = w.line.clone();
+                        let wait = w.wait.get_or_insert_with(|| Box::pin(line.ended()));
+                        match wait.as_mut().poll(cx) {
+                            Poll::Ready(why) => Poll::Ready(Some(Err(Box::new(Cut(why))))),
+                            Poll::Pending => Poll::Pending,
+                        }
+                    }
+                    other => other.map_err(Into::into),
+                }
+            }
         }
     }
 
@@ -57,6 +107,7 @@ impl hyper::body::Body for Body {
             Body::Full(b) => b.is_none(),
             Body::Upstream(inner) => inner.is_end_stream(),
             Body::Direct(inner) => inner.is_end_stream(),
+            Body::Watched(w) => w.inner.is_end_stream(),
         }
     }
 
@@ -65,6 +116,7 @@ impl hyper::body::Body for Body {
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Upstream(inner) => inner.size_hint(),
             Body::Direct(inner) => inner.size_hint(),
+            Body::Watched(w) => w.inner.size_hint(),
         }
     }
 }

@@ -72,6 +72,7 @@ pub struct Parts {
 }
 
 /// Per-request facts established before routing.
+#[derive(Clone)]
 pub struct Ctx {
     pub id: RequestId,
     pub front: Front,
@@ -192,7 +193,9 @@ impl Gateway {
         let ctx = Ctx { id, front, client, session };
         match found {
             // Cold paths are boxed so that the future of every request stays small.
-            Found::Portal { on_portal_host } => Box::pin(portal::serve(&self, ctx, on_portal_host, req)).await,
+            Found::Portal { on_portal_host } => {
+                Box::pin(portal::routes::dispatch(&self, ctx, on_portal_host, req)).await
+            }
             Found::App(i) => self.app(i, ctx, req).await,
             Found::AddSlash(i) => match &self.cfg.apps[i].route {
                 Route::Path { prefix, .. } => {
@@ -234,27 +237,25 @@ impl Gateway {
         status.map(|s| blocked_page(s, id))
     }
 
-    /// During a lockdown: admins go on; everyone else may only reach the sign-in page and
-    /// the fixed assets (so that an admin can still sign in).
+    /// During a lockdown: admins go on; everyone else may only reach the routes the route
+    /// table keeps open (the sign-in page and the fixed assets, so that an admin can sign in).
     fn lockdown_allows(&self, session: Option<&Session>, found: &Found, path: &str) -> bool {
         if session.is_some_and(|s| s.identity.groups.contains(&self.mitigation.admin_group)) {
             return true;
         }
-        matches!(found, Found::Portal { .. })
-            && matches!(
-                path,
-                "/.poort/login"
-                    | "/.poort/logout"
-                    | "/.poort/style.css"
-                    | "/.poort/health"
-                    | "/.poort/jwks.json"
-                    | "/.poort/webauthn.js"
-            )
+        match found {
+            Found::Portal { on_portal_host } => portal::routes::open_in_lockdown(*on_portal_host, path),
+            _ => false,
+        }
     }
 
     /// policy::evaluate, then proxy::forward with the permit.
-    async fn app(&self, i: usize, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
+    async fn app(&self, i: usize, mut ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
         let app = &self.cfg.apps[i];
+        // A command-line session opens tunnels, nothing else.
+        if ctx.session.as_ref().is_some_and(|s| s.kind != session::Kind::Browser) {
+            ctx.session = None;
+        }
         let who = ctx.session.as_ref().map(|s| Subject { identity: &s.identity, mfa: s.mfa() });
         match policy::evaluate(i, &app.access, app.mfa, who) {
             Decision::Allow(permit) => {
@@ -275,6 +276,7 @@ impl Gateway {
                 let origin = Origin {
                     client: ctx.client,
                     host: &ctx.front.host,
+                    port: port_of(&self.cfg.server.external_origin),
                     session: ctx.session.as_deref(),
                     now: self.clock.now(),
                 };
@@ -283,6 +285,22 @@ impl Gateway {
                     // A body that broke its framing: refused like a bad head, and audited.
                     Err(crate::proxy::Failure::BadBody) => {
                         Box::pin(self.reject(StatusCode::BAD_REQUEST, "body_malformed", ctx.client, ctx.id)).await
+                    }
+                    Err(crate::proxy::Failure::CrossOrigin) => {
+                        let ev = Event::AccessDenied {
+                            user: ctx
+                                .session
+                                .as_ref()
+                                .map_or_else(|| "(anonymous)".into(), |s| s.identity.user.clone()),
+                            session: ctx.session.as_ref().map_or_else(String::new, |s| s.id.clone()),
+                            app: app.name.clone(),
+                            reason: "WebSocket from a page of another origin".into(),
+                            client: ctx.client.to_string(),
+                        };
+                        if let Err(e) = Box::pin(self.audit.record(ev)).await {
+                            tracing::error!(request = %ctx.id, error = %e, "Audit write failed");
+                        }
+                        error_page(StatusCode::FORBIDDEN, ctx.id)
                     }
                     Err(f) => {
                         tracing::warn!(request = %ctx.id, app = %app.name, failure = ?f, "Upstream request failed");
@@ -322,14 +340,18 @@ impl Gateway {
             return error_page(StatusCode::UNAUTHORIZED, ctx.id);
         }
         let target = ctx.front.target.forward_form(ctx.front.target.path());
-        let next = if ctx.front.host == self.cfg.server.portal_host {
-            target
-        } else {
-            format!("https://{}{}{}", ctx.front.host, port_of(&self.cfg.server.external_origin), target)
-        };
+        if ctx.front.host != self.cfg.server.portal_host {
+            // An app on its own host: the portal hands a session over to this browser only.
+            let (nonce, location) = portal::handoff_start(self, &ctx.front.host, &target, step_up);
+            let mut resp = redirect(StatusCode::FOUND, &location);
+            if let Ok(v) = HeaderValue::from_str(&nonce) {
+                resp.headers_mut().append(header::SET_COOKIE, v);
+            }
+            return resp;
+        }
         let page = if step_up { "mfa" } else { "login" };
         let mut location = format!("{}/.poort/{page}?", self.cfg.server.external_origin);
-        location.push_str(&form_urlencoded::Serializer::new(String::new()).append_pair("next", &next).finish());
+        location.push_str(&form_urlencoded::Serializer::new(String::new()).append_pair("next", &target).finish());
         redirect(StatusCode::FOUND, &location)
     }
 

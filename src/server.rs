@@ -132,11 +132,18 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                     if let Err(e) = gw.sessions.poll_revocations().await {
                         tracing::error!(error = %e, "Reading revocations failed");
                     }
-                    // The lockdown switch (poort lockdown on|off) and the rules file.
+                    // The lockdown switch (poort lockdown on|off) and the rules file. A lockdown
+                    // also ends what is open: everyone's but the administrators' tunnels,
+                    // WebSockets and streams.
+                    let was = gw.mitigation.lockdown();
                     match gw.store.run(|c| crate::store::Store::setting(c, "lockdown")).await {
                         Ok(v) => gw.mitigation.set_lockdown_switch(v.as_deref() == Some("on")),
                         Err(e) => tracing::error!(error = %e, "Reading the lockdown switch failed"),
                     }
+                    if gw.mitigation.lockdown() && !was {
+                        gw.sessions.cut_all_but(&gw.mitigation.admin_group);
+                    }
+                    gw.sessions.cut_expired(gw.clock.now());
                     rules_outcome(&gw, gw.mitigation.poll(gw.clock.now())).await;
                 }
                 _ = hup.recv() => {

@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
             for (path, raw) in [("/", "/"), ("/a/b/c", "/a/b/c?x=%2e%2e"), (text.get(..20).unwrap_or(""), text)] {
                 let facts = poort::mitigate::Facts {
                     method: "GET",
-                    path,
+                    path: std::borrow::Cow::Borrowed(path),
                     raw_target: raw,
                     headers: &headers,
                     client: "192.0.2.1".parse().expect("a literal address"),

@@ -86,10 +86,11 @@ pub enum Event {
     RateLimited {
         client: String,
     },
-    /// A user changed their own second factors.
+    /// A user changed their own second factors; `proof` says how they proved who they are.
     FactorChanged {
         user: String,
         change: String,
+        proof: String,
         client: String,
     },
     RecoveryCodeUsed {
@@ -125,6 +126,19 @@ pub enum Event {
         session: String,
         approved_from: String,
         device_client: String,
+    },
+    /// A browser took a portal session over to an app's own host.
+    HandoffRedeemed {
+        user: String,
+        session: String,
+        host: String,
+        client: String,
+    },
+    /// A hand-off code was refused (unknown, expired, another host, another browser).
+    HandoffRefused {
+        host: String,
+        why: String,
+        client: String,
     },
     /// A mitigation rule matched (`action`: deny, throttle or log).
     MitigationMatched {
@@ -184,6 +198,8 @@ impl Event {
             Event::TunnelClosed { .. } => "tunnel_closed",
             Event::TunnelFailed { .. } => "tunnel_failed",
             Event::DeviceLogin { .. } => "device_login",
+            Event::HandoffRedeemed { .. } => "handoff_redeemed",
+            Event::HandoffRefused { .. } => "handoff_refused",
             Event::MitigationMatched { .. } => "mitigation_matched",
             Event::RulesLoaded { .. } => "rules_loaded",
             Event::RulesRefused { .. } => "rules_refused",

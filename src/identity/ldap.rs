@@ -35,6 +35,15 @@ pub enum Refusal {
     Unavailable(String),
 }
 
+/// A directory entry found for a typed name.
+#[derive(Debug, Clone)]
+pub struct Found {
+    dn: String,
+    entry: SearchEntry,
+    /// The poort name: `username_attribute`, lower case.
+    pub name: String,
+}
+
 pub struct Directory {
     settings: Settings,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -101,11 +110,17 @@ impl Directory {
 
     /// Checks `user`'s password in the directory and returns who they are there.
     pub async fn authenticate(&self, user: &str, password: &str) -> Result<DirectoryUser, Refusal> {
-        // An empty password would be an unauthenticated bind, which many servers accept.
-        if password.is_empty() || user.is_empty() || user.len() > 256 {
+        let found = self.lookup(user).await?;
+        self.verify(&found, user, password).await
+    }
+
+    /// Finds the entry for a typed name, and the poort name the directory gives it: the name
+    /// lockouts and sessions are keyed on, however the name was typed.
+    pub async fn lookup(&self, user: &str) -> Result<Found, Refusal> {
+        if user.is_empty() || user.len() > 256 {
             return Err(Refusal::Wrong);
         }
-        let found = match self.find(user).await {
+        let (dn, entry) = match self.find(user).await {
             Ok(f) => f,
             Err(Refusal::Unavailable(_)) => {
                 // A kept connection may have gone stale: one retry on a new one.
@@ -114,25 +129,38 @@ impl Directory {
             }
             Err(e) => return Err(e),
         };
-        let (dn, entry) = found;
-        self.bind_as(&dn, password).await?;
-        let name = first(&entry, &self.settings.username_attribute).map(|n| n.to_lowercase()).ok_or(Refusal::Wrong)?;
-        if !crate::identity::valid_name(&name) {
+        // ASCII only, folded as ASCII: a Unicode fold would make U+212A (Kelvin) a `k`.
+        let name = first(&entry, &self.settings.username_attribute)
+            .filter(|n| n.is_ascii())
+            .map(|n| n.to_ascii_lowercase())
+            .filter(|n| crate::identity::valid_name(n));
+        let Some(name) = name else {
             tracing::warn!(dn = %dn, "A directory user name is not usable in poort");
             return Err(Refusal::Wrong);
+        };
+        Ok(Found { dn, entry, name })
+    }
+
+    /// Checks the password of a found entry, then its state and groups.
+    pub async fn verify(&self, found: &Found, user: &str, password: &str) -> Result<DirectoryUser, Refusal> {
+        // An empty password would be an unauthenticated bind, which many servers accept.
+        if password.is_empty() {
+            return Err(Refusal::Wrong);
         }
+        let Found { dn, entry, name } = found;
+        self.bind_as(dn, password).await?;
         if let Some(f) = &self.settings.disabled_filter {
-            if self.matches(&dn, f).await? {
+            if self.matches(dn, f).await? {
                 return Err(Refusal::Disabled);
             }
         }
-        let groups = self.groups(user, &dn, &entry).await?;
+        let groups = self.groups(user, dn, entry).await?;
         let groups = map_groups(&self.settings.group_map, &groups);
         if !self.settings.allowed_groups.is_empty() && !groups.iter().any(|g| self.settings.allowed_groups.contains(g))
         {
             return Err(Refusal::NotAllowed);
         }
-        Ok(DirectoryUser { name, email: first(&entry, &self.settings.email_attribute), groups })
+        Ok(DirectoryUser { name: name.clone(), email: first(entry, &self.settings.email_attribute), groups })
     }
 
     /// The one entry `user_filter` finds for `user`.

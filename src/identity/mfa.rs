@@ -9,6 +9,11 @@ use super::seal::Sealer;
 use super::totp;
 use crate::clock::UnixTime;
 
+/// How a change to a user's factors was proved, in the audit log: a fresh second factor,
+/// or (for the first factor of a user who had none) the password or a fresh sign-in alone.
+pub const PROOF_SECOND_FACTOR: &str = "second factor";
+pub const PROOF_PASSWORD_ONLY: &str = "password only";
+
 /// What second factors a user has.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Factors {

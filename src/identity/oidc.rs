@@ -51,15 +51,20 @@ type Metadata = ProviderMetadata<
 const REDISCOVER_AFTER: Duration = Duration::from_secs(3600);
 /// A login must come back from the provider within this time.
 const PENDING_FOR: Duration = Duration::from_secs(600);
-/// Logins in flight at most; the oldest go first.
+/// Logins in flight at most, in all and per client address. When full, new ones are refused:
+/// nobody's login in flight is pushed out by someone else's.
 const MAX_PENDING: usize = 10_000;
+const MAX_PENDING_PER_CLIENT: usize = 16;
 /// The largest response poort reads from a provider.
 const MAX_RESPONSE: usize = 1 << 20;
 
 /// A provider user whose ID token checked out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderUser {
+    /// The name the provider suggests (`username_claim`); the subject decides who it is.
     pub name: String,
+    /// `sub`: the provider's stable identifier of the account.
+    pub subject: String,
     pub email: Option<String>,
     pub groups: Vec<String>,
     /// The provider says the user gave a second factor, and the config trusts it.
@@ -84,10 +89,14 @@ pub enum Failure {
     NoName,
     #[error("the user is not allowed to sign in through this provider")]
     NotAllowed,
+    #[error("too many sign-ins in flight")]
+    Busy,
 }
 
 struct Pending {
     provider: usize,
+    /// Who started it: each address may have a few logins in flight at most.
+    client: std::net::IpAddr,
     nonce: Nonce,
     verifier: PkceCodeVerifier,
     next: String,
@@ -106,7 +115,12 @@ struct Provider {
     settings: Settings,
     tls: Arc<rustls::ClientConfig>,
     discovered: tokio::sync::Mutex<Option<(Metadata, Instant)>>,
+    /// When keys were last fetched again because a token named a key poort did not know.
+    refetched: Mutex<Option<Instant>>,
 }
+
+/// At most one fetch of a provider's keys for an unknown key id per this long.
+const REFETCH_EVERY: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for Providers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -130,6 +144,7 @@ impl Providers {
                     tls: crate::identity::client_tls(s.ca_file.as_deref())?,
                     settings: s.clone(),
                     discovered: tokio::sync::Mutex::new(None),
+                    refetched: Mutex::new(None),
                 })
             })
             .collect::<anyhow::Result<_>>()?;
@@ -158,8 +173,9 @@ impl Providers {
         format!("{}/.poort/oidc/{name}/callback", self.origin)
     }
 
-    /// Starts a login with provider `name`; `next` is where the user goes afterwards.
-    pub async fn start(&self, name: &str, next: &str) -> Result<Option<Start>, Failure> {
+    /// Starts a login with provider `name` for `client`; `next` is where the user goes
+    /// afterwards.
+    pub async fn start(&self, name: &str, next: &str, from: std::net::IpAddr) -> Result<Option<Start>, Failure> {
         let Some(i) = self.find(name) else { return Ok(None) };
         let p = &self.list[i];
         let meta = p.metadata().await?;
@@ -179,21 +195,20 @@ impl Providers {
         let browser_cookie = crate::session::cookie::encode_b64(&crate::session::random_bytes::<32>());
         let pending = Pending {
             provider: i,
+            client: from,
             nonce,
             verifier,
             next: next.to_string(),
             browser: sha256(browser_cookie.as_bytes()),
             at: Instant::now(),
         };
-        if let Ok(mut map) = self.pending.lock() {
-            map.retain(|_, p| p.at.elapsed() < PENDING_FOR);
-            if map.len() >= MAX_PENDING {
-                if let Some(oldest) = map.iter().min_by_key(|(_, p)| p.at).map(|(k, _)| k.clone()) {
-                    map.remove(&oldest);
-                }
-            }
-            map.insert(state.secret().clone(), pending);
+        let mut map = self.pending.lock().map_err(|_| Failure::Busy)?;
+        map.retain(|_, p| p.at.elapsed() < PENDING_FOR);
+        if map.len() >= MAX_PENDING || map.values().filter(|p| p.client == from).count() >= MAX_PENDING_PER_CLIENT {
+            return Err(Failure::Busy);
         }
+        map.insert(state.secret().clone(), pending);
+        drop(map);
         Ok(Some(Start { authorize_url: url.to_string(), browser_cookie }))
     }
 
@@ -237,7 +252,23 @@ impl Providers {
             .map_err(|e| Failure::Refused(e.to_string()))?;
         let id_token = token.id_token().ok_or_else(|| Failure::Token("the token response has no ID token".into()))?;
         // Signature, issuer, audience, expiry and nonce.
-        id_token.claims(&client.id_token_verifier(), &pending.nonce).map_err(|e| Failure::Token(e.to_string()))?;
+        if let Err(e) = id_token.claims(&client.id_token_verifier(), &pending.nonce) {
+            use openidconnect::{ClaimsVerificationError, SignatureVerificationError};
+            let unknown_key =
+                matches!(e, ClaimsVerificationError::SignatureVerification(SignatureVerificationError::NoMatchingKey));
+            if !(unknown_key && p.may_refetch()) {
+                return Err(Failure::Token(e.to_string()));
+            }
+            // The provider rotated its keys since poort fetched them: fetch them once more.
+            tracing::info!(provider = name, "An ID token names an unknown key; fetching the provider's keys again");
+            let meta = p.rediscover().await?;
+            let again = CoreClient::from_provider_metadata(
+                meta,
+                ClientId::new(p.settings.client_id.clone()),
+                Some(ClientSecret::new(p.settings.client_secret.clone())),
+            );
+            id_token.claims(&again.id_token_verifier(), &pending.nonce).map_err(|e| Failure::Token(e.to_string()))?;
+        }
         let raw = id_token.to_string();
         let claims = payload(&raw).ok_or_else(|| Failure::Token("unreadable claims".into()))?;
         let mut user = p.user(&claims)?;
@@ -256,6 +287,23 @@ impl Providers {
 }
 
 impl Provider {
+    /// Whether an unknown key id may trigger a fetch of the keys now (rate-limited, so that
+    /// tokens with made-up key ids cannot make poort hammer the provider).
+    fn may_refetch(&self) -> bool {
+        let Ok(mut last) = self.refetched.lock() else { return false };
+        if last.is_some_and(|t| t.elapsed() < REFETCH_EVERY) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+
+    /// Fetches metadata and keys now, whatever is cached.
+    async fn rediscover(&self) -> Result<Metadata, Failure> {
+        *self.discovered.lock().await = None;
+        self.metadata().await
+    }
+
     async fn metadata(&self) -> Result<Metadata, Failure> {
         let mut slot = self.discovered.lock().await;
         if let Some((m, at)) = slot.as_ref() {
@@ -274,8 +322,13 @@ impl Provider {
     fn user(&self, claims: &serde_json::Value) -> Result<ProviderUser, Failure> {
         let s = &self.settings;
         let text = |name: &str| claims.get(name).and_then(|v| v.as_str()).map(str::to_string);
-        let name = text(&s.username_claim).map(|n| n.to_lowercase()).filter(|n| crate::identity::valid_name(n));
+        // ASCII only, folded as ASCII: a Unicode fold would make U+212A (Kelvin) a `k`.
+        let name = text(&s.username_claim)
+            .filter(|n| n.is_ascii())
+            .map(|n| n.to_ascii_lowercase())
+            .filter(|n| crate::identity::valid_name(n));
         let name = name.ok_or(Failure::NoName)?;
+        let subject = text("sub").filter(|s| !s.is_empty() && s.len() <= 255).ok_or(Failure::NoName)?;
         let verified = claims.get("email_verified").and_then(|v| v.as_bool()).unwrap_or(true);
         let email = text(&s.email_claim).filter(|_| verified);
         let groups: Vec<String> = match claims.get(&s.groups_claim) {
@@ -299,7 +352,7 @@ impl Provider {
         let mfa = s.trust_mfa
             && (amr.iter().any(|a| s.mfa_amr.iter().any(|m| m == a))
                 || acr.is_some_and(|a| s.mfa_acr.iter().any(|m| m == a)));
-        Ok(ProviderUser { name, email, groups, mfa, logout_url: None })
+        Ok(ProviderUser { name, subject, email, groups, mfa, logout_url: None })
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Strict<T> {
     pending: BytesMut,
     /// Checked, for the library to read.
     ready: BytesMut,
+    /// How much of `pending` was searched for the end of a head already.
+    scanned: usize,
     refused: Arc<Refused>,
     marker: &'static str,
     eof: bool,
@@ -61,6 +63,7 @@ impl<T> Strict<T> {
             state: if through { State::Through } else { State::Head },
             pending: BytesMut::new(),
             ready: BytesMut::new(),
+            scanned: 0,
             refused,
             marker,
             eof: false,
@@ -90,18 +93,22 @@ impl<T> Strict<T> {
                 State::Broken => return Err(io::Error::new(io::ErrorKind::InvalidData, "malformed request body")),
                 State::Head => {
                     // Empty lines before a request line are allowed (RFC 9112 §2.2), and dropped.
-                    while self.pending.starts_with(b"\r\n") {
-                        self.pending.advance(2);
+                    if self.scanned == 0 {
+                        while self.pending.starts_with(b"\r\n") {
+                            self.pending.advance(2);
+                        }
+                        if self.pending.is_empty() || self.pending == b"\r"[..] {
+                            return Ok(());
+                        }
                     }
-                    if self.pending.is_empty() || self.pending == b"\r"[..] {
-                        return Ok(());
-                    }
-                    let Some(end) = head::head_end(&self.pending) else {
+                    let Some(end) = head::head_end_from(&self.pending, self.scanned) else {
+                        self.scanned = self.pending.len();
                         if self.pending.len() > MAX_HEAD_BYTES {
                             self.refuse(Reject::HeadersTooLarge);
                         }
                         return Ok(());
                     };
+                    self.scanned = 0;
                     match head::check_head(&self.pending[..end]) {
                         Ok(framing) => {
                             let h = self.pending.split_to(end);
@@ -244,7 +251,7 @@ mod tests {
         drop(client);
         let refused = Arc::new(Refused::default());
         let mut s = Strict::new(server, false, refused.clone(), "/.poort/refused/MARK");
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(1 << 20);
         // After the marker the wrapper waits (for the answer to close the connection).
         let failed = match tokio::time::timeout(std::time::Duration::from_millis(200), s.read_to_end(&mut out)).await {
             Ok(r) => r.is_err(),

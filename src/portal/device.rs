@@ -1,31 +1,37 @@
 //! Command-line sign-in in the manner of RFC 8628 (device authorization grant): `poort
 //! login` asks for a code pair, shows the short user code and a URL, and polls; the person
-//! opens the URL in a browser where they are (or become) signed in, with a second factor when
-//! they have one, and approves. The command line then gets a session of its own, listed and
-//! revocable like any other.
+//! opens the URL in a browser where they are (or become) signed in and approves. The command
+//! line then gets a session of its own, derived from the approving one (same expiry, same
+//! proof times), listed and revocable like any other, good for tunnels only.
+//!
+//! A code is claimed by the first signed-in user who opens it; only they can approve or refuse
+//! it. Approving needs a second factor (or, for a user with none, the password) given for this
+//! very code, on the confirm page: a script that can act in the portal cannot type it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use askama::Template;
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use http::{Response, StatusCode};
 use serde::Deserialize;
 
-use super::{csrf_for_page, html, query_param, signed_in_form, with_csrf_cookie};
+use super::{Call, csrf_for_page, html, query_param, with_csrf_cookie};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::clock::{UnixTime, format_minutes};
-use crate::gateway::{Ctx, Gateway, error_page, page, redirect};
-use crate::session::{self, cookie};
+use crate::gateway::{Gateway, error_page, page, redirect};
+use crate::session::{self, Kind, Opening, cookie};
 
 /// How long a code pair is good for.
 const LIFETIME: i64 = 600;
+/// How long a proof given for a code counts.
+const PROOF_FOR: i64 = 120;
 /// Seconds the command line waits between polls.
 const INTERVAL: i64 = 2;
 /// Consonants only: no words, no look-alikes (RFC 8628 §6.1).
 const USER_ALPHABET: &[u8; 20] = b"BCDFGHJKLMNPQRSTVWXZ";
+/// Code pairs in flight at most.
+const MAX_PENDING: usize = 10_000;
 
 enum State {
     Pending,
@@ -38,6 +44,10 @@ struct Pending {
     requester: String,
     created: UnixTime,
     state: State,
+    /// The user who opened it first: the only one who may decide.
+    claimed_by: Option<String>,
+    /// When its claimant last proved who they are for it.
+    proved_at: Option<UnixTime>,
 }
 
 /// Code pairs in flight, by user code.
@@ -50,6 +60,29 @@ impl std::fmt::Debug for Devices {
     }
 }
 
+impl Devices {
+    /// Records that `user` just proved who they are to approve code `code` (the confirm page).
+    pub fn prove(&self, code: &str, user: &str, now: UnixTime) {
+        if let Ok(mut m) = self.0.lock() {
+            if let Some(p) = m.get_mut(code).filter(|p| p.claimed_by.as_deref() == Some(user)) {
+                p.proved_at = Some(now);
+            }
+        }
+    }
+
+    /// A pending, unexpired code `user` may decide on: claimed by them now if nobody has it.
+    /// Returns (requester, asked at, proved for it just now).
+    fn claim(&self, code: &str, user: &str, now: UnixTime) -> Option<(String, UnixTime, bool)> {
+        let mut m = self.0.lock().ok()?;
+        let p = m.get_mut(code).filter(|p| matches!(p.state, State::Pending) && now - p.created < LIFETIME)?;
+        if p.claimed_by.get_or_insert_with(|| user.to_string()) != user {
+            return None;
+        }
+        let proved = p.proved_at.is_some_and(|t| t <= now && now - t < PROOF_FOR);
+        Some((p.requester.clone(), p.created, proved))
+    }
+}
+
 #[derive(Template)]
 #[template(path = "device.html")]
 struct DevicePage<'a> {
@@ -58,6 +91,9 @@ struct DevicePage<'a> {
     code: Option<&'a str>,
     requester: &'a str,
     asked: &'a str,
+    /// The user proved who they are for this code: the approve button is shown.
+    proved: bool,
+    confirm: &'a str,
     done: Option<&'a str>,
     error: Option<&'a str>,
 }
@@ -66,25 +102,18 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
     page(status, "application/json", Body::from(v.to_string()))
 }
 
-/// The command line marks its requests; a browser cannot add this header cross-site
-/// without a preflight poort never answers.
-fn from_cli(req: &Request<Incoming>) -> bool {
-    req.headers().get("x-poort-client").is_some_and(|v| v.as_bytes() == b"cli")
-}
-
-fn normal_code(raw: &str) -> String {
+/// A user code as typed (any case, with or without the dash), or "" if it is not one.
+pub(crate) fn normal_code(raw: &str) -> String {
     let c: String = raw.chars().filter(|c| c.is_ascii_alphabetic()).map(|c| c.to_ascii_uppercase()).collect();
-    if c.len() == 8 { format!("{}-{}", &c[..4], &c[4..]) } else { String::new() }
+    if c.len() == 8 && c.bytes().all(|b| USER_ALPHABET.contains(&b)) {
+        format!("{}-{}", &c[..4], &c[4..])
+    } else {
+        String::new()
+    }
 }
 
-/// POST /.poort/device/code
-pub(crate) async fn code(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    if !from_cli(&req) {
-        return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "invalid_request" }));
-    }
-    if !super::mfa::attempt_allowed(gw, ctx.client) {
-        return json(StatusCode::TOO_MANY_REQUESTS, serde_json::json!({ "error": "slow_down" }));
-    }
+/// POST /.poort/device/code (the command line)
+pub(crate) fn code(gw: &Gateway, call: &Call) -> Response<Body> {
     let now = gw.clock.now();
     let device_code = cookie::encode_token(&session::random_bytes());
     let raw: [u8; 8] = session::random_bytes();
@@ -92,14 +121,16 @@ pub(crate) async fn code(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Resp
     let user_code = format!("{}-{}", &letters[..4], &letters[4..]);
     if let Ok(mut m) = gw.portal.devices.0.lock() {
         m.retain(|_, p| now - p.created < LIFETIME);
-        if m.len() > 10_000 {
+        if m.len() >= MAX_PENDING {
             return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "slow_down" }));
         }
         let pending = Pending {
             device_code: device_code.clone(),
-            requester: ctx.client.to_string(),
+            requester: call.ctx.client.to_string(),
             created: now,
             state: State::Pending,
+            claimed_by: None,
+            proved_at: None,
         };
         m.insert(user_code.clone(), pending);
     }
@@ -122,13 +153,10 @@ struct TokenRequest {
     device_code: String,
 }
 
-/// POST /.poort/device/token: pending, refused, expired, or the new session's token (once).
-pub(crate) async fn token(gw: &Gateway, req: Request<Incoming>) -> Response<Body> {
-    if !from_cli(&req) {
-        return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "invalid_request" }));
-    }
-    let body = Limited::new(req.into_body(), 4096).collect().await.map(|b| b.to_bytes());
-    let Some(t) = body.ok().and_then(|b| serde_json::from_slice::<TokenRequest>(&b).ok()) else {
+/// POST /.poort/device/token (the command line): pending, refused, expired, or the new
+/// session's token (once).
+pub(crate) fn token(gw: &Gateway, call: &Call) -> Response<Body> {
+    let Ok(t) = serde_json::from_slice::<TokenRequest>(&call.json) else {
         return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "invalid_request" }));
     };
     let now = gw.clock.now();
@@ -161,62 +189,64 @@ pub(crate) async fn token(gw: &Gateway, req: Request<Incoming>) -> Response<Body
     }
 }
 
-/// GET /.poort/device[?code=...]: the approval page (after sign-in and, where the user has
-/// one, a second factor).
-pub(crate) async fn approve_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
-    let code = query_param(ctx, "code").map(|c| normal_code(&c)).unwrap_or_default();
-    let here = if code.is_empty() { "/.poort/device".to_string() } else { format!("/.poort/device?code={code}") };
-    let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", &here).finish();
-    let Some(s) = &ctx.session else {
-        return redirect(StatusCode::FOUND, &format!("{}/.poort/login?{q}", gw.cfg.server.external_origin));
-    };
-    if !s.mfa() {
-        let name = s.identity.user.clone();
-        let has_factor = gw.store.run(move |c| crate::identity::mfa::factors(c, &name)).await.is_ok_and(|f| f.any());
-        if has_factor {
-            return redirect(StatusCode::FOUND, &format!("{}/.poort/mfa?{q}", gw.cfg.server.external_origin));
-        }
-    }
-    let (csrf, new) = csrf_for_page(req.headers());
-    let found = gw.portal.devices.0.lock().ok().and_then(|m| {
-        m.get(&code).filter(|p| matches!(p.state, State::Pending)).map(|p| (p.requester.clone(), p.created))
-    });
-    let (requester, asked) = found.clone().map(|(r, t)| (r, format_minutes(t))).unwrap_or_default();
+/// Where the approval page sends a user to prove who they are for `code`.
+fn confirm_url(code: &str) -> String {
+    let here = format!("/.poort/device?code={code}");
+    let q =
+        form_urlencoded::Serializer::new(String::new()).append_pair("device", code).append_pair("next", &here).finish();
+    format!("/.poort/confirm?{q}")
+}
+
+/// GET /.poort/device[?code=...]: the approval page. Opening a code claims it.
+pub(crate) fn approve_page(gw: &Gateway, call: &Call) -> Response<Body> {
+    let s = call.session();
+    let code = query_param(call, "code").map(|c| normal_code(&c)).unwrap_or_default();
+    let found = if code.is_empty() { None } else { gw.portal.devices.claim(&code, &s.identity.user, gw.clock.now()) };
+    let (csrf, new) = csrf_for_page(call.headers());
+    let (requester, asked, proved) =
+        found.clone().map(|(r, t, p)| (r, format_minutes(t), p)).unwrap_or((String::new(), String::new(), false));
     let error =
         (!code.is_empty() && found.is_none()).then_some("That code is unknown or expired. Run poort login again.");
+    let confirm = confirm_url(&code);
     let page = DevicePage {
         user: &s.identity.user,
         csrf: &csrf,
         code: found.as_ref().map(|_| code.as_str()),
         requester: &requester,
         asked: &asked,
+        proved,
+        confirm: &confirm,
         done: None,
         error,
     };
     with_csrf_cookie(html(StatusCode::OK, &page), &csrf, new)
 }
 
-/// POST /.poort/device: approve or refuse a code.
-pub(crate) async fn decide(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let (s, headers, form) = match signed_in_form(gw, &ctx, req).await {
-        Ok(v) => v,
-        Err(resp) => return resp,
-    };
-    let code = normal_code(form.get("code").map(String::as_str).unwrap_or(""));
-    let approve = form.get("decision").map(String::as_str) == Some("approve");
+/// POST /.poort/device: approve (with a proof given for this code) or refuse a code the user
+/// claimed.
+pub(crate) async fn decide(gw: &Gateway, call: Call) -> Response<Body> {
+    let (ctx, s) = (&call.ctx, call.session());
+    let code = normal_code(call.field("code"));
+    let approve = call.field("decision") == "approve";
     let now = gw.clock.now();
-    let requester = gw.portal.devices.0.lock().ok().and_then(|m| {
-        m.get(&code)
-            .filter(|p| matches!(p.state, State::Pending) && now - p.created < LIFETIME)
-            .map(|p| p.requester.clone())
-    });
-    let (csrf, _) = csrf_for_page(&headers);
+    let claimed = gw.portal.devices.claim(&code, &s.identity.user, now);
+    let (csrf, _) = csrf_for_page(call.headers());
+    let confirm = confirm_url(&code);
     let show = |done: Option<&str>, error: Option<&str>| {
-        let page =
-            DevicePage { user: &s.identity.user, csrf: &csrf, code: None, requester: "", asked: "", done, error };
+        let page = DevicePage {
+            user: &s.identity.user,
+            csrf: &csrf,
+            code: None,
+            requester: "",
+            asked: "",
+            proved: false,
+            confirm: &confirm,
+            done,
+            error,
+        };
         html(if error.is_some() { StatusCode::BAD_REQUEST } else { StatusCode::OK }, &page)
     };
-    let Some(requester) = requester else { return show(None, Some("That code is unknown or expired.")) };
+    let Some((requester, _, proved)) = claimed else { return show(None, Some("That code is unknown or expired.")) };
     if !approve {
         if let Ok(mut m) = gw.portal.devices.0.lock() {
             if let Some(p) = m.get_mut(&code) {
@@ -225,18 +255,22 @@ pub(crate) async fn decide(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Re
         }
         return show(Some("Refused. The command line was not signed in."), None);
     }
-    // The command line gets a session of its own with the factors this browser proved.
-    let created = gw
-        .sessions
-        .create_with(
-            &s.identity.user,
-            &gw.cfg.server.portal_host,
-            requester.clone(),
-            "poort command line".into(),
-            &s.factors,
-        )
-        .await;
-    let Ok((id, token)) = created else { return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id) };
+    if !proved {
+        return redirect(StatusCode::SEE_OTHER, &format!("{}{confirm}", gw.cfg.server.external_origin));
+    }
+    // The command line gets a session of its own, derived from this one.
+    let opening = Opening {
+        user: &s.identity.user,
+        host: &gw.cfg.server.portal_host,
+        client_addr: requester.clone(),
+        user_agent: "poort command line".into(),
+        factors: &s.factors,
+        kind: Kind::Cli,
+        approved_by: Some(s),
+    };
+    let Ok((id, token)) = gw.sessions.open(opening).await else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+    };
     let ev = Event::DeviceLogin {
         user: s.identity.user.clone(),
         session: id.clone(),
@@ -247,23 +281,21 @@ pub(crate) async fn decide(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Re
         let _ = gw.sessions.end(&id).await;
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     }
-    let expires_at = now + gw.cfg.session.absolute.as_secs() as i64;
     if let Ok(mut m) = gw.portal.devices.0.lock() {
         if let Some(p) = m.get_mut(&code) {
-            p.state = State::Approved { token: token.cookie_value, user: s.identity.user.clone(), expires_at };
+            p.state =
+                State::Approved { token: token.cookie_value, user: s.identity.user.clone(), expires_at: s.expires_at };
         }
     }
     show(Some("Done. Go back to your terminal; you can close this page."), None)
 }
 
 /// POST /.poort/device/logout: the command line ends its own session.
-pub(crate) async fn logout(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    if !from_cli(&req) {
-        return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "invalid_request" }));
-    }
-    let Some(s) = &ctx.session else { return json(StatusCode::OK, serde_json::json!({ "ended": false })) };
+pub(crate) async fn logout(gw: &Gateway, call: &Call) -> Response<Body> {
+    let Some(s) = &call.ctx.session else { return json(StatusCode::OK, serde_json::json!({ "ended": false })) };
     let _ = gw.sessions.end(&s.id).await;
-    let ev = Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: ctx.client.to_string() };
+    let ev =
+        Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: call.ctx.client.to_string() };
     if let Err(e) = gw.audit.record(ev).await {
         tracing::error!(error = %e, "Audit write failed");
     }

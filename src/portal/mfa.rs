@@ -1,31 +1,41 @@
-//! Second factors in the portal: the step-up page, the security page where users set up and
-//! remove their authenticator app and recovery codes, and the guards every factor passes:
-//! a per-address rate limit and the per-account lockout, both with answers that do not tell
-//! whether an account exists or is locked.
+//! Second factors in the portal: the step-up page (a password-only session gives a factor to
+//! open an app that needs one), the confirm page (a fresh proof before factors change or a
+//! command-line sign-in is approved: the second factor, or for a user with none the
+//! password), the security page where users set up and remove factors, and the checks every
+//! factor passes: the per-account lockout, with answers that do not tell whether an account
+//! exists or is locked. Who may reach each page is declared in `routes`.
 
 use std::net::IpAddr;
 
 use askama::Template;
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{Response, StatusCode};
 
-use super::{Next, csrf_for_page, html, query_param, safe_next, signed_in_form, to_login, with_csrf_cookie};
+use super::{Call, Next, csrf_for_page, html, query_param, safe_next, with_csrf_cookie};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::config::MissingFactor;
-use crate::gateway::{Ctx, Gateway, error_page, redirect};
-use crate::identity::mfa::{self, Factors};
+use crate::gateway::{Gateway, error_page, redirect};
+use crate::identity::mfa::{self, Factors, PROOF_PASSWORD_ONLY, PROOF_SECOND_FACTOR};
 use crate::identity::{password, totp, valid_name};
-use crate::session::Session;
+use crate::session::{Proof, Session};
 use crate::store::Store;
 
 #[derive(Template)]
 #[template(path = "mfa.html")]
-struct MfaPage<'a> {
+struct FactorPage<'a> {
+    /// Where the forms post: `/.poort/mfa` or `/.poort/confirm`.
+    action: &'a str,
+    lead: &'a str,
     csrf: &'a str,
     next: &'a str,
+    /// The command-line code this proof is for, if any.
+    device: &'a str,
     totp: bool,
     passkey: bool,
+    /// No second factor: the password proves it (confirm only).
+    password: bool,
+    /// A single sign-on user with no factor: sign in again at the provider.
+    sign_in_again: Option<&'a str>,
     error: Option<&'a str>,
 }
 
@@ -33,8 +43,8 @@ struct MfaPage<'a> {
 #[template(path = "security.html")]
 struct SecurityPage<'a> {
     user: &'a str,
-    /// Signed in through single sign-on: no password to ask for.
-    sso: bool,
+    /// The user proved who they are within five minutes: the forms are shown.
+    fresh: bool,
     passkeys: Vec<PasskeyLine>,
     csrf: &'a str,
     next: &'a str,
@@ -100,21 +110,10 @@ pub(crate) async fn check_password(gw: &Gateway, user: &str, pw: &str, client: I
     matches!(password_check(gw, user, pw, client).await, PasswordCheck::Right(_))
 }
 
-/// How long after a single sign-on factors can be changed without a password.
-const SSO_FRESH_FOR: i64 = 300;
-
-/// Whether the user of session `s` proved who they are just now, before a factor changes: with
-/// their password (local or directory), or, for a single sign-on session, which has no
-/// password to ask for, by having signed in at the provider within the last five minutes.
-pub(crate) async fn reauthenticated(gw: &Gateway, s: &crate::session::Session, password: &str, client: IpAddr) -> bool {
-    if s.single_sign_on() {
-        return gw.clock.now() - s.created_at < SSO_FRESH_FOR;
-    }
-    check_password(gw, &s.identity.user, password, client).await
-}
-
-/// As `check_password`, telling a directory outage apart. Local accounts are checked first;
-/// a name poort does not know as a local account goes to the directory, if one is configured.
+/// As `check_password`, telling a directory outage apart. Local accounts are checked first
+/// (by their exact name); a name poort does not know as a local account goes to the
+/// directory, if one is configured, which names the account: lockouts count on that name,
+/// however the user typed it.
 pub(crate) async fn password_check(gw: &Gateway, user: &str, pw: &str, client: IpAddr) -> PasswordCheck {
     if !valid_name(user) {
         let pw = pw.to_string();
@@ -130,10 +129,10 @@ pub(crate) async fn password_check(gw: &Gateway, user: &str, pw: &str, client: I
         .unwrap_or((true, None, None));
     let directory_user = match &source {
         None => true,
-        Some((s, disabled)) => s == "ldap" && !disabled,
+        Some((s, _)) => s == "ldap",
     };
-    let outcome = match (&gw.directory, hash) {
-        (Some(dir), None) if directory_user && !locked => directory_check(gw, dir, user, pw, client).await,
+    let (outcome, counted_on) = match (&gw.directory, hash) {
+        (Some(dir), None) if directory_user => directory_check(gw, dir, user, pw, client).await,
         (_, hash) => {
             let pw = pw.to_string();
             let ok = tokio::task::spawn_blocking(move || match (locked, hash) {
@@ -145,53 +144,83 @@ pub(crate) async fn password_check(gw: &Gateway, user: &str, pw: &str, client: I
             })
             .await
             .unwrap_or(false);
-            if ok { PasswordCheck::Right(user.to_string()) } else { PasswordCheck::Wrong }
+            let outcome = if ok { PasswordCheck::Right(user.to_string()) } else { PasswordCheck::Wrong };
+            (outcome, user.to_string())
         }
     };
     // An outage is not the user's fault: it does not count towards a lock.
     if outcome != PasswordCheck::DirectoryDown {
-        settle(gw, user, matches!(outcome, PasswordCheck::Right(_)), client).await;
+        settle(gw, &counted_on, matches!(outcome, PasswordCheck::Right(_)), client).await;
     }
     outcome
 }
 
-/// Checks the password in the directory and records the user as the directory sees them.
+/// Checks the password in the directory, under the lock of the name the directory gives the
+/// account, and records the user as the directory sees them. Returns the outcome and the name
+/// the attempt counts on.
 async fn directory_check(
     gw: &Gateway,
     dir: &crate::identity::ldap::Directory,
     user: &str,
     pw: &str,
     client: IpAddr,
-) -> PasswordCheck {
+) -> (PasswordCheck, String) {
     use crate::identity::ldap::Refusal;
-    match dir.authenticate(user, pw).await {
+    let typed = user.to_ascii_lowercase();
+    let found = match dir.lookup(user).await {
+        Ok(f) => f,
+        Err(Refusal::Unavailable(why)) => {
+            tracing::error!(error = %why, client = %client, "The directory is unavailable; sign-in refused");
+            return (PasswordCheck::DirectoryDown, typed);
+        }
+        Err(why) => {
+            tracing::info!(user = %user, reason = %why, "Directory sign-in refused");
+            let pw = pw.to_string();
+            let _ = tokio::task::spawn_blocking(move || password::verify_dummy(&pw)).await;
+            return (PasswordCheck::Wrong, typed);
+        }
+    };
+    let (now, name) = (gw.clock.now(), found.name.clone());
+    let state = gw.store.run(move |c| Ok((mfa::locked(c, &name, now)?, Store::user_source(c, &name)?))).await;
+    let usable = match state {
+        Ok((false, None)) => true,
+        Ok((false, Some((source, disabled)))) => source == "ldap" && !disabled,
+        _ => false,
+    };
+    if !usable {
+        let pw = pw.to_string();
+        let _ = tokio::task::spawn_blocking(move || password::verify_dummy(&pw)).await;
+        return (PasswordCheck::Wrong, found.name);
+    }
+    match dir.verify(&found, user, pw).await {
         Ok(du) => {
             let (now, synced) = (gw.clock.now(), du.clone());
             let result = gw
                 .store
                 .run(move |c| {
-                    Store::sync_external(c, &synced.name, synced.email.as_deref(), "ldap", &synced.groups, now)
+                    Store::sync_external(c, &synced.name, None, synced.email.as_deref(), "ldap", &synced.groups, now)
                 })
                 .await;
-            match result {
-                Ok(true) => PasswordCheck::Right(du.name),
-                Ok(false) => {
-                    tracing::warn!(user = %du.name, "A directory user has the name of a local account; refused");
+            let outcome = match result {
+                Ok(crate::store::Synced::Yes(name)) => PasswordCheck::Right(name),
+                Ok(refused) => {
+                    tracing::warn!(user = %du.name, why = ?refused, "A directory user was refused its name");
                     PasswordCheck::Wrong
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "Recording a directory user failed");
                     PasswordCheck::Wrong
                 }
-            }
+            };
+            (outcome, found.name)
         }
         Err(Refusal::Unavailable(why)) => {
             tracing::error!(error = %why, client = %client, "The directory is unavailable; sign-in refused");
-            PasswordCheck::DirectoryDown
+            (PasswordCheck::DirectoryDown, found.name)
         }
         Err(why) => {
             tracing::info!(user = %user, reason = %why, "Directory sign-in refused");
-            PasswordCheck::Wrong
+            (PasswordCheck::Wrong, found.name)
         }
     }
 }
@@ -233,7 +262,7 @@ async fn security_data(gw: &Gateway, user: &str) -> Option<(Factors, Vec<Passkey
     Some((f, lines))
 }
 
-async fn factors_of(gw: &Gateway, user: &str) -> Option<Factors> {
+pub(crate) async fn factors_of(gw: &Gateway, user: &str) -> Option<Factors> {
     let name = user.to_string();
     gw.store.run(move |c| mfa::factors(c, &name)).await.ok()
 }
@@ -244,114 +273,192 @@ fn set_cookie(resp: &mut Response<Body>, token: &str) {
     }
 }
 
-/// Where a stepped-up session goes next, carrying its new cookie.
-fn continue_with(gw: &Gateway, session_id: &str, token: &str, next: &str) -> Response<Body> {
-    let mut resp = match safe_next(next, &gw.cfg) {
-        Next::App { host, path } => super::handoff_redirect(gw, session_id, host, path),
-        other => super::go_to(gw, other),
-    };
+/// Where a renewed session goes next, carrying its new cookie.
+fn continue_with(gw: &Gateway, token: &str, next: &str) -> Response<Body> {
+    let mut resp = super::go_to(gw, safe_next(next, &gw.cfg));
     set_cookie(&mut resp, token);
     resp
 }
 
-/// GET /.poort/mfa: ask a signed-in user for a second factor.
-pub(crate) async fn mfa_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
-    let Some(s) = &ctx.session else { return to_login(gw) };
-    let next = query_param(ctx, "next").unwrap_or_default();
-    if s.mfa() {
-        return super::go_next(gw, s, safe_next(&next, &gw.cfg));
+/// What the factor page is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// `/.poort/mfa`: a password-only session adds a second factor to open an app.
+    StepUp,
+    /// `/.poort/confirm`: a fresh proof before factors change, or to approve a command-line
+    /// sign-in (`device`).
+    Confirm,
+}
+
+impl Mode {
+    fn action(self) -> &'static str {
+        match self {
+            Mode::StepUp => "/.poort/mfa",
+            Mode::Confirm => "/.poort/confirm",
+        }
+    }
+}
+
+/// Where a single sign-on user signs in again (a fresh proof without a password).
+async fn provider_again(gw: &Gateway, user: &str, next: &str) -> Option<String> {
+    let name = user.to_string();
+    let source = gw.store.run(move |c| Store::user_source(c, &name)).await.ok().flatten()?.0;
+    let provider = source.strip_prefix("oidc:")?;
+    let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", next).finish();
+    Some(format!("/.poort/oidc/{provider}/start?{q}"))
+}
+
+/// GET /.poort/mfa and /.poort/confirm.
+pub(crate) async fn factor_form(gw: &Gateway, call: &Call, mode: Mode) -> Response<Body> {
+    let s = call.session();
+    let next = query_param(call, "next").unwrap_or_default();
+    let device = query_param(call, "device").map(|c| super::device::normal_code(&c)).unwrap_or_default();
+    if mode == Mode::StepUp && s.mfa() {
+        return super::go_to(gw, safe_next(&next, &gw.cfg));
     }
     let Some(f) = factors_of(gw, &s.identity.user).await else {
-        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id);
     };
-    if !f.any() {
+    if mode == Mode::StepUp && !f.any() {
         return match gw.cfg.mfa.missing {
             MissingFactor::Enrol => {
                 let mut location = format!("{}/.poort/security?", gw.cfg.server.external_origin);
                 location.push_str(&form_urlencoded::Serializer::new(String::new()).append_pair("next", &next).finish());
                 redirect(StatusCode::FOUND, &location)
             }
-            MissingFactor::Refuse => error_page(StatusCode::FORBIDDEN, ctx.id),
+            MissingFactor::Refuse => error_page(StatusCode::FORBIDDEN, call.ctx.id),
         };
     }
-    let (csrf, new) = csrf_for_page(req.headers());
     let next = if safe_next(&next, &gw.cfg) == Next::Portal { String::new() } else { next };
-    with_csrf_cookie(
-        html(StatusCode::OK, &MfaPage { csrf: &csrf, next: &next, totp: f.totp, passkey: f.passkeys > 0, error: None }),
-        &csrf,
-        new,
-    )
+    let again = if !f.any() && s.single_sign_on() { provider_again(gw, &s.identity.user, &next).await } else { None };
+    factor_view(gw, call.headers(), mode, &f, &next, &device, again.as_deref(), StatusCode::OK, None)
 }
 
-/// POST /.poort/mfa: a TOTP code or a recovery code; on success the session is replaced by
-/// one that records the factor.
-pub(crate) async fn mfa_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let (s, headers, form) = match signed_in_form(gw, &ctx, req).await {
-        Ok(v) => v,
-        Err(resp) => return resp,
+#[expect(clippy::too_many_arguments, reason = "one page, every part of it")]
+fn factor_view(
+    gw: &Gateway,
+    headers: &http::HeaderMap,
+    mode: Mode,
+    f: &Factors,
+    next: &str,
+    device: &str,
+    again: Option<&str>,
+    status: StatusCode,
+    error: Option<&str>,
+) -> Response<Body> {
+    let _ = gw;
+    let (csrf, new) = csrf_for_page(headers);
+    let lead = match (mode, device.is_empty(), f.any()) {
+        (Mode::StepUp, _, _) => "This needs a second factor as well as your password.",
+        (Mode::Confirm, false, true) => "To approve the command-line sign-in, give your second factor.",
+        (Mode::Confirm, false, false) => "To approve the command-line sign-in, give your password.",
+        (Mode::Confirm, true, true) => "To change how you sign in, give your second factor first.",
+        (Mode::Confirm, true, false) => "To change how you sign in, give your password first.",
     };
-    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
-    let next = field("next").to_string();
+    let page = FactorPage {
+        action: mode.action(),
+        lead,
+        csrf: &csrf,
+        next,
+        device,
+        totp: f.totp,
+        passkey: f.passkeys > 0,
+        password: mode == Mode::Confirm && !f.any() && again.is_none(),
+        sign_in_again: again,
+        error,
+    };
+    with_csrf_cookie(html(status, &page), &csrf, new)
+}
+
+/// POST /.poort/mfa and /.poort/confirm: a TOTP code or a recovery code (or, to confirm, the
+/// password of a user with no second factor). On success the session is replaced by one that
+/// records the proof; a confirmation for a command-line code also marks that code.
+pub(crate) async fn factor_submit(gw: &Gateway, call: Call, mode: Mode) -> Response<Body> {
+    let (ctx, s) = (&call.ctx, call.session());
+    let next = call.field("next").to_string();
+    let device = super::device::normal_code(call.field("device"));
     let have = factors_of(gw, &s.identity.user).await.unwrap_or_default();
-    let again = |status: StatusCode, error: &str| {
-        let (csrf, new) = csrf_for_page(&headers);
-        let page =
-            MfaPage { csrf: &csrf, next: &next, totp: have.totp, passkey: have.passkeys > 0, error: Some(error) };
-        with_csrf_cookie(html(status, &page), &csrf, new)
+    let fail = |status: StatusCode, error: &str| {
+        factor_view(gw, call.headers(), mode, &have, &next, &device, None, status, Some(error))
     };
-    if !attempt_allowed(gw, ctx.client) {
-        return again(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many attempts from your address. Wait a minute and try again.",
-        );
-    }
     let (user, now, client) = (s.identity.user.clone(), gw.clock.now(), ctx.client);
-    let (code, recovery) = (field("code").to_string(), field("recovery").to_string());
-    let use_recovery = code.is_empty() && !recovery.is_empty();
-    let sealer = gw.portal.sealer.clone();
-    let name = user.clone();
-    let checked = gw
-        .store
-        .run(move |c| {
-            if mfa::locked(c, &name, now)? {
-                return Ok((false, 0));
-            }
-            if use_recovery {
-                let ok = mfa::recovery_use(c, &name, &recovery, now)?;
-                Ok((ok, mfa::factors(c, &name)?.recovery_left))
-            } else {
-                Ok((mfa::totp_check(c, &sealer, &name, &code, now, false)?, 0))
-            }
-        })
-        .await;
-    let (ok, remaining) = checked.unwrap_or((false, 0));
-    settle(gw, &user, ok, client).await;
-    let factor = if use_recovery { "rc" } else { "otp" };
-    if !ok {
-        let ev = Event::MfaFailed { user: user.clone(), factor: factor.into(), client: client.to_string() };
-        if let Err(e) = gw.audit.record(ev).await {
-            tracing::error!(error = %e, "Audit write failed");
+    let (code, recovery, pw) = (call.field("code"), call.field("recovery"), call.field("password"));
+    let proof = if !have.any() {
+        // Only a user without a second factor proves it with the password, and only to confirm.
+        if mode != Mode::Confirm || pw.is_empty() || s.single_sign_on() {
+            return fail(StatusCode::BAD_REQUEST, "This account has no second factor to give.");
         }
-        return again(StatusCode::UNAUTHORIZED, "That code did not work. Try the current one.");
-    }
-    if use_recovery {
-        let ev = Event::RecoveryCodeUsed { user: user.clone(), remaining, client: client.to_string() };
-        if let Err(e) = gw.audit.record(ev).await {
-            tracing::error!(error = %e, "Audit write failed");
+        if !check_password(gw, &user, pw, client).await {
+            return fail(StatusCode::UNAUTHORIZED, "That password is not right.");
         }
+        Proof::Password
+    } else if code.is_empty() && recovery.is_empty() {
+        // A password is no proof for a user who has a second factor.
+        return fail(StatusCode::BAD_REQUEST, "Give your second factor: a code, a recovery code or a passkey.");
+    } else {
+        let use_recovery = code.is_empty() && !recovery.is_empty();
+        let (code, recovery) = (code.to_string(), recovery.to_string());
+        let sealer = gw.portal.sealer.clone();
+        let name = user.clone();
+        let checked = gw
+            .store
+            .run(move |c| {
+                if mfa::locked(c, &name, now)? {
+                    return Ok((false, 0));
+                }
+                if use_recovery {
+                    let ok = mfa::recovery_use(c, &name, &recovery, now)?;
+                    Ok((ok, mfa::factors(c, &name)?.recovery_left))
+                } else {
+                    Ok((mfa::totp_check(c, &sealer, &name, &code, now, false)?, 0))
+                }
+            })
+            .await;
+        let (ok, remaining) = checked.unwrap_or((false, 0));
+        settle(gw, &user, ok, client).await;
+        let factor = if use_recovery { "rc" } else { "otp" };
+        if !ok {
+            let ev = Event::MfaFailed { user: user.clone(), factor: factor.into(), client: client.to_string() };
+            if let Err(e) = gw.audit.record(ev).await {
+                tracing::error!(error = %e, "Audit write failed");
+            }
+            return fail(StatusCode::UNAUTHORIZED, "That code did not work. Try the current one.");
+        }
+        if use_recovery {
+            let ev = Event::RecoveryCodeUsed { user: user.clone(), remaining, client: client.to_string() };
+            if let Err(e) = gw.audit.record(ev).await {
+                tracing::error!(error = %e, "Audit write failed");
+            }
+        }
+        Proof::Factor(factor)
+    };
+    let Some((_, token)) = renew_session(gw, s, proof, ctx).await else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+    };
+    if !device.is_empty() {
+        gw.portal.devices.prove(&device, &user, gw.clock.now());
     }
-    renew(gw, &s, factor, &ctx, &next).await
+    continue_with(gw, &token, &next)
 }
 
-/// Replaces the session with one that records `factor` and audits it; returns the new
-/// session id and cookie value.
-pub(crate) async fn renew_session(gw: &Gateway, s: &Session, factor: &str, ctx: &Ctx) -> Option<(String, String)> {
-    let (id, token) = match gw.sessions.step_up(s, factor, &gw.cfg.server.portal_host).await {
+/// Replaces the session with one that records `proof` and audits it; returns the new session
+/// id and cookie value.
+pub(crate) async fn renew_session(
+    gw: &Gateway,
+    s: &Session,
+    proof: Proof<'_>,
+    ctx: &crate::gateway::Ctx,
+) -> Option<(String, String)> {
+    let (id, token) = match gw.sessions.renew(s, proof, &gw.cfg.server.portal_host).await {
         Ok(v) => v,
         Err(e) => {
             tracing::error!(error = %e, "Renewing a session failed");
             return None;
         }
+    };
+    let factor = match proof {
+        Proof::Factor(f) => f,
+        Proof::Password => "pwd",
     };
     let ev = Event::MfaSucceeded {
         user: s.identity.user.clone(),
@@ -367,14 +474,6 @@ pub(crate) async fn renew_session(gw: &Gateway, s: &Session, factor: &str, ctx: 
     Some((id, token.cookie_value))
 }
 
-/// Renews the session with `factor` and continues to `next`.
-async fn renew(gw: &Gateway, s: &Session, factor: &str, ctx: &Ctx, next: &str) -> Response<Body> {
-    match renew_session(gw, s, factor, ctx).await {
-        Some((id, token)) => continue_with(gw, &id, &token, next),
-        None => error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
-    }
-}
-
 /// A message on the security page.
 enum Say<'a> {
     Nothing,
@@ -382,11 +481,13 @@ enum Say<'a> {
     Error(&'a str),
 }
 
+#[expect(clippy::too_many_arguments, reason = "one page, every part of it")]
 fn security_view(
     gw: &Gateway,
     s: &Session,
     headers: &http::HeaderMap,
     (f, passkeys): &(Factors, Vec<PasskeyLine>),
+    fresh: bool,
     next: &str,
     status: StatusCode,
     say: Say<'_>,
@@ -401,7 +502,7 @@ fn security_view(
     let page = SecurityPage {
         passkeys: passkeys.clone(),
         user: &s.identity.user,
-        sso: s.single_sign_on(),
+        fresh,
         csrf: &csrf,
         next,
         totp: f.totp,
@@ -413,19 +514,30 @@ fn security_view(
     with_csrf_cookie(html(status, &page), &csrf, new)
 }
 
-/// GET /.poort/security
-pub(crate) async fn security_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
-    let Some(s) = &ctx.session else { return to_login(gw) };
+/// The security page after a change.
+async fn security_after(gw: &Gateway, call: &Call, status: StatusCode, say: Say<'_>) -> Response<Body> {
+    let s = call.session();
     let Some(data) = security_data(gw, &s.identity.user).await else {
-        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id);
     };
-    let next = query_param(ctx, "next").unwrap_or_default();
+    let fresh = s.fresh(gw.clock.now(), data.0.any());
+    security_view(gw, s, call.headers(), &data, fresh, "", status, say)
+}
+
+/// GET /.poort/security
+pub(crate) async fn security_page(gw: &Gateway, call: &Call) -> Response<Body> {
+    let s = call.session();
+    let Some(data) = security_data(gw, &s.identity.user).await else {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id);
+    };
+    let next = query_param(call, "next").unwrap_or_default();
     let say = if !next.is_empty() && !data.0.any() {
         Say::Notice("That app needs a second factor. Set up an authenticator app to continue.")
     } else {
         Say::Nothing
     };
-    security_view(gw, s, req.headers(), &data, &next, StatusCode::OK, say)
+    let fresh = s.fresh(gw.clock.now(), data.0.any());
+    security_view(gw, s, call.headers(), &data, fresh, &next, StatusCode::OK, say)
 }
 
 /// The QR code for an otpauth URI as an SVG data URI (no external service, no script).
@@ -440,135 +552,117 @@ fn grouped(key: &str) -> String {
     key.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(" ")
 }
 
-/// The security forms all post here with a `password`; `action` names what to change.
-pub(crate) async fn security_change(gw: &Gateway, ctx: Ctx, req: Request<Incoming>, action: &str) -> Response<Body> {
-    let (s, headers, form) = match signed_in_form(gw, &ctx, req).await {
-        Ok(v) => v,
-        Err(resp) => return resp,
-    };
-    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
-    let next = field("next").to_string();
+/// How a change was proved: a second factor, or (the first factor of a user with none) the
+/// password or a fresh sign-in alone.
+pub(crate) async fn proof_of(gw: &Gateway, user: &str) -> &'static str {
+    if factors_of(gw, user).await.is_none_or(|f| f.any()) { PROOF_SECOND_FACTOR } else { PROOF_PASSWORD_ONLY }
+}
+
+/// POST /.poort/security/totp (fresh): a new secret to enrol.
+pub(crate) async fn totp_begin(gw: &Gateway, call: &Call) -> Response<Body> {
+    let s = call.session();
+    let (sealer, name, now) = (gw.portal.sealer.clone(), s.identity.user.clone(), gw.clock.now());
+    match gw.store.run(move |c| mfa::totp_begin(c, &sealer, &name, now)).await {
+        Ok(Some(_)) => totp_enrol_view(gw, s, call.headers(), call.field("next"), None).await,
+        Ok(None) => {
+            security_after(
+                gw,
+                call,
+                StatusCode::CONFLICT,
+                Say::Error("An authenticator app is set up already. Remove it first."),
+            )
+            .await
+        }
+        Err(_) => error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id),
+    }
+}
+
+/// POST /.poort/security/totp/confirm: a code from the secret `totp_begin` made. The session
+/// is renewed with the factor it just proved, and a first factor comes with recovery codes.
+pub(crate) async fn totp_confirm(gw: &Gateway, call: Call) -> Response<Body> {
+    let (ctx, s) = (&call.ctx, call.session());
+    let next = call.field("next").to_string();
     let user = s.identity.user.clone();
-    let Some(data) = security_data(gw, &user).await else {
+    let proof = proof_of(gw, &user).await;
+    let (sealer, name, now, code) =
+        (gw.portal.sealer.clone(), user.clone(), gw.clock.now(), call.field("code").to_string());
+    let ok = gw.store.run(move |c| mfa::totp_check(c, &sealer, &name, &code, now, true)).await.unwrap_or(false);
+    settle(gw, &user, ok, ctx.client).await;
+    if !ok {
+        let msg = "That code did not work. Check the app and try the current one.";
+        return totp_enrol_view(gw, s, call.headers(), &next, Some(msg)).await;
+    }
+    changed(gw, &user, "authenticator app set up", proof, ctx.client).await;
+    let Some((_, token)) = renew_session(gw, s, Proof::Factor("otp"), ctx).await else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     };
-    let f = &data.0;
-    let fail =
-        |status: StatusCode, error: &str| security_view(gw, &s, &headers, &data, &next, status, Say::Error(error));
-    if !attempt_allowed(gw, ctx.client) {
-        return fail(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many attempts from your address. Wait a minute and try again.",
-        );
-    }
-
-    if action == "totp/confirm" {
-        let (sealer, name, now, code) =
-            (gw.portal.sealer.clone(), user.clone(), gw.clock.now(), field("code").to_string());
-        let ok = gw.store.run(move |c| mfa::totp_check(c, &sealer, &name, &code, now, true)).await.unwrap_or(false);
-        settle(gw, &user, ok, ctx.client).await;
-        if !ok {
-            return totp_enrol_view(
-                gw,
-                &s,
-                &headers,
-                &next,
-                Some("That code did not work. Check the app and try the current one."),
-            )
-            .await;
-        }
-        changed(gw, &user, "authenticator app set up", ctx.client).await;
-        // The user just proved the factor: renew the session with it, and hand out
-        // recovery codes if there are none yet.
-        let Some((id, token)) = renew_session(gw, &s, "otp", &ctx).await else {
-            return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
-        };
-        if f.recovery_left == 0 {
-            let name = user.clone();
-            if let Ok(codes) = gw.store.run(move |c| mfa::recovery_new(c, &name)).await {
-                changed(gw, &user, "recovery codes made", ctx.client).await;
-                let continue_to = match safe_next(&next, &gw.cfg) {
-                    Next::Portal => "/.poort/security".to_string(),
-                    _ => format!(
-                        "/.poort/login?next={}",
-                        form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>()
-                    ),
-                };
-                let (csrf, _) = csrf_for_page(&headers);
-                let mut resp = html(
-                    StatusCode::OK,
-                    &RecoveryPage { user: &user, csrf: &csrf, codes: &codes, continue_to: &continue_to },
-                );
-                set_cookie(&mut resp, &token);
-                return resp;
-            }
-        }
-        if safe_next(&next, &gw.cfg) == Next::Portal {
-            let mut resp =
-                redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/security", gw.cfg.server.external_origin));
+    let recovery_left = factors_of(gw, &user).await.map_or(0, |f| f.recovery_left);
+    if recovery_left == 0 {
+        let name = user.clone();
+        if let Ok(codes) = gw.store.run(move |c| mfa::recovery_new(c, &name)).await {
+            changed(gw, &user, "recovery codes made", PROOF_SECOND_FACTOR, ctx.client).await;
+            let continue_to = match safe_next(&next, &gw.cfg) {
+                Next::Portal => "/.poort/security".to_string(),
+                _ => format!(
+                    "/.poort/login?next={}",
+                    form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>()
+                ),
+            };
+            let (csrf, _) = csrf_for_page(call.headers());
+            let mut resp = html(
+                StatusCode::OK,
+                &RecoveryPage { user: &user, csrf: &csrf, codes: &codes, continue_to: &continue_to },
+            );
             set_cookie(&mut resp, &token);
             return resp;
         }
-        return continue_with(gw, &id, &token, &next);
     }
+    if safe_next(&next, &gw.cfg) == Next::Portal {
+        let mut resp = redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/security", gw.cfg.server.external_origin));
+        set_cookie(&mut resp, &token);
+        return resp;
+    }
+    continue_with(gw, &token, &next)
+}
 
-    if !reauthenticated(gw, &s, field("password"), ctx.client).await {
-        let msg = if s.single_sign_on() {
-            "Your sign-in is more than five minutes old. Sign out and in again, then change your factors."
-        } else {
-            "That password is not right."
-        };
-        return fail(StatusCode::UNAUTHORIZED, msg);
+/// POST /.poort/security/totp/remove (fresh)
+pub(crate) async fn totp_remove(gw: &Gateway, call: &Call) -> Response<Body> {
+    let user = call.session().identity.user.clone();
+    let name = user.clone();
+    let _ = gw.store.run(move |c| mfa::totp_remove(c, &name)).await;
+    changed(gw, &user, "authenticator app removed", PROOF_SECOND_FACTOR, call.ctx.client).await;
+    security_after(gw, call, StatusCode::OK, Say::Notice("The authenticator app was removed.")).await
+}
+
+/// POST /.poort/security/passkey/remove (fresh)
+pub(crate) async fn passkey_remove(gw: &Gateway, call: &Call) -> Response<Body> {
+    let user = call.session().identity.user.clone();
+    let (name, id) = (user.clone(), call.field("id").to_string());
+    let removed = gw.store.run(move |c| crate::identity::passkey::remove(c, &name, &id)).await.unwrap_or(false);
+    if !removed {
+        return security_after(gw, call, StatusCode::NOT_FOUND, Say::Error("No such passkey.")).await;
     }
-    match action {
-        "totp" => {
-            let (sealer, name, now) = (gw.portal.sealer.clone(), user.clone(), gw.clock.now());
-            match gw.store.run(move |c| mfa::totp_begin(c, &sealer, &name, now)).await {
-                Ok(Some(_)) => totp_enrol_view(gw, &s, &headers, &next, None).await,
-                Ok(None) => fail(StatusCode::CONFLICT, "An authenticator app is set up already. Remove it first."),
-                Err(_) => error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
-            }
-        }
-        "totp/remove" => {
-            let name = user.clone();
-            let _ = gw.store.run(move |c| mfa::totp_remove(c, &name)).await;
-            changed(gw, &user, "authenticator app removed", ctx.client).await;
-            let data = security_data(gw, &user).await.unwrap_or_default();
-            security_view(
-                gw,
-                &s,
-                &headers,
-                &data,
-                "",
+    changed(gw, &user, "passkey removed", PROOF_SECOND_FACTOR, call.ctx.client).await;
+    security_after(gw, call, StatusCode::OK, Say::Notice("The passkey was removed.")).await
+}
+
+/// POST /.poort/security/recovery (fresh): ten new codes, the old ones void.
+pub(crate) async fn recovery_codes(gw: &Gateway, call: &Call) -> Response<Body> {
+    let user = call.session().identity.user.clone();
+    if !factors_of(gw, &user).await.is_some_and(|f| f.any()) {
+        return security_after(gw, call, StatusCode::CONFLICT, Say::Error("Set up a second factor first.")).await;
+    }
+    let name = user.clone();
+    match gw.store.run(move |c| mfa::recovery_new(c, &name)).await {
+        Ok(codes) => {
+            changed(gw, &user, "recovery codes made", PROOF_SECOND_FACTOR, call.ctx.client).await;
+            let (csrf, _) = csrf_for_page(call.headers());
+            html(
                 StatusCode::OK,
-                Say::Notice("The authenticator app was removed."),
+                &RecoveryPage { user: &user, csrf: &csrf, codes: &codes, continue_to: "/.poort/security" },
             )
         }
-        "passkey/remove" => {
-            let (name, id) = (user.clone(), field("id").to_string());
-            let removed = gw.store.run(move |c| crate::identity::passkey::remove(c, &name, &id)).await.unwrap_or(false);
-            if !removed {
-                return fail(StatusCode::NOT_FOUND, "No such passkey.");
-            }
-            changed(gw, &user, "passkey removed", ctx.client).await;
-            let data = security_data(gw, &user).await.unwrap_or_default();
-            security_view(gw, &s, &headers, &data, "", StatusCode::OK, Say::Notice("The passkey was removed."))
-        }
-        "recovery" => {
-            let name = user.clone();
-            match gw.store.run(move |c| mfa::recovery_new(c, &name)).await {
-                Ok(codes) => {
-                    changed(gw, &user, "recovery codes made", ctx.client).await;
-                    let (csrf, _) = csrf_for_page(&headers);
-                    html(
-                        StatusCode::OK,
-                        &RecoveryPage { user: &user, csrf: &csrf, codes: &codes, continue_to: "/.poort/security" },
-                    )
-                }
-                Err(_) => error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
-            }
-        }
-        _ => error_page(StatusCode::NOT_FOUND, ctx.id),
+        Err(_) => error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id),
     }
 }
 
@@ -593,8 +687,17 @@ async fn totp_enrol_view(
     with_csrf_cookie(html(status, &page), &csrf, new)
 }
 
-pub(crate) async fn changed(gw: &Gateway, user: &str, change: &str, client: IpAddr) {
-    let ev = Event::FactorChanged { user: user.to_string(), change: change.to_string(), client: client.to_string() };
+/// Audits a change to a user's factors, with how it was proved.
+pub(crate) async fn changed(gw: &Gateway, user: &str, change: &str, proof: &str, client: IpAddr) {
+    if proof == PROOF_PASSWORD_ONLY {
+        tracing::warn!(user = %user, change, client = %client, "A first second factor was set up with the password alone");
+    }
+    let ev = Event::FactorChanged {
+        user: user.to_string(),
+        change: change.to_string(),
+        proof: proof.to_string(),
+        client: client.to_string(),
+    };
     if let Err(e) = gw.audit.record(ev).await {
         tracing::error!(error = %e, "Audit write failed");
     }

@@ -1,11 +1,13 @@
 //! The portal: the fixed set of `/.poort/` pages (login, logout, app launcher, my sessions,
-//! JWKS, health, the style sheet) and the launcher at `/`. Routes are exact matches on the
-//! canonical path; pages are askama templates compiled into the binary with auto-escaping.
-//! Before login only login, JWKS, health, the style sheet and the host hand-off answer.
+//! second factors, command-line sign-in, the host hand-off, JWKS, health, the style sheet).
+//! Which route answers whom is declared in `routes`, whose dispatcher applies each route's
+//! guard before the handler here runs. Pages are askama templates compiled into the binary
+//! with auto-escaping.
 
-mod device;
+pub mod device;
 mod mfa;
 mod passkey;
+pub mod routes;
 mod sso;
 
 use std::collections::HashMap;
@@ -13,26 +15,23 @@ use std::sync::Mutex;
 
 use askama::Template;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
-use subtle::ConstantTimeEq;
+use http::{Response, StatusCode};
 
 use crate::audit::Event;
 use crate::body::Body;
 use crate::clock::{UnixTime, format_minutes};
 use crate::config::{Config, Route};
-use crate::gateway::{Ctx, Gateway, error_page, page, port_of, redirect};
+use crate::gateway::{Gateway, error_page, page, port_of, redirect};
 use crate::identity::seal::Sealer;
 use crate::identity::valid_name;
 use crate::policy::{self, Decision, Subject};
 use crate::request::Target;
-use crate::session::{self, Session, cookie};
+use crate::session::{self, Kind, Opening, cookie};
+pub use routes::Call;
+use routes::Page;
 
 const STYLE: &str = include_str!("../../assets/style.css");
 const SCRIPT: &str = include_str!("../../assets/webauthn.js");
-/// Largest form poort accepts (login, logout, session end).
-const MAX_FORM: usize = 16 * 1024;
 /// A host hand-off code is good for this long, once.
 const HANDOFF_SECS: i64 = 60;
 
@@ -51,11 +50,15 @@ impl std::fmt::Debug for State {
     }
 }
 
+/// A pending hand-off of a portal session to an app host.
 #[derive(Debug)]
 struct Handoff {
     session_id: String,
+    user: String,
     host: String,
     path: String,
+    /// SHA-256 of the nonce cookie the app host set in the browser that asked.
+    bind: [u8; 32],
     expires: UnixTime,
 }
 
@@ -120,6 +123,17 @@ struct SessionLine {
     client_addr: String,
     user_agent: String,
     current: bool,
+    /// A command-line session this browser session approved.
+    approved_here: bool,
+}
+
+/// A recent change to the user's factors, from the audit log.
+struct ChangeLine {
+    at: String,
+    change: String,
+    client: String,
+    /// Made with the password alone (the first factor of a user who had none).
+    password_only: bool,
 }
 
 #[derive(Template)]
@@ -128,6 +142,8 @@ struct SessionsPage<'a> {
     user: &'a str,
     csrf: &'a str,
     sessions: Vec<SessionLine>,
+    changes: Vec<ChangeLine>,
+    approved_here: usize,
 }
 
 #[derive(Template)]
@@ -191,91 +207,51 @@ pub fn safe_next(next: &str, cfg: &Config) -> Next {
     Next::Portal
 }
 
-pub async fn serve(gw: &Gateway, ctx: Ctx, on_portal_host: bool, req: Request<Incoming>) -> Response<Body> {
-    let path = ctx.front.target.path().to_string();
-    let get = matches!(*req.method(), Method::GET | Method::HEAD);
-    let post = *req.method() == Method::POST;
-    match (on_portal_host, path.as_str()) {
-        (_, "/.poort/style.css") if get => {
-            let mut r = page(StatusCode::OK, "text/css; charset=utf-8", Body::from_static(STYLE));
-            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
-            r
+/// Runs the handler of a route whose guard the dispatcher (`routes::dispatch`) applied.
+pub(crate) async fn serve(gw: &Gateway, page_: Page, call: Call) -> Response<Body> {
+    let cached = |body: Body, content_type: &'static str, max_age: &'static str| {
+        let mut r = page(StatusCode::OK, content_type, body);
+        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(max_age));
+        r
+    };
+    match page_ {
+        Page::Style => cached(Body::from_static(STYLE), "text/css; charset=utf-8", "public, max-age=3600"),
+        Page::Script => cached(Body::from_static(SCRIPT), "text/javascript; charset=utf-8", "public, max-age=3600"),
+        Page::Health => page(StatusCode::OK, "text/plain; charset=utf-8", Body::from_static("ok\n")),
+        Page::Jwks => {
+            cached(Body::from(gw.proxy.signer().jwks().to_string()), "application/json", "public, max-age=300")
         }
-        (true, "/.poort/webauthn.js") if get => {
-            let mut r = page(StatusCode::OK, "text/javascript; charset=utf-8", Body::from_static(SCRIPT));
-            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
-            r
-        }
-        (_, "/.poort/health") if get => page(StatusCode::OK, "text/plain; charset=utf-8", Body::from_static("ok\n")),
-        (true, "/.poort/jwks.json") if get => {
-            let mut r = page(StatusCode::OK, "application/json", Body::from(gw.proxy.signer().jwks().to_string()));
-            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
-            r
-        }
-        (true, "/") if get => launcher(gw, &ctx, &req),
-        (true, "/.poort/login") if get => login_form(gw, &ctx, &req).await,
-        (true, "/.poort/login") if post => login_submit(gw, ctx, req).await,
-        (true, "/.poort/logout") if post => logout(gw, ctx, req).await,
-        (true, "/.poort/sessions") if get => sessions_page(gw, &ctx, &req).await,
-        (true, "/.poort/sessions/end") if post => end_session(gw, ctx, req).await,
-        (false, "/.poort/handoff") if get => handoff(gw, &ctx).await,
-        (true, "/.poort/mfa") if get => mfa::mfa_page(gw, &ctx, &req).await,
-        (true, "/.poort/mfa") if post => mfa::mfa_submit(gw, ctx, req).await,
-        (true, "/.poort/security") if get => mfa::security_page(gw, &ctx, &req).await,
-        (true, "/.poort/security/totp") if post => mfa::security_change(gw, ctx, req, "totp").await,
-        (true, "/.poort/security/totp/confirm") if post => mfa::security_change(gw, ctx, req, "totp/confirm").await,
-        (true, "/.poort/security/totp/remove") if post => mfa::security_change(gw, ctx, req, "totp/remove").await,
-        (true, "/.poort/security/recovery") if post => mfa::security_change(gw, ctx, req, "recovery").await,
-        (true, "/.poort/security/passkey/remove") if post => mfa::security_change(gw, ctx, req, "passkey/remove").await,
-        (true, "/.poort/security/passkey/start") if post => passkey::register_start(gw, ctx, req).await,
-        (true, "/.poort/security/passkey/finish") if post => passkey::register_finish(gw, ctx, req).await,
-        (true, "/.poort/mfa/passkey/start") if post => passkey::factor_start(gw, ctx, req).await,
-        (true, "/.poort/mfa/passkey/finish") if post => passkey::factor_finish(gw, ctx, req).await,
-        (true, "/.poort/device/code") if post => device::code(gw, ctx, req).await,
-        (true, "/.poort/device/token") if post => device::token(gw, req).await,
-        (true, "/.poort/device/logout") if post => device::logout(gw, ctx, req).await,
-        (true, "/.poort/device") if get => device::approve_page(gw, &ctx, &req).await,
-        (true, "/.poort/device") if post => device::decide(gw, ctx, req).await,
-        (true, p) if get && p.starts_with("/.poort/tunnel/") => {
-            let name = p["/.poort/tunnel/".len()..].to_string();
-            crate::tunnel::open(gw, ctx, req, &name).await
-        }
-        (true, p) if get && p.starts_with("/.poort/oidc/") => {
-            let rest = p["/.poort/oidc/".len()..].to_string();
-            sso::serve(gw, ctx, req, &rest).await
-        }
-        (true, "/.poort/login/passkey/start") if post => passkey::passwordless_start(gw, ctx, req).await,
-        (true, "/.poort/login/passkey/finish") if post => passkey::passwordless_finish(gw, ctx, req).await,
-        (
-            true,
-            "/"
-            | "/.poort/login"
-            | "/.poort/logout"
-            | "/.poort/sessions"
-            | "/.poort/sessions/end"
-            | "/.poort/jwks.json"
-            | "/.poort/mfa"
-            | "/.poort/security"
-            | "/.poort/security/totp"
-            | "/.poort/security/totp/confirm"
-            | "/.poort/security/totp/remove"
-            | "/.poort/security/recovery"
-            | "/.poort/security/passkey/remove"
-            | "/.poort/security/passkey/start"
-            | "/.poort/security/passkey/finish"
-            | "/.poort/mfa/passkey/start"
-            | "/.poort/mfa/passkey/finish"
-            | "/.poort/login/passkey/start"
-            | "/.poort/login/passkey/finish"
-            | "/.poort/webauthn.js"
-            | "/.poort/device"
-            | "/.poort/device/code"
-            | "/.poort/device/token"
-            | "/.poort/device/logout",
-        )
-        | (_, "/.poort/style.css" | "/.poort/health")
-        | (false, "/.poort/handoff") => error_page(StatusCode::METHOD_NOT_ALLOWED, ctx.id),
-        _ => error_page(StatusCode::NOT_FOUND, ctx.id),
+        Page::Launcher => launcher(gw, &call),
+        Page::LoginForm => login_form(gw, &call),
+        Page::LoginSubmit => login_submit(gw, call).await,
+        Page::Logout => logout(gw, call).await,
+        Page::Sessions => sessions_page(gw, &call).await,
+        Page::EndSession => end_session(gw, call).await,
+        Page::Handoff => handoff(gw, &call).await,
+        Page::HandoffBegin => handoff_begin(gw, &call),
+        Page::MfaForm => mfa::factor_form(gw, &call, mfa::Mode::StepUp).await,
+        Page::MfaSubmit => mfa::factor_submit(gw, call, mfa::Mode::StepUp).await,
+        Page::ConfirmForm => mfa::factor_form(gw, &call, mfa::Mode::Confirm).await,
+        Page::ConfirmSubmit => mfa::factor_submit(gw, call, mfa::Mode::Confirm).await,
+        Page::Security => mfa::security_page(gw, &call).await,
+        Page::TotpBegin => mfa::totp_begin(gw, &call).await,
+        Page::TotpConfirm => mfa::totp_confirm(gw, call).await,
+        Page::TotpRemove => mfa::totp_remove(gw, &call).await,
+        Page::RecoveryCodes => mfa::recovery_codes(gw, &call).await,
+        Page::PasskeyRemove => mfa::passkey_remove(gw, &call).await,
+        Page::PasskeyRegisterStart => passkey::register_start(gw, call).await,
+        Page::PasskeyRegisterFinish => passkey::register_finish(gw, call).await,
+        Page::FactorStart => passkey::factor_start(gw, call).await,
+        Page::FactorFinish => passkey::factor_finish(gw, call).await,
+        Page::PasswordlessStart => passkey::passwordless_start(gw, call).await,
+        Page::PasswordlessFinish => passkey::passwordless_finish(gw, call).await,
+        Page::DeviceCode => device::code(gw, &call),
+        Page::DeviceToken => device::token(gw, &call),
+        Page::DeviceLogout => device::logout(gw, &call).await,
+        Page::DeviceForm => device::approve_page(gw, &call),
+        Page::DeviceDecide => device::decide(gw, call).await,
+        Page::Tunnel => crate::tunnel::open(gw, call).await,
+        Page::Oidc => sso::serve(gw, call).await,
     }
 }
 
@@ -297,36 +273,6 @@ pub(crate) fn with_csrf_cookie(mut resp: Response<Body>, csrf: &str, is_new: boo
     resp
 }
 
-/// A form is genuine when it came from a poort page: the Origin is the portal's and the
-/// hidden field matches the `__Host-` cookie (double submit).
-pub(crate) fn form_is_genuine(gw: &Gateway, headers: &HeaderMap, form: &HashMap<String, String>) -> bool {
-    let origin_ok =
-        headers.get(header::ORIGIN).is_some_and(|o| o.as_bytes() == gw.cfg.server.external_origin.as_bytes());
-    let cookies = headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes());
-    let cookie_value = cookie::find(cookies, cookie::CSRF_COOKIE).filter(|v| cookie::decode_token(v).is_some());
-    let field = form.get("csrf").map(String::as_str).unwrap_or("");
-    let token_ok = cookie_value.is_some_and(|c| bool::from(c.as_bytes().ct_eq(field.as_bytes())));
-    origin_ok && token_ok
-}
-
-/// Reads a bounded urlencoded form body.
-pub(crate) async fn read_form(req: Request<Incoming>) -> Option<(HeaderMap, HashMap<String, String>)> {
-    let (parts, body) = req.into_parts();
-    let ct = parts.headers.get(header::CONTENT_TYPE)?.as_bytes();
-    if !ct.starts_with(b"application/x-www-form-urlencoded") {
-        return None;
-    }
-    let bytes = Limited::new(body, MAX_FORM).collect().await.ok()?.to_bytes();
-    let mut form = HashMap::new();
-    for (k, v) in form_urlencoded::parse(&bytes) {
-        // A repeated field is ambiguous: refuse the whole form.
-        if form.insert(k.into_owned(), v.into_owned()).is_some() {
-            return None;
-        }
-    }
-    Some((parts.headers, form))
-}
-
 /// Whether `user` may still sign in during a lockdown (a member of the admin group).
 pub(crate) async fn lockdown_admin(gw: &Gateway, user: &str) -> bool {
     if !valid_name(user) {
@@ -341,23 +287,8 @@ pub(crate) async fn lockdown_admin(gw: &Gateway, user: &str) -> bool {
         .is_some_and(|id| id.groups.contains(&group))
 }
 
-/// A form posted by a signed-in user from a poort page: the session, the headers, the fields.
-/// Anything else is answered here (sign in, 400 or 403).
-pub(crate) async fn signed_in_form(
-    gw: &Gateway,
-    ctx: &Ctx,
-    req: Request<Incoming>,
-) -> Result<(std::sync::Arc<Session>, HeaderMap, HashMap<String, String>), Response<Body>> {
-    let Some(s) = ctx.session.clone() else { return Err(to_login(gw)) };
-    let Some((headers, form)) = read_form(req).await else { return Err(error_page(StatusCode::BAD_REQUEST, ctx.id)) };
-    if !form_is_genuine(gw, &headers, &form) {
-        return Err(error_page(StatusCode::FORBIDDEN, ctx.id));
-    }
-    Ok((s, headers, form))
-}
-
-pub(crate) fn query_param(ctx: &Ctx, name: &str) -> Option<String> {
-    let q = ctx.front.target.query()?;
+pub(crate) fn query_param(call: &Call, name: &str) -> Option<String> {
+    let q = call.ctx.front.target.query()?;
     form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
@@ -365,8 +296,8 @@ pub(crate) fn to_login(gw: &Gateway) -> Response<Body> {
     redirect(StatusCode::FOUND, &format!("{}/.poort/login", gw.cfg.server.external_origin))
 }
 
-fn launcher(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
-    let Some(s) = &ctx.session else { return to_login(gw) };
+fn launcher(gw: &Gateway, call: &Call) -> Response<Body> {
+    let s = call.session();
     let apps = gw
         .cfg
         .apps
@@ -402,18 +333,18 @@ fn launcher(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> 
             }
         })
         .collect();
-    let (csrf, new) = csrf_for_page(req.headers());
+    let (csrf, new) = csrf_for_page(call.headers());
     let page =
         LauncherPage { user: &s.identity.user, csrf: &csrf, apps, tunnels, origin: &gw.cfg.server.external_origin };
     with_csrf_cookie(html(StatusCode::OK, &page), &csrf, new)
 }
 
-async fn login_form(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
-    let next = query_param(ctx, "next").unwrap_or_default();
-    if let Some(s) = &ctx.session {
-        return go_next(gw, s, safe_next(&next, &gw.cfg));
+fn login_form(gw: &Gateway, call: &Call) -> Response<Body> {
+    let next = query_param(call, "next").unwrap_or_default();
+    if call.ctx.session.is_some() {
+        return go_to(gw, safe_next(&next, &gw.cfg));
     }
-    let (csrf, new) = csrf_for_page(req.headers());
+    let (csrf, new) = csrf_for_page(call.headers());
     let next = match safe_next(&next, &gw.cfg) {
         Next::Portal => String::new(),
         _ => next,
@@ -423,7 +354,7 @@ async fn login_form(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Respons
     with_csrf_cookie(html(StatusCode::OK, &page), &csrf, new)
 }
 
-fn login_again(
+pub(crate) fn login_again(
     gw: &Gateway,
     status: StatusCode,
     headers: &HeaderMap,
@@ -437,26 +368,9 @@ fn login_again(
     with_csrf_cookie(html(status, &page), &csrf, new)
 }
 
-async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let Some((headers, form)) = read_form(req).await else {
-        return error_page(StatusCode::BAD_REQUEST, ctx.id);
-    };
-    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
-    let (username, pw, next) = (field("username").trim(), field("password"), field("next"));
-    if !form_is_genuine(gw, &headers, &form) {
-        return login_again(
-            gw,
-            StatusCode::FORBIDDEN,
-            &headers,
-            next,
-            "",
-            "The sign-in form expired. Please try again.",
-        );
-    }
-    if !mfa::attempt_allowed(gw, ctx.client) {
-        let msg = "Too many sign-in attempts from your address. Wait a minute and try again.";
-        return login_again(gw, StatusCode::TOO_MANY_REQUESTS, &headers, next, "", msg);
-    }
+async fn login_submit(gw: &Gateway, call: Call) -> Response<Body> {
+    let (ctx, headers) = (&call.ctx, call.headers());
+    let (username, pw, next) = (call.field("username").trim(), call.field("password"), call.field("next"));
     if gw.mitigation.lockdown() && !lockdown_admin(gw, username).await {
         // No password check and no session for anyone but administrators; the same page for
         // unknown users, so this tells nothing about accounts.
@@ -481,15 +395,15 @@ async fn login_submit(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Respons
             let shown = if valid_name(username) { username } else { "" };
             if failed == mfa::PasswordCheck::DirectoryDown {
                 let msg = "The user directory cannot be reached, so poort cannot check your password. Try again in a few minutes; if it persists, tell your IT helpdesk.";
-                return login_again(gw, StatusCode::SERVICE_UNAVAILABLE, &headers, next, shown, msg);
+                return login_again(gw, StatusCode::SERVICE_UNAVAILABLE, headers, next, shown, msg);
             }
-            return login_again(gw, StatusCode::UNAUTHORIZED, &headers, next, shown, "Wrong username or password.");
+            return login_again(gw, StatusCode::UNAUTHORIZED, headers, next, shown, "Wrong username or password.");
         }
     };
     let username = username.as_str();
     let user_agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let signed_in = SignedIn { user: username, factors: "pwd", user_agent, next, logout_url: None };
-    open_session(gw, &ctx, signed_in).await
+    open_session(gw, ctx, signed_in).await
 }
 
 /// A sign-in that succeeded, by password or at an identity provider.
@@ -506,13 +420,23 @@ pub(crate) struct SignedIn<'a> {
 /// Opens the session for a sign-in: a new token (a session the browser already had ends
 /// here), audited before it is handed out, and the user sent on; with `[mfa] required`, a
 /// user with a second factor on file gives it first, unless the sign-in already included one.
-pub(crate) async fn open_session(gw: &Gateway, ctx: &Ctx, s: SignedIn<'_>) -> Response<Body> {
+pub(crate) async fn open_session(gw: &Gateway, ctx: &crate::gateway::Ctx, s: SignedIn<'_>) -> Response<Body> {
     if let Some(old) = &ctx.session {
         let _ = gw.sessions.end(&old.id).await;
     }
     let client = ctx.client.to_string();
-    let created =
-        gw.sessions.create_with(s.user, &gw.cfg.server.portal_host, client.clone(), s.user_agent, s.factors).await;
+    let created = gw
+        .sessions
+        .open(Opening {
+            user: s.user,
+            host: &gw.cfg.server.portal_host,
+            client_addr: client.clone(),
+            user_agent: s.user_agent,
+            factors: s.factors,
+            kind: Kind::Browser,
+            approved_by: None,
+        })
+        .await;
     let (id, token) = match created {
         Ok(v) => v,
         Err(e) => {
@@ -538,13 +462,11 @@ pub(crate) async fn open_session(gw: &Gateway, ctx: &Ctx, s: SignedIn<'_>) -> Re
         let name = s.user.to_string();
         gw.store.run(move |c| crate::identity::mfa::factors(c, &name)).await.is_ok_and(|f| f.any())
     };
-    let mut resp = match safe_next(s.next, &gw.cfg) {
-        _ if ask_factor => {
-            let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", s.next).finish();
-            redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/mfa?{q}", gw.cfg.server.external_origin))
-        }
-        Next::App { host, path } => handoff_redirect(gw, &id, host, path),
-        other => go_to(gw, other),
+    let mut resp = if ask_factor {
+        let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", s.next).finish();
+        redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/mfa?{q}", gw.cfg.server.external_origin))
+    } else {
+        go_to(gw, safe_next(s.next, &gw.cfg))
     };
     if let Ok(v) = HeaderValue::from_str(&cookie::set_session(&token.cookie_value)) {
         resp.headers_mut().append(header::SET_COOKIE, v);
@@ -552,31 +474,74 @@ pub(crate) async fn open_session(gw: &Gateway, ctx: &Ctx, s: SignedIn<'_>) -> Re
     resp
 }
 
+/// Sends the browser on after a sign-in or a step-up. An app on its own host is reached
+/// through that host: it starts a hand-off bound to the browser (`handoff_begin`).
 pub(crate) fn go_to(gw: &Gateway, next: Next) -> Response<Body> {
     let origin = &gw.cfg.server.external_origin;
     match next {
         Next::Relative(p) => redirect(StatusCode::SEE_OTHER, &format!("{origin}{p}")),
-        _ => redirect(StatusCode::SEE_OTHER, &format!("{origin}/")),
+        Next::App { host, path } => {
+            redirect(StatusCode::SEE_OTHER, &format!("https://{host}{}{path}", port_of(origin)))
+        }
+        Next::Portal => redirect(StatusCode::SEE_OTHER, &format!("{origin}/")),
     }
 }
 
-pub(crate) fn go_next(gw: &Gateway, s: &Session, next: Next) -> Response<Body> {
-    match next {
-        Next::App { host, path } => handoff_redirect(gw, &s.id, host, path),
-        other => go_to(gw, other),
-    }
+/// The name of the nonce cookie an app host sets before it sends a browser to the portal for a
+/// hand-off; the hand-off works only in the browser that holds it.
+pub const HANDOFF_COOKIE: &str = "__Host-poort-handoff";
+
+/// What an app host does for a browser without a session there: set a nonce cookie on the
+/// app host and send the browser to the portal's hand-off (via sign-in or step-up if needed).
+/// Returns the `Set-Cookie` value and the portal address to go to.
+pub fn handoff_start(gw: &Gateway, host: &str, path: &str, step_up: bool) -> (String, String) {
+    let nonce = cookie::encode_token(&session::random_bytes());
+    let bind = cookie::encode_b64(&session::hash_token_bytes(nonce.as_bytes()));
+    let begin = format!(
+        "/.poort/handoff/begin?{}",
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("host", host)
+            .append_pair("path", path)
+            .append_pair("bind", &bind)
+            .finish()
+    );
+    let origin = &gw.cfg.server.external_origin;
+    let location = if step_up {
+        let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", &begin).finish();
+        format!("{origin}/.poort/mfa?{q}")
+    } else {
+        format!("{origin}{begin}")
+    };
+    (format!("{HANDOFF_COOKIE}={nonce}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=300"), location)
 }
 
-/// Sends the browser to an app host with a one-time code that sets that host's own cookie.
-pub(crate) fn handoff_redirect(gw: &Gateway, session_id: &str, host: String, path: String) -> Response<Body> {
+/// GET /.poort/handoff/begin on the portal (signed in): a one-time code for the app host,
+/// bound to the nonce the browser holds there.
+fn handoff_begin(gw: &Gateway, call: &Call) -> Response<Body> {
+    let s = call.session();
+    let (host, path, bind) = (
+        query_param(call, "host").unwrap_or_default(),
+        query_param(call, "path").unwrap_or_default(),
+        query_param(call, "bind").unwrap_or_default(),
+    );
+    let known = gw.cfg.apps.iter().any(|a| a.route == Route::Host(host.clone()));
+    let bind: Option<[u8; 32]> = cookie::decode_token(&bind);
+    let (Some(bind), true, true) = (bind, known, safe_relative(&path)) else {
+        return go_to(gw, Next::Portal);
+    };
     let code = cookie::encode_token(&session::random_bytes());
     let now = gw.clock.now();
     if let Ok(mut h) = gw.portal.handoffs.lock() {
         h.retain(|_, v| v.expires > now);
-        h.insert(
-            code.clone(),
-            Handoff { session_id: session_id.to_string(), host: host.clone(), path, expires: now + HANDOFF_SECS },
-        );
+        let handoff = Handoff {
+            session_id: s.id.clone(),
+            user: s.identity.user.clone(),
+            host: host.clone(),
+            path,
+            bind,
+            expires: now + HANDOFF_SECS,
+        };
+        h.insert(code.clone(), handoff);
     }
     redirect(
         StatusCode::SEE_OTHER,
@@ -584,31 +549,64 @@ pub(crate) fn handoff_redirect(gw: &Gateway, session_id: &str, host: String, pat
     )
 }
 
-async fn handoff(gw: &Gateway, ctx: &Ctx) -> Response<Body> {
-    let code = query_param(ctx, "code").unwrap_or_default();
+/// GET /.poort/handoff?code= on an app host: the code must be this host's, unused, unexpired,
+/// and asked for by this browser (its nonce cookie). Audited either way.
+async fn handoff(gw: &Gateway, call: &Call) -> Response<Body> {
+    let ctx = &call.ctx;
+    let code = query_param(call, "code").unwrap_or_default();
     let taken = gw.portal.handoffs.lock().ok().and_then(|mut h| h.remove(&code));
-    let Some(h) = taken.filter(|h| h.host == ctx.front.host && h.expires > gw.clock.now()) else {
-        return to_login(gw);
+    let cookies = call.headers().get_all(header::COOKIE).iter().map(|v| v.as_bytes());
+    let nonce = cookie::find(cookies, HANDOFF_COOKIE).map(|n| session::hash_token_bytes(n.as_bytes()));
+    let client = ctx.client.to_string();
+    let why = match &taken {
+        None => Some("unknown or used code"),
+        Some(h) if h.host != ctx.front.host => Some("code for another host"),
+        Some(h) if h.expires <= gw.clock.now() => Some("expired code"),
+        Some(h) if !nonce.is_some_and(|n| bool::from(subtle::ConstantTimeEq::ct_eq(&n[..], &h.bind[..]))) => {
+            Some("code asked for by another browser")
+        }
+        Some(_) => None,
     };
-    let token = session::new_token();
-    let (hash, sid, host) = (token.hash, h.session_id.clone(), h.host.clone());
-    let added = gw
-        .store
-        .run(move |c| {
-            c.execute(
-                "INSERT INTO session_tokens (token_hash, session_id, host) VALUES (?1, ?2, ?3)",
-                rusqlite::params![&hash[..], sid, host],
-            )
-        })
-        .await;
-    if added.is_err() {
-        // The session ended meanwhile (the foreign key refuses the token).
-        return to_login(gw);
-    }
-    let mut resp = redirect(StatusCode::SEE_OTHER, &h.path);
-    if let Ok(v) = HeaderValue::from_str(&cookie::set_session(&token.cookie_value)) {
-        resp.headers_mut().append(header::SET_COOKIE, v);
-    }
+    let mut resp = match (taken, why) {
+        (Some(h), None) => {
+            let token = session::new_token();
+            let (hash, sid, host) = (token.hash, h.session_id.clone(), h.host.clone());
+            let added = gw.store.run(move |c| crate::store::Store::add_token(c, &sid, &hash, &host)).await;
+            if !matches!(added, Ok(true)) {
+                // The session ended meanwhile.
+                return to_login(gw);
+            }
+            let ev = Event::HandoffRedeemed {
+                user: h.user.clone(),
+                session: h.session_id.clone(),
+                host: h.host.clone(),
+                client,
+            };
+            if let Err(e) = gw.audit.record(ev).await {
+                tracing::error!(error = %e, "Audit unavailable; refusing the hand-off");
+                return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+            }
+            let mut resp = redirect(StatusCode::SEE_OTHER, &h.path);
+            if let Ok(v) = HeaderValue::from_str(&cookie::set_session(&token.cookie_value)) {
+                resp.headers_mut().append(header::SET_COOKIE, v);
+            }
+            resp
+        }
+        (_, why) => {
+            let why = why.unwrap_or("refused");
+            tracing::warn!(client = %client, host = %ctx.front.host, why, "Hand-off refused");
+            let ev = Event::HandoffRefused { host: ctx.front.host.clone(), why: why.into(), client };
+            if let Err(e) = gw.audit.record(ev).await {
+                tracing::error!(error = %e, "Audit write failed");
+            }
+            error_page(StatusCode::FORBIDDEN, ctx.id)
+        }
+    };
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&format!("{HANDOFF_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"))
+            .expect("invariant: constant cookie is valid"),
+    );
     resp
 }
 
@@ -619,17 +617,25 @@ fn clear_session_cookie(resp: &mut Response<Body>) {
     );
 }
 
-async fn logout(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let Some((headers, form)) = read_form(req).await else {
-        return error_page(StatusCode::BAD_REQUEST, ctx.id);
-    };
-    if !form_is_genuine(gw, &headers, &form) {
-        return error_page(StatusCode::FORBIDDEN, ctx.id);
-    }
+/// POST /.poort/logout; with `approved=end`, the command-line sessions this browser
+/// approved end too.
+async fn logout(gw: &Gateway, call: Call) -> Response<Body> {
+    let ctx = &call.ctx;
     let mut provider_logout = None;
     if let Some(s) = &ctx.session {
         // Read before the session row goes: a single sign-on session also ends at the provider.
         provider_logout = sso::logout_url(gw, &s.id).await;
+        if call.field("approved") == "end" {
+            let (store, id, now) = (gw.store.clone(), s.id.clone(), gw.clock.now());
+            let ended = tokio::task::spawn_blocking(move || store.revoke_children(&id, now)).await;
+            for child in ended.ok().and_then(Result::ok).unwrap_or_default() {
+                let ev =
+                    Event::SessionEnded { user: s.identity.user.clone(), session: child, by: s.identity.user.clone() };
+                if let Err(e) = gw.audit.record(ev).await {
+                    tracing::error!(error = %e, "Audit write failed");
+                }
+            }
+        }
         let _ = gw.sessions.end(&s.id).await;
         let ev = Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: ctx.client.to_string() };
         if let Err(e) = gw.audit.record(ev).await {
@@ -645,18 +651,23 @@ async fn logout(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body
     resp
 }
 
-async fn sessions_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Response<Body> {
-    let Some(s) = &ctx.session else { return to_login(gw) };
+async fn sessions_page(gw: &Gateway, call: &Call) -> Response<Body> {
+    let s = call.session();
     let store = gw.store.clone();
     let user = s.identity.user.clone();
-    let rows = match tokio::task::spawn_blocking(move || store.list_sessions(Some(&user))).await {
-        Ok(Ok(rows)) => rows,
-        _ => return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
-    };
+    let found = tokio::task::spawn_blocking(move || {
+        let rows = store.list_sessions(Some(&user))?;
+        let changes = store.with(|c| crate::store::Store::factor_changes(c, &user, 20))?;
+        anyhow::Ok((rows, changes))
+    })
+    .await;
+    let Ok(Ok((rows, changes))) = found else { return error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id) };
+    let approved_here = rows.iter().filter(|r| r.parent.as_deref() == Some(&s.id)).count();
     let sessions = rows
         .into_iter()
         .map(|r| SessionLine {
             current: r.id == s.id,
+            approved_here: r.parent.as_deref() == Some(&s.id),
             created: format_minutes(r.created_at),
             last_seen: format_minutes(if r.id == s.id { s.last_seen() } else { r.last_seen }),
             client_addr: r.client_addr,
@@ -664,16 +675,23 @@ async fn sessions_page(gw: &Gateway, ctx: &Ctx, req: &Request<Incoming>) -> Resp
             id: r.id,
         })
         .collect();
-    let (csrf, new) = csrf_for_page(req.headers());
-    with_csrf_cookie(html(StatusCode::OK, &SessionsPage { user: &s.identity.user, csrf: &csrf, sessions }), &csrf, new)
+    let changes = changes
+        .into_iter()
+        .map(|c| ChangeLine {
+            at: format_minutes(c.at),
+            change: c.change,
+            client: c.client,
+            password_only: c.proof == crate::identity::mfa::PROOF_PASSWORD_ONLY,
+        })
+        .collect();
+    let (csrf, new) = csrf_for_page(call.headers());
+    let page = SessionsPage { user: &s.identity.user, csrf: &csrf, sessions, changes, approved_here };
+    with_csrf_cookie(html(StatusCode::OK, &page), &csrf, new)
 }
 
-async fn end_session(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let (s, _, form) = match signed_in_form(gw, &ctx, req).await {
-        Ok(v) => v,
-        Err(resp) => return resp,
-    };
-    let id = form.get("id").cloned().unwrap_or_default();
+async fn end_session(gw: &Gateway, call: Call) -> Response<Body> {
+    let (ctx, s) = (&call.ctx, call.session());
+    let id = call.field("id").to_string();
     let (store, user) = (gw.store.clone(), s.identity.user.clone());
     let owned = tokio::task::spawn_blocking(move || store.list_sessions(Some(&user)))
         .await

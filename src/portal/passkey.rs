@@ -1,41 +1,53 @@
 //! WebAuthn ceremonies (with webauthn-rs): register a passkey or security key from the
-//! security page, use one as the second factor, and sign in without a password with a
-//! discoverable passkey that verified the user. The browser side is `assets/webauthn.js`;
-//! these endpoints speak JSON, with the same Origin and double-submit CSRF checks as forms.
+//! security page, use one as the second factor (to step up, or to confirm a change or a
+//! command-line sign-in), and sign in without a password with a discoverable passkey that
+//! verified the user. The browser side is `assets/webauthn.js`; these endpoints speak JSON,
+//! and `routes` checks their Origin and CSRF header and who may call them.
 //!
 //! Ceremony state stays in memory, keyed by a random single-use id, for two minutes.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 use webauthn_rs::prelude::{
     DiscoverableAuthentication, PasskeyAuthentication, PasskeyRegistration, PublicKeyCredential,
     RegisterPublicKeyCredential, Url, Webauthn, WebauthnBuilder,
 };
 
-use super::{Next, mfa, safe_next};
+use super::{Call, mfa, safe_next};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::clock::UnixTime;
-use crate::gateway::{Ctx, Gateway, page};
+use crate::gateway::{Gateway, page};
 use crate::identity::{mfa as factors, passkey};
-use crate::session::{self, cookie};
+use crate::session::{self, Kind, Opening, Proof, cookie};
 
 /// How long a started ceremony may take to finish.
 const CEREMONY_SECS: i64 = 120;
-/// Largest JSON body of a ceremony step.
-const MAX_JSON: usize = 64 * 1024;
 
 enum Ceremony {
-    Register { session: String, user: String, name: String, next: String, state: PasskeyRegistration },
-    Factor { session: String, user: String, next: String, state: PasskeyAuthentication },
-    Passwordless { next: String, state: DiscoverableAuthentication },
+    Register {
+        session: String,
+        user: String,
+        name: String,
+        next: String,
+        state: PasskeyRegistration,
+    },
+    /// A second factor: to step up, or to confirm (a command-line code when `device` is set).
+    Factor {
+        session: String,
+        user: String,
+        next: String,
+        device: String,
+        state: PasskeyAuthentication,
+    },
+    Passwordless {
+        next: String,
+        state: DiscoverableAuthentication,
+    },
 }
 
 /// The relying party and the ceremonies in flight.
@@ -81,43 +93,25 @@ fn refuse(status: StatusCode, why: &str) -> Response<Body> {
     json(status, serde_json::json!({ "error": why }))
 }
 
-/// Reads a JSON body sent by webauthn.js: Origin and CSRF header checked, size bounded.
-async fn read_json<T: for<'de> Deserialize<'de>>(
-    gw: &Gateway,
-    req: Request<Incoming>,
-) -> Result<(HeaderMap, T), Response<Body>> {
-    let (parts, body) = req.into_parts();
-    let h = &parts.headers;
-    let origin_ok = h.get(header::ORIGIN).is_some_and(|o| o.as_bytes() == gw.cfg.server.external_origin.as_bytes());
-    let cookies = h.get_all(header::COOKIE).iter().map(|v| v.as_bytes());
-    let csrf = cookie::find(cookies, cookie::CSRF_COOKIE).filter(|v| cookie::decode_token(v).is_some());
-    let sent = h.get("x-poort-csrf").map(|v| v.as_bytes()).unwrap_or(b"");
-    let csrf_ok = csrf.is_some_and(|c| bool::from(c.as_bytes().ct_eq(sent)));
-    let json_ok = h.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if !(origin_ok && csrf_ok && json_ok) {
-        return Err(refuse(StatusCode::FORBIDDEN, "the request did not come from a poort page"));
-    }
-    let bytes = Limited::new(body, MAX_JSON)
-        .collect()
-        .await
-        .map_err(|_| refuse(StatusCode::PAYLOAD_TOO_LARGE, "too large"))?
-        .to_bytes();
-    let v = serde_json::from_slice(&bytes).map_err(|_| refuse(StatusCode::BAD_REQUEST, "malformed request"))?;
-    Ok((parts.headers, v))
+/// The JSON body the dispatcher read, as `T`; None if it is not one (answer `malformed()`).
+fn body<T: for<'de> Deserialize<'de>>(call: &Call) -> Option<T> {
+    serde_json::from_slice(&call.json).ok()
+}
+
+fn malformed() -> Response<Body> {
+    refuse(StatusCode::BAD_REQUEST, "malformed request")
 }
 
 /// Where the browser goes after a ceremony that made a session.
-fn landing_url(gw: &Gateway, session_id: &str, next: &str, fallback: &str) -> String {
-    let origin = &gw.cfg.server.external_origin;
+fn landing_url(gw: &Gateway, next: &str, fallback: &str) -> String {
     match safe_next(next, &gw.cfg) {
-        Next::Relative(p) => format!("{origin}{p}"),
-        Next::App { host, path } => super::handoff_redirect(gw, session_id, host, path)
+        super::Next::Portal => format!("{}{fallback}", gw.cfg.server.external_origin),
+        other => super::go_to(gw, other)
             .headers()
             .get(header::LOCATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
-            .unwrap_or_else(|| format!("{origin}/")),
-        Next::Portal => format!("{origin}{fallback}"),
+            .unwrap_or_else(|| format!("{}/", gw.cfg.server.external_origin)),
     }
 }
 
@@ -132,28 +126,21 @@ fn landed(token: &str, v: serde_json::Value) -> Response<Body> {
 
 #[derive(Deserialize)]
 struct RegisterStart {
-    password: String,
     name: String,
     #[serde(default)]
     next: String,
 }
 
-/// POST /.poort/security/passkey/start: re-authenticate, then offer a registration.
-pub(crate) async fn register_start(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let Some(s) = ctx.session.clone() else { return refuse(StatusCode::UNAUTHORIZED, "sign in first") };
-    let (_, body): (_, RegisterStart) = match read_json(gw, req).await {
-        Ok(v) => v,
-        Err(r) => return r,
+/// POST /.poort/security/passkey/start (a fresh session): offer a registration.
+pub(crate) async fn register_start(gw: &Gateway, call: Call) -> Response<Body> {
+    let s = call.session().clone();
+    let body: RegisterStart = match body(&call) {
+        Some(v) => v,
+        None => return malformed(),
     };
     let name = body.name.trim().chars().filter(|c| !c.is_control()).take(64).collect::<String>();
     if name.is_empty() {
         return refuse(StatusCode::BAD_REQUEST, "give the passkey a name");
-    }
-    if !mfa::attempt_allowed(gw, ctx.client) {
-        return refuse(StatusCode::TOO_MANY_REQUESTS, "too many attempts; wait a minute");
-    }
-    if !mfa::reauthenticated(gw, &s, &body.password, ctx.client).await {
-        return refuse(StatusCode::UNAUTHORIZED, "that password is not right, or a single sign-on is too old");
     }
     let user = s.identity.user.clone();
     let existing = {
@@ -192,11 +179,11 @@ struct RegisterFinish {
 
 /// POST /.poort/security/passkey/finish: verify and store the new credential. The session is
 /// renewed with the factor it just proved.
-pub(crate) async fn register_finish(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let Some(s) = ctx.session.clone() else { return refuse(StatusCode::UNAUTHORIZED, "sign in first") };
-    let (_, body): (_, RegisterFinish) = match read_json(gw, req).await {
-        Ok(v) => v,
-        Err(r) => return r,
+pub(crate) async fn register_finish(gw: &Gateway, call: Call) -> Response<Body> {
+    let (ctx, s) = (&call.ctx, call.session().clone());
+    let body: RegisterFinish = match body(&call) {
+        Some(v) => v,
+        None => return malformed(),
     };
     let now = gw.clock.now();
     let Some(Ceremony::Register { session, user, name, next, state }) = gw.portal.passkeys.take(&body.ceremony, now)
@@ -213,6 +200,7 @@ pub(crate) async fn register_finish(gw: &Gateway, ctx: Ctx, req: Request<Incomin
             return refuse(StatusCode::BAD_REQUEST, "the passkey could not be verified");
         }
     };
+    let proof = mfa::proof_of(gw, &user).await;
     let (u, n) = (user.clone(), name.clone());
     let added = gw
         .store
@@ -223,16 +211,16 @@ pub(crate) async fn register_finish(gw: &Gateway, ctx: Ctx, req: Request<Incomin
         })
         .await;
     let Ok(codes) = added else { return refuse(StatusCode::CONFLICT, "that passkey is registered already") };
-    mfa::changed(gw, &user, &format!("passkey added: {name}"), ctx.client).await;
+    mfa::changed(gw, &user, &format!("passkey added: {name}"), proof, ctx.client).await;
     if codes.is_some() {
-        mfa::changed(gw, &user, "recovery codes made", ctx.client).await;
+        mfa::changed(gw, &user, "recovery codes made", factors::PROOF_SECOND_FACTOR, ctx.client).await;
     }
-    let Some((id, token)) = mfa::renew_session(gw, &s, "hwk", &ctx).await else {
+    let Some((_, token)) = mfa::renew_session(gw, &s, Proof::Factor("hwk"), ctx).await else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     };
     // Recovery codes made now are shown once by the script, as after setting up an
     // authenticator app.
-    let redirect = landing_url(gw, &id, &next, "/.poort/security");
+    let redirect = landing_url(gw, &next, "/.poort/security");
     landed(&token, serde_json::json!({ "redirect": redirect, "recovery_codes": codes }))
 }
 
@@ -240,14 +228,17 @@ pub(crate) async fn register_finish(gw: &Gateway, ctx: Ctx, req: Request<Incomin
 struct Start {
     #[serde(default)]
     next: String,
+    /// The command-line code a confirmation is for.
+    #[serde(default)]
+    device: String,
 }
 
 /// POST /.poort/mfa/passkey/start: a second-factor challenge for the user's credentials.
-pub(crate) async fn factor_start(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let Some(s) = ctx.session.clone() else { return refuse(StatusCode::UNAUTHORIZED, "sign in first") };
-    let (_, body): (_, Start) = match read_json(gw, req).await {
-        Ok(v) => v,
-        Err(r) => return r,
+pub(crate) async fn factor_start(gw: &Gateway, call: Call) -> Response<Body> {
+    let s = call.session().clone();
+    let body: Start = match body(&call) {
+        Some(v) => v,
+        None => return malformed(),
     };
     let u = s.identity.user.clone();
     let Ok(creds) = gw.store.run(move |c| passkey::list(c, &u)).await else {
@@ -259,7 +250,14 @@ pub(crate) async fn factor_start(gw: &Gateway, ctx: Ctx, req: Request<Incoming>)
     }
     match gw.portal.passkeys.webauthn.start_passkey_authentication(&creds) {
         Ok((options, state)) => {
-            let c = Ceremony::Factor { session: s.id.clone(), user: s.identity.user.clone(), next: body.next, state };
+            let device = super::device::normal_code(&body.device);
+            let c = Ceremony::Factor {
+                session: s.id.clone(),
+                user: s.identity.user.clone(),
+                next: body.next,
+                device,
+                state,
+            };
             let id = gw.portal.passkeys.put(gw.clock.now(), c);
             json(StatusCode::OK, serde_json::json!({ "ceremony": id, "options": options }))
         }
@@ -301,17 +299,15 @@ async fn verify_and_touch(
 }
 
 /// POST /.poort/mfa/passkey/finish
-pub(crate) async fn factor_finish(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let Some(s) = ctx.session.clone() else { return refuse(StatusCode::UNAUTHORIZED, "sign in first") };
-    let (_, body): (_, Finish) = match read_json(gw, req).await {
-        Ok(v) => v,
-        Err(r) => return r,
+pub(crate) async fn factor_finish(gw: &Gateway, call: Call) -> Response<Body> {
+    let (ctx, s) = (&call.ctx, call.session().clone());
+    let body: Finish = match body(&call) {
+        Some(v) => v,
+        None => return malformed(),
     };
-    if !mfa::attempt_allowed(gw, ctx.client) {
-        return refuse(StatusCode::TOO_MANY_REQUESTS, "too many attempts; wait a minute");
-    }
     let now = gw.clock.now();
-    let Some(Ceremony::Factor { session, user, next, state }) = gw.portal.passkeys.take(&body.ceremony, now) else {
+    let Some(Ceremony::Factor { session, user, next, device, state }) = gw.portal.passkeys.take(&body.ceremony, now)
+    else {
         return refuse(StatusCode::BAD_REQUEST, "that sign-in expired; start again");
     };
     if session != s.id {
@@ -330,21 +326,23 @@ pub(crate) async fn factor_finish(gw: &Gateway, ctx: Ctx, req: Request<Incoming>
         }
         return refuse(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     }
-    match mfa::renew_session(gw, &s, "hwk", &ctx).await {
-        Some((id, token)) => landed(&token, serde_json::json!({ "redirect": landing_url(gw, &id, &next, "/") })),
+    match mfa::renew_session(gw, &s, Proof::Factor("hwk"), ctx).await {
+        Some((_, token)) => {
+            if !device.is_empty() {
+                gw.portal.devices.prove(&device, &user, gw.clock.now());
+            }
+            landed(&token, serde_json::json!({ "redirect": landing_url(gw, &next, "/") }))
+        }
         None => refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later"),
     }
 }
 
 /// POST /.poort/login/passkey/start: a challenge for any discoverable credential.
-pub(crate) async fn passwordless_start(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let (_, body): (_, Start) = match read_json(gw, req).await {
-        Ok(v) => v,
-        Err(r) => return r,
+pub(crate) async fn passwordless_start(gw: &Gateway, call: Call) -> Response<Body> {
+    let body: Start = match body(&call) {
+        Some(v) => v,
+        None => return malformed(),
     };
-    if !mfa::attempt_allowed(gw, ctx.client) {
-        return refuse(StatusCode::TOO_MANY_REQUESTS, "too many attempts; wait a minute");
-    }
     match gw.portal.passkeys.webauthn.start_discoverable_authentication() {
         Ok((options, state)) => {
             let id = gw.portal.passkeys.put(gw.clock.now(), Ceremony::Passwordless { next: body.next, state });
@@ -357,10 +355,11 @@ pub(crate) async fn passwordless_start(gw: &Gateway, ctx: Ctx, req: Request<Inco
 /// POST /.poort/login/passkey/finish: the credential names its user (by handle); the
 /// assertion must verify against that user's stored credential and must have verified the
 /// user (PIN or biometric), which is what makes it count as two factors.
-pub(crate) async fn passwordless_finish(gw: &Gateway, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
-    let (headers, body): (_, Finish) = match read_json(gw, req).await {
-        Ok(v) => v,
-        Err(r) => return r,
+pub(crate) async fn passwordless_finish(gw: &Gateway, call: Call) -> Response<Body> {
+    let (ctx, headers) = (&call.ctx, call.headers());
+    let body: Finish = match body(&call) {
+        Some(v) => v,
+        None => return malformed(),
     };
     let now = gw.clock.now();
     let Some(Ceremony::Passwordless { next, state }) = gw.portal.passkeys.take(&body.ceremony, now) else {
@@ -403,8 +402,16 @@ pub(crate) async fn passwordless_finish(gw: &Gateway, ctx: Ctx, req: Request<Inc
         let _ = gw.sessions.end(&old.id).await;
     }
     let ua = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let host = gw.cfg.server.portal_host.clone();
-    let Ok((id, token)) = gw.sessions.create_with(&user, &host, ctx.client.to_string(), ua, "hwk mfa").await else {
+    let opening = Opening {
+        user: &user,
+        host: &gw.cfg.server.portal_host,
+        client_addr: ctx.client.to_string(),
+        user_agent: ua,
+        factors: "hwk mfa",
+        kind: Kind::Browser,
+        approved_by: None,
+    };
+    let Ok((id, token)) = gw.sessions.open(opening).await else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     };
     let ev = Event::LoginSucceeded { user: user.clone(), session: id.clone(), client: ctx.client.to_string() };
@@ -413,5 +420,5 @@ pub(crate) async fn passwordless_finish(gw: &Gateway, ctx: Ctx, req: Request<Inc
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     }
     tracing::info!(user = %user, session = %id, "Passwordless login succeeded");
-    landed(&token.cookie_value, serde_json::json!({ "redirect": landing_url(gw, &id, &next, "/") }))
+    landed(&token.cookie_value, serde_json::json!({ "redirect": landing_url(gw, &next, "/") }))
 }

@@ -3,20 +3,20 @@
 //! session for the user the provider named.
 
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{Response, StatusCode};
 
-use super::{SignedIn, open_session};
+use super::{Call, SignedIn, open_session};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::gateway::{Ctx, Gateway, error_page, redirect};
 use crate::identity::oidc::Failure;
 use crate::session::cookie;
-use crate::store::Store;
+use crate::store::{Store, Synced};
 
 /// `/.poort/oidc/NAME/ACTION`.
-pub async fn serve(gw: &Gateway, ctx: Ctx, req: Request<Incoming>, rest: &str) -> Response<Body> {
-    let Some((name, action)) = rest.split_once('/') else {
+pub async fn serve(gw: &Gateway, call: Call) -> Response<Body> {
+    let (ctx, req) = (call.ctx, call.head);
+    let Some((name, action)) = call.rest.split_once('/') else {
         return error_page(StatusCode::NOT_FOUND, ctx.id);
     };
     let query: Vec<(String, String)> =
@@ -26,7 +26,7 @@ pub async fn serve(gw: &Gateway, ctx: Ctx, req: Request<Incoming>, rest: &str) -
         "start" => start(gw, &ctx, name, param("next").unwrap_or("")).await,
         "callback" => {
             let browser =
-                cookie::find(req.headers().get_all(header::COOKIE).iter().map(|v| v.as_bytes()), cookie::SSO_COOKIE);
+                cookie::find(req.headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()), cookie::SSO_COOKIE);
             let browser = browser.map(str::to_string);
             match (param("code"), param("state"), param("error")) {
                 (_, _, Some(error)) => {
@@ -45,7 +45,7 @@ pub async fn serve(gw: &Gateway, ctx: Ctx, req: Request<Incoming>, rest: &str) -
 }
 
 async fn start(gw: &Gateway, ctx: &Ctx, name: &str, next: &str) -> Response<Body> {
-    match gw.oidc.start(name, next).await {
+    match gw.oidc.start(name, next, ctx.client).await {
         Ok(Some(s)) => {
             let mut resp = redirect(StatusCode::FOUND, &s.authorize_url);
             if let Ok(v) = HeaderValue::from_str(&cookie::set_sso(&s.browser_cookie)) {
@@ -71,20 +71,26 @@ async fn callback(
         Err(e) => return failed(gw, &ctx, name, &e).await,
     };
     let source = format!("oidc:{name}");
+    if !may_claim(gw, &source, &user).await {
+        tracing::warn!(user = %user.name, provider = name, "A provider user claims a name the directory holds");
+        return failed(gw, &ctx, name, &Failure::NotAllowed).await;
+    }
     let (now, u) = (gw.clock.now(), user.clone());
-    let synced =
-        gw.store.run(move |c| Store::sync_external(c, &u.name, u.email.as_deref(), &source, &u.groups, now)).await;
-    match synced {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::warn!(user = %user.name, provider = name, "A provider user has the name of another account");
+    let synced = gw
+        .store
+        .run(move |c| Store::sync_external(c, &u.name, Some(&u.subject), u.email.as_deref(), &source, &u.groups, now))
+        .await;
+    let user = match synced {
+        Ok(Synced::Yes(poort_name)) => crate::identity::oidc::ProviderUser { name: poort_name, ..user },
+        Ok(refused) => {
+            tracing::warn!(user = %user.name, provider = name, why = ?refused, "A provider user was refused the name it claims");
             return failed(gw, &ctx, name, &Failure::NotAllowed).await;
         }
         Err(e) => {
             tracing::error!(error = %e, "Recording a provider user failed");
             return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
         }
-    }
+    };
     tracing::info!(user = %user.name, provider = name, mfa = user.mfa, "Single sign-on succeeded");
     let factors = if user.mfa { "ext mfa" } else { "ext" };
     let signed_in = SignedIn {
@@ -101,6 +107,33 @@ async fn callback(
     resp
 }
 
+/// Whether a provider account may take the poort name it claims for the first time: not if
+/// the directory knows that name (its user would otherwise be locked out of their own name).
+/// An account already recorded keeps its name.
+async fn may_claim(gw: &Gateway, source: &str, user: &crate::identity::oidc::ProviderUser) -> bool {
+    let (src, sub, name) = (source.to_string(), user.subject.clone(), user.name.clone());
+    let known = gw
+        .store
+        .run(move |c| {
+            let bound: Option<String> = rusqlite::OptionalExtension::optional(c.query_row(
+                "SELECT name FROM users WHERE source = ?1 AND subject = ?2",
+                rusqlite::params![src, sub],
+                |r| r.get(0),
+            ))?;
+            Ok(bound.is_some() || Store::user_source(c, &name)?.is_some())
+        })
+        .await;
+    match (known, &gw.directory) {
+        (Ok(true), _) | (Ok(false), None) => true,
+        (Ok(false), Some(dir)) => match dir.lookup(&user.name).await {
+            Err(crate::identity::ldap::Refusal::Wrong) => true,
+            // Found, or the directory cannot say: refuse rather than guess.
+            _ => false,
+        },
+        (Err(_), _) => false,
+    }
+}
+
 /// A failed single sign-on: audited with the reason, a short page for the user.
 async fn failed(gw: &Gateway, ctx: &Ctx, name: &str, why: &Failure) -> Response<Body> {
     tracing::warn!(provider = name, client = %ctx.client, reason = %why, "Single sign-on failed");
@@ -115,6 +148,9 @@ async fn failed(gw: &Gateway, ctx: &Ctx, name: &str, why: &Failure) -> Response<
             "The sign-in service could not be reached. Try again in a few minutes, or sign in with a password.",
         ),
         Failure::NotAllowed => (StatusCode::FORBIDDEN, "Your account may not sign in to this gateway."),
+        Failure::Busy => {
+            (StatusCode::TOO_MANY_REQUESTS, "Too many sign-ins are in progress. Wait a minute and try again.")
+        }
         _ => (StatusCode::BAD_REQUEST, "Single sign-on did not complete. Start again from the sign-in page."),
     };
     let html = crate::portal::render_error(status.as_u16(), "Sign-in failed", message, &ctx.id.to_string());

@@ -81,6 +81,8 @@ pub enum Failure {
     TooLarge,
     /// The client's body was malformed (bad chunk framing): 400.
     BadBody,
+    /// A WebSocket from a page of another origin than the app's own: 403.
+    CrossOrigin,
 }
 
 impl Failure {
@@ -90,6 +92,7 @@ impl Failure {
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Failure::BadBody => StatusCode::BAD_REQUEST,
+            Failure::CrossOrigin => StatusCode::FORBIDDEN,
         }
     }
 }
@@ -122,6 +125,8 @@ impl std::fmt::Debug for Proxy {
 pub struct Origin<'a> {
     pub client: IpAddr,
     pub host: &'a str,
+    /// `:port` of the gateway's external address, or "" for 443.
+    pub port: &'a str,
     pub session: Option<&'a Session>,
     pub now: UnixTime,
 }
@@ -348,6 +353,18 @@ impl Proxy {
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Failure> {
         let websocket = is_websocket(req.version(), req.headers());
+        if websocket {
+            // A page of another origin may not open a WebSocket to the app in its user's name
+            // (cross-site WebSocket hijacking); a client that is not a browser sends no Origin.
+            if let Some(o) = req.headers().get(header::ORIGIN) {
+                let own = format!("https://{}{}", origin.host, origin.port);
+                let o = o.to_str().unwrap_or("").to_ascii_lowercase();
+                if o != own && !app.websocket_origins.contains(&o) {
+                    tracing::warn!(app = %app.name, origin = %o.chars().take(128).collect::<String>(), "WebSocket from another origin refused");
+                    return Err(Failure::CrossOrigin);
+                }
+            }
+        }
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
 
@@ -403,8 +420,9 @@ impl Proxy {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
         let out = out.body(body).map_err(|_| Failure::Unreachable)?;
+        let line = origin.session.map(Session::lifeline);
         if let Some(client_upgrade) = client_upgrade {
-            return self.upgrade(authority, out, client_upgrade).await;
+            return self.upgrade(authority, out, client_upgrade, line).await;
         }
         let worker = WORKER.with(|w| w.get());
         let resp =
@@ -414,7 +432,11 @@ impl Proxy {
             };
         let (mut parts, body) = resp.into_parts();
         clean_response_headers(&mut parts.headers, false);
-        Ok(Response::from_parts(parts, Body::Upstream(body)))
+        let body = match line {
+            Some(line) => Body::watched(body, line),
+            None => Body::Upstream(body),
+        };
+        Ok(Response::from_parts(parts, body))
     }
 
     /// A WebSocket request: on its own connection (never pooled), spliced to the client's
@@ -424,6 +446,7 @@ impl Proxy {
         authority: &str,
         out: Request<UpstreamBody>,
         client_upgrade: hyper::upgrade::OnUpgrade,
+        line: Option<crate::session::Lifeline>,
     ) -> Result<Response<Body>, Failure> {
         let (mut sender, conn) = pool::connect(authority, self.settings.connect_timeout).await?;
         tokio::spawn(async move {
@@ -443,7 +466,19 @@ impl Proxy {
         tokio::spawn(async move {
             if let (Ok(a), Ok(b)) = (client_upgrade.await, upstream_upgrade.await) {
                 let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
-                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                let splice = tokio::io::copy_bidirectional(&mut a, &mut b);
+                // The connection ends with its session (both sides are dropped).
+                match line {
+                    Some(line) => {
+                        tokio::select! {
+                            _ = splice => {}
+                            why = line.ended() => tracing::info!(why, "WebSocket closed with its session"),
+                        }
+                    }
+                    None => {
+                        let _ = splice.await;
+                    }
+                }
             }
         });
         let (mut parts, _) = resp.into_parts();

@@ -27,7 +27,13 @@ pub enum Framing {
 /// Where the head that starts `buf` ends (just past its empty line), if it is complete. A
 /// line end is LF here, so that a head using bare LF is found (and then refused).
 pub fn head_end(buf: &[u8]) -> Option<usize> {
-    let mut from = 0;
+    head_end_from(buf, 0)
+}
+
+/// As `head_end`, for a buffer whose first `from` bytes were looked at already.
+pub fn head_end_from(buf: &[u8], from: usize) -> Option<usize> {
+    // A line end that straddles the old and the new bytes is up to two bytes back.
+    let mut from = from.saturating_sub(2).min(buf.len());
     while let Some(i) = buf[from..].iter().position(|b| *b == b'\n') {
         let at = from + i;
         match &buf[at + 1..] {
@@ -335,6 +341,23 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r"), None);
         assert_eq!(head_end(b"GET / HTTP/1.1\r\n\r\nBODY"), Some(18));
         assert_eq!(head_end(b"GET / HTTP/1.1\n\nBODY"), Some(16));
+    }
+
+    proptest::proptest! {
+        /// Searching a growing buffer from where the last search stopped finds the same end.
+        #[test]
+        fn searching_in_steps_finds_the_same_end(
+            raw in proptest::collection::vec(proptest::sample::select(vec![b'a', b'\r', b'\n', b':']), 0..60),
+            cut in 0usize..60,
+        ) {
+            let cut = cut.min(raw.len());
+            let whole = head_end(&raw);
+            let stepped = match head_end_from(&raw[..cut], 0) {
+                Some(e) => Some(e),
+                None => head_end_from(&raw, cut),
+            };
+            proptest::prop_assert_eq!(whole, stepped);
+        }
     }
 
     fn chunks(input: &[u8], step: usize) -> Result<(usize, bool), Reject> {

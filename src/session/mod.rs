@@ -2,12 +2,18 @@
 //! SHA-256 hashes; idle and absolute timeouts; a memory cache in front of the store so that a
 //! request with a known session costs no database query; revocations from other processes
 //! arrive through the store's `revocations` table.
+//!
+//! Each live session has a `Line`, shared by every copy of it in memory: when the session ends
+//! (logout, revocation, a disabled user, expiry, a lockdown that leaves it out) the line is
+//! cut, and every WebSocket, tunnel and response stream that holds a `Lifeline` to it ends.
 
 pub mod cookie;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::watch;
 
 use ring::digest;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -45,6 +51,14 @@ pub fn new_token() -> NewToken {
     NewToken { cookie_value: cookie::encode_token(&raw), hash: hash_token(&raw) }
 }
 
+/// SHA-256 of any bytes (a nonce as its cookie carries it).
+pub fn hash_token_bytes(b: &[u8]) -> [u8; 32] {
+    let d = digest::digest(&digest::SHA256, b);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
 pub fn hash_token(raw: &[u8; 32]) -> TokenHash {
     let d = digest::digest(&digest::SHA256, raw);
     let mut out = [0u8; 32];
@@ -64,6 +78,83 @@ pub fn includes_second_factor(factors: &str) -> bool {
     factors.split(' ').any(|f| !f.is_empty() && f != "pwd" && f != "ext")
 }
 
+/// How long a proof of who the user is counts as fresh: changing factors and approving a
+/// command-line sign-in need one this recent ("sudo mode").
+pub const FRESH_FOR: i64 = 300;
+
+/// Where a session is used from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A browser: the portal and apps.
+    Browser,
+    /// The `poort` command line: tunnels and its own sign-out, nothing else.
+    Cli,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Browser => "browser",
+            Kind::Cli => "cli",
+        }
+    }
+
+    fn parse(s: &str) -> Kind {
+        if s == "cli" { Kind::Cli } else { Kind::Browser }
+    }
+}
+
+/// What every copy of one live session in memory shares: its activity, and the switch that
+/// ends its long connections.
+#[derive(Debug)]
+pub struct Line {
+    cut: watch::Sender<Option<&'static str>>,
+    /// Set once `cut` is: a cheap look for the request path.
+    is_cut: std::sync::atomic::AtomicBool,
+    expires_at: UnixTime,
+    last_seen: AtomicI64,
+    persisted_seen: AtomicI64,
+    /// The user's groups as last loaded (a lockdown keeps only one group's lines).
+    groups: Mutex<Vec<String>>,
+}
+
+impl Line {
+    fn cut(&self, why: &'static str) {
+        self.cut.send_if_modified(|v| {
+            let first = v.is_none();
+            if first {
+                *v = Some(why);
+            }
+            first
+        });
+        self.is_cut.store(true, Ordering::Release);
+    }
+}
+
+/// A hold on a session's line: says whether, and waits until, the session ended.
+#[derive(Debug, Clone)]
+pub struct Lifeline(Arc<Line>);
+
+impl Lifeline {
+    /// Why the session ended, if it has.
+    pub fn ended_now(&self) -> Option<&'static str> {
+        if self.0.is_cut.load(Ordering::Acquire) { *self.0.cut.borrow() } else { None }
+    }
+
+    /// Waits until the session ends.
+    pub async fn ended(self) -> &'static str {
+        let mut rx = self.0.cut.subscribe();
+        loop {
+            if let Some(why) = *rx.borrow_and_update() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
 /// A live session as the gateway holds it in memory.
 #[derive(Debug)]
 pub struct Session {
@@ -76,8 +167,15 @@ pub struct Session {
     pub client_addr: String,
     pub user_agent: String,
     pub factors: String,
-    last_seen: AtomicI64,
-    persisted_seen: AtomicI64,
+    /// When the user last gave their password or signed in at a provider.
+    pub auth_at: UnixTime,
+    /// When the user last proved a second factor, if ever, in this session or the one it
+    /// was renewed from.
+    pub factor_at: Option<UnixTime>,
+    pub kind: Kind,
+    /// The session that approved this one.
+    pub parent: Option<String>,
+    line: Arc<Line>,
     /// Bit i set: the first access to app i has been audited.
     opened: Box<[AtomicU64]>,
     /// Assertion JWTs per app, reused while fresh: (app, issued at, token).
@@ -86,12 +184,24 @@ pub struct Session {
 
 impl Session {
     pub fn last_seen(&self) -> UnixTime {
-        self.last_seen.load(Ordering::Relaxed)
+        self.line.last_seen.load(Ordering::Relaxed)
     }
 
     /// Marks the session as used now (a busy tunnel keeps it from idling out).
     pub fn touch(&self, now: UnixTime) {
-        self.last_seen.fetch_max(now, Ordering::Relaxed);
+        self.line.last_seen.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Ends when the session ends.
+    pub fn lifeline(&self) -> Lifeline {
+        Lifeline(self.line.clone())
+    }
+
+    /// Whether the user proved who they are within `FRESH_FOR`: with a second factor when they
+    /// have one (`has_factor`); otherwise a password or a sign-in at a provider will do.
+    pub fn fresh(&self, now: UnixTime, has_factor: bool) -> bool {
+        let proof = if has_factor { self.factor_at } else { Some(self.factor_at.unwrap_or(0).max(self.auth_at)) };
+        proof.is_some_and(|t| t <= now && now - t < FRESH_FOR)
     }
 
     /// Whether the session was opened or stepped up with a second factor. `pwd` (a password)
@@ -136,8 +246,37 @@ pub struct Sessions {
     app_words: usize,
     cache: RwLock<HashMap<TokenHash, Arc<Session>>>,
     last_revocation: AtomicI64,
-    /// Ids of sessions that ended, for tunnels to close on.
-    ended: tokio::sync::broadcast::Sender<String>,
+    /// The line of every session in memory, by id.
+    lines: Mutex<HashMap<String, Arc<Line>>>,
+}
+
+/// How a new session comes about.
+#[derive(Debug)]
+pub struct Opening<'a> {
+    pub user: &'a str,
+    pub host: &'a str,
+    pub client_addr: String,
+    pub user_agent: String,
+    /// `amr` values, space-separated.
+    pub factors: &'a str,
+    pub kind: Kind,
+    /// A session derived from another (a command-line sign-in its browser approved) keeps
+    /// that session's expiry and proof times: approving cannot make a session younger.
+    pub approved_by: Option<&'a Session>,
+}
+
+/// What a renewal records.
+#[derive(Debug, Clone, Copy)]
+pub enum Proof<'a> {
+    /// A second factor, by its `amr` value.
+    Factor(&'a str),
+    /// The password again.
+    Password,
+}
+
+/// `amr` values of factors poort itself checked (not a provider's word).
+fn own_second_factor(factors: &str) -> bool {
+    factors.split(' ').any(|f| matches!(f, "otp" | "rc" | "hwk" | "swk"))
 }
 
 impl std::fmt::Debug for Sessions {
@@ -164,7 +303,7 @@ impl Sessions {
             app_words: apps.div_ceil(64).max(1),
             cache: RwLock::new(HashMap::new()),
             last_revocation: AtomicI64::new(last),
-            ended: tokio::sync::broadcast::channel(1024).0,
+            lines: Mutex::new(HashMap::new()),
         })
     }
 
@@ -211,17 +350,39 @@ impl Sessions {
             }
         };
         if let Some(idle) = self.expired(session.expires_at, session.last_seen(), now) {
-            self.forget(&session.id);
+            self.forget(&session.id, "session expired");
             let id = session.id.clone();
-            let _ = self.store.run(move |c| c.execute("DELETE FROM sessions WHERE id = ?1", [id])).await;
+            let _ = self.store.run(move |c| Store::delete_session(c, &id)).await;
             return Err((Lookup::Expired { idle }, Some(session)));
         }
-        session.last_seen.fetch_max(now, Ordering::Relaxed);
+        session.touch(now);
         Ok(session)
     }
 
+    /// The line of session `id`: the one its other copies share, or a new one.
+    fn line_for(&self, row: &SessionRow, identity: &Identity) -> Arc<Line> {
+        let mut lines = self.lines.lock().expect("invariant: lock not poisoned");
+        let line = lines.entry(row.id.clone()).or_insert_with(|| {
+            Arc::new(Line {
+                cut: watch::channel(None).0,
+                is_cut: std::sync::atomic::AtomicBool::new(false),
+                expires_at: row.expires_at,
+                last_seen: AtomicI64::new(row.last_seen),
+                persisted_seen: AtomicI64::new(row.last_seen),
+                groups: Mutex::new(Vec::new()),
+            })
+        });
+        if let Ok(mut g) = line.groups.lock() {
+            g.clone_from(&identity.groups);
+        }
+        line.last_seen.fetch_max(row.last_seen, Ordering::Relaxed);
+        line.clone()
+    }
+
     fn session_from_row(&self, row: SessionRow, host: String, identity: Identity) -> Session {
+        let line = self.line_for(&row, &identity);
         Session {
+            line,
             id: row.id,
             identity,
             host,
@@ -230,61 +391,65 @@ impl Sessions {
             client_addr: row.client_addr,
             user_agent: row.user_agent,
             factors: row.factors,
-            last_seen: AtomicI64::new(row.last_seen),
-            persisted_seen: AtomicI64::new(row.last_seen),
+            auth_at: row.auth_at,
+            factor_at: row.factor_at,
+            kind: Kind::parse(&row.kind),
+            parent: row.parent,
             opened: (0..self.app_words).map(|_| AtomicU64::new(0)).collect(),
             assertions: Mutex::new(Vec::new()),
         }
     }
 
-    /// Creates a password-only session for `user` and returns its token.
-    pub async fn create(
-        &self,
-        user: &str,
-        host: &str,
-        client_addr: String,
-        user_agent: String,
-    ) -> anyhow::Result<(String, NewToken)> {
-        self.create_with(user, host, client_addr, user_agent, "pwd").await
-    }
-
-    /// Creates a session for `user` that signed in with `factors` (space-separated `amr`
-    /// values) and returns its token. The caller sets the cookie.
-    pub async fn create_with(
-        &self,
-        user: &str,
-        host: &str,
-        client_addr: String,
-        user_agent: String,
-        factors: &str,
-    ) -> anyhow::Result<(String, NewToken)> {
+    /// Opens a session and returns its id and token. The caller sets the cookie.
+    pub async fn open(&self, o: Opening<'_>) -> anyhow::Result<(String, NewToken)> {
         let now = self.clock.now();
-        let token = new_token();
+        let (expires_at, auth_at, factor_at, parent) = match o.approved_by {
+            Some(p) => (p.expires_at, p.auth_at, p.factor_at, Some(p.id.clone())),
+            None => {
+                (now + self.timeouts.absolute.as_secs() as i64, now, own_second_factor(o.factors).then_some(now), None)
+            }
+        };
         let row = SessionRow {
             id: new_session_id(),
-            user: user.to_string(),
+            user: o.user.to_string(),
             created_at: now,
             last_seen: now,
-            expires_at: now + self.timeouts.absolute.as_secs() as i64,
-            client_addr,
-            user_agent: user_agent.chars().take(256).collect(),
-            factors: factors.into(),
+            expires_at,
+            client_addr: o.client_addr,
+            user_agent: o.user_agent.chars().take(256).collect(),
+            factors: o.factors.into(),
+            auth_at,
+            factor_at,
+            kind: o.kind.as_str().into(),
+            parent,
         };
+        self.insert(row, o.host, None).await
+    }
+
+    async fn insert(&self, row: SessionRow, host: &str, replaces: Option<&str>) -> anyhow::Result<(String, NewToken)> {
+        let token = new_token();
         let id = row.id.clone();
-        let (hash, host) = (token.hash, host.to_string());
-        self.store.run(move |c| Store::insert_session(c, &row, &hash, &host)).await?;
+        let (hash, host, replaces) = (token.hash, host.to_string(), replaces.map(str::to_string));
+        self.store.run(move |c| Store::insert_session(c, &row, &hash, &host, replaces.as_deref())).await?;
         Ok((id, token))
     }
 
-    /// Replaces `old` with a new session that also records `factor`: a new token, the same
-    /// absolute expiry. The old token stops working at once.
-    pub async fn step_up(&self, old: &Session, factor: &str, host: &str) -> anyhow::Result<(String, NewToken)> {
+    /// Replaces `old` with a new session that records `proof` (a second factor joins its
+    /// factors): a new token, the same absolute expiry, kind and parent. The old token stops
+    /// working at once; sessions it approved now belong to the new one.
+    pub async fn renew(&self, old: &Session, proof: Proof<'_>, host: &str) -> anyhow::Result<(String, NewToken)> {
         let now = self.clock.now();
-        let token = new_token();
         let mut factors = old.factors.clone();
-        if !factors.split(' ').any(|f| f == factor) {
-            factors.push(' ');
-            factors.push_str(factor);
+        let (mut auth_at, mut factor_at) = (old.auth_at, old.factor_at);
+        match proof {
+            Proof::Factor(f) => {
+                if !factors.split(' ').any(|x| x == f) {
+                    factors.push(' ');
+                    factors.push_str(f);
+                }
+                factor_at = Some(now);
+            }
+            Proof::Password => auth_at = now,
         }
         let row = SessionRow {
             id: new_session_id(),
@@ -295,32 +460,64 @@ impl Sessions {
             client_addr: old.client_addr.clone(),
             user_agent: old.user_agent.clone(),
             factors,
+            auth_at,
+            factor_at,
+            kind: old.kind.as_str().into(),
+            parent: old.parent.clone(),
         };
-        let id = row.id.clone();
-        let (hash, host) = (token.hash, host.to_string());
-        self.store.run(move |c| Store::insert_session(c, &row, &hash, &host)).await?;
+        let renewed = self.insert(row, host, Some(&old.id)).await?;
         self.end(&old.id).await?;
-        Ok((id, token))
+        Ok(renewed)
     }
 
     /// Ends a session in the store and in this process's cache.
     pub async fn end(&self, id: &str) -> anyhow::Result<bool> {
-        self.forget(id);
+        self.forget(id, "session ended");
         let (id, now) = (id.to_string(), self.clock.now());
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.revoke_session(&id, now)).await?
     }
 
-    fn forget(&self, id: &str) {
+    /// Drops a session from the cache and cuts its line.
+    fn forget(&self, id: &str, why: &'static str) {
         if let Ok(mut c) = self.cache.write() {
             c.retain(|_, s| s.id != id);
         }
-        let _ = self.ended.send(id.to_string());
+        if let Some(line) = self.lines.lock().expect("invariant: lock not poisoned").remove(id) {
+            line.cut(why);
+        }
     }
 
-    /// Announces every session that ends in this process (logout, revocation, expiry).
-    pub fn subscribe_ended(&self) -> tokio::sync::broadcast::Receiver<String> {
-        self.ended.subscribe()
+    /// Cuts the lines of sessions past their absolute expiry or idle timeout.
+    pub fn cut_expired(&self, now: UnixTime) {
+        let idle = self.timeouts.idle.as_secs() as i64;
+        let mut lines = self.lines.lock().expect("invariant: lock not poisoned");
+        lines.retain(|_, l| {
+            let over = now >= l.expires_at || now - l.last_seen.load(Ordering::Relaxed) >= idle;
+            if over {
+                l.cut("session expired");
+            }
+            !over
+        });
+    }
+
+    /// Cuts every line whose user is not in `group` (a lockdown). The sessions stay; their
+    /// copies leave the cache, so that after the lockdown they come back with a new line.
+    pub fn cut_all_but(&self, group: &str) {
+        let mut cut = Vec::new();
+        self.lines.lock().expect("invariant: lock not poisoned").retain(|id, l| {
+            let keep = l.groups.lock().is_ok_and(|g| g.iter().any(|x| x == group));
+            if !keep {
+                l.cut("lockdown");
+                cut.push(id.clone());
+            }
+            keep
+        });
+        if !cut.is_empty() {
+            if let Ok(mut c) = self.cache.write() {
+                c.retain(|_, s| !cut.contains(&s.id));
+            }
+        }
     }
 
     fn forget_user(&self, user: &str) {
@@ -335,7 +532,7 @@ impl Sessions {
         let revs = self.store.run(move |c| Store::revocations_since(c, since)).await?;
         for r in &revs {
             if let Some(id) = &r.session_id {
-                self.forget(id);
+                self.forget(id, "session ended");
             }
             if let Some(user) = &r.user {
                 self.forget_user(user);
@@ -348,18 +545,20 @@ impl Sessions {
     /// Writes back last-seen times that moved on, and purges expired sessions.
     pub async fn flush(&self) -> anyhow::Result<()> {
         let now = self.clock.now();
-        let updates: Vec<(String, UnixTime)> = match self.cache.read() {
-            Ok(c) => c
-                .values()
-                .filter_map(|s| {
-                    let seen = s.last_seen();
-                    (seen - s.persisted_seen.load(Ordering::Relaxed) >= TOUCH_EVERY).then(|| {
-                        s.persisted_seen.store(seen, Ordering::Relaxed);
-                        (s.id.clone(), seen)
+        let updates: Vec<(String, UnixTime)> = {
+            let mut lines = self.lines.lock().expect("invariant: lock not poisoned");
+            // A line nothing holds any more (its session left the cache, no stream uses it).
+            lines.retain(|_, l| Arc::strong_count(l) > 1);
+            lines
+                .iter()
+                .filter_map(|(id, l)| {
+                    let seen = l.last_seen.load(Ordering::Relaxed);
+                    (seen - l.persisted_seen.load(Ordering::Relaxed) >= TOUCH_EVERY).then(|| {
+                        l.persisted_seen.store(seen, Ordering::Relaxed);
+                        (id.clone(), seen)
                     })
                 })
-                .collect(),
-            Err(_) => Vec::new(),
+                .collect()
         };
         let store = self.store.clone();
         let idle = self.timeouts.idle.as_secs() as i64;
@@ -378,9 +577,9 @@ impl Sessions {
 
     /// Writes back every last-seen time now (at shutdown).
     pub async fn flush_all(&self) -> anyhow::Result<()> {
-        let updates: Vec<(String, UnixTime)> = match self.cache.read() {
-            Ok(c) => c.values().map(|s| (s.id.clone(), s.last_seen())).collect(),
-            Err(_) => Vec::new(),
+        let updates: Vec<(String, UnixTime)> = {
+            let lines = self.lines.lock().expect("invariant: lock not poisoned");
+            lines.iter().map(|(id, l)| (id.clone(), l.last_seen.load(Ordering::Relaxed))).collect()
         };
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.touch_sessions(&updates)).await?

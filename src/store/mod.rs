@@ -105,6 +105,16 @@ CREATE TABLE settings (
     r#"
 ALTER TABLE sessions ADD COLUMN logout_url TEXT;
 "#,
+    r#"
+ALTER TABLE sessions ADD COLUMN auth_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN factor_at INTEGER;
+ALTER TABLE sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'browser';
+ALTER TABLE sessions ADD COLUMN parent TEXT;
+UPDATE sessions SET auth_at = created_at;
+UPDATE sessions SET kind = 'cli' WHERE user_agent = 'poort command line';
+ALTER TABLE users ADD COLUMN subject TEXT;
+CREATE UNIQUE INDEX users_source_subject ON users(source, subject) WHERE subject IS NOT NULL;
+"#,
 ];
 
 #[derive(Clone)]
@@ -176,10 +186,21 @@ pub struct SessionRow {
     pub client_addr: String,
     pub user_agent: String,
     pub factors: String,
+    /// When the user last proved who they are with a password or an identity provider.
+    pub auth_at: UnixTime,
+    /// When the user last proved a second factor in this session's line, if ever.
+    pub factor_at: Option<UnixTime>,
+    /// `browser` or `cli`.
+    pub kind: String,
+    /// The session that approved this one (a command-line sign-in), if any.
+    pub parent: Option<String>,
 }
 
+/// The session columns `SessionRow::from_row` reads, in its order.
+const SESSION_COLUMNS: &str = "s.id, s.user, s.created_at, s.last_seen, s.expires_at, s.client_addr, s.user_agent, s.factors, s.auth_at, s.factor_at, s.kind, s.parent";
+
 impl SessionRow {
-    /// Reads the eight session columns, in table order, from the start of a row.
+    /// Reads `SESSION_COLUMNS` from the start of a row.
     fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
         Ok(SessionRow {
             id: r.get(0)?,
@@ -190,8 +211,32 @@ impl SessionRow {
             client_addr: r.get(5)?,
             user_agent: r.get(6)?,
             factors: r.get(7)?,
+            auth_at: r.get(8)?,
+            factor_at: r.get(9)?,
+            kind: r.get(10)?,
+            parent: r.get(11)?,
         })
     }
+}
+
+/// What recording an outside user came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Synced {
+    /// Recorded, under this poort name.
+    Yes(String),
+    /// The name belongs to a user of another source.
+    OtherSource,
+    /// The name belongs to another account of the same provider.
+    OtherSubject,
+}
+
+/// A change to a user's factors, as the audit log has it.
+#[derive(Debug, Clone)]
+pub struct FactorChange {
+    pub at: UnixTime,
+    pub change: String,
+    pub client: String,
+    pub proof: String,
 }
 
 /// What a revocation poll returns: end this session, or forget cached data of this user.
@@ -352,41 +397,61 @@ impl Store {
     }
 
     /// Records a user who signed in through a directory or an identity provider: created on
-    /// first sight, email and groups replaced with what the source says now. Refuses (false)
-    /// when the name belongs to a user of another source, so a directory can never take over a
-    /// local account.
+    /// first sight, email and groups replaced with what the source says now. An identity
+    /// provider's user is bound to its subject (`sub`, stable at the provider) on first sight:
+    /// later the subject, not the name it chose, decides who signs in. A name that belongs to
+    /// a user of another source, or to another subject, is refused, so no source can take over
+    /// an account.
     pub fn sync_external(
         conn: &mut Connection,
         name: &str,
+        subject: Option<&str>,
         email: Option<&str>,
         source: &str,
         groups: &[String],
         now: UnixTime,
-    ) -> rusqlite::Result<bool> {
+    ) -> rusqlite::Result<Synced> {
         let tx = conn.transaction()?;
-        let existing: Option<String> =
-            tx.query_row("SELECT source FROM users WHERE name = ?1", [name], |r| r.get(0)).optional()?;
-        match existing.as_deref() {
-            Some(s) if s != source => return Ok(false),
-            Some(_) => {
+        // The subject decides first: a provider account keeps its poort name even when the
+        // name it claims changes.
+        let bound: Option<String> = match subject {
+            Some(sub) => tx
+                .query_row("SELECT name FROM users WHERE source = ?1 AND subject = ?2", params![source, sub], |r| {
+                    r.get(0)
+                })
+                .optional()?,
+            None => None,
+        };
+        let name = bound.clone().unwrap_or_else(|| name.to_string());
+        let existing: Option<(String, Option<String>)> = tx
+            .query_row("SELECT source, subject FROM users WHERE name = ?1", [&name], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        match existing {
+            Some((s, _)) if s != source => return Ok(Synced::OtherSource),
+            Some((_, Some(held))) if subject.is_some_and(|sub| sub != held) => return Ok(Synced::OtherSubject),
+            Some((_, held)) => {
                 tx.execute("UPDATE users SET email = ?1 WHERE name = ?2", params![email, name])?;
+                if held.is_none() && subject.is_some() {
+                    // Recorded before subjects were: bound now, to the account that signs in.
+                    tx.execute("UPDATE users SET subject = ?1 WHERE name = ?2", params![subject, name])?;
+                }
             }
             None => {
                 tx.execute(
-                    "INSERT INTO users (name, email, password_hash, source, created_at) VALUES (?1, ?2, NULL, ?3, ?4)",
-                    params![name, email, source, now],
+                    "INSERT INTO users (name, email, password_hash, source, subject, created_at) VALUES (?1, ?2, NULL, ?3, ?4, ?5)",
+                    params![name, email, source, subject, now],
                 )?;
             }
         }
         let before: Vec<String> = {
             let mut stmt = tx.prepare("SELECT grp FROM user_groups WHERE user = ?1 ORDER BY grp")?;
-            stmt.query_map([name], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+            stmt.query_map([&name], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
         };
         let mut after = groups.to_vec();
         after.sort();
         after.dedup();
         if before != after {
-            tx.execute("DELETE FROM user_groups WHERE user = ?1", [name])?;
+            tx.execute("DELETE FROM user_groups WHERE user = ?1", [&name])?;
             for g in &after {
                 tx.execute("INSERT INTO user_groups (user, grp) VALUES (?1, ?2)", params![name, g])?;
             }
@@ -394,28 +459,77 @@ impl Store {
             tx.execute("INSERT INTO revocations (user, at) VALUES (?1, ?2)", params![name, now])?;
         }
         tx.commit()?;
-        Ok(true)
+        Ok(Synced::Yes(name))
+    }
+
+    /// Recent changes to a user's factors, newest first, from the audit log.
+    pub fn factor_changes(conn: &Connection, user: &str, limit: usize) -> rusqlite::Result<Vec<FactorChange>> {
+        let mut stmt = conn.prepare(
+            "SELECT at, json_extract(detail, '$.change'), json_extract(detail, '$.client'),
+                    COALESCE(json_extract(detail, '$.proof'), '')
+             FROM audit WHERE kind = 'factor_changed' AND json_extract(detail, '$.user') = ?1
+             ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![user, limit as i64], |r| {
+            Ok(FactorChange { at: r.get(0)?, change: r.get(1)?, client: r.get(2)?, proof: r.get(3)? })
+        })?;
+        rows.collect()
     }
 
     // ---- sessions ----------------------------------------------------------------------
 
+    /// Stores a new session and its first token. With `replaces`, sessions that the old one
+    /// approved now name the new one as their parent (a renewal keeps the line).
     pub fn insert_session(
         conn: &mut Connection,
         s: &SessionRow,
         token_hash: &[u8],
         host: &str,
+        replaces: Option<&str>,
     ) -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
         tx.execute(
-            "INSERT INTO sessions (id, user, created_at, last_seen, expires_at, client_addr, user_agent, factors)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![s.id, s.user, s.created_at, s.last_seen, s.expires_at, s.client_addr, s.user_agent, s.factors],
+            "INSERT INTO sessions (id, user, created_at, last_seen, expires_at, client_addr, user_agent, factors,
+                                   auth_at, factor_at, kind, parent)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                s.id,
+                s.user,
+                s.created_at,
+                s.last_seen,
+                s.expires_at,
+                s.client_addr,
+                s.user_agent,
+                s.factors,
+                s.auth_at,
+                s.factor_at,
+                s.kind,
+                s.parent
+            ],
         )?;
         tx.execute(
             "INSERT INTO session_tokens (token_hash, session_id, host) VALUES (?1, ?2, ?3)",
             params![token_hash, s.id, host],
         )?;
+        if let Some(old) = replaces {
+            tx.execute("UPDATE sessions SET parent = ?1 WHERE parent = ?2", params![s.id, old])?;
+        }
         tx.commit()
+    }
+
+    /// Adds a token for another host to a live session (the host hand-off). False when the
+    /// session has ended meanwhile.
+    pub fn add_token(conn: &Connection, session: &str, token_hash: &[u8], host: &str) -> rusqlite::Result<bool> {
+        let added = conn.execute(
+            "INSERT INTO session_tokens (token_hash, session_id, host) SELECT ?1, id, ?3 FROM sessions WHERE id = ?2",
+            params![token_hash, session, host],
+        )?;
+        Ok(added == 1)
+    }
+
+    /// Deletes one session (expired); its tokens go with it.
+    pub fn delete_session(conn: &Connection, id: &str) -> rusqlite::Result<()> {
+        conn.execute("DELETE FROM sessions WHERE id = ?1", [id]).map(|_| ())
     }
 
     /// The session a token hash belongs to, with its user's identity, if both are live.
@@ -424,13 +538,11 @@ impl Store {
         token_hash: &[u8],
     ) -> rusqlite::Result<Option<(SessionRow, String, Identity)>> {
         let row = conn
-            .prepare_cached(
-                "SELECT s.id, s.user, s.created_at, s.last_seen, s.expires_at, s.client_addr, s.user_agent, s.factors, t.host
-                 FROM session_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = ?1",
-            )?
-            .query_row([token_hash], |r| {
-                Ok((SessionRow::from_row(r)?, r.get::<_, String>(8)?))
-            })
+            .prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS}, t.host
+                 FROM session_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = ?1"
+            ))?
+            .query_row([token_hash], |r| Ok((SessionRow::from_row(r)?, r.get::<_, String>(12)?)))
             .optional()?;
         let Some((row, host)) = row else { return Ok(None) };
         Ok(Store::identity(conn, &row.user)?.map(|id| (row, host, id)))
@@ -448,10 +560,9 @@ impl Store {
 
     pub fn list_sessions(&self, user: Option<&str>) -> anyhow::Result<Vec<SessionRow>> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, user, created_at, last_seen, expires_at, client_addr, user_agent, factors FROM sessions
-                 WHERE ?1 IS NULL OR user = ?1 ORDER BY created_at, id",
-            )?;
+            let mut stmt = c.prepare(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions s WHERE ?1 IS NULL OR s.user = ?1 ORDER BY s.created_at, s.id"
+            ))?;
             let rows = stmt.query_map([user], SessionRow::from_row)?;
             rows.collect()
         })
@@ -484,6 +595,11 @@ impl Store {
 
     pub fn revoke_all_sessions(&self, now: UnixTime) -> anyhow::Result<Vec<String>> {
         self.revoke_where("?1 IS NULL", None, now)
+    }
+
+    /// Ends the sessions that session `parent` approved (command-line sign-ins).
+    pub fn revoke_children(&self, parent: &str, now: UnixTime) -> anyhow::Result<Vec<String>> {
+        self.revoke_where("parent = ?1", Some(parent), now)
     }
 
     /// Removes sessions past their absolute expiry (idle expiry is decided on lookup).
@@ -534,16 +650,29 @@ mod tests {
         store.add_user("admin", None, "hash", &["admins".into()], 0).unwrap();
         let groups = |name: &str| store.with(|c| Store::identity(c, name)).unwrap().unwrap().groups;
         // A directory user named like the local admin is refused, and admin stays as it was.
-        let taken = store.with(|c| Store::sync_external(c, "admin", None, "ldap", &["staff".into()], 1)).unwrap();
-        assert!(!taken);
+        let taken = store.with(|c| Store::sync_external(c, "admin", None, None, "ldap", &["staff".into()], 1)).unwrap();
+        assert_eq!(taken, Synced::OtherSource);
         assert_eq!(groups("admin"), ["admins"]);
         // A new directory user is created; a later sign-in replaces the groups.
-        assert!(store.with(|c| Store::sync_external(c, "carol", None, "ldap", &["b".into(), "a".into()], 1)).unwrap());
+        let ok = Synced::Yes("carol".into());
+        assert_eq!(
+            store.with(|c| Store::sync_external(c, "carol", None, None, "ldap", &["b".into(), "a".into()], 1)).unwrap(),
+            ok
+        );
         assert_eq!(groups("carol"), ["a", "b"]);
-        assert!(store.with(|c| Store::sync_external(c, "carol", None, "ldap", &["c".into()], 2)).unwrap());
+        assert_eq!(store.with(|c| Store::sync_external(c, "carol", None, None, "ldap", &["c".into()], 2)).unwrap(), ok);
         assert_eq!(groups("carol"), ["c"]);
         // One provider cannot take over another's user either.
-        assert!(!store.with(|c| Store::sync_external(c, "carol", None, "oidc:x", &[], 3)).unwrap());
+        let other = store.with(|c| Store::sync_external(c, "carol", Some("s1"), None, "oidc:x", &[], 3)).unwrap();
+        assert_eq!(other, Synced::OtherSource);
+        // A provider account is bound to its subject: another subject cannot take the name, and
+        // the first keeps its account when the name it claims changes.
+        let grace = |name: &str, sub: &str| {
+            store.with(|c| Store::sync_external(c, name, Some(sub), None, "oidc:x", &[], 4)).unwrap()
+        };
+        assert_eq!(grace("grace", "sub-1"), Synced::Yes("grace".into()));
+        assert_eq!(grace("grace", "sub-2"), Synced::OtherSubject);
+        assert_eq!(grace("grace-renamed", "sub-1"), Synced::Yes("grace".into()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -281,6 +281,8 @@ pub async fn open(c: &Credentials, name: &str) -> anyhow::Result<Tunnel> {
     let url = format!("{}/.poort/tunnel/{name}", c.gateway.replacen("https://", "wss://", 1));
     let mut req = url.into_client_request()?;
     req.headers_mut().insert(http::header::COOKIE, format!("{}={}", crate::session::SESSION_COOKIE, c.token).parse()?);
+    // The gateway opens tunnels only for requests marked as the command line's.
+    req.headers_mut().insert("x-poort-client", http::HeaderValue::from_static("cli"));
     match tokio_tungstenite::client_async(req, tls).await {
         Ok((ws, _)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {

@@ -1,7 +1,8 @@
-//! TCP tunnels: `/.poort/tunnel/<name>` accepts a WebSocket upgrade only after the session
-//! check and `policy::evaluate` allowed it, dials the target with the permit, and then carries
-//! bytes both ways (binary messages one way, TCP the other) with bounded buffers. A tunnel
-//! ends when either side closes, when it idles, or at once when its session ends.
+//! TCP tunnels: `/.poort/tunnel/<name>` (for the command line only, with its own session:
+//! `portal::routes`) accepts a WebSocket upgrade only after `policy::evaluate` allowed it,
+//! dials the target with the permit, and then carries bytes both ways (binary messages one
+//! way, TCP the other) with bounded buffers. A tunnel ends when either side closes, when it
+//! idles, or at once when its session's line is cut (logout, revocation, expiry, lockdown).
 //!
 //! Half-close: an empty binary message from the client means "no more bytes from me". The
 //! target's write side is shut down and its answer still flows back until it closes (a
@@ -30,8 +31,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::config::Tunnel;
-use crate::gateway::{Ctx, Gateway, page};
+use crate::gateway::{Gateway, page};
 use crate::policy::{self, Decision, Permit, Subject};
+use crate::portal::Call;
 use crate::session::Session;
 
 /// Bytes read from the target per message.
@@ -109,7 +111,10 @@ async fn dial(_permit: Permit, t: &Tunnel, timeout: Duration) -> Result<TcpStrea
 }
 
 /// GET /.poort/tunnel/<name> with a WebSocket upgrade.
-pub async fn open(gw: &Gateway, ctx: Ctx, mut req: Request<Incoming>, name: &str) -> Response<Body> {
+pub async fn open(gw: &Gateway, call: Call) -> Response<Body> {
+    let name = call.rest.clone();
+    let ctx = call.ctx.clone();
+    let mut req = call.into_request();
     let Some(index) = gw.cfg.tunnels.iter().position(|t| t.name == name) else {
         return refuse(StatusCode::NOT_FOUND, &format!("no tunnel named {name:?}"));
     };
@@ -169,7 +174,7 @@ pub async fn open(gw: &Gateway, ctx: Ctx, mut req: Request<Incoming>, name: &str
     }
 
     let upgrade = hyper::upgrade::on(&mut req);
-    let ended = gw.sessions.subscribe_ended();
+    let ended = session.lifeline();
     let (audit, clock) = (gw.audit.clone(), gw.clock.clone());
     let name = t.name.clone();
     tokio::spawn(async move {
@@ -217,7 +222,7 @@ async fn splice<S>(
     ws: WebSocketStream<S>,
     tcp: TcpStream,
     session: &Arc<Session>,
-    mut ended: tokio::sync::broadcast::Receiver<String>,
+    ended: crate::session::Lifeline,
     idle: Duration,
     counts: &Counts,
     clock: &dyn crate::clock::Clock,
@@ -270,16 +275,7 @@ where
         let _ = ws_tx.send(Message::Close(None)).await;
         "target closed"
     };
-    let cut = async {
-        loop {
-            match ended.recv().await {
-                Ok(id) if id == session.id => return "session ended",
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
-            }
-        }
-    };
+    let cut = ended.ended();
     let watch = async {
         let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
         loop {
@@ -289,9 +285,6 @@ where
                 return "idle";
             }
             let now = clock.now();
-            if now >= session.expires_at {
-                return "session expired";
-            }
             // Traffic counts as use of the session, so its idle timeout does not cut a busy tunnel.
             if quiet < tick {
                 session.touch(now);

@@ -164,21 +164,18 @@ async fn next_redirect_accepts_only_safe_targets() {
         assert_eq!(r.status, 303, "{next}");
         assert_eq!(r.header("location"), Some(want.as_str()), "{next}");
     }
-    // A host-routed app's exact origin goes through a one-time hand-off on that host.
+    // A host-routed app's exact origin: the browser goes there, and that host starts a
+    // one-time hand-off bound to this browser.
     let r = gate.try_login("alice", PASSWORD, "https://git.localhost:8443/repo").await;
-    let loc = r.header("location").unwrap().to_string();
-    assert!(loc.starts_with("https://git.localhost:8443/.poort/handoff?code="), "{loc}");
-    let code_path = loc.trim_start_matches("https://git.localhost:8443");
-    let handoff = gate.request("GET", code_path, &[("Host", "git.localhost")], b"").await;
-    assert_eq!(handoff.status, 303);
-    assert_eq!(handoff.header("location"), Some("/repo"));
-    let git_session = handoff.cookie("__Host-poort").unwrap();
+    assert_eq!(r.header("location"), Some("https://git.localhost:8443/repo"));
+    let portal = r.cookie("__Host-poort").unwrap();
+    let git_session = crate::harness::hand_off(&gate, &portal, "git.localhost", "/repo").await;
     let cookie = format!("__Host-poort={git_session}");
     let r = gate.request("GET", "/repo", &[("Host", "git.localhost"), ("Cookie", &cookie)], b"").await;
     assert_eq!(r.status, 200);
     assert_eq!(gate.upstream.last().header("x-poort-user"), Some("alice"));
-    // The code works once, and the git cookie is not a portal cookie.
-    assert_eq!(gate.request("GET", code_path, &[("Host", "git.localhost")], b"").await.status, 302);
+    assert_eq!(gate.audit("handoff_redeemed")[0]["host"], "git.localhost");
+    // The git cookie is not a portal cookie.
     assert_eq!(gate.get("/app/", Some(&git_session)).await.status, 401);
 }
 

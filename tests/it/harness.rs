@@ -10,6 +10,7 @@ use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use poort::clock::{Clock, ManualClock};
+use poort::identity::totp;
 use poort::server::Running;
 use poort::store::Store;
 use rustls::pki_types::ServerName;
@@ -158,6 +159,33 @@ pub async fn ws_echo() -> SocketAddr {
                     if msg.is_text() || msg.is_binary() {
                         let _ = ws.send(msg).await;
                     }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP upstream whose every response streams forever: a chunk each 100 ms (a server-sent
+/// events feed, a long download).
+pub async fn streamer() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 8192];
+                let _ = s.read(&mut head).await;
+                let start = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+                if s.write_all(start).await.is_err() {
+                    return;
+                }
+                loop {
+                    if s.write_all(b"6\r\ndata:1\r\n").await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             });
         }
@@ -559,8 +587,16 @@ access = "authenticated"
         if let Some(s) = session {
             cookie.push_str(&format!("; __Host-poort={s}"));
         }
-        let headers =
-            [("Origin", ORIGIN), ("Content-Type", "application/x-www-form-urlencoded"), ("Cookie", cookie.as_str())];
+        // A form a person submits on a portal page: the browser adds fetch metadata.
+        let headers = [
+            ("Origin", ORIGIN),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Cookie", cookie.as_str()),
+            ("Sec-Fetch-Site", "same-origin"),
+            ("Sec-Fetch-Mode", "navigate"),
+            ("Sec-Fetch-User", "?1"),
+            ("Sec-Fetch-Dest", "document"),
+        ];
         self.request("POST", path, &headers, body.as_bytes()).await
     }
 
@@ -603,8 +639,84 @@ access = "authenticated"
             ("Content-Type", "application/json"),
             ("X-Poort-CSRF", csrf.as_str()),
             ("Cookie", cookie.as_str()),
+            ("Sec-Fetch-Site", "same-origin"),
+            ("Sec-Fetch-Mode", "cors"),
+            ("Sec-Fetch-Dest", "empty"),
         ];
         self.request("POST", path, &headers, body.to_string().as_bytes()).await
+    }
+
+    /// Proves who the user of `session` is on the confirm page with `fields` (a `password`
+    /// for a user without a second factor, else a `code` or `recovery`); returns the renewed
+    /// session.
+    pub async fn confirm(&self, session: &str, fields: &[(&str, &str)]) -> String {
+        let r = self.post("/.poort/confirm", session, fields).await;
+        assert_eq!(r.status, 303, "confirming failed: {}", r.text());
+        r.cookie("__Host-poort").expect("confirming renews the session")
+    }
+
+    /// A command-line session for `user` (who has no second factor), made as `poort login`
+    /// and a person in the browser make it: code, approval page, password, approve, token.
+    pub async fn cli_session(&self, user: &str) -> String {
+        self.cli_session_and_browser(user).await.0
+    }
+
+    /// As `cli_session`; also returns the browser session that approved it.
+    pub async fn cli_session_and_browser(&self, user: &str) -> (String, String) {
+        let browser = self.login(user).await;
+        self.approve_cli(&browser).await
+    }
+
+    /// `poort login` approved by the browser session `browser` (of a user without a second
+    /// factor); returns the command line's token and the browser's renewed session.
+    pub async fn approve_cli(&self, browser: &str) -> (String, String) {
+        let cli = [("X-Poort-Client", "cli"), ("Content-Type", "application/json")];
+        let code = self.request("POST", "/.poort/device/code", &cli, b"{}").await;
+        assert_eq!(code.status, 200, "{}", code.text());
+        let code: serde_json::Value = serde_json::from_slice(&code.body).unwrap();
+        let (user_code, device_code) = (code["user_code"].as_str().unwrap(), code["device_code"].as_str().unwrap());
+        assert_eq!(self.get(&format!("/.poort/device?code={user_code}"), Some(browser)).await.status, 200);
+        let browser = self.confirm(browser, &[("password", PASSWORD), ("device", user_code)]).await;
+        let r = self.post("/.poort/device", &browser, &[("code", user_code), ("decision", "approve")]).await;
+        assert!(r.text().contains("Go back to your terminal"), "{}", r.text());
+        let body = serde_json::json!({ "device_code": device_code }).to_string();
+        let t = self.request("POST", "/.poort/device/token", &cli, body.as_bytes()).await;
+        assert_eq!(t.status, 200, "{}", t.text());
+        let t: serde_json::Value = serde_json::from_slice(&t.body).unwrap();
+        (t["token"].as_str().unwrap().to_string(), browser)
+    }
+
+    /// Opens a WebSocket to `path` on the gateway with `headers`; the handshake's answer status
+    /// on refusal.
+    pub async fn websocket(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let tls = self.try_connect_to(host, &[b"http/1.1"]).await.unwrap();
+        let mut req = format!("wss://{host}:8443{path}").into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        match tokio_tungstenite::client_async(req, tls).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("the WebSocket handshake failed: {e}"),
+        }
+    }
+
+    /// Opens a TLS connection naming `host`.
+    pub async fn try_connect_to(
+        &self,
+        host: &str,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        let mut cfg = (**self.tls.config()).clone();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from(host.to_string()).unwrap(), tcp).await
     }
 
     /// Audit records of one kind, as JSON details.
@@ -627,6 +739,65 @@ access = "authenticated"
             .output()
             .unwrap()
     }
+}
+
+/// Walks a browser through the hand-off to an app's own host: a request there without a
+/// session, the portal (signed in as `portal`), and back with the code. Returns the app
+/// host's session cookie.
+pub async fn hand_off(gate: &Gate, portal: &str, host: &str, path: &str) -> String {
+    let html = [("Host", host), ("Accept", "text/html")];
+    let start = gate.request("GET", path, &html, b"").await;
+    assert_eq!(start.status, 302, "{}", start.text());
+    let nonce = start.cookie("__Host-poort-handoff").expect("the app host sets its hand-off nonce");
+    let begin = start.header("location").unwrap().trim_start_matches(ORIGIN).to_string();
+    assert!(begin.starts_with("/.poort/handoff/begin?"), "{begin}");
+    let r = gate.get(&begin, Some(portal)).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let code = r.header("location").unwrap().split_once("/.poort/handoff?").unwrap().1.to_string();
+    let cookie = format!("__Host-poort-handoff={nonce}");
+    let r = gate.request("GET", &format!("/.poort/handoff?{code}"), &[("Host", host), ("Cookie", &cookie)], b"").await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(r.header("location"), Some(path));
+    r.cookie("__Host-poort").expect("the hand-off sets the app host's session cookie")
+}
+
+pub fn base32_decode(s: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut bits = 0u64;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
+        bits = (bits << 5) | ALPHABET.iter().position(|&a| a == c).unwrap() as u64;
+        n += 5;
+        if n >= 8 {
+            out.push((bits >> (n - 8)) as u8);
+            n -= 8;
+        }
+    }
+    out
+}
+
+pub fn between<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
+    text.split(start).nth(1).unwrap().split(end).next().unwrap()
+}
+
+/// Enrols alice's authenticator from the security page; returns (secret, new session, codes).
+pub async fn enrol(gate: &Gate, session: &str) -> (Vec<u8>, String, Vec<String>) {
+    let start = gate.post("/.poort/security/totp", session, &[]).await;
+    assert_eq!(start.status, 200, "{}", start.text());
+    let page = start.text();
+    assert!(page.contains("src=\"data:image/svg+xml;base64,"), "a QR code is shown");
+    let secret = base32_decode(between(&page, "<p class=\"key\"><code>", "</code>"));
+    assert_eq!(secret.len(), 20);
+    let code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
+    let done = gate.post("/.poort/security/totp/confirm", session, &[("code", &code)]).await;
+    assert_eq!(done.status, 200, "{}", done.text());
+    let text = done.text();
+    let codes: Vec<String> =
+        text.split("<li><code>").skip(1).map(|c| c.split('<').next().unwrap().to_string()).collect();
+    assert_eq!(codes.len(), 10, "ten recovery codes are shown once");
+    let renewed = done.cookie("__Host-poort").expect("confirming renews the session");
+    (secret, renewed, codes)
 }
 
 /// A login page with its per-request parts blanked (CSRF values, the echoed user name), so

@@ -6,44 +6,7 @@ use poort::identity::totp;
 
 use crate::harness::{Gate, PASSWORD, normalised};
 
-fn base32_decode(s: &str) -> Vec<u8> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let mut bits = 0u64;
-    let mut n = 0;
-    let mut out = Vec::new();
-    for c in s.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        bits = (bits << 5) | ALPHABET.iter().position(|&a| a == c).unwrap() as u64;
-        n += 5;
-        if n >= 8 {
-            out.push((bits >> (n - 8)) as u8);
-            n -= 8;
-        }
-    }
-    out
-}
-
-fn between<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
-    text.split(start).nth(1).unwrap().split(end).next().unwrap()
-}
-
-/// Enrols alice's authenticator from the security page; returns (secret, new session, codes).
-async fn enrol(gate: &Gate, session: &str) -> (Vec<u8>, String, Vec<String>) {
-    let start = gate.post("/.poort/security/totp", session, &[("password", PASSWORD)]).await;
-    assert_eq!(start.status, 200, "{}", start.text());
-    let page = start.text();
-    assert!(page.contains("src=\"data:image/svg+xml;base64,"), "a QR code is shown");
-    let secret = base32_decode(between(&page, "<p class=\"key\"><code>", "</code>"));
-    assert_eq!(secret.len(), 20);
-    let code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
-    let done = gate.post("/.poort/security/totp/confirm", session, &[("code", &code)]).await;
-    assert_eq!(done.status, 200, "{}", done.text());
-    let text = done.text();
-    let codes: Vec<String> =
-        text.split("<li><code>").skip(1).map(|c| c.split('<').next().unwrap().to_string()).collect();
-    assert_eq!(codes.len(), 10, "ten recovery codes are shown once");
-    let renewed = done.cookie("__Host-poort").expect("confirming renews the session");
-    (secret, renewed, codes)
-}
+use crate::harness::enrol;
 
 #[tokio::test]
 async fn an_mfa_app_never_sees_a_password_only_session() {
@@ -196,11 +159,19 @@ async fn admins_see_and_reset_factors() {
     let show = String::from_utf8_lossy(&gate.cli(&["user", "mfa", "alice"]).stdout).into_owned();
     assert!(show.contains("authenticator:   none") && show.contains("recovery codes:  0 unused"), "{show}");
     assert!(gate.audit("admin").iter().any(|e| e["command"] == "user mfa-reset" && e["target"] == "alice"));
-    // Changing factors asks for the password again.
+    // Five minutes after signing in, a user without a factor gives the password again
+    // before setting one up.
     let s = gate.login("alice").await;
-    let r = gate.post("/.poort/security/totp", &s, &[("password", "not it at all")]).await;
-    assert_eq!(r.status, 401);
-    assert!(!r.text().contains("data:image/svg+xml"));
+    gate.clock.advance(301);
+    let r = gate.post("/.poort/security/totp", &s, &[]).await;
+    assert_eq!(r.status, 303);
+    assert!(r.header("location").unwrap().contains("/.poort/confirm"));
+    let wrong = gate.post("/.poort/confirm", &s, &[("password", "not it at all")]).await;
+    assert_eq!(wrong.status, 401);
+    assert!(!wrong.text().contains("data:image/svg+xml"));
+    let s = gate.confirm(&s, &[("password", PASSWORD)]).await;
+    let r = gate.post("/.poort/security/totp", &s, &[]).await;
+    assert!(r.text().contains("data:image/svg+xml"), "{}", r.text());
 }
 
 #[tokio::test]

@@ -17,13 +17,8 @@ fn body(r: &crate::harness::Resp) -> serde_json::Value {
 
 /// Registers `key` for the session's user; returns the renewed session and the response.
 async fn register(gate: &Gate, session: &str, key: &mut SoftPasskey, name: &str) -> (String, serde_json::Value) {
-    let start = gate
-        .post_json(
-            "/.poort/security/passkey/start",
-            Some(session),
-            &serde_json::json!({ "password": PASSWORD, "name": name }),
-        )
-        .await;
+    let start =
+        gate.post_json("/.poort/security/passkey/start", Some(session), &serde_json::json!({ "name": name })).await;
     assert_eq!(start.status, 200, "{}", start.text());
     let start = body(&start);
     let options: CreationChallengeResponse = serde_json::from_value(start["options"].clone()).unwrap();
@@ -141,16 +136,22 @@ async fn forged_and_replayed_assertions_are_refused() {
 }
 
 #[tokio::test]
-async fn removing_a_passkey_needs_the_password() {
+async fn removing_a_passkey_needs_a_fresh_second_factor() {
     let gate = Gate::start().await;
     let mut key = SoftPasskey::new(true);
     let s = gate.login("alice").await;
     let (s, _) = register(&gate, &s, &mut key, "old key").await;
     let id = gate.store().with(|c| c.query_row("SELECT id FROM passkeys", [], |r| r.get::<_, String>(0))).unwrap();
-    let wrong =
-        gate.post("/.poort/security/passkey/remove", &s, &[("id", &id), ("password", "not the password")]).await;
-    assert_eq!(wrong.status, 401);
-    let right = gate.post("/.poort/security/passkey/remove", &s, &[("id", &id), ("password", PASSWORD)]).await;
+    gate.clock.advance(301);
+    let stale = gate.post("/.poort/security/passkey/remove", &s, &[("id", &id)]).await;
+    assert_eq!(stale.status, 303, "five minutes after the last factor, confirm first");
+    // The password does not stand in for a second factor the user has.
+    let pw = gate.post("/.poort/confirm", &s, &[("password", PASSWORD)]).await;
+    assert_eq!(pw.status, 400);
+    let r = authenticate(&gate, &s, &mut key, "/.poort/security").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let s = r.cookie("__Host-poort").unwrap();
+    let right = gate.post("/.poort/security/passkey/remove", &s, &[("id", &id)]).await;
     assert_eq!(right.status, 200);
     assert!(right.text().contains("The passkey was removed."));
     let left: i64 = gate.store().with(|c| c.query_row("SELECT count(*) FROM passkeys", [], |r| r.get(0))).unwrap();

@@ -159,3 +159,46 @@ async fn redirects_after_sign_in_stay_home() {
         assert_eq!(r.header("location"), Some(home.as_str()), "{next:?}");
     }
 }
+
+/// A hand-off code works only in the browser that asked for it: a code from an attacker's own
+/// session, opened in a victim's browser, does not make the app host see the attacker (login
+/// CSRF, a session swap). Refusals and redemptions are audited.
+#[tokio::test]
+async fn a_hand_off_code_cannot_push_a_session_into_another_browser() {
+    let gate = Gate::start().await;
+    // The attacker (bob) starts a hand-off in their own browser and keeps the code.
+    let bob = gate.login("bob").await;
+    let html = [("Host", "git.localhost"), ("Accept", "text/html")];
+    let start = gate.request("GET", "/repo", &html, b"").await;
+    let bobs_nonce = start.cookie("__Host-poort-handoff").unwrap();
+    let begin = start.header("location").unwrap().trim_start_matches(crate::harness::ORIGIN).to_string();
+    let r = gate.get(&begin, Some(&bob)).await;
+    let code = r.header("location").unwrap().split_once("/.poort/handoff?").unwrap().1.to_string();
+    // The victim's browser opens the attacker's link: it has a nonce of its own, or none.
+    let victim_start = gate.request("GET", "/", &html, b"").await;
+    let victims_nonce = victim_start.cookie("__Host-poort-handoff").unwrap();
+    assert_ne!(victims_nonce, bobs_nonce);
+    for cookie in [Some(format!("__Host-poort-handoff={victims_nonce}")), None] {
+        let mut h = vec![("Host", "git.localhost")];
+        if let Some(c) = &cookie {
+            h.push(("Cookie", c));
+        }
+        let r = gate.request("GET", &format!("/.poort/handoff?{code}"), &h, b"").await;
+        assert_eq!(r.status, 403, "{cookie:?}");
+        assert!(r.cookie("__Host-poort").is_none(), "a session was set");
+    }
+    let refused = gate.audit("handoff_refused");
+    assert!(refused.iter().any(|e| e["why"] == "code asked for by another browser"), "{refused:?}");
+    // The code was used up by the attempt: not even the attacker's own browser gets it now.
+    let mine = format!("__Host-poort-handoff={bobs_nonce}");
+    let r = gate
+        .request("GET", &format!("/.poort/handoff?{code}"), &[("Host", "git.localhost"), ("Cookie", &mine)], b"")
+        .await;
+    assert_eq!(r.status, 403);
+    assert!(gate.audit("handoff_redeemed").is_empty());
+    // The legitimate way still works, and is audited.
+    let alice = gate.login("alice").await;
+    let git = crate::harness::hand_off(&gate, &alice, "git.localhost", "/repo").await;
+    assert!(!git.is_empty());
+    assert_eq!(gate.audit("handoff_redeemed")[0]["user"], "alice");
+}

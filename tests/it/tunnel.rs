@@ -82,6 +82,11 @@ async fn device_sign_in_then_a_bulk_transfer_arrives_intact() {
     let page = gate.get(&format!("/.poort/device?code={code}"), Some(&browser)).await;
     assert_eq!(page.status, 200);
     assert!(page.text().contains(&code), "the approval page shows the code");
+    // Approving asks for a proof given for this code (alice has no second factor: the password).
+    let r = gate.post("/.poort/device", &browser, &[("code", &code), ("decision", "approve")]).await;
+    assert_eq!(r.status, 303);
+    assert!(r.header("location").unwrap().contains("/.poort/confirm?device="), "{:?}", r.header("location"));
+    let browser = gate.confirm(&browser, &[("password", crate::harness::PASSWORD), ("device", &code)]).await;
     let r = gate.post("/.poort/device", &browser, &[("code", &code), ("decision", "approve")]).await;
     assert!(r.text().contains("Go back to your terminal"), "{}", r.text());
     let status = tokio::task::spawn_blocking(move || login.wait().unwrap()).await.unwrap();
@@ -126,7 +131,7 @@ async fn device_sign_in_then_a_bulk_transfer_arrives_intact() {
 #[tokio::test(flavor = "multi_thread")]
 async fn policy_refusals_are_explained_and_dial_nothing() {
     let gate = Gate::start().await;
-    let s = gate.login("alice").await;
+    let s = gate.cli_session("alice").await;
     let home = signed_in(&gate, &s);
     let out = poort(&home).args(["connect", "ops", "--listen", "127.0.0.1:0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -150,7 +155,7 @@ async fn policy_refusals_are_explained_and_dial_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_target_fails_cleanly_and_is_audited() {
     let gate = Gate::start().await;
-    let s = gate.login("alice").await;
+    let s = gate.cli_session("alice").await;
     let home = signed_in(&gate, &s);
     let out = poort(&home).args(["connect", "nowhere", "--stdio"]).stdin(Stdio::null()).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -165,13 +170,14 @@ async fn an_unreachable_target_fails_cleanly_and_is_audited() {
 #[tokio::test(flavor = "multi_thread")]
 async fn revoking_the_session_cuts_a_live_tunnel_within_a_second() {
     let gate = Gate::start().await;
-    let s = gate.login("alice").await;
+    let s = gate.cli_session("alice").await;
     let home = signed_in(&gate, &s);
     let (child, port) = listen(&home, "sink");
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.write_all(b"still here").unwrap();
     eventually("the tunnel to open", Duration::from_secs(3), async || !gate.audit("tunnel_opened").is_empty()).await;
-    let id = gate.store().list_sessions(Some("alice")).unwrap()[0].id.clone();
+    let sessions = gate.store().list_sessions(Some("alice")).unwrap();
+    let id = sessions.iter().find(|s| s.kind == "cli").unwrap().id.clone();
     let out = gate.cli(&["session", "revoke", &id]);
     assert!(out.status.success());
     let revoked = Instant::now();
@@ -218,7 +224,7 @@ async fn ssh_runs_a_command_through_the_tunnel() {
 
     let tables = format!("\n[[tunnel]]\nname = \"ssh\"\ntarget = \"127.0.0.1:{port}\"\naccess = \"authenticated\"\n");
     let gate = Gate::start_config("", &tables).await;
-    let s = gate.login("alice").await;
+    let s = gate.cli_session("alice").await;
     let home = signed_in(&gate, &s);
     let proxy = format!(
         "ProxyCommand=env XDG_CONFIG_HOME={} {} connect ssh --stdio",
@@ -255,4 +261,28 @@ async fn ssh_runs_a_command_through_the_tunnel() {
         gate.audit("tunnel_closed").iter().any(|e| e["tunnel"] == "ssh")
     })
     .await;
+}
+
+/// A lockdown ends the tunnels of everyone but the administrators within a second.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lockdown_cuts_open_tunnels_of_non_admins() {
+    let gate = Gate::start().await;
+    let s = gate.cli_session("bob").await;
+    let home = signed_in(&gate, &s);
+    let (child, port) = listen(&home, "sink");
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"still here").unwrap();
+    eventually("the tunnel to open", Duration::from_secs(3), async || !gate.audit("tunnel_opened").is_empty()).await;
+    assert!(gate.cli(&["lockdown", "on"]).status.success());
+    let locked = Instant::now();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let n = conn.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the tunnel was cut rather than answered");
+    assert!(locked.elapsed() < Duration::from_secs(1), "cut after {:?}", locked.elapsed());
+    eventually("the close to be audited", Duration::from_secs(3), async || {
+        gate.audit("tunnel_closed").iter().any(|e| e["why"] == "lockdown")
+    })
+    .await;
+    drop(child);
 }
