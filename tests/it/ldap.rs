@@ -10,7 +10,7 @@ use crate::harness::{Gate, Reaped, TempDir, closed_port, wait_for_port};
 const SUFFIX: &str = "dc=example,dc=org";
 
 /// A running slapd: LDAPS for poort, plain LDAP (loopback) only to load the test data.
-struct Slapd {
+pub struct Slapd {
     dir: TempDir,
     ldaps: u16,
     process: Option<Reaped>,
@@ -21,7 +21,7 @@ fn wait_for(port: u16) {
 }
 
 impl Slapd {
-    fn start() -> Slapd {
+    pub fn start() -> Slapd {
         let dir = TempDir::new();
         let d = dir.0.clone();
         let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
@@ -70,7 +70,7 @@ impl Slapd {
     }
 
     /// poort's `[auth.ldap]` for this directory, plus `extra` lines.
-    fn config(&self, extra: &str) -> String {
+    pub fn config(&self, extra: &str) -> String {
         let d = self.dir.0.display();
         format!(
             r#"
@@ -205,4 +205,32 @@ async fn the_directory_client_escapes_what_it_is_given() {
             assert_eq!(dir.authenticate(user, pw).await, Err(Refusal::Wrong), "{user:?} with {pw}");
         }
     }
+}
+
+/// A lock counts on the account, however its name is typed: after carol is locked, `Carol`,
+/// `CAROL` and `cArOl` are the same locked account, and the right password under any of them
+/// does not sign in.
+#[tokio::test]
+async fn a_directory_lock_holds_for_every_spelling_of_the_name() {
+    let slapd = Slapd::start();
+    let gate = Gate::start_config("", &slapd.config("")).await;
+    for typed in ["carol", "Carol", "CAROL", "cArOl", "carol"] {
+        let r = gate.try_login(typed, "carol-wrong-password", "").await;
+        assert_eq!(r.status, 401);
+    }
+    let locks = gate.audit("account_locked");
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    assert_eq!(locks[0]["user"], "carol");
+    for typed in ["Carol", "CAROL", "cArOl", "carol"] {
+        let r = gate.try_login(typed, "carol-directory-password", "").await;
+        assert_eq!((typed, r.status), (typed, 401), "the lock was walked past");
+        assert!(r.cookie("__Host-poort").is_none());
+    }
+    assert!(gate.cli(&["user", "unlock", "carol"]).status.success());
+    let r = gate.try_login("CAROL", "carol-directory-password", "").await;
+    assert_eq!(r.status, 303);
+    // The session is carol's, as the directory names her.
+    let s = r.cookie("__Host-poort").unwrap();
+    assert_eq!(gate.get("/app/", Some(&s)).await.status, 200);
+    assert_eq!(gate.upstream.last().header("x-poort-user"), Some("carol"));
 }

@@ -5,7 +5,7 @@ mod cli;
 mod flow;
 mod front_door;
 mod harness;
-mod ldap;
+pub mod ldap;
 mod mfa;
 mod mitigate;
 mod oidc;

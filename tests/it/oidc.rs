@@ -263,3 +263,88 @@ async fn single_sign_on_users_can_set_up_a_factor_right_after_signing_in() {
     assert!(confirm.contains("/.poort/oidc/test/start?next="), "{confirm}");
     assert!(!confirm.contains("name=\"password\""), "no password to give: {confirm}");
 }
+
+/// A provider account is bound to its subject: another account that picks the same name in
+/// other letters (`GRACE`) is not grace, and a name with a letter that only a Unicode fold
+/// makes ASCII (U+212A) is refused.
+#[tokio::test]
+async fn a_provider_name_does_not_make_the_account() {
+    let op = Op::start();
+    let gate = Gate::start_config("", &op.config("")).await;
+    let grace = sign_in(&gate, &op, "/").await;
+    assert_eq!(grace.status, 303);
+    for account in ["impostor", "kelvin"] {
+        op.control(&format!(r#"{{"account": "{account}"}}"#)).await;
+        let r = sign_in(&gate, &op, "/").await;
+        assert!(r.status == 403 || r.status == 400, "{account}: {} {}", r.status, r.text());
+        assert!(r.cookie("__Host-poort").is_none(), "{account} signed in");
+    }
+    let listing = String::from_utf8_lossy(&gate.cli(&["user", "list"]).stdout).into_owned();
+    assert!(!listing.contains("jake") && !listing.contains("mallory"), "{listing}");
+    // grace herself still signs in as grace.
+    op.control(r#"{"account": "grace"}"#).await;
+    let s = sign_in(&gate, &op, "/").await.cookie("__Host-poort").unwrap();
+    assert_eq!(gate.get("/app/", Some(&s)).await.status, 200);
+    assert_eq!(gate.upstream.last().header("x-poort-user"), Some("grace"));
+}
+
+/// A provider account cannot take the name of a directory user who has not signed in yet:
+/// the directory's dave would otherwise be refused his own name for good.
+#[tokio::test]
+async fn a_provider_account_cannot_claim_a_directory_users_name() {
+    let slapd = crate::ldap::Slapd::start();
+    let op = Op::start();
+    let gate = Gate::start_config("", &format!("{}\n{}", slapd.config(""), op.config(""))).await;
+    op.control(r#"{"account": "dave"}"#).await;
+    let r = sign_in(&gate, &op, "/").await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.cookie("__Host-poort").is_none());
+    let r = gate.try_login("dave", "dave-directory-password", "").await;
+    assert_eq!(r.status, 303, "the directory's dave keeps his name");
+}
+
+/// A provider that rotates its signing key: the first ID token under the new key makes poort
+/// fetch the keys again once, and the sign-in goes through.
+#[tokio::test]
+async fn a_new_provider_key_is_fetched_when_a_token_names_it() {
+    let op = Op::start();
+    let gate = Gate::start_config("", &op.config("")).await;
+    assert_eq!(sign_in(&gate, &op, "/").await.status, 303, "keys fetched and cached");
+    op.control(r#"{"account": "grace", "rotate": true, "tamper": "rotated"}"#).await;
+    let r = sign_in(&gate, &op, "/").await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert!(r.cookie("__Host-poort").is_some());
+}
+
+/// Starting single sign-on is rate-limited per address, and one address can hold only a few
+/// sign-ins in flight: nobody can push everyone else's pending sign-ins out.
+#[tokio::test]
+async fn one_address_cannot_fill_the_sign_ins_in_flight() {
+    let op = Op::start();
+    let gate = Gate::start_config("", &format!("[login]\nper_address_per_minute = 1000\n{}", op.config(""))).await;
+    // Someone's sign-in is in flight.
+    let (theirs, browser) = begin(&gate, "/").await;
+    let mut refused = 0;
+    for _ in 0..40 {
+        let r = gate.get("/.poort/oidc/test/start?next=%2F", None).await;
+        if r.status == 429 {
+            refused += 1;
+        } else {
+            assert_eq!(r.status, 302);
+        }
+    }
+    assert!(refused >= 40 - 16, "{refused} refused");
+    // Theirs still completes.
+    let back = op.authorize(&theirs).await;
+    assert_eq!(back_at_poort(&gate, &back, &browser).await.status, 303);
+    // And the per-address rate limit holds too.
+    let strict = Gate::start_config("", &format!("[login]\nper_address_per_minute = 5\n{}", op.config(""))).await;
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..8 {
+            v.push(strict.get("/.poort/oidc/test/start?next=%2F", None).await.status);
+        }
+        v
+    };
+    assert!(statuses.contains(&429), "{statuses:?}");
+}

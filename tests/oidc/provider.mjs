@@ -11,7 +11,8 @@
 //   POST /test/control {"account": "grace", "amr": ["pwd", "otp"], "acr": "...", "tamper": null}
 //
 // tamper: "signature" (a flipped signature byte), "nonce", "audience", "expired" or "issuer"
-// (the ID token re-signed with the provider's own key after the change).
+// (the ID token re-signed with the provider's own key after the change), or "rotated" (signed
+// with a second key; with "rotate": true the provider also starts publishing it).
 import http from 'node:http';
 import * as jose from 'jose';
 import Provider from 'oidc-provider';
@@ -19,8 +20,17 @@ import Provider from 'oidc-provider';
 const [port, redirectUri, postLogoutUri] = process.argv.slice(2);
 const issuer = `http://127.0.0.1:${port}`;
 
-const { privateKey } = await jose.generateKeyPair('RS256', { extractable: true });
+const { privateKey, publicKey } = await jose.generateKeyPair('RS256', { extractable: true });
 const signingKey = { ...(await jose.exportJWK(privateKey)), kid: 'poort-test', alg: 'RS256', use: 'sig' };
+// A second key the provider "rotates" to: published only after a rotation (POST control
+// {"rotate": true}), and used by the tamper mode "rotated".
+const rotated = await jose.generateKeyPair('RS256', { extractable: true });
+const publicJwks = async (withRotated) => {
+  const keys = [{ ...(await jose.exportJWK(publicKey)), kid: 'poort-test', alg: 'RS256', use: 'sig' }];
+  if (withRotated) keys.push({ ...(await jose.exportJWK(rotated.publicKey)), kid: 'poort-test-2', alg: 'RS256', use: 'sig' });
+  return { keys };
+};
+let isRotated = false;
 
 const accounts = {
   grace: {
@@ -34,6 +44,21 @@ const accounts = {
   ivan: {
     sub: 'ivan-0003', preferred_username: 'ivan', email: 'ivan@example.org', email_verified: true,
     groups: ['contractors'],
+  },
+  // Another account that chose grace's name in capitals.
+  impostor: {
+    sub: 'impostor-0004', preferred_username: 'GRACE', email: 'mallory@example.org', email_verified: true,
+    groups: ['engineering'],
+  },
+  // A name with U+212A KELVIN SIGN, which a Unicode fold turns into "k".
+  kelvin: {
+    sub: 'kelvin-0005', preferred_username: 'ja\u212Ae', email: 'jake@example.org', email_verified: true,
+    groups: [],
+  },
+  // A provider account with the name of a directory user.
+  dave: {
+    sub: 'dave-0006', preferred_username: 'dave', email: 'dave@elsewhere.example', email_verified: true,
+    groups: [],
   },
 };
 const bySub = Object.fromEntries(Object.values(accounts).map((a) => [a.sub, a]));
@@ -93,6 +118,9 @@ async function tamper(idToken, mode) {
   if (mode === 'audience') claims.aud = 'some-other-client';
   if (mode === 'issuer') claims.iss = 'http://127.0.0.1:1';
   if (mode === 'expired') { claims.iat = now - 7200; claims.exp = now - 3600; }
+  if (mode === 'rotated') {
+    return new jose.SignJWT(claims).setProtectedHeader({ alg: 'RS256', kid: 'poort-test-2' }).sign(rotated.privateKey);
+  }
   return new jose.SignJWT(claims).setProtectedHeader({ alg: 'RS256', kid: signingKey.kid }).sign(privateKey);
 }
 
@@ -122,7 +150,10 @@ const server = http.createServer(async (req, res) => {
       let body = '';
       for await (const chunk of req) body += chunk;
       control = { account: 'grace', amr: ['pwd'], acr: undefined, tamper: null, ...JSON.parse(body) };
+      if (control.rotate) isRotated = true;
       res.writeHead(204).end();
+    } else if (isRotated && req.method === 'GET' && req.url === '/jwks') {
+      res.writeHead(200, { 'content-type': 'application/jwk-set+json' }).end(JSON.stringify(await publicJwks(true)));
     } else if (req.url.startsWith('/interaction/')) {
       await interaction(req, res);
     } else {
