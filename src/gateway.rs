@@ -185,9 +185,7 @@ impl Gateway {
                 path: front.target.path().chars().take(256).collect(),
                 client: client.to_string(),
             };
-            if let Err(e) = Box::pin(self.audit.record(ev)).await {
-                tracing::error!(error = %e, "Audit write failed");
-            }
+            self.audit.refusal("locked_down", "lockdown", client, ev);
             return maintenance_page(id);
         }
         let ctx = Ctx { id, front, client, session };
@@ -223,12 +221,17 @@ impl Gateway {
         };
         tracing::warn!(request = %id, client = %client, rule = %rule, action, "Mitigation rule matched");
         let ev = Event::MitigationMatched {
-            rule,
+            rule: rule.clone(),
             action: action.into(),
             path: front.target.path().chars().take(256).collect(),
             client: client.to_string(),
             request_id: id.to_string(),
         };
+        if let Some(status) = status {
+            // A refusal: counted, not waited for.
+            self.audit.refusal("mitigation_matched", &rule, client, ev);
+            return Some(blocked_page(status, id));
+        }
         if let Err(e) = self.audit.record(ev).await {
             // A rule that asks for a record lets nothing pass without one.
             tracing::error!(request = %id, error = %e, "Audit unavailable; refusing");
@@ -375,13 +378,12 @@ impl Gateway {
         }
     }
 
-    /// Refuses a request before routing: audited, constant page, connection closed.
+    /// Refuses a request before routing: audited (counted, not waited for), constant page,
+    /// connection closed.
     async fn reject(&self, status: StatusCode, code: &'static str, client: IpAddr, id: RequestId) -> Response<Body> {
         tracing::info!(request = %id, client = %client, code, "Request rejected");
         let ev = Event::RequestRejected { code: code.into(), client: client.to_string(), request_id: id.to_string() };
-        if let Err(e) = self.audit.record(ev).await {
-            tracing::error!(request = %id, error = %e, "Audit write failed");
-        }
+        self.audit.refusal("request_rejected", code, client, ev);
         let mut resp = error_page(status, id);
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         resp

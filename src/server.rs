@@ -49,6 +49,9 @@ pub fn sealing_key_path(cfg: &Config) -> std::path::PathBuf {
 /// Starts everything and returns once the listeners are bound.
 pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
     let cfg = Arc::new(cfg);
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let tls = listen::tls_config(&cfg.tls.cert_file, &cfg.tls.key_file)?;
     let store = Store::open(&cfg.database)?;
@@ -144,6 +147,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                         gw.sessions.cut_all_but(&gw.mitigation.admin_group);
                     }
                     gw.sessions.cut_expired(gw.clock.now());
+                    gw.audit.flush_counted();
                     rules_outcome(&gw, gw.mitigation.poll(gw.clock.now())).await;
                 }
                 _ = hup.recv() => {

@@ -3,7 +3,13 @@
 //!
 //! Durability: `Audit::record` returns only after the event is committed with `synchronous =
 //! FULL`. A writer thread commits every event waiting at that moment in one transaction
-//! (group commit), so many concurrent requests share one disk flush.
+//! (group commit), so many concurrent requests share one disk flush. The queue to the writer
+//! is bounded: a caller waits for room rather than letting it grow without end.
+//!
+//! Refusals (`Audit::refusal`) are not waited for and are counted rather than written one by
+//! one: the first of a kind from a client in a minute is written as it is, the rest of that
+//! minute become one `refusals_counted` record. A flood of bad requests adds a few records a
+//! minute, and sign-ins keep their place in the queue.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -160,6 +166,15 @@ pub enum Event {
         file: String,
         why: String,
     },
+    /// Refusals of one kind from one client in one minute after the first, which was
+    /// recorded on its own (`Audit::refusal`).
+    RefusalsCounted {
+        refusal: String,
+        key: String,
+        client: String,
+        count: u64,
+        minute_starting: i64,
+    },
     /// A request refused because the gateway is in lockdown.
     LockedDown {
         user: Option<String>,
@@ -203,6 +218,7 @@ impl Event {
             Event::MitigationMatched { .. } => "mitigation_matched",
             Event::RulesLoaded { .. } => "rules_loaded",
             Event::RulesRefused { .. } => "rules_refused",
+            Event::RefusalsCounted { .. } => "refusals_counted",
             Event::LockedDown { .. } => "locked_down",
             Event::Admin { .. } => "admin",
             Event::GatewayStarted { .. } => "gateway_started",
@@ -262,19 +278,36 @@ pub fn append(conn: &mut Connection, at: UnixTime, events: &[Event]) -> rusqlite
     Ok(seq)
 }
 
-type Job = (Event, tokio::sync::oneshot::Sender<Result<i64, String>>);
+type Job = (Event, Option<tokio::sync::oneshot::Sender<Result<i64, String>>>);
+
+/// Events waiting for the writer, at most.
+const QUEUE: usize = 8192;
+/// Distinct (kind, key, client) refusal counters per minute, at most; more are counted
+/// under one "(other clients)" counter.
+const MAX_COUNTERS: usize = 4096;
+
+/// Refusals counted in the current minute.
+#[derive(Default)]
+struct Counted {
+    minute: i64,
+    /// (kind, key, client) → refusals after the first.
+    counts: std::collections::HashMap<(&'static str, String, String), u64>,
+}
 
 /// Handle to the audit writer. Cloning is cheap; every clone feeds the same writer thread.
 #[derive(Clone)]
 pub struct Audit {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::SyncSender<Job>,
+    clock: std::sync::Arc<dyn Clock>,
+    counted: std::sync::Arc<std::sync::Mutex<Counted>>,
 }
 
 impl Audit {
     /// Starts the writer thread on its own connection to `db`.
     pub fn start(db: &Path, clock: std::sync::Arc<dyn Clock>) -> anyhow::Result<Audit> {
         let mut conn = crate::store::open_connection(db)?;
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
+        let writer_clock = clock.clone();
         std::thread::Builder::new()
             .name("poort-audit".into())
             .spawn(move || {
@@ -287,27 +320,95 @@ impl Audit {
                         }
                     }
                     let events: Vec<Event> = batch.iter().map(|(e, _)| e.clone()).collect();
-                    let result = append(&mut conn, clock.now(), &events).map_err(|e| e.to_string());
+                    let result = append(&mut conn, writer_clock.now(), &events).map_err(|e| e.to_string());
                     if let Err(e) = &result {
                         tracing::error!(error = %e, events = events.len(), "Audit write failed");
                     }
                     for (_, done) in batch {
-                        let _ = done.send(result.clone());
+                        if let Some(done) = done {
+                            let _ = done.send(result.clone());
+                        }
                     }
                 }
             })
             .context("starting the audit writer")?;
-        Ok(Audit { tx })
+        Ok(Audit { tx, clock, counted: std::sync::Arc::default() })
     }
 
     /// Records an event and waits until it is durable. An error means it was not recorded;
     /// callers on a request path fail closed.
     pub async fn record(&self, event: Event) -> anyhow::Result<i64> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.tx.send((event, done)).map_err(|_| anyhow::anyhow!("audit writer stopped"))?;
+        let mut job = (event, Some(done));
+        // A full queue makes the caller wait its turn, a little at a time.
+        loop {
+            match self.tx.try_send(job) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(back)) => {
+                    job = back;
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => anyhow::bail!("audit writer stopped"),
+            }
+        }
         wait.await
             .map_err(|_| anyhow::anyhow!("audit writer stopped"))?
             .map_err(|e| anyhow::anyhow!("audit write failed: {e}"))
+    }
+
+    /// Records a refusal (`event`, of kind `kind`, for `key`: a reason code or a rule) without
+    /// waiting: the first from `client` in a minute is written; later ones are counted for
+    /// `flush_counted`.
+    pub fn refusal(&self, kind: &'static str, key: &str, client: std::net::IpAddr, event: Event) {
+        let minute = self.clock.now().div_euclid(60) * 60;
+        let first = {
+            let Ok(mut c) = self.counted.lock() else { return };
+            if c.minute != minute && !c.counts.is_empty() {
+                // A new minute before the flush ran: the old counts go out now.
+                let old = std::mem::take(&mut *c);
+                self.send_counts(old);
+            }
+            c.minute = minute;
+            let full = c.counts.len() >= MAX_COUNTERS;
+            let client = if full { "(other clients)".to_string() } else { client.to_string() };
+            let slot = (kind, key.chars().take(64).collect::<String>(), client);
+            match c.counts.get_mut(&slot) {
+                Some(n) => {
+                    *n += 1;
+                    false
+                }
+                None => {
+                    c.counts.insert(slot, 0);
+                    !full
+                }
+            }
+        };
+        if first {
+            // Not waited for: a refusal is not an access that must be recorded first.
+            let _ = self.tx.try_send((event, None));
+        }
+    }
+
+    /// Writes the counts of a minute that has ended (called every few seconds).
+    pub fn flush_counted(&self) {
+        let minute = self.clock.now().div_euclid(60) * 60;
+        let old = {
+            let Ok(mut c) = self.counted.lock() else { return };
+            if c.minute == minute {
+                return;
+            }
+            std::mem::take(&mut *c)
+        };
+        self.send_counts(old);
+    }
+
+    fn send_counts(&self, c: Counted) {
+        for ((kind, key, client), count) in c.counts {
+            if count > 0 {
+                let ev = Event::RefusalsCounted { refusal: kind.into(), key, client, count, minute_starting: c.minute };
+                let _ = self.tx.try_send((ev, None));
+            }
+        }
     }
 }
 

@@ -395,6 +395,9 @@ fn check(path: &Path) -> i32 {
                 count(cfg.tunnels.len(), "tunnel"),
                 sources.join(", ")
             );
+            for w in cfg.warnings() {
+                println!("warning: {w}");
+            }
             0
         }
         Err(problems) => {

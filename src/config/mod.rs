@@ -212,6 +212,22 @@ pub enum Route {
     },
 }
 
+impl Config {
+    /// Things that are allowed but weaken the gateway, each with what to do instead.
+    pub fn warnings(&self) -> Vec<String> {
+        let shared: Vec<&str> =
+            self.apps.iter().filter(|a| matches!(a.route, Route::Path { .. })).map(|a| a.name.as_str()).collect();
+        if shared.is_empty() {
+            return Vec::new();
+        }
+        vec![format!(
+            "app[{}]: routed by path, so served from the portal's own origin ({}): a script on such an app's pages acts as the portal in the user's browser (it can read portal pages and post their forms; factor changes and command-line approvals still need the user's own factor and action) (hint: give each app its own host = \"app.example.com\")",
+            shared.join(", "),
+            self.server.external_origin
+        )]
+    }
+}
+
 /// Reads and resolves a config file. Relative paths in it are taken from its folder.
 pub fn load(path: &Path) -> Result<Config, Problems> {
     let text = std::fs::read_to_string(path).map_err(|e| {

@@ -199,3 +199,24 @@ fn sigterm_stops_the_gateway_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Apps routed by path share the portal's origin: `poort check` says so, names them, and
+/// recommends their own host; a config of host-routed apps gets no such warning.
+#[test]
+fn check_warns_when_apps_share_the_portals_origin() {
+    let dir = TempDir::new();
+    let path = dir.0.join("poort.toml");
+    let app = |route: &str| {
+        format!(
+            "[server]\nexternal_url = \"https://gate.example\"\n[[app]]\nname = \"wiki\"\nupstream = \"http://10.0.0.2\"\n{route}\naccess = \"authenticated\"\n"
+        )
+    };
+    std::fs::write(&path, app("path = \"/wiki/\"")).unwrap();
+    let out = poort(&["check", "--config", path_of(&path)], &dir.0);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("warning: app[wiki]: routed by path") && text.contains("own host"), "{text}");
+    std::fs::write(&path, app("host = \"wiki.example\"")).unwrap();
+    let out = poort(&["check", "--config", path_of(&path)], &dir.0);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("warning"));
+}

@@ -214,14 +214,13 @@ async fn revoke_from_the_cli_ends_a_live_session() {
     let out = gate.cli(&["session", "revoke", &id]);
     assert!(out.status.success(), "{out:?}");
     eventually("the revocation to reach the gateway", Duration::from_secs(2), async || {
-        gate.get("/app/", Some(&alice)).await.status == 401
+        gate.status("/app/", Some(&alice)).await == 401
     })
     .await;
     assert_eq!(gate.get("/app/", Some(&bob)).await.status, 200, "other sessions go on");
     let revoke_all = gate.cli(&["session", "revoke", "--all"]);
     assert!(revoke_all.status.success());
-    eventually("revoke --all", Duration::from_secs(2), async || gate.get("/app/", Some(&bob)).await.status == 401)
-        .await;
+    eventually("revoke --all", Duration::from_secs(2), async || gate.status("/app/", Some(&bob)).await == 401).await;
     let admin = gate.audit("admin");
     assert!(admin.iter().any(|e| e["command"] == "session revoke" && e["target"] == id));
 }

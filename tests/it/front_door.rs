@@ -41,8 +41,9 @@ async fn traversal_and_ambiguous_paths_are_refused() {
     for t in targets {
         refused(&gate, &s, t, 400).await;
     }
+    let audited = gate.refusals("request_rejected").await - rejected_before as u64;
+    assert_eq!(audited, targets.len() as u64, "every refusal is audited");
     let rejected = gate.audit("request_rejected");
-    assert_eq!(rejected.len() - rejected_before, targets.len(), "every refusal is audited");
     assert!(rejected.iter().any(|e| e["code"] == "target_dot_segment"));
     assert!(rejected.iter().any(|e| e["code"] == "target_encoded_delimiter"));
     // The canonical form is what the upstream gets.

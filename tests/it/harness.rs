@@ -719,6 +719,43 @@ access = "authenticated"
         TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from(host.to_string()).unwrap(), tcp).await
     }
 
+    /// Refusals of `kind` the audit log accounts for: records of their own, and those counted
+    /// into `refusals_counted` records. Moves the clock past the current minute first and
+    /// waits for its counts to be written.
+    pub async fn refusals(&self, kind: &str) -> u64 {
+        self.clock.advance(61);
+        let total = || {
+            let own = self.audit(kind).len() as u64;
+            let counted: u64 = self
+                .audit("refusals_counted")
+                .iter()
+                .filter(|e| e["refusal"] == kind)
+                .map(|e| e["count"].as_u64().unwrap())
+                .sum();
+            own + counted
+        };
+        let mut last = total();
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let now = total();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        last
+    }
+
+    /// The status of a GET, or 0 when the connection closed without an answer (a response cut
+    /// as its session ended).
+    pub async fn status(&self, target: &str, session: Option<&str>) -> u16 {
+        let cookie = session.map(|s| format!("Cookie: __Host-poort={s}\r\n")).unwrap_or_default();
+        let req = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n{cookie}Connection: close\r\n\r\n");
+        let before = self.upstream.hits();
+        let _ = before;
+        self.hostile(req.as_bytes()).await.0.unwrap_or(0)
+    }
+
     /// Audit records of one kind, as JSON details.
     pub fn audit(&self, kind: &str) -> Vec<serde_json::Value> {
         let conn = poort::store::open_connection(&self.db()).unwrap();

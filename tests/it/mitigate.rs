@@ -49,8 +49,10 @@ async fn a_new_rule_blocks_within_two_seconds_and_a_broken_file_changes_nothing(
     let hits = gate.upstream.hits();
     assert_eq!(gate.get(probe, None).await.status, 403, "applied before the session check");
     assert_eq!(gate.upstream.hits(), hits);
-    let matched = gate.audit("mitigation_matched");
-    assert!(matched.iter().any(|e| e["rule"] == "lang-traversal" && e["action"] == "deny"));
+    eventually("the refusal to be audited", Duration::from_secs(2), async || {
+        gate.audit("mitigation_matched").iter().any(|e| e["rule"] == "lang-traversal" && e["action"] == "deny")
+    })
+    .await;
 
     // A broken file: the running rules stay, and status says why.
     std::fs::write(rules_path(&gate), "[[rule]]\nid = \"oops\"\naction = \"deny\"\npath_prefix = \"no-slash\"\n")
@@ -174,7 +176,10 @@ async fn lockdown_leaves_only_admins() {
     assert_eq!(r.status, 503, "non-admins cannot sign in");
     assert!(r.cookie("__Host-poort").is_none());
     assert_eq!(gate.try_login("alice", crate::harness::PASSWORD, "").await.status, 303);
-    assert!(!gate.audit("locked_down").is_empty());
+    eventually("the lockdown refusals to be audited", Duration::from_secs(2), async || {
+        !gate.audit("locked_down").is_empty()
+    })
+    .await;
     assert!(gate.audit("admin").iter().any(|e| e["command"] == "lockdown" && e["target"] == "on"));
     assert!(gate.cli(&["lockdown", "off"]).status.success());
     eventually("the lockdown to lift", Duration::from_secs(2), async || {
