@@ -331,12 +331,11 @@ pub(crate) async fn factor_form(gw: &Gateway, call: &Call, mode: Mode) -> Respon
     }
     let next = if safe_next(&next, &gw.cfg) == Next::Portal { String::new() } else { next };
     let again = if !f.any() && s.single_sign_on() { provider_again(gw, &s.identity.user, &next).await } else { None };
-    factor_view(gw, call.headers(), mode, &f, &next, &device, again.as_deref(), StatusCode::OK, None)
+    factor_view(call.headers(), mode, &f, &next, &device, again.as_deref(), StatusCode::OK, None)
 }
 
 #[expect(clippy::too_many_arguments, reason = "one page, every part of it")]
 fn factor_view(
-    gw: &Gateway,
     headers: &http::HeaderMap,
     mode: Mode,
     f: &Factors,
@@ -346,7 +345,6 @@ fn factor_view(
     status: StatusCode,
     error: Option<&str>,
 ) -> Response<Body> {
-    let _ = gw;
     let (csrf, new) = csrf_for_page(headers);
     let lead = match (mode, device.is_empty(), f.any()) {
         (Mode::StepUp, _, _) => "This needs a second factor as well as your password.",
@@ -379,7 +377,7 @@ pub(crate) async fn factor_submit(gw: &Gateway, call: Call, mode: Mode) -> Respo
     let device = super::device::normal_code(call.field("device"));
     let have = factors_of(gw, &s.identity.user).await.unwrap_or_default();
     let fail = |status: StatusCode, error: &str| {
-        factor_view(gw, call.headers(), mode, &have, &next, &device, None, status, Some(error))
+        factor_view(call.headers(), mode, &have, &next, &device, None, status, Some(error))
     };
     let (user, now, client) = (s.identity.user.clone(), gw.clock.now(), ctx.client);
     let (code, recovery, pw) = (call.field("code"), call.field("recovery"), call.field("password"));

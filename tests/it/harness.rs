@@ -751,8 +751,6 @@ access = "authenticated"
     pub async fn status(&self, target: &str, session: Option<&str>) -> u16 {
         let cookie = session.map(|s| format!("Cookie: __Host-poort={s}\r\n")).unwrap_or_default();
         let req = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n{cookie}Connection: close\r\n\r\n");
-        let before = self.upstream.hits();
-        let _ = before;
         self.hostile(req.as_bytes()).await.0.unwrap_or(0)
     }
 

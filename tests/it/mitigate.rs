@@ -228,6 +228,14 @@ header = [{ name = "user-agent", contains = "sqlmap" }]
         assert_eq!(gate.upstream.hits(), before, "{target} reached the upstream");
     }
     assert_eq!(gate.get("/app/administrator", Some(&s)).await.status, 200, "a different segment is not matched");
+    // The refusal says what happened, not who the client is.
+    let anonymous = gate.get("/pub/secret", None).await;
+    assert_eq!(anonymous.status, 403);
+    assert!(
+        anonymous.text().contains("security rules") && !anonymous.text().contains("signed in"),
+        "{}",
+        anonymous.text()
+    );
 
     // A header value with a byte that is not UTF-8 is still read by a header rule.
     let before = gate.upstream.hits();
