@@ -707,6 +707,16 @@ access = "authenticated"
         }
     }
 
+    /// An HTTP/2 client on a new connection (ALPN h2).
+    pub async fn h2(&self) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+        let stream = self.connect(&[b"h2"]).await;
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
     /// Opens a TLS connection naming `host`.
     pub async fn try_connect_to(
         &self,

@@ -160,15 +160,7 @@ async fn upstream_failures_are_502_and_504_with_a_request_id() {
 async fn http2_clients_are_served() {
     let gate = Gate::start().await;
     let s = gate.login("alice").await;
-    let stream = gate.connect(&[b"h2"]).await;
-    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = gate.h2().await;
     let req = http::Request::get("https://localhost/app/h2")
         .header("cookie", format!("__Host-poort={s}"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())

@@ -8,6 +8,21 @@ use poort::identity::totp;
 
 use crate::harness::{Gate, ORIGIN, PASSWORD, enrol};
 
+/// A form post as a script on a page of the portal's origin makes it: the right cookies,
+/// Origin and CSRF field, but a script's fetch metadata (`mode`), never a person's navigation.
+async fn scripted(gate: &Gate, session: &str, path: &str, fields: &str, mode: &str) -> u16 {
+    let (csrf, field) = gate.login_form().await;
+    let cookie = format!("__Host-poort-csrf={csrf}; __Host-poort={session}");
+    let headers = [
+        ("Origin", ORIGIN),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("Cookie", cookie.as_str()),
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Sec-Fetch-Mode", mode),
+    ];
+    gate.request("POST", path, &headers, format!("csrf={field}&{fields}").as_bytes()).await.status
+}
+
 fn factors(gate: &Gate, user: &str) -> poort::identity::mfa::Factors {
     gate.store().with(|c| poort::identity::mfa::factors(c, user)).unwrap()
 }
@@ -77,22 +92,7 @@ async fn changing_factors_needs_a_fresh_second_factor_and_a_person() {
     let page = gate.get("/.poort/security", Some(&s)).await.text();
     assert!(page.contains("/.poort/security/totp/remove"), "the forms are shown to a fresh session");
     // A script's request (no user activation, not a navigation) is refused even now.
-    let (csrf, field) = gate.login_form().await;
-    let scripted = gate
-        .request(
-            "POST",
-            "/.poort/security/recovery",
-            &[
-                ("Origin", ORIGIN),
-                ("Content-Type", "application/x-www-form-urlencoded"),
-                ("Cookie", &format!("__Host-poort-csrf={csrf}; __Host-poort={s}")),
-                ("Sec-Fetch-Site", "same-origin"),
-                ("Sec-Fetch-Mode", "cors"),
-            ],
-            format!("csrf={field}").as_bytes(),
-        )
-        .await;
-    assert_eq!(scripted.status, 403);
+    assert_eq!(scripted(&gate, &s, "/.poort/security/recovery", "", "cors").await, 403);
     let r = gate.post("/.poort/security/recovery", &s, &[]).await;
     assert_eq!(r.status, 200);
     assert!(r.text().contains("<li><code>"));
@@ -145,22 +145,8 @@ async fn approving_a_command_line_sign_in_needs_a_factor_given_for_that_code() {
     assert_eq!(r.status, 400);
     assert!(gate.request("POST", "/.poort/device/token", &cli, body.as_bytes()).await.text().contains("pending"));
     // A script in alice's browser: no user activation.
-    let (csrf, field) = gate.login_form().await;
-    let scripted = gate
-        .request(
-            "POST",
-            "/.poort/device",
-            &[
-                ("Origin", ORIGIN),
-                ("Content-Type", "application/x-www-form-urlencoded"),
-                ("Cookie", &format!("__Host-poort-csrf={csrf}; __Host-poort={s}")),
-                ("Sec-Fetch-Site", "same-origin"),
-                ("Sec-Fetch-Mode", "no-cors"),
-            ],
-            format!("csrf={field}&code={code}&decision=approve").as_bytes(),
-        )
-        .await;
-    assert_eq!(scripted.status, 403);
+    let fields = format!("code={code}&decision=approve");
+    assert_eq!(scripted(&gate, &s, "/.poort/device", &fields, "no-cors").await, 403);
     // With the factor given for this code, alice approves.
     gate.clock.advance(30);
     let totp_code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));

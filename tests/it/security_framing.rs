@@ -294,14 +294,7 @@ async fn a_host_other_than_the_tls_name_gets_421() {
 #[tokio::test]
 async fn head_over_http2_on_the_gateways_own_pages() {
     let gate = Gate::start().await;
-    let stream = gate.connect(&[b"h2"]).await;
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = gate.h2().await;
     for path in ["/.poort/health", "/.poort/login", "/.poort/style.css", "/.poort/nothing"] {
         let req = http::Request::head(format!("https://localhost{path}"))
             .body(http_body_util::Empty::<bytes::Bytes>::new())

@@ -167,30 +167,45 @@ async fn an_unreachable_target_fails_cleanly_and_is_audited() {
     assert!(gate.audit("tunnel_opened").is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn revoking_the_session_cuts_a_live_tunnel_within_a_second() {
+/// Opens a tunnel for `user`'s command line, ends it with `end`, and checks the tunnel is cut
+/// within a second and its close audited with `why`.
+async fn cut_within_a_second(user: &str, end: impl FnOnce(&Gate), why: &str) {
     let gate = Gate::start().await;
-    let s = gate.cli_session("alice").await;
+    let s = gate.cli_session(user).await;
     let home = signed_in(&gate, &s);
     let (child, port) = listen(&home, "sink");
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.write_all(b"still here").unwrap();
     eventually("the tunnel to open", Duration::from_secs(3), async || !gate.audit("tunnel_opened").is_empty()).await;
-    let sessions = gate.store().list_sessions(Some("alice")).unwrap();
-    let id = sessions.iter().find(|s| s.kind == "cli").unwrap().id.clone();
-    let out = gate.cli(&["session", "revoke", &id]);
-    assert!(out.status.success());
-    let revoked = Instant::now();
+    end(&gate);
+    let ended = Instant::now();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 64];
     let n = conn.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "the tunnel was cut rather than answered");
-    assert!(revoked.elapsed() < Duration::from_secs(1), "cut after {:?}", revoked.elapsed());
+    assert!(ended.elapsed() < Duration::from_secs(1), "cut after {:?}", ended.elapsed());
     eventually("the close to be audited", Duration::from_secs(3), async || {
-        gate.audit("tunnel_closed").iter().any(|e| e["why"] == "session ended")
+        gate.audit("tunnel_closed").iter().any(|e| e["why"] == why)
     })
     .await;
     drop(child);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoking_the_session_cuts_a_live_tunnel_within_a_second() {
+    let revoke = |gate: &Gate| {
+        let sessions = gate.store().list_sessions(Some("alice")).unwrap();
+        let id = sessions.iter().find(|s| s.kind == "cli").unwrap().id.clone();
+        assert!(gate.cli(&["session", "revoke", &id]).status.success());
+    };
+    cut_within_a_second("alice", revoke, "session ended").await;
+}
+
+/// A lockdown ends the tunnels of everyone but the administrators within a second.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lockdown_cuts_open_tunnels_of_non_admins() {
+    let lockdown = |gate: &Gate| assert!(gate.cli(&["lockdown", "on"]).status.success());
+    cut_within_a_second("bob", lockdown, "lockdown").await;
 }
 
 /// A real OpenSSH server on loopback, reached with `ssh -o ProxyCommand='poort connect ssh
@@ -261,28 +276,4 @@ async fn ssh_runs_a_command_through_the_tunnel() {
         gate.audit("tunnel_closed").iter().any(|e| e["tunnel"] == "ssh")
     })
     .await;
-}
-
-/// A lockdown ends the tunnels of everyone but the administrators within a second.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_lockdown_cuts_open_tunnels_of_non_admins() {
-    let gate = Gate::start().await;
-    let s = gate.cli_session("bob").await;
-    let home = signed_in(&gate, &s);
-    let (child, port) = listen(&home, "sink");
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.write_all(b"still here").unwrap();
-    eventually("the tunnel to open", Duration::from_secs(3), async || !gate.audit("tunnel_opened").is_empty()).await;
-    assert!(gate.cli(&["lockdown", "on"]).status.success());
-    let locked = Instant::now();
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = [0u8; 64];
-    let n = conn.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0, "the tunnel was cut rather than answered");
-    assert!(locked.elapsed() < Duration::from_secs(1), "cut after {:?}", locked.elapsed());
-    eventually("the close to be audited", Duration::from_secs(3), async || {
-        gate.audit("tunnel_closed").iter().any(|e| e["why"] == "lockdown")
-    })
-    .await;
-    drop(child);
 }
