@@ -237,7 +237,7 @@ impl Gateway {
             tracing::error!(request = %id, error = %e, "Audit unavailable; refusing");
             return Some(error_page(StatusCode::SERVICE_UNAVAILABLE, id));
         }
-        status.map(|s| blocked_page(s, id))
+        None
     }
 
     /// During a lockdown: admins go on; everyone else may only reach the routes the route
