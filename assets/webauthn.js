@@ -74,13 +74,15 @@
     window.location.assign(done.redirect);
   }
 
-  async function register(form) {
-    const start = await post("/.poort/security/passkey/start", { name: form.elements.name.value, next });
-    const pk = start.options.publicKey;
+  // The registration was started by the form on the security page (a person's own
+  // navigation); this page carries its options, and the script only creates and sends.
+  async function register() {
+    const options = JSON.parse(root.dataset.options);
+    const pk = options.publicKey;
     pk.challenge = toBytes(pk.challenge);
     pk.user.id = toBytes(pk.user.id);
     (pk.excludeCredentials || []).forEach((c) => { c.id = toBytes(c.id); });
-    const cred = await navigator.credentials.create(start.options);
+    const cred = await navigator.credentials.create(options);
     const credential = {
       id: cred.id,
       rawId: toText(cred.rawId),
@@ -92,7 +94,7 @@
       },
       extensions: cred.getClientExtensionResults ? cred.getClientExtensionResults() : {},
     };
-    finished(await post("/.poort/security/passkey/finish", { ceremony: start.ceremony, credential }));
+    finished(await post("/.poort/security/passkey/finish", { ceremony: root.dataset.ceremony, credential }));
   }
 
   async function authenticate(kind) {
@@ -107,11 +109,11 @@
     return;
   }
   root.hidden = false;
-  root.querySelectorAll("form[data-passkey-register]").forEach((form) => {
-    form.addEventListener("submit", (e) => {
+  root.querySelectorAll("button[data-passkey-create]").forEach((button) => {
+    button.addEventListener("click", (e) => {
       e.preventDefault();
       say("Follow your browser's prompt…");
-      register(form).catch((err) => say("That did not work: " + err.message));
+      register().catch((err) => say("That did not work: " + err.message));
     });
   });
   root.querySelectorAll("button[data-passkey-auth]").forEach((button) => {

@@ -22,7 +22,7 @@ pub enum Body {
     Upstream(PooledBody),
     /// A response on a connection of its own.
     Direct(Incoming),
-    /// A pooled upstream response to a session, cut when the session ends.
+    /// An upstream response to a session, cut when the session ends.
     Watched(Box<Watched>),
 }
 
@@ -33,7 +33,7 @@ pub struct Cut(pub &'static str);
 
 /// An upstream response body tied to a session's line.
 pub struct Watched {
-    inner: PooledBody,
+    inner: Body,
     line: Lifeline,
     /// Made the first time the body waits for the upstream: wakes it when the line is cut.
     wait: Option<Pin<Box<dyn Future<Output = &'static str> + Send>>>,
@@ -47,7 +47,7 @@ impl std::fmt::Debug for Watched {
 
 impl Body {
     /// An upstream response body that ends when `line` does.
-    pub fn watched(inner: PooledBody, line: Lifeline) -> Body {
+    pub fn watched(inner: Body, line: Lifeline) -> Body {
         Body::Watched(Box::new(Watched { inner, line, wait: None }))
     }
 }
@@ -96,7 +96,7 @@ impl hyper::body::Body for Body {
                             Poll::Pending => Poll::Pending,
                         }
                     }
-                    other => other.map_err(Into::into),
+                    other => other,
                 }
             }
         }

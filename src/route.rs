@@ -185,7 +185,8 @@ mod oracle {
         p
     }
 
-    /// Decode twice, `\` as `/`, drop `;` parameters, merge `//`, resolve dots, lower-case.
+    /// Decode twice, `\` as `/`, drop `;` parameters, merge `//`, resolve dots, drop dots and
+    /// spaces at the end of segments (Windows), lower-case.
     fn worst_case(raw_path: &str) -> String {
         let p = lenient_decode(&lenient_decode(raw_path)).replace('\\', "/");
         let p: Vec<String> = p.split('/').map(|seg| seg.split(';').next().unwrap_or("").to_string()).collect();
@@ -193,8 +194,13 @@ mod oracle {
         while p.contains("//") {
             p = p.replace("//", "/");
         }
+        let p = remove_dot_segments(&p);
+        let p: Vec<&str> = p
+            .split('/')
+            .map(|seg| if seg == "." || seg == ".." { seg } else { seg.trim_end_matches(['.', ' ']) })
+            .collect();
         // Both ways a case-insensitive upstream may compare: lower case and upper case.
-        remove_dot_segments(&p).to_uppercase().to_lowercase()
+        p.join("/").to_uppercase().to_lowercase()
     }
 
     fn app(prefix: &str) -> App {

@@ -81,9 +81,11 @@ pub enum Event {
         factor: String,
         client: String,
     },
-    /// Consecutive failures locked an account until `until` (Unix time).
+    /// Consecutive failures locked an account's password or its second factors (`lock`)
+    /// until `until` (Unix time).
     AccountLocked {
         user: String,
+        lock: String,
         failures: u32,
         until: i64,
         client: String,

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use rusqlite::OptionalExtension;
 
 use crate::audit::{self, Event, Verdict};
 use crate::clock::{Clock, SystemClock, format_utc};
@@ -668,25 +667,23 @@ fn user(cmd: UserCmd) -> anyhow::Result<i32> {
             if !store.user_exists(&name)? {
                 bail!("no user {name}");
             }
-            let (f, lock) = store.with(|c| {
-                let f = crate::identity::mfa::factors(c, &name)?;
-                let lock: Option<(u32, i64)> = c
-                    .query_row("SELECT failures, locked_until FROM lockouts WHERE user = ?1", [&name], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })
-                    .optional()?;
-                Ok((f, lock))
+            let (f, locks) = store.with(|c| {
+                Ok((crate::identity::mfa::factors(c, &name)?, crate::identity::mfa::lock_state(c, &name)?))
             })?;
             println!("user:            {name}");
             println!("authenticator:   {}", if f.totp { "set up" } else { "none" });
             println!("passkeys:        {}", f.passkeys);
             println!("recovery codes:  {} unused", f.recovery_left);
-            match lock {
-                Some((n, until)) if until > SystemClock.now() => {
-                    println!("locked:          until {} ({n} failures)", format_utc(until))
+            if locks.is_empty() {
+                println!("locked:          no");
+            }
+            for (lock, n, until) in locks {
+                let what = lock.as_str();
+                if until > SystemClock.now() {
+                    println!("locked:          until {} ({n} failures: {what})", format_utc(until));
+                } else {
+                    println!("locked:          no ({n} recent failures: {what})");
                 }
-                Some((n, _)) => println!("locked:          no ({n} recent failures)"),
-                None => println!("locked:          no"),
             }
         }
         UserCmd::MfaReset { name, config } => {
@@ -702,7 +699,8 @@ fn user(cmd: UserCmd) -> anyhow::Result<i32> {
         UserCmd::Unlock { name, config } => {
             let cfg = load_or_exit(&config.config)?;
             let store = Store::open(&cfg.database)?;
-            let was = store.with(|c| crate::identity::mfa::unlock(c, &name))?;
+            use crate::identity::mfa::{Lock, unlock};
+            let was = store.with(|c| Ok(unlock(c, &name, Lock::Password)? | unlock(c, &name, Lock::Factor)?))?;
             record_admin(&cfg, "user unlock", &name, if was { "failures cleared" } else { "was not locked" })?;
             println!("{name} can sign in again.");
         }

@@ -170,11 +170,54 @@ impl LockPolicy {
     }
 }
 
-/// True while `user` is locked.
-pub fn locked(conn: &Connection, user: &str, now: UnixTime) -> rusqlite::Result<bool> {
-    let until: Option<i64> =
-        conn.query_row("SELECT locked_until FROM lockouts WHERE user = ?1", [user], |r| r.get(0)).optional()?;
+/// What a lock guards: the password, or the second factors. They count apart, so that a
+/// right password never clears the count of wrong codes (a thief who has the password could
+/// otherwise guess codes without end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    Password,
+    Factor,
+}
+
+impl Lock {
+    /// The key of this lock in the `lockouts` table (`/` is not in user names).
+    fn key(self, user: &str) -> String {
+        match self {
+            Lock::Password => user.to_string(),
+            Lock::Factor => format!("{user}/factor"),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lock::Password => "password",
+            Lock::Factor => "second factor",
+        }
+    }
+}
+
+/// True while `user`'s `lock` is locked.
+pub fn locked(conn: &Connection, user: &str, lock: Lock, now: UnixTime) -> rusqlite::Result<bool> {
+    let until: Option<i64> = conn
+        .query_row("SELECT locked_until FROM lockouts WHERE user = ?1", [lock.key(user)], |r| r.get(0))
+        .optional()?;
     Ok(until.is_some_and(|u| u > now))
+}
+
+/// Failures and lock end of each of `user`'s locks that has any.
+pub fn lock_state(conn: &Connection, user: &str) -> rusqlite::Result<Vec<(Lock, u32, UnixTime)>> {
+    let mut out = Vec::new();
+    for lock in [Lock::Password, Lock::Factor] {
+        let row: Option<(u32, i64)> = conn
+            .query_row("SELECT failures, locked_until FROM lockouts WHERE user = ?1", [lock.key(user)], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if let Some((n, until)) = row {
+            out.push((lock, n, until));
+        }
+    }
+    Ok(out)
 }
 
 /// Counts a failure; returns (consecutive failures, locked until) when this failure locks.
@@ -182,8 +225,10 @@ pub fn record_failure(
     conn: &Connection,
     policy: LockPolicy,
     user: &str,
+    lock: Lock,
     now: UnixTime,
 ) -> rusqlite::Result<Option<(u32, UnixTime)>> {
+    let user = lock.key(user);
     let failures: u32 = conn.query_row(
         "INSERT INTO lockouts (user, failures, locked_until, last_failure) VALUES (?1, 1, 0, ?2)
          ON CONFLICT (user) DO UPDATE SET failures = failures + 1, last_failure = excluded.last_failure
@@ -201,8 +246,9 @@ pub fn record_failure(
 }
 
 /// Clears the failure count (after a success, or by an admin).
-pub fn unlock(conn: &Connection, user: &str) -> rusqlite::Result<bool> {
-    Ok(conn.execute("DELETE FROM lockouts WHERE user = ?1", [user])? > 0)
+/// Clears one of `user`'s locks and its count.
+pub fn unlock(conn: &Connection, user: &str, lock: Lock) -> rusqlite::Result<bool> {
+    Ok(conn.execute("DELETE FROM lockouts WHERE user = ?1", [lock.key(user)])? > 0)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use crate::audit::Event;
 use crate::body::Body;
 use crate::config::MissingFactor;
 use crate::gateway::{Gateway, error_page, redirect};
-use crate::identity::mfa::{self, Factors, PROOF_PASSWORD_ONLY, PROOF_SECOND_FACTOR};
+use crate::identity::mfa::{self, Factors, Lock, PROOF_PASSWORD_ONLY, PROOF_SECOND_FACTOR};
 use crate::identity::{password, totp, valid_name};
 use crate::session::{Proof, Session};
 use crate::store::Store;
@@ -124,7 +124,13 @@ pub(crate) async fn password_check(gw: &Gateway, user: &str, pw: &str, client: I
     let name = user.to_string();
     let (locked, hash, source) = gw
         .store
-        .run(move |c| Ok((mfa::locked(c, &name, now)?, Store::password_hash(c, &name)?, Store::user_source(c, &name)?)))
+        .run(move |c| {
+            Ok((
+                mfa::locked(c, &name, Lock::Password, now)?,
+                Store::password_hash(c, &name)?,
+                Store::user_source(c, &name)?,
+            ))
+        })
         .await
         .unwrap_or((true, None, None));
     let directory_user = match &source {
@@ -150,7 +156,7 @@ pub(crate) async fn password_check(gw: &Gateway, user: &str, pw: &str, client: I
     };
     // An outage is not the user's fault: it does not count towards a lock.
     if outcome != PasswordCheck::DirectoryDown {
-        settle(gw, &counted_on, matches!(outcome, PasswordCheck::Right(_)), client).await;
+        settle(gw, &counted_on, Lock::Password, matches!(outcome, PasswordCheck::Right(_)), client).await;
     }
     outcome
 }
@@ -181,7 +187,8 @@ async fn directory_check(
         }
     };
     let (now, name) = (gw.clock.now(), found.name.clone());
-    let state = gw.store.run(move |c| Ok((mfa::locked(c, &name, now)?, Store::user_source(c, &name)?))).await;
+    let state =
+        gw.store.run(move |c| Ok((mfa::locked(c, &name, Lock::Password, now)?, Store::user_source(c, &name)?))).await;
     let usable = match state {
         Ok((false, None)) => true,
         Ok((false, Some((source, disabled)))) => source == "ldap" && !disabled,
@@ -225,17 +232,30 @@ async fn directory_check(
     }
 }
 
-/// Records the outcome of one factor check for the lockout, auditing a lock.
-pub(crate) async fn settle(gw: &Gateway, user: &str, ok: bool, client: IpAddr) {
+/// Records the outcome of one check of a password or a factor (`lock`) for the lockout,
+/// auditing a lock.
+pub(crate) async fn settle(gw: &Gateway, user: &str, lock: Lock, ok: bool, client: IpAddr) {
     let (name, now, policy) = (user.to_string(), gw.clock.now(), gw.cfg.login.lock);
     let result = gw
         .store
-        .run(move |c| if ok { mfa::unlock(c, &name).map(|_| None) } else { mfa::record_failure(c, policy, &name, now) })
+        .run(move |c| {
+            if ok {
+                mfa::unlock(c, &name, lock).map(|_| None)
+            } else {
+                mfa::record_failure(c, policy, &name, lock, now)
+            }
+        })
         .await;
     match result {
         Ok(Some((failures, until))) => {
-            tracing::warn!(user = %user, failures, "Account locked");
-            let ev = Event::AccountLocked { user: user.to_string(), failures, until, client: client.to_string() };
+            tracing::warn!(user = %user, failures, lock = lock.as_str(), "Account locked");
+            let ev = Event::AccountLocked {
+                user: user.to_string(),
+                lock: lock.as_str().into(),
+                failures,
+                until,
+                client: client.to_string(),
+            };
             if let Err(e) = gw.audit.record(ev).await {
                 tracing::error!(error = %e, "Audit write failed");
             }
@@ -401,7 +421,7 @@ pub(crate) async fn factor_submit(gw: &Gateway, call: Call, mode: Mode) -> Respo
         let checked = gw
             .store
             .run(move |c| {
-                if mfa::locked(c, &name, now)? {
+                if mfa::locked(c, &name, Lock::Factor, now)? {
                     return Ok((false, 0));
                 }
                 if use_recovery {
@@ -413,7 +433,7 @@ pub(crate) async fn factor_submit(gw: &Gateway, call: Call, mode: Mode) -> Respo
             })
             .await;
         let (ok, remaining) = checked.unwrap_or((false, 0));
-        settle(gw, &user, ok, client).await;
+        settle(gw, &user, Lock::Factor, ok, client).await;
         let factor = if use_recovery { "rc" } else { "otp" };
         if !ok {
             let ev = Event::MfaFailed { user: user.clone(), factor: factor.into(), client: client.to_string() };
@@ -584,8 +604,14 @@ pub(crate) async fn totp_confirm(gw: &Gateway, call: Call) -> Response<Body> {
     let proof = proof_of(gw, &user).await;
     let (sealer, name, now, code) =
         (gw.portal.sealer.clone(), user.clone(), gw.clock.now(), call.field("code").to_string());
-    let ok = gw.store.run(move |c| mfa::totp_check(c, &sealer, &name, &code, now, true)).await.unwrap_or(false);
-    settle(gw, &user, ok, ctx.client).await;
+    let ok = gw
+        .store
+        .run(move |c| {
+            Ok(!mfa::locked(c, &name, Lock::Factor, now)? && mfa::totp_check(c, &sealer, &name, &code, now, true)?)
+        })
+        .await
+        .unwrap_or(false);
+    settle(gw, &user, Lock::Factor, ok, ctx.client).await;
     if !ok {
         let msg = "That code did not work. Check the app and try the current one.";
         return totp_enrol_view(gw, s, call.headers(), &next, Some(msg)).await;

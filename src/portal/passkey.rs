@@ -124,35 +124,46 @@ fn landed(token: &str, v: serde_json::Value) -> Response<Body> {
     resp
 }
 
-#[derive(Deserialize)]
-struct RegisterStart {
-    name: String,
-    #[serde(default)]
-    next: String,
+#[derive(askama::Template)]
+#[template(path = "passkey_register.html")]
+struct RegisterPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    next: &'a str,
+    name: &'a str,
+    ceremony: &'a str,
+    /// The creation options, as JSON.
+    options: &'a str,
 }
 
-/// POST /.poort/security/passkey/start (a fresh session): offer a registration.
+/// POST /.poort/security/passkey/start (a fresh session, the person's own form post): a
+/// page with a registration to create. A script cannot start one: it gets no such page.
 pub(crate) async fn register_start(gw: &Gateway, call: Call) -> Response<Body> {
     let s = call.session().clone();
-    let body: RegisterStart = match body(&call) {
-        Some(v) => v,
-        None => return malformed(),
-    };
-    let name = body.name.trim().chars().filter(|c| !c.is_control()).take(64).collect::<String>();
+    let next = call.field("next").to_string();
+    let name = call.field("name").trim().chars().filter(|c| !c.is_control()).take(64).collect::<String>();
     if name.is_empty() {
-        return refuse(StatusCode::BAD_REQUEST, "give the passkey a name");
+        return crate::gateway::error_page(StatusCode::BAD_REQUEST, call.ctx.id);
     }
     let user = s.identity.user.clone();
     let existing = {
         let u = user.clone();
         gw.store.run(move |c| Ok((passkey::handle(c, &u)?, passkey::list(c, &u)?))).await
     };
-    let Ok((handle, existing)) = existing else { return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later") };
+    let Ok((handle, existing)) = existing else {
+        return crate::gateway::error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id);
+    };
     let exclude = existing.iter().map(|p| p.passkey.cred_id().clone()).collect();
     let pk = &gw.portal.passkeys;
     match pk.webauthn.start_passkey_registration(handle, &user, &user, Some(exclude)) {
         Ok((options, state)) => {
-            let c = Ceremony::Register { session: s.id.clone(), user, name, next: body.next, state };
+            let c = Ceremony::Register {
+                session: s.id.clone(),
+                user: user.clone(),
+                name: name.clone(),
+                next: next.clone(),
+                state,
+            };
             let id = pk.put(gw.clock.now(), c);
             // webauthn-rs asks authenticators not to store the credential ("discouraged"); ask
             // them to, where they can, so that it also serves passwordless sign-in. Keys
@@ -162,11 +173,15 @@ pub(crate) async fn register_start(gw: &Gateway, call: Call) -> Response<Body> {
             {
                 sel.insert("residentKey".into(), "preferred".into());
             }
-            json(StatusCode::OK, serde_json::json!({ "ceremony": id, "options": options }))
+            let (csrf, new) = super::csrf_for_page(call.headers());
+            let next = if safe_next(&next, &gw.cfg) == super::Next::Portal { "" } else { next.as_str() };
+            let options = options.to_string();
+            let page = RegisterPage { user: &user, csrf: &csrf, next, name: &name, ceremony: &id, options: &options };
+            super::with_csrf_cookie(super::html(StatusCode::OK, &page), &csrf, new)
         }
         Err(e) => {
             tracing::error!(error = %e, "Starting a passkey registration failed");
-            refuse(StatusCode::INTERNAL_SERVER_ERROR, "could not start")
+            crate::gateway::error_page(StatusCode::INTERNAL_SERVER_ERROR, call.ctx.id)
         }
     }
 }
@@ -314,11 +329,11 @@ pub(crate) async fn factor_finish(gw: &Gateway, call: Call) -> Response<Body> {
         return refuse(StatusCode::BAD_REQUEST, "that sign-in belongs to another session");
     }
     let (u, n) = (user.clone(), now);
-    let locked = gw.store.run(move |c| factors::locked(c, &u, n)).await.unwrap_or(true);
+    let locked = gw.store.run(move |c| factors::locked(c, &u, factors::Lock::Factor, n)).await.unwrap_or(true);
     let result =
         gw.portal.passkeys.webauthn.finish_passkey_authentication(&body.credential, &state).map_err(|e| e.to_string());
     let ok = !locked && verify_and_touch(gw, &user, result).await;
-    mfa::settle(gw, &user, ok, ctx.client).await;
+    mfa::settle(gw, &user, factors::Lock::Factor, ok, ctx.client).await;
     if !ok {
         let ev = Event::MfaFailed { user: user.clone(), factor: "hwk".into(), client: ctx.client.to_string() };
         if let Err(e) = gw.audit.record(ev).await {
@@ -374,7 +389,7 @@ pub(crate) async fn passwordless_finish(gw: &Gateway, call: Call) -> Response<Bo
         .store
         .run(move |c| {
             let Some(user) = passkey::user_by_handle(c, &handle)? else { return Ok(None) };
-            let locked = factors::locked(c, &user, now)?;
+            let locked = factors::locked(c, &user, factors::Lock::Factor, now)?;
             let stored = passkey::list(c, &user)?.into_iter().find(|p| p.id == cred);
             Ok(stored.map(|p| (user, locked, p)))
         })
@@ -390,7 +405,7 @@ pub(crate) async fn passwordless_finish(gw: &Gateway, call: Call) -> Response<Bo
     let result =
         wa.finish_discoverable_authentication_v2(&body.credential, state, &stored.passkey).map_err(|e| e.to_string());
     let ok = !locked && verify_and_touch(gw, &user, result).await;
-    mfa::settle(gw, &user, ok, ctx.client).await;
+    mfa::settle(gw, &user, factors::Lock::Factor, ok, ctx.client).await;
     if !ok {
         let ev = Event::LoginFailed { user: user.clone(), client: ctx.client.to_string() };
         if let Err(e) = gw.audit.record(ev).await {

@@ -129,8 +129,8 @@ pub struct Route {
     /// Stays open to everyone during a lockdown (so that an administrator can sign in).
     pub lockdown: bool,
     /// Must be a person's own action in the portal: a navigation they started on a portal
-    /// page (`Sec-Fetch-Site: same-origin`, and for forms `Sec-Fetch-Mode: navigate` with
-    /// `Sec-Fetch-User: ?1`), never a script's request.
+    /// page (`Sec-Fetch-Site: same-origin`, `Sec-Fetch-Mode: navigate`, `Sec-Fetch-User:
+    /// ?1`), never a script's request. Only form rows can be: a JSON request is a script's.
     pub own_action: bool,
     pub page: Page,
 }
@@ -196,11 +196,13 @@ pub const ROUTES: &[Route] = &[
     row(Portal, "/.poort/security", Get, Session, NoBody, Page::Security),
     row(Portal, "/.poort/security/totp", Post, Fresh, Form, Page::TotpBegin).own_action(),
     // Confirms the secret a fresh session began, with a code from it.
-    row(Portal, "/.poort/security/totp/confirm", Post, Session, Form, Page::TotpConfirm).limited(),
+    row(Portal, "/.poort/security/totp/confirm", Post, Fresh, Form, Page::TotpConfirm).own_action().limited(),
     row(Portal, "/.poort/security/totp/remove", Post, Fresh, Form, Page::TotpRemove).own_action(),
     row(Portal, "/.poort/security/recovery", Post, Fresh, Form, Page::RecoveryCodes).own_action(),
     row(Portal, "/.poort/security/passkey/remove", Post, Fresh, Form, Page::PasskeyRemove).own_action(),
-    row(Portal, "/.poort/security/passkey/start", Post, Fresh, Json, Page::PasskeyRegisterStart).own_action(),
+    // A form post (the person's own navigation) that answers with a page carrying the
+    // registration: a script's request gets nothing to register.
+    row(Portal, "/.poort/security/passkey/start", Post, Fresh, Form, Page::PasskeyRegisterStart).own_action(),
     // Finishes the ceremony a fresh session started, bound to that session.
     row(Portal, "/.poort/security/passkey/finish", Post, Session, Json, Page::PasskeyRegisterFinish),
     row(Portal, "/.poort/device", Get, Session, NoBody, Page::DeviceForm),
@@ -311,7 +313,7 @@ pub async fn dispatch(gw: &Gateway, mut ctx: Ctx, on_portal_host: bool, req: Req
             _ => error_page(StatusCode::TOO_MANY_REQUESTS, ctx.id),
         };
     }
-    if route.own_action && !own_action(&head.headers, route.input) {
+    if route.own_action && !own_action(&head.headers) {
         tracing::warn!(request = %ctx.id, client = %ctx.client, path, "Refused: not a person's own action in the portal");
         return error_page(StatusCode::FORBIDDEN, ctx.id);
     }
@@ -402,14 +404,12 @@ pub async fn fresh(gw: &Gateway, s: &Session) -> bool {
     s.fresh(gw.clock.now(), has_factor)
 }
 
-/// Fetch metadata of a person's own action on a portal page (see `Route::own_action`).
-fn own_action(h: &HeaderMap, input: Input) -> bool {
+/// Fetch metadata of a person's own action on a portal page (see `Route::own_action`): a
+/// navigation from a portal page that the user activated. A script's request (`fetch`, a
+/// form it submits without a click) never carries all three.
+fn own_action(h: &HeaderMap) -> bool {
     let is = |name: &str, want: &[u8]| h.get(name).is_some_and(|v| v.as_bytes() == want);
-    let same_origin = is("sec-fetch-site", b"same-origin");
-    match input {
-        Json => same_origin && (is("sec-fetch-mode", b"cors") || is("sec-fetch-mode", b"same-origin")),
-        _ => same_origin && is("sec-fetch-mode", b"navigate") && is("sec-fetch-user", b"?1"),
-    }
+    is("sec-fetch-site", b"same-origin") && is("sec-fetch-mode", b"navigate") && is("sec-fetch-user", b"?1")
 }
 
 /// A request from a portal page: the Origin is the portal's and `sent` (the form field or
@@ -457,6 +457,9 @@ mod tests {
     fn changing_factors_needs_a_fresh_proof_and_an_own_action() {
         use Page::*;
         for r in ROUTES {
+            if r.own_action {
+                assert_eq!((r.page, r.input), (r.page, Form), "a person's own action is a form post");
+            }
             let changes =
                 matches!(r.page, TotpBegin | TotpRemove | RecoveryCodes | PasskeyRemove | PasskeyRegisterStart);
             if changes {

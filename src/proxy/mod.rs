@@ -432,11 +432,7 @@ impl Proxy {
             };
         let (mut parts, body) = resp.into_parts();
         clean_response_headers(&mut parts.headers, false);
-        let body = match line {
-            Some(line) => Body::watched(body, line),
-            None => Body::Upstream(body),
-        };
-        Ok(Response::from_parts(parts, body))
+        Ok(Response::from_parts(parts, watched(Body::Upstream(body), line)))
     }
 
     /// A WebSocket request: on its own connection (never pooled), spliced to the client's
@@ -460,7 +456,7 @@ impl Proxy {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = resp.into_parts();
             clean_response_headers(&mut parts.headers, false);
-            return Ok(Response::from_parts(parts, Body::Direct(body)));
+            return Ok(Response::from_parts(parts, watched(Body::Direct(body), line)));
         }
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
@@ -484,6 +480,14 @@ impl Proxy {
         let (mut parts, _) = resp.into_parts();
         clean_response_headers(&mut parts.headers, true);
         Ok(Response::from_parts(parts, Body::empty()))
+    }
+}
+
+/// A response body for a session ends with the session.
+fn watched(body: Body, line: Option<crate::session::Lifeline>) -> Body {
+    match line {
+        Some(line) => Body::watched(body, line),
+        None => body,
     }
 }
 

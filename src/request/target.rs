@@ -126,23 +126,34 @@ const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 /// The one form in which paths are compared by routing and by mitigation rules: ASCII letters
 /// in lower case, and the few other letters whose simple case mapping is an ASCII letter
-/// (U+0131 dotless i, U+017F long s, U+212A Kelvin sign) folded to that letter. An upstream that
-/// compares paths without regard to case, in ASCII or in Unicode, then serves the same
+/// (U+0130 dotted capital I, U+0131 dotless i, U+017F long s, U+212A Kelvin sign) folded to
+/// that letter; and dots and spaces at the end of a segment dropped, as Windows and IIS drop
+/// them (`/secret.` and `/secret ` are `/secret` there). An upstream that compares paths
+/// without regard to case, in ASCII or in Unicode, or on Windows, then serves the same
 /// resource for every spelling that meets the same rule. Allocates only when something
 /// changes.
 pub fn fold_case(path: &str) -> std::borrow::Cow<'_, str> {
     let needs = |c: char| c.is_ascii_uppercase() || (!c.is_ascii() && ascii_fold(c).is_some());
-    if !path.chars().any(needs) {
+    let trailing = path.split('/').any(|seg| seg.ends_with(['.', ' ']) && seg != "." && seg != "..");
+    if !trailing && !path.chars().any(needs) {
         return std::borrow::Cow::Borrowed(path);
     }
-    let folded =
+    let folded: String =
         path.chars().map(|c| if c.is_ascii() { c.to_ascii_lowercase() } else { ascii_fold(c).unwrap_or(c) }).collect();
-    std::borrow::Cow::Owned(folded)
+    if !trailing {
+        return std::borrow::Cow::Owned(folded);
+    }
+    let segments: Vec<&str> = folded.split('/').map(|seg| seg.trim_end_matches(['.', ' '])).collect();
+    std::borrow::Cow::Owned(segments.join("/"))
 }
 
 /// The lower-case ASCII letter a non-ASCII character turns into under a simple (one
 /// character to one character) case mapping, if any.
 fn ascii_fold(c: char) -> Option<char> {
+    // Its simple lowercase mapping is `i`; the full one (Rust's) adds a combining dot.
+    if c == '\u{130}' {
+        return Some('i');
+    }
     fn single(mut it: impl Iterator<Item = char>) -> Option<char> {
         let first = it.next()?;
         it.next().is_none().then_some(first)
@@ -347,7 +358,11 @@ mod tests {
         assert_eq!(fold_case("/wı\u{212A}i/ſecret"), "/wiki/secret");
         // Other letters stay as they are.
         assert_eq!(fold_case("/Café/Ärger"), "/café/Ärger");
-        assert_eq!(fold_case("/İ"), "/İ");
+        assert_eq!(fold_case("/ADM\u{130}N"), "/admin");
+        // Windows drops dots and spaces at the end of a segment.
+        assert_eq!(fold_case("/up/secret./x"), "/up/secret/x");
+        assert_eq!(fold_case("/up/Secret . "), "/up/secret");
+        assert_eq!(fold_case("/up/v1.2/"), "/up/v1.2/");
     }
 
     #[test]

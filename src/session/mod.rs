@@ -114,6 +114,7 @@ pub struct Line {
     expires_at: UnixTime,
     last_seen: AtomicI64,
     persisted_seen: AtomicI64,
+    user: String,
     /// The user's groups as last loaded (a lockdown keeps only one group's lines).
     groups: Mutex<Vec<String>>,
 }
@@ -369,6 +370,7 @@ impl Sessions {
                 expires_at: row.expires_at,
                 last_seen: AtomicI64::new(row.last_seen),
                 persisted_seen: AtomicI64::new(row.last_seen),
+                user: row.user.clone(),
                 groups: Mutex::new(Vec::new()),
             })
         });
@@ -523,6 +525,15 @@ impl Sessions {
     fn forget_user(&self, user: &str) {
         if let Ok(mut c) = self.cache.write() {
             c.retain(|_, s| s.identity.user != user);
+        }
+        // Their groups may have changed: until the next request loads them, the user's open
+        // connections count as in no group (a lockdown cuts them).
+        for line in self.lines.lock().expect("invariant: lock not poisoned").values() {
+            if line.user == user {
+                if let Ok(mut g) = line.groups.lock() {
+                    g.clear();
+                }
+            }
         }
     }
 

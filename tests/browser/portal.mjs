@@ -146,6 +146,10 @@ try {
   // The authenticator code given a moment ago is a fresh second factor: changes are open.
   await page.fill("#pk-name", "laptop");
   await page.click("button:has-text(\"Add a passkey\")");
+  await page.waitForURL(`${gateway}/.poort/security/passkey/start`);
+  check("adding a passkey starts with the person's own form post", (await page.locator("button[data-passkey-create]").count()) === 1);
+  await page.click("button:has-text(\"Create the passkey\")");
+  await page.waitForURL(`${gateway}/.poort/security`, { timeout: 10000 }).catch(() => {});
   await page.waitForSelector("td:has-text(\"laptop\")", { timeout: 10000 }).catch(() => {});
   check("a passkey can be added and named", (await page.locator("td", { hasText: "laptop" }).count()) === 1, await page.locator("#passkey-status").textContent().catch(() => ""));
   await shot("10-passkey");

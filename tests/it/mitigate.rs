@@ -219,8 +219,14 @@ header = [{ name = "user-agent", contains = "sqlmap" }]
         "/app/%61dmin/panel",
         "/app/%41DMIN/panel",
         "/app/adm%C4%B1n/panel",
+        "/app/ADM%C4%B0N/panel",
+        "/app/admin./panel",
+        "/app/admin%20/panel",
         "/pub/secret/",
         "/PUB/Secret",
+        "/pub/secret.",
+        "/pub/secret%20",
+        "/pub/secret%20.",
     ] {
         let before = gate.upstream.hits();
         let r = gate.get(target, Some(&s)).await;

@@ -15,19 +15,31 @@ fn body(r: &crate::harness::Resp) -> serde_json::Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("not JSON: {}", r.text()))
 }
 
-/// Registers `key` for the session's user; returns the renewed session and the response.
+/// The value of `data-NAME="..."` on a page, unescaped.
+fn data(page: &str, name: &str) -> String {
+    let raw = page.split(&format!("data-{name}=\"")).nth(1).unwrap().split('"').next().unwrap();
+    raw.replace("&quot;", "\"")
+        .replace("&#34;", "\"")
+        .replace("&#39;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
+/// Registers `key` for the session's user as the security page does it: the person's form
+/// post starts the registration, the page's script creates and sends it. Returns the renewed
+/// session and the response.
 async fn register(gate: &Gate, session: &str, key: &mut SoftPasskey, name: &str) -> (String, serde_json::Value) {
-    let start =
-        gate.post_json("/.poort/security/passkey/start", Some(session), &serde_json::json!({ "name": name })).await;
+    let start = gate.post("/.poort/security/passkey/start", session, &[("name", name)]).await;
     assert_eq!(start.status, 200, "{}", start.text());
-    let start = body(&start);
-    let options: CreationChallengeResponse = serde_json::from_value(start["options"].clone()).unwrap();
+    let page = start.text();
+    let options: CreationChallengeResponse = serde_json::from_str(&data(&page, "options")).unwrap();
     let credential = key.do_registration(origin(), options).expect("the soft authenticator registers");
     let finish = gate
         .post_json(
             "/.poort/security/passkey/finish",
             Some(session),
-            &serde_json::json!({ "ceremony": start["ceremony"], "credential": credential }),
+            &serde_json::json!({ "ceremony": data(&page, "ceremony"), "credential": credential }),
         )
         .await;
     assert_eq!(finish.status, 200, "{}", finish.text());
@@ -156,4 +168,22 @@ async fn removing_a_passkey_needs_a_fresh_second_factor() {
     assert!(right.text().contains("The passkey was removed."));
     let left: i64 = gate.store().with(|c| c.query_row("SELECT count(*) FROM passkeys", [], |r| r.get(0))).unwrap();
     assert_eq!(left, 0);
+}
+
+/// A user with a passkey who began setting up an authenticator app and did not finish: a
+/// thief with the password can neither see that app's secret nor finish the set-up.
+#[tokio::test]
+async fn an_unfinished_authenticator_set_up_is_not_a_thiefs_to_finish() {
+    let gate = Gate::start().await;
+    let mut key = SoftPasskey::new(true);
+    let s = gate.login("alice").await;
+    let (s, _) = register(&gate, &s, &mut key, "laptop").await;
+    let begun = gate.post("/.poort/security/totp", &s, &[]).await;
+    assert!(begun.text().contains("data:image/svg+xml"), "the set-up began: {}", begun.text());
+    let thief = gate.login("alice").await;
+    let r = gate.post("/.poort/security/totp/confirm", &thief, &[("code", "000000")]).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert!(r.header("location").unwrap().contains("/.poort/confirm"));
+    assert!(!r.text().contains("data:image/svg+xml") && !r.text().contains("class=\"key\""), "the secret was shown");
+    assert_eq!(gate.get("/vault/", Some(&thief)).await.status, 401);
 }

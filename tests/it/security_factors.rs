@@ -48,15 +48,13 @@ async fn a_stolen_password_never_becomes_a_second_factor() {
         assert!(r.header("location").unwrap().contains("/.poort/confirm"), "{path}");
         assert!(!r.text().contains("<li><code>"), "{path}: recovery codes were shown");
     }
-    let r = gate
-        .post_json(
-            "/.poort/security/passkey/start",
-            Some(&thief),
-            &serde_json::json!({ "name": "mine", "password": PASSWORD }),
-        )
-        .await;
-    assert_eq!(r.status, 403, "{}", r.text());
+    let r = gate.post("/.poort/security/passkey/start", &thief, &[("name", "mine"), ("password", PASSWORD)]).await;
+    assert_eq!(r.status, 303, "{}", r.text());
     assert!(!r.text().contains("publicKey"), "a registration was offered");
+    // The unfinished set-up of an authenticator app is not the thief's to finish either.
+    let r = gate.post("/.poort/security/totp/confirm", &thief, &[("code", "000000")]).await;
+    assert_eq!(r.status, 303);
+    assert!(!r.text().contains("data:image/svg+xml") && !r.text().contains("class=\"key\""));
     // The password is no proof for a user who has a second factor.
     let r = gate.post("/.poort/confirm", &thief, &[("password", PASSWORD), ("next", "/.poort/security")]).await;
     assert_eq!(r.status, 400);
@@ -91,8 +89,13 @@ async fn changing_factors_needs_a_fresh_second_factor_and_a_person() {
     let s = gate.confirm(&s, &[("code", &code), ("next", "/.poort/security")]).await;
     let page = gate.get("/.poort/security", Some(&s)).await.text();
     assert!(page.contains("/.poort/security/totp/remove"), "the forms are shown to a fresh session");
-    // A script's request (no user activation, not a navigation) is refused even now.
+    // A script's request (no user activation, not a navigation) is refused even now, and so is
+    // a script starting a passkey registration: with a fetch, as JSON, or as a form.
     assert_eq!(scripted(&gate, &s, "/.poort/security/recovery", "", "cors").await, 403);
+    assert_eq!(scripted(&gate, &s, "/.poort/security/passkey/start", "name=evil", "cors").await, 403);
+    let r = gate.post_json("/.poort/security/passkey/start", Some(&s), &serde_json::json!({ "name": "evil" })).await;
+    assert!(r.status == 400 || r.status == 403, "{}", r.status);
+    assert!(!r.text().contains("publicKey"));
     let r = gate.post("/.poort/security/recovery", &s, &[]).await;
     assert_eq!(r.status, 200);
     assert!(r.text().contains("<li><code>"));
@@ -259,4 +262,28 @@ async fn tunnels_open_for_the_command_line_only() {
     let ws =
         gate.websocket("localhost", "/.poort/tunnel/sink", &[("X-Poort-Client", "cli"), ("Cookie", &cookie)]).await;
     assert!(ws.is_ok());
+}
+
+/// A right password does not clear the count of wrong second-factor codes: a thief who has the
+/// password cannot guess codes without end by signing in again between guesses.
+#[tokio::test]
+async fn the_password_never_resets_the_count_of_wrong_codes() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let (secret, _, _) = enrol(&gate, &s).await;
+    for _ in 0..2 {
+        let thief = gate.login("alice").await;
+        for _ in 0..4 {
+            assert_eq!(gate.post("/.poort/mfa", &thief, &[("code", "000000")]).await.status, 401);
+        }
+    }
+    let thief = gate.login("alice").await;
+    gate.clock.advance(30);
+    let right = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
+    let r = gate.post("/.poort/mfa", &thief, &[("code", &right), ("next", "/vault/")]).await;
+    assert_eq!(r.status, 401, "the second factor is locked after eight wrong codes");
+    let locks = gate.audit("account_locked");
+    assert!(locks.iter().any(|e| e["user"] == "alice" && e["lock"] == "second factor"), "{locks:?}");
+    // The password lock is its own: alice can still sign in with her password.
+    assert_eq!(gate.try_login("alice", PASSWORD, "").await.status, 303);
 }

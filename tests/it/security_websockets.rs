@@ -50,10 +50,16 @@ enum End {
     Expiry,
 }
 
-/// A stream response read until it ends; returns when it ended.
-async fn read_stream(gate: &Gate, cookie: &str) -> tokio::task::JoinHandle<Instant> {
+/// A stream response read until it ends; returns when it ended. With `upgrade`, the request
+/// asks for a WebSocket the app does not grant (it answers with the stream instead).
+async fn read_stream(gate: &Gate, cookie: &str, upgrade: bool) -> tokio::task::JoinHandle<Instant> {
     let mut tls = gate.connect(&[b"http/1.1"]).await;
-    let req = format!("GET /stream/feed HTTP/1.1\r\nHost: localhost\r\nCookie: {cookie}\r\n\r\n");
+    let ws = if upgrade {
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    } else {
+        ""
+    };
+    let req = format!("GET /stream/feed HTTP/1.1\r\nHost: localhost\r\nCookie: {cookie}\r\n{ws}\r\n");
     tls.write_all(req.as_bytes()).await.unwrap();
     let mut first = [0u8; 64];
     let n = tls.read(&mut first).await.unwrap();
@@ -82,9 +88,10 @@ async fn websockets_and_streams_end_within_a_second_of_their_session() {
         let mut ws = gate.websocket("localhost", "/ws/", &[("Cookie", &cookie)]).await.unwrap();
         ws.send(Message::text("before")).await.unwrap();
         assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
-        let feed = read_stream(&gate, &cookie).await;
+        let feed = read_stream(&gate, &cookie, false).await;
+        let refused_upgrade = read_stream(&gate, &cookie, true).await;
         tokio::time::sleep(Duration::from_millis(250)).await;
-        assert!(!feed.is_finished(), "{end:?}: the stream ended early");
+        assert!(!feed.is_finished() && !refused_upgrade.is_finished(), "{end:?}: a stream ended early");
 
         let ended = Instant::now();
         match end {
@@ -107,12 +114,16 @@ async fn websockets_and_streams_end_within_a_second_of_their_session() {
         .await
         .unwrap_or_else(|_| panic!("{end:?}: the WebSocket outlived its session"));
         assert!(closed - ended < Duration::from_secs(1), "{end:?}: the WebSocket closed after {:?}", closed - ended);
-        let stream_end = tokio::time::timeout(Duration::from_secs(2), feed).await.expect("the stream ended").unwrap();
-        assert!(
-            stream_end - ended < Duration::from_secs(1),
-            "{end:?}: the stream ended after {:?}",
-            stream_end - ended
-        );
+        for (what, feed) in [("the stream", feed), ("the stream answering an upgrade", refused_upgrade)] {
+            let stream_end =
+                tokio::time::timeout(Duration::from_secs(2), feed).await.expect("the stream ended").unwrap();
+            assert!(stream_end > ended, "{end:?}: {what} ended before the session did");
+            assert!(
+                stream_end - ended < Duration::from_secs(1),
+                "{end:?}: {what} ended after {:?}",
+                stream_end - ended
+            );
+        }
         assert!(ended.elapsed() < Duration::from_secs(2));
 
         // Set things back for the next round.
@@ -129,4 +140,22 @@ async fn websockets_and_streams_end_within_a_second_of_their_session() {
             _ => {}
         }
     }
+}
+
+/// Taking a user out of the administrators takes effect on their open connections too: a
+/// lockdown right after cuts them, although the user made no request since.
+#[tokio::test]
+async fn a_lockdown_cuts_a_former_administrators_websocket() {
+    let gate = Gate::start_config("", "\n[mitigate]\nadmin_group = \"staff\"\n").await;
+    let s = gate.login("alice").await; // in staff: an administrator here
+    let cookie = format!("__Host-poort={s}");
+    let mut ws = gate.websocket("localhost", "/ws/", &[("Cookie", &cookie)]).await.unwrap();
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    assert!(gate.cli(&["user", "groups", "alice", "--remove", "staff"]).status.success());
+    tokio::time::sleep(Duration::from_millis(300)).await; // the change reaches the gateway
+    assert!(gate.cli(&["lockdown", "on"]).status.success());
+    let closed =
+        tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+    assert!(closed.is_ok(), "the former administrator's WebSocket outlived the lockdown");
 }
