@@ -142,25 +142,34 @@ impl Gateway {
         let client = request::client_addr(peer.ip(), req.headers(), &self.cfg.server.trusted_proxies);
         if req.uri().path() == self.marker {
             let why = conn.refused.take().unwrap_or(request::Reject::RequestLine);
-            return Box::pin(self.reject(why.status(), why.code(), client, id)).await;
+            return Box::pin(self.reject(why.status(), why.code(), client, "(a raw head)", id)).await;
         }
         // request::check: one canonical target and host, bounded headers, strict framing.
         let front = match request::check(req.method(), req.uri(), req.version(), req.headers()) {
             Ok(f) => f,
-            Err(r) => return Box::pin(self.reject(r.status(), r.code(), client, id)).await,
+            Err(r) => return Box::pin(self.reject(r.status(), r.code(), client, req.uri().path(), id)).await,
         };
         // The host must be the one the TLS handshake named (RFC 9110 §7.4: 421 makes a
         // browser that reused a connection for another host open a new one).
         if conn.sni.as_ref().is_some_and(|sni| *sni != front.host) {
-            return Box::pin(self.reject(StatusCode::MISDIRECTED_REQUEST, "host_not_sni", client, id)).await;
+            return Box::pin(self.reject(StatusCode::MISDIRECTED_REQUEST, "host_not_sni", client, &front.host, id))
+                .await;
         }
         if front.content_length.is_some_and(|n| n > self.cfg.proxy.max_body_bytes) {
-            return Box::pin(self.reject(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", client, id)).await;
+            return Box::pin(self.reject(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                client,
+                front.target.path(),
+                id,
+            ))
+            .await;
         }
         // route: portal, an app, or nothing.
         let found = self.routes.find(&front.host, front.target.path());
         if found == Found::UnknownHost {
-            return Box::pin(self.reject(StatusCode::MISDIRECTED_REQUEST, "unknown_host", client, id)).await;
+            return Box::pin(self.reject(StatusCode::MISDIRECTED_REQUEST, "unknown_host", client, &front.host, id))
+                .await;
         }
         // mitigate::check: the operator's emergency rules, before any session work.
         let app = match found {
@@ -185,7 +194,7 @@ impl Gateway {
                 path: front.target.path().chars().take(256).collect(),
                 client: client.to_string(),
             };
-            self.audit.refusal("locked_down", "lockdown", client, ev);
+            self.audit.refusal("locked_down", "lockdown", client, front.target.path(), ev);
             return maintenance_page(id);
         }
         let ctx = Ctx { id, front, client, session };
@@ -229,7 +238,7 @@ impl Gateway {
         };
         if let Some(status) = status {
             // A refusal: counted, not waited for.
-            self.audit.refusal("mitigation_matched", &rule, client, ev);
+            self.audit.refusal("mitigation_matched", &rule, client, front.target.path(), ev);
             return Some(blocked_page(status, id));
         }
         if let Err(e) = self.audit.record(ev).await {
@@ -287,7 +296,14 @@ impl Gateway {
                     Ok(resp) => resp,
                     // A body that broke its framing: refused like a bad head, and audited.
                     Err(crate::proxy::Failure::BadBody) => {
-                        Box::pin(self.reject(StatusCode::BAD_REQUEST, "body_malformed", ctx.client, ctx.id)).await
+                        Box::pin(self.reject(
+                            StatusCode::BAD_REQUEST,
+                            "body_malformed",
+                            ctx.client,
+                            ctx.front.target.path(),
+                            ctx.id,
+                        ))
+                        .await
                     }
                     Err(crate::proxy::Failure::CrossOrigin) => {
                         let ev = Event::AccessDenied {
@@ -380,10 +396,17 @@ impl Gateway {
 
     /// Refuses a request before routing: audited (counted, not waited for), constant page,
     /// connection closed.
-    async fn reject(&self, status: StatusCode, code: &'static str, client: IpAddr, id: RequestId) -> Response<Body> {
+    async fn reject(
+        &self,
+        status: StatusCode,
+        code: &'static str,
+        client: IpAddr,
+        path: &str,
+        id: RequestId,
+    ) -> Response<Body> {
         tracing::info!(request = %id, client = %client, code, "Request rejected");
         let ev = Event::RequestRejected { code: code.into(), client: client.to_string(), request_id: id.to_string() };
-        self.audit.refusal("request_rejected", code, client, ev);
+        self.audit.refusal("request_rejected", code, client, path, ev);
         let mut resp = error_page(status, id);
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         resp
@@ -420,6 +443,10 @@ fn harden(resp: &mut Response<Body>) {
     // leaving the portal.
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    // A portal page gets a browsing context of its own: a window an app's page opened loses
+    // its hold on it, so a script on an app's origin cannot read a portal page the user has
+    // open (a registration's challenge, a new authenticator secret, a CSRF token).
+    h.insert(http::HeaderName::from_static("cross-origin-opener-policy"), HeaderValue::from_static("same-origin"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(

@@ -176,6 +176,8 @@ pub enum Event {
         client: String,
         count: u64,
         minute_starting: i64,
+        /// Up to eight of the paths (or hosts) refused, other than the first one's.
+        samples: Vec<String>,
     },
     /// A request refused because the gateway is in lockdown.
     LockedDown {
@@ -292,9 +294,12 @@ const MAX_COUNTERS: usize = 4096;
 #[derive(Default)]
 struct Counted {
     minute: i64,
-    /// (kind, key, client) → refusals after the first.
-    counts: std::collections::HashMap<(&'static str, String, String), u64>,
+    /// (kind, key, client) → refusals after the first, and a few of what they were for.
+    counts: std::collections::HashMap<(&'static str, String, String), (u64, Vec<String>)>,
 }
+
+/// Distinct samples kept per counter.
+const SAMPLES: usize = 8;
 
 /// Handle to the audit writer. Cloning is cheap; every clone feeds the same writer thread.
 #[derive(Clone)]
@@ -358,10 +363,11 @@ impl Audit {
             .map_err(|e| anyhow::anyhow!("audit write failed: {e}"))
     }
 
-    /// Records a refusal (`event`, of kind `kind`, for `key`: a reason code or a rule) without
-    /// waiting: the first from `client` in a minute is written; later ones are counted for
-    /// `flush_counted`.
-    pub fn refusal(&self, kind: &'static str, key: &str, client: std::net::IpAddr, event: Event) {
+    /// Records a refusal (`event`, of kind `kind`, for `key`: a reason code or a rule, and
+    /// `sample`: what was refused, a path or a host) without waiting: the first from `client`
+    /// in a minute is written; later ones are counted for `flush_counted`, with a few distinct
+    /// samples, so that a harmless first refusal cannot hide what follows it.
+    pub fn refusal(&self, kind: &'static str, key: &str, client: std::net::IpAddr, sample: &str, event: Event) {
         let minute = self.clock.now().div_euclid(60) * 60;
         let first = {
             let Ok(mut c) = self.counted.lock() else { return };
@@ -375,12 +381,15 @@ impl Audit {
             let client = if full { "(other clients)".to_string() } else { client.to_string() };
             let slot = (kind, key.chars().take(64).collect::<String>(), client);
             match c.counts.get_mut(&slot) {
-                Some(n) => {
+                Some((n, samples)) => {
                     *n += 1;
+                    if samples.len() < SAMPLES && !samples.iter().any(|s| s == sample) {
+                        samples.push(sample.chars().take(256).collect());
+                    }
                     false
                 }
                 None => {
-                    c.counts.insert(slot, 0);
+                    c.counts.insert(slot, (0, Vec::new()));
                     !full
                 }
             }
@@ -405,9 +414,16 @@ impl Audit {
     }
 
     fn send_counts(&self, c: Counted) {
-        for ((kind, key, client), count) in c.counts {
+        for ((kind, key, client), (count, samples)) in c.counts {
             if count > 0 {
-                let ev = Event::RefusalsCounted { refusal: kind.into(), key, client, count, minute_starting: c.minute };
+                let ev = Event::RefusalsCounted {
+                    refusal: kind.into(),
+                    key,
+                    client,
+                    count,
+                    minute_starting: c.minute,
+                    samples,
+                };
                 let _ = self.tx.try_send((ev, None));
             }
         }

@@ -113,6 +113,9 @@ pub fn signature_path(rules: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// How long a changed rules file must stay the same before it is read.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub struct Mitigation {
     file: Option<PathBuf>,
     public_key: Option<Vec<u8>>,
@@ -120,9 +123,9 @@ pub struct Mitigation {
     rules: RwLock<Arc<Rules>>,
     /// The file in force.
     applied: Mutex<Option<Applied>>,
-    /// Stamps of the rules file and its signature when last read, and a newer stamp seen
-    /// once, waiting to be seen again unchanged before the file is read.
-    seen: Mutex<(Stamp, Option<Stamp>)>,
+    /// Stamps of the rules file and its signature when last read, and a newer stamp with when
+    /// it was first seen, waiting for the file to stay unchanged for `SETTLE` before it is read.
+    seen: Mutex<(Stamp, Option<(Stamp, std::time::Instant)>)>,
     throttles: Mutex<HashMap<String, governor::DefaultKeyedRateLimiter<IpAddr>>>,
     status: Mutex<Status>,
     lockdown_config: bool,
@@ -252,8 +255,9 @@ impl Mitigation {
         outcome
     }
 
-    /// Reloads once the file has changed and then stayed the same for one more look (an
-    /// editor or a copy that truncates and then writes is never read in between).
+    /// Reloads once the file has changed and then stayed the same for `SETTLE` (an editor or
+    /// a copy that truncates and then writes is not read in between, unless it pauses longer
+    /// than that; writing elsewhere and renaming the file into place is never read half-way).
     pub fn poll(&self, now: i64) -> Reload {
         let Some(path) = &self.file else { return Reload::Unchanged };
         let current = stamp(path);
@@ -262,9 +266,16 @@ impl Mitigation {
             seen.1 = None;
             return Reload::Unchanged;
         }
-        if seen.1 != Some(current) {
-            seen.1 = Some(current);
-            return Reload::Unchanged;
+        match seen.1 {
+            Some((pending, since)) if pending == current => {
+                if since.elapsed() < SETTLE {
+                    return Reload::Unchanged;
+                }
+            }
+            _ => {
+                seen.1 = Some((current, std::time::Instant::now()));
+                return Reload::Unchanged;
+            }
         }
         drop(seen);
         self.reload(now)

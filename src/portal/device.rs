@@ -20,7 +20,7 @@ use crate::audit::Event;
 use crate::body::Body;
 use crate::clock::{UnixTime, format_minutes};
 use crate::gateway::{Gateway, error_page, page, redirect};
-use crate::session::{self, Kind, Opening, cookie};
+use crate::session::{self, Kind, Opening, Session, cookie};
 
 /// How long a code pair is good for.
 const LIFETIME: i64 = 600;
@@ -44,8 +44,9 @@ struct Pending {
     requester: String,
     created: UnixTime,
     state: State,
-    /// The user who opened it first: the only one who may decide.
-    claimed_by: Option<String>,
+    /// The browser (the user and their session's `chain`) that opened it first: the only one
+    /// that may decide.
+    claimed_by: Option<(String, String)>,
     /// When its claimant last proved who they are for it.
     proved_at: Option<UnixTime>,
 }
@@ -61,21 +62,22 @@ impl std::fmt::Debug for Devices {
 }
 
 impl Devices {
-    /// Records that `user` just proved who they are to approve code `code` (the confirm page).
-    pub fn prove(&self, code: &str, user: &str, now: UnixTime) {
+    /// Records that the browser of session `s` just proved who its user is to approve code
+    /// `code` (the confirm page), if that browser is the one that opened it.
+    pub fn prove(&self, code: &str, s: &Session, now: UnixTime) {
         if let Ok(mut m) = self.0.lock() {
-            if let Some(p) = m.get_mut(code).filter(|p| p.claimed_by.as_deref() == Some(user)) {
+            if let Some(p) = m.get_mut(code).filter(|p| p.claimed_by == Some(claimant(s))) {
                 p.proved_at = Some(now);
             }
         }
     }
 
-    /// A pending, unexpired code `user` may decide on: claimed by them now if nobody has it.
-    /// Returns (requester, asked at, proved for it just now).
-    fn claim(&self, code: &str, user: &str, now: UnixTime) -> Option<(String, UnixTime, bool)> {
+    /// A pending, unexpired code the browser of session `s` may decide on: claimed by it now
+    /// if nobody has it. Returns (requester, asked at, proved for it just now).
+    fn claim(&self, code: &str, s: &Session, now: UnixTime) -> Option<(String, UnixTime, bool)> {
         let mut m = self.0.lock().ok()?;
         let p = m.get_mut(code).filter(|p| matches!(p.state, State::Pending) && now - p.created < LIFETIME)?;
-        if p.claimed_by.get_or_insert_with(|| user.to_string()) != user {
+        if *p.claimed_by.get_or_insert_with(|| claimant(s)) != claimant(s) {
             return None;
         }
         let proved = p.proved_at.is_some_and(|t| t <= now && now - t < PROOF_FOR);
@@ -96,6 +98,11 @@ struct DevicePage<'a> {
     confirm: &'a str,
     done: Option<&'a str>,
     error: Option<&'a str>,
+}
+
+/// Who claims a code: a user in one browser (the chain of their sign-in).
+fn claimant(s: &Session) -> (String, String) {
+    (s.identity.user.clone(), s.chain.clone())
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
@@ -201,7 +208,7 @@ fn confirm_url(code: &str) -> String {
 pub(crate) fn approve_page(gw: &Gateway, call: &Call) -> Response<Body> {
     let s = call.session();
     let code = query_param(call, "code").map(|c| normal_code(&c)).unwrap_or_default();
-    let found = if code.is_empty() { None } else { gw.portal.devices.claim(&code, &s.identity.user, gw.clock.now()) };
+    let found = if code.is_empty() { None } else { gw.portal.devices.claim(&code, s, gw.clock.now()) };
     let (csrf, new) = csrf_for_page(call.headers());
     let (requester, asked, proved) =
         found.clone().map(|(r, t, p)| (r, format_minutes(t), p)).unwrap_or((String::new(), String::new(), false));
@@ -229,7 +236,7 @@ pub(crate) async fn decide(gw: &Gateway, call: Call) -> Response<Body> {
     let code = normal_code(call.field("code"));
     let approve = call.field("decision") == "approve";
     let now = gw.clock.now();
-    let claimed = gw.portal.devices.claim(&code, &s.identity.user, now);
+    let claimed = gw.portal.devices.claim(&code, s, now);
     let (csrf, _) = csrf_for_page(call.headers());
     let confirm = confirm_url(&code);
     let show = |done: Option<&str>, error: Option<&str>| {

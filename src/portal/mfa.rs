@@ -332,7 +332,11 @@ async fn provider_again(gw: &Gateway, user: &str, next: &str) -> Option<String> 
 pub(crate) async fn factor_form(gw: &Gateway, call: &Call, mode: Mode) -> Response<Body> {
     let s = call.session();
     let next = query_param(call, "next").unwrap_or_default();
-    let device = query_param(call, "device").map(|c| super::device::normal_code(&c)).unwrap_or_default();
+    // Only a confirmation is for a command-line code; a step-up never is.
+    let device = match mode {
+        Mode::Confirm => query_param(call, "device").map(|c| super::device::normal_code(&c)).unwrap_or_default(),
+        Mode::StepUp => String::new(),
+    };
     if mode == Mode::StepUp && s.mfa() {
         return super::go_to(gw, safe_next(&next, &gw.cfg));
     }
@@ -394,7 +398,10 @@ fn factor_view(
 pub(crate) async fn factor_submit(gw: &Gateway, call: Call, mode: Mode) -> Response<Body> {
     let (ctx, s) = (&call.ctx, call.session());
     let next = call.field("next").to_string();
-    let device = super::device::normal_code(call.field("device"));
+    let device = match mode {
+        Mode::Confirm => super::device::normal_code(call.field("device")),
+        Mode::StepUp => String::new(),
+    };
     let have = factors_of(gw, &s.identity.user).await.unwrap_or_default();
     let fail = |status: StatusCode, error: &str| {
         factor_view(call.headers(), mode, &have, &next, &device, None, status, Some(error))
@@ -454,7 +461,7 @@ pub(crate) async fn factor_submit(gw: &Gateway, call: Call, mode: Mode) -> Respo
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     };
     if !device.is_empty() {
-        gw.portal.devices.prove(&device, &user, gw.clock.now());
+        gw.portal.devices.prove(&device, s, gw.clock.now());
     }
     continue_with(gw, &token, &next)
 }

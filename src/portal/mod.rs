@@ -594,11 +594,9 @@ async fn handoff(gw: &Gateway, call: &Call) -> Response<Body> {
         }
         (_, why) => {
             let why = why.unwrap_or("refused");
-            tracing::warn!(client = %client, host = %ctx.front.host, why, "Hand-off refused");
+            tracing::info!(client = %client, host = %ctx.front.host, why, "Hand-off refused");
             let ev = Event::HandoffRefused { host: ctx.front.host.clone(), why: why.into(), client };
-            if let Err(e) = gw.audit.record(ev).await {
-                tracing::error!(error = %e, "Audit write failed");
-            }
+            gw.audit.refusal("handoff_refused", why, ctx.client, &ctx.front.host, ev);
             error_page(StatusCode::FORBIDDEN, ctx.id)
         }
     };

@@ -344,7 +344,7 @@ pub(crate) async fn factor_finish(gw: &Gateway, call: Call) -> Response<Body> {
     match mfa::renew_session(gw, &s, Proof::Factor("hwk"), ctx).await {
         Some((_, token)) => {
             if !device.is_empty() {
-                gw.portal.devices.prove(&device, &user, gw.clock.now());
+                gw.portal.devices.prove(&device, &s, gw.clock.now());
             }
             landed(&token, serde_json::json!({ "redirect": landing_url(gw, &next, "/") }))
         }

@@ -178,7 +178,7 @@ pub const ROUTES: &[Route] = &[
     row(Portal, "/.poort/login/passkey/start", Post, Anyone, Json, Page::PasswordlessStart).limited(),
     row(Portal, "/.poort/login/passkey/finish", Post, Anyone, Json, Page::PasswordlessFinish).limited(),
     row(Portal, "/.poort/oidc/", Get, Anyone, NoBody, Page::Oidc).prefix().limited(),
-    row(AppHost, "/.poort/handoff", Get, Anyone, NoBody, Page::Handoff),
+    row(AppHost, "/.poort/handoff", Get, Anyone, NoBody, Page::Handoff).limited(),
     row(Portal, "/.poort/device/code", Post, Cli, NoBody, Page::DeviceCode).limited(),
     row(Portal, "/.poort/device/token", Post, Cli, CliJson, Page::DeviceToken),
     row(Portal, "/.poort/device/logout", Post, Cli, NoBody, Page::DeviceLogout),
@@ -313,7 +313,7 @@ pub async fn dispatch(gw: &Gateway, mut ctx: Ctx, on_portal_host: bool, req: Req
             _ => error_page(StatusCode::TOO_MANY_REQUESTS, ctx.id),
         };
     }
-    if route.own_action && !own_action(&head.headers) {
+    if route.own_action && !own_action(gw, &head.headers) {
         tracing::warn!(request = %ctx.id, client = %ctx.client, path, "Refused: not a person's own action in the portal");
         return error_page(StatusCode::FORBIDDEN, ctx.id);
     }
@@ -404,12 +404,19 @@ pub async fn fresh(gw: &Gateway, s: &Session) -> bool {
     s.fresh(gw.clock.now(), has_factor)
 }
 
-/// Fetch metadata of a person's own action on a portal page (see `Route::own_action`): a
-/// navigation from a portal page that the user activated. A script's request (`fetch`, a
-/// form it submits without a click) never carries all three.
-fn own_action(h: &HeaderMap) -> bool {
+/// A person's own action on a portal page (see `Route::own_action`): a navigation the user
+/// activated (fetch metadata: a script's `fetch`, or a form it submits without a click, never
+/// carries all three), sent from a portal page (`Referer` under `/.poort/`; the portal's
+/// pages send it, and an app's page, which shares the origin when the app is routed by path,
+/// cannot send a portal page's address).
+fn own_action(gw: &Gateway, h: &HeaderMap) -> bool {
     let is = |name: &str, want: &[u8]| h.get(name).is_some_and(|v| v.as_bytes() == want);
-    is("sec-fetch-site", b"same-origin") && is("sec-fetch-mode", b"navigate") && is("sec-fetch-user", b"?1")
+    let portal = format!("{}/.poort/", gw.cfg.server.external_origin);
+    let from_portal = h.get(header::REFERER).is_some_and(|r| r.as_bytes().starts_with(portal.as_bytes()));
+    is("sec-fetch-site", b"same-origin")
+        && is("sec-fetch-mode", b"navigate")
+        && is("sec-fetch-user", b"?1")
+        && from_portal
 }
 
 /// A request from a portal page: the Origin is the portal's and `sent` (the form field or

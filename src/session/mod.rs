@@ -176,6 +176,9 @@ pub struct Session {
     pub kind: Kind,
     /// The session that approved this one.
     pub parent: Option<String>,
+    /// The first session of the sign-in this one was renewed from: the same browser through
+    /// step-ups and confirmations (a command-line code is bound to it).
+    pub chain: String,
     line: Arc<Line>,
     /// Bit i set: the first access to app i has been audited.
     opened: Box<[AtomicU64]>,
@@ -397,6 +400,7 @@ impl Sessions {
             factor_at: row.factor_at,
             kind: Kind::parse(&row.kind),
             parent: row.parent,
+            chain: row.chain,
             opened: (0..self.app_words).map(|_| AtomicU64::new(0)).collect(),
             assertions: Mutex::new(Vec::new()),
         }
@@ -411,8 +415,10 @@ impl Sessions {
                 (now + self.timeouts.absolute.as_secs() as i64, now, own_second_factor(o.factors).then_some(now), None)
             }
         };
+        let id = new_session_id();
         let row = SessionRow {
-            id: new_session_id(),
+            chain: id.clone(),
+            id,
             user: o.user.to_string(),
             created_at: now,
             last_seen: now,
@@ -466,6 +472,7 @@ impl Sessions {
             factor_at,
             kind: old.kind.as_str().into(),
             parent: old.parent.clone(),
+            chain: old.chain.clone(),
         };
         let renewed = self.insert(row, host, Some(&old.id)).await?;
         self.end(&old.id).await?;

@@ -110,7 +110,8 @@ ALTER TABLE sessions ADD COLUMN auth_at INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sessions ADD COLUMN factor_at INTEGER;
 ALTER TABLE sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'browser';
 ALTER TABLE sessions ADD COLUMN parent TEXT;
-UPDATE sessions SET auth_at = created_at;
+ALTER TABLE sessions ADD COLUMN chain TEXT NOT NULL DEFAULT '';
+UPDATE sessions SET auth_at = created_at, chain = id;
 UPDATE sessions SET kind = 'cli' WHERE user_agent = 'poort command line';
 ALTER TABLE users ADD COLUMN subject TEXT;
 CREATE UNIQUE INDEX users_source_subject ON users(source, subject) WHERE subject IS NOT NULL;
@@ -194,10 +195,13 @@ pub struct SessionRow {
     pub kind: String,
     /// The session that approved this one (a command-line sign-in), if any.
     pub parent: Option<String>,
+    /// The id of the first session of the sign-in this one was renewed from (the same browser
+    /// through step-ups and confirmations).
+    pub chain: String,
 }
 
 /// The session columns `SessionRow::from_row` reads, in its order.
-const SESSION_COLUMNS: &str = "s.id, s.user, s.created_at, s.last_seen, s.expires_at, s.client_addr, s.user_agent, s.factors, s.auth_at, s.factor_at, s.kind, s.parent";
+const SESSION_COLUMNS: &str = "s.id, s.user, s.created_at, s.last_seen, s.expires_at, s.client_addr, s.user_agent, s.factors, s.auth_at, s.factor_at, s.kind, s.parent, s.chain";
 
 impl SessionRow {
     /// Reads `SESSION_COLUMNS` from the start of a row.
@@ -215,6 +219,7 @@ impl SessionRow {
             factor_at: r.get(9)?,
             kind: r.get(10)?,
             parent: r.get(11)?,
+            chain: r.get(12)?,
         })
     }
 }
@@ -490,8 +495,8 @@ impl Store {
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT INTO sessions (id, user, created_at, last_seen, expires_at, client_addr, user_agent, factors,
-                                   auth_at, factor_at, kind, parent)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                                   auth_at, factor_at, kind, parent, chain)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 s.id,
                 s.user,
@@ -504,7 +509,8 @@ impl Store {
                 s.auth_at,
                 s.factor_at,
                 s.kind,
-                s.parent
+                s.parent,
+                s.chain
             ],
         )?;
         tx.execute(
@@ -542,7 +548,7 @@ impl Store {
                 "SELECT {SESSION_COLUMNS}, t.host
                  FROM session_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = ?1"
             ))?
-            .query_row([token_hash], |r| Ok((SessionRow::from_row(r)?, r.get::<_, String>(12)?)))
+            .query_row([token_hash], |r| Ok((SessionRow::from_row(r)?, r.get::<_, String>(13)?)))
             .optional()?;
         let Some((row, host)) = row else { return Ok(None) };
         Ok(Store::identity(conn, &row.user)?.map(|id| (row, host, id)))

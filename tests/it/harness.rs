@@ -587,7 +587,9 @@ access = "authenticated"
         if let Some(s) = session {
             cookie.push_str(&format!("; __Host-poort={s}"));
         }
-        // A form a person submits on a portal page: the browser adds fetch metadata.
+        // A form a person submits on a portal page: the browser adds fetch metadata and the
+        // page's address.
+        let referer = format!("{ORIGIN}{}", path.split('?').next().unwrap_or(path));
         let headers = [
             ("Origin", ORIGIN),
             ("Content-Type", "application/x-www-form-urlencoded"),
@@ -596,6 +598,7 @@ access = "authenticated"
             ("Sec-Fetch-Mode", "navigate"),
             ("Sec-Fetch-User", "?1"),
             ("Sec-Fetch-Dest", "document"),
+            ("Referer", referer.as_str()),
         ];
         self.request("POST", path, &headers, body.as_bytes()).await
     }
@@ -772,6 +775,20 @@ access = "authenticated"
             .unwrap()
             .map(|d| serde_json::from_str(&d.unwrap()).unwrap())
             .collect()
+    }
+
+    /// Waits (up to two seconds) for an audit record of `kind` that `f` accepts, and returns
+    /// the records of that kind. For refusals, which the gateway writes without waiting.
+    pub async fn audited(&self, kind: &str, f: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        let start = tokio::time::Instant::now();
+        loop {
+            let records = self.audit(kind);
+            if records.iter().any(&f) {
+                return records;
+            }
+            assert!(start.elapsed() < Duration::from_secs(2), "no matching {kind} record: {records:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Runs the poort binary against this gateway's config.

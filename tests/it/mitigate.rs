@@ -91,7 +91,7 @@ header = [{ name = "user-agent", contains = "nikto" }]
     assert_eq!(gate.upstream.hits(), 2);
     let r = gate.request("GET", "/.poort/health", &[("User-Agent", "Nikto/2.5")], b"").await;
     assert_eq!(r.status, 200, "a log rule lets the request through");
-    assert!(gate.audit("mitigation_matched").iter().any(|e| e["rule"] == "watch-scanner" && e["action"] == "log"));
+    gate.audited("mitigation_matched", |e| e["rule"] == "watch-scanner" && e["action"] == "log").await;
 }
 
 #[tokio::test]
@@ -164,7 +164,7 @@ async fn lockdown_leaves_only_admins() {
     let alice = gate.login("alice").await; // staff: the admin group here
     let bob = gate.login("bob").await;
     assert!(gate.cli(&["lockdown", "on"]).status.success());
-    eventually("the lockdown to apply", Duration::from_secs(2), async || {
+    eventually("the lockdown to apply", Duration::from_secs(5), async || {
         gate.get("/app/", Some(&bob)).await.status == 503
     })
     .await;
@@ -176,13 +176,13 @@ async fn lockdown_leaves_only_admins() {
     assert_eq!(r.status, 503, "non-admins cannot sign in");
     assert!(r.cookie("__Host-poort").is_none());
     assert_eq!(gate.try_login("alice", crate::harness::PASSWORD, "").await.status, 303);
-    eventually("the lockdown refusals to be audited", Duration::from_secs(2), async || {
+    eventually("the lockdown refusals to be audited", Duration::from_secs(5), async || {
         !gate.audit("locked_down").is_empty()
     })
     .await;
     assert!(gate.audit("admin").iter().any(|e| e["command"] == "lockdown" && e["target"] == "on"));
     assert!(gate.cli(&["lockdown", "off"]).status.success());
-    eventually("the lockdown to lift", Duration::from_secs(2), async || {
+    eventually("the lockdown to lift", Duration::from_secs(5), async || {
         gate.get("/app/", Some(&bob)).await.status == 200
     })
     .await;
@@ -377,4 +377,23 @@ async fn lockdown_is_recorded_before_it_is_switched() {
     let switch: Option<String> =
         conn.query_row("SELECT value FROM settings WHERE key = 'lockdown'", [], |r| r.get(0)).ok();
     assert_ne!(switch.as_deref(), Some("on"));
+}
+
+/// A writer that pauses for a moment in the middle of a file: the first half is not applied
+/// on its own (the file must stay unchanged for half a second first).
+#[tokio::test]
+async fn a_file_written_in_two_steps_is_read_whole() {
+    let two = format!("{FIRST}\n[[rule]]\nid = \"secret\"\naction = \"deny\"\npath_prefix = \"/pub/secret\"\n");
+    let (gate, _rules) = gate_with_rules(&two, "").await;
+    assert_eq!(gate.get("/pub/secret", None).await.status, 403);
+    std::fs::write(rules_path(&gate), FIRST).unwrap(); // the first rule only, for now
+    let until = std::time::Instant::now() + Duration::from_millis(300);
+    while std::time::Instant::now() < until {
+        assert_eq!(gate.get("/pub/secret", None).await.status, 403, "half a file was applied");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    std::fs::write(rules_path(&gate), &two).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(gate.get("/pub/secret", None).await.status, 403);
+    assert!(gate.audit("rules_loaded").iter().all(|e| e["rules"] != 1), "{:?}", gate.audit("rules_loaded"));
 }

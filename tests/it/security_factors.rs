@@ -23,6 +23,24 @@ async fn scripted(gate: &Gate, session: &str, path: &str, fields: &str, mode: &s
     gate.request("POST", path, &headers, format!("csrf={field}&{fields}").as_bytes()).await.status
 }
 
+/// A form on a page of an app routed by path, which the user is tricked into submitting with a
+/// click: a person's navigation from the portal's origin, but from the app's page.
+async fn clicked_on_an_apps_page(gate: &Gate, session: &str, path: &str, fields: &str) -> u16 {
+    let (csrf, field) = gate.login_form().await;
+    let cookie = format!("__Host-poort-csrf={csrf}; __Host-poort={session}");
+    let referer = format!("{ORIGIN}/app/reports");
+    let headers = [
+        ("Origin", ORIGIN),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("Cookie", cookie.as_str()),
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Sec-Fetch-Mode", "navigate"),
+        ("Sec-Fetch-User", "?1"),
+        ("Referer", referer.as_str()),
+    ];
+    gate.request("POST", path, &headers, format!("csrf={field}&{fields}").as_bytes()).await.status
+}
+
 fn factors(gate: &Gate, user: &str) -> poort::identity::mfa::Factors {
     gate.store().with(|c| poort::identity::mfa::factors(c, user)).unwrap()
 }
@@ -93,6 +111,12 @@ async fn changing_factors_needs_a_fresh_second_factor_and_a_person() {
     // a script starting a passkey registration: with a fetch, as JSON, or as a form.
     assert_eq!(scripted(&gate, &s, "/.poort/security/recovery", "", "cors").await, 403);
     assert_eq!(scripted(&gate, &s, "/.poort/security/passkey/start", "name=evil", "cors").await, 403);
+    // Nor a click on an app's page that submits the portal's form.
+    assert_eq!(clicked_on_an_apps_page(&gate, &s, "/.poort/security/passkey/start", "name=evil").await, 403);
+    assert_eq!(clicked_on_an_apps_page(&gate, &s, "/.poort/security/totp/remove", "").await, 403);
+    // A portal page keeps an app's windows from reaching into it.
+    let page = gate.get("/.poort/security", Some(&s)).await;
+    assert_eq!(page.header("cross-origin-opener-policy"), Some("same-origin"));
     let r = gate.post_json("/.poort/security/passkey/start", Some(&s), &serde_json::json!({ "name": "evil" })).await;
     assert!(r.status == 400 || r.status == 403, "{}", r.status);
     assert!(!r.text().contains("publicKey"));
@@ -147,9 +171,10 @@ async fn approving_a_command_line_sign_in_needs_a_factor_given_for_that_code() {
     let r = gate.post("/.poort/device", &bob, &[("code", &code), ("decision", "deny")]).await;
     assert_eq!(r.status, 400);
     assert!(gate.request("POST", "/.poort/device/token", &cli, body.as_bytes()).await.text().contains("pending"));
-    // A script in alice's browser: no user activation.
+    // A script in alice's browser: no user activation; or a click on an app's page.
     let fields = format!("code={code}&decision=approve");
     assert_eq!(scripted(&gate, &s, "/.poort/device", &fields, "no-cors").await, 403);
+    assert_eq!(clicked_on_an_apps_page(&gate, &s, "/.poort/device", &fields).await, 403);
     // With the factor given for this code, alice approves.
     gate.clock.advance(30);
     let totp_code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
@@ -286,4 +311,39 @@ async fn the_password_never_resets_the_count_of_wrong_codes() {
     assert!(locks.iter().any(|e| e["user"] == "alice" && e["lock"] == "second factor"), "{locks:?}");
     // The password lock is its own: alice can still sign in with her password.
     assert_eq!(gate.try_login("alice", PASSWORD, "").await.status, 303);
+}
+
+/// A thief with alice's password opens a command-line code in their own session, then gets
+/// alice to give her second factor for it (a link to the step-up or the confirm page): the
+/// proof counts only in the browser that opened the code, and the thief's approval fails.
+#[tokio::test]
+async fn a_factor_given_in_another_browser_approves_nothing() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let (secret, _, _) = enrol(&gate, &s).await;
+    let cli = [("X-Poort-Client", "cli"), ("Content-Type", "application/json")];
+    let r = gate.request("POST", "/.poort/device/code", &cli, b"{}").await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let (code, device) = (v["user_code"].as_str().unwrap().to_string(), v["device_code"].as_str().unwrap().to_string());
+    let thief = gate.login("alice").await;
+    assert_eq!(gate.get(&format!("/.poort/device?code={code}"), Some(&thief)).await.status, 200);
+    // alice, in her own browser, follows the thief's links and gives her factor.
+    let mut victim = gate.login("alice").await;
+    for (page, mode) in [("/.poort/mfa", "step-up"), ("/.poort/confirm", "confirm")] {
+        gate.clock.advance(30);
+        let totp_code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
+        let r = gate.post(page, &victim, &[("code", &totp_code), ("device", &code), ("next", "/")]).await;
+        assert_eq!((mode, r.status), (mode, 303), "{}", r.text());
+        victim = r.cookie("__Host-poort").unwrap();
+        let r = gate.post("/.poort/device", &thief, &[("code", &code), ("decision", "approve")]).await;
+        assert_eq!(r.status, 303, "{mode}: the thief's approval went through: {}", r.text());
+        assert!(r.header("location").unwrap().contains("/.poort/confirm"));
+    }
+    let body = serde_json::json!({ "device_code": device }).to_string();
+    let poll = gate.request("POST", "/.poort/device/token", &cli, body.as_bytes()).await;
+    assert!(poll.text().contains("authorization_pending"), "{}", poll.text());
+    // And alice's browser cannot decide on the code the thief opened.
+    let victim = gate.login("alice").await;
+    let page = gate.get(&format!("/.poort/device?code={code}"), Some(&victim)).await;
+    assert!(page.text().contains("unknown or expired"), "{}", page.text());
 }

@@ -361,6 +361,11 @@ async fn a_flood_of_bad_requests_adds_a_few_records_and_sign_ins_go_on() {
     assert!(sent > 1000, "the flood was only {sent} requests");
     let grown = gate.refusals("request_rejected").await;
     assert_eq!(grown, sent, "every refusal is accounted for");
+    let counted = gate.audit("refusals_counted");
+    assert!(
+        counted.iter().all(|e| e["samples"].as_array().unwrap().iter().any(|s| s == "/app/%2e%2e/staff")),
+        "each count names what was refused: {counted:?}"
+    );
     let rows = refusal_rows() - before;
     assert!(rows <= 2 * (minutes as i64 + 1), "{rows} audit records for {sent} refusals over {minutes} minutes");
     assert!(slowest < Duration::from_secs(3), "a sign-in took {slowest:?} during the flood");

@@ -187,8 +187,7 @@ async fn a_hand_off_code_cannot_push_a_session_into_another_browser() {
         assert_eq!(r.status, 403, "{cookie:?}");
         assert!(r.cookie("__Host-poort").is_none(), "a session was set");
     }
-    let refused = gate.audit("handoff_refused");
-    assert!(refused.iter().any(|e| e["why"] == "code asked for by another browser"), "{refused:?}");
+    gate.audited("handoff_refused", |e| e["why"] == "code asked for by another browser").await;
     // The code was used up by the attempt: not even the attacker's own browser gets it now.
     let mine = format!("__Host-poort-handoff={bobs_nonce}");
     let r = gate
@@ -201,4 +200,29 @@ async fn a_hand_off_code_cannot_push_a_session_into_another_browser() {
     let git = crate::harness::hand_off(&gate, &alice, "git.localhost", "/repo").await;
     assert!(!git.is_empty());
     assert_eq!(gate.audit("handoff_redeemed")[0]["user"], "alice");
+}
+
+/// Refused hand-offs need no sign-in, so they are rate-limited and counted like every
+/// refusal: a flood neither grows the audit log one record a request nor goes on without end.
+#[tokio::test]
+async fn refused_hand_offs_are_limited_and_counted() {
+    let gate = Gate::start_config("", "[login]\nper_address_per_minute = 20\n").await;
+    let mut refused = 0u64;
+    let mut limited = 0;
+    for i in 0..40 {
+        let r = gate.request("GET", &format!("/.poort/handoff?code=x{i}"), &[("Host", "git.localhost")], b"").await;
+        match r.status {
+            403 => refused += 1,
+            429 => limited += 1,
+            other => panic!("{other}"),
+        }
+    }
+    assert!(limited >= 15, "{limited} of 40 limited");
+    assert_eq!(gate.refusals("handoff_refused").await, refused, "every refusal is accounted for");
+    assert_eq!(gate.audit("handoff_refused").len(), 1, "one record, then a count");
+    let counted = gate.audit("refusals_counted");
+    assert!(
+        counted.iter().any(|e| e["refusal"] == "handoff_refused" && e["samples"][0] == "git.localhost"),
+        "{counted:?}"
+    );
 }
