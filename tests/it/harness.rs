@@ -582,24 +582,40 @@ access = "authenticated"
         session: Option<&str>,
         fields: &[(&str, &str)],
     ) -> Resp {
-        let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(fields).finish();
-        let mut cookie = format!("__Host-poort-csrf={csrf_cookie}");
-        if let Some(s) = session {
-            cookie.push_str(&format!("; __Host-poort={s}"));
-        }
         // A form a person submits on a portal page: the browser adds fetch metadata and the
         // page's address.
         let referer = format!("{ORIGIN}{}", path.split('?').next().unwrap_or(path));
-        let headers = [
-            ("Origin", ORIGIN),
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("Cookie", cookie.as_str()),
+        let person = [
             ("Sec-Fetch-Site", "same-origin"),
             ("Sec-Fetch-Mode", "navigate"),
             ("Sec-Fetch-User", "?1"),
             ("Sec-Fetch-Dest", "document"),
             ("Referer", referer.as_str()),
         ];
+        self.post_form_from(path, csrf_cookie, session, fields, &person).await
+    }
+
+    /// Posts a form with the portal's cookies and Origin, and `metadata` as the only fetch
+    /// metadata and Referer: how a script, or a page other than the form's, would send it.
+    pub async fn post_form_from(
+        &self,
+        path: &str,
+        csrf_cookie: &str,
+        session: Option<&str>,
+        fields: &[(&str, &str)],
+        metadata: &[(&str, &str)],
+    ) -> Resp {
+        let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(fields).finish();
+        let mut cookie = format!("__Host-poort-csrf={csrf_cookie}");
+        if let Some(s) = session {
+            cookie.push_str(&format!("; __Host-poort={s}"));
+        }
+        let mut headers = vec![
+            ("Origin", ORIGIN),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Cookie", cookie.as_str()),
+        ];
+        headers.extend_from_slice(metadata);
         self.request("POST", path, &headers, body.as_bytes()).await
     }
 

@@ -10,35 +10,35 @@ use crate::harness::{Gate, ORIGIN, PASSWORD, enrol};
 
 /// A form post as a script on a page of the portal's origin makes it: the right cookies,
 /// Origin and CSRF field, but a script's fetch metadata (`mode`), never a person's navigation.
-async fn scripted(gate: &Gate, session: &str, path: &str, fields: &str, mode: &str) -> u16 {
-    let (csrf, field) = gate.login_form().await;
-    let cookie = format!("__Host-poort-csrf={csrf}; __Host-poort={session}");
-    let headers = [
-        ("Origin", ORIGIN),
-        ("Content-Type", "application/x-www-form-urlencoded"),
-        ("Cookie", cookie.as_str()),
-        ("Sec-Fetch-Site", "same-origin"),
-        ("Sec-Fetch-Mode", mode),
-    ];
-    gate.request("POST", path, &headers, format!("csrf={field}&{fields}").as_bytes()).await.status
+async fn scripted(gate: &Gate, session: &str, path: &str, fields: &[(&str, &str)], mode: &str) -> u16 {
+    let metadata = [("Sec-Fetch-Site", "same-origin"), ("Sec-Fetch-Mode", mode)];
+    post_with_csrf(gate, session, path, fields, &metadata).await
 }
 
 /// A form on a page of an app routed by path, which the user is tricked into submitting with a
 /// click: a person's navigation from the portal's origin, but from the app's page.
-async fn clicked_on_an_apps_page(gate: &Gate, session: &str, path: &str, fields: &str) -> u16 {
-    let (csrf, field) = gate.login_form().await;
-    let cookie = format!("__Host-poort-csrf={csrf}; __Host-poort={session}");
+async fn clicked_on_an_apps_page(gate: &Gate, session: &str, path: &str, fields: &[(&str, &str)]) -> u16 {
     let referer = format!("{ORIGIN}/app/reports");
-    let headers = [
-        ("Origin", ORIGIN),
-        ("Content-Type", "application/x-www-form-urlencoded"),
-        ("Cookie", cookie.as_str()),
+    let metadata = [
         ("Sec-Fetch-Site", "same-origin"),
         ("Sec-Fetch-Mode", "navigate"),
         ("Sec-Fetch-User", "?1"),
         ("Referer", referer.as_str()),
     ];
-    gate.request("POST", path, &headers, format!("csrf={field}&{fields}").as_bytes()).await.status
+    post_with_csrf(gate, session, path, fields, &metadata).await
+}
+
+async fn post_with_csrf(
+    gate: &Gate,
+    session: &str,
+    path: &str,
+    fields: &[(&str, &str)],
+    metadata: &[(&str, &str)],
+) -> u16 {
+    let (csrf, field) = gate.login_form().await;
+    let mut all = vec![("csrf", field.as_str())];
+    all.extend_from_slice(fields);
+    gate.post_form_from(path, &csrf, Some(session), &all, metadata).await.status
 }
 
 fn factors(gate: &Gate, user: &str) -> poort::identity::mfa::Factors {
@@ -109,11 +109,11 @@ async fn changing_factors_needs_a_fresh_second_factor_and_a_person() {
     assert!(page.contains("/.poort/security/totp/remove"), "the forms are shown to a fresh session");
     // A script's request (no user activation, not a navigation) is refused even now, and so is
     // a script starting a passkey registration: with a fetch, as JSON, or as a form.
-    assert_eq!(scripted(&gate, &s, "/.poort/security/recovery", "", "cors").await, 403);
-    assert_eq!(scripted(&gate, &s, "/.poort/security/passkey/start", "name=evil", "cors").await, 403);
+    assert_eq!(scripted(&gate, &s, "/.poort/security/recovery", &[], "cors").await, 403);
+    assert_eq!(scripted(&gate, &s, "/.poort/security/passkey/start", &[("name", "evil")], "cors").await, 403);
     // Nor a click on an app's page that submits the portal's form.
-    assert_eq!(clicked_on_an_apps_page(&gate, &s, "/.poort/security/passkey/start", "name=evil").await, 403);
-    assert_eq!(clicked_on_an_apps_page(&gate, &s, "/.poort/security/totp/remove", "").await, 403);
+    assert_eq!(clicked_on_an_apps_page(&gate, &s, "/.poort/security/passkey/start", &[("name", "evil")]).await, 403);
+    assert_eq!(clicked_on_an_apps_page(&gate, &s, "/.poort/security/totp/remove", &[]).await, 403);
     // A portal page keeps an app's windows from reaching into it.
     let page = gate.get("/.poort/security", Some(&s)).await;
     assert_eq!(page.header("cross-origin-opener-policy"), Some("same-origin"));
@@ -172,7 +172,7 @@ async fn approving_a_command_line_sign_in_needs_a_factor_given_for_that_code() {
     assert_eq!(r.status, 400);
     assert!(gate.request("POST", "/.poort/device/token", &cli, body.as_bytes()).await.text().contains("pending"));
     // A script in alice's browser: no user activation; or a click on an app's page.
-    let fields = format!("code={code}&decision=approve");
+    let fields = [("code", code.as_str()), ("decision", "approve")];
     assert_eq!(scripted(&gate, &s, "/.poort/device", &fields, "no-cors").await, 403);
     assert_eq!(clicked_on_an_apps_page(&gate, &s, "/.poort/device", &fields).await, 403);
     // With the factor given for this code, alice approves.
