@@ -56,9 +56,9 @@ fn stages(c: &mut Criterion) {
     let cfg = config(500);
     let routes = Routes::new(&cfg.server.portal_host, &cfg.apps);
     let path = Target::parse(TARGET).expect("valid target");
-    assert_eq!(routes.find("gate.example.org", path.path()), Found::App(423));
+    assert_eq!(routes.find_target("gate.example.org", &path), Found::App(423));
     c.bench_function("route among 500 apps", |b| {
-        b.iter(|| routes.find(black_box("gate.example.org"), black_box(path.path())))
+        b.iter(|| routes.find_target(black_box("gate.example.org"), black_box(&path)))
     });
 
     let alice = Identity {

@@ -142,34 +142,25 @@ impl Gateway {
         let client = request::client_addr(peer.ip(), req.headers(), &self.cfg.server.trusted_proxies);
         if req.uri().path() == self.marker {
             let why = conn.refused.take().unwrap_or(request::Reject::RequestLine);
-            return Box::pin(self.reject(why.status(), why.code(), client, "(a raw head)", id)).await;
+            return self.reject(why.status(), why.code(), client, "(a raw head)", id);
         }
         // request::check: one canonical target and host, bounded headers, strict framing.
         let front = match request::check(req.method(), req.uri(), req.version(), req.headers()) {
             Ok(f) => f,
-            Err(r) => return Box::pin(self.reject(r.status(), r.code(), client, req.uri().path(), id)).await,
+            Err(r) => return self.reject(r.status(), r.code(), client, req.uri().path(), id),
         };
         // The host must be the one the TLS handshake named (RFC 9110 §7.4: 421 makes a
         // browser that reused a connection for another host open a new one).
         if conn.sni.as_ref().is_some_and(|sni| *sni != front.host) {
-            return Box::pin(self.reject(StatusCode::MISDIRECTED_REQUEST, "host_not_sni", client, &front.host, id))
-                .await;
+            return self.reject(StatusCode::MISDIRECTED_REQUEST, "host_not_sni", client, &front.host, id);
         }
         if front.content_length.is_some_and(|n| n > self.cfg.proxy.max_body_bytes) {
-            return Box::pin(self.reject(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                client,
-                front.target.path(),
-                id,
-            ))
-            .await;
+            return self.reject(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", client, front.target.path(), id);
         }
         // route: portal, an app, or nothing.
-        let found = self.routes.find(&front.host, front.target.path());
+        let found = self.routes.find_target(&front.host, &front.target);
         if found == Found::UnknownHost {
-            return Box::pin(self.reject(StatusCode::MISDIRECTED_REQUEST, "unknown_host", client, &front.host, id))
-                .await;
+            return self.reject(StatusCode::MISDIRECTED_REQUEST, "unknown_host", client, &front.host, id);
         }
         // mitigate::check: the operator's emergency rules, before any session work.
         let app = match found {
@@ -295,16 +286,13 @@ impl Gateway {
                 match self.proxy.forward(permit, app, &ctx.front.target, origin, ctx.front.content_length, req).await {
                     Ok(resp) => resp,
                     // A body that broke its framing: refused like a bad head, and audited.
-                    Err(crate::proxy::Failure::BadBody) => {
-                        Box::pin(self.reject(
-                            StatusCode::BAD_REQUEST,
-                            "body_malformed",
-                            ctx.client,
-                            ctx.front.target.path(),
-                            ctx.id,
-                        ))
-                        .await
-                    }
+                    Err(crate::proxy::Failure::BadBody) => self.reject(
+                        StatusCode::BAD_REQUEST,
+                        "body_malformed",
+                        ctx.client,
+                        ctx.front.target.path(),
+                        ctx.id,
+                    ),
                     Err(crate::proxy::Failure::CrossOrigin) => {
                         let ev = Event::AccessDenied {
                             user: ctx
@@ -396,7 +384,7 @@ impl Gateway {
 
     /// Refuses a request before routing: audited (counted, not waited for), constant page,
     /// connection closed.
-    async fn reject(
+    fn reject(
         &self,
         status: StatusCode,
         code: &'static str,

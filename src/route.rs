@@ -48,7 +48,18 @@ impl Routes {
         r
     }
 
+    /// Where a request for `path` on `host` goes.
     pub fn find(&self, host: &str, path: &str) -> Found {
+        self.find_keyed(host, path, &fold_case(path))
+    }
+
+    /// `find` for a parsed target, whose case-folded form is already made.
+    pub fn find_target(&self, host: &str, target: &crate::request::Target) -> Found {
+        self.find_keyed(host, target.path(), target.match_key())
+    }
+
+    /// `key` is `fold_case(path)`.
+    fn find_keyed(&self, host: &str, path: &str, key: &str) -> Found {
         let reserved = path == "/.poort" || path.starts_with("/.poort/");
         if host != self.portal_host {
             return match self.hosts.get(host) {
@@ -63,8 +74,7 @@ impl Routes {
         if self.prefixes.is_empty() {
             return Found::NotFound;
         }
-        let folded = fold_case(path);
-        let path = folded.as_ref();
+        let path = key;
         // Try each segment boundary from the longest candidate down (no allocation: this runs
         // on every request). The longest candidate ends at the slash after the longest prefix's
         // last segment; the root slash is never a candidate.

@@ -943,7 +943,7 @@ fn rules_test(
         }
     };
     let routes = crate::route::Routes::new(&cfg.server.portal_host, &cfg.apps);
-    let app = match routes.find(&front.host, front.target.path()) {
+    let app = match routes.find_target(&front.host, &front.target) {
         crate::route::Found::App(i) | crate::route::Found::AddSlash(i) => Some(cfg.apps[i].name.as_str()),
         _ => None,
     };

@@ -245,7 +245,6 @@ pub fn record_failure(
     Ok(Some((failures, until)))
 }
 
-/// Clears the failure count (after a success, or by an admin).
 /// Clears one of `user`'s locks and its count.
 pub fn unlock(conn: &Connection, user: &str, lock: Lock) -> rusqlite::Result<bool> {
     Ok(conn.execute("DELETE FROM lockouts WHERE user = ?1", [lock.key(user)])? > 0)

@@ -16,8 +16,8 @@ use openidconnect::core::{
     CoreResponseType, CoreSubjectIdentifierType,
 };
 use openidconnect::{
-    AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndSessionUrl, IssuerUrl, Nonce, PkceCodeChallenge,
-    PkceCodeVerifier, ProviderMetadata, RedirectUrl, Scope, TokenResponse,
+    AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndSessionUrl, EndpointMaybeSet, EndpointNotSet, EndpointSet,
+    IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier, ProviderMetadata, RedirectUrl, Scope, TokenResponse,
 };
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
@@ -179,12 +179,9 @@ impl Providers {
         let Some(i) = self.find(name) else { return Ok(None) };
         let p = &self.list[i];
         let meta = p.metadata().await?;
-        let client = CoreClient::from_provider_metadata(
-            meta,
-            ClientId::new(p.settings.client_id.clone()),
-            Some(ClientSecret::new(p.settings.client_secret.clone())),
-        )
-        .set_redirect_uri(RedirectUrl::new(self.redirect_url(name)).map_err(|e| Failure::Provider(e.to_string()))?);
+        let client = p
+            .client(meta)
+            .set_redirect_uri(RedirectUrl::new(self.redirect_url(name)).map_err(|e| Failure::Provider(e.to_string()))?);
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let mut req =
             client.authorize_url(CoreAuthenticationFlow::AuthorizationCode, CsrfToken::new_random, Nonce::new_random);
@@ -236,12 +233,9 @@ impl Providers {
         let p = &self.list[i];
         let meta = p.metadata().await?;
         let end_session = meta.additional_metadata().end_session_endpoint.clone();
-        let client = CoreClient::from_provider_metadata(
-            meta,
-            ClientId::new(p.settings.client_id.clone()),
-            Some(ClientSecret::new(p.settings.client_secret.clone())),
-        )
-        .set_redirect_uri(RedirectUrl::new(self.redirect_url(name)).map_err(|e| Failure::Provider(e.to_string()))?);
+        let client = p
+            .client(meta)
+            .set_redirect_uri(RedirectUrl::new(self.redirect_url(name)).map_err(|e| Failure::Provider(e.to_string()))?);
         let http = |req| fetch(req, p.tls.clone(), p.settings.timeout);
         let token = client
             .exchange_code(AuthorizationCode::new(code.to_string()))
@@ -262,11 +256,7 @@ impl Providers {
             // The provider rotated its keys since poort fetched them: fetch them once more.
             tracing::info!(provider = name, "An ID token names an unknown key; fetching the provider's keys again");
             let meta = p.rediscover().await?;
-            let again = CoreClient::from_provider_metadata(
-                meta,
-                ClientId::new(p.settings.client_id.clone()),
-                Some(ClientSecret::new(p.settings.client_secret.clone())),
-            );
+            let again = p.client(meta);
             id_token.claims(&again.id_token_verifier(), &pending.nonce).map_err(|e| Failure::Token(e.to_string()))?;
         }
         let raw = id_token.to_string();
@@ -286,7 +276,20 @@ impl Providers {
     }
 }
 
+/// A client made from a provider's metadata.
+type Client =
+    CoreClient<EndpointSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointMaybeSet, EndpointMaybeSet>;
+
 impl Provider {
+    /// A client of this provider, as `meta` describes it.
+    fn client(&self, meta: Metadata) -> Client {
+        CoreClient::from_provider_metadata(
+            meta,
+            ClientId::new(self.settings.client_id.clone()),
+            Some(ClientSecret::new(self.settings.client_secret.clone())),
+        )
+    }
+
     /// Whether an unknown key id may trigger a fetch of the keys now (rate-limited, so that
     /// tokens with made-up key ids cannot make poort hammer the provider).
     fn may_refetch(&self) -> bool {

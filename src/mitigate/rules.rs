@@ -157,7 +157,7 @@ impl<'a> Facts<'a> {
         client: IpAddr,
         app: Option<&'a str>,
     ) -> Facts<'a> {
-        Facts { method, path: target.match_key(), raw_target, headers, client, app }
+        Facts { method, path: std::borrow::Cow::Borrowed(target.match_key()), raw_target, headers, client, app }
     }
 }
 
@@ -328,7 +328,7 @@ pub fn compile(text: &str) -> Result<Rules, Vec<String>> {
             let escaped: String =
                 p.bytes().map(|b| if b.is_ascii() { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
             match crate::request::Target::parse(&escaped) {
-                Ok(t) if t.query().is_none() && !p.contains('?') => without_trailing_slash(&t.match_key()).to_string(),
+                Ok(t) if t.query().is_none() && !p.contains('?') => without_trailing_slash(t.match_key()).to_string(),
                 _ => {
                     bad(key, format!("{p:?} is not a canonical path (hint: start with /, no .., //, ; or ?)"));
                     String::new()
@@ -543,29 +543,21 @@ mod tests {
     /// (with either case of hex digits).
     fn spell(path: &str, choices: &[u8]) -> String {
         let mut out = String::new();
+        let escape = |out: &mut String, c: char, upper: bool| {
+            for b in c.encode_utf8(&mut [0u8; 4]).bytes() {
+                out.push_str(&if upper { format!("%{b:02X}") } else { format!("%{b:02x}") });
+            }
+        };
         for (i, c) in path.chars().enumerate() {
             let pick = choices.get(i).copied().unwrap_or(0) % 4;
-            if c == '/' {
-                out.push('/');
-                continue;
-            }
             match pick {
+                _ if c == '/' => out.push('/'),
                 1 if c.is_ascii_alphabetic() => {
                     out.push(if c.is_ascii_lowercase() { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() })
                 }
-                2 | 3 => {
-                    let mut buf = [0u8; 4];
-                    for b in c.encode_utf8(&mut buf).bytes() {
-                        if pick == 2 { out.push_str(&format!("%{b:02X}")) } else { out.push_str(&format!("%{b:02x}")) }
-                    }
-                }
+                2 | 3 => escape(&mut out, c, pick == 2),
                 _ if c.is_ascii() => out.push(c),
-                _ => {
-                    let mut buf = [0u8; 4];
-                    for b in c.encode_utf8(&mut buf).bytes() {
-                        out.push_str(&format!("%{b:02X}"));
-                    }
-                }
+                _ => escape(&mut out, c, true),
             }
         }
         out

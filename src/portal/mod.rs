@@ -496,7 +496,7 @@ pub const HANDOFF_COOKIE: &str = "__Host-poort-handoff";
 /// Returns the `Set-Cookie` value and the portal address to go to.
 pub fn handoff_start(gw: &Gateway, host: &str, path: &str, step_up: bool) -> (String, String) {
     let nonce = cookie::encode_token(&session::random_bytes());
-    let bind = cookie::encode_b64(&session::hash_token_bytes(nonce.as_bytes()));
+    let bind = cookie::encode_b64(&session::hash_token(nonce.as_bytes()));
     let begin = format!(
         "/.poort/handoff/begin?{}",
         form_urlencoded::Serializer::new(String::new())
@@ -512,7 +512,12 @@ pub fn handoff_start(gw: &Gateway, host: &str, path: &str, step_up: bool) -> (St
     } else {
         format!("{origin}{begin}")
     };
-    (format!("{HANDOFF_COOKIE}={nonce}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=300"), location)
+    (handoff_cookie(&nonce, 300), location)
+}
+
+/// The `Set-Cookie` value of the hand-off nonce (`max_age` 0 removes it).
+fn handoff_cookie(nonce: &str, max_age: u32) -> String {
+    format!("{HANDOFF_COOKIE}={nonce}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={max_age}")
 }
 
 /// GET /.poort/handoff/begin on the portal (signed in): a one-time code for the app host,
@@ -556,7 +561,7 @@ async fn handoff(gw: &Gateway, call: &Call) -> Response<Body> {
     let code = query_param(call, "code").unwrap_or_default();
     let taken = gw.portal.handoffs.lock().ok().and_then(|mut h| h.remove(&code));
     let cookies = call.headers().get_all(header::COOKIE).iter().map(|v| v.as_bytes());
-    let nonce = cookie::find(cookies, HANDOFF_COOKIE).map(|n| session::hash_token_bytes(n.as_bytes()));
+    let nonce = cookie::find(cookies, HANDOFF_COOKIE).map(|n| session::hash_token(n.as_bytes()));
     let client = ctx.client.to_string();
     let why = match &taken {
         None => Some("unknown or used code"),
@@ -602,8 +607,7 @@ async fn handoff(gw: &Gateway, call: &Call) -> Response<Body> {
     };
     resp.headers_mut().append(
         header::SET_COOKIE,
-        HeaderValue::from_str(&format!("{HANDOFF_COOKIE}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"))
-            .expect("invariant: constant cookie is valid"),
+        HeaderValue::from_str(&handoff_cookie("", 0)).expect("invariant: constant cookie is valid"),
     );
     resp
 }

@@ -45,6 +45,9 @@ pub enum TargetError {
 pub struct Target {
     path: String,
     query: Option<String>,
+    /// `fold_case(path)` where it differs from `path`: routing and rules read it, and it is
+    /// made once, here.
+    key: Option<String>,
 }
 
 impl fmt::Debug for Target {
@@ -79,7 +82,11 @@ impl Target {
             }
             None => None,
         };
-        Ok(Target { path, query })
+        let key = match fold_case(&path) {
+            std::borrow::Cow::Owned(k) => Some(k),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        Ok(Target { path, query, key })
     }
 
     /// The decoded canonical path, always starting with `/`.
@@ -92,8 +99,8 @@ impl Target {
     }
 
     /// The path as routing and mitigation rules compare it: case folded (`fold_case`).
-    pub fn match_key(&self) -> std::borrow::Cow<'_, str> {
-        fold_case(&self.path)
+    pub fn match_key(&self) -> &str {
+        self.key.as_deref().unwrap_or(&self.path)
     }
 
     /// The path re-encoded for the wire: what the upstream receives (after any prefix strip).

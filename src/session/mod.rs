@@ -51,15 +51,8 @@ pub fn new_token() -> NewToken {
     NewToken { cookie_value: cookie::encode_token(&raw), hash: hash_token(&raw) }
 }
 
-/// SHA-256 of any bytes (a nonce as its cookie carries it).
-pub fn hash_token_bytes(b: &[u8]) -> [u8; 32] {
-    let d = digest::digest(&digest::SHA256, b);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-pub fn hash_token(raw: &[u8; 32]) -> TokenHash {
+/// SHA-256 of a token (a session's raw bytes, or a nonce as its cookie carries it).
+pub fn hash_token(raw: &[u8]) -> TokenHash {
     let d = digest::digest(&digest::SHA256, raw);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
