@@ -477,13 +477,16 @@ pub(crate) async fn open_session(gw: &Gateway, ctx: &crate::gateway::Ctx, s: Sig
 /// Sends the browser on after a sign-in or a step-up. An app on its own host is reached
 /// through that host: it starts a hand-off bound to the browser (`handoff_begin`).
 pub(crate) fn go_to(gw: &Gateway, next: Next) -> Response<Body> {
+    redirect(StatusCode::SEE_OTHER, &next_url(gw, next))
+}
+
+/// The address `go_to` sends the browser to.
+pub(crate) fn next_url(gw: &Gateway, next: Next) -> String {
     let origin = &gw.cfg.server.external_origin;
     match next {
-        Next::Relative(p) => redirect(StatusCode::SEE_OTHER, &format!("{origin}{p}")),
-        Next::App { host, path } => {
-            redirect(StatusCode::SEE_OTHER, &format!("https://{host}{}{path}", port_of(origin)))
-        }
-        Next::Portal => redirect(StatusCode::SEE_OTHER, &format!("{origin}/")),
+        Next::Relative(p) => format!("{origin}{p}"),
+        Next::App { host, path } => format!("https://{host}{}{path}", port_of(origin)),
+        Next::Portal => format!("{origin}/"),
     }
 }
 

@@ -106,12 +106,7 @@ fn malformed() -> Response<Body> {
 fn landing_url(gw: &Gateway, next: &str, fallback: &str) -> String {
     match safe_next(next, &gw.cfg) {
         super::Next::Portal => format!("{}{fallback}", gw.cfg.server.external_origin),
-        other => super::go_to(gw, other)
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("{}/", gw.cfg.server.external_origin)),
+        other => super::next_url(gw, other),
     }
 }
 
@@ -196,10 +191,7 @@ struct RegisterFinish {
 /// renewed with the factor it just proved.
 pub(crate) async fn register_finish(gw: &Gateway, call: Call) -> Response<Body> {
     let (ctx, s) = (&call.ctx, call.session().clone());
-    let body: RegisterFinish = match body(&call) {
-        Some(v) => v,
-        None => return malformed(),
-    };
+    let Some(body) = body::<RegisterFinish>(&call) else { return malformed() };
     let now = gw.clock.now();
     let Some(Ceremony::Register { session, user, name, next, state }) = gw.portal.passkeys.take(&body.ceremony, now)
     else {
@@ -251,10 +243,7 @@ struct Start {
 /// POST /.poort/mfa/passkey/start: a second-factor challenge for the user's credentials.
 pub(crate) async fn factor_start(gw: &Gateway, call: Call) -> Response<Body> {
     let s = call.session().clone();
-    let body: Start = match body(&call) {
-        Some(v) => v,
-        None => return malformed(),
-    };
+    let Some(body) = body::<Start>(&call) else { return malformed() };
     let u = s.identity.user.clone();
     let Ok(creds) = gw.store.run(move |c| passkey::list(c, &u)).await else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later");
@@ -316,10 +305,7 @@ async fn verify_and_touch(
 /// POST /.poort/mfa/passkey/finish
 pub(crate) async fn factor_finish(gw: &Gateway, call: Call) -> Response<Body> {
     let (ctx, s) = (&call.ctx, call.session().clone());
-    let body: Finish = match body(&call) {
-        Some(v) => v,
-        None => return malformed(),
-    };
+    let Some(body) = body::<Finish>(&call) else { return malformed() };
     let now = gw.clock.now();
     let Some(Ceremony::Factor { session, user, next, device, state }) = gw.portal.passkeys.take(&body.ceremony, now)
     else {
@@ -354,10 +340,7 @@ pub(crate) async fn factor_finish(gw: &Gateway, call: Call) -> Response<Body> {
 
 /// POST /.poort/login/passkey/start: a challenge for any discoverable credential.
 pub(crate) async fn passwordless_start(gw: &Gateway, call: Call) -> Response<Body> {
-    let body: Start = match body(&call) {
-        Some(v) => v,
-        None => return malformed(),
-    };
+    let Some(body) = body::<Start>(&call) else { return malformed() };
     match gw.portal.passkeys.webauthn.start_discoverable_authentication() {
         Ok((options, state)) => {
             let id = gw.portal.passkeys.put(gw.clock.now(), Ceremony::Passwordless { next: body.next, state });
@@ -372,10 +355,7 @@ pub(crate) async fn passwordless_start(gw: &Gateway, call: Call) -> Response<Bod
 /// user (PIN or biometric), which is what makes it count as two factors.
 pub(crate) async fn passwordless_finish(gw: &Gateway, call: Call) -> Response<Body> {
     let (ctx, headers) = (&call.ctx, call.headers());
-    let body: Finish = match body(&call) {
-        Some(v) => v,
-        None => return malformed(),
-    };
+    let Some(body) = body::<Finish>(&call) else { return malformed() };
     let now = gw.clock.now();
     let Some(Ceremony::Passwordless { next, state }) = gw.portal.passkeys.take(&body.ceremony, now) else {
         return refuse(StatusCode::BAD_REQUEST, "that sign-in expired; start again");
