@@ -197,7 +197,10 @@ impl Gateway {
             Found::App(i) => self.app(i, ctx, req).await,
             Found::AddSlash(i) => match &self.cfg.apps[i].route {
                 Route::Path { prefix, .. } => {
-                    redirect(StatusCode::PERMANENT_REDIRECT, &format!("{}{prefix}", self.cfg.server.external_origin))
+                    // The query goes along (the front door checked its bytes).
+                    let query = ctx.front.target.query().map(|q| format!("?{q}")).unwrap_or_default();
+                    let location = format!("{}{prefix}{query}", self.cfg.server.external_origin);
+                    redirect(StatusCode::PERMANENT_REDIRECT, &location)
                 }
                 Route::Host(_) => error_page(StatusCode::NOT_FOUND, id),
             },
@@ -431,9 +434,11 @@ fn harden(resp: &mut Response<Body>) {
     // leaving the portal.
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
-    // A portal page gets a browsing context of its own: a window an app's page opened loses
-    // its hold on it, so a script on an app's origin cannot read a portal page the user has
-    // open (a registration's challenge, a new authenticator secret, a CSRF token).
+    // A portal page gets a browsing context of its own: a window that a page without this
+    // same policy opened loses its hold on it once a portal page loads in it, so a script
+    // there cannot read what the page shows (a registration's challenge, a new
+    // authenticator's secret). Apps routed by path share the origin; the proxy strips this
+    // header from their answers, so that none can claim the same policy and keep its hold.
     h.insert(http::HeaderName::from_static("cross-origin-opener-policy"), HeaderValue::from_static("same-origin"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,

@@ -138,6 +138,9 @@ const X_POORT_ASSERTION: HeaderName = HeaderName::from_static("x-poort-assertion
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const SERVICE_WORKER_ALLOWED: HeaderName = HeaderName::from_static("service-worker-allowed");
+const CLEAR_SITE_DATA: HeaderName = HeaderName::from_static("clear-site-data");
+const CROSS_ORIGIN_OPENER_POLICY: HeaderName = HeaderName::from_static("cross-origin-opener-policy");
 
 /// Headers that belong to one connection (RFC 9110 §7.6.1), either way.
 const HOP_BY_HOP: [&str; 8] = [
@@ -373,7 +376,7 @@ impl Proxy {
             Upstream::Whoami => (self.whoami.as_deref().ok_or(Failure::Unreachable)?, ""),
         };
         let path = match &app.route {
-            Route::Path { prefix, strip: true } => &target.path()[prefix.len() - 1..],
+            Route::Path { prefix, strip: true } => after_segments(target.path(), prefix.matches('/').count() - 1),
             _ => target.path(),
         };
         // Origin form: the connection already goes to the upstream, and Host names it.
@@ -388,7 +391,11 @@ impl Proxy {
             headers.insert(X_FORWARDED_FOR, v);
         }
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        if let Some(v) = value(origin.host) {
+        // The host the browser addressed, with the gateway's port unless it is 443: what an
+        // app needs to make its own absolute URLs.
+        let forwarded_host =
+            if origin.port.is_empty() { value(origin.host) } else { value(&format!("{}{}", origin.host, origin.port)) };
+        if let Some(v) = forwarded_host {
             headers.insert(X_FORWARDED_HOST, v);
         }
         if websocket {
@@ -421,8 +428,10 @@ impl Proxy {
         }
         let out = out.body(body).map_err(|_| Failure::Unreachable)?;
         let line = origin.session.map(Session::lifeline);
+        // An app routed by path is served from the portal's own origin.
+        let shared = matches!(app.route, Route::Path { .. });
         if let Some(client_upgrade) = client_upgrade {
-            return self.upgrade(authority, out, client_upgrade, line).await;
+            return self.upgrade(authority, out, client_upgrade, line, shared).await;
         }
         let worker = WORKER.with(|w| w.get());
         let resp =
@@ -431,7 +440,7 @@ impl Proxy {
                 Ok(r) => r?,
             };
         let (mut parts, body) = resp.into_parts();
-        clean_response_headers(&mut parts.headers, false);
+        clean_response_headers(&mut parts.headers, false, shared);
         Ok(Response::from_parts(parts, watched(Body::Upstream(body), line)))
     }
 
@@ -443,6 +452,7 @@ impl Proxy {
         out: Request<UpstreamBody>,
         client_upgrade: hyper::upgrade::OnUpgrade,
         line: Option<crate::session::Lifeline>,
+        shared: bool,
     ) -> Result<Response<Body>, Failure> {
         let (mut sender, conn) = pool::connect(authority, self.settings.connect_timeout).await?;
         tokio::spawn(async move {
@@ -455,7 +465,7 @@ impl Proxy {
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = resp.into_parts();
-            clean_response_headers(&mut parts.headers, false);
+            clean_response_headers(&mut parts.headers, false, shared);
             return Ok(Response::from_parts(parts, watched(Body::Direct(body), line)));
         }
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
@@ -478,9 +488,16 @@ impl Proxy {
             }
         });
         let (mut parts, _) = resp.into_parts();
-        clean_response_headers(&mut parts.headers, true);
+        clean_response_headers(&mut parts.headers, true, shared);
         Ok(Response::from_parts(parts, Body::empty()))
     }
+}
+
+/// `path` without its first `n` segments (from the slash after them on). Routing matched the
+/// prefix on the case-folded path, which may differ from `path` in length (a letter folded to
+/// ASCII, dots and spaces dropped at a segment's end) but never in its segments.
+fn after_segments(path: &str, n: usize) -> &str {
+    path.match_indices('/').nth(n).map_or("/", |(i, _)| &path[i..])
 }
 
 /// A response body for a session ends with the session.
@@ -502,7 +519,16 @@ fn is_websocket(version: Version, headers: &HeaderMap) -> bool {
 
 /// Drops hop-by-hop headers from an upstream response, and any attempt by an app to set
 /// poort's own cookies (an app on the portal host could otherwise fix a session).
-fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool) {
+fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool, shares_portal_origin: bool) {
+    if shares_portal_origin {
+        // Powers over the whole origin, which an app routed by path shares with the portal: a
+        // service worker for `/` would see every portal page and sign-in form; clearing the
+        // site's data would sign the user out; the portal's own opener policy would let the
+        // app's page keep its hold on a portal page it opened.
+        headers.remove(SERVICE_WORKER_ALLOWED);
+        headers.remove(CLEAR_SITE_DATA);
+        headers.remove(CROSS_ORIGIN_OPENER_POLICY);
+    }
     // One look at the names first: an ordinary response has nothing to remove.
     let suspicious = headers.iter().any(|(name, value)| {
         HOP_BY_HOP.contains(&name.as_str())
@@ -572,10 +598,37 @@ mod tests {
         h.append(header::CONNECTION, HeaderValue::from_static("x-internal"));
         h.append("x-internal", HeaderValue::from_static("secret"));
         h.append("keep-alive", HeaderValue::from_static("timeout=5"));
-        clean_response_headers(&mut h, false);
+        clean_response_headers(&mut h, false, false);
         let cookies: Vec<_> = h.get_all(header::SET_COOKIE).iter().collect();
         assert_eq!(cookies, [HeaderValue::from_static("app_session=1; Path=/")]);
         assert!(h.get("x-internal").is_none() && h.get("keep-alive").is_none() && h.get(header::CONNECTION).is_none());
+    }
+
+    #[test]
+    fn a_prefix_is_stripped_by_segments() {
+        assert_eq!(after_segments("/app/x/y", 1), "/x/y");
+        assert_eq!(after_segments("/app/", 1), "/");
+        assert_eq!(after_segments("/a/b/c", 2), "/c");
+        // Spellings that route to `/kiosk/` but are longer or shorter than it.
+        assert_eq!(after_segments("/kios\u{212a}/x", 1), "/x");
+        assert_eq!(after_segments("/KIOSK. /x", 1), "/x");
+    }
+
+    #[test]
+    fn only_apps_on_the_portal_origin_lose_origin_wide_headers() {
+        let answer = || {
+            let mut h = HeaderMap::new();
+            h.insert(SERVICE_WORKER_ALLOWED, HeaderValue::from_static("/"));
+            h.insert(CLEAR_SITE_DATA, HeaderValue::from_static("\"cookies\""));
+            h.insert(CROSS_ORIGIN_OPENER_POLICY, HeaderValue::from_static("same-origin"));
+            h
+        };
+        let mut shared = answer();
+        clean_response_headers(&mut shared, false, true);
+        assert!(shared.is_empty());
+        let mut own = answer();
+        clean_response_headers(&mut own, false, false);
+        assert_eq!(own.len(), 3, "an app on its own host keeps its origin's powers");
     }
 
     #[test]

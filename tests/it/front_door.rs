@@ -152,3 +152,14 @@ async fn the_plain_listener_only_redirects() {
     }
     assert_eq!(gate.upstream.hits(), 0);
 }
+
+/// A path app's prefix without its slash is sent to the prefix, with the query kept.
+#[tokio::test]
+async fn the_missing_slash_redirect_keeps_the_query() {
+    let gate = Gate::start().await;
+    for (target, want) in [("/app", "/app/"), ("/app?x=1&y=%2F", "/app/?x=1&y=%2F"), ("/APP?x", "/app/?x")] {
+        let r = gate.get(target, None).await;
+        assert_eq!(r.status, 308, "{target}");
+        assert_eq!(r.header("location"), Some(format!("https://localhost:8443{want}").as_str()), "{target}");
+    }
+}

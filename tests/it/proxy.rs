@@ -49,7 +49,7 @@ async fn spoofed_identity_headers_never_reach_the_upstream() {
     }
     assert_eq!(seen.header("cookie"), Some("theme=dark"), "other cookies pass, poort's do not");
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
-    assert_eq!(seen.header("x-forwarded-host"), Some("localhost"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("localhost:8443"), "the host as the browser addressed it");
 }
 
 fn b64(s: &str) -> Vec<u8> {

@@ -109,6 +109,24 @@ async fn accepted_targets_reach_the_upstream_in_canonical_form() {
     }
 }
 
+/// An app whose prefix is stripped gets the path after the prefix's segments, however the
+/// prefix was spelled: letters that fold to ASCII (longer in UTF-8 than the letter they match)
+/// and dots and spaces at the end of the segment neither crash the gateway nor leak into the
+/// upstream's path. Before login too, on a public app.
+#[tokio::test]
+async fn a_stripped_prefix_is_removed_whatever_its_spelling() {
+    let tables = "\n[[app]]\nname = \"kiosk\"\nupstream = \"http://{up}/base\"\npath = \"/kiosk/\"\nstrip_prefix = true\naccess = \"public\"\n";
+    let gate = Gate::start_config("", tables).await;
+    for target in
+        ["/kiosk/x", "/KIOSK/x", "/kios%E2%84%AA/x", "/k%C4%B1osk/x", "/kiosk./x", "/kiosk%20/x", "/Kiosk.%20./x"]
+    {
+        let req = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let (status, hits) = gate.hostile(req.as_bytes()).await;
+        assert_eq!((status, hits), (Some(200), 1), "{target}");
+        assert_eq!(gate.upstream.last().target, "/base/x", "{target}");
+    }
+}
+
 /// Policy decides on the path only, never on the query (oauth2-proxy CVE-2025-54576).
 #[tokio::test]
 async fn the_query_never_opens_a_protected_path() {
