@@ -97,6 +97,19 @@ pub fn totp_remove(conn: &Connection, user: &str) -> rusqlite::Result<bool> {
     Ok(conn.execute("DELETE FROM totp WHERE user = ?1", [user])? > 0)
 }
 
+/// Recovery codes stand in for an authenticator: once a user has neither an authenticator app
+/// nor a passkey, their codes go too. Kept, they would be a factor no page asks for, and the
+/// password alone could set up a new authenticator over them. True if any went.
+pub fn drop_codes_without_factor(conn: &Connection, user: &str) -> rusqlite::Result<bool> {
+    let dropped = conn.execute(
+        "DELETE FROM recovery_codes WHERE user = ?1
+           AND NOT EXISTS (SELECT 1 FROM totp WHERE user = ?1 AND confirmed)
+           AND NOT EXISTS (SELECT 1 FROM passkeys WHERE user = ?1)",
+        [user],
+    )?;
+    Ok(dropped > 0)
+}
+
 const RECOVERY_COUNT: usize = 10;
 
 fn recovery_hash(user: &str, code: &str) -> Vec<u8> {

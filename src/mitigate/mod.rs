@@ -239,6 +239,8 @@ impl Mitigation {
                 status.version = rules.version;
                 status.loaded_at = Some(crate::clock::format_utc(now));
                 status.last_error = None;
+                // Counts of rules the new file no longer has go with them.
+                status.hits.retain(|id, _| rules.rules.iter().any(|r| &r.id == id));
                 *self.rules.write().expect("invariant: lock not poisoned") = Arc::new(rules);
                 *self.applied.lock().expect("invariant: lock not poisoned") = Some(applied.clone());
                 self.throttles.lock().expect("invariant: lock not poisoned").clear();

@@ -532,6 +532,15 @@ mod tests {
         let mut ua = http::HeaderMap::new();
         ua.insert("user-agent", http::HeaderValue::from_bytes(b"sqlmap\xff/1.0").unwrap());
         assert_eq!(id("/x", &ua).as_deref(), Some("sqlmap"), "a value that is not UTF-8 is still seen");
+        // The globs docs/mitigation.md gives for Windows' aliases.
+        let windows = compile(
+            "[[rule]]\nid = \"ads\"\naction = \"deny\"\npath_glob = \"/app/**/*::$data\"\n[[rule]]\nid = \"short\"\naction = \"deny\"\npath_glob = \"/app/**/*~1*\"\n",
+        )
+        .unwrap();
+        let win = |p: &str| windows.check(&facts("GET", p, p, &h)).map(|(_, r)| r.id.clone());
+        assert_eq!(win("/app/x/secret.txt::$DATA").as_deref(), Some("ads"));
+        assert_eq!(win("/app/SECRE~1.TXT").as_deref(), Some("short"));
+        assert_eq!(win("/app/secret.txt"), None);
         // Patterns that are not canonical paths are refused, not silently never matched.
         for bad in ["/a/../b", "/a//b", "/a;x", "/a?b", "wiki"] {
             let text = format!("[[rule]]\nid = \"x\"\naction = \"deny\"\npath_prefix = {bad:?}\n");

@@ -660,21 +660,54 @@ pub(crate) async fn totp_confirm(gw: &Gateway, call: Call) -> Response<Body> {
 pub(crate) async fn totp_remove(gw: &Gateway, call: &Call) -> Response<Body> {
     let user = call.session().identity.user.clone();
     let name = user.clone();
-    let _ = gw.store.run(move |c| mfa::totp_remove(c, &name)).await;
+    let removed = gw.store.run(move |c| Ok((mfa::totp_remove(c, &name)?, mfa::drop_codes_without_factor(c, &name)?)));
+    let Ok((_, codes_dropped)) = removed.await else { return error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id) };
     changed(gw, &user, "authenticator app removed", PROOF_SECOND_FACTOR, call.ctx.client).await;
-    security_after(gw, call, StatusCode::OK, Say::Notice("The authenticator app was removed.")).await
+    let notices = (
+        "The authenticator app was removed.",
+        "The authenticator app was removed. With no authenticator left, your recovery codes went too.",
+    );
+    let said = after_removal(gw, call, codes_dropped, notices).await;
+    security_after(gw, call, StatusCode::OK, Say::Notice(said)).await
+}
+
+/// Records recovery codes that went with the last authenticator. Returns the notice to show:
+/// `notices.0`, or `notices.1` when the codes went too.
+async fn after_removal(
+    gw: &Gateway,
+    call: &Call,
+    codes_dropped: bool,
+    notices: (&'static str, &'static str),
+) -> &'static str {
+    if !codes_dropped {
+        return notices.0;
+    }
+    let user = &call.session().identity.user;
+    changed(gw, user, "recovery codes removed with the last authenticator", PROOF_SECOND_FACTOR, call.ctx.client).await;
+    notices.1
 }
 
 /// POST /.poort/security/passkey/remove (fresh)
 pub(crate) async fn passkey_remove(gw: &Gateway, call: &Call) -> Response<Body> {
     let user = call.session().identity.user.clone();
     let (name, id) = (user.clone(), call.field("id").to_string());
-    let removed = gw.store.run(move |c| crate::identity::passkey::remove(c, &name, &id)).await.unwrap_or(false);
-    if !removed {
+    let removed = gw
+        .store
+        .run(move |c| {
+            let removed = crate::identity::passkey::remove(c, &name, &id)?;
+            Ok((removed, removed && mfa::drop_codes_without_factor(c, &name)?))
+        })
+        .await;
+    let Ok((true, codes_dropped)) = removed else {
         return security_after(gw, call, StatusCode::NOT_FOUND, Say::Error("No such passkey.")).await;
-    }
+    };
     changed(gw, &user, "passkey removed", PROOF_SECOND_FACTOR, call.ctx.client).await;
-    security_after(gw, call, StatusCode::OK, Say::Notice("The passkey was removed.")).await
+    let notices = (
+        "The passkey was removed.",
+        "The passkey was removed. With no authenticator left, your recovery codes went too.",
+    );
+    let said = after_removal(gw, call, codes_dropped, notices).await;
+    security_after(gw, call, StatusCode::OK, Say::Notice(said)).await
 }
 
 /// POST /.poort/security/recovery (fresh): ten new codes, the old ones void.

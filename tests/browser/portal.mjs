@@ -161,6 +161,27 @@ try {
   check("the sessions page shows the first factor set up with the password alone", /authenticator app set up/.test(changes) && /with the password alone/.test(changes), changes);
   await shot("5-sessions");
 
+  // A script on the demo app's page (routed by path, so on the portal's own origin) opens a
+  // portal page in a window to read it (a new authenticator's secret, a form's token): the
+  // portal page cuts the window off from its opener.
+  await page.goto(`${gateway}/whoami/`);
+  const reach = await page.evaluate(async (url) => {
+    const w = window.open(url, "probe");
+    for (let i = 0; i < 50; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      try {
+        if (!w || w.closed) return "cut off";
+        if (w.document.querySelector("h1")) return `read: ${w.document.title}`;
+      } catch (e) {
+        return `cut off (${e.name})`;
+      }
+    }
+    return "no answer";
+  }, `${gateway}/.poort/security`);
+  check("an app's script cannot read a portal page it opened", reach.startsWith("cut off"), reach);
+  for (const p of context.pages()) if (p !== page) await p.close();
+  await page.goto(`${gateway}/.poort/sessions`);
+
   await page.click("button.link");
   await page.waitForURL(`${gateway}/.poort/login`);
   check("sign out goes back to the login page", page.url() === `${gateway}/.poort/login`);

@@ -193,6 +193,23 @@ pub async fn streamer() -> SocketAddr {
     addr
 }
 
+/// An HTTP upstream that answers every request with `response`, as it is, and closes.
+pub async fn canned(response: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 8192];
+                let _ = s.read(&mut head).await;
+                let _ = s.write_all(response).await;
+            });
+        }
+    });
+    addr
+}
+
 /// An upstream that accepts connections and never answers.
 pub async fn silent() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -68,6 +68,16 @@ async fn a_new_rule_blocks_within_two_seconds_and_a_broken_file_changes_nothing(
     assert!(text.contains("rule[oops].path_prefix") && text.contains("2 in force"), "{text}");
     assert_eq!(gate.get(probe, Some(&s)).await.status, 403, "the old rules still apply");
     assert_eq!(gate.get("/vpns/x", Some(&s)).await.status, 403);
+    assert!(text.contains("hits:      lang-traversal:"), "{text}");
+
+    // The virtual patch is withdrawn: its hit count goes with it.
+    std::fs::write(rules_path(&gate), FIRST).unwrap();
+    eventually("the patch to be withdrawn", Duration::from_secs(3), async || {
+        gate.get(probe, Some(&s)).await.status == 200
+    })
+    .await;
+    let text = String::from_utf8_lossy(&gate.cli(&["rules", "status"]).stdout).into_owned();
+    assert!(!text.contains("lang-traversal"), "{text}");
 }
 
 #[tokio::test]

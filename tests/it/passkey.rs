@@ -168,6 +168,10 @@ async fn removing_a_passkey_needs_a_fresh_second_factor() {
     assert!(right.text().contains("The passkey was removed."));
     let left: i64 = gate.store().with(|c| c.query_row("SELECT count(*) FROM passkeys", [], |r| r.get(0))).unwrap();
     assert_eq!(left, 0);
+    // The recovery codes made with the first passkey went with the last one.
+    let codes: i64 =
+        gate.store().with(|c| c.query_row("SELECT count(*) FROM recovery_codes", [], |r| r.get(0))).unwrap();
+    assert_eq!(codes, 0);
 }
 
 /// A user with a passkey who began setting up an authenticator app and did not finish: a

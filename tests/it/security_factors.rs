@@ -130,6 +130,28 @@ async fn changing_factors_needs_a_fresh_second_factor_and_a_person() {
     assert!(factors(&gate, "alice").totp);
 }
 
+/// Removing the last authenticator takes the recovery codes with it: they would otherwise be a
+/// factor nothing asks for, and the password alone could then set up a new authenticator.
+#[tokio::test]
+async fn recovery_codes_go_with_the_last_authenticator() {
+    let gate = Gate::start().await;
+    let s = gate.login("alice").await;
+    let (secret, _, codes) = enrol(&gate, &s).await;
+    assert_eq!(factors(&gate, "alice").recovery_left, codes.len());
+    let s = gate.login("alice").await;
+    gate.clock.advance(30);
+    let code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
+    let s = gate.confirm(&s, &[("code", &code), ("next", "/.poort/security")]).await;
+    let r = gate.post("/.poort/security/totp/remove", &s, &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("recovery codes went too"), "{}", r.text());
+    let left = factors(&gate, "alice");
+    assert!(!left.totp);
+    assert_eq!(left.recovery_left, 0, "recovery codes outlived the last authenticator");
+    let changes = gate.audit("factor_changed");
+    assert!(changes.iter().any(|e| e["change"] == "recovery codes removed with the last authenticator"));
+}
+
 /// A user with no factor at all may set up a first one with the password (a fresh sign-in):
 /// that is audited as such and shown on their sessions page.
 #[tokio::test]

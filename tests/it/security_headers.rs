@@ -192,3 +192,24 @@ async fn an_app_cannot_be_configured_to_receive_framing_or_identity_headers() {
         assert!(err.contains("app[a].forward_headers"), "{name}: {err}");
     }
 }
+
+/// An app routed by path shares the portal's origin: it may not widen a service worker's scope
+/// to the whole origin (where it would see the portal's sign-in form), clear the site's data
+/// (the user's poort cookies), or claim the portal's opener policy (and so keep its hold on a
+/// portal page it opened).
+#[tokio::test]
+async fn a_path_routed_app_cannot_claim_the_whole_origin() {
+    let up = crate::harness::canned(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/javascript\r\nService-Worker-Allowed: /\r\nClear-Site-Data: \"cookies\"\r\nCross-Origin-Opener-Policy: same-origin\r\nX-App: kept\r\nContent-Length: 2\r\nConnection: close\r\n\r\n//",
+    )
+    .await;
+    let tables =
+        format!("\n[[app]]\nname = \"sw\"\nupstream = \"http://{up}\"\npath = \"/sw/\"\naccess = \"public\"\n");
+    let gate = Gate::start_config("", &tables).await;
+    let r = gate.get("/sw/sw.js", None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-app"), Some("kept"), "the app's other headers arrive");
+    assert_eq!(r.header("service-worker-allowed"), None);
+    assert_eq!(r.header("clear-site-data"), None);
+    assert_eq!(r.header("cross-origin-opener-policy"), None, "the app could keep a portal window it opened");
+}
