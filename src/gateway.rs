@@ -127,7 +127,7 @@ impl Gateway {
     pub async fn handle(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         let upgrade = req.version() == http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
         let head = req.method() == http::Method::HEAD;
-        let mut resp = self.stages(peer, conn, req).await;
+        let mut resp = shielded(self.stages(peer, conn, req)).await;
         if upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -404,6 +404,21 @@ impl Gateway {
     }
 }
 
+/// Runs a request's stages; a bug that panics in them costs that request a constant 500 page
+/// and its connection, never a worker thread or another request.
+async fn shielded(stages: impl Future<Output = Response<Body>>) -> Response<Body> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(stages).catch_unwind().await {
+        Ok(resp) => resp,
+        Err(_) => {
+            tracing::error!("A request's handling panicked; answered 500");
+            let mut resp = error_page(StatusCode::INTERNAL_SERVER_ERROR, RequestId(0));
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
+    }
+}
+
 /// A response to HEAD: the headers of the answer to GET, with its length and without its body
 /// (HTTP/2 refuses a body on a HEAD response).
 fn without_body(resp: &mut Response<Body>) {
@@ -512,4 +527,18 @@ pub fn error_page(status: StatusCode, id: RequestId) -> Response<Body> {
     };
     let html = portal::render_error(status.as_u16(), title, message, &id.to_string());
     page(status, "text/html; charset=utf-8", html)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_in_a_request_costs_that_request_only() {
+        let resp = shielded(async { panic!("a bug in a handler") }).await;
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(resp.headers().get(header::CONNECTION).unwrap(), "close");
+        let fine = shielded(async { error_page(StatusCode::NOT_FOUND, RequestId(1)) }).await;
+        assert_eq!(fine.status(), StatusCode::NOT_FOUND);
+    }
 }
