@@ -113,6 +113,10 @@ pub struct Line {
 }
 
 impl Line {
+    fn is_cut(&self) -> bool {
+        self.is_cut.load(Ordering::Acquire)
+    }
+
     fn cut(&self, why: &'static str) {
         self.cut.send_if_modified(|v| {
             let first = v.is_none();
@@ -132,7 +136,7 @@ pub struct Lifeline(Arc<Line>);
 impl Lifeline {
     /// Why the session ended, if it has.
     pub fn ended_now(&self) -> Option<&'static str> {
-        if self.0.is_cut.load(Ordering::Acquire) { *self.0.cut.borrow() } else { None }
+        if self.0.is_cut() { *self.0.cut.borrow() } else { None }
     }
 
     /// Waits until the session ends.
@@ -324,7 +328,9 @@ impl Sessions {
             return Err((Lookup::None, None));
         };
         let now = self.clock.now();
-        let cached = self.cache.read().ok().and_then(|c| c.get(&hash).cloned());
+        // A copy whose line was cut is never served: it may have reached the cache while its
+        // line was being cut (a lockdown, a logout). The store says whether the session lives.
+        let cached = self.cache.read().ok().and_then(|c| c.get(&hash).cloned()).filter(|s| !s.line.is_cut());
         let session = match cached {
             Some(s) => s,
             None => {
@@ -359,6 +365,9 @@ impl Sessions {
     /// The line of session `id`: the one its other copies share, or a new one.
     fn line_for(&self, row: &SessionRow, identity: &Identity) -> Arc<Line> {
         let mut lines = self.lines.lock().expect("invariant: lock not poisoned");
+        if lines.get(&row.id).is_some_and(|l| l.is_cut()) {
+            lines.remove(&row.id);
+        }
         let line = lines.entry(row.id.clone()).or_insert_with(|| {
             Arc::new(Line {
                 cut: watch::channel(None).0,
@@ -473,11 +482,13 @@ impl Sessions {
     }
 
     /// Ends a session in the store and in this process's cache.
+    /// The store goes first, so that a copy loaded once the line is cut finds no session.
     pub async fn end(&self, id: &str) -> anyhow::Result<bool> {
-        self.forget(id, "session ended");
-        let (id, now) = (id.to_string(), self.clock.now());
+        let (owned, now) = (id.to_string(), self.clock.now());
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.revoke_session(&id, now)).await?
+        let ended = tokio::task::spawn_blocking(move || store.revoke_session(&owned, now)).await?;
+        self.forget(id, "session ended");
+        ended
     }
 
     /// Drops a session from the cache and cuts its line.
@@ -594,5 +605,43 @@ impl Sessions {
         };
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.touch_sessions(&updates)).await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_copy_whose_line_was_cut_is_loaded_again() {
+        let dir = std::env::temp_dir().join(format!("poort-session-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("poort.db")).unwrap();
+        store.add_user("bob", None, "hash", &["staff".into()], 0).unwrap();
+        let timeouts = SessionTimeouts { idle: Duration::from_secs(600), absolute: Duration::from_secs(3600) };
+        let sessions = Sessions::new(store, Arc::new(ManualClock::new(1000)), timeouts, 1).unwrap();
+        let opening = Opening {
+            user: "bob",
+            host: "localhost",
+            client_addr: "127.0.0.1".into(),
+            user_agent: String::new(),
+            factors: "pwd",
+            kind: Kind::Browser,
+            approved_by: None,
+        };
+        let (_, token) = sessions.open(opening).await.unwrap();
+        let first = sessions.lookup(&token.cookie_value).await.unwrap();
+        // A lockdown cuts the line while a request that loaded the session is about to cache
+        // it: the cache holds a copy with a cut line.
+        first.line.cut("lockdown");
+        let again = sessions.lookup(&token.cookie_value).await.unwrap();
+        assert_eq!(again.lifeline().ended_now(), None, "the session lives on with a new line");
+        // A session that ended is not found again, whatever the cache held.
+        assert!(sessions.end(&again.id).await.unwrap());
+        again.line.cut("again");
+        assert!(sessions.lookup(&token.cookie_value).await.is_err());
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
