@@ -169,24 +169,39 @@ pub async fn ws_echo() -> SocketAddr {
 /// An HTTP upstream whose every response streams forever: a chunk each 100 ms (a server-sent
 /// events feed, a long download).
 pub async fn streamer() -> SocketAddr {
+    each_request(|mut s| async move {
+        let start = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if s.write_all(start).await.is_err() {
+            return;
+        }
+        loop {
+            if s.write_all(b"6\r\ndata:1\r\n").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+}
+
+/// A loopback HTTP upstream that reads the head of each connection's first request, then
+/// leaves the connection to `answer`.
+async fn each_request<F, A>(answer: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> A + Send + Sync + 'static,
+    A: Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
     tokio::spawn(async move {
         loop {
             let (mut s, _) = listener.accept().await.unwrap();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut head = vec![0u8; 8192];
                 let _ = s.read(&mut head).await;
-                let start = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
-                if s.write_all(start).await.is_err() {
-                    return;
-                }
-                loop {
-                    if s.write_all(b"6\r\ndata:1\r\n").await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                answer(s).await;
             });
         }
     });
@@ -195,19 +210,10 @@ pub async fn streamer() -> SocketAddr {
 
 /// An HTTP upstream that answers every request with `response`, as it is, and closes.
 pub async fn canned(response: &'static [u8]) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut head = vec![0u8; 8192];
-                let _ = s.read(&mut head).await;
-                let _ = s.write_all(response).await;
-            });
-        }
-    });
-    addr
+    each_request(move |mut s| async move {
+        let _ = s.write_all(response).await;
+    })
+    .await
 }
 
 /// An upstream that accepts connections and never answers.
@@ -224,10 +230,21 @@ pub async fn silent() -> SocketAddr {
     addr
 }
 
-/// A loopback port with nothing listening.
+/// A loopback port with nothing listening, for a server a test starts (slapd, sshd, the
+/// OpenID Provider) or for nothing at all. Taken below the kernel's ephemeral range
+/// (32768-60999), so that no socket another test binds to port 0 can take it before the server
+/// does, and each only once in this process.
 pub fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Test binaries run at once (CI, a developer's second shell) start apart.
+    let base = 20_000 + (std::process::id() % 30) as u16 * 400;
+    loop {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 400;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Waits until something accepts connections on a loopback port (a server the test started).
