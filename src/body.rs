@@ -10,8 +10,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 
-use crate::proxy::PooledBody;
 use crate::session::Lifeline;
+use crate::upstream::PooledBody;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 

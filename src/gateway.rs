@@ -96,7 +96,7 @@ impl Gateway {
         let directory = cfg.auth.ldap.clone().map(crate::identity::ldap::Directory::new).transpose()?;
         let oidc = crate::identity::oidc::Providers::new(&cfg.auth.oidc, &cfg.server.external_origin)?;
         // Request ids: a random start, then counting; unique per process and cheap to make.
-        let start = u64::from_be_bytes(session::random_bytes());
+        let start = u64::from_be_bytes(crate::secret::random_bytes());
         Ok(Gateway {
             cfg,
             clock,
@@ -112,7 +112,8 @@ impl Gateway {
             oidc,
             request_ids: AtomicU64::new(start),
             marker: Box::leak(
-                format!("/.poort/refused/{}", session::cookie::encode_token(&session::random_bytes())).into_boxed_str(),
+                format!("/.poort/refused/{}", session::cookie::encode_token(&crate::secret::random_bytes()))
+                    .into_boxed_str(),
             ),
         })
     }

@@ -243,11 +243,7 @@ pub struct Record {
 }
 
 fn hex<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&to_hex(v))
-}
-
-pub fn to_hex(v: &[u8]) -> String {
-    v.iter().map(|b| format!("{b:02x}")).collect()
+    s.serialize_str(&crate::secret::hex(v))
 }
 
 /// SHA-256 over the previous hash and this record's fields, each length-prefixed.
@@ -477,7 +473,7 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
         prev = hash;
         expect_seq += 1;
     }
-    Ok(Verdict::Intact { records: expect_seq - 1, head: to_hex(&prev) })
+    Ok(Verdict::Intact { records: expect_seq - 1, head: crate::secret::hex(&prev) })
 }
 
 /// Path of the database in a data directory, for tools that only know the directory.
@@ -503,7 +499,7 @@ mod tests {
                 let mut p = std::env::temp_dir();
                 let mut b = [0u8; 8];
                 ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
-                p.push(format!("poort-test-{}", super::to_hex(&b)));
+                p.push(format!("poort-test-{}", crate::secret::hex(&b)));
                 std::fs::create_dir_all(&p).unwrap();
                 Dir(p)
             }

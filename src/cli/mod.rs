@@ -2,7 +2,7 @@
 //! sessions and the audit log. Admin commands work on the database directly and record what
 //! they did in the audit log; a running gateway picks their effects up within a second.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,9 +12,10 @@ use clap::{Args, Parser, Subcommand};
 use crate::audit::{self, Event, Verdict};
 use crate::clock::{Clock, SystemClock, format_utc};
 use crate::config::{self, Config};
-use crate::identity::{password, valid_name};
+use crate::identity::password;
+use crate::names::valid_user_name;
+use crate::server;
 use crate::store::Store;
-use crate::{server, session};
 
 /// Exit status for a config that does not check out (EX_DATAERR would be 65; sysexits'
 /// EX_USAGE, 64, is what operators' scripts expect from `check`).
@@ -431,29 +432,12 @@ fn serve(cfg: Config) -> anyhow::Result<i32> {
     })
 }
 
-/// Writes a file only its owner can read (keys, secrets).
-pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
-}
-
 /// A random password of 20 characters from an alphabet without look-alikes (~117 bits).
 pub fn random_password() -> String {
     const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut out = String::with_capacity(20);
     while out.len() < 20 {
-        for b in session::random_bytes::<32>() {
+        for b in crate::secret::random_bytes::<32>() {
             // Rejection sampling keeps every character equally likely.
             if (b as usize) < 256 - 256 % ALPHABET.len() && out.len() < 20 {
                 out.push(ALPHABET[b as usize % ALPHABET.len()] as char);
@@ -538,7 +522,7 @@ pub fn quickstart(data_dir: &Path) -> anyhow::Result<Config> {
             "::1".to_string(),
         ])
         .context("making a self-signed certificate")?;
-        write_private(&cfg.tls.key_file, ck.signing_key.serialize_pem().as_bytes())?;
+        crate::secret::write_private(&cfg.tls.key_file, ck.signing_key.serialize_pem().as_bytes())?;
         std::fs::write(&cfg.tls.cert_file, ck.cert.pem())?;
         println!("Made a self-signed certificate for localhost: {}", cfg.tls.cert_file.display());
     }
@@ -586,10 +570,10 @@ fn new_password(stdin: bool, user: &str) -> anyhow::Result<(String, bool)> {
 }
 
 fn check_names(user: &str, groups: &[String]) -> anyhow::Result<()> {
-    if !valid_name(user) {
+    if !valid_user_name(user) {
         bail!("{user:?} is not a valid user name: use letters, digits, and - _ . @ (at most 64)");
     }
-    if let Some(g) = groups.iter().find(|g| !valid_name(g)) {
+    if let Some(g) = groups.iter().find(|g| !valid_user_name(g)) {
         bail!("{g:?} is not a valid group name: use letters, digits, and - _ . @ (at most 64)");
     }
     Ok(())
@@ -782,7 +766,7 @@ fn audit_cmd(cmd: AuditCmd) -> anyhow::Result<i32> {
                     let detail: serde_json::Value = serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null);
                     println!(
                         "{}",
-                        serde_json::json!({"seq": r.seq, "at": format_utc(r.at), "event": detail, "hash": audit::to_hex(&r.hash)})
+                        serde_json::json!({"seq": r.seq, "at": format_utc(r.at), "event": detail, "hash": crate::secret::hex(&r.hash)})
                     );
                 } else {
                     println!("{:>6} {} {:<17} {}", r.seq, format_utc(r.at), r.kind, r.detail);
@@ -855,7 +839,7 @@ fn rules_cmd(cmd: RulesCmd) -> anyhow::Result<i32> {
             let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| anyhow::anyhow!("key generation failed"))?;
             let pair =
                 Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|_| anyhow::anyhow!("key generation failed"))?;
-            write_private(&out, doc.as_ref())?;
+            crate::secret::write_private(&out, doc.as_ref())?;
             println!("Wrote the private key to {} (keep it away from the gateway).", out.display());
             println!(
                 "Public key for the gateway's [mitigate] public_key:\n\n    {}",

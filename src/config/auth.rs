@@ -156,7 +156,7 @@ fn secret(c: &mut Collector, key: &str, raw: Option<&str>, at: &dyn Fn(&str) -> 
 fn group_map(c: &mut Collector, key: &str, raw: std::collections::BTreeMap<String, String>) -> Vec<(String, String)> {
     raw.into_iter()
         .filter_map(|(from, to)| {
-            if crate::identity::valid_name(&to) {
+            if crate::names::valid_user_name(&to) {
                 Some((from.to_lowercase(), to))
             } else {
                 c.add(
@@ -259,7 +259,7 @@ fn resolve_ldap(c: &mut Collector, l: LdapFile, at: &dyn Fn(&str) -> PathBuf) ->
 
 fn resolve_oidc(c: &mut Collector, name: String, o: OidcFile, at: &dyn Fn(&str) -> PathBuf) -> Option<Oidc> {
     let key = format!("auth.oidc.{name}");
-    if !super::valid_name(&name) {
+    if !crate::names::valid_entry_name(&name) {
         c.add(&key, format!("{name:?} is not a provider name"), "use 1-64 of a-z, 0-9, - and _");
         return None;
     }

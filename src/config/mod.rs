@@ -2,6 +2,7 @@
 //! refused); `resolve` checks all of it and returns either a `Config` the rest of poort can
 //! trust, or every problem found, each with its key path and a hint.
 
+pub mod access;
 pub mod auth;
 pub mod file;
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::policy::{Access, Effect, Rule};
+use access::{Access, Effect, Rule};
 
 /// One thing wrong with a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,7 +110,7 @@ pub enum MissingFactor {
 
 #[derive(Debug, Clone, Copy)]
 pub struct LoginSettings {
-    pub lock: crate::identity::mfa::LockPolicy,
+    pub lock: LockPolicy,
     pub per_address_per_minute: u32,
 }
 
@@ -136,6 +137,15 @@ pub struct Server {
 pub struct Tls {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+}
+
+/// Lockout policy: after `after` consecutive failures the account is locked for `base`,
+/// doubling with each further failure, up to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockPolicy {
+    pub after: u32,
+    pub base_secs: i64,
+    pub max_secs: i64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -288,7 +298,7 @@ impl Collector {
     /// An app's or tunnel's name; a placeholder (`#i`) keeps later problems addressable.
     fn name(&mut self, kind: &str, i: usize, raw: Option<String>, invalid: &str, missing_hint: &str) -> String {
         match raw {
-            Some(n) if valid_name(&n) => n,
+            Some(n) if crate::names::valid_entry_name(&n) => n,
             Some(n) => {
                 self.add(format!("{kind}[{i}].name"), format!("{n:?} {invalid}"), "use 1-64 of a-z, 0-9, - and _");
                 format!("#{i}")
@@ -462,7 +472,7 @@ fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
     let lock_base = c.duration("login.lock_base", &f.login.lock_base, Duration::from_secs(60));
     let lock_max = c.duration("login.lock_max", &f.login.lock_max, Duration::from_secs(30 * 60));
     let login = LoginSettings {
-        lock: crate::identity::mfa::LockPolicy {
+        lock: LockPolicy {
             after: f.login.lock_after.unwrap_or(5),
             base_secs: lock_base.as_secs() as i64,
             max_secs: lock_max.as_secs() as i64,
@@ -600,13 +610,6 @@ fn external_origin(raw: &str) -> Option<(String, String)> {
     Some((format!("https://{}", rest.to_ascii_lowercase()), host))
 }
 
-/// App names appear in URLs, headers and audit records: keep them plain.
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
-
 fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, mfa_default: bool) -> Option<App> {
     let name =
         c.name("app", i, app.name, "is not a valid app name", "every app needs a name, for example name = \"wiki\"");
@@ -689,7 +692,7 @@ fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, m
     let mut forward_headers = Vec::new();
     for h in app.forward_headers.unwrap_or_default() {
         match http::HeaderName::from_bytes(h.as_bytes()) {
-            Ok(_) if crate::proxy::never_forwarded(&h) => c.add(
+            Ok(_) if crate::request::headers::never_forwarded(&h) => c.add(
                 format!("{key}.forward_headers"),
                 format!("{h:?} is a framing, connection or identity header"),
                 "poort sets or removes it itself; forward only the app's own headers",

@@ -133,7 +133,7 @@ impl Directory {
         let name = first(&entry, &self.settings.username_attribute)
             .filter(|n| n.is_ascii())
             .map(|n| n.to_ascii_lowercase())
-            .filter(|n| crate::identity::valid_name(n));
+            .filter(|n| crate::names::valid_user_name(n));
         let Some(name) = name else {
             tracing::warn!(dn = %dn, "A directory user name is not usable in poort");
             return Err(Refusal::Wrong);
@@ -270,7 +270,7 @@ pub fn map_groups(map: &[(String, String)], groups: &[String]) -> Vec<String> {
         let mapped = map.iter().find(|(from, _)| *from == dn || *from == name).map(|(_, to)| to.clone());
         let group = match mapped {
             Some(to) => to,
-            None if crate::identity::valid_name(&name) => name,
+            None if crate::names::valid_user_name(&name) => name,
             None => continue,
         };
         if !out.contains(&group) {

@@ -47,7 +47,7 @@ pub fn totp_begin(conn: &Connection, sealer: &Sealer, user: &str, now: UnixTime)
     if confirmed == Some(true) {
         return Ok(None);
     }
-    let secret: [u8; totp::SECRET_LEN] = crate::session::random_bytes();
+    let secret: [u8; totp::SECRET_LEN] = crate::secret::random_bytes();
     conn.execute(
         "INSERT INTO totp (user, secret, confirmed, last_step, created_at) VALUES (?1, ?2, 0, 0, ?3)
          ON CONFLICT (user) DO UPDATE SET secret = excluded.secret, created_at = excluded.created_at, last_step = 0",
@@ -128,7 +128,7 @@ pub fn recovery_new(conn: &mut Connection, user: &str) -> rusqlite::Result<Vec<S
     const ALPHABET: &[u8; 32] = b"abcdefghijkmnpqrstuvwxyz23456789";
     let codes: Vec<String> = (0..RECOVERY_COUNT)
         .map(|_| {
-            let b: [u8; 10] = crate::session::random_bytes();
+            let b: [u8; 10] = crate::secret::random_bytes();
             let chars: Vec<char> = b.iter().map(|x| ALPHABET[(*x & 31) as usize] as char).collect();
             format!("{}-{}", chars[..5].iter().collect::<String>(), chars[5..].iter().collect::<String>())
         })
@@ -163,14 +163,7 @@ pub fn reset(conn: &mut Connection, user: &str) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-/// Lockout policy: after `after` consecutive failures the account is locked for `base`,
-/// doubling with each further failure, up to `max`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LockPolicy {
-    pub after: u32,
-    pub base_secs: i64,
-    pub max_secs: i64,
-}
+pub use crate::config::LockPolicy;
 
 impl LockPolicy {
     /// Seconds locked after the `failures`-th consecutive failure (0: not locked).

@@ -17,14 +17,6 @@ pub struct Identity {
     pub groups: Vec<String>,
 }
 
-/// User and group names: plain enough for headers, JWT claims and audit records.
-pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
-        && !s.starts_with(['-', '.'])
-}
-
 /// TLS settings for poort as a client of a directory or an identity provider: the operator's
 /// CA file, or the public roots.
 pub fn client_tls(ca_file: Option<&std::path::Path>) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {

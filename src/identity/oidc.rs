@@ -189,14 +189,14 @@ impl Providers {
             req = req.add_scope(Scope::new(s.clone()));
         }
         let (url, state, nonce) = req.set_pkce_challenge(challenge).url();
-        let browser_cookie = crate::session::cookie::encode_b64(&crate::session::random_bytes::<32>());
+        let browser_cookie = crate::secret::b64(&crate::secret::random_bytes::<32>());
         let pending = Pending {
             provider: i,
             client: from,
             nonce,
             verifier,
             next: next.to_string(),
-            browser: sha256(browser_cookie.as_bytes()),
+            browser: crate::secret::sha256(browser_cookie.as_bytes()),
             at: Instant::now(),
         };
         let mut map = self.pending.lock().map_err(|_| Failure::Busy)?;
@@ -225,8 +225,9 @@ impl Providers {
         if pending.provider != i || pending.at.elapsed() >= PENDING_FOR {
             return Err(Failure::State);
         }
-        let cookie_ok = browser_cookie
-            .is_some_and(|c| subtle::ConstantTimeEq::ct_eq(&sha256(c.as_bytes())[..], &pending.browser[..]).into());
+        let cookie_ok = browser_cookie.is_some_and(|c| {
+            subtle::ConstantTimeEq::ct_eq(&crate::secret::sha256(c.as_bytes())[..], &pending.browser[..]).into()
+        });
         if !cookie_ok {
             return Err(Failure::Browser);
         }
@@ -329,7 +330,7 @@ impl Provider {
         let name = text(&s.username_claim)
             .filter(|n| n.is_ascii())
             .map(|n| n.to_ascii_lowercase())
-            .filter(|n| crate::identity::valid_name(n));
+            .filter(|n| crate::names::valid_user_name(n));
         let name = name.ok_or(Failure::NoName)?;
         let subject = text("sub").filter(|s| !s.is_empty() && s.len() <= 255).ok_or(Failure::NoName)?;
         let verified = claims.get("email_verified").and_then(|v| v.as_bool()).unwrap_or(true);
@@ -357,13 +358,6 @@ impl Provider {
                 || acr.is_some_and(|a| s.mfa_acr.iter().any(|m| m == a)));
         Ok(ProviderUser { name, subject, email, groups, mfa, logout_url: None })
     }
-}
-
-fn sha256(b: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, b);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 /// The claims of a compact JWT (only after its signature has been checked).

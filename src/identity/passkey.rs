@@ -29,7 +29,7 @@ pub fn handle(conn: &Connection, user: &str) -> rusqlite::Result<Uuid> {
             return Ok(Uuid::from_bytes(b));
         }
     }
-    let b: [u8; 16] = crate::session::random_bytes();
+    let b: [u8; 16] = crate::secret::random_bytes();
     conn.execute("UPDATE users SET handle = ?1 WHERE name = ?2", params![&b[..], user])?;
     Ok(Uuid::from_bytes(b))
 }
@@ -62,7 +62,7 @@ pub fn list(conn: &Connection, user: &str) -> rusqlite::Result<Vec<Stored>> {
 
 /// Adds a credential. Fails if its id is registered already (to anyone).
 pub fn add(conn: &Connection, user: &str, name: &str, pk: &Passkey, now: UnixTime) -> rusqlite::Result<String> {
-    let id = crate::session::cookie::encode_b64(pk.cred_id().as_ref());
+    let id = crate::secret::b64(pk.cred_id().as_ref());
     let json = serde_json::to_string(pk).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
     conn.execute(
         "INSERT INTO passkeys (id, user, name, passkey, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",

@@ -23,8 +23,8 @@ impl Sealer {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let k: [u8; 32] = crate::session::random_bytes();
-                crate::cli::write_private(path, &k)?;
+                let k: [u8; 32] = crate::secret::random_bytes();
+                crate::secret::write_private(path, &k)?;
                 k.to_vec()
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
@@ -35,7 +35,7 @@ impl Sealer {
     }
 
     pub fn seal(&self, owner: &str, plain: &[u8]) -> Vec<u8> {
-        let nonce: [u8; NONCE_LEN] = crate::session::random_bytes();
+        let nonce: [u8; NONCE_LEN] = crate::secret::random_bytes();
         let mut buf = plain.to_vec();
         self.key
             .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(owner.as_bytes()), &mut buf)
@@ -65,7 +65,7 @@ mod tests {
     #[test]
     fn seal_open_and_refuse_tampering() {
         let dir = std::env::temp_dir()
-            .join(format!("poort-seal-{}", crate::audit::to_hex(&crate::session::random_bytes::<6>())));
+            .join(format!("poort-seal-{}", crate::secret::hex(&crate::secret::random_bytes::<6>())));
         let s = Sealer::load_or_create(&dir.join("k")).unwrap();
         let sealed = s.seal("alice", b"secret");
         assert_eq!(s.open("alice", &sealed).as_deref(), Some(&b"secret"[..]));

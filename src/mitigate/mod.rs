@@ -78,7 +78,7 @@ pub fn load_file(path: &Path, public_key: Option<&[u8]>, now: i64) -> Result<(Ru
     if let Some(t) = rules.expires.filter(|t| *t <= now) {
         return Err(vec![format!("{}: expired at {}", path.display(), crate::clock::format_utc(t))]);
     }
-    Ok((rules, crate::audit::to_hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref())))
+    Ok((rules, crate::secret::hex(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref())))
 }
 
 /// The rules file in force: its version (if it gives one) and digest. The gateway keeps it in

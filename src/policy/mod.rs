@@ -8,34 +8,11 @@ use std::fmt;
 
 use crate::identity::Identity;
 
-/// How an app may be reached. Every app states one; there is no implicit default.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Access {
-    /// Anyone, logged in or not. Identity headers are still sent when there is a session.
-    Public,
-    /// Any logged-in user.
-    Authenticated,
-    /// Logged-in users that an allow rule matches and no deny rule matches.
-    Rules(Vec<Rule>),
-}
+pub use crate::config::access::{Access, Effect, Rule};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Effect {
-    Allow,
-    Deny,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    pub effect: Effect,
-    pub users: Vec<String>,
-    pub groups: Vec<String>,
-}
-
-impl Rule {
-    fn matches(&self, who: &Identity) -> bool {
-        self.users.contains(&who.user) || self.groups.iter().any(|g| who.groups.iter().any(|h| h == g))
-    }
+/// Whether `rule` names `who` or one of their groups.
+fn matches(rule: &Rule, who: &Identity) -> bool {
+    rule.users.contains(&who.user) || rule.groups.iter().any(|g| who.groups.iter().any(|h| h == g))
 }
 
 /// Proof that policy allowed this request to this app. Only `evaluate` can make one; the
@@ -103,10 +80,10 @@ pub fn evaluate(app_index: usize, access: &Access, mfa_required: bool, who: Opti
         Access::Public => return allow(),
         Access::Authenticated => {}
         Access::Rules(rules) => {
-            if let Some(i) = rules.iter().position(|r| r.effect == Effect::Deny && r.matches(who.identity)) {
+            if let Some(i) = rules.iter().position(|r| r.effect == Effect::Deny && matches(r, who.identity)) {
                 return Decision::Deny(DenyReason::DenyRule(i));
             }
-            if !rules.iter().any(|r| r.effect == Effect::Allow && r.matches(who.identity)) {
+            if !rules.iter().any(|r| r.effect == Effect::Allow && matches(r, who.identity)) {
                 return Decision::Deny(DenyReason::NoRuleMatched);
             }
         }

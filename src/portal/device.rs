@@ -20,7 +20,7 @@ use crate::audit::Event;
 use crate::body::Body;
 use crate::clock::{UnixTime, format_minutes};
 use crate::gateway::{Gateway, error_page, page, redirect};
-use crate::session::{self, Kind, Opening, Session, cookie};
+use crate::session::{Kind, Opening, Session, cookie};
 
 /// How long a code pair is good for.
 const LIFETIME: i64 = 600;
@@ -122,8 +122,8 @@ pub(crate) fn normal_code(raw: &str) -> String {
 /// POST /.poort/device/code (the command line)
 pub(crate) fn code(gw: &Gateway, call: &Call) -> Response<Body> {
     let now = gw.clock.now();
-    let device_code = cookie::encode_token(&session::random_bytes());
-    let raw: [u8; 8] = session::random_bytes();
+    let device_code = cookie::encode_token(&crate::secret::random_bytes());
+    let raw: [u8; 8] = crate::secret::random_bytes();
     let letters: String = raw.iter().map(|b| USER_ALPHABET[(*b as usize) % 20] as char).collect();
     let user_code = format!("{}-{}", &letters[..4], &letters[4..]);
     if let Ok(mut m) = gw.portal.devices.0.lock() {

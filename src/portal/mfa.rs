@@ -16,7 +16,8 @@ use crate::body::Body;
 use crate::config::MissingFactor;
 use crate::gateway::{Gateway, error_page, redirect};
 use crate::identity::mfa::{self, Factors, Lock, PROOF_PASSWORD_ONLY, PROOF_SECOND_FACTOR};
-use crate::identity::{password, totp, valid_name};
+use crate::identity::{password, totp};
+use crate::names::valid_user_name;
 use crate::session::{Proof, Session};
 use crate::store::Store;
 
@@ -115,7 +116,7 @@ pub(crate) async fn check_password(gw: &Gateway, user: &str, pw: &str, client: I
 /// directory, if one is configured, which names the account: lockouts count on that name,
 /// however the user typed it.
 pub(crate) async fn password_check(gw: &Gateway, user: &str, pw: &str, client: IpAddr) -> PasswordCheck {
-    if !valid_name(user) {
+    if !valid_user_name(user) {
         let pw = pw.to_string();
         let _ = tokio::task::spawn_blocking(move || password::verify_dummy(&pw)).await;
         return PasswordCheck::Wrong;

@@ -23,7 +23,7 @@ use crate::clock::{UnixTime, format_minutes};
 use crate::config::{Config, Route};
 use crate::gateway::{Gateway, error_page, page, port_of, redirect};
 use crate::identity::seal::Sealer;
-use crate::identity::valid_name;
+use crate::names::valid_user_name;
 use crate::policy::{self, Decision, Subject};
 use crate::request::Target;
 use crate::session::{self, Kind, Opening, cookie};
@@ -260,7 +260,7 @@ pub(crate) fn csrf_for_page(headers: &HeaderMap) -> (String, bool) {
     let cookies = headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes());
     match cookie::find(cookies, cookie::CSRF_COOKIE) {
         Some(v) if cookie::decode_token(v).is_some() => (v.to_string(), false),
-        _ => (cookie::encode_token(&session::random_bytes()), true),
+        _ => (cookie::encode_token(&crate::secret::random_bytes()), true),
     }
 }
 
@@ -275,7 +275,7 @@ pub(crate) fn with_csrf_cookie(mut resp: Response<Body>, csrf: &str, is_new: boo
 
 /// Whether `user` may still sign in during a lockdown (a member of the admin group).
 pub(crate) async fn lockdown_admin(gw: &Gateway, user: &str) -> bool {
-    if !valid_name(user) {
+    if !valid_user_name(user) {
         return false;
     }
     let (name, group) = (user.to_string(), gw.mitigation.admin_group.clone());
@@ -386,13 +386,13 @@ async fn login_submit(gw: &Gateway, call: Call) -> Response<Body> {
     // password.
     let checked = mfa::password_check(gw, username, pw, ctx.client).await;
     let client = ctx.client.to_string();
-    let shown_user = if valid_name(username) { username.to_string() } else { "(invalid name)".to_string() };
+    let shown_user = if valid_user_name(username) { username.to_string() } else { "(invalid name)".to_string() };
     let username = match checked {
         mfa::PasswordCheck::Right(name) => name,
         failed => {
             tracing::info!(client = %client, user = %shown_user, "Login failed");
             let _ = gw.audit.record(Event::LoginFailed { user: shown_user, client }).await;
-            let shown = if valid_name(username) { username } else { "" };
+            let shown = if valid_user_name(username) { username } else { "" };
             if failed == mfa::PasswordCheck::DirectoryDown {
                 let msg = "The user directory cannot be reached, so poort cannot check your password. Try again in a few minutes; if it persists, tell your IT helpdesk.";
                 return login_again(gw, StatusCode::SERVICE_UNAVAILABLE, headers, next, shown, msg);
@@ -498,8 +498,8 @@ pub const HANDOFF_COOKIE: &str = "__Host-poort-handoff";
 /// app host and send the browser to the portal's hand-off (via sign-in or step-up if needed).
 /// Returns the `Set-Cookie` value and the portal address to go to.
 pub fn handoff_start(gw: &Gateway, host: &str, path: &str, step_up: bool) -> (String, String) {
-    let nonce = cookie::encode_token(&session::random_bytes());
-    let bind = cookie::encode_b64(&session::hash_token(nonce.as_bytes()));
+    let nonce = cookie::encode_token(&crate::secret::random_bytes());
+    let bind = crate::secret::b64(&session::hash_token(nonce.as_bytes()));
     let begin = format!(
         "/.poort/handoff/begin?{}",
         form_urlencoded::Serializer::new(String::new())
@@ -537,7 +537,7 @@ fn handoff_begin(gw: &Gateway, call: &Call) -> Response<Body> {
     let (Some(bind), true, true) = (bind, known, safe_relative(&path)) else {
         return go_to(gw, Next::Portal);
     };
-    let code = cookie::encode_token(&session::random_bytes());
+    let code = cookie::encode_token(&crate::secret::random_bytes());
     let now = gw.clock.now();
     if let Ok(mut h) = gw.portal.handoffs.lock() {
         h.retain(|_, v| v.expires > now);

@@ -23,7 +23,7 @@ use crate::body::Body;
 use crate::clock::UnixTime;
 use crate::gateway::{Gateway, page};
 use crate::identity::{mfa as factors, passkey};
-use crate::session::{self, Kind, Opening, Proof, cookie};
+use crate::session::{Kind, Opening, Proof, cookie};
 
 /// How long a started ceremony may take to finish.
 const CEREMONY_SECS: i64 = 120;
@@ -71,7 +71,7 @@ impl Passkeys {
     }
 
     fn put(&self, now: UnixTime, c: Ceremony) -> String {
-        let id = cookie::encode_token(&session::random_bytes());
+        let id = cookie::encode_token(&crate::secret::random_bytes());
         if let Ok(mut m) = self.ceremonies.lock() {
             m.retain(|_, (t, _)| now - *t < CEREMONY_SECS);
             m.insert(id.clone(), (now, c));
@@ -286,7 +286,7 @@ async fn verify_and_touch(
         return false;
     }
     let (u, now) = (user.to_string(), gw.clock.now());
-    let cred = cookie::encode_b64(res.cred_id().as_ref());
+    let cred = crate::secret::b64(res.cred_id().as_ref());
     gw.store
         .run(move |c| {
             for mut p in passkey::list(c, &u)? {
@@ -364,7 +364,7 @@ pub(crate) async fn passwordless_finish(gw: &Gateway, call: Call) -> Response<Bo
     let Ok((handle, cred_id)) = wa.identify_discoverable_authentication(&body.credential) else {
         return refuse(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     };
-    let cred = cookie::encode_b64(cred_id);
+    let cred = crate::secret::b64(cred_id);
     let found = gw
         .store
         .run(move |c| {

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::clock::UnixTime;
 use crate::identity::Identity;
-use crate::session::cookie::encode_b64;
+use crate::secret::b64;
 
 /// How long an assertion is valid.
 pub const LIFETIME: i64 = 60;
@@ -54,7 +54,7 @@ impl Signer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
                     .map_err(|_| anyhow::anyhow!("generating the assertion key failed"))?;
-                crate::cli::write_private(path, doc.as_ref())?;
+                crate::secret::write_private(path, doc.as_ref())?;
                 doc.as_ref().to_vec()
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
@@ -65,9 +65,9 @@ impl Signer {
         let public = key.public_key().as_ref();
         let (x, y) = (&public[1..33], &public[33..65]);
         let thumb = ring::digest::digest(&ring::digest::SHA256, public);
-        let kid = encode_b64(&thumb.as_ref()[..12]);
+        let kid = b64(&thumb.as_ref()[..12]);
         let jwks = serde_json::json!({
-            "keys": [{ "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid, "x": encode_b64(x), "y": encode_b64(y) }]
+            "keys": [{ "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid, "x": b64(x), "y": b64(y) }]
         })
         .to_string();
         Ok(Signer { key, rng, kid, issuer: issuer.to_string(), jwks })
@@ -94,12 +94,12 @@ impl Signer {
             iat: now,
             exp: now + LIFETIME,
         };
-        let mut out = encode_b64(header.to_string().as_bytes());
+        let mut out = b64(header.to_string().as_bytes());
         out.push('.');
-        out.push_str(&encode_b64(&serde_json::to_vec(&claims)?));
+        out.push_str(&b64(&serde_json::to_vec(&claims)?));
         let sig = self.key.sign(&self.rng, out.as_bytes()).map_err(|_| anyhow::anyhow!("signing failed"))?;
         out.push('.');
-        out.push_str(&encode_b64(sig.as_ref()));
+        out.push_str(&b64(sig.as_ref()));
         Ok(out)
     }
 }

@@ -7,13 +7,11 @@
 //! ones, and responses, stream.
 
 pub mod assertion;
-mod pool;
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::Limited;
 use hyper::body::Incoming;
@@ -25,77 +23,16 @@ use crate::config::{App, ProxySettings, Route, Upstream};
 use crate::identity::Identity;
 use crate::policy::Permit;
 use crate::request::Target;
-use crate::session::{Session, cookie};
+use crate::session::Session;
 
+mod headers;
+
+use crate::request::headers::{HOP_BY_HOP, connection_named};
+use crate::upstream::{self as pool, classify};
+pub use crate::upstream::{Failure, PooledBody, UpstreamBody};
 pub use assertion::Signer;
-pub use pool::PooledBody;
-
-/// A request body on its way to an upstream.
-pub enum UpstreamBody {
-    /// Read whole before the request started.
-    Full(Option<Bytes>),
-    /// What was read while deciding, then the rest as it comes.
-    Stream { first: Option<Bytes>, rest: Limited<Incoming> },
-}
-
-impl hyper::body::Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        match self.get_mut() {
-            UpstreamBody::Full(b) => std::task::Poll::Ready(b.take().map(|b| Ok(hyper::body::Frame::data(b)))),
-            UpstreamBody::Stream { first, rest } => match first.take() {
-                Some(b) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(b)))),
-                None => std::pin::Pin::new(rest).poll_frame(cx),
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Full(b) => b.is_none(),
-            UpstreamBody::Stream { first, rest } => first.is_none() && rest.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        match self {
-            UpstreamBody::Full(b) => hyper::body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            UpstreamBody::Stream { .. } => hyper::body::SizeHint::default(),
-        }
-    }
-}
-
-/// Why a forward failed; each maps to one status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// The upstream refused or broke the connection: 502.
-    Unreachable,
-    /// The upstream did not answer in time: 504.
-    Timeout,
-    /// The request body was larger than allowed: 413.
-    TooLarge,
-    /// The client's body was malformed (bad chunk framing): 400.
-    BadBody,
-    /// A WebSocket from a page of another origin than the app's own: 403.
-    CrossOrigin,
-}
-
-impl Failure {
-    pub fn status(self) -> StatusCode {
-        match self {
-            Failure::Unreachable => StatusCode::BAD_GATEWAY,
-            Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Failure::BadBody => StatusCode::BAD_REQUEST,
-            Failure::CrossOrigin => StatusCode::FORBIDDEN,
-        }
-    }
-}
+pub use headers::allowed_headers;
+use headers::*;
 
 thread_local! {
     /// The worker this thread serves as, if it is one (server::start).
@@ -129,125 +66,6 @@ pub struct Origin<'a> {
     pub port: &'a str,
     pub session: Option<&'a Session>,
     pub now: UnixTime,
-}
-
-const X_POORT_USER: HeaderName = HeaderName::from_static("x-poort-user");
-const X_POORT_EMAIL: HeaderName = HeaderName::from_static("x-poort-email");
-const X_POORT_GROUPS: HeaderName = HeaderName::from_static("x-poort-groups");
-const X_POORT_ASSERTION: HeaderName = HeaderName::from_static("x-poort-assertion");
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const SERVICE_WORKER_ALLOWED: HeaderName = HeaderName::from_static("service-worker-allowed");
-const CLEAR_SITE_DATA: HeaderName = HeaderName::from_static("clear-site-data");
-const CROSS_ORIGIN_OPENER_POLICY: HeaderName = HeaderName::from_static("cross-origin-opener-policy");
-
-/// Headers that belong to one connection (RFC 9110 §7.6.1), either way.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-];
-
-/// The request headers every app receives when a client sends them: the end-to-end fields of
-/// RFC 9110 that browsers and API clients use (content negotiation, conditional and range
-/// requests, caching, the app's own authorization and CSRF tokens, fetch metadata, tracing),
-/// and the WebSocket handshake. Anything else (identity claims such as `Remote-User` or
-/// `X-WEBAUTH-USER`, address claims, method overrides, server-internal headers) reaches an app
-/// only if its `forward_headers` names it. Sorted, for a binary search per header.
-pub const FORWARDED: &[&str] = &[
-    "accept",
-    "accept-encoding",
-    "accept-language",
-    "authorization",
-    "cache-control",
-    "content-encoding",
-    "content-language",
-    "content-type",
-    "dnt",
-    "if-match",
-    "if-modified-since",
-    "if-none-match",
-    "if-range",
-    "if-unmodified-since",
-    "origin",
-    "pragma",
-    "priority",
-    "range",
-    "referer",
-    "sec-ch-ua",
-    "sec-ch-ua-mobile",
-    "sec-ch-ua-platform",
-    "sec-fetch-dest",
-    "sec-fetch-mode",
-    "sec-fetch-site",
-    "sec-fetch-user",
-    "sec-websocket-extensions",
-    "sec-websocket-key",
-    "sec-websocket-protocol",
-    "sec-websocket-version",
-    "traceparent",
-    "tracestate",
-    "upgrade-insecure-requests",
-    "user-agent",
-    "x-csrf-token",
-    "x-csrftoken",
-    "x-requested-with",
-    "x-xsrf-token",
-];
-
-/// Names no app may ask for in `forward_headers` (compared with `_` read as `-`): framing,
-/// connection control, and the identity and address headers poort itself sets or strips.
-pub fn never_forwarded(name: &str) -> bool {
-    let norm: String = name.bytes().map(|b| if b == b'_' { '-' } else { b.to_ascii_lowercase() as char }).collect();
-    HOP_BY_HOP.contains(&norm.as_str())
-        || matches!(
-            norm.as_str(),
-            "host" | "content-length" | "cookie" | "expect" | "forwarded" | "x-real-ip" | "proxy-authorization"
-        )
-        || ["x-poort", "x-forwarded-"].iter().any(|p| norm.starts_with(p))
-}
-
-/// The headers of the upstream request, from the client's: only allowed names, no poort
-/// cookies. Framing, Host, forwarding and identity headers are added by the caller.
-pub fn allowed_headers(incoming: &HeaderMap, extra: &[HeaderName]) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(incoming.len() + 8);
-    let mut cookies: Vec<String> = Vec::new();
-    // Names the client's `Connection` lists belong to its connection with poort only.
-    let named = if incoming.contains_key(header::CONNECTION) { connection_named(incoming) } else { Vec::new() };
-    for (name, value) in incoming {
-        if named.iter().any(|n| n == name.as_str()) {
-            continue;
-        }
-        if name == header::COOKIE {
-            cookies.extend(cookie::without_poort(value.as_bytes()));
-        } else if FORWARDED.binary_search(&name.as_str()).is_ok() || extra.contains(name) {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    if !cookies.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&cookies.join("; ")) {
-            out.insert(header::COOKIE, v);
-        }
-    }
-    out
-}
-
-/// Names listed in `Connection` values: also hop-by-hop (the CVE-2022-1388 pattern).
-fn connection_named(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect()
 }
 
 impl Proxy {
@@ -562,32 +380,11 @@ fn clean_response_headers(headers: &mut HeaderMap, upgrade: bool, shares_portal_
     }
 }
 
-fn classify(e: &hyper::Error) -> Failure {
-    let chain = || {
-        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-        std::iter::from_fn(move || {
-            let cur = next?;
-            next = cur.source();
-            Some(cur)
-        })
-    };
-    if chain().any(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some()) {
-        return Failure::TooLarge;
-    }
-    // The request body stream (the client's body) failed while it was being forwarded: bad
-    // chunk framing or a body cut short.
-    if chain().any(|s| s.downcast_ref::<hyper::Error>().is_some_and(|e| e.is_user())) {
-        return Failure::BadBody;
-    }
-    if chain().any(|s| s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)) {
-        return Failure::Timeout;
-    }
-    Failure::Unreachable
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::headers::{FORWARDED, never_forwarded};
+    use http::header::HeaderName;
 
     #[test]
     fn apps_cannot_set_poorts_cookies() {

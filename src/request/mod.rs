@@ -3,6 +3,7 @@
 //! address. Pure: no I/O, no clock. A rejection maps to a fixed status and a constant page.
 
 pub mod head;
+pub mod headers;
 mod target;
 
 pub use target::{MAX_TARGET_LEN, Target, TargetError, fold_case};

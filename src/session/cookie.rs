@@ -12,12 +12,8 @@ pub const CSRF_COOKIE: &str = "__Host-poort-csrf";
 /// Length of a 32-byte token in unpadded base64url.
 pub const TOKEN_LEN: usize = 43;
 
-pub fn encode_b64(b: &[u8]) -> String {
-    URL_SAFE_NO_PAD.encode(b)
-}
-
 pub fn encode_token(raw: &[u8; 32]) -> String {
-    encode_b64(raw)
+    crate::secret::b64(raw)
 }
 
 /// A token is exactly 43 base64url characters that decode to 32 bytes, in canonical form
@@ -28,7 +24,7 @@ pub fn decode_token(s: &str) -> Option<[u8; 32]> {
     }
     let v = URL_SAFE_NO_PAD.decode(s).ok()?;
     let raw: [u8; 32] = v.try_into().ok()?;
-    (encode_b64(&raw) == s).then_some(raw)
+    (crate::secret::b64(&raw) == s).then_some(raw)
 }
 
 /// The value of cookie `name` across all `Cookie` header values. None if absent or present

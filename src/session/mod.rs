@@ -15,9 +15,6 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
 
-use ring::digest;
-use ring::rand::{SecureRandom, SystemRandom};
-
 use crate::clock::{Clock, UnixTime};
 use crate::config::SessionTimeouts;
 use crate::identity::Identity;
@@ -40,29 +37,19 @@ impl std::fmt::Debug for NewToken {
     }
 }
 
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    SystemRandom::new().fill(&mut b).expect("invariant: the system random source works");
-    b
-}
-
 pub fn new_token() -> NewToken {
-    let raw: [u8; 32] = random_bytes();
+    let raw: [u8; 32] = crate::secret::random_bytes();
     NewToken { cookie_value: cookie::encode_token(&raw), hash: hash_token(&raw) }
 }
 
 /// SHA-256 of a token (a session's raw bytes, or a nonce as its cookie carries it).
 pub fn hash_token(raw: &[u8]) -> TokenHash {
-    let d = digest::digest(&digest::SHA256, raw);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
+    crate::secret::sha256(raw)
 }
 
 /// A short public identifier for listing and revoking a session; not a credential.
 pub fn new_session_id() -> String {
-    let b: [u8; 9] = random_bytes();
-    cookie::encode_b64(&b)
+    crate::secret::b64(&crate::secret::random_bytes::<9>())
 }
 
 /// Whether space-separated factors include a second one: anything but `pwd` (a password) and

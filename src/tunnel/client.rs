@@ -60,7 +60,7 @@ pub fn load_credentials() -> anyhow::Result<Credentials> {
 fn save_credentials(c: &Credentials) -> anyhow::Result<PathBuf> {
     let path = credentials_path()?;
     let _ = std::fs::remove_file(&path);
-    crate::cli::write_private(&path, serde_json::to_string_pretty(c)?.as_bytes())?;
+    crate::secret::write_private(&path, serde_json::to_string_pretty(c)?.as_bytes())?;
     Ok(path)
 }
 

@@ -261,8 +261,8 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new() -> TempDir {
-        let b: [u8; 8] = poort::session::random_bytes();
-        let p = std::env::temp_dir().join(format!("poort-it-{}", poort::audit::to_hex(&b)));
+        let b: [u8; 8] = poort::secret::random_bytes();
+        let p = std::env::temp_dir().join(format!("poort-it-{}", poort::secret::hex(&b)));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }

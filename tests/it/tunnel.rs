@@ -10,7 +10,7 @@ use poort::tunnel::client::Credentials;
 use crate::harness::{Gate, Reaped, TempDir, eventually};
 
 fn fingerprint(gate: &Gate) -> String {
-    poort::audit::to_hex(ring::digest::digest(&ring::digest::SHA256, &gate.cert_der).as_ref())
+    poort::secret::hex(ring::digest::digest(&ring::digest::SHA256, &gate.cert_der).as_ref())
 }
 
 /// A config directory for the command line, signed in with `session` (as `poort login`

@@ -2,7 +2,8 @@
 //! address. A connection is driven by the request that borrowed it (while waiting for the
 //! response head) and then by the response body as the client reads it; it goes back to its
 //! pool when the body has ended. There is no task per connection and no hand-over between
-//! threads: on a request's path nothing waits for another core (bench/README.md).
+//! threads: on a request's path nothing waits for another core (bench/README.md). Also the
+//! request body type an upstream is sent, and why a forward failed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,7 +19,8 @@ use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::{Failure, UpstreamBody, classify};
+use http::StatusCode;
+use http_body_util::Limited;
 
 type Conn = Connection<TokioIo<TcpStream>, UpstreamBody>;
 
@@ -234,4 +236,94 @@ impl Drop for PooledBody {
             self.finish();
         }
     }
+}
+
+/// A request body on its way to an upstream.
+pub enum UpstreamBody {
+    /// Read whole before the request started.
+    Full(Option<Bytes>),
+    /// What was read while deciding, then the rest as it comes.
+    Stream { first: Option<Bytes>, rest: Limited<Incoming> },
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Full(b) => std::task::Poll::Ready(b.take().map(|b| Ok(hyper::body::Frame::data(b)))),
+            UpstreamBody::Stream { first, rest } => match first.take() {
+                Some(b) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(b)))),
+                None => std::pin::Pin::new(rest).poll_frame(cx),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Full(b) => b.is_none(),
+            UpstreamBody::Stream { first, rest } => first.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            UpstreamBody::Full(b) => hyper::body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            UpstreamBody::Stream { .. } => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
+/// Why a forward failed; each maps to one status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The upstream refused or broke the connection: 502.
+    Unreachable,
+    /// The upstream did not answer in time: 504.
+    Timeout,
+    /// The request body was larger than allowed: 413.
+    TooLarge,
+    /// The client's body was malformed (bad chunk framing): 400.
+    BadBody,
+    /// A WebSocket from a page of another origin than the app's own: 403.
+    CrossOrigin,
+}
+
+impl Failure {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Failure::Unreachable => StatusCode::BAD_GATEWAY,
+            Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Failure::BadBody => StatusCode::BAD_REQUEST,
+            Failure::CrossOrigin => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+pub(crate) fn classify(e: &hyper::Error) -> Failure {
+    let chain = || {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        std::iter::from_fn(move || {
+            let cur = next?;
+            next = cur.source();
+            Some(cur)
+        })
+    };
+    if chain().any(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some()) {
+        return Failure::TooLarge;
+    }
+    // The request body stream (the client's body) failed while it was being forwarded: bad
+    // chunk framing or a body cut short.
+    if chain().any(|s| s.downcast_ref::<hyper::Error>().is_some_and(|e| e.is_user())) {
+        return Failure::BadBody;
+    }
+    if chain().any(|s| s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)) {
+        return Failure::Timeout;
+    }
+    Failure::Unreachable
 }
