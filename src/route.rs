@@ -16,11 +16,16 @@ pub enum Found {
         on_portal_host: bool,
     },
     App(usize),
+    /// `/.poort/tunnel/<name>` on the portal host: a command-line tunnel.
+    Tunnel,
     /// A path-prefix app's root without its slash: redirect to the prefix.
     AddSlash(usize),
     NotFound,
     UnknownHost,
 }
+
+/// Where tunnels open, on the portal host.
+pub const TUNNELS: &str = "/.poort/tunnel/";
 
 #[derive(Debug, Default)]
 pub struct Routes {
@@ -67,6 +72,9 @@ impl Routes {
                 Some(&i) => Found::App(i),
                 None => Found::UnknownHost,
             };
+        }
+        if path.starts_with(TUNNELS) {
+            return Found::Tunnel;
         }
         if reserved || path == "/" {
             return Found::Portal { on_portal_host: true };
@@ -127,6 +135,9 @@ mod tests {
         let cases = [
             ("gate.example", "/", Found::Portal { on_portal_host: true }),
             ("gate.example", "/.poort/login", Found::Portal { on_portal_host: true }),
+            ("gate.example", "/.poort/tunnel/db", Found::Tunnel),
+            ("gate.example", "/.poort/tunnel", Found::Portal { on_portal_host: true }),
+            ("git.example", "/.poort/tunnel/db", Found::Portal { on_portal_host: false }),
             ("gate.example", "/.poortx", Found::NotFound),
             ("gate.example", "/wiki/", Found::App(0)),
             ("gate.example", "/wiki/page", Found::App(0)),

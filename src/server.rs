@@ -106,7 +106,10 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                 rt.block_on(async move {
                     crate::proxy::set_worker(worker);
                     match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => listen::serve(gw, l, tls, limits, until_stop(stopped)).await,
+                        Ok(l) => {
+                            listen::serve(gw.clone(), gw.state.cfg.server.clone(), l, tls, limits, until_stop(stopped))
+                                .await
+                        }
                         Err(e) => tracing::error!(error = %e, worker, "A worker could not use the listener"),
                     }
                 });
@@ -132,32 +135,32 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         loop {
             tokio::select! {
                 _ = poll.tick() => {
-                    if let Err(e) = gw.sessions.poll_revocations().await {
+                    if let Err(e) = gw.state.sessions.poll_revocations().await {
                         tracing::error!(error = %e, "Reading revocations failed");
                     }
                     // The lockdown switch (poort lockdown on|off) and the rules file. A lockdown
                     // also ends what is open: everyone's but the administrators' tunnels,
                     // WebSockets and streams.
-                    let was = gw.mitigation.lockdown();
-                    match gw.store.run(|c| crate::store::Store::setting(c, "lockdown")).await {
-                        Ok(v) => gw.mitigation.set_lockdown_switch(v.as_deref() == Some("on")),
+                    let was = gw.state.mitigation.lockdown();
+                    match gw.state.store.run(|c| crate::store::Store::setting(c, "lockdown")).await {
+                        Ok(v) => gw.state.mitigation.set_lockdown_switch(v.as_deref() == Some("on")),
                         Err(e) => tracing::error!(error = %e, "Reading the lockdown switch failed"),
                     }
-                    if gw.mitigation.lockdown() && !was {
-                        gw.sessions.cut_all_but(&gw.mitigation.admin_group);
+                    if gw.state.mitigation.lockdown() && !was {
+                        gw.state.sessions.cut_all_but(&gw.state.mitigation.admin_group);
                     }
-                    gw.sessions.cut_expired(gw.clock.now());
-                    gw.audit.flush_counted();
-                    rules_outcome(&gw, gw.mitigation.poll(gw.clock.now())).await;
+                    gw.state.sessions.cut_expired(gw.state.clock.now());
+                    gw.state.audit.flush_counted();
+                    rules_outcome(&gw, gw.state.mitigation.poll(gw.state.clock.now())).await;
                 }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the mitigation rules");
-                    rules_outcome(&gw, gw.mitigation.reload(gw.clock.now())).await;
+                    rules_outcome(&gw, gw.state.mitigation.reload(gw.state.clock.now())).await;
                 }
                 _ = flush.tick() => {
-                    gw.portal.tidy();
-                    gw.mitigation.write_status();
-                    if let Err(e) = gw.sessions.flush().await {
+                    gw.state.signins.tidy();
+                    gw.state.mitigation.write_status();
+                    if let Err(e) = gw.state.sessions.flush().await {
                         tracing::error!(error = %e, "Writing session activity failed");
                     }
                 }
@@ -180,14 +183,14 @@ async fn rules_outcome(gw: &Gateway, outcome: crate::mitigate::Reload) {
         Reload::Unchanged => return,
         Reload::Loaded { file, applied, rules } => {
             let value = serde_json::to_string(&applied).unwrap_or_default();
-            if let Err(e) = gw.store.run(move |c| Store::put_setting(c, RULES_APPLIED, &value)).await {
+            if let Err(e) = gw.state.store.run(move |c| Store::put_setting(c, RULES_APPLIED, &value)).await {
                 tracing::error!(error = %e, "Recording the applied rules version failed");
             }
             Event::RulesLoaded { file, version: applied.version, sha256: applied.sha256, rules }
         }
         Reload::Refused { file, why } => Event::RulesRefused { file, why },
     };
-    if let Err(e) = gw.audit.record(ev).await {
+    if let Err(e) = gw.state.audit.record(ev).await {
         tracing::error!(error = %e, "Audit write failed");
     }
 }
@@ -200,7 +203,7 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
-        if let Err(e) = self.gateway.sessions.flush_all().await {
+        if let Err(e) = self.gateway.state.sessions.flush_all().await {
             tracing::error!(error = %e, "Writing session activity at shutdown failed");
         }
     }

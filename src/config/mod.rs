@@ -196,7 +196,8 @@ impl App {
     }
 }
 
-fn port_suffix(origin: &str) -> &str {
+/// `:port` of an `https://` origin, or "" for the default port.
+pub fn port_suffix(origin: &str) -> &str {
     let after_scheme = origin.trim_start_matches("https://");
     match after_scheme.rfind(':') {
         Some(i) if !after_scheme.ends_with(']') => &after_scheme[i..],

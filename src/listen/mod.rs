@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use http::{Request, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -25,9 +25,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use crate::body::Body;
 use crate::config::Server;
-use crate::gateway::{Gateway, redirect};
 use crate::request::{MAX_HEADERS, Target};
+use crate::respond::redirect;
 
 pub use idle::IdleIo;
 pub use strict::{Refused, Strict};
@@ -139,16 +140,30 @@ impl Limits {
     }
 }
 
+/// What answers the requests a listener accepts: the gateway.
+pub trait Handler: Send + Sync + 'static {
+    /// The target a connection's wrapper (`Strict`) hands over in place of a refused head.
+    fn marker(&self) -> &'static str;
+
+    /// One request, start to finish.
+    fn handle<'a>(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        conn: &'a Conn,
+        req: Request<Incoming>,
+    ) -> impl Future<Output = Response<Body>> + Send + 'a;
+}
+
 /// Serves HTTPS on `listener` until `shutdown` completes, then drains for `shutdown_grace`.
 /// Several workers may serve clones of one listener; they share `limits`.
-pub async fn serve(
-    gw: Arc<Gateway>,
+pub async fn serve<H: Handler>(
+    gw: Arc<H>,
+    server: Server,
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let server = gw.cfg.server.clone();
     let acceptor = TlsAcceptor::from(tls);
     let builders = Arc::new(http_builders(&server));
     // Connections in flight, and the signal that asks them to finish their requests and close.

@@ -8,9 +8,6 @@
 //! it. Approving needs a second factor (or, for a user with none, the password) given for this
 //! very code, on the confirm page: a script that can act in the portal cannot type it.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use askama::Template;
 use http::{Response, StatusCode};
 use serde::Deserialize;
@@ -18,73 +15,16 @@ use serde::Deserialize;
 use super::{Call, csrf_for_page, html, query_param, with_csrf_cookie};
 use crate::audit::Event;
 use crate::body::Body;
-use crate::clock::{UnixTime, format_minutes};
-use crate::gateway::{Gateway, error_page, page, redirect};
-use crate::session::{Kind, Opening, Session, cookie};
+use crate::clock::format_minutes;
+use crate::respond::{error_page, page, redirect};
+use crate::session::{Kind, Opening, cookie};
+use crate::state::State;
+use crate::state::pending::{DeviceCode, DeviceState, LIFETIME, MAX_PENDING};
 
-/// How long a code pair is good for.
-const LIFETIME: i64 = 600;
-/// How long a proof given for a code counts.
-const PROOF_FOR: i64 = 120;
 /// Seconds the command line waits between polls.
 const INTERVAL: i64 = 2;
 /// Consonants only: no words, no look-alikes (RFC 8628 §6.1).
 const USER_ALPHABET: &[u8; 20] = b"BCDFGHJKLMNPQRSTVWXZ";
-/// Code pairs in flight at most.
-const MAX_PENDING: usize = 10_000;
-
-enum State {
-    Pending,
-    Approved { token: String, user: String, expires_at: UnixTime },
-    Denied,
-}
-
-struct Pending {
-    device_code: String,
-    requester: String,
-    created: UnixTime,
-    state: State,
-    /// The browser (the user and their session's `chain`) that opened it first: the only one
-    /// that may decide.
-    claimed_by: Option<(String, String)>,
-    /// When its claimant last proved who they are for it.
-    proved_at: Option<UnixTime>,
-}
-
-/// Code pairs in flight, by user code.
-#[derive(Default)]
-pub struct Devices(Mutex<HashMap<String, Pending>>);
-
-impl std::fmt::Debug for Devices {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Devices")
-    }
-}
-
-impl Devices {
-    /// Records that the browser of session `s` just proved who its user is to approve code
-    /// `code` (the confirm page), if that browser is the one that opened it.
-    pub fn prove(&self, code: &str, s: &Session, now: UnixTime) {
-        if let Ok(mut m) = self.0.lock() {
-            if let Some(p) = m.get_mut(code).filter(|p| p.claimed_by == Some(claimant(s))) {
-                p.proved_at = Some(now);
-            }
-        }
-    }
-
-    /// A pending, unexpired code the browser of session `s` may decide on: claimed by it now
-    /// if nobody has it. Returns (requester, asked at, proved for it just now).
-    fn claim(&self, code: &str, s: &Session, now: UnixTime) -> Option<(String, UnixTime, bool)> {
-        let mut m = self.0.lock().ok()?;
-        let p = m.get_mut(code).filter(|p| matches!(p.state, State::Pending) && now - p.created < LIFETIME)?;
-        if *p.claimed_by.get_or_insert_with(|| claimant(s)) != claimant(s) {
-            return None;
-        }
-        let proved = p.proved_at.is_some_and(|t| t <= now && now - t < PROOF_FOR);
-        Some((p.requester.clone(), p.created, proved))
-    }
-}
-
 #[derive(Template)]
 #[template(path = "device.html")]
 struct DevicePage<'a> {
@@ -98,11 +38,6 @@ struct DevicePage<'a> {
     confirm: &'a str,
     done: Option<&'a str>,
     error: Option<&'a str>,
-}
-
-/// Who claims a code: a user in one browser (the chain of their sign-in).
-fn claimant(s: &Session) -> (String, String) {
-    (s.identity.user.clone(), s.chain.clone())
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
@@ -120,28 +55,28 @@ pub(crate) fn normal_code(raw: &str) -> String {
 }
 
 /// POST /.poort/device/code (the command line)
-pub(crate) fn code(gw: &Gateway, call: &Call) -> Response<Body> {
-    let now = gw.clock.now();
+pub(crate) fn code(st: &State, call: &Call) -> Response<Body> {
+    let now = st.clock.now();
     let device_code = cookie::encode_token(&crate::secret::random_bytes());
     let raw: [u8; 8] = crate::secret::random_bytes();
     let letters: String = raw.iter().map(|b| USER_ALPHABET[(*b as usize) % 20] as char).collect();
     let user_code = format!("{}-{}", &letters[..4], &letters[4..]);
-    if let Ok(mut m) = gw.portal.devices.0.lock() {
+    if let Ok(mut m) = st.signins.devices.0.lock() {
         m.retain(|_, p| now - p.created < LIFETIME);
         if m.len() >= MAX_PENDING {
             return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "slow_down" }));
         }
-        let pending = Pending {
+        let pending = DeviceCode {
             device_code: device_code.clone(),
             requester: call.ctx.client.to_string(),
             created: now,
-            state: State::Pending,
+            state: DeviceState::Pending,
             claimed_by: None,
             proved_at: None,
         };
         m.insert(user_code.clone(), pending);
     }
-    let uri = format!("{}/.poort/device", gw.cfg.server.external_origin);
+    let uri = format!("{}/.poort/device", st.cfg.server.external_origin);
     json(
         StatusCode::OK,
         serde_json::json!({
@@ -162,12 +97,12 @@ struct TokenRequest {
 
 /// POST /.poort/device/token (the command line): pending, refused, expired, or the new
 /// session's token (once).
-pub(crate) fn token(gw: &Gateway, call: &Call) -> Response<Body> {
+pub(crate) fn token(st: &State, call: &Call) -> Response<Body> {
     let Ok(t) = serde_json::from_slice::<TokenRequest>(&call.json) else {
         return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "invalid_request" }));
     };
-    let now = gw.clock.now();
-    let Ok(mut m) = gw.portal.devices.0.lock() else {
+    let now = st.clock.now();
+    let Ok(mut m) = st.signins.devices.0.lock() else {
         return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "slow_down" }));
     };
     let found = m.iter().find(|(_, p)| {
@@ -182,13 +117,15 @@ pub(crate) fn token(gw: &Gateway, call: &Call) -> Response<Body> {
         return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "expired_token" }));
     }
     match &p.state {
-        State::Pending => json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "authorization_pending" })),
-        State::Denied => {
+        DeviceState::Pending => json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "authorization_pending" })),
+        DeviceState::Denied => {
             m.remove(&user_code);
             json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "access_denied" }))
         }
-        State::Approved { .. } => {
-            let Some(Pending { state: State::Approved { token, user, expires_at }, .. }) = m.remove(&user_code) else {
+        DeviceState::Approved { .. } => {
+            let Some(DeviceCode { state: DeviceState::Approved { token, user, expires_at }, .. }) =
+                m.remove(&user_code)
+            else {
                 return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "expired_token" }));
             };
             json(StatusCode::OK, serde_json::json!({ "token": token, "user": user, "expires_at": expires_at }))
@@ -205,10 +142,10 @@ fn confirm_url(code: &str) -> String {
 }
 
 /// GET /.poort/device[?code=...]: the approval page. Opening a code claims it.
-pub(crate) fn approve_page(gw: &Gateway, call: &Call) -> Response<Body> {
+pub(crate) fn approve_page(st: &State, call: &Call) -> Response<Body> {
     let s = call.session();
     let code = query_param(call, "code").map(|c| normal_code(&c)).unwrap_or_default();
-    let found = if code.is_empty() { None } else { gw.portal.devices.claim(&code, s, gw.clock.now()) };
+    let found = if code.is_empty() { None } else { st.signins.devices.claim(&code, s, st.clock.now()) };
     let (csrf, new) = csrf_for_page(call.headers());
     let (requester, asked, proved) =
         found.clone().map(|(r, t, p)| (r, format_minutes(t), p)).unwrap_or((String::new(), String::new(), false));
@@ -231,12 +168,12 @@ pub(crate) fn approve_page(gw: &Gateway, call: &Call) -> Response<Body> {
 
 /// POST /.poort/device: approve (with a proof given for this code) or refuse a code the user
 /// claimed.
-pub(crate) async fn decide(gw: &Gateway, call: Call) -> Response<Body> {
+pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
     let (ctx, s) = (&call.ctx, call.session());
     let code = normal_code(call.field("code"));
     let approve = call.field("decision") == "approve";
-    let now = gw.clock.now();
-    let claimed = gw.portal.devices.claim(&code, s, now);
+    let now = st.clock.now();
+    let claimed = st.signins.devices.claim(&code, s, now);
     let (csrf, _) = csrf_for_page(call.headers());
     let confirm = confirm_url(&code);
     let show = |done: Option<&str>, error: Option<&str>| {
@@ -255,27 +192,27 @@ pub(crate) async fn decide(gw: &Gateway, call: Call) -> Response<Body> {
     };
     let Some((requester, _, proved)) = claimed else { return show(None, Some("That code is unknown or expired.")) };
     if !approve {
-        if let Ok(mut m) = gw.portal.devices.0.lock() {
+        if let Ok(mut m) = st.signins.devices.0.lock() {
             if let Some(p) = m.get_mut(&code) {
-                p.state = State::Denied;
+                p.state = DeviceState::Denied;
             }
         }
         return show(Some("Refused. The command line was not signed in."), None);
     }
     if !proved {
-        return redirect(StatusCode::SEE_OTHER, &format!("{}{confirm}", gw.cfg.server.external_origin));
+        return redirect(StatusCode::SEE_OTHER, &format!("{}{confirm}", st.cfg.server.external_origin));
     }
     // The command line gets a session of its own, derived from this one.
     let opening = Opening {
         user: &s.identity.user,
-        host: &gw.cfg.server.portal_host,
+        host: &st.cfg.server.portal_host,
         client_addr: requester.clone(),
         user_agent: "poort command line".into(),
         factors: &s.factors,
         kind: Kind::Cli,
         approved_by: Some(s),
     };
-    let Ok((id, token)) = gw.sessions.open(opening).await else {
+    let Ok((id, token)) = st.sessions.open(opening).await else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     };
     let ev = Event::DeviceLogin {
@@ -284,26 +221,29 @@ pub(crate) async fn decide(gw: &Gateway, call: Call) -> Response<Body> {
         approved_from: ctx.client.to_string(),
         device_client: requester,
     };
-    if gw.audit.record(ev).await.is_err() {
-        let _ = gw.sessions.end(&id).await;
+    if st.audit.record(ev).await.is_err() {
+        let _ = st.sessions.end(&id).await;
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     }
-    if let Ok(mut m) = gw.portal.devices.0.lock() {
+    if let Ok(mut m) = st.signins.devices.0.lock() {
         if let Some(p) = m.get_mut(&code) {
-            p.state =
-                State::Approved { token: token.cookie_value, user: s.identity.user.clone(), expires_at: s.expires_at };
+            p.state = DeviceState::Approved {
+                token: token.cookie_value,
+                user: s.identity.user.clone(),
+                expires_at: s.expires_at,
+            };
         }
     }
     show(Some("Done. Go back to your terminal; you can close this page."), None)
 }
 
 /// POST /.poort/device/logout: the command line ends its own session.
-pub(crate) async fn logout(gw: &Gateway, call: &Call) -> Response<Body> {
+pub(crate) async fn logout(st: &State, call: &Call) -> Response<Body> {
     let Some(s) = &call.ctx.session else { return json(StatusCode::OK, serde_json::json!({ "ended": false })) };
-    let _ = gw.sessions.end(&s.id).await;
+    let _ = st.sessions.end(&s.id).await;
     let ev =
         Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: call.ctx.client.to_string() };
-    if let Err(e) = gw.audit.record(ev).await {
+    if let Err(e) = st.audit.record(ev).await {
         tracing::error!(error = %e, "Audit write failed");
     }
     json(StatusCode::OK, serde_json::json!({ "ended": true }))

@@ -14,11 +14,12 @@ use super::{Call, Next, csrf_for_page, html, query_param, safe_next, with_csrf_c
 use crate::audit::Event;
 use crate::body::Body;
 use crate::config::MissingFactor;
-use crate::gateway::{Gateway, error_page, redirect};
 use crate::identity::mfa::{self, Factors, Lock, PROOF_PASSWORD_ONLY, PROOF_SECOND_FACTOR};
 use crate::identity::{password, totp};
 use crate::names::valid_user_name;
+use crate::respond::{error_page, redirect};
 use crate::session::{Proof, Session};
+use crate::state::State;
 use crate::store::Store;
 
 #[derive(Template)]
@@ -85,8 +86,8 @@ struct RecoveryPage<'a> {
 }
 
 /// True if this address may make another sign-in attempt (any factor) now.
-pub(crate) fn attempt_allowed(gw: &Gateway, client: IpAddr) -> bool {
-    let ok = gw.portal.limiter.check_key(&client).is_ok();
+pub(crate) fn attempt_allowed(st: &State, client: IpAddr) -> bool {
+    let ok = st.signins.limiter.check_key(&client).is_ok();
     if !ok {
         tracing::warn!(client = %client, "Sign-in attempts rate-limited");
     }
@@ -107,23 +108,23 @@ pub(crate) enum PasswordCheck {
 /// Checks a password with the lockout applied: a locked or unknown account costs the same
 /// hashing work and gets the same `false` as a wrong password. Failures count towards the
 /// lock; a success clears the count.
-pub(crate) async fn check_password(gw: &Gateway, user: &str, pw: &str, client: IpAddr) -> bool {
-    matches!(password_check(gw, user, pw, client).await, PasswordCheck::Right(_))
+pub(crate) async fn check_password(st: &State, user: &str, pw: &str, client: IpAddr) -> bool {
+    matches!(password_check(st, user, pw, client).await, PasswordCheck::Right(_))
 }
 
 /// As `check_password`, telling a directory outage apart. Local accounts are checked first
 /// (by their exact name); a name poort does not know as a local account goes to the
 /// directory, if one is configured, which names the account: lockouts count on that name,
 /// however the user typed it.
-pub(crate) async fn password_check(gw: &Gateway, user: &str, pw: &str, client: IpAddr) -> PasswordCheck {
+pub(crate) async fn password_check(st: &State, user: &str, pw: &str, client: IpAddr) -> PasswordCheck {
     if !valid_user_name(user) {
         let pw = pw.to_string();
         let _ = tokio::task::spawn_blocking(move || password::verify_dummy(&pw)).await;
         return PasswordCheck::Wrong;
     }
-    let now = gw.clock.now();
+    let now = st.clock.now();
     let name = user.to_string();
-    let (locked, hash, source) = gw
+    let (locked, hash, source) = st
         .store
         .run(move |c| {
             Ok((
@@ -138,8 +139,8 @@ pub(crate) async fn password_check(gw: &Gateway, user: &str, pw: &str, client: I
         None => true,
         Some((s, _)) => s == "ldap",
     };
-    let (outcome, counted_on) = match (&gw.directory, hash) {
-        (Some(dir), None) if directory_user => directory_check(gw, dir, user, pw, client).await,
+    let (outcome, counted_on) = match (&st.directory, hash) {
+        (Some(dir), None) if directory_user => directory_check(st, dir, user, pw, client).await,
         (_, hash) => {
             let pw = pw.to_string();
             let ok = tokio::task::spawn_blocking(move || match (locked, hash) {
@@ -157,7 +158,7 @@ pub(crate) async fn password_check(gw: &Gateway, user: &str, pw: &str, client: I
     };
     // An outage is not the user's fault: it does not count towards a lock.
     if outcome != PasswordCheck::DirectoryDown {
-        settle(gw, &counted_on, Lock::Password, matches!(outcome, PasswordCheck::Right(_)), client).await;
+        settle(st, &counted_on, Lock::Password, matches!(outcome, PasswordCheck::Right(_)), client).await;
     }
     outcome
 }
@@ -166,7 +167,7 @@ pub(crate) async fn password_check(gw: &Gateway, user: &str, pw: &str, client: I
 /// account, and records the user as the directory sees them. Returns the outcome and the name
 /// the attempt counts on.
 async fn directory_check(
-    gw: &Gateway,
+    st: &State,
     dir: &crate::identity::ldap::Directory,
     user: &str,
     pw: &str,
@@ -187,9 +188,9 @@ async fn directory_check(
             return (PasswordCheck::Wrong, typed);
         }
     };
-    let (now, name) = (gw.clock.now(), found.name.clone());
+    let (now, name) = (st.clock.now(), found.name.clone());
     let state =
-        gw.store.run(move |c| Ok((mfa::locked(c, &name, Lock::Password, now)?, Store::user_source(c, &name)?))).await;
+        st.store.run(move |c| Ok((mfa::locked(c, &name, Lock::Password, now)?, Store::user_source(c, &name)?))).await;
     let usable = match state {
         Ok((false, None)) => true,
         Ok((false, Some((source, disabled)))) => source == "ldap" && !disabled,
@@ -202,8 +203,8 @@ async fn directory_check(
     }
     match dir.verify(&found, user, pw).await {
         Ok(du) => {
-            let (now, synced) = (gw.clock.now(), du.clone());
-            let result = gw
+            let (now, synced) = (st.clock.now(), du.clone());
+            let result = st
                 .store
                 .run(move |c| {
                     Store::sync_external(c, &synced.name, None, synced.email.as_deref(), "ldap", &synced.groups, now)
@@ -235,9 +236,9 @@ async fn directory_check(
 
 /// Records the outcome of one check of a password or a factor (`lock`) for the lockout,
 /// auditing a lock.
-pub(crate) async fn settle(gw: &Gateway, user: &str, lock: Lock, ok: bool, client: IpAddr) {
-    let (name, now, policy) = (user.to_string(), gw.clock.now(), gw.cfg.login.lock);
-    let result = gw
+pub(crate) async fn settle(st: &State, user: &str, lock: Lock, ok: bool, client: IpAddr) {
+    let (name, now, policy) = (user.to_string(), st.clock.now(), st.cfg.login.lock);
+    let result = st
         .store
         .run(move |c| {
             if ok {
@@ -257,7 +258,7 @@ pub(crate) async fn settle(gw: &Gateway, user: &str, lock: Lock, ok: bool, clien
                 until,
                 client: client.to_string(),
             };
-            if let Err(e) = gw.audit.record(ev).await {
+            if let Err(e) = st.audit.record(ev).await {
                 tracing::error!(error = %e, "Audit write failed");
             }
         }
@@ -267,10 +268,10 @@ pub(crate) async fn settle(gw: &Gateway, user: &str, lock: Lock, ok: bool, clien
 }
 
 /// Factors and the passkey list, for the security page.
-async fn security_data(gw: &Gateway, user: &str) -> Option<(Factors, Vec<PasskeyLine>)> {
+async fn security_data(st: &State, user: &str) -> Option<(Factors, Vec<PasskeyLine>)> {
     let name = user.to_string();
     let (f, list) =
-        gw.store.run(move |c| Ok((mfa::factors(c, &name)?, crate::identity::passkey::list(c, &name)?))).await.ok()?;
+        st.store.run(move |c| Ok((mfa::factors(c, &name)?, crate::identity::passkey::list(c, &name)?))).await.ok()?;
     let lines = list
         .into_iter()
         .map(|p| PasskeyLine {
@@ -283,9 +284,9 @@ async fn security_data(gw: &Gateway, user: &str) -> Option<(Factors, Vec<Passkey
     Some((f, lines))
 }
 
-pub(crate) async fn factors_of(gw: &Gateway, user: &str) -> Option<Factors> {
+pub(crate) async fn factors_of(st: &State, user: &str) -> Option<Factors> {
     let name = user.to_string();
-    gw.store.run(move |c| mfa::factors(c, &name)).await.ok()
+    st.store.run(move |c| mfa::factors(c, &name)).await.ok()
 }
 
 fn set_cookie(resp: &mut Response<Body>, token: &str) {
@@ -295,8 +296,8 @@ fn set_cookie(resp: &mut Response<Body>, token: &str) {
 }
 
 /// Where a renewed session goes next, carrying its new cookie.
-fn continue_with(gw: &Gateway, token: &str, next: &str) -> Response<Body> {
-    let mut resp = super::go_to(gw, safe_next(next, &gw.cfg));
+fn continue_with(st: &State, token: &str, next: &str) -> Response<Body> {
+    let mut resp = super::go_to(st, safe_next(next, &st.cfg));
     set_cookie(&mut resp, token);
     resp
 }
@@ -321,16 +322,16 @@ impl Mode {
 }
 
 /// Where a single sign-on user signs in again (a fresh proof without a password).
-async fn provider_again(gw: &Gateway, user: &str, next: &str) -> Option<String> {
+async fn provider_again(st: &State, user: &str, next: &str) -> Option<String> {
     let name = user.to_string();
-    let source = gw.store.run(move |c| Store::user_source(c, &name)).await.ok().flatten()?.0;
+    let source = st.store.run(move |c| Store::user_source(c, &name)).await.ok().flatten()?.0;
     let provider = source.strip_prefix("oidc:")?;
     let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", next).finish();
     Some(format!("/.poort/oidc/{provider}/start?{q}"))
 }
 
 /// GET /.poort/mfa and /.poort/confirm.
-pub(crate) async fn factor_form(gw: &Gateway, call: &Call, mode: Mode) -> Response<Body> {
+pub(crate) async fn factor_form(st: &State, call: &Call, mode: Mode) -> Response<Body> {
     let s = call.session();
     let next = query_param(call, "next").unwrap_or_default();
     // Only a confirmation is for a command-line code; a step-up never is.
@@ -339,23 +340,23 @@ pub(crate) async fn factor_form(gw: &Gateway, call: &Call, mode: Mode) -> Respon
         Mode::StepUp => String::new(),
     };
     if mode == Mode::StepUp && s.mfa() {
-        return super::go_to(gw, safe_next(&next, &gw.cfg));
+        return super::go_to(st, safe_next(&next, &st.cfg));
     }
-    let Some(f) = factors_of(gw, &s.identity.user).await else {
+    let Some(f) = factors_of(st, &s.identity.user).await else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id);
     };
     if mode == Mode::StepUp && !f.any() {
-        return match gw.cfg.mfa.missing {
+        return match st.cfg.mfa.missing {
             MissingFactor::Enrol => {
-                let mut location = format!("{}/.poort/security?", gw.cfg.server.external_origin);
+                let mut location = format!("{}/.poort/security?", st.cfg.server.external_origin);
                 location.push_str(&form_urlencoded::Serializer::new(String::new()).append_pair("next", &next).finish());
                 redirect(StatusCode::FOUND, &location)
             }
             MissingFactor::Refuse => error_page(StatusCode::FORBIDDEN, call.ctx.id),
         };
     }
-    let next = if safe_next(&next, &gw.cfg) == Next::Portal { String::new() } else { next };
-    let again = if !f.any() && s.single_sign_on() { provider_again(gw, &s.identity.user, &next).await } else { None };
+    let next = if safe_next(&next, &st.cfg) == Next::Portal { String::new() } else { next };
+    let again = if !f.any() && s.single_sign_on() { provider_again(st, &s.identity.user, &next).await } else { None };
     factor_view(call.headers(), mode, &f, &next, &device, again.as_deref(), StatusCode::OK, None)
 }
 
@@ -396,25 +397,25 @@ fn factor_view(
 /// POST /.poort/mfa and /.poort/confirm: a TOTP code or a recovery code (or, to confirm, the
 /// password of a user with no second factor). On success the session is replaced by one that
 /// records the proof; a confirmation for a command-line code also marks that code.
-pub(crate) async fn factor_submit(gw: &Gateway, call: Call, mode: Mode) -> Response<Body> {
+pub(crate) async fn factor_submit(st: &State, call: Call, mode: Mode) -> Response<Body> {
     let (ctx, s) = (&call.ctx, call.session());
     let next = call.field("next").to_string();
     let device = match mode {
         Mode::Confirm => super::device::normal_code(call.field("device")),
         Mode::StepUp => String::new(),
     };
-    let have = factors_of(gw, &s.identity.user).await.unwrap_or_default();
+    let have = factors_of(st, &s.identity.user).await.unwrap_or_default();
     let fail = |status: StatusCode, error: &str| {
         factor_view(call.headers(), mode, &have, &next, &device, None, status, Some(error))
     };
-    let (user, now, client) = (s.identity.user.clone(), gw.clock.now(), ctx.client);
+    let (user, now, client) = (s.identity.user.clone(), st.clock.now(), ctx.client);
     let (code, recovery, pw) = (call.field("code"), call.field("recovery"), call.field("password"));
     let proof = if !have.any() {
         // Only a user without a second factor proves it with the password, and only to confirm.
         if mode != Mode::Confirm || pw.is_empty() || s.single_sign_on() {
             return fail(StatusCode::BAD_REQUEST, "This account has no second factor to give.");
         }
-        if !check_password(gw, &user, pw, client).await {
+        if !check_password(st, &user, pw, client).await {
             return fail(StatusCode::UNAUTHORIZED, "That password is not right.");
         }
         Proof::Password
@@ -424,9 +425,9 @@ pub(crate) async fn factor_submit(gw: &Gateway, call: Call, mode: Mode) -> Respo
     } else {
         let use_recovery = code.is_empty() && !recovery.is_empty();
         let (code, recovery) = (code.to_string(), recovery.to_string());
-        let sealer = gw.portal.sealer.clone();
+        let sealer = st.signins.sealer.clone();
         let name = user.clone();
-        let checked = gw
+        let checked = st
             .store
             .run(move |c| {
                 if mfa::locked(c, &name, Lock::Factor, now)? {
@@ -441,41 +442,41 @@ pub(crate) async fn factor_submit(gw: &Gateway, call: Call, mode: Mode) -> Respo
             })
             .await;
         let (ok, remaining) = checked.unwrap_or((false, 0));
-        settle(gw, &user, Lock::Factor, ok, client).await;
+        settle(st, &user, Lock::Factor, ok, client).await;
         let factor = if use_recovery { "rc" } else { "otp" };
         if !ok {
             let ev = Event::MfaFailed { user: user.clone(), factor: factor.into(), client: client.to_string() };
-            if let Err(e) = gw.audit.record(ev).await {
+            if let Err(e) = st.audit.record(ev).await {
                 tracing::error!(error = %e, "Audit write failed");
             }
             return fail(StatusCode::UNAUTHORIZED, "That code did not work. Try the current one.");
         }
         if use_recovery {
             let ev = Event::RecoveryCodeUsed { user: user.clone(), remaining, client: client.to_string() };
-            if let Err(e) = gw.audit.record(ev).await {
+            if let Err(e) = st.audit.record(ev).await {
                 tracing::error!(error = %e, "Audit write failed");
             }
         }
         Proof::Factor(factor)
     };
-    let Some((_, token)) = renew_session(gw, s, proof, ctx).await else {
+    let Some((_, token)) = renew_session(st, s, proof, ctx).await else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     };
     if !device.is_empty() {
-        gw.portal.devices.prove(&device, s, gw.clock.now());
+        st.signins.devices.prove(&device, s, st.clock.now());
     }
-    continue_with(gw, &token, &next)
+    continue_with(st, &token, &next)
 }
 
 /// Replaces the session with one that records `proof` and audits it; returns the new session
 /// id and cookie value.
 pub(crate) async fn renew_session(
-    gw: &Gateway,
+    st: &State,
     s: &Session,
     proof: Proof<'_>,
-    ctx: &crate::gateway::Ctx,
+    ctx: &crate::state::Ctx,
 ) -> Option<(String, String)> {
-    let (id, token) = match gw.sessions.renew(s, proof, &gw.cfg.server.portal_host).await {
+    let (id, token) = match st.sessions.renew(s, proof, &st.cfg.server.portal_host).await {
         Ok(v) => v,
         Err(e) => {
             tracing::error!(error = %e, "Renewing a session failed");
@@ -492,9 +493,9 @@ pub(crate) async fn renew_session(
         factor: factor.into(),
         client: ctx.client.to_string(),
     };
-    if let Err(e) = gw.audit.record(ev).await {
+    if let Err(e) = st.audit.record(ev).await {
         tracing::error!(error = %e, "Audit unavailable; ending the new session");
-        let _ = gw.sessions.end(&id).await;
+        let _ = st.sessions.end(&id).await;
         return None;
     }
     Some((id, token.cookie_value))
@@ -509,7 +510,7 @@ enum Say<'a> {
 
 #[expect(clippy::too_many_arguments, reason = "one page, every part of it")]
 fn security_view(
-    gw: &Gateway,
+    st: &State,
     s: &Session,
     headers: &http::HeaderMap,
     (f, passkeys): &(Factors, Vec<PasskeyLine>),
@@ -524,7 +525,7 @@ fn security_view(
         Say::Error(m) => (None, Some(m)),
     };
     let (csrf, new) = csrf_for_page(headers);
-    let next = if safe_next(next, &gw.cfg) == Next::Portal { "" } else { next };
+    let next = if safe_next(next, &st.cfg) == Next::Portal { "" } else { next };
     let page = SecurityPage {
         passkeys: passkeys.clone(),
         user: &s.identity.user,
@@ -541,19 +542,19 @@ fn security_view(
 }
 
 /// The security page after a change.
-async fn security_after(gw: &Gateway, call: &Call, status: StatusCode, say: Say<'_>) -> Response<Body> {
+async fn security_after(st: &State, call: &Call, status: StatusCode, say: Say<'_>) -> Response<Body> {
     let s = call.session();
-    let Some(data) = security_data(gw, &s.identity.user).await else {
+    let Some(data) = security_data(st, &s.identity.user).await else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id);
     };
-    let fresh = s.fresh(gw.clock.now(), data.0.any());
-    security_view(gw, s, call.headers(), &data, fresh, "", status, say)
+    let fresh = s.fresh(st.clock.now(), data.0.any());
+    security_view(st, s, call.headers(), &data, fresh, "", status, say)
 }
 
 /// GET /.poort/security
-pub(crate) async fn security_page(gw: &Gateway, call: &Call) -> Response<Body> {
+pub(crate) async fn security_page(st: &State, call: &Call) -> Response<Body> {
     let s = call.session();
-    let Some(data) = security_data(gw, &s.identity.user).await else {
+    let Some(data) = security_data(st, &s.identity.user).await else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id);
     };
     let next = query_param(call, "next").unwrap_or_default();
@@ -562,8 +563,8 @@ pub(crate) async fn security_page(gw: &Gateway, call: &Call) -> Response<Body> {
     } else {
         Say::Nothing
     };
-    let fresh = s.fresh(gw.clock.now(), data.0.any());
-    security_view(gw, s, call.headers(), &data, fresh, &next, StatusCode::OK, say)
+    let fresh = s.fresh(st.clock.now(), data.0.any());
+    security_view(st, s, call.headers(), &data, fresh, &next, StatusCode::OK, say)
 }
 
 /// The QR code for an otpauth URI as an SVG data URI (no external service, no script).
@@ -580,19 +581,19 @@ fn grouped(key: &str) -> String {
 
 /// How a change was proved: a second factor, or (the first factor of a user with none) the
 /// password or a fresh sign-in alone.
-pub(crate) async fn proof_of(gw: &Gateway, user: &str) -> &'static str {
-    if factors_of(gw, user).await.is_none_or(|f| f.any()) { PROOF_SECOND_FACTOR } else { PROOF_PASSWORD_ONLY }
+pub(crate) async fn proof_of(st: &State, user: &str) -> &'static str {
+    if factors_of(st, user).await.is_none_or(|f| f.any()) { PROOF_SECOND_FACTOR } else { PROOF_PASSWORD_ONLY }
 }
 
 /// POST /.poort/security/totp (fresh): a new secret to enrol.
-pub(crate) async fn totp_begin(gw: &Gateway, call: &Call) -> Response<Body> {
+pub(crate) async fn totp_begin(st: &State, call: &Call) -> Response<Body> {
     let s = call.session();
-    let (sealer, name, now) = (gw.portal.sealer.clone(), s.identity.user.clone(), gw.clock.now());
-    match gw.store.run(move |c| mfa::totp_begin(c, &sealer, &name, now)).await {
-        Ok(Some(_)) => totp_enrol_view(gw, s, call.headers(), call.field("next"), None).await,
+    let (sealer, name, now) = (st.signins.sealer.clone(), s.identity.user.clone(), st.clock.now());
+    match st.store.run(move |c| mfa::totp_begin(c, &sealer, &name, now)).await {
+        Ok(Some(_)) => totp_enrol_view(st, s, call.headers(), call.field("next"), None).await,
         Ok(None) => {
             security_after(
-                gw,
+                st,
                 call,
                 StatusCode::CONFLICT,
                 Say::Error("An authenticator app is set up already. Remove it first."),
@@ -605,35 +606,35 @@ pub(crate) async fn totp_begin(gw: &Gateway, call: &Call) -> Response<Body> {
 
 /// POST /.poort/security/totp/confirm: a code from the secret `totp_begin` made. The session
 /// is renewed with the factor it just proved, and a first factor comes with recovery codes.
-pub(crate) async fn totp_confirm(gw: &Gateway, call: Call) -> Response<Body> {
+pub(crate) async fn totp_confirm(st: &State, call: Call) -> Response<Body> {
     let (ctx, s) = (&call.ctx, call.session());
     let next = call.field("next").to_string();
     let user = s.identity.user.clone();
-    let proof = proof_of(gw, &user).await;
+    let proof = proof_of(st, &user).await;
     let (sealer, name, now, code) =
-        (gw.portal.sealer.clone(), user.clone(), gw.clock.now(), call.field("code").to_string());
-    let ok = gw
+        (st.signins.sealer.clone(), user.clone(), st.clock.now(), call.field("code").to_string());
+    let ok = st
         .store
         .run(move |c| {
             Ok(!mfa::locked(c, &name, Lock::Factor, now)? && mfa::totp_check(c, &sealer, &name, &code, now, true)?)
         })
         .await
         .unwrap_or(false);
-    settle(gw, &user, Lock::Factor, ok, ctx.client).await;
+    settle(st, &user, Lock::Factor, ok, ctx.client).await;
     if !ok {
         let msg = "That code did not work. Check the app and try the current one.";
-        return totp_enrol_view(gw, s, call.headers(), &next, Some(msg)).await;
+        return totp_enrol_view(st, s, call.headers(), &next, Some(msg)).await;
     }
-    changed(gw, &user, "authenticator app set up", proof, ctx.client).await;
-    let Some((_, token)) = renew_session(gw, s, Proof::Factor("otp"), ctx).await else {
+    changed(st, &user, "authenticator app set up", proof, ctx.client).await;
+    let Some((_, token)) = renew_session(st, s, Proof::Factor("otp"), ctx).await else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     };
-    let recovery_left = factors_of(gw, &user).await.map_or(0, |f| f.recovery_left);
+    let recovery_left = factors_of(st, &user).await.map_or(0, |f| f.recovery_left);
     if recovery_left == 0 {
         let name = user.clone();
-        if let Ok(codes) = gw.store.run(move |c| mfa::recovery_new(c, &name)).await {
-            changed(gw, &user, "recovery codes made", PROOF_SECOND_FACTOR, ctx.client).await;
-            let continue_to = match safe_next(&next, &gw.cfg) {
+        if let Ok(codes) = st.store.run(move |c| mfa::recovery_new(c, &name)).await {
+            changed(st, &user, "recovery codes made", PROOF_SECOND_FACTOR, ctx.client).await;
+            let continue_to = match safe_next(&next, &st.cfg) {
                 Next::Portal => "/.poort/security".to_string(),
                 _ => format!(
                     "/.poort/login?next={}",
@@ -649,33 +650,33 @@ pub(crate) async fn totp_confirm(gw: &Gateway, call: Call) -> Response<Body> {
             return resp;
         }
     }
-    if safe_next(&next, &gw.cfg) == Next::Portal {
-        let mut resp = redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/security", gw.cfg.server.external_origin));
+    if safe_next(&next, &st.cfg) == Next::Portal {
+        let mut resp = redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/security", st.cfg.server.external_origin));
         set_cookie(&mut resp, &token);
         return resp;
     }
-    continue_with(gw, &token, &next)
+    continue_with(st, &token, &next)
 }
 
 /// POST /.poort/security/totp/remove (fresh)
-pub(crate) async fn totp_remove(gw: &Gateway, call: &Call) -> Response<Body> {
+pub(crate) async fn totp_remove(st: &State, call: &Call) -> Response<Body> {
     let user = call.session().identity.user.clone();
     let name = user.clone();
-    let removed = gw.store.run(move |c| Ok((mfa::totp_remove(c, &name)?, mfa::drop_codes_without_factor(c, &name)?)));
+    let removed = st.store.run(move |c| Ok((mfa::totp_remove(c, &name)?, mfa::drop_codes_without_factor(c, &name)?)));
     let Ok((_, codes_dropped)) = removed.await else { return error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id) };
-    changed(gw, &user, "authenticator app removed", PROOF_SECOND_FACTOR, call.ctx.client).await;
+    changed(st, &user, "authenticator app removed", PROOF_SECOND_FACTOR, call.ctx.client).await;
     let notices = (
         "The authenticator app was removed.",
         "The authenticator app was removed. With no authenticator left, your recovery codes went too.",
     );
-    let said = after_removal(gw, call, codes_dropped, notices).await;
-    security_after(gw, call, StatusCode::OK, Say::Notice(said)).await
+    let said = after_removal(st, call, codes_dropped, notices).await;
+    security_after(st, call, StatusCode::OK, Say::Notice(said)).await
 }
 
 /// Records recovery codes that went with the last authenticator. Returns the notice to show:
 /// `notices.0`, or `notices.1` when the codes went too.
 async fn after_removal(
-    gw: &Gateway,
+    st: &State,
     call: &Call,
     codes_dropped: bool,
     notices: (&'static str, &'static str),
@@ -684,15 +685,15 @@ async fn after_removal(
         return notices.0;
     }
     let user = &call.session().identity.user;
-    changed(gw, user, "recovery codes removed with the last authenticator", PROOF_SECOND_FACTOR, call.ctx.client).await;
+    changed(st, user, "recovery codes removed with the last authenticator", PROOF_SECOND_FACTOR, call.ctx.client).await;
     notices.1
 }
 
 /// POST /.poort/security/passkey/remove (fresh)
-pub(crate) async fn passkey_remove(gw: &Gateway, call: &Call) -> Response<Body> {
+pub(crate) async fn passkey_remove(st: &State, call: &Call) -> Response<Body> {
     let user = call.session().identity.user.clone();
     let (name, id) = (user.clone(), call.field("id").to_string());
-    let removed = gw
+    let removed = st
         .store
         .run(move |c| {
             let removed = crate::identity::passkey::remove(c, &name, &id)?;
@@ -700,27 +701,27 @@ pub(crate) async fn passkey_remove(gw: &Gateway, call: &Call) -> Response<Body> 
         })
         .await;
     let Ok((true, codes_dropped)) = removed else {
-        return security_after(gw, call, StatusCode::NOT_FOUND, Say::Error("No such passkey.")).await;
+        return security_after(st, call, StatusCode::NOT_FOUND, Say::Error("No such passkey.")).await;
     };
-    changed(gw, &user, "passkey removed", PROOF_SECOND_FACTOR, call.ctx.client).await;
+    changed(st, &user, "passkey removed", PROOF_SECOND_FACTOR, call.ctx.client).await;
     let notices = (
         "The passkey was removed.",
         "The passkey was removed. With no authenticator left, your recovery codes went too.",
     );
-    let said = after_removal(gw, call, codes_dropped, notices).await;
-    security_after(gw, call, StatusCode::OK, Say::Notice(said)).await
+    let said = after_removal(st, call, codes_dropped, notices).await;
+    security_after(st, call, StatusCode::OK, Say::Notice(said)).await
 }
 
 /// POST /.poort/security/recovery (fresh): ten new codes, the old ones void.
-pub(crate) async fn recovery_codes(gw: &Gateway, call: &Call) -> Response<Body> {
+pub(crate) async fn recovery_codes(st: &State, call: &Call) -> Response<Body> {
     let user = call.session().identity.user.clone();
-    if !factors_of(gw, &user).await.is_some_and(|f| f.any()) {
-        return security_after(gw, call, StatusCode::CONFLICT, Say::Error("Set up a second factor first.")).await;
+    if !factors_of(st, &user).await.is_some_and(|f| f.any()) {
+        return security_after(st, call, StatusCode::CONFLICT, Say::Error("Set up a second factor first.")).await;
     }
     let name = user.clone();
-    match gw.store.run(move |c| mfa::recovery_new(c, &name)).await {
+    match st.store.run(move |c| mfa::recovery_new(c, &name)).await {
         Ok(codes) => {
-            changed(gw, &user, "recovery codes made", PROOF_SECOND_FACTOR, call.ctx.client).await;
+            changed(st, &user, "recovery codes made", PROOF_SECOND_FACTOR, call.ctx.client).await;
             let (csrf, _) = csrf_for_page(call.headers());
             html(
                 StatusCode::OK,
@@ -732,28 +733,28 @@ pub(crate) async fn recovery_codes(gw: &Gateway, call: &Call) -> Response<Body> 
 }
 
 async fn totp_enrol_view(
-    gw: &Gateway,
+    st: &State,
     s: &Session,
     headers: &http::HeaderMap,
     next: &str,
     error: Option<&str>,
 ) -> Response<Body> {
-    let (sealer, name) = (gw.portal.sealer.clone(), s.identity.user.clone());
-    let Ok(Some(secret)) = gw.store.run(move |c| mfa::totp_pending(c, &sealer, &name)).await else {
-        return redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/security", gw.cfg.server.external_origin));
+    let (sealer, name) = (st.signins.sealer.clone(), s.identity.user.clone());
+    let Ok(Some(secret)) = st.store.run(move |c| mfa::totp_pending(c, &sealer, &name)).await else {
+        return redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/security", st.cfg.server.external_origin));
     };
-    let uri = totp::otpauth_uri(&gw.cfg.mfa.issuer, &s.identity.user, &secret);
+    let uri = totp::otpauth_uri(&st.cfg.mfa.issuer, &s.identity.user, &secret);
     let qr = qr_data_uri(&uri).unwrap_or_default();
     let key = grouped(&totp::base32(&secret));
     let (csrf, new) = csrf_for_page(headers);
-    let next = if safe_next(next, &gw.cfg) == Next::Portal { "" } else { next };
+    let next = if safe_next(next, &st.cfg) == Next::Portal { "" } else { next };
     let status = if error.is_some() { StatusCode::UNAUTHORIZED } else { StatusCode::OK };
     let page = TotpEnrolPage { user: &s.identity.user, csrf: &csrf, next, qr: &qr, key: &key, error };
     with_csrf_cookie(html(status, &page), &csrf, new)
 }
 
 /// Audits a change to a user's factors, with how it was proved.
-pub(crate) async fn changed(gw: &Gateway, user: &str, change: &str, proof: &str, client: IpAddr) {
+pub(crate) async fn changed(st: &State, user: &str, change: &str, proof: &str, client: IpAddr) {
     if proof == PROOF_PASSWORD_ONLY {
         tracing::warn!(user = %user, change, client = %client, "A first second factor was set up with the password alone");
     }
@@ -763,7 +764,7 @@ pub(crate) async fn changed(gw: &Gateway, user: &str, change: &str, proof: &str,
         proof: proof.to_string(),
         client: client.to_string(),
     };
-    if let Err(e) = gw.audit.record(ev).await {
+    if let Err(e) = st.audit.record(ev).await {
         tracing::error!(error = %e, "Audit write failed");
     }
 }

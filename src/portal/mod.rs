@@ -10,23 +10,21 @@ mod passkey;
 pub mod routes;
 mod sso;
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use askama::Template;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::audit::Event;
 use crate::body::Body;
-use crate::clock::{UnixTime, format_minutes};
+use crate::clock::format_minutes;
 use crate::config::{Config, Route};
-use crate::gateway::{Gateway, error_page, page, port_of, redirect};
-use crate::identity::seal::Sealer;
 use crate::names::valid_user_name;
 use crate::policy::{self, Decision, Subject};
 use crate::request::Target;
+use crate::respond::{error_page, html, page, redirect};
 use crate::session::{self, Kind, Opening, cookie};
+use crate::state::State;
+use crate::state::pending::Handoff;
 pub use routes::Call;
 use routes::Page;
 
@@ -34,52 +32,6 @@ const STYLE: &str = include_str!("../../assets/style.css");
 const SCRIPT: &str = include_str!("../../assets/webauthn.js");
 /// A host hand-off code is good for this long, once.
 const HANDOFF_SECS: i64 = 60;
-
-/// Portal state: pending host hand-offs, the sign-in rate limiter, the sealer for secrets.
-pub struct State {
-    handoffs: Mutex<HashMap<String, Handoff>>,
-    limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
-    sealer: std::sync::Arc<Sealer>,
-    passkeys: passkey::Passkeys,
-    devices: device::Devices,
-}
-
-impl std::fmt::Debug for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("portal::State")
-    }
-}
-
-/// A pending hand-off of a portal session to an app host.
-#[derive(Debug)]
-struct Handoff {
-    session_id: String,
-    user: String,
-    host: String,
-    path: String,
-    /// SHA-256 of the nonce cookie the app host set in the browser that asked.
-    bind: [u8; 32],
-    expires: UnixTime,
-}
-
-impl State {
-    pub fn new(cfg: &Config, sealer: std::sync::Arc<Sealer>) -> anyhow::Result<State> {
-        let per_minute =
-            std::num::NonZeroU32::new(cfg.login.per_address_per_minute).unwrap_or(std::num::NonZeroU32::MIN);
-        Ok(State {
-            passkeys: passkey::Passkeys::new(&cfg.server.external_origin, &cfg.server.portal_host)?,
-            handoffs: Mutex::new(HashMap::new()),
-            devices: device::Devices::default(),
-            limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
-            sealer,
-        })
-    }
-
-    /// Forgets rate-limit state of addresses that have been quiet (called periodically).
-    pub fn tidy(&self) {
-        self.limiter.retain_recent();
-    }
-}
 
 #[derive(Template)]
 #[template(path = "login.html")]
@@ -146,29 +98,6 @@ struct SessionsPage<'a> {
     approved_here: usize,
 }
 
-#[derive(Template)]
-#[template(path = "error.html")]
-struct ErrorPage<'a> {
-    status: u16,
-    title: &'a str,
-    message: &'a str,
-    request_id: &'a str,
-}
-
-pub fn render_error(status: u16, title: &str, message: &str, request_id: &str) -> String {
-    ErrorPage { status, title, message, request_id }.render().unwrap_or_else(|_| format!("{status} {title}"))
-}
-
-pub(crate) fn html(status: StatusCode, t: &impl Template) -> Response<Body> {
-    match t.render() {
-        Ok(s) => page(status, "text/html; charset=utf-8", s),
-        Err(e) => {
-            tracing::error!(error = %e, "Template rendering failed");
-            page(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", Body::from_static("internal error\n"))
-        }
-    }
-}
-
 /// Where to send a user after login (SECURITY.md rule 12).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Next {
@@ -208,7 +137,7 @@ pub fn safe_next(next: &str, cfg: &Config) -> Next {
 }
 
 /// Runs the handler of a route whose guard the dispatcher (`routes::dispatch`) applied.
-pub(crate) async fn serve(gw: &Gateway, page_: Page, call: Call) -> Response<Body> {
+pub(crate) async fn serve(st: &State, page_: Page, call: Call) -> Response<Body> {
     let cached = |body: Body, content_type: &'static str, max_age: &'static str| {
         let mut r = page(StatusCode::OK, content_type, body);
         r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(max_age));
@@ -218,40 +147,39 @@ pub(crate) async fn serve(gw: &Gateway, page_: Page, call: Call) -> Response<Bod
         Page::Style => cached(Body::from_static(STYLE), "text/css; charset=utf-8", "public, max-age=3600"),
         Page::Script => cached(Body::from_static(SCRIPT), "text/javascript; charset=utf-8", "public, max-age=3600"),
         Page::Health => page(StatusCode::OK, "text/plain; charset=utf-8", Body::from_static("ok\n")),
-        Page::Jwks => {
-            cached(Body::from(gw.proxy.signer().jwks().to_string()), "application/json", "public, max-age=300")
-        }
-        Page::Launcher => launcher(gw, &call),
-        Page::LoginForm => login_form(gw, &call),
-        Page::LoginSubmit => login_submit(gw, call).await,
-        Page::Logout => logout(gw, call).await,
-        Page::Sessions => sessions_page(gw, &call).await,
-        Page::EndSession => end_session(gw, call).await,
-        Page::Handoff => handoff(gw, &call).await,
-        Page::HandoffBegin => handoff_begin(gw, &call),
-        Page::MfaForm => mfa::factor_form(gw, &call, mfa::Mode::StepUp).await,
-        Page::MfaSubmit => mfa::factor_submit(gw, call, mfa::Mode::StepUp).await,
-        Page::ConfirmForm => mfa::factor_form(gw, &call, mfa::Mode::Confirm).await,
-        Page::ConfirmSubmit => mfa::factor_submit(gw, call, mfa::Mode::Confirm).await,
-        Page::Security => mfa::security_page(gw, &call).await,
-        Page::TotpBegin => mfa::totp_begin(gw, &call).await,
-        Page::TotpConfirm => mfa::totp_confirm(gw, call).await,
-        Page::TotpRemove => mfa::totp_remove(gw, &call).await,
-        Page::RecoveryCodes => mfa::recovery_codes(gw, &call).await,
-        Page::PasskeyRemove => mfa::passkey_remove(gw, &call).await,
-        Page::PasskeyRegisterStart => passkey::register_start(gw, call).await,
-        Page::PasskeyRegisterFinish => passkey::register_finish(gw, call).await,
-        Page::FactorStart => passkey::factor_start(gw, call).await,
-        Page::FactorFinish => passkey::factor_finish(gw, call).await,
-        Page::PasswordlessStart => passkey::passwordless_start(gw, call).await,
-        Page::PasswordlessFinish => passkey::passwordless_finish(gw, call).await,
-        Page::DeviceCode => device::code(gw, &call),
-        Page::DeviceToken => device::token(gw, &call),
-        Page::DeviceLogout => device::logout(gw, &call).await,
-        Page::DeviceForm => device::approve_page(gw, &call),
-        Page::DeviceDecide => device::decide(gw, call).await,
-        Page::Tunnel => crate::tunnel::open(gw, call).await,
-        Page::Oidc => sso::serve(gw, call).await,
+        Page::Jwks => cached(Body::from(st.signer.jwks().to_string()), "application/json", "public, max-age=300"),
+        Page::Launcher => launcher(st, &call),
+        Page::LoginForm => login_form(st, &call),
+        Page::LoginSubmit => login_submit(st, call).await,
+        Page::Logout => logout(st, call).await,
+        Page::Sessions => sessions_page(st, &call).await,
+        Page::EndSession => end_session(st, call).await,
+        Page::Handoff => handoff(st, &call).await,
+        Page::HandoffBegin => handoff_begin(st, &call),
+        Page::MfaForm => mfa::factor_form(st, &call, mfa::Mode::StepUp).await,
+        Page::MfaSubmit => mfa::factor_submit(st, call, mfa::Mode::StepUp).await,
+        Page::ConfirmForm => mfa::factor_form(st, &call, mfa::Mode::Confirm).await,
+        Page::ConfirmSubmit => mfa::factor_submit(st, call, mfa::Mode::Confirm).await,
+        Page::Security => mfa::security_page(st, &call).await,
+        Page::TotpBegin => mfa::totp_begin(st, &call).await,
+        Page::TotpConfirm => mfa::totp_confirm(st, call).await,
+        Page::TotpRemove => mfa::totp_remove(st, &call).await,
+        Page::RecoveryCodes => mfa::recovery_codes(st, &call).await,
+        Page::PasskeyRemove => mfa::passkey_remove(st, &call).await,
+        Page::PasskeyRegisterStart => passkey::register_start(st, call).await,
+        Page::PasskeyRegisterFinish => passkey::register_finish(st, call).await,
+        Page::FactorStart => passkey::factor_start(st, call).await,
+        Page::FactorFinish => passkey::factor_finish(st, call).await,
+        Page::PasswordlessStart => passkey::passwordless_start(st, call).await,
+        Page::PasswordlessFinish => passkey::passwordless_finish(st, call).await,
+        Page::DeviceCode => device::code(st, &call),
+        Page::DeviceToken => device::token(st, &call),
+        Page::DeviceLogout => device::logout(st, &call).await,
+        Page::DeviceForm => device::approve_page(st, &call),
+        Page::DeviceDecide => device::decide(st, call).await,
+        // The gateway routes tunnels (route::Found::Tunnel); the row only declares them.
+        Page::Tunnel => error_page(StatusCode::NOT_FOUND, call.ctx.id),
+        Page::Oidc => sso::serve(st, call).await,
     }
 }
 
@@ -274,12 +202,12 @@ pub(crate) fn with_csrf_cookie(mut resp: Response<Body>, csrf: &str, is_new: boo
 }
 
 /// Whether `user` may still sign in during a lockdown (a member of the admin group).
-pub(crate) async fn lockdown_admin(gw: &Gateway, user: &str) -> bool {
+pub(crate) async fn lockdown_admin(st: &State, user: &str) -> bool {
     if !valid_user_name(user) {
         return false;
     }
-    let (name, group) = (user.to_string(), gw.mitigation.admin_group.clone());
-    gw.store
+    let (name, group) = (user.to_string(), st.mitigation.admin_group.clone());
+    st.store
         .run(move |c| crate::store::Store::identity(c, &name))
         .await
         .ok()
@@ -292,13 +220,13 @@ pub(crate) fn query_param(call: &Call, name: &str) -> Option<String> {
     form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
-pub(crate) fn to_login(gw: &Gateway) -> Response<Body> {
-    redirect(StatusCode::FOUND, &format!("{}/.poort/login", gw.cfg.server.external_origin))
+pub(crate) fn to_login(st: &State) -> Response<Body> {
+    redirect(StatusCode::FOUND, &format!("{}/.poort/login", st.cfg.server.external_origin))
 }
 
-fn launcher(gw: &Gateway, call: &Call) -> Response<Body> {
+fn launcher(st: &State, call: &Call) -> Response<Body> {
     let s = call.session();
-    let apps = gw
+    let apps = st
         .cfg
         .apps
         .iter()
@@ -311,17 +239,17 @@ fn launcher(gw: &Gateway, call: &Call) -> Response<Body> {
         .map(|(_, app)| AppLink {
             title: app.title.clone(),
             description: app.description.clone(),
-            url: app.launch_url(&gw.cfg.server),
+            url: app.launch_url(&st.cfg.server),
         })
         .collect();
     let who = Subject { identity: &s.identity, mfa: true };
-    let tunnels = gw
+    let tunnels = st
         .cfg
         .tunnels
         .iter()
         .enumerate()
         .filter(|(i, t)| {
-            matches!(policy::evaluate(gw.cfg.apps.len() + i, &t.access, t.mfa, Some(who)), Decision::Allow(_))
+            matches!(policy::evaluate(st.cfg.apps.len() + i, &t.access, t.mfa, Some(who)), Decision::Allow(_))
         })
         .map(|(_, t)| {
             let port: u32 = t.target.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
@@ -335,27 +263,27 @@ fn launcher(gw: &Gateway, call: &Call) -> Response<Body> {
         .collect();
     let (csrf, new) = csrf_for_page(call.headers());
     let page =
-        LauncherPage { user: &s.identity.user, csrf: &csrf, apps, tunnels, origin: &gw.cfg.server.external_origin };
+        LauncherPage { user: &s.identity.user, csrf: &csrf, apps, tunnels, origin: &st.cfg.server.external_origin };
     with_csrf_cookie(html(StatusCode::OK, &page), &csrf, new)
 }
 
-fn login_form(gw: &Gateway, call: &Call) -> Response<Body> {
+fn login_form(st: &State, call: &Call) -> Response<Body> {
     let next = query_param(call, "next").unwrap_or_default();
     if call.ctx.session.is_some() {
-        return go_to(gw, safe_next(&next, &gw.cfg));
+        return go_to(st, safe_next(&next, &st.cfg));
     }
     let (csrf, new) = csrf_for_page(call.headers());
-    let next = match safe_next(&next, &gw.cfg) {
+    let next = match safe_next(&next, &st.cfg) {
         Next::Portal => String::new(),
         _ => next,
     };
-    let providers = gw.oidc.buttons();
+    let providers = st.oidc.buttons();
     let page = LoginPage { providers: &providers, csrf: &csrf, next: &next, username: "", error: None };
     with_csrf_cookie(html(StatusCode::OK, &page), &csrf, new)
 }
 
 pub(crate) fn login_again(
-    gw: &Gateway,
+    st: &State,
     status: StatusCode,
     headers: &HeaderMap,
     next: &str,
@@ -363,47 +291,47 @@ pub(crate) fn login_again(
     error: &str,
 ) -> Response<Body> {
     let (csrf, new) = csrf_for_page(headers);
-    let providers = gw.oidc.buttons();
+    let providers = st.oidc.buttons();
     let page = LoginPage { providers: &providers, csrf: &csrf, next, username, error: Some(error) };
     with_csrf_cookie(html(status, &page), &csrf, new)
 }
 
-async fn login_submit(gw: &Gateway, call: Call) -> Response<Body> {
+async fn login_submit(st: &State, call: Call) -> Response<Body> {
     let (ctx, headers) = (&call.ctx, call.headers());
     let (username, pw, next) = (call.field("username").trim(), call.field("password"), call.field("next"));
-    if gw.mitigation.lockdown() && !lockdown_admin(gw, username).await {
+    if st.mitigation.lockdown() && !lockdown_admin(st, username).await {
         // No password check and no session for anyone but administrators; the same page for
         // unknown users, so this tells nothing about accounts.
         let pw = pw.to_string();
         let _ = tokio::task::spawn_blocking(move || crate::identity::password::verify_dummy(&pw)).await;
         let ev = Event::LockedDown { user: None, path: "/.poort/login".into(), client: ctx.client.to_string() };
-        if let Err(e) = gw.audit.record(ev).await {
+        if let Err(e) = st.audit.record(ev).await {
             tracing::error!(error = %e, "Audit write failed");
         }
-        return crate::gateway::maintenance_page(ctx.id);
+        return crate::respond::maintenance_page(ctx.id);
     }
     // Same work and the same answer whether the user exists, is locked, or typed a wrong
     // password.
-    let checked = mfa::password_check(gw, username, pw, ctx.client).await;
+    let checked = mfa::password_check(st, username, pw, ctx.client).await;
     let client = ctx.client.to_string();
     let shown_user = if valid_user_name(username) { username.to_string() } else { "(invalid name)".to_string() };
     let username = match checked {
         mfa::PasswordCheck::Right(name) => name,
         failed => {
             tracing::info!(client = %client, user = %shown_user, "Login failed");
-            let _ = gw.audit.record(Event::LoginFailed { user: shown_user, client }).await;
+            let _ = st.audit.record(Event::LoginFailed { user: shown_user, client }).await;
             let shown = if valid_user_name(username) { username } else { "" };
             if failed == mfa::PasswordCheck::DirectoryDown {
                 let msg = "The user directory cannot be reached, so poort cannot check your password. Try again in a few minutes; if it persists, tell your IT helpdesk.";
-                return login_again(gw, StatusCode::SERVICE_UNAVAILABLE, headers, next, shown, msg);
+                return login_again(st, StatusCode::SERVICE_UNAVAILABLE, headers, next, shown, msg);
             }
-            return login_again(gw, StatusCode::UNAUTHORIZED, headers, next, shown, "Wrong username or password.");
+            return login_again(st, StatusCode::UNAUTHORIZED, headers, next, shown, "Wrong username or password.");
         }
     };
     let username = username.as_str();
     let user_agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let signed_in = SignedIn { user: username, factors: "pwd", user_agent, next, logout_url: None };
-    open_session(gw, ctx, signed_in).await
+    open_session(st, ctx, signed_in).await
 }
 
 /// A sign-in that succeeded, by password or at an identity provider.
@@ -420,16 +348,16 @@ pub(crate) struct SignedIn<'a> {
 /// Opens the session for a sign-in: a new token (a session the browser already had ends
 /// here), audited before it is handed out, and the user sent on; with `[mfa] required`, a
 /// user with a second factor on file gives it first, unless the sign-in already included one.
-pub(crate) async fn open_session(gw: &Gateway, ctx: &crate::gateway::Ctx, s: SignedIn<'_>) -> Response<Body> {
+pub(crate) async fn open_session(st: &State, ctx: &crate::state::Ctx, s: SignedIn<'_>) -> Response<Body> {
     if let Some(old) = &ctx.session {
-        let _ = gw.sessions.end(&old.id).await;
+        let _ = st.sessions.end(&old.id).await;
     }
     let client = ctx.client.to_string();
-    let created = gw
+    let created = st
         .sessions
         .open(Opening {
             user: s.user,
-            host: &gw.cfg.server.portal_host,
+            host: &st.cfg.server.portal_host,
             client_addr: client.clone(),
             user_agent: s.user_agent,
             factors: s.factors,
@@ -446,27 +374,27 @@ pub(crate) async fn open_session(gw: &Gateway, ctx: &crate::gateway::Ctx, s: Sig
     };
     if let Some(url) = s.logout_url {
         let sid = id.clone();
-        if let Err(e) = gw.store.run(move |c| crate::store::Store::set_logout_url(c, &sid, &url)).await {
+        if let Err(e) = st.store.run(move |c| crate::store::Store::set_logout_url(c, &sid, &url)).await {
             tracing::warn!(error = %e, "Recording the provider's logout address failed");
         }
     }
     if let Err(e) =
-        gw.audit.record(Event::LoginSucceeded { user: s.user.to_string(), session: id.clone(), client }).await
+        st.audit.record(Event::LoginSucceeded { user: s.user.to_string(), session: id.clone(), client }).await
     {
         tracing::error!(error = %e, "Audit unavailable; ending the new session");
-        let _ = gw.sessions.end(&id).await;
+        let _ = st.sessions.end(&id).await;
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     }
     tracing::info!(user = %s.user, session = %id, factors = s.factors, "Login succeeded");
-    let ask_factor = !session::includes_second_factor(s.factors) && gw.cfg.mfa.required && {
+    let ask_factor = !session::includes_second_factor(s.factors) && st.cfg.mfa.required && {
         let name = s.user.to_string();
-        gw.store.run(move |c| crate::identity::mfa::factors(c, &name)).await.is_ok_and(|f| f.any())
+        st.store.run(move |c| crate::identity::mfa::factors(c, &name)).await.is_ok_and(|f| f.any())
     };
     let mut resp = if ask_factor {
         let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", s.next).finish();
-        redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/mfa?{q}", gw.cfg.server.external_origin))
+        redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/mfa?{q}", st.cfg.server.external_origin))
     } else {
-        go_to(gw, safe_next(s.next, &gw.cfg))
+        go_to(st, safe_next(s.next, &st.cfg))
     };
     if let Ok(v) = HeaderValue::from_str(&cookie::set_session(&token.cookie_value)) {
         resp.headers_mut().append(header::SET_COOKIE, v);
@@ -476,16 +404,16 @@ pub(crate) async fn open_session(gw: &Gateway, ctx: &crate::gateway::Ctx, s: Sig
 
 /// Sends the browser on after a sign-in or a step-up. An app on its own host is reached
 /// through that host: it starts a hand-off bound to the browser (`handoff_begin`).
-pub(crate) fn go_to(gw: &Gateway, next: Next) -> Response<Body> {
-    redirect(StatusCode::SEE_OTHER, &next_url(gw, next))
+pub(crate) fn go_to(st: &State, next: Next) -> Response<Body> {
+    redirect(StatusCode::SEE_OTHER, &next_url(st, next))
 }
 
 /// The address `go_to` sends the browser to.
-pub(crate) fn next_url(gw: &Gateway, next: Next) -> String {
-    let origin = &gw.cfg.server.external_origin;
+pub(crate) fn next_url(st: &State, next: Next) -> String {
+    let origin = &st.cfg.server.external_origin;
     match next {
         Next::Relative(p) => format!("{origin}{p}"),
-        Next::App { host, path } => format!("https://{host}{}{path}", port_of(origin)),
+        Next::App { host, path } => format!("https://{host}{}{path}", crate::config::port_suffix(origin)),
         Next::Portal => format!("{origin}/"),
     }
 }
@@ -497,7 +425,7 @@ pub const HANDOFF_COOKIE: &str = "__Host-poort-handoff";
 /// What an app host does for a browser without a session there: set a nonce cookie on the
 /// app host and send the browser to the portal's hand-off (via sign-in or step-up if needed).
 /// Returns the `Set-Cookie` value and the portal address to go to.
-pub fn handoff_start(gw: &Gateway, host: &str, path: &str, step_up: bool) -> (String, String) {
+pub fn handoff_start(st: &State, host: &str, path: &str, step_up: bool) -> (String, String) {
     let nonce = cookie::encode_token(&crate::secret::random_bytes());
     let bind = crate::secret::b64(&session::hash_token(nonce.as_bytes()));
     let begin = format!(
@@ -508,7 +436,7 @@ pub fn handoff_start(gw: &Gateway, host: &str, path: &str, step_up: bool) -> (St
             .append_pair("bind", &bind)
             .finish()
     );
-    let origin = &gw.cfg.server.external_origin;
+    let origin = &st.cfg.server.external_origin;
     let location = if step_up {
         let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", &begin).finish();
         format!("{origin}/.poort/mfa?{q}")
@@ -525,21 +453,21 @@ fn handoff_cookie(nonce: &str, max_age: u32) -> String {
 
 /// GET /.poort/handoff/begin on the portal (signed in): a one-time code for the app host,
 /// bound to the nonce the browser holds there.
-fn handoff_begin(gw: &Gateway, call: &Call) -> Response<Body> {
+fn handoff_begin(st: &State, call: &Call) -> Response<Body> {
     let s = call.session();
     let (host, path, bind) = (
         query_param(call, "host").unwrap_or_default(),
         query_param(call, "path").unwrap_or_default(),
         query_param(call, "bind").unwrap_or_default(),
     );
-    let known = gw.cfg.apps.iter().any(|a| a.route == Route::Host(host.clone()));
+    let known = st.cfg.apps.iter().any(|a| a.route == Route::Host(host.clone()));
     let bind: Option<[u8; 32]> = cookie::decode_token(&bind);
     let (Some(bind), true, true) = (bind, known, safe_relative(&path)) else {
-        return go_to(gw, Next::Portal);
+        return go_to(st, Next::Portal);
     };
     let code = cookie::encode_token(&crate::secret::random_bytes());
-    let now = gw.clock.now();
-    if let Ok(mut h) = gw.portal.handoffs.lock() {
+    let now = st.clock.now();
+    if let Ok(mut h) = st.signins.handoffs.lock() {
         h.retain(|_, v| v.expires > now);
         let handoff = Handoff {
             session_id: s.id.clone(),
@@ -553,23 +481,26 @@ fn handoff_begin(gw: &Gateway, call: &Call) -> Response<Body> {
     }
     redirect(
         StatusCode::SEE_OTHER,
-        &format!("https://{host}{}/.poort/handoff?code={code}", port_of(&gw.cfg.server.external_origin)),
+        &format!(
+            "https://{host}{}/.poort/handoff?code={code}",
+            crate::config::port_suffix(&st.cfg.server.external_origin)
+        ),
     )
 }
 
 /// GET /.poort/handoff?code= on an app host: the code must be this host's, unused, unexpired,
 /// and asked for by this browser (its nonce cookie). Audited either way.
-async fn handoff(gw: &Gateway, call: &Call) -> Response<Body> {
+async fn handoff(st: &State, call: &Call) -> Response<Body> {
     let ctx = &call.ctx;
     let code = query_param(call, "code").unwrap_or_default();
-    let taken = gw.portal.handoffs.lock().ok().and_then(|mut h| h.remove(&code));
+    let taken = st.signins.handoffs.lock().ok().and_then(|mut h| h.remove(&code));
     let cookies = call.headers().get_all(header::COOKIE).iter().map(|v| v.as_bytes());
     let nonce = cookie::find(cookies, HANDOFF_COOKIE).map(|n| session::hash_token(n.as_bytes()));
     let client = ctx.client.to_string();
     let why = match &taken {
         None => Some("unknown or used code"),
         Some(h) if h.host != ctx.front.host => Some("code for another host"),
-        Some(h) if h.expires <= gw.clock.now() => Some("expired code"),
+        Some(h) if h.expires <= st.clock.now() => Some("expired code"),
         Some(h) if !nonce.is_some_and(|n| bool::from(subtle::ConstantTimeEq::ct_eq(&n[..], &h.bind[..]))) => {
             Some("code asked for by another browser")
         }
@@ -579,10 +510,10 @@ async fn handoff(gw: &Gateway, call: &Call) -> Response<Body> {
         (Some(h), None) => {
             let token = session::new_token();
             let (hash, sid, host) = (token.hash, h.session_id.clone(), h.host.clone());
-            let added = gw.store.run(move |c| crate::store::Store::add_token(c, &sid, &hash, &host)).await;
+            let added = st.store.run(move |c| crate::store::Store::add_token(c, &sid, &hash, &host)).await;
             if !matches!(added, Ok(true)) {
                 // The session ended meanwhile.
-                return to_login(gw);
+                return to_login(st);
             }
             let ev = Event::HandoffRedeemed {
                 user: h.user.clone(),
@@ -590,7 +521,7 @@ async fn handoff(gw: &Gateway, call: &Call) -> Response<Body> {
                 host: h.host.clone(),
                 client,
             };
-            if let Err(e) = gw.audit.record(ev).await {
+            if let Err(e) = st.audit.record(ev).await {
                 tracing::error!(error = %e, "Audit unavailable; refusing the hand-off");
                 return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
             }
@@ -604,7 +535,7 @@ async fn handoff(gw: &Gateway, call: &Call) -> Response<Body> {
             let why = why.unwrap_or("refused");
             tracing::info!(client = %client, host = %ctx.front.host, why, "Hand-off refused");
             let ev = Event::HandoffRefused { host: ctx.front.host.clone(), why: why.into(), client };
-            gw.audit.refusal("handoff_refused", why, ctx.client, &ctx.front.host, ev);
+            st.audit.refusal("handoff_refused", why, ctx.client, &ctx.front.host, ev);
             error_page(StatusCode::FORBIDDEN, ctx.id)
         }
     };
@@ -624,41 +555,41 @@ fn clear_session_cookie(resp: &mut Response<Body>) {
 
 /// POST /.poort/logout; with `approved=end`, the command-line sessions this browser
 /// approved end too.
-async fn logout(gw: &Gateway, call: Call) -> Response<Body> {
+async fn logout(st: &State, call: Call) -> Response<Body> {
     let ctx = &call.ctx;
     let mut provider_logout = None;
     if let Some(s) = &ctx.session {
         // Read before the session row goes: a single sign-on session also ends at the provider.
-        provider_logout = sso::logout_url(gw, &s.id).await;
+        provider_logout = sso::logout_url(st, &s.id).await;
         if call.field("approved") == "end" {
-            let (store, id, now) = (gw.store.clone(), s.id.clone(), gw.clock.now());
+            let (store, id, now) = (st.store.clone(), s.id.clone(), st.clock.now());
             let ended = tokio::task::spawn_blocking(move || store.revoke_children(&id, now)).await;
             for child in ended.ok().and_then(Result::ok).unwrap_or_default() {
                 let ev =
                     Event::SessionEnded { user: s.identity.user.clone(), session: child, by: s.identity.user.clone() };
-                if let Err(e) = gw.audit.record(ev).await {
+                if let Err(e) = st.audit.record(ev).await {
                     tracing::error!(error = %e, "Audit write failed");
                 }
             }
         }
-        let _ = gw.sessions.end(&s.id).await;
+        let _ = st.sessions.end(&s.id).await;
         let ev = Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: ctx.client.to_string() };
-        if let Err(e) = gw.audit.record(ev).await {
+        if let Err(e) = st.audit.record(ev).await {
             tracing::error!(error = %e, "Audit write failed");
         }
     }
     let mut resp = match provider_logout {
         Some(url) => redirect(StatusCode::SEE_OTHER, &url),
-        None => to_login(gw),
+        None => to_login(st),
     };
     *resp.status_mut() = StatusCode::SEE_OTHER;
     clear_session_cookie(&mut resp);
     resp
 }
 
-async fn sessions_page(gw: &Gateway, call: &Call) -> Response<Body> {
+async fn sessions_page(st: &State, call: &Call) -> Response<Body> {
     let s = call.session();
-    let store = gw.store.clone();
+    let store = st.store.clone();
     let user = s.identity.user.clone();
     let found = tokio::task::spawn_blocking(move || {
         let rows = store.list_sessions(Some(&user))?;
@@ -694,10 +625,10 @@ async fn sessions_page(gw: &Gateway, call: &Call) -> Response<Body> {
     with_csrf_cookie(html(StatusCode::OK, &page), &csrf, new)
 }
 
-async fn end_session(gw: &Gateway, call: Call) -> Response<Body> {
+async fn end_session(st: &State, call: Call) -> Response<Body> {
     let (ctx, s) = (&call.ctx, call.session());
     let id = call.field("id").to_string();
-    let (store, user) = (gw.store.clone(), s.identity.user.clone());
+    let (store, user) = (st.store.clone(), s.identity.user.clone());
     let owned = tokio::task::spawn_blocking(move || store.list_sessions(Some(&user)))
         .await
         .ok()
@@ -706,18 +637,18 @@ async fn end_session(gw: &Gateway, call: Call) -> Response<Body> {
     if !owned {
         return error_page(StatusCode::NOT_FOUND, ctx.id);
     }
-    let _ = gw.sessions.end(&id).await;
+    let _ = st.sessions.end(&id).await;
     let ev = Event::SessionEnded { user: s.identity.user.clone(), session: id.clone(), by: s.identity.user.clone() };
-    if let Err(e) = gw.audit.record(ev).await {
+    if let Err(e) = st.audit.record(ev).await {
         tracing::error!(error = %e, "Audit write failed");
     }
     if id == s.id {
-        let mut resp = to_login(gw);
+        let mut resp = to_login(st);
         *resp.status_mut() = StatusCode::SEE_OTHER;
         clear_session_cookie(&mut resp);
         return resp;
     }
-    redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/sessions", gw.cfg.server.external_origin))
+    redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/sessions", st.cfg.server.external_origin))
 }
 
 #[cfg(test)]

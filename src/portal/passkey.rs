@@ -6,84 +6,19 @@
 //!
 //! Ceremony state stays in memory, keyed by a random single-use id, for two minutes.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use serde::Deserialize;
-use webauthn_rs::prelude::{
-    DiscoverableAuthentication, PasskeyAuthentication, PasskeyRegistration, PublicKeyCredential,
-    RegisterPublicKeyCredential, Url, Webauthn, WebauthnBuilder,
-};
+use webauthn_rs::prelude::{PublicKeyCredential, RegisterPublicKeyCredential};
 
 use super::{Call, mfa, safe_next};
 use crate::audit::Event;
 use crate::body::Body;
-use crate::clock::UnixTime;
-use crate::gateway::{Gateway, page};
 use crate::identity::{mfa as factors, passkey};
+use crate::respond::page;
 use crate::session::{Kind, Opening, Proof, cookie};
-
-/// How long a started ceremony may take to finish.
-const CEREMONY_SECS: i64 = 120;
-
-enum Ceremony {
-    Register {
-        session: String,
-        user: String,
-        name: String,
-        next: String,
-        state: PasskeyRegistration,
-    },
-    /// A second factor: to step up, or to confirm (a command-line code when `device` is set).
-    Factor {
-        session: String,
-        user: String,
-        next: String,
-        device: String,
-        state: PasskeyAuthentication,
-    },
-    Passwordless {
-        next: String,
-        state: DiscoverableAuthentication,
-    },
-}
-
-/// The relying party and the ceremonies in flight.
-pub struct Passkeys {
-    webauthn: Webauthn,
-    ceremonies: Mutex<HashMap<String, (UnixTime, Ceremony)>>,
-}
-
-impl std::fmt::Debug for Passkeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Passkeys")
-    }
-}
-
-impl Passkeys {
-    /// The relying party is the portal: its host is the RP id and its origin the only origin.
-    pub fn new(external_origin: &str, portal_host: &str) -> anyhow::Result<Passkeys> {
-        let origin = Url::parse(external_origin)?;
-        let webauthn = WebauthnBuilder::new(portal_host, &origin)?.rp_name("poort").build()?;
-        Ok(Passkeys { webauthn, ceremonies: Mutex::new(HashMap::new()) })
-    }
-
-    fn put(&self, now: UnixTime, c: Ceremony) -> String {
-        let id = cookie::encode_token(&crate::secret::random_bytes());
-        if let Ok(mut m) = self.ceremonies.lock() {
-            m.retain(|_, (t, _)| now - *t < CEREMONY_SECS);
-            m.insert(id.clone(), (now, c));
-        }
-        id
-    }
-
-    fn take(&self, id: &str, now: UnixTime) -> Option<Ceremony> {
-        let (t, c) = self.ceremonies.lock().ok()?.remove(id)?;
-        (now - t < CEREMONY_SECS).then_some(c)
-    }
-}
+use crate::state::State;
+use crate::state::pending::Ceremony;
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
     page(status, "application/json", Body::from(v.to_string()))
@@ -103,10 +38,10 @@ fn malformed() -> Response<Body> {
 }
 
 /// Where the browser goes after a ceremony that made a session.
-fn landing_url(gw: &Gateway, next: &str, fallback: &str) -> String {
-    match safe_next(next, &gw.cfg) {
-        super::Next::Portal => format!("{}{fallback}", gw.cfg.server.external_origin),
-        other => super::next_url(gw, other),
+fn landing_url(st: &State, next: &str, fallback: &str) -> String {
+    match safe_next(next, &st.cfg) {
+        super::Next::Portal => format!("{}{fallback}", st.cfg.server.external_origin),
+        other => super::next_url(st, other),
     }
 }
 
@@ -133,23 +68,23 @@ struct RegisterPage<'a> {
 
 /// POST /.poort/security/passkey/start (a fresh session, the person's own form post): a
 /// page with a registration to create. A script cannot start one: it gets no such page.
-pub(crate) async fn register_start(gw: &Gateway, call: Call) -> Response<Body> {
+pub(crate) async fn register_start(st: &State, call: Call) -> Response<Body> {
     let s = call.session().clone();
     let next = call.field("next").to_string();
     let name = call.field("name").trim().chars().filter(|c| !c.is_control()).take(64).collect::<String>();
     if name.is_empty() {
-        return crate::gateway::error_page(StatusCode::BAD_REQUEST, call.ctx.id);
+        return crate::respond::error_page(StatusCode::BAD_REQUEST, call.ctx.id);
     }
     let user = s.identity.user.clone();
     let existing = {
         let u = user.clone();
-        gw.store.run(move |c| Ok((passkey::handle(c, &u)?, passkey::list(c, &u)?))).await
+        st.store.run(move |c| Ok((passkey::handle(c, &u)?, passkey::list(c, &u)?))).await
     };
     let Ok((handle, existing)) = existing else {
-        return crate::gateway::error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id);
+        return crate::respond::error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id);
     };
     let exclude = existing.iter().map(|p| p.passkey.cred_id().clone()).collect();
-    let pk = &gw.portal.passkeys;
+    let pk = &st.signins.passkeys;
     match pk.webauthn.start_passkey_registration(handle, &user, &user, Some(exclude)) {
         Ok((options, state)) => {
             let c = Ceremony::Register {
@@ -159,7 +94,7 @@ pub(crate) async fn register_start(gw: &Gateway, call: Call) -> Response<Body> {
                 next: next.clone(),
                 state,
             };
-            let id = pk.put(gw.clock.now(), c);
+            let id = pk.put(st.clock.now(), c);
             // webauthn-rs asks authenticators not to store the credential ("discouraged"); ask
             // them to, where they can, so that it also serves passwordless sign-in. Keys
             // without storage still register and work as a second factor.
@@ -169,14 +104,14 @@ pub(crate) async fn register_start(gw: &Gateway, call: Call) -> Response<Body> {
                 sel.insert("residentKey".into(), "preferred".into());
             }
             let (csrf, new) = super::csrf_for_page(call.headers());
-            let next = if safe_next(&next, &gw.cfg) == super::Next::Portal { "" } else { next.as_str() };
+            let next = if safe_next(&next, &st.cfg) == super::Next::Portal { "" } else { next.as_str() };
             let options = options.to_string();
             let page = RegisterPage { user: &user, csrf: &csrf, next, name: &name, ceremony: &id, options: &options };
             super::with_csrf_cookie(super::html(StatusCode::OK, &page), &csrf, new)
         }
         Err(e) => {
             tracing::error!(error = %e, "Starting a passkey registration failed");
-            crate::gateway::error_page(StatusCode::INTERNAL_SERVER_ERROR, call.ctx.id)
+            crate::respond::error_page(StatusCode::INTERNAL_SERVER_ERROR, call.ctx.id)
         }
     }
 }
@@ -189,27 +124,27 @@ struct RegisterFinish {
 
 /// POST /.poort/security/passkey/finish: verify and store the new credential. The session is
 /// renewed with the factor it just proved.
-pub(crate) async fn register_finish(gw: &Gateway, call: Call) -> Response<Body> {
+pub(crate) async fn register_finish(st: &State, call: Call) -> Response<Body> {
     let (ctx, s) = (&call.ctx, call.session().clone());
     let Some(body) = body::<RegisterFinish>(&call) else { return malformed() };
-    let now = gw.clock.now();
-    let Some(Ceremony::Register { session, user, name, next, state }) = gw.portal.passkeys.take(&body.ceremony, now)
+    let now = st.clock.now();
+    let Some(Ceremony::Register { session, user, name, next, state }) = st.signins.passkeys.take(&body.ceremony, now)
     else {
         return refuse(StatusCode::BAD_REQUEST, "that registration expired; start again");
     };
     if session != s.id {
         return refuse(StatusCode::BAD_REQUEST, "that registration belongs to another session");
     }
-    let pk = match gw.portal.passkeys.webauthn.finish_passkey_registration(&body.credential, &state) {
+    let pk = match st.signins.passkeys.webauthn.finish_passkey_registration(&body.credential, &state) {
         Ok(pk) => pk,
         Err(e) => {
             tracing::info!(user = %user, error = %e, "Passkey registration refused");
             return refuse(StatusCode::BAD_REQUEST, "the passkey could not be verified");
         }
     };
-    let proof = mfa::proof_of(gw, &user).await;
+    let proof = mfa::proof_of(st, &user).await;
     let (u, n) = (user.clone(), name.clone());
-    let added = gw
+    let added = st
         .store
         .run(move |c| {
             passkey::add(c, &u, &n, &pk, now)?;
@@ -218,16 +153,16 @@ pub(crate) async fn register_finish(gw: &Gateway, call: Call) -> Response<Body> 
         })
         .await;
     let Ok(codes) = added else { return refuse(StatusCode::CONFLICT, "that passkey is registered already") };
-    mfa::changed(gw, &user, &format!("passkey added: {name}"), proof, ctx.client).await;
+    mfa::changed(st, &user, &format!("passkey added: {name}"), proof, ctx.client).await;
     if codes.is_some() {
-        mfa::changed(gw, &user, "recovery codes made", factors::PROOF_SECOND_FACTOR, ctx.client).await;
+        mfa::changed(st, &user, "recovery codes made", factors::PROOF_SECOND_FACTOR, ctx.client).await;
     }
-    let Some((_, token)) = mfa::renew_session(gw, &s, Proof::Factor("hwk"), ctx).await else {
+    let Some((_, token)) = mfa::renew_session(st, &s, Proof::Factor("hwk"), ctx).await else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     };
     // Recovery codes made now are shown once by the script, as after setting up an
     // authenticator app.
-    let redirect = landing_url(gw, &next, "/.poort/security");
+    let redirect = landing_url(st, &next, "/.poort/security");
     landed(&token, serde_json::json!({ "redirect": redirect, "recovery_codes": codes }))
 }
 
@@ -241,18 +176,18 @@ struct Start {
 }
 
 /// POST /.poort/mfa/passkey/start: a second-factor challenge for the user's credentials.
-pub(crate) async fn factor_start(gw: &Gateway, call: Call) -> Response<Body> {
+pub(crate) async fn factor_start(st: &State, call: Call) -> Response<Body> {
     let s = call.session().clone();
     let Some(body) = body::<Start>(&call) else { return malformed() };
     let u = s.identity.user.clone();
-    let Ok(creds) = gw.store.run(move |c| passkey::list(c, &u)).await else {
+    let Ok(creds) = st.store.run(move |c| passkey::list(c, &u)).await else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     };
     let creds: Vec<_> = creds.into_iter().map(|p| p.passkey).collect();
     if creds.is_empty() {
         return refuse(StatusCode::BAD_REQUEST, "no passkey is registered");
     }
-    match gw.portal.passkeys.webauthn.start_passkey_authentication(&creds) {
+    match st.signins.passkeys.webauthn.start_passkey_authentication(&creds) {
         Ok((options, state)) => {
             let device = super::device::normal_code(&body.device);
             let c = Ceremony::Factor {
@@ -262,7 +197,7 @@ pub(crate) async fn factor_start(gw: &Gateway, call: Call) -> Response<Body> {
                 device,
                 state,
             };
-            let id = gw.portal.passkeys.put(gw.clock.now(), c);
+            let id = st.signins.passkeys.put(st.clock.now(), c);
             json(StatusCode::OK, serde_json::json!({ "ceremony": id, "options": options }))
         }
         Err(_) => refuse(StatusCode::INTERNAL_SERVER_ERROR, "could not start"),
@@ -277,7 +212,7 @@ struct Finish {
 
 /// Verifies an assertion against one stored credential; saves its counter on success.
 async fn verify_and_touch(
-    gw: &Gateway,
+    st: &State,
     user: &str,
     result: Result<webauthn_rs::prelude::AuthenticationResult, String>,
 ) -> bool {
@@ -285,9 +220,9 @@ async fn verify_and_touch(
     if !res.user_verified() {
         return false;
     }
-    let (u, now) = (user.to_string(), gw.clock.now());
+    let (u, now) = (user.to_string(), st.clock.now());
     let cred = crate::secret::b64(res.cred_id().as_ref());
-    gw.store
+    st.store
         .run(move |c| {
             for mut p in passkey::list(c, &u)? {
                 if p.id == cred {
@@ -303,11 +238,11 @@ async fn verify_and_touch(
 }
 
 /// POST /.poort/mfa/passkey/finish
-pub(crate) async fn factor_finish(gw: &Gateway, call: Call) -> Response<Body> {
+pub(crate) async fn factor_finish(st: &State, call: Call) -> Response<Body> {
     let (ctx, s) = (&call.ctx, call.session().clone());
     let Some(body) = body::<Finish>(&call) else { return malformed() };
-    let now = gw.clock.now();
-    let Some(Ceremony::Factor { session, user, next, device, state }) = gw.portal.passkeys.take(&body.ceremony, now)
+    let now = st.clock.now();
+    let Some(Ceremony::Factor { session, user, next, device, state }) = st.signins.passkeys.take(&body.ceremony, now)
     else {
         return refuse(StatusCode::BAD_REQUEST, "that sign-in expired; start again");
     };
@@ -315,35 +250,35 @@ pub(crate) async fn factor_finish(gw: &Gateway, call: Call) -> Response<Body> {
         return refuse(StatusCode::BAD_REQUEST, "that sign-in belongs to another session");
     }
     let (u, n) = (user.clone(), now);
-    let locked = gw.store.run(move |c| factors::locked(c, &u, factors::Lock::Factor, n)).await.unwrap_or(true);
+    let locked = st.store.run(move |c| factors::locked(c, &u, factors::Lock::Factor, n)).await.unwrap_or(true);
     let result =
-        gw.portal.passkeys.webauthn.finish_passkey_authentication(&body.credential, &state).map_err(|e| e.to_string());
-    let ok = !locked && verify_and_touch(gw, &user, result).await;
-    mfa::settle(gw, &user, factors::Lock::Factor, ok, ctx.client).await;
+        st.signins.passkeys.webauthn.finish_passkey_authentication(&body.credential, &state).map_err(|e| e.to_string());
+    let ok = !locked && verify_and_touch(st, &user, result).await;
+    mfa::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
     if !ok {
         let ev = Event::MfaFailed { user: user.clone(), factor: "hwk".into(), client: ctx.client.to_string() };
-        if let Err(e) = gw.audit.record(ev).await {
+        if let Err(e) = st.audit.record(ev).await {
             tracing::error!(error = %e, "Audit write failed");
         }
         return refuse(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     }
-    match mfa::renew_session(gw, &s, Proof::Factor("hwk"), ctx).await {
+    match mfa::renew_session(st, &s, Proof::Factor("hwk"), ctx).await {
         Some((_, token)) => {
             if !device.is_empty() {
-                gw.portal.devices.prove(&device, &s, gw.clock.now());
+                st.signins.devices.prove(&device, &s, st.clock.now());
             }
-            landed(&token, serde_json::json!({ "redirect": landing_url(gw, &next, "/") }))
+            landed(&token, serde_json::json!({ "redirect": landing_url(st, &next, "/") }))
         }
         None => refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later"),
     }
 }
 
 /// POST /.poort/login/passkey/start: a challenge for any discoverable credential.
-pub(crate) async fn passwordless_start(gw: &Gateway, call: Call) -> Response<Body> {
+pub(crate) async fn passwordless_start(st: &State, call: Call) -> Response<Body> {
     let Some(body) = body::<Start>(&call) else { return malformed() };
-    match gw.portal.passkeys.webauthn.start_discoverable_authentication() {
+    match st.signins.passkeys.webauthn.start_discoverable_authentication() {
         Ok((options, state)) => {
-            let id = gw.portal.passkeys.put(gw.clock.now(), Ceremony::Passwordless { next: body.next, state });
+            let id = st.signins.passkeys.put(st.clock.now(), Ceremony::Passwordless { next: body.next, state });
             json(StatusCode::OK, serde_json::json!({ "ceremony": id, "options": options }))
         }
         Err(_) => refuse(StatusCode::INTERNAL_SERVER_ERROR, "could not start"),
@@ -353,19 +288,19 @@ pub(crate) async fn passwordless_start(gw: &Gateway, call: Call) -> Response<Bod
 /// POST /.poort/login/passkey/finish: the credential names its user (by handle); the
 /// assertion must verify against that user's stored credential and must have verified the
 /// user (PIN or biometric), which is what makes it count as two factors.
-pub(crate) async fn passwordless_finish(gw: &Gateway, call: Call) -> Response<Body> {
+pub(crate) async fn passwordless_finish(st: &State, call: Call) -> Response<Body> {
     let (ctx, headers) = (&call.ctx, call.headers());
     let Some(body) = body::<Finish>(&call) else { return malformed() };
-    let now = gw.clock.now();
-    let Some(Ceremony::Passwordless { next, state }) = gw.portal.passkeys.take(&body.ceremony, now) else {
+    let now = st.clock.now();
+    let Some(Ceremony::Passwordless { next, state }) = st.signins.passkeys.take(&body.ceremony, now) else {
         return refuse(StatusCode::BAD_REQUEST, "that sign-in expired; start again");
     };
-    let wa = &gw.portal.passkeys.webauthn;
+    let wa = &st.signins.passkeys.webauthn;
     let Ok((handle, cred_id)) = wa.identify_discoverable_authentication(&body.credential) else {
         return refuse(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     };
     let cred = crate::secret::b64(cred_id);
-    let found = gw
+    let found = st
         .store
         .run(move |c| {
             let Some(user) = passkey::user_by_handle(c, &handle)? else { return Ok(None) };
@@ -379,41 +314,41 @@ pub(crate) async fn passwordless_finish(gw: &Gateway, call: Call) -> Response<Bo
     let Some((user, locked, stored)) = found else {
         return refuse(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     };
-    if gw.mitigation.lockdown() && !super::lockdown_admin(gw, &user).await {
+    if st.mitigation.lockdown() && !super::lockdown_admin(st, &user).await {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "the gateway is closed for maintenance");
     }
     let result =
         wa.finish_discoverable_authentication_v2(&body.credential, state, &stored.passkey).map_err(|e| e.to_string());
-    let ok = !locked && verify_and_touch(gw, &user, result).await;
-    mfa::settle(gw, &user, factors::Lock::Factor, ok, ctx.client).await;
+    let ok = !locked && verify_and_touch(st, &user, result).await;
+    mfa::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
     if !ok {
         let ev = Event::LoginFailed { user: user.clone(), client: ctx.client.to_string() };
-        if let Err(e) = gw.audit.record(ev).await {
+        if let Err(e) = st.audit.record(ev).await {
             tracing::error!(error = %e, "Audit write failed");
         }
         return refuse(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     }
     if let Some(old) = &ctx.session {
-        let _ = gw.sessions.end(&old.id).await;
+        let _ = st.sessions.end(&old.id).await;
     }
     let ua = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let opening = Opening {
         user: &user,
-        host: &gw.cfg.server.portal_host,
+        host: &st.cfg.server.portal_host,
         client_addr: ctx.client.to_string(),
         user_agent: ua,
         factors: "hwk mfa",
         kind: Kind::Browser,
         approved_by: None,
     };
-    let Ok((id, token)) = gw.sessions.open(opening).await else {
+    let Ok((id, token)) = st.sessions.open(opening).await else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     };
     let ev = Event::LoginSucceeded { user: user.clone(), session: id.clone(), client: ctx.client.to_string() };
-    if gw.audit.record(ev).await.is_err() {
-        let _ = gw.sessions.end(&id).await;
+    if st.audit.record(ev).await.is_err() {
+        let _ = st.sessions.end(&id).await;
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     }
     tracing::info!(user = %user, session = %id, "Passwordless login succeeded");
-    landed(&token.cookie_value, serde_json::json!({ "redirect": landing_url(gw, &next, "/") }))
+    landed(&token.cookie_value, serde_json::json!({ "redirect": landing_url(st, &next, "/") }))
 }

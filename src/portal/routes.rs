@@ -18,8 +18,9 @@ use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
 use crate::body::Body;
-use crate::gateway::{Ctx, Gateway, error_page, page, redirect};
+use crate::respond::{error_page, json_error, page, redirect};
 use crate::session::{Kind, Session, cookie};
+use crate::state::{Ctx, State};
 
 /// Where a route answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,7 +183,8 @@ pub const ROUTES: &[Route] = &[
     row(Portal, "/.poort/device/code", Post, Cli, NoBody, Page::DeviceCode).limited(),
     row(Portal, "/.poort/device/token", Post, Cli, CliJson, Page::DeviceToken),
     row(Portal, "/.poort/device/logout", Post, Cli, NoBody, Page::DeviceLogout),
-    row(Portal, "/.poort/tunnel/", Get, CliSession, NoBody, Page::Tunnel).prefix(),
+    // Routed by the gateway (route::Found::Tunnel), admitted by this row.
+    row(Portal, crate::route::TUNNELS, Get, CliSession, NoBody, Page::Tunnel).prefix(),
     row(Portal, "/", Get, Session, NoBody, Page::Launcher),
     row(Portal, "/.poort/handoff/begin", Get, Session, NoBody, Page::HandoffBegin),
     row(Portal, "/.poort/sessions", Get, Session, NoBody, Page::Sessions),
@@ -271,13 +273,9 @@ impl Call {
 const MAX_FORM: usize = 16 * 1024;
 const MAX_JSON: usize = 64 * 1024;
 
-fn json_error(status: StatusCode, why: &str) -> Response<Body> {
-    page(status, "application/json", Body::from(serde_json::json!({ "error": why }).to_string()))
-}
-
-/// Answers one request for a gateway route: finds its row, applies the row's guard, rate
-/// limit, body checks and own-action check, then calls its handler.
-pub async fn dispatch(gw: &Gateway, mut ctx: Ctx, on_portal_host: bool, req: Request<Incoming>) -> Response<Body> {
+/// Answers one request for a gateway route: finds its row, admits the request by the row's
+/// rules, then calls its handler.
+pub async fn dispatch(st: &State, ctx: Ctx, on_portal_host: bool, req: Request<Incoming>) -> Response<Body> {
     let path = ctx.front.target.path();
     let verb = match *req.method() {
         Method::GET | Method::HEAD => Some(Get),
@@ -293,6 +291,22 @@ pub async fn dispatch(gw: &Gateway, mut ctx: Ctx, on_portal_host: bool, req: Req
         Some(None) => return error_page(StatusCode::METHOD_NOT_ALLOWED, ctx.id),
         Some(Some(r)) => r,
     };
+    match admit(st, ctx, &route, req).await {
+        Ok(call) => Box::pin(super::serve(st, route.page, call)).await,
+        Err(refused) => refused,
+    }
+}
+
+/// The row of a page the gateway routes to a handler outside the portal (a tunnel).
+pub fn row_of(page: Page) -> &'static Route {
+    ROUTES.iter().find(|r| r.page == page).expect("invariant: every page has a row")
+}
+
+/// Admits a request to `route` by the row's rules: the session kind it takes, its guard, its
+/// rate class, the own-action check, and its body read and checked as the row says. Every
+/// request a route table row answers passes here before its handler sees it.
+pub async fn admit(st: &State, mut ctx: Ctx, route: &Route, req: Request<Incoming>) -> Result<Call, Response<Body>> {
+    let path = ctx.front.target.path();
     let rest = if route.prefix { path[route.path.len()..].to_string() } else { String::new() };
 
     // A session counts only where it belongs: command-line sessions on command-line routes,
@@ -302,59 +316,59 @@ pub async fn dispatch(gw: &Gateway, mut ctx: Ctx, on_portal_host: bool, req: Req
         ctx.session = None;
     }
     let (head, body) = req.into_parts();
-    if let Some(refused) = guard(gw, &ctx, &route, &head).await {
-        return refused;
+    if let Some(refused) = guard(st, &ctx, route, &head).await {
+        return Err(refused);
     }
-    if route.rate == Rate::SignIn && !super::mfa::attempt_allowed(gw, ctx.client) {
-        return match route.input {
+    if route.rate == Rate::SignIn && !super::mfa::attempt_allowed(st, ctx.client) {
+        return Err(match route.input {
             Json | CliJson | NoBody if route.page != Page::Oidc => {
                 json_error(StatusCode::TOO_MANY_REQUESTS, "too many attempts from your address; wait a minute")
             }
             _ => error_page(StatusCode::TOO_MANY_REQUESTS, ctx.id),
-        };
+        });
     }
-    if route.own_action && !own_action(gw, &head.headers) {
+    if route.own_action && !own_action(st, &head.headers) {
         tracing::warn!(request = %ctx.id, client = %ctx.client, path, "Refused: not a person's own action in the portal");
-        return error_page(StatusCode::FORBIDDEN, ctx.id);
+        return Err(error_page(StatusCode::FORBIDDEN, ctx.id));
     }
     let mut call = Call { ctx, head, form: HashMap::new(), json: Bytes::new(), body: None, rest };
     match route.input {
         NoBody => call.body = Some(body),
         Form => match read_form(&call.head.headers, body).await {
-            Some(form) if genuine(gw, &call.head.headers, form.get("csrf").map(String::as_bytes)) => call.form = form,
+            Some(form) if genuine(st, &call.head.headers, form.get("csrf").map(String::as_bytes)) => call.form = form,
             Some(form) if route.page == Page::LoginSubmit => {
                 let next = form.get("next").cloned().unwrap_or_default();
-                return super::login_again(
-                    gw,
+                return Err(super::login_again(
+                    st,
                     StatusCode::FORBIDDEN,
                     &call.head.headers,
                     &next,
                     "",
                     "The sign-in form expired. Please try again.",
-                );
+                ));
             }
-            Some(_) => return error_page(StatusCode::FORBIDDEN, call.ctx.id),
-            None => return error_page(StatusCode::BAD_REQUEST, call.ctx.id),
+            Some(_) => return Err(error_page(StatusCode::FORBIDDEN, call.ctx.id)),
+            None => return Err(error_page(StatusCode::BAD_REQUEST, call.ctx.id)),
         },
         Json | CliJson => {
             let h = &call.head.headers;
             let from_page = route.input == CliJson
                 || (h.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
-                    && genuine(gw, h, h.get("x-poort-csrf").map(|v| v.as_bytes())));
+                    && genuine(st, h, h.get("x-poort-csrf").map(|v| v.as_bytes())));
             if !from_page {
-                return json_error(StatusCode::FORBIDDEN, "the request did not come from a poort page");
+                return Err(json_error(StatusCode::FORBIDDEN, "the request did not come from a poort page"));
             }
             match Limited::new(body, MAX_JSON).collect().await {
                 Ok(b) => call.json = b.to_bytes(),
-                Err(_) => return json_error(StatusCode::PAYLOAD_TOO_LARGE, "too large"),
+                Err(_) => return Err(json_error(StatusCode::PAYLOAD_TOO_LARGE, "too large")),
             }
         }
     }
-    Box::pin(super::serve(gw, route.page, call)).await
+    Ok(call)
 }
 
 /// The guard of `route` for this request: None to go on, or the answer.
-async fn guard(gw: &Gateway, ctx: &Ctx, route: &Route, head: &http::request::Parts) -> Option<Response<Body>> {
+async fn guard(st: &State, ctx: &Ctx, route: &Route, head: &http::request::Parts) -> Option<Response<Body>> {
     let h = &head.headers;
     match route.guard {
         Anyone => None,
@@ -373,13 +387,13 @@ async fn guard(gw: &Gateway, ctx: &Ctx, route: &Route, head: &http::request::Par
                     (_, Get) => {
                         let here = ctx.front.target.forward_form(ctx.front.target.path());
                         let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", &here).finish();
-                        redirect(StatusCode::FOUND, &format!("{}/.poort/login?{q}", gw.cfg.server.external_origin))
+                        redirect(StatusCode::FOUND, &format!("{}/.poort/login?{q}", st.cfg.server.external_origin))
                     }
-                    _ => redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/login", gw.cfg.server.external_origin)),
+                    _ => redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/login", st.cfg.server.external_origin)),
                 });
             };
-            if route.guard == Fresh && !fresh(gw, s).await {
-                let confirm = format!("{}/.poort/confirm?next=%2F.poort%2Fsecurity", gw.cfg.server.external_origin);
+            if route.guard == Fresh && !fresh(st, s).await {
+                let confirm = format!("{}/.poort/confirm?next=%2F.poort%2Fsecurity", st.cfg.server.external_origin);
                 return Some(match route.input {
                     Json => page(
                         StatusCode::FORBIDDEN,
@@ -397,11 +411,11 @@ async fn guard(gw: &Gateway, ctx: &Ctx, route: &Route, head: &http::request::Par
 }
 
 /// Whether session `s` has a fresh proof of its user (see `Guard::Fresh`).
-pub async fn fresh(gw: &Gateway, s: &Session) -> bool {
+pub async fn fresh(st: &State, s: &Session) -> bool {
     let name = s.identity.user.clone();
     // A store that cannot be read fails closed: as if the user had a factor to prove.
-    let has_factor = !matches!(gw.store.run(move |c| crate::identity::mfa::factors(c, &name)).await, Ok(f) if !f.any());
-    s.fresh(gw.clock.now(), has_factor)
+    let has_factor = !matches!(st.store.run(move |c| crate::identity::mfa::factors(c, &name)).await, Ok(f) if !f.any());
+    s.fresh(st.clock.now(), has_factor)
 }
 
 /// A person's own action on a portal page (see `Route::own_action`): a navigation the user
@@ -409,9 +423,9 @@ pub async fn fresh(gw: &Gateway, s: &Session) -> bool {
 /// carries all three), sent from a portal page (`Referer` under `/.poort/`; the portal's
 /// pages send it, and an app's page, which shares the origin when the app is routed by path,
 /// cannot send a portal page's address).
-fn own_action(gw: &Gateway, h: &HeaderMap) -> bool {
+fn own_action(st: &State, h: &HeaderMap) -> bool {
     let is = |name: &str, want: &[u8]| h.get(name).is_some_and(|v| v.as_bytes() == want);
-    let portal = format!("{}/.poort/", gw.cfg.server.external_origin);
+    let portal = format!("{}/.poort/", st.cfg.server.external_origin);
     let from_portal = h.get(header::REFERER).is_some_and(|r| r.as_bytes().starts_with(portal.as_bytes()));
     is("sec-fetch-site", b"same-origin")
         && is("sec-fetch-mode", b"navigate")
@@ -421,8 +435,8 @@ fn own_action(gw: &Gateway, h: &HeaderMap) -> bool {
 
 /// A request from a portal page: the Origin is the portal's and `sent` (the form field or
 /// header) matches the `__Host-` CSRF cookie (double submit).
-fn genuine(gw: &Gateway, h: &HeaderMap, sent: Option<&[u8]>) -> bool {
-    let origin_ok = h.get(header::ORIGIN).is_some_and(|o| o.as_bytes() == gw.cfg.server.external_origin.as_bytes());
+fn genuine(st: &State, h: &HeaderMap, sent: Option<&[u8]>) -> bool {
+    let origin_ok = h.get(header::ORIGIN).is_some_and(|o| o.as_bytes() == st.cfg.server.external_origin.as_bytes());
     let cookies = h.get_all(header::COOKIE).iter().map(|v| v.as_bytes());
     let cookie_value = cookie::find(cookies, cookie::CSRF_COOKIE).filter(|v| cookie::decode_token(v).is_some());
     let token_ok = cookie_value.is_some_and(|c| bool::from(c.as_bytes().ct_eq(sent.unwrap_or_default())));

@@ -8,13 +8,14 @@ use http::{Response, StatusCode};
 use super::{Call, SignedIn, open_session};
 use crate::audit::Event;
 use crate::body::Body;
-use crate::gateway::{Ctx, Gateway, error_page, redirect};
 use crate::identity::oidc::Failure;
+use crate::respond::{error_page, redirect};
 use crate::session::cookie;
+use crate::state::{Ctx, State};
 use crate::store::{Store, Synced};
 
 /// `/.poort/oidc/NAME/ACTION`.
-pub async fn serve(gw: &Gateway, call: Call) -> Response<Body> {
+pub async fn serve(st: &State, call: Call) -> Response<Body> {
     let (ctx, req) = (call.ctx, call.head);
     let Some((name, action)) = call.rest.split_once('/') else {
         return error_page(StatusCode::NOT_FOUND, ctx.id);
@@ -23,7 +24,7 @@ pub async fn serve(gw: &Gateway, call: Call) -> Response<Body> {
         form_urlencoded::parse(ctx.front.target.query().unwrap_or("").as_bytes()).into_owned().collect();
     let param = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     match action {
-        "start" => start(gw, &ctx, name, param("next").unwrap_or("")).await,
+        "start" => start(st, &ctx, name, param("next").unwrap_or("")).await,
         "callback" => {
             let browser =
                 cookie::find(req.headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()), cookie::SSO_COOKIE);
@@ -31,21 +32,21 @@ pub async fn serve(gw: &Gateway, call: Call) -> Response<Body> {
             match (param("code"), param("state"), param("error")) {
                 (_, _, Some(error)) => {
                     let why = format!("the provider answered {}", error.chars().take(64).collect::<String>());
-                    failed(gw, &ctx, name, &Failure::Refused(why)).await
+                    failed(st, &ctx, name, &Failure::Refused(why)).await
                 }
                 (Some(code), Some(state), None) => {
                     let (code, state) = (code.to_string(), state.to_string());
-                    callback(gw, ctx, name, &code, &state, browser.as_deref()).await
+                    callback(st, ctx, name, &code, &state, browser.as_deref()).await
                 }
-                _ => failed(gw, &ctx, name, &Failure::State).await,
+                _ => failed(st, &ctx, name, &Failure::State).await,
             }
         }
         _ => error_page(StatusCode::NOT_FOUND, ctx.id),
     }
 }
 
-async fn start(gw: &Gateway, ctx: &Ctx, name: &str, next: &str) -> Response<Body> {
-    match gw.oidc.start(name, next, ctx.client).await {
+async fn start(st: &State, ctx: &Ctx, name: &str, next: &str) -> Response<Body> {
+    match st.oidc.start(name, next, ctx.client).await {
         Ok(Some(s)) => {
             let mut resp = redirect(StatusCode::FOUND, &s.authorize_url);
             if let Ok(v) = HeaderValue::from_str(&cookie::set_sso(&s.browser_cookie)) {
@@ -54,29 +55,22 @@ async fn start(gw: &Gateway, ctx: &Ctx, name: &str, next: &str) -> Response<Body
             resp
         }
         Ok(None) => error_page(StatusCode::NOT_FOUND, ctx.id),
-        Err(e) => failed(gw, ctx, name, &e).await,
+        Err(e) => failed(st, ctx, name, &e).await,
     }
 }
 
-async fn callback(
-    gw: &Gateway,
-    ctx: Ctx,
-    name: &str,
-    code: &str,
-    state: &str,
-    browser: Option<&str>,
-) -> Response<Body> {
-    let (user, next) = match gw.oidc.finish(name, code, state, browser).await {
+async fn callback(st: &State, ctx: Ctx, name: &str, code: &str, state: &str, browser: Option<&str>) -> Response<Body> {
+    let (user, next) = match st.oidc.finish(name, code, state, browser).await {
         Ok(v) => v,
-        Err(e) => return failed(gw, &ctx, name, &e).await,
+        Err(e) => return failed(st, &ctx, name, &e).await,
     };
     let source = format!("oidc:{name}");
-    if !may_claim(gw, &source, &user).await {
+    if !may_claim(st, &source, &user).await {
         tracing::warn!(user = %user.name, provider = name, "A provider user claims a name the directory holds");
-        return failed(gw, &ctx, name, &Failure::NotAllowed).await;
+        return failed(st, &ctx, name, &Failure::NotAllowed).await;
     }
-    let (now, u) = (gw.clock.now(), user.clone());
-    let synced = gw
+    let (now, u) = (st.clock.now(), user.clone());
+    let synced = st
         .store
         .run(move |c| Store::sync_external(c, &u.name, Some(&u.subject), u.email.as_deref(), &source, &u.groups, now))
         .await;
@@ -84,7 +78,7 @@ async fn callback(
         Ok(Synced::Yes(poort_name)) => crate::identity::oidc::ProviderUser { name: poort_name, ..user },
         Ok(refused) => {
             tracing::warn!(user = %user.name, provider = name, why = ?refused, "A provider user was refused the name it claims");
-            return failed(gw, &ctx, name, &Failure::NotAllowed).await;
+            return failed(st, &ctx, name, &Failure::NotAllowed).await;
         }
         Err(e) => {
             tracing::error!(error = %e, "Recording a provider user failed");
@@ -100,7 +94,7 @@ async fn callback(
         next: &next,
         logout_url: user.logout_url.clone(),
     };
-    let mut resp = open_session(gw, &ctx, signed_in).await;
+    let mut resp = open_session(st, &ctx, signed_in).await;
     if let Ok(v) = HeaderValue::from_str(&cookie::clear_sso()) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
@@ -110,9 +104,9 @@ async fn callback(
 /// Whether a provider account may take the poort name it claims for the first time: not if
 /// the directory knows that name (its user would otherwise be locked out of their own name).
 /// An account already recorded keeps its name.
-async fn may_claim(gw: &Gateway, source: &str, user: &crate::identity::oidc::ProviderUser) -> bool {
+async fn may_claim(st: &State, source: &str, user: &crate::identity::oidc::ProviderUser) -> bool {
     let (src, sub, name) = (source.to_string(), user.subject.clone(), user.name.clone());
-    let known = gw
+    let known = st
         .store
         .run(move |c| {
             let bound: Option<String> = rusqlite::OptionalExtension::optional(c.query_row(
@@ -123,7 +117,7 @@ async fn may_claim(gw: &Gateway, source: &str, user: &crate::identity::oidc::Pro
             Ok(bound.is_some() || Store::user_source(c, &name)?.is_some())
         })
         .await;
-    match (known, &gw.directory) {
+    match (known, &st.directory) {
         (Ok(true), _) | (Ok(false), None) => true,
         (Ok(false), Some(dir)) => match dir.lookup(&user.name).await {
             Err(crate::identity::ldap::Refusal::Wrong) => true,
@@ -135,13 +129,13 @@ async fn may_claim(gw: &Gateway, source: &str, user: &crate::identity::oidc::Pro
 }
 
 /// A failed single sign-on: audited with the reason, a short page for the user.
-async fn failed(gw: &Gateway, ctx: &Ctx, name: &str, why: &Failure) -> Response<Body> {
+async fn failed(st: &State, ctx: &Ctx, name: &str, why: &Failure) -> Response<Body> {
     tracing::warn!(provider = name, client = %ctx.client, reason = %why, "Single sign-on failed");
     let ev = Event::LoginFailed {
         user: format!("(oidc:{})", name.chars().take(64).collect::<String>()),
         client: ctx.client.to_string(),
     };
-    let _ = gw.audit.record(ev).await;
+    let _ = st.audit.record(ev).await;
     let (status, message) = match why {
         Failure::Provider(_) => (
             StatusCode::BAD_GATEWAY,
@@ -153,8 +147,8 @@ async fn failed(gw: &Gateway, ctx: &Ctx, name: &str, why: &Failure) -> Response<
         }
         _ => (StatusCode::BAD_REQUEST, "Single sign-on did not complete. Start again from the sign-in page."),
     };
-    let html = crate::portal::render_error(status.as_u16(), "Sign-in failed", message, &ctx.id.to_string());
-    let mut resp = crate::gateway::page(status, "text/html; charset=utf-8", html);
+    let html = crate::respond::render_error(status.as_u16(), "Sign-in failed", message, &ctx.id.to_string());
+    let mut resp = crate::respond::page(status, "text/html; charset=utf-8", html);
     if let Ok(v) = HeaderValue::from_str(&cookie::clear_sso()) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
@@ -162,7 +156,7 @@ async fn failed(gw: &Gateway, ctx: &Ctx, name: &str, why: &Failure) -> Response<
 }
 
 /// The provider's logout address for a session that came from single sign-on.
-pub async fn logout_url(gw: &Gateway, session: &str) -> Option<String> {
+pub async fn logout_url(st: &State, session: &str) -> Option<String> {
     let id = session.to_string();
-    gw.store.run(move |c| Store::logout_url(c, &id)).await.ok().flatten()
+    st.store.run(move |c| Store::logout_url(c, &id)).await.ok().flatten()
 }

@@ -11,9 +11,8 @@
 
 pub mod client;
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,58 +30,14 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::config::Tunnel;
-use crate::gateway::{Gateway, page};
 use crate::policy::{self, Decision, Permit, Subject};
-use crate::portal::Call;
+use crate::portal::routes;
+use crate::respond::page;
 use crate::session::Session;
+use crate::state::{Ctx, State};
 
 /// Bytes read from the target per message.
 const CHUNK: usize = 256 * 1024;
-
-/// Open-tunnel counts, for the per-session and total limits.
-#[derive(Debug, Default)]
-pub struct Tunnels {
-    total: AtomicUsize,
-    per_session: std::sync::Mutex<HashMap<String, usize>>,
-}
-
-/// A held tunnel slot; dropping it frees the slot.
-struct Slot {
-    tunnels: Arc<Tunnels>,
-    session: String,
-}
-
-impl Tunnels {
-    fn take(self: &Arc<Self>, session: &str, per_session: usize, total: usize) -> Option<Slot> {
-        let mut m = self.per_session.lock().ok()?;
-        let n = m.entry(session.to_string()).or_insert(0);
-        if *n >= per_session || self.total.load(Ordering::Relaxed) >= total {
-            return None;
-        }
-        *n += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
-        Some(Slot { tunnels: self.clone(), session: session.to_string() })
-    }
-
-    /// Tunnels open now.
-    pub fn open(&self) -> usize {
-        self.total.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.tunnels.total.fetch_sub(1, Ordering::Relaxed);
-        if let Ok(mut m) = self.tunnels.per_session.lock() {
-            if let Some(n) = m.get_mut(&self.session) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(&self.session);
-                }
-            }
-        }
-    }
-}
 
 fn refuse(status: StatusCode, why: &str) -> Response<Body> {
     page(status, "application/json", Body::from(serde_json::json!({ "error": why }).to_string()))
@@ -111,16 +66,21 @@ async fn dial(_permit: Permit, t: &Tunnel, timeout: Duration) -> Result<TcpStrea
 }
 
 /// GET /.poort/tunnel/<name> with a WebSocket upgrade.
-pub async fn open(gw: &Gateway, call: Call) -> Response<Body> {
+pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
+    let row = routes::row_of(routes::Page::Tunnel);
+    let call = match routes::admit(st, ctx, row, req).await {
+        Ok(call) => call,
+        Err(refused) => return refused,
+    };
     let name = call.rest.clone();
     let ctx = call.ctx.clone();
     let mut req = call.into_request();
-    let Some(index) = gw.cfg.tunnels.iter().position(|t| t.name == name) else {
+    let Some(index) = st.cfg.tunnels.iter().position(|t| t.name == name) else {
         return refuse(StatusCode::NOT_FOUND, &format!("no tunnel named {name:?}"));
     };
-    let t = &gw.cfg.tunnels[index];
+    let t = &st.cfg.tunnels[index];
     let who = ctx.session.as_ref().map(|s| Subject { identity: &s.identity, mfa: s.mfa() });
-    let permit = match policy::evaluate(gw.cfg.apps.len() + index, &t.access, t.mfa, who) {
+    let permit = match policy::evaluate(st.cfg.apps.len() + index, &t.access, t.mfa, who) {
         Decision::Allow(p) => p,
         Decision::Authenticate { step_up: false } => {
             return refuse(StatusCode::UNAUTHORIZED, "not signed in, or the session ended: run poort login");
@@ -132,7 +92,7 @@ pub async fn open(gw: &Gateway, call: Call) -> Response<Body> {
             );
         }
         Decision::Deny(reason) => {
-            gw.audit_denied(&ctx, &t.name, reason).await;
+            crate::respond::audit_denied(st, &ctx, &t.name, reason).await;
             return refuse(StatusCode::FORBIDDEN, &format!("denied by policy: {reason}"));
         }
     };
@@ -141,8 +101,8 @@ pub async fn open(gw: &Gateway, call: Call) -> Response<Body> {
         return page(StatusCode::OK, "application/json", Body::from(serde_json::json!({ "ready": true }).to_string()));
     };
     let session = ctx.session.clone().expect("invariant: policy allows tunnels only with a session");
-    let limits = gw.cfg.tunnel;
-    let Some(slot) = gw.tunnels.take(&session.id, limits.per_session, limits.total) else {
+    let limits = st.cfg.tunnel;
+    let Some(slot) = st.tunnels.take(&session.id, limits.per_session, limits.total) else {
         return refuse(StatusCode::TOO_MANY_REQUESTS, "too many open tunnels");
     };
     let client = ctx.client.to_string();
@@ -156,7 +116,7 @@ pub async fn open(gw: &Gateway, call: Call) -> Response<Body> {
                 why: why.clone(),
                 client,
             };
-            if let Err(e) = gw.audit.record(ev).await {
+            if let Err(e) = st.audit.record(ev).await {
                 tracing::error!(error = %e, "Audit write failed");
             }
             return refuse(StatusCode::BAD_GATEWAY, &why);
@@ -168,14 +128,14 @@ pub async fn open(gw: &Gateway, call: Call) -> Response<Body> {
         tunnel: t.name.clone(),
         client: client.clone(),
     };
-    if let Err(e) = gw.audit.record(ev).await {
+    if let Err(e) = st.audit.record(ev).await {
         tracing::error!(error = %e, "Audit unavailable; refusing the tunnel");
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "the gateway cannot record this tunnel");
     }
 
     let upgrade = hyper::upgrade::on(&mut req);
     let ended = session.lifeline();
-    let (audit, clock) = (gw.audit.clone(), gw.clock.clone());
+    let (audit, clock) = (st.audit.clone(), st.clock.clone());
     let name = t.name.clone();
     tokio::spawn(async move {
         let _slot = slot;
