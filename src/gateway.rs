@@ -21,12 +21,13 @@ use crate::policy::{self, Decision, Subject};
 use crate::portal;
 use crate::proxy::{Origin, Proxy, Signer};
 use crate::request::{self, Front};
-use crate::respond::{blocked_page, error_page, maintenance_page, redirect};
+use crate::respond::{At, Refusal, error_page, redirect, respond};
 use crate::route::{Found, Routes};
 use crate::session::{self, Lookup, Session, Sessions};
 use crate::state::pending::SignIns;
 use crate::state::{Ctx, RequestId, State};
 use crate::store::Store;
+use crate::upstream::Failure;
 
 /// The request pipeline: the shared state, the routing table and the proxy, and `handle`.
 pub struct Gateway {
@@ -123,25 +124,30 @@ impl Gateway {
         let client = request::client_addr(peer.ip(), req.headers(), &self.state.cfg.server.trusted_proxies);
         if req.uri().path() == self.marker {
             let why = conn.refused.take().unwrap_or(request::Reject::RequestLine);
-            return self.reject(why.status(), why.code(), client, "(a raw head)", id);
+            return self.refuse(at(id, client, "(a raw head)"), malformed(why.status(), why.code())).await;
         }
         // request::check: one canonical target and host, bounded headers, strict framing.
         let front = match request::check(req.method(), req.uri(), req.version(), req.headers()) {
             Ok(f) => f,
-            Err(r) => return self.reject(r.status(), r.code(), client, req.uri().path(), id),
+            Err(r) => return self.refuse(at(id, client, req.uri().path()), malformed(r.status(), r.code())).await,
         };
         // The host must be the one the TLS handshake named (RFC 9110 §7.4: 421 makes a
         // browser that reused a connection for another host open a new one).
         if conn.sni.as_ref().is_some_and(|sni| *sni != front.host) {
-            return self.reject(StatusCode::MISDIRECTED_REQUEST, "host_not_sni", client, &front.host, id);
+            return self
+                .refuse(at(id, client, &front.host), malformed(StatusCode::MISDIRECTED_REQUEST, "host_not_sni"))
+                .await;
         }
         if front.content_length.is_some_and(|n| n > self.state.cfg.proxy.max_body_bytes) {
-            return self.reject(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", client, front.target.path(), id);
+            let too_large = malformed(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+            return self.refuse(at(id, client, front.target.path()), too_large).await;
         }
         // route: portal, an app, or nothing.
         let found = self.routes.find_target(&front.host, &front.target);
         if found == Found::UnknownHost {
-            return self.reject(StatusCode::MISDIRECTED_REQUEST, "unknown_host", client, &front.host, id);
+            return self
+                .refuse(at(id, client, &front.host), malformed(StatusCode::MISDIRECTED_REQUEST, "unknown_host"))
+                .await;
         }
         // mitigate::check: the operator's emergency rules, before any session work.
         let app = match found {
@@ -152,24 +158,30 @@ impl Gateway {
         let facts = mitigate::Facts::of(req.method().as_str(), &front.target, raw_target, req.headers(), client, app);
         match self.state.mitigation.check(&facts) {
             Verdict::Pass => {}
-            verdict => {
-                if let Some(resp) = Box::pin(self.mitigated(verdict, &front, client, id)).await {
-                    return resp;
+            Verdict::Deny { rule, .. } => {
+                return self
+                    .refuse(at(id, client, front.target.path()), Refusal::Mitigated { rule, throttled: false })
+                    .await;
+            }
+            Verdict::Throttled { rule, .. } => {
+                return self
+                    .refuse(at(id, client, front.target.path()), Refusal::Mitigated { rule, throttled: true })
+                    .await;
+            }
+            Verdict::Logged { rule } => {
+                if let Err(why) = Box::pin(self.logged(rule, &front, client, id)).await {
+                    return self.refuse(at(id, client, front.target.path()), why).await;
                 }
             }
         }
         // session::lookup: cookie, token hash, cache, store.
         let session = self.session_for(&req, &front.host).await;
-        if self.state.mitigation.lockdown() && !self.lockdown_allows(session.as_deref(), &found, front.target.path()) {
-            let ev = Event::LockedDown {
-                user: session.as_ref().map(|s| s.identity.user.clone()),
-                path: front.target.path().chars().take(256).collect(),
-                client: client.to_string(),
-            };
-            self.state.audit.refusal("locked_down", "lockdown", client, front.target.path(), ev);
-            return maintenance_page(id);
-        }
         let ctx = Ctx { id, front, client, session };
+        if self.state.mitigation.lockdown()
+            && !self.lockdown_allows(ctx.session.as_deref(), &found, ctx.front.target.path())
+        {
+            return self.refuse(ctx.at(), Refusal::LockedDown).await;
+        }
         match found {
             // Cold paths are boxed so that the future of every request stays small.
             Found::Portal { on_portal_host } => {
@@ -184,45 +196,28 @@ impl Gateway {
                     let location = format!("{}{prefix}{query}", self.state.cfg.server.external_origin);
                     redirect(StatusCode::PERMANENT_REDIRECT, &location)
                 }
-                Route::Host(_) => error_page(StatusCode::NOT_FOUND, id),
+                Route::Host(_) => self.refuse(ctx.at(), Refusal::NoRoute).await,
             },
-            Found::NotFound | Found::UnknownHost => error_page(StatusCode::NOT_FOUND, id),
+            Found::NotFound | Found::UnknownHost => self.refuse(ctx.at(), Refusal::NoRoute).await,
         }
     }
 
-    /// Acts on a matching rule: audited; a response for deny and throttle, None to go on.
-    async fn mitigated(
-        &self,
-        verdict: Verdict,
-        front: &Front,
-        client: IpAddr,
-        id: RequestId,
-    ) -> Option<Response<Body>> {
-        let (rule, action, status) = match &verdict {
-            Verdict::Pass => return None,
-            Verdict::Logged { rule } => (rule.clone(), "log", None),
-            Verdict::Deny { rule, .. } => (rule.clone(), "deny", Some(StatusCode::FORBIDDEN)),
-            Verdict::Throttled { rule, .. } => (rule.clone(), "throttle", Some(StatusCode::TOO_MANY_REQUESTS)),
-        };
-        tracing::warn!(request = %id, client = %client, rule = %rule, action, "Mitigation rule matched");
+    /// A `log` rule matched: the request goes on once its record is written, and not without.
+    async fn logged(&self, rule: String, front: &Front, client: IpAddr, id: RequestId) -> Result<(), Refusal> {
+        tracing::warn!(request = %id, client = %client, rule = %rule, action = "log", "Mitigation rule matched");
         let ev = Event::MitigationMatched {
-            rule: rule.clone(),
-            action: action.into(),
+            rule,
+            action: "log".into(),
             path: front.target.path().chars().take(256).collect(),
             client: client.to_string(),
             request_id: id.to_string(),
         };
-        if let Some(status) = status {
-            // A refusal: counted, not waited for.
-            self.state.audit.refusal("mitigation_matched", &rule, client, front.target.path(), ev);
-            return Some(blocked_page(status, id));
-        }
-        if let Err(e) = self.state.audit.record(ev).await {
-            // A rule that asks for a record lets nothing pass without one.
-            tracing::error!(request = %id, error = %e, "Audit unavailable; refusing");
-            return Some(error_page(StatusCode::SERVICE_UNAVAILABLE, id));
-        }
-        None
+        self.state.audit.record(ev).await.map(drop).map_err(|_| Refusal::Unavailable("the audit log, for a log rule"))
+    }
+
+    /// Answers a refusal (`respond::respond`); boxed, as refusals are the cold path.
+    async fn refuse(&self, at: At<'_>, refusal: Refusal) -> Response<Body> {
+        Box::pin(respond(&self.state, at, refusal)).await
     }
 
     /// During a lockdown: admins go on; everyone else may only reach the routes the route
@@ -255,9 +250,10 @@ impl Gateway {
                             app: app.name.clone(),
                             client: ctx.client.to_string(),
                         };
-                        if let Err(e) = Box::pin(self.state.audit.record(ev)).await {
-                            tracing::error!(request = %ctx.id, error = %e, "Audit unavailable; refusing");
-                            return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
+                        if Box::pin(self.state.audit.record(ev)).await.is_err() {
+                            return self
+                                .refuse(ctx.at(), Refusal::Unavailable("the audit log, for a first access"))
+                                .await;
                         }
                     }
                 }
@@ -268,53 +264,40 @@ impl Gateway {
                     session: ctx.session.as_deref(),
                     now: self.state.clock.now(),
                 };
-                match self.proxy.forward(permit, app, &ctx.front.target, origin, ctx.front.content_length, req).await {
-                    Ok(resp) => resp,
+                let refusal = match self
+                    .proxy
+                    .forward(permit, app, &ctx.front.target, origin, ctx.front.content_length, req)
+                    .await
+                {
+                    Ok(resp) => return resp,
                     // A body that broke its framing: refused like a bad head, and audited.
-                    Err(crate::proxy::Failure::BadBody) => self.reject(
-                        StatusCode::BAD_REQUEST,
-                        "body_malformed",
-                        ctx.client,
-                        ctx.front.target.path(),
-                        ctx.id,
-                    ),
-                    Err(crate::proxy::Failure::CrossOrigin) => {
-                        let ev = Event::AccessDenied {
-                            user: ctx
-                                .session
-                                .as_ref()
-                                .map_or_else(|| "(anonymous)".into(), |s| s.identity.user.clone()),
-                            session: ctx.session.as_ref().map_or_else(String::new, |s| s.id.clone()),
-                            app: app.name.clone(),
-                            reason: "WebSocket from a page of another origin".into(),
-                            client: ctx.client.to_string(),
-                        };
-                        if let Err(e) = Box::pin(self.state.audit.record(ev)).await {
-                            tracing::error!(request = %ctx.id, error = %e, "Audit write failed");
-                        }
-                        error_page(StatusCode::FORBIDDEN, ctx.id)
-                    }
-                    Err(f) => {
-                        tracing::warn!(request = %ctx.id, app = %app.name, failure = ?f, "Upstream request failed");
-                        error_page(f.status(), ctx.id)
-                    }
-                }
+                    Err(Failure::BadBody) => malformed(StatusCode::BAD_REQUEST, "body_malformed"),
+                    Err(Failure::CrossOrigin) => Refusal::Denied {
+                        resource: app.name.clone(),
+                        reason: "WebSocket from a page of another origin".into(),
+                    },
+                    Err(f) => Refusal::Upstream(f),
+                };
+                self.refuse(ctx.at(), refusal).await
             }
-            Decision::Authenticate { step_up } => self.needs_login(&ctx, &req, step_up),
+            Decision::Authenticate { step_up } => match self.needs_login(&ctx, &req, step_up) {
+                Some(to_sign_in) => to_sign_in,
+                None => self.refuse(ctx.at(), Refusal::Unauthenticated).await,
+            },
             Decision::Deny(reason) => {
-                Box::pin(crate::respond::audit_denied(&self.state, &ctx, &app.name, reason)).await;
-                error_page(StatusCode::FORBIDDEN, ctx.id)
+                let denied = Refusal::Denied { resource: app.name.clone(), reason: reason.to_string() };
+                self.refuse(ctx.at(), denied).await
             }
         }
     }
 
     /// A browser navigation goes to the login page (or, to step up, the second-factor page);
-    /// anything else gets 401.
-    fn needs_login(&self, ctx: &Ctx, req: &Request<Incoming>, step_up: bool) -> Response<Body> {
+    /// None for anything else (refused as unauthenticated).
+    fn needs_login(&self, ctx: &Ctx, req: &Request<Incoming>, step_up: bool) -> Option<Response<Body>> {
         let wants_html =
             req.headers().get_all(header::ACCEPT).iter().any(|v| v.as_bytes().windows(9).any(|w| w == b"text/html"));
         if !wants_html || !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {
-            return error_page(StatusCode::UNAUTHORIZED, ctx.id);
+            return None;
         }
         let target = ctx.front.target.forward_form(ctx.front.target.path());
         if ctx.front.host != self.state.cfg.server.portal_host {
@@ -324,12 +307,12 @@ impl Gateway {
             if let Ok(v) = HeaderValue::from_str(&nonce) {
                 resp.headers_mut().append(header::SET_COOKIE, v);
             }
-            return resp;
+            return Some(resp);
         }
         let page = if step_up { "mfa" } else { "login" };
         let mut location = format!("{}/.poort/{page}?", self.state.cfg.server.external_origin);
         location.push_str(&form_urlencoded::Serializer::new(String::new()).append_pair("next", &target).finish());
-        redirect(StatusCode::FOUND, &location)
+        Some(redirect(StatusCode::FOUND, &location))
     }
 
     /// The live session for this request's cookie, if it was issued for this host.
@@ -343,32 +326,21 @@ impl Gateway {
                 let why = if idle { "idle timeout" } else { "absolute timeout" };
                 let ev =
                     Event::SessionExpired { user: s.identity.user.clone(), session: s.id.clone(), why: why.into() };
-                if let Err(e) = Box::pin(self.state.audit.record(ev)).await {
-                    tracing::error!(error = %e, "Audit write failed");
-                }
+                Box::pin(self.state.audit.note(ev)).await;
                 None
             }
             Err(_) => None,
         }
     }
+}
 
-    /// Refuses a request before routing: audited (counted, not waited for), constant page,
-    /// connection closed.
-    fn reject(
-        &self,
-        status: StatusCode,
-        code: &'static str,
-        client: IpAddr,
-        path: &str,
-        id: RequestId,
-    ) -> Response<Body> {
-        tracing::info!(request = %id, client = %client, code, "Request rejected");
-        let ev = Event::RequestRejected { code: code.into(), client: client.to_string(), request_id: id.to_string() };
-        self.state.audit.refusal("request_rejected", code, client, path, ev);
-        let mut resp = error_page(status, id);
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        resp
-    }
+/// A refusal at the front door, before there is a `Ctx`.
+fn at(id: RequestId, client: IpAddr, sample: &str) -> At<'_> {
+    At { id, client, sample, session: None }
+}
+
+fn malformed(status: StatusCode, code: &'static str) -> Refusal {
+    Refusal::Malformed { status, code }
 }
 
 /// Runs a request's stages; a bug that panics in them costs that request a constant 500 page

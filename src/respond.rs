@@ -1,14 +1,22 @@
 //! Every response poort makes itself: its pages (with the headers that harden them), its
 //! redirects, its JSON answers, and the fixed error pages. An error page says nothing but its
 //! status's fixed words and the request id: it never echoes request bytes.
+//!
+//! A request poort refuses is a `Refusal`, and `respond` answers every one the same way: it
+//! audits it as its kind is audited, logs it with the request id and its cause, and renders
+//! its fixed page.
 
 use askama::Template;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
+use std::net::IpAddr;
+
 use crate::audit::Event;
 use crate::body::Body;
+use crate::session::Session;
 use crate::state::{Ctx, RequestId, State};
+use crate::upstream::Failure;
 
 /// Headers every page poort makes carries.
 fn harden(resp: &mut Response<Body>) {
@@ -134,17 +142,109 @@ pub fn json_error(status: StatusCode, why: &str) -> Response<Body> {
     json(status, serde_json::json!({ "error": why }))
 }
 
-/// Records a policy refusal (for an app or a tunnel).
-pub async fn audit_denied(st: &State, ctx: &Ctx, resource: &str, reason: crate::policy::DenyReason) {
-    let s = ctx.session.as_ref().expect("invariant: policy denies only identified users");
-    let ev = Event::AccessDenied {
-        user: s.identity.user.clone(),
-        session: s.id.clone(),
-        app: resource.to_string(),
-        reason: reason.to_string(),
-        client: ctx.client.to_string(),
-    };
-    if let Err(e) = st.audit.record(ev).await {
-        tracing::error!(request = %ctx.id, error = %e, "Audit write failed");
+/// Why poort refused a request itself.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The front door refused the head or the body: its status and reason code. The
+    /// connection is closed after the answer.
+    Malformed { status: StatusCode, code: &'static str },
+    /// An emergency rule refused it (`throttled`: a rate rule, 429; else 403).
+    Mitigated { rule: String, throttled: bool },
+    /// The gateway is in lockdown and this user may not pass.
+    LockedDown,
+    /// Nothing answers at this address.
+    NoRoute,
+    /// The resource needs a signed-in user, or one with a second factor.
+    Unauthenticated,
+    /// A signed-in user may not have it: the app or tunnel, and why.
+    Denied { resource: String, reason: String },
+    /// The app failed; carries the cause for the log.
+    Upstream(Failure),
+    /// Something poort needs first (the audit log) is not there.
+    Unavailable(&'static str),
+}
+
+/// Who was refused where: what `respond` records about a refusal.
+#[derive(Debug, Clone, Copy)]
+pub struct At<'a> {
+    pub id: RequestId,
+    pub client: IpAddr,
+    /// What was refused, as recorded: the path, or the host for a host refusal.
+    pub sample: &'a str,
+    pub session: Option<&'a Session>,
+}
+
+impl Ctx {
+    /// This request as a refusal records it.
+    pub fn at(&self) -> At<'_> {
+        At { id: self.id, client: self.client, sample: self.front.target.path(), session: self.session.as_deref() }
     }
+}
+
+/// Answers a refusal: audited as its kind is, logged with the request id, its fixed page.
+pub async fn respond(st: &State, at: At<'_>, refusal: Refusal) -> Response<Body> {
+    let (id, client) = (at.id, at.client);
+    match refusal {
+        Refusal::Malformed { status, code } => {
+            tracing::info!(request = %id, client = %client, code, "Request rejected");
+            let ev =
+                Event::RequestRejected { code: code.into(), client: client.to_string(), request_id: id.to_string() };
+            st.audit.refusal("request_rejected", code, client, at.sample, ev);
+            let mut resp = error_page(status, id);
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
+        Refusal::Mitigated { rule, throttled } => {
+            let action = if throttled { "throttle" } else { "deny" };
+            tracing::warn!(request = %id, client = %client, rule = %rule, action, "Mitigation rule matched");
+            let ev = Event::MitigationMatched {
+                rule: rule.clone(),
+                action: action.into(),
+                path: at.sample.chars().take(256).collect(),
+                client: client.to_string(),
+                request_id: id.to_string(),
+            };
+            // Counted, not waited for.
+            st.audit.refusal("mitigation_matched", &rule, client, at.sample, ev);
+            blocked_page(if throttled { StatusCode::TOO_MANY_REQUESTS } else { StatusCode::FORBIDDEN }, id)
+        }
+        Refusal::LockedDown => {
+            let ev = Event::LockedDown {
+                user: at.session.map(|s| s.identity.user.clone()),
+                path: at.sample.chars().take(256).collect(),
+                client: client.to_string(),
+            };
+            st.audit.refusal("locked_down", "lockdown", client, at.sample, ev);
+            maintenance_page(id)
+        }
+        Refusal::NoRoute => error_page(StatusCode::NOT_FOUND, id),
+        Refusal::Unauthenticated => error_page(StatusCode::UNAUTHORIZED, id),
+        Refusal::Denied { resource, reason } => {
+            Box::pin(audit_denied(st, at, resource, reason)).await;
+            error_page(StatusCode::FORBIDDEN, id)
+        }
+        Refusal::Upstream(failure) => {
+            let cause = std::error::Error::source(&failure).map(ToString::to_string).unwrap_or_default();
+            tracing::warn!(request = %id, failure = %failure, cause, "Upstream request failed");
+            error_page(failure.status(), id)
+        }
+        Refusal::Unavailable(what) => {
+            tracing::error!(request = %id, what, "Unavailable; refusing");
+            error_page(StatusCode::SERVICE_UNAVAILABLE, id)
+        }
+    }
+}
+
+/// Records that `resource` (an app or a tunnel) was refused to the user `at` names, and why.
+/// For a refusal whose answer is not a page (a tunnel answers the command line in JSON).
+pub async fn audit_denied(st: &State, at: At<'_>, resource: String, reason: String) {
+    tracing::info!(request = %at.id, client = %at.client, resource = %resource, reason = %reason, "Access denied");
+    let ev = Event::AccessDenied {
+        user: at.session.map_or_else(|| "(anonymous)".into(), |s| s.identity.user.clone()),
+        session: at.session.map_or_else(String::new, |s| s.id.clone()),
+        app: resource,
+        reason,
+        client: at.client.to_string(),
+    };
+    st.audit.note(ev).await;
 }

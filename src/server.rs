@@ -190,9 +190,7 @@ async fn rules_outcome(gw: &Gateway, outcome: crate::mitigate::Reload) {
         }
         Reload::Refused { file, why } => Event::RulesRefused { file, why },
     };
-    if let Err(e) = gw.state.audit.record(ev).await {
-        tracing::error!(error = %e, "Audit write failed");
-    }
+    gw.state.audit.note(ev).await;
 }
 
 impl Running {

@@ -86,8 +86,10 @@ impl Pools {
                     return Ok(Response::from_parts(parts, body));
                 }
                 Err(SendError::Unsent(r)) if !fresh => req = *r,
-                Err(SendError::Unsent(_)) => return Err(Failure::Unreachable),
-                Err(SendError::Failed(e)) => return Err(classify(&e)),
+                Err(SendError::Unsent(_)) => {
+                    return Err(Failure::Unreachable("the connection closed before the request went out".into()));
+                }
+                Err(SendError::Failed(e)) => return Err(classify(e)),
             }
         }
     }
@@ -102,14 +104,11 @@ impl Pools {
 pub async fn connect(authority: &str, timeout: Duration) -> Result<(SendRequest<UpstreamBody>, Conn), Failure> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
         Err(_) => return Err(Failure::Timeout),
-        Ok(Err(e)) => {
-            tracing::debug!(upstream = authority, error = %e, "Connecting to the upstream failed");
-            return Err(Failure::Unreachable);
-        }
+        Ok(Err(e)) => return Err(Failure::Unreachable(e.into())),
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
-    http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|_| Failure::Unreachable)
+    http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| Failure::Unreachable(e.into()))
 }
 
 fn take_idle(home: &Mutex<Idle>, authority: &str) -> Option<Lease> {
@@ -278,36 +277,48 @@ impl hyper::body::Body for UpstreamBody {
     }
 }
 
-/// Why a forward failed; each maps to one status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The error behind a failure, for the log.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a forward failed; each maps to one status, and carries its cause for the log.
+#[derive(Debug, thiserror::Error)]
 pub enum Failure {
     /// The upstream refused or broke the connection: 502.
-    Unreachable,
+    #[error("the app refused or broke the connection")]
+    Unreachable(#[source] Cause),
     /// The upstream did not answer in time: 504.
+    #[error("the app did not answer in time")]
     Timeout,
     /// The request body was larger than allowed: 413.
+    #[error("the request body is larger than allowed")]
     TooLarge,
     /// The client's body was malformed (bad chunk framing): 400.
+    #[error("the client's request body broke its framing")]
     BadBody,
     /// A WebSocket from a page of another origin than the app's own: 403.
+    #[error("a WebSocket from a page of another origin than the app's")]
     CrossOrigin,
+    /// poort could not make the upstream request (an assertion it could not sign): 500.
+    #[error("poort could not build the upstream request")]
+    Internal(#[source] Cause),
 }
 
 impl Failure {
-    pub fn status(self) -> StatusCode {
+    pub fn status(&self) -> StatusCode {
         match self {
-            Failure::Unreachable => StatusCode::BAD_GATEWAY,
+            Failure::Unreachable(_) => StatusCode::BAD_GATEWAY,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Failure::BadBody => StatusCode::BAD_REQUEST,
             Failure::CrossOrigin => StatusCode::FORBIDDEN,
+            Failure::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
 
-pub(crate) fn classify(e: &hyper::Error) -> Failure {
+pub(crate) fn classify(e: hyper::Error) -> Failure {
     let chain = || {
-        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         std::iter::from_fn(move || {
             let cur = next?;
             next = cur.source();
@@ -325,5 +336,23 @@ pub(crate) fn classify(e: &hyper::Error) -> Failure {
     if chain().any(|s| s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)) {
         return Failure::Timeout;
     }
-    Failure::Unreachable
+    Failure::Unreachable(e.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failure_carries_its_cause() {
+        // A port nothing listens on: bound, then let go.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let Err(failure) = connect(&format!("127.0.0.1:{port}"), Duration::from_secs(2)).await else {
+            panic!("nothing listens there");
+        };
+        assert_eq!(failure.status(), StatusCode::BAD_GATEWAY);
+        let cause = std::error::Error::source(&failure).expect("a cause for the log");
+        let io = cause.downcast_ref::<std::io::Error>().expect("the connect error");
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
 }

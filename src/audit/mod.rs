@@ -359,6 +359,16 @@ impl Audit {
             .map_err(|e| anyhow::anyhow!("audit write failed: {e}"))
     }
 
+    /// Records an event for what has already happened (a sign-in failed, a session ended): a
+    /// failed write is logged with the event's kind and changes nothing else. Where an action
+    /// may only go ahead once recorded, callers use `record` and refuse on its error.
+    pub async fn note(&self, event: Event) {
+        let kind = event.kind();
+        if let Err(e) = self.record(event).await {
+            tracing::error!(error = %e, kind, "Audit write failed");
+        }
+    }
+
     /// Records a refusal (`event`, of kind `kind`, for `key`: a reason code or a rule, and
     /// `sample`: what was refused, a path or a host) without waiting: the first from `client`
     /// in a minute is written; later ones are counted for `flush_counted`, with a few distinct

@@ -16,7 +16,7 @@ use super::{Call, csrf_for_page, html, query_param, with_csrf_cookie};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::clock::format_minutes;
-use crate::respond::{error_page, page, redirect};
+use crate::respond::{error_page, json, redirect};
 use crate::session::{Kind, Opening, cookie};
 use crate::state::State;
 use crate::state::pending::{DeviceCode, DeviceState, LIFETIME, MAX_PENDING};
@@ -38,10 +38,6 @@ struct DevicePage<'a> {
     confirm: &'a str,
     done: Option<&'a str>,
     error: Option<&'a str>,
-}
-
-fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
-    page(status, "application/json", Body::from(v.to_string()))
 }
 
 /// A user code as typed (any case, with or without the dash), or "" if it is not one.
@@ -243,8 +239,6 @@ pub(crate) async fn logout(st: &State, call: &Call) -> Response<Body> {
     let _ = st.sessions.end(&s.id).await;
     let ev =
         Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: call.ctx.client.to_string() };
-    if let Err(e) = st.audit.record(ev).await {
-        tracing::error!(error = %e, "Audit write failed");
-    }
+    st.audit.note(ev).await;
     json(StatusCode::OK, serde_json::json!({ "ended": true }))
 }

@@ -258,9 +258,7 @@ pub(crate) async fn settle(st: &State, user: &str, lock: Lock, ok: bool, client:
                 until,
                 client: client.to_string(),
             };
-            if let Err(e) = st.audit.record(ev).await {
-                tracing::error!(error = %e, "Audit write failed");
-            }
+            st.audit.note(ev).await;
         }
         Ok(None) => {}
         Err(e) => tracing::error!(error = %e, "Recording a sign-in outcome failed"),
@@ -446,16 +444,12 @@ pub(crate) async fn factor_submit(st: &State, call: Call, mode: Mode) -> Respons
         let factor = if use_recovery { "rc" } else { "otp" };
         if !ok {
             let ev = Event::MfaFailed { user: user.clone(), factor: factor.into(), client: client.to_string() };
-            if let Err(e) = st.audit.record(ev).await {
-                tracing::error!(error = %e, "Audit write failed");
-            }
+            st.audit.note(ev).await;
             return fail(StatusCode::UNAUTHORIZED, "That code did not work. Try the current one.");
         }
         if use_recovery {
             let ev = Event::RecoveryCodeUsed { user: user.clone(), remaining, client: client.to_string() };
-            if let Err(e) = st.audit.record(ev).await {
-                tracing::error!(error = %e, "Audit write failed");
-            }
+            st.audit.note(ev).await;
         }
         Proof::Factor(factor)
     };
@@ -764,7 +758,5 @@ pub(crate) async fn changed(st: &State, user: &str, change: &str, proof: &str, c
         proof: proof.to_string(),
         client: client.to_string(),
     };
-    if let Err(e) = st.audit.record(ev).await {
-        tracing::error!(error = %e, "Audit write failed");
-    }
+    st.audit.note(ev).await;
 }

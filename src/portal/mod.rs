@@ -305,9 +305,7 @@ async fn login_submit(st: &State, call: Call) -> Response<Body> {
         let pw = pw.to_string();
         let _ = tokio::task::spawn_blocking(move || crate::identity::password::verify_dummy(&pw)).await;
         let ev = Event::LockedDown { user: None, path: "/.poort/login".into(), client: ctx.client.to_string() };
-        if let Err(e) = st.audit.record(ev).await {
-            tracing::error!(error = %e, "Audit write failed");
-        }
+        st.audit.note(ev).await;
         return crate::respond::maintenance_page(ctx.id);
     }
     // Same work and the same answer whether the user exists, is locked, or typed a wrong
@@ -319,7 +317,7 @@ async fn login_submit(st: &State, call: Call) -> Response<Body> {
         mfa::PasswordCheck::Right(name) => name,
         failed => {
             tracing::info!(client = %client, user = %shown_user, "Login failed");
-            let _ = st.audit.record(Event::LoginFailed { user: shown_user, client }).await;
+            st.audit.note(Event::LoginFailed { user: shown_user, client }).await;
             let shown = if valid_user_name(username) { username } else { "" };
             if failed == mfa::PasswordCheck::DirectoryDown {
                 let msg = "The user directory cannot be reached, so poort cannot check your password. Try again in a few minutes; if it persists, tell your IT helpdesk.";
@@ -567,16 +565,12 @@ async fn logout(st: &State, call: Call) -> Response<Body> {
             for child in ended.ok().and_then(Result::ok).unwrap_or_default() {
                 let ev =
                     Event::SessionEnded { user: s.identity.user.clone(), session: child, by: s.identity.user.clone() };
-                if let Err(e) = st.audit.record(ev).await {
-                    tracing::error!(error = %e, "Audit write failed");
-                }
+                st.audit.note(ev).await;
             }
         }
         let _ = st.sessions.end(&s.id).await;
         let ev = Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: ctx.client.to_string() };
-        if let Err(e) = st.audit.record(ev).await {
-            tracing::error!(error = %e, "Audit write failed");
-        }
+        st.audit.note(ev).await;
     }
     let mut resp = match provider_logout {
         Some(url) => redirect(StatusCode::SEE_OTHER, &url),
@@ -639,9 +633,7 @@ async fn end_session(st: &State, call: Call) -> Response<Body> {
     }
     let _ = st.sessions.end(&id).await;
     let ev = Event::SessionEnded { user: s.identity.user.clone(), session: id.clone(), by: s.identity.user.clone() };
-    if let Err(e) = st.audit.record(ev).await {
-        tracing::error!(error = %e, "Audit write failed");
-    }
+    st.audit.note(ev).await;
     if id == s.id {
         let mut resp = to_login(st);
         *resp.status_mut() = StatusCode::SEE_OTHER;

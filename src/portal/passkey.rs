@@ -15,18 +15,10 @@ use super::{Call, mfa, safe_next};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::identity::{mfa as factors, passkey};
-use crate::respond::page;
+use crate::respond::{json, json_error};
 use crate::session::{Kind, Opening, Proof, cookie};
 use crate::state::State;
 use crate::state::pending::Ceremony;
-
-fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
-    page(status, "application/json", Body::from(v.to_string()))
-}
-
-fn refuse(status: StatusCode, why: &str) -> Response<Body> {
-    json(status, serde_json::json!({ "error": why }))
-}
 
 /// The JSON body the dispatcher read, as `T`; None if it is not one (answer `malformed()`).
 fn body<T: for<'de> Deserialize<'de>>(call: &Call) -> Option<T> {
@@ -34,7 +26,7 @@ fn body<T: for<'de> Deserialize<'de>>(call: &Call) -> Option<T> {
 }
 
 fn malformed() -> Response<Body> {
-    refuse(StatusCode::BAD_REQUEST, "malformed request")
+    json_error(StatusCode::BAD_REQUEST, "malformed request")
 }
 
 /// Where the browser goes after a ceremony that made a session.
@@ -130,16 +122,16 @@ pub(crate) async fn register_finish(st: &State, call: Call) -> Response<Body> {
     let now = st.clock.now();
     let Some(Ceremony::Register { session, user, name, next, state }) = st.signins.passkeys.take(&body.ceremony, now)
     else {
-        return refuse(StatusCode::BAD_REQUEST, "that registration expired; start again");
+        return json_error(StatusCode::BAD_REQUEST, "that registration expired; start again");
     };
     if session != s.id {
-        return refuse(StatusCode::BAD_REQUEST, "that registration belongs to another session");
+        return json_error(StatusCode::BAD_REQUEST, "that registration belongs to another session");
     }
     let pk = match st.signins.passkeys.webauthn.finish_passkey_registration(&body.credential, &state) {
         Ok(pk) => pk,
         Err(e) => {
             tracing::info!(user = %user, error = %e, "Passkey registration refused");
-            return refuse(StatusCode::BAD_REQUEST, "the passkey could not be verified");
+            return json_error(StatusCode::BAD_REQUEST, "the passkey could not be verified");
         }
     };
     let proof = mfa::proof_of(st, &user).await;
@@ -152,13 +144,13 @@ pub(crate) async fn register_finish(st: &State, call: Call) -> Response<Body> {
             if f.recovery_left == 0 { factors::recovery_new(c, &u).map(Some) } else { Ok(None) }
         })
         .await;
-    let Ok(codes) = added else { return refuse(StatusCode::CONFLICT, "that passkey is registered already") };
+    let Ok(codes) = added else { return json_error(StatusCode::CONFLICT, "that passkey is registered already") };
     mfa::changed(st, &user, &format!("passkey added: {name}"), proof, ctx.client).await;
     if codes.is_some() {
         mfa::changed(st, &user, "recovery codes made", factors::PROOF_SECOND_FACTOR, ctx.client).await;
     }
     let Some((_, token)) = mfa::renew_session(st, &s, Proof::Factor("hwk"), ctx).await else {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later");
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     };
     // Recovery codes made now are shown once by the script, as after setting up an
     // authenticator app.
@@ -181,11 +173,11 @@ pub(crate) async fn factor_start(st: &State, call: Call) -> Response<Body> {
     let Some(body) = body::<Start>(&call) else { return malformed() };
     let u = s.identity.user.clone();
     let Ok(creds) = st.store.run(move |c| passkey::list(c, &u)).await else {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later");
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     };
     let creds: Vec<_> = creds.into_iter().map(|p| p.passkey).collect();
     if creds.is_empty() {
-        return refuse(StatusCode::BAD_REQUEST, "no passkey is registered");
+        return json_error(StatusCode::BAD_REQUEST, "no passkey is registered");
     }
     match st.signins.passkeys.webauthn.start_passkey_authentication(&creds) {
         Ok((options, state)) => {
@@ -200,7 +192,7 @@ pub(crate) async fn factor_start(st: &State, call: Call) -> Response<Body> {
             let id = st.signins.passkeys.put(st.clock.now(), c);
             json(StatusCode::OK, serde_json::json!({ "ceremony": id, "options": options }))
         }
-        Err(_) => refuse(StatusCode::INTERNAL_SERVER_ERROR, "could not start"),
+        Err(_) => json_error(StatusCode::INTERNAL_SERVER_ERROR, "could not start"),
     }
 }
 
@@ -244,10 +236,10 @@ pub(crate) async fn factor_finish(st: &State, call: Call) -> Response<Body> {
     let now = st.clock.now();
     let Some(Ceremony::Factor { session, user, next, device, state }) = st.signins.passkeys.take(&body.ceremony, now)
     else {
-        return refuse(StatusCode::BAD_REQUEST, "that sign-in expired; start again");
+        return json_error(StatusCode::BAD_REQUEST, "that sign-in expired; start again");
     };
     if session != s.id {
-        return refuse(StatusCode::BAD_REQUEST, "that sign-in belongs to another session");
+        return json_error(StatusCode::BAD_REQUEST, "that sign-in belongs to another session");
     }
     let (u, n) = (user.clone(), now);
     let locked = st.store.run(move |c| factors::locked(c, &u, factors::Lock::Factor, n)).await.unwrap_or(true);
@@ -257,10 +249,8 @@ pub(crate) async fn factor_finish(st: &State, call: Call) -> Response<Body> {
     mfa::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
     if !ok {
         let ev = Event::MfaFailed { user: user.clone(), factor: "hwk".into(), client: ctx.client.to_string() };
-        if let Err(e) = st.audit.record(ev).await {
-            tracing::error!(error = %e, "Audit write failed");
-        }
-        return refuse(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
+        st.audit.note(ev).await;
+        return json_error(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     }
     match mfa::renew_session(st, &s, Proof::Factor("hwk"), ctx).await {
         Some((_, token)) => {
@@ -269,7 +259,7 @@ pub(crate) async fn factor_finish(st: &State, call: Call) -> Response<Body> {
             }
             landed(&token, serde_json::json!({ "redirect": landing_url(st, &next, "/") }))
         }
-        None => refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later"),
+        None => json_error(StatusCode::SERVICE_UNAVAILABLE, "try again later"),
     }
 }
 
@@ -281,7 +271,7 @@ pub(crate) async fn passwordless_start(st: &State, call: Call) -> Response<Body>
             let id = st.signins.passkeys.put(st.clock.now(), Ceremony::Passwordless { next: body.next, state });
             json(StatusCode::OK, serde_json::json!({ "ceremony": id, "options": options }))
         }
-        Err(_) => refuse(StatusCode::INTERNAL_SERVER_ERROR, "could not start"),
+        Err(_) => json_error(StatusCode::INTERNAL_SERVER_ERROR, "could not start"),
     }
 }
 
@@ -293,11 +283,11 @@ pub(crate) async fn passwordless_finish(st: &State, call: Call) -> Response<Body
     let Some(body) = body::<Finish>(&call) else { return malformed() };
     let now = st.clock.now();
     let Some(Ceremony::Passwordless { next, state }) = st.signins.passkeys.take(&body.ceremony, now) else {
-        return refuse(StatusCode::BAD_REQUEST, "that sign-in expired; start again");
+        return json_error(StatusCode::BAD_REQUEST, "that sign-in expired; start again");
     };
     let wa = &st.signins.passkeys.webauthn;
     let Ok((handle, cred_id)) = wa.identify_discoverable_authentication(&body.credential) else {
-        return refuse(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
+        return json_error(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     };
     let cred = crate::secret::b64(cred_id);
     let found = st
@@ -312,10 +302,10 @@ pub(crate) async fn passwordless_finish(st: &State, call: Call) -> Response<Body
         .ok()
         .flatten();
     let Some((user, locked, stored)) = found else {
-        return refuse(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
+        return json_error(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     };
     if st.mitigation.lockdown() && !super::lockdown_admin(st, &user).await {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "the gateway is closed for maintenance");
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "the gateway is closed for maintenance");
     }
     let result =
         wa.finish_discoverable_authentication_v2(&body.credential, state, &stored.passkey).map_err(|e| e.to_string());
@@ -323,10 +313,8 @@ pub(crate) async fn passwordless_finish(st: &State, call: Call) -> Response<Body
     mfa::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
     if !ok {
         let ev = Event::LoginFailed { user: user.clone(), client: ctx.client.to_string() };
-        if let Err(e) = st.audit.record(ev).await {
-            tracing::error!(error = %e, "Audit write failed");
-        }
-        return refuse(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
+        st.audit.note(ev).await;
+        return json_error(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     }
     if let Some(old) = &ctx.session {
         let _ = st.sessions.end(&old.id).await;
@@ -342,12 +330,12 @@ pub(crate) async fn passwordless_finish(st: &State, call: Call) -> Response<Body
         approved_by: None,
     };
     let Ok((id, token)) = st.sessions.open(opening).await else {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later");
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     };
     let ev = Event::LoginSucceeded { user: user.clone(), session: id.clone(), client: ctx.client.to_string() };
     if st.audit.record(ev).await.is_err() {
         let _ = st.sessions.end(&id).await;
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later");
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     }
     tracing::info!(user = %user, session = %id, "Passwordless login succeeded");
     landed(&token.cookie_value, serde_json::json!({ "redirect": landing_url(st, &next, "/") }))

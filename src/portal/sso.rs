@@ -135,7 +135,7 @@ async fn failed(st: &State, ctx: &Ctx, name: &str, why: &Failure) -> Response<Bo
         user: format!("(oidc:{})", name.chars().take(64).collect::<String>()),
         client: ctx.client.to_string(),
     };
-    let _ = st.audit.record(ev).await;
+    st.audit.note(ev).await;
     let (status, message) = match why {
         Failure::Provider(_) => (
             StatusCode::BAD_GATEWAY,

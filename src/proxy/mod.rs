@@ -85,36 +85,26 @@ impl Proxy {
         who: &Identity,
         session: Option<&Session>,
         now: UnixTime,
-    ) -> Option<HeaderValue> {
+    ) -> Result<HeaderValue, crate::upstream::Cause> {
         if let Some(s) = session {
             if let Ok(cache) = s.assertions.lock() {
                 if let Some((_, _, jwt)) =
                     cache.iter().find(|(a, iat, _)| *a == app_index && now - iat < assertion::REUSE_FOR && *iat <= now)
                 {
-                    return Some(jwt.clone());
+                    return Ok(jwt.clone());
                 }
             }
         }
         let amr: Vec<&str> = session.map(Session::amr).unwrap_or_default();
         // Kept as a header value, so that a reused assertion is not checked again per request.
-        let jwt = match self.signer.sign(&app.name, who, &amr, now).map(HeaderValue::try_from) {
-            Ok(Ok(j)) => j,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "A signed assertion is not a valid header value");
-                return None;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "Signing an assertion failed");
-                return None;
-            }
-        };
+        let jwt = HeaderValue::try_from(self.signer.sign(&app.name, who, &amr, now)?)?;
         if let Some(s) = session {
             if let Ok(mut cache) = s.assertions.lock() {
                 cache.retain(|(a, iat, _)| *a != app_index && now - iat < assertion::REUSE_FOR);
                 cache.push((app_index, now, jwt.clone()));
             }
         }
-        Some(jwt)
+        Ok(jwt)
     }
 
     /// The upstream request's body and its length, if known: read whole when it is at most
@@ -191,7 +181,9 @@ impl Proxy {
 
         let (authority, base) = match &app.upstream {
             Upstream::Http { authority, base_path } => (authority.as_str(), base_path.as_str()),
-            Upstream::Whoami => (self.whoami.as_deref().ok_or(Failure::Unreachable)?, ""),
+            Upstream::Whoami => {
+                (self.whoami.as_deref().ok_or_else(|| Failure::Unreachable("the demo app is not running".into()))?, "")
+            }
         };
         let path = match &app.route {
             Route::Path { prefix, strip: true } => after_segments(target.path(), prefix.matches('/').count() - 1),
@@ -204,7 +196,10 @@ impl Proxy {
 
         let mut headers = allowed_headers(&parts.headers, &app.forward_headers);
         let value = |s: &str| HeaderValue::from_str(s).ok();
-        headers.insert(header::HOST, value(authority).ok_or(Failure::Unreachable)?);
+        headers.insert(
+            header::HOST,
+            value(authority).ok_or_else(|| Failure::Internal("the upstream is no valid Host".into()))?,
+        );
         if let Some(v) = value(&origin.client.to_string()) {
             headers.insert(X_FORWARDED_FOR, v);
         }
@@ -232,7 +227,7 @@ impl Proxy {
             if let Some(v) = value(&who.groups.join(",")) {
                 headers.insert(X_POORT_GROUPS, v);
             }
-            let jwt = self.assertion(app, permit.app(), who, Some(session), origin.now).ok_or(Failure::Unreachable)?;
+            let jwt = self.assertion(app, permit.app(), who, Some(session), origin.now).map_err(Failure::Internal)?;
             headers.insert(X_POORT_ASSERTION, jwt);
         }
 
@@ -244,7 +239,7 @@ impl Proxy {
         if let (Some(h), Some(n)) = (out.headers_mut(), length) {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         }
-        let out = out.body(body).map_err(|_| Failure::Unreachable)?;
+        let out = out.body(body).map_err(|e| Failure::Internal(e.into()))?;
         let line = origin.session.map(Session::lifeline);
         // An app routed by path is served from the portal's own origin.
         let shared = matches!(app.route, Route::Path { .. });
@@ -278,7 +273,7 @@ impl Proxy {
         });
         let mut resp = match tokio::time::timeout(self.settings.response_timeout, sender.send_request(out)).await {
             Err(_) => return Err(Failure::Timeout),
-            Ok(Err(e)) => return Err(classify(&e)),
+            Ok(Err(e)) => return Err(classify(e)),
             Ok(Ok(r)) => r,
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {

@@ -32,16 +32,12 @@ use crate::body::Body;
 use crate::config::Tunnel;
 use crate::policy::{self, Decision, Permit, Subject};
 use crate::portal::routes;
-use crate::respond::page;
+use crate::respond::{json_error, page};
 use crate::session::Session;
 use crate::state::{Ctx, State};
 
 /// Bytes read from the target per message.
 const CHUNK: usize = 256 * 1024;
-
-fn refuse(status: StatusCode, why: &str) -> Response<Body> {
-    page(status, "application/json", Body::from(serde_json::json!({ "error": why }).to_string()))
-}
 
 fn websocket_key(req: &Request<Incoming>) -> Option<HeaderValue> {
     let h = req.headers();
@@ -53,15 +49,35 @@ fn websocket_key(req: &Request<Incoming>) -> Option<HeaderValue> {
         .flatten()
 }
 
+/// Why a tunnel's target could not be reached. The command line is told the fixed words; the
+/// log and the audit record also get the cause.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("target unreachable: it refused or dropped the connection")]
+    Refused(#[source] std::io::Error),
+    #[error("target unreachable: connect timed out")]
+    TimedOut,
+}
+
+impl DialError {
+    /// The words and the cause, for the log and the audit record.
+    fn detail(&self) -> String {
+        match self {
+            DialError::Refused(e) => format!("{self} ({e})"),
+            DialError::TimedOut => self.to_string(),
+        }
+    }
+}
+
 /// Dials the target of a permitted tunnel. Taking the permit makes policy the only way here.
-async fn dial(_permit: Permit, t: &Tunnel, timeout: Duration) -> Result<TcpStream, String> {
+async fn dial(_permit: Permit, t: &Tunnel, timeout: Duration) -> Result<TcpStream, DialError> {
     match tokio::time::timeout(timeout, TcpStream::connect(&t.target)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
             Ok(s)
         }
-        Ok(Err(e)) => Err(format!("target unreachable: {e}")),
-        Err(_) => Err("target unreachable: connect timed out".into()),
+        Ok(Err(e)) => Err(DialError::Refused(e)),
+        Err(_) => Err(DialError::TimedOut),
     }
 }
 
@@ -76,24 +92,24 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
     let ctx = call.ctx.clone();
     let mut req = call.into_request();
     let Some(index) = st.cfg.tunnels.iter().position(|t| t.name == name) else {
-        return refuse(StatusCode::NOT_FOUND, &format!("no tunnel named {name:?}"));
+        return json_error(StatusCode::NOT_FOUND, &format!("no tunnel named {name:?}"));
     };
     let t = &st.cfg.tunnels[index];
     let who = ctx.session.as_ref().map(|s| Subject { identity: &s.identity, mfa: s.mfa() });
     let permit = match policy::evaluate(st.cfg.apps.len() + index, &t.access, t.mfa, who) {
         Decision::Allow(p) => p,
         Decision::Authenticate { step_up: false } => {
-            return refuse(StatusCode::UNAUTHORIZED, "not signed in, or the session ended: run poort login");
+            return json_error(StatusCode::UNAUTHORIZED, "not signed in, or the session ended: run poort login");
         }
         Decision::Authenticate { step_up: true } => {
-            return refuse(
+            return json_error(
                 StatusCode::UNAUTHORIZED,
                 "this tunnel needs a second factor: run poort login and approve it with one",
             );
         }
         Decision::Deny(reason) => {
-            crate::respond::audit_denied(st, &ctx, &t.name, reason).await;
-            return refuse(StatusCode::FORBIDDEN, &format!("denied by policy: {reason}"));
+            crate::respond::audit_denied(st, ctx.at(), t.name.clone(), reason.to_string()).await;
+            return json_error(StatusCode::FORBIDDEN, &format!("denied by policy: {reason}"));
         }
     };
     // A plain GET asks whether the tunnel could open, without dialing anything.
@@ -103,23 +119,17 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
     let session = ctx.session.clone().expect("invariant: policy allows tunnels only with a session");
     let limits = st.cfg.tunnel;
     let Some(slot) = st.tunnels.take(&session.id, limits.per_session, limits.total) else {
-        return refuse(StatusCode::TOO_MANY_REQUESTS, "too many open tunnels");
+        return json_error(StatusCode::TOO_MANY_REQUESTS, "too many open tunnels");
     };
     let client = ctx.client.to_string();
     let tcp = match dial(permit, t, limits.connect_timeout).await {
         Ok(s) => s,
-        Err(why) => {
+        Err(failed) => {
+            let why = failed.detail();
             tracing::info!(tunnel = %t.name, user = %session.identity.user, why = %why, "Tunnel failed");
-            let ev = Event::TunnelFailed {
-                user: session.identity.user.clone(),
-                tunnel: t.name.clone(),
-                why: why.clone(),
-                client,
-            };
-            if let Err(e) = st.audit.record(ev).await {
-                tracing::error!(error = %e, "Audit write failed");
-            }
-            return refuse(StatusCode::BAD_GATEWAY, &why);
+            let ev = Event::TunnelFailed { user: session.identity.user.clone(), tunnel: t.name.clone(), why, client };
+            st.audit.note(ev).await;
+            return json_error(StatusCode::BAD_GATEWAY, &failed.to_string());
         }
     };
     let ev = Event::TunnelOpened {
@@ -130,7 +140,7 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
     };
     if let Err(e) = st.audit.record(ev).await {
         tracing::error!(error = %e, "Audit unavailable; refusing the tunnel");
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "the gateway cannot record this tunnel");
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "the gateway cannot record this tunnel");
     }
 
     let upgrade = hyper::upgrade::on(&mut req);
@@ -155,9 +165,7 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
             seconds: started.elapsed().as_secs(),
             why: why.to_string(),
         };
-        if let Err(e) = audit.record(ev).await {
-            tracing::error!(error = %e, "Audit write failed");
-        }
+        audit.note(ev).await;
     });
 
     let mut resp = Response::new(Body::empty());
