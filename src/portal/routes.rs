@@ -277,11 +277,7 @@ const MAX_JSON: usize = 64 * 1024;
 /// rules, then calls its handler.
 pub async fn dispatch(st: &State, ctx: Ctx, on_portal_host: bool, req: Request<Incoming>) -> Response<Body> {
     let path = ctx.front.target.path();
-    let verb = match *req.method() {
-        Method::GET | Method::HEAD => Some(Get),
-        Method::POST => Some(Post),
-        _ => None,
-    };
+    let verb = verb_of(req.method());
     let found = {
         let mut rows = ROUTES.iter().filter(|r| r.answers(on_portal_host, path)).peekable();
         rows.peek().is_some().then(|| rows.find(|r| Some(r.verb) == verb).copied())
@@ -297,6 +293,14 @@ pub async fn dispatch(st: &State, ctx: Ctx, on_portal_host: bool, req: Request<I
     }
 }
 
+fn verb_of(method: &Method) -> Option<Verb> {
+    match *method {
+        Method::GET | Method::HEAD => Some(Get),
+        Method::POST => Some(Post),
+        _ => None,
+    }
+}
+
 /// The row of a page the gateway routes to a handler outside the portal (a tunnel).
 pub fn row_of(page: Page) -> &'static Route {
     ROUTES.iter().find(|r| r.page == page).expect("invariant: every page has a row")
@@ -306,6 +310,9 @@ pub fn row_of(page: Page) -> &'static Route {
 /// rate class, the own-action check, and its body read and checked as the row says. Every
 /// request a route table row answers passes here before its handler sees it.
 pub async fn admit(st: &State, mut ctx: Ctx, route: &Route, req: Request<Incoming>) -> Result<Call, Response<Body>> {
+    if verb_of(req.method()) != Some(route.verb) {
+        return Err(error_page(StatusCode::METHOD_NOT_ALLOWED, ctx.id));
+    }
     let path = ctx.front.target.path();
     let rest = if route.prefix { path[route.path.len()..].to_string() } else { String::new() };
 

@@ -11,6 +11,7 @@ mod mitigate;
 mod oidc;
 mod passkey;
 mod proxy;
+mod routes;
 mod security_factors;
 mod security_framing;
 mod security_headers;
