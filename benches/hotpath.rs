@@ -68,13 +68,21 @@ fn stages(c: &mut Criterion) {
     };
     let app = &cfg.apps[423];
     assert!(matches!(
-        policy::evaluate(423, &app.access, app.mfa, Some(Subject { identity: &alice, mfa: false })),
+        policy::evaluate(
+            policy::Resource::App(&app.name),
+            &app.access,
+            app.mfa,
+            Some(Subject { identity: &alice, mfa: false })
+        ),
         Decision::Allow(_)
     ));
     c.bench_function("evaluate policy", |b| {
         b.iter(|| {
             let who = Subject { identity: black_box(&alice), mfa: false };
-            matches!(policy::evaluate(423, &app.access, app.mfa, Some(who)), Decision::Allow(_))
+            matches!(
+                policy::evaluate(policy::Resource::App(&app.name), &app.access, app.mfa, Some(who)),
+                Decision::Allow(_)
+            )
         })
     });
 
@@ -107,14 +115,14 @@ fn signed_in() -> (Sessions, String) {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let timeouts =
         SessionTimeouts { idle: std::time::Duration::from_secs(1800), absolute: std::time::Duration::from_secs(43200) };
-    let sessions = Sessions::new(store, clock, timeouts, 500).expect("sessions");
+    let sessions = Sessions::new(store, clock, timeouts).expect("sessions");
     let value = rt.block_on(async {
         let opening = poort::session::Opening {
             user: "alice",
             host: "gate.example.org",
             client_addr: "127.0.0.1".into(),
             user_agent: "bench".into(),
-            factors: "pwd",
+            factors: poort::session::Factors::of(&[poort::session::Factor::Pwd]),
             kind: poort::session::Kind::Browser,
             approved_by: None,
         };

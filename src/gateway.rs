@@ -2,9 +2,10 @@
 //! docs/architecture.md, from a checked head to the handler that answers: the portal's route
 //! table, a tunnel, or the proxy.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -17,7 +18,7 @@ use crate::config::{Config, Route};
 use crate::identity::seal::Sealer;
 use crate::listen::Conn;
 use crate::mitigate::{self, Mitigation, Verdict};
-use crate::policy::{self, Decision, Subject};
+use crate::policy::{self, Decision, Resource, Subject};
 use crate::portal;
 use crate::proxy::{Origin, Proxy, Signer};
 use crate::request::{self, Front};
@@ -35,6 +36,9 @@ pub struct Gateway {
     pub proxy: Proxy,
     routes: Routes,
     request_ids: AtomicU64,
+    /// The apps each session has opened in this process, by session id: the first access is
+    /// audited, later ones are not.
+    opened: RwLock<HashMap<String, HashSet<String>>>,
     /// The target of the request a connection's wrapper hands over in place of a refused
     /// head (`listen::Strict`): random per process, so no client can send it.
     marker: &'static str,
@@ -86,7 +90,7 @@ impl Gateway {
         parts: Parts,
     ) -> anyhow::Result<Gateway> {
         let Parts { signer, sealer, mitigation, whoami } = parts;
-        let sessions = Sessions::new(store.clone(), clock.clone(), cfg.session, cfg.apps.len())?;
+        let sessions = Sessions::new(store.clone(), clock.clone(), cfg.session)?;
         let proxy = Proxy::new(cfg.proxy, cfg.server.workers, signer.clone(), whoami);
         let routes = Routes::new(&cfg.server.portal_host, &cfg.apps);
         let signins = SignIns::new(&cfg, sealer)?;
@@ -112,6 +116,7 @@ impl Gateway {
             proxy,
             routes,
             request_ids: AtomicU64::new(start),
+            opened: RwLock::default(),
             marker: Box::leak(
                 format!("/.poort/refused/{}", session::cookie::encode_token(&crate::secret::random_bytes()))
                     .into_boxed_str(),
@@ -240,10 +245,10 @@ impl Gateway {
             ctx.session = None;
         }
         let who = ctx.session.as_ref().map(|s| Subject { identity: &s.identity, mfa: s.mfa() });
-        match policy::evaluate(i, &app.access, app.mfa, who) {
+        match policy::evaluate(Resource::App(&app.name), &app.access, app.mfa, who) {
             Decision::Allow(permit) => {
                 if let Some(s) = &ctx.session {
-                    if s.first_open(i) {
+                    if self.first_open(&s.id, &app.name) {
                         let ev = Event::AccessAllowed {
                             user: Some(s.identity.user.clone()),
                             session: Some(s.id.clone()),
@@ -289,6 +294,20 @@ impl Gateway {
                 self.refuse(ctx.at(), denied).await
             }
         }
+    }
+
+    /// True the first time session `id` opens `app` in this process.
+    fn first_open(&self, id: &str, app: &str) -> bool {
+        let seen = self.opened.read().is_ok_and(|m| m.get(id).is_some_and(|apps| apps.contains(app)));
+        !seen && self.opened.write().is_ok_and(|mut m| m.entry(id.to_string()).or_default().insert(app.to_string()))
+    }
+
+    /// Forgets what ended sessions opened and assertions too old to reuse (called periodically).
+    pub fn tidy(&self) {
+        if let Ok(mut m) = self.opened.write() {
+            m.retain(|id, _| self.state.sessions.is_live(id));
+        }
+        self.proxy.tidy(self.state.clock.now());
     }
 
     /// A browser navigation goes to the login page (or, to step up, the second-factor page);

@@ -159,6 +159,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                 }
                 _ = flush.tick() => {
                     gw.state.signins.tidy();
+                    gw.tidy();
                     gw.state.mitigation.write_status();
                     if let Err(e) = gw.state.sessions.flush().await {
                         tracing::error!(error = %e, "Writing session activity failed");

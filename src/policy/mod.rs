@@ -15,18 +15,26 @@ fn matches(rule: &Rule, who: &Identity) -> bool {
     rule.users.contains(&who.user) || rule.groups.iter().any(|g| who.groups.iter().any(|h| h == g))
 }
 
-/// Proof that policy allowed this request to this app. Only `evaluate` can make one; the
-/// proxy consumes it.
+/// What a permit opens: an app or a tunnel, by its name in the config (a name stays the
+/// entry's own across config changes; a position in a list does not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource<'a> {
+    App(&'a str),
+    Tunnel(&'a str),
+}
+
+/// Proof that policy allowed this request to this resource. Only `evaluate` can make one; the
+/// proxy and the tunnel consume it.
 #[derive(Debug)]
-pub struct Permit {
-    app: usize,
+pub struct Permit<'a> {
+    resource: Resource<'a>,
     _private: (),
 }
 
-impl Permit {
-    /// Index of the app in the config this permit was made for.
-    pub fn app(&self) -> usize {
-        self.app
+impl<'a> Permit<'a> {
+    /// What this permit was made for.
+    pub fn resource(&self) -> Resource<'a> {
+        self.resource
     }
 }
 
@@ -48,8 +56,8 @@ impl fmt::Display for DenyReason {
 }
 
 #[derive(Debug)]
-pub enum Decision {
-    Allow(Permit),
+pub enum Decision<'a> {
+    Allow(Permit<'a>),
     /// Sign in first; with `step_up`, the user is signed in but must add a second factor.
     Authenticate {
         step_up: bool,
@@ -65,11 +73,16 @@ pub struct Subject<'a> {
     pub mfa: bool,
 }
 
-/// Decides whether `who` (None: no valid session) may use the app at `app_index` with
-/// `access`, which needs a second factor when `mfa_required`. Access rules are decided before
-/// the factor, so a user is never asked for a factor for an app they may not use.
-pub fn evaluate(app_index: usize, access: &Access, mfa_required: bool, who: Option<Subject<'_>>) -> Decision {
-    let allow = || Decision::Allow(Permit { app: app_index, _private: () });
+/// Decides whether `who` (None: no valid session) may use `resource`, declared with `access`,
+/// which needs a second factor when `mfa_required`. Access rules are decided before the factor,
+/// so a user is never asked for a factor for something they may not use.
+pub fn evaluate<'a>(
+    resource: Resource<'a>,
+    access: &Access,
+    mfa_required: bool,
+    who: Option<Subject<'_>>,
+) -> Decision<'a> {
+    let allow = || Decision::Allow(Permit { resource, _private: () });
     let Some(who) = who else {
         return match access {
             Access::Public => allow(),
@@ -133,23 +146,31 @@ mod tests {
         ];
         for (access, who, want) in cases {
             let subject = who.map(|identity| Subject { identity, mfa: false });
-            assert_eq!(outcome(evaluate(7, access, false, subject)), want, "{access:?} {who:?}");
+            assert_eq!(outcome(evaluate(Resource::App("seven"), access, false, subject)), want, "{access:?} {who:?}");
             // Requiring a second factor changes only the allows of password-only sessions.
             let with_mfa = who.map(|identity| Subject { identity, mfa: true });
-            assert_eq!(outcome(evaluate(7, access, true, with_mfa)), want, "{access:?} {who:?} with mfa");
+            assert_eq!(
+                outcome(evaluate(Resource::App("seven"), access, true, with_mfa)),
+                want,
+                "{access:?} {who:?} with mfa"
+            );
             let expect = match (want, access, who) {
                 ("allow", Access::Public, _) => "allow",
                 ("allow", _, Some(_)) => "step up",
                 (w, _, _) => w,
             };
-            assert_eq!(outcome(evaluate(7, access, true, subject)), expect, "{access:?} {who:?} password only");
+            assert_eq!(
+                outcome(evaluate(Resource::App("seven"), access, true, subject)),
+                expect,
+                "{access:?} {who:?} password only"
+            );
         }
     }
 
     fn outcome(d: Decision) -> String {
         match d {
             Decision::Allow(p) => {
-                assert_eq!(p.app(), 7);
+                assert_eq!(p.resource(), Resource::App("seven"));
                 "allow".to_string()
             }
             Decision::Authenticate { step_up: false } => "login".to_string(),
@@ -168,7 +189,7 @@ mod tests {
             rules.insert(pos.min(rules.len()), rule(Effect::Deny, &["u"], &[]));
             for mfa in [false, true] {
                 let subject = Some(Subject { identity: &who, mfa });
-                let d = evaluate(0, &Access::Rules(rules.clone()), mfa, subject);
+                let d = evaluate(Resource::Tunnel("db"), &Access::Rules(rules.clone()), mfa, subject);
                 proptest::prop_assert!(matches!(d, Decision::Deny(DenyReason::DenyRule(_))));
             }
         }

@@ -204,7 +204,7 @@ pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
         host: &st.cfg.server.portal_host,
         client_addr: requester.clone(),
         user_agent: "poort command line".into(),
-        factors: &s.factors,
+        factors: s.factors,
         kind: Kind::Cli,
         approved_by: Some(s),
     };

@@ -18,7 +18,7 @@ use crate::identity::mfa::{self, Factors, Lock, PROOF_PASSWORD_ONLY, PROOF_SECON
 use crate::identity::{password, totp};
 use crate::names::valid_user_name;
 use crate::respond::{error_page, redirect};
-use crate::session::{Proof, Session};
+use crate::session::{Factor, Proof, Session};
 use crate::state::State;
 use crate::store::Store;
 
@@ -441,9 +441,9 @@ pub(crate) async fn factor_submit(st: &State, call: Call, mode: Mode) -> Respons
             .await;
         let (ok, remaining) = checked.unwrap_or((false, 0));
         settle(st, &user, Lock::Factor, ok, client).await;
-        let factor = if use_recovery { "rc" } else { "otp" };
+        let factor = if use_recovery { Factor::Rc } else { Factor::Otp };
         if !ok {
-            let ev = Event::MfaFailed { user: user.clone(), factor: factor.into(), client: client.to_string() };
+            let ev = Event::MfaFailed { user: user.clone(), factor: factor.amr().into(), client: client.to_string() };
             st.audit.note(ev).await;
             return fail(StatusCode::UNAUTHORIZED, "That code did not work. Try the current one.");
         }
@@ -467,7 +467,7 @@ pub(crate) async fn factor_submit(st: &State, call: Call, mode: Mode) -> Respons
 pub(crate) async fn renew_session(
     st: &State,
     s: &Session,
-    proof: Proof<'_>,
+    proof: Proof,
     ctx: &crate::state::Ctx,
 ) -> Option<(String, String)> {
     let (id, token) = match st.sessions.renew(s, proof, &st.cfg.server.portal_host).await {
@@ -478,8 +478,8 @@ pub(crate) async fn renew_session(
         }
     };
     let factor = match proof {
-        Proof::Factor(f) => f,
-        Proof::Password => "pwd",
+        Proof::Factor(f) => f.amr(),
+        Proof::Password => Factor::Pwd.amr(),
     };
     let ev = Event::MfaSucceeded {
         user: s.identity.user.clone(),
@@ -620,7 +620,7 @@ pub(crate) async fn totp_confirm(st: &State, call: Call) -> Response<Body> {
         return totp_enrol_view(st, s, call.headers(), &next, Some(msg)).await;
     }
     changed(st, &user, "authenticator app set up", proof, ctx.client).await;
-    let Some((_, token)) = renew_session(st, s, Proof::Factor("otp"), ctx).await else {
+    let Some((_, token)) = renew_session(st, s, Proof::Factor(Factor::Otp), ctx).await else {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     };
     let recovery_left = factors_of(st, &user).await.map_or(0, |f| f.recovery_left);

@@ -19,10 +19,10 @@ use crate::body::Body;
 use crate::clock::format_minutes;
 use crate::config::{Config, Route};
 use crate::names::valid_user_name;
-use crate::policy::{self, Decision, Subject};
+use crate::policy::{self, Decision, Resource, Subject};
 use crate::request::Target;
 use crate::respond::{error_page, html, page, redirect};
-use crate::session::{self, Kind, Opening, cookie};
+use crate::session::{self, Factor, Factors, Kind, Opening, cookie};
 use crate::state::State;
 use crate::state::pending::Handoff;
 pub use routes::Call;
@@ -230,13 +230,12 @@ fn launcher(st: &State, call: &Call) -> Response<Body> {
         .cfg
         .apps
         .iter()
-        .enumerate()
-        .filter(|(i, app)| {
+        .filter(|app| {
             // Apps that need a step-up are listed too: opening one asks for the factor.
             let who = Subject { identity: &s.identity, mfa: true };
-            matches!(policy::evaluate(*i, &app.access, app.mfa, Some(who)), Decision::Allow(_))
+            matches!(policy::evaluate(Resource::App(&app.name), &app.access, app.mfa, Some(who)), Decision::Allow(_))
         })
-        .map(|(_, app)| AppLink {
+        .map(|app| AppLink {
             title: app.title.clone(),
             description: app.description.clone(),
             url: app.launch_url(&st.cfg.server),
@@ -247,11 +246,10 @@ fn launcher(st: &State, call: &Call) -> Response<Body> {
         .cfg
         .tunnels
         .iter()
-        .enumerate()
-        .filter(|(i, t)| {
-            matches!(policy::evaluate(st.cfg.apps.len() + i, &t.access, t.mfa, Some(who)), Decision::Allow(_))
+        .filter(|t| {
+            matches!(policy::evaluate(Resource::Tunnel(&t.name), &t.access, t.mfa, Some(who)), Decision::Allow(_))
         })
-        .map(|(_, t)| {
+        .map(|t| {
             let port: u32 = t.target.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0);
             TunnelLink {
                 name: t.name.clone(),
@@ -328,7 +326,8 @@ async fn login_submit(st: &State, call: Call) -> Response<Body> {
     };
     let username = username.as_str();
     let user_agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let signed_in = SignedIn { user: username, factors: "pwd", user_agent, next, logout_url: None };
+    let signed_in =
+        SignedIn { user: username, factors: Factors::of(&[Factor::Pwd]), user_agent, next, logout_url: None };
     open_session(st, ctx, signed_in).await
 }
 
@@ -336,7 +335,7 @@ async fn login_submit(st: &State, call: Call) -> Response<Body> {
 pub(crate) struct SignedIn<'a> {
     pub user: &'a str,
     /// `amr` values, space-separated: `pwd`, `ext`, `ext mfa`.
-    pub factors: &'a str,
+    pub factors: Factors,
     pub user_agent: String,
     pub next: &'a str,
     /// Where signing out also ends the provider's session.
@@ -383,8 +382,8 @@ pub(crate) async fn open_session(st: &State, ctx: &crate::state::Ctx, s: SignedI
         let _ = st.sessions.end(&id).await;
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     }
-    tracing::info!(user = %s.user, session = %id, factors = s.factors, "Login succeeded");
-    let ask_factor = !session::includes_second_factor(s.factors) && st.cfg.mfa.required && {
+    tracing::info!(user = %s.user, session = %id, factors = %s.factors, "Login succeeded");
+    let ask_factor = !s.factors.second_factor() && st.cfg.mfa.required && {
         let name = s.user.to_string();
         st.store.run(move |c| crate::identity::mfa::factors(c, &name)).await.is_ok_and(|f| f.any())
     };

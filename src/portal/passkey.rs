@@ -16,7 +16,7 @@ use crate::audit::Event;
 use crate::body::Body;
 use crate::identity::{mfa as factors, passkey};
 use crate::respond::{json, json_error};
-use crate::session::{Kind, Opening, Proof, cookie};
+use crate::session::{Factor, Factors, Kind, Opening, Proof, cookie};
 use crate::state::State;
 use crate::state::pending::Ceremony;
 
@@ -149,7 +149,7 @@ pub(crate) async fn register_finish(st: &State, call: Call) -> Response<Body> {
     if codes.is_some() {
         mfa::changed(st, &user, "recovery codes made", factors::PROOF_SECOND_FACTOR, ctx.client).await;
     }
-    let Some((_, token)) = mfa::renew_session(st, &s, Proof::Factor("hwk"), ctx).await else {
+    let Some((_, token)) = mfa::renew_session(st, &s, Proof::Factor(Factor::Hwk), ctx).await else {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     };
     // Recovery codes made now are shown once by the script, as after setting up an
@@ -252,7 +252,7 @@ pub(crate) async fn factor_finish(st: &State, call: Call) -> Response<Body> {
         st.audit.note(ev).await;
         return json_error(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     }
-    match mfa::renew_session(st, &s, Proof::Factor("hwk"), ctx).await {
+    match mfa::renew_session(st, &s, Proof::Factor(Factor::Hwk), ctx).await {
         Some((_, token)) => {
             if !device.is_empty() {
                 st.signins.devices.prove(&device, &s, st.clock.now());
@@ -325,7 +325,7 @@ pub(crate) async fn passwordless_finish(st: &State, call: Call) -> Response<Body
         host: &st.cfg.server.portal_host,
         client_addr: ctx.client.to_string(),
         user_agent: ua,
-        factors: "hwk mfa",
+        factors: Factors::of(&[Factor::Hwk, Factor::Mfa]),
         kind: Kind::Browser,
         approved_by: None,
     };

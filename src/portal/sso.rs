@@ -10,7 +10,7 @@ use crate::audit::Event;
 use crate::body::Body;
 use crate::identity::oidc::Failure;
 use crate::respond::{error_page, redirect};
-use crate::session::cookie;
+use crate::session::{Factor, Factors, cookie};
 use crate::state::{Ctx, State};
 use crate::store::{Store, Synced};
 
@@ -86,7 +86,7 @@ async fn callback(st: &State, ctx: Ctx, name: &str, code: &str, state: &str, bro
         }
     };
     tracing::info!(user = %user.name, provider = name, mfa = user.mfa, "Single sign-on succeeded");
-    let factors = if user.mfa { "ext mfa" } else { "ext" };
+    let factors = if user.mfa { Factors::of(&[Factor::Ext, Factor::Mfa]) } else { Factors::of(&[Factor::Ext]) };
     let signed_in = SignedIn {
         user: &user.name,
         factors,

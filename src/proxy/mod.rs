@@ -8,8 +8,9 @@
 
 pub mod assertion;
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
@@ -21,7 +22,7 @@ use crate::body::Body;
 use crate::clock::UnixTime;
 use crate::config::{App, ProxySettings, Route, Upstream};
 use crate::identity::Identity;
-use crate::policy::Permit;
+use crate::policy::{Permit, Resource};
 use crate::request::Target;
 use crate::session::Session;
 
@@ -44,12 +45,18 @@ pub fn set_worker(i: usize) {
     WORKER.with(|w| w.set(Some(i)));
 }
 
+/// An assertion made for an app: (app, issued at, token).
+type Assertion = (String, UnixTime, HeaderValue);
+
 pub struct Proxy {
     pools: pool::Pools,
     settings: ProxySettings,
     signer: Arc<Signer>,
     /// Where the built-in demo app listens, when an app uses it.
     whoami: Option<String>,
+    /// Assertions made for a session, reused while fresh: by session id, (app, issued at,
+    /// token). Dropped once stale (`tidy`).
+    assertions: RwLock<HashMap<String, Vec<Assertion>>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -71,7 +78,17 @@ pub struct Origin<'a> {
 impl Proxy {
     pub fn new(settings: ProxySettings, workers: usize, signer: Arc<Signer>, whoami: Option<String>) -> Proxy {
         let pools = pool::Pools::new(workers, settings.connect_timeout);
-        Proxy { pools, settings, signer, whoami }
+        Proxy { pools, settings, signer, whoami, assertions: RwLock::default() }
+    }
+
+    /// Forgets assertions too old to be reused (called periodically).
+    pub fn tidy(&self, now: UnixTime) {
+        if let Ok(mut m) = self.assertions.write() {
+            m.retain(|_, list| {
+                list.retain(|(_, iat, _)| now - iat < assertion::REUSE_FOR);
+                !list.is_empty()
+            });
+        }
     }
 
     pub fn signer(&self) -> &Signer {
@@ -81,27 +98,27 @@ impl Proxy {
     fn assertion(
         &self,
         app: &App,
-        app_index: usize,
         who: &Identity,
         session: Option<&Session>,
         now: UnixTime,
     ) -> Result<HeaderValue, crate::upstream::Cause> {
+        let fresh = |(a, iat, _): &Assertion| {
+            *a == app.name && now - iat < assertion::REUSE_FOR && *iat <= now
+        };
         if let Some(s) = session {
-            if let Ok(cache) = s.assertions.lock() {
-                if let Some((_, _, jwt)) =
-                    cache.iter().find(|(a, iat, _)| *a == app_index && now - iat < assertion::REUSE_FOR && *iat <= now)
-                {
-                    return Ok(jwt.clone());
-                }
+            let cached = self.assertions.read().ok().and_then(|m| m.get(&s.id)?.iter().find(|e| fresh(e)).cloned());
+            if let Some((_, _, jwt)) = cached {
+                return Ok(jwt);
             }
         }
         let amr: Vec<&str> = session.map(Session::amr).unwrap_or_default();
         // Kept as a header value, so that a reused assertion is not checked again per request.
         let jwt = HeaderValue::try_from(self.signer.sign(&app.name, who, &amr, now)?)?;
         if let Some(s) = session {
-            if let Ok(mut cache) = s.assertions.lock() {
-                cache.retain(|(a, iat, _)| *a != app_index && now - iat < assertion::REUSE_FOR);
-                cache.push((app_index, now, jwt.clone()));
+            if let Ok(mut m) = self.assertions.write() {
+                let list = m.entry(s.id.clone()).or_default();
+                list.retain(|(a, iat, _)| *a != app.name && now - iat < assertion::REUSE_FOR);
+                list.push((app.name.clone(), now, jwt.clone()));
             }
         }
         Ok(jwt)
@@ -156,13 +173,16 @@ impl Proxy {
     /// upstream request. `length` is the body length the front door read.
     pub async fn forward(
         &self,
-        permit: Permit,
+        permit: Permit<'_>,
         app: &App,
         target: &Target,
         origin: Origin<'_>,
         length: Option<u64>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Failure> {
+        if permit.resource() != Resource::App(&app.name) {
+            return Err(Failure::Internal("a permit for another resource".into()));
+        }
         let websocket = is_websocket(req.version(), req.headers());
         if websocket {
             // A page of another origin may not open a WebSocket to the app in its user's name
@@ -227,7 +247,7 @@ impl Proxy {
             if let Some(v) = value(&who.groups.join(",")) {
                 headers.insert(X_POORT_GROUPS, v);
             }
-            let jwt = self.assertion(app, permit.app(), who, Some(session), origin.now).map_err(Failure::Internal)?;
+            let jwt = self.assertion(app, who, Some(session), origin.now).map_err(Failure::Internal)?;
             headers.insert(X_POORT_ASSERTION, jwt);
         }
 

@@ -8,9 +8,10 @@
 //! cut, and every WebSocket, tunnel and response stream that holds a `Lifeline` to it ends.
 
 pub mod cookie;
+mod factors;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::watch;
@@ -21,6 +22,7 @@ use crate::identity::Identity;
 use crate::store::{SessionRow, Store};
 
 pub use cookie::{CSRF_COOKIE, SESSION_COOKIE};
+pub use factors::{Factor, Factors};
 
 /// The SHA-256 of a token: what the store and cache are keyed by.
 pub type TokenHash = [u8; 32];
@@ -50,12 +52,6 @@ pub fn hash_token(raw: &[u8]) -> TokenHash {
 /// A short public identifier for listing and revoking a session; not a credential.
 pub fn new_session_id() -> String {
     crate::secret::b64(&crate::secret::random_bytes::<9>())
-}
-
-/// Whether space-separated factors include a second one: anything but `pwd` (a password) and
-/// `ext` (an identity provider that did not vouch for a second factor).
-pub fn includes_second_factor(factors: &str) -> bool {
-    factors.split(' ').any(|f| !f.is_empty() && f != "pwd" && f != "ext")
 }
 
 /// How long a proof of who the user is counts as fresh: changing factors and approving a
@@ -151,7 +147,7 @@ pub struct Session {
     pub expires_at: UnixTime,
     pub client_addr: String,
     pub user_agent: String,
-    pub factors: String,
+    pub factors: Factors,
     /// When the user last gave their password or signed in at a provider.
     pub auth_at: UnixTime,
     /// When the user last proved a second factor, if ever, in this session or the one it
@@ -164,10 +160,6 @@ pub struct Session {
     /// step-ups and confirmations (a command-line code is bound to it).
     pub chain: String,
     line: Arc<Line>,
-    /// Bit i set: the first access to app i has been audited.
-    opened: Box<[AtomicU64]>,
-    /// Assertion JWTs per app, reused while fresh: (app, issued at, token).
-    pub assertions: Mutex<Vec<(usize, UnixTime, http::HeaderValue)>>,
 }
 
 impl Session {
@@ -195,26 +187,17 @@ impl Session {
     /// Whether the session was opened or stepped up with a second factor. `pwd` (a password)
     /// and `ext` (an identity provider that did not vouch for a second factor) are one factor.
     pub fn mfa(&self) -> bool {
-        includes_second_factor(&self.factors)
+        self.factors.second_factor()
     }
 
     /// Whether the session was opened through an identity provider (it has no password).
     pub fn single_sign_on(&self) -> bool {
-        self.factors.split(' ').any(|f| f == "ext")
+        self.factors.has(Factor::Ext)
     }
 
     /// The factors as `amr` values for an assertion.
-    pub fn amr(&self) -> Vec<&str> {
-        self.factors.split(' ').filter(|f| !f.is_empty()).collect()
-    }
-
-    /// True the first time it is called for `app` in this session's life in this process.
-    pub fn first_open(&self, app: usize) -> bool {
-        let (word, bit) = (app / 64, 1u64 << (app % 64));
-        match self.opened.get(word) {
-            Some(w) => w.fetch_or(bit, Ordering::Relaxed) & bit == 0,
-            None => false,
-        }
+    pub fn amr(&self) -> Vec<&'static str> {
+        self.factors.amr()
     }
 }
 
@@ -231,7 +214,6 @@ pub struct Sessions {
     store: Store,
     clock: Arc<dyn Clock>,
     timeouts: SessionTimeouts,
-    app_words: usize,
     cache: RwLock<HashMap<TokenHash, Arc<Session>>>,
     last_revocation: AtomicI64,
     /// The line of every session in memory, by id.
@@ -246,7 +228,7 @@ pub struct Opening<'a> {
     pub client_addr: String,
     pub user_agent: String,
     /// `amr` values, space-separated.
-    pub factors: &'a str,
+    pub factors: Factors,
     pub kind: Kind,
     /// A session derived from another (a command-line sign-in its browser approved) keeps
     /// that session's expiry and proof times: approving cannot make a session younger.
@@ -255,16 +237,11 @@ pub struct Opening<'a> {
 
 /// What a renewal records.
 #[derive(Debug, Clone, Copy)]
-pub enum Proof<'a> {
-    /// A second factor, by its `amr` value.
-    Factor(&'a str),
+pub enum Proof {
+    /// A second factor.
+    Factor(Factor),
     /// The password again.
     Password,
-}
-
-/// `amr` values of factors poort itself checked (not a provider's word).
-fn own_second_factor(factors: &str) -> bool {
-    factors.split(' ').any(|f| matches!(f, "otp" | "rc" | "hwk" | "swk"))
 }
 
 impl std::fmt::Debug for Sessions {
@@ -277,18 +254,12 @@ impl std::fmt::Debug for Sessions {
 const TOUCH_EVERY: i64 = 30;
 
 impl Sessions {
-    pub fn new(
-        store: Store,
-        clock: Arc<dyn Clock>,
-        timeouts: SessionTimeouts,
-        apps: usize,
-    ) -> anyhow::Result<Sessions> {
+    pub fn new(store: Store, clock: Arc<dyn Clock>, timeouts: SessionTimeouts) -> anyhow::Result<Sessions> {
         let last = store.last_revocation()?;
         Ok(Sessions {
             store,
             clock,
             timeouts,
-            app_words: apps.div_ceil(64).max(1),
             cache: RwLock::new(HashMap::new()),
             last_revocation: AtomicI64::new(last),
             lines: Mutex::new(HashMap::new()),
@@ -384,14 +355,12 @@ impl Sessions {
             expires_at: row.expires_at,
             client_addr: row.client_addr,
             user_agent: row.user_agent,
-            factors: row.factors,
+            factors: Factors::parse(&row.factors),
             auth_at: row.auth_at,
             factor_at: row.factor_at,
             kind: Kind::parse(&row.kind),
             parent: row.parent,
             chain: row.chain,
-            opened: (0..self.app_words).map(|_| AtomicU64::new(0)).collect(),
-            assertions: Mutex::new(Vec::new()),
         }
     }
 
@@ -401,7 +370,7 @@ impl Sessions {
         let (expires_at, auth_at, factor_at, parent) = match o.approved_by {
             Some(p) => (p.expires_at, p.auth_at, p.factor_at, Some(p.id.clone())),
             None => {
-                (now + self.timeouts.absolute.as_secs() as i64, now, own_second_factor(o.factors).then_some(now), None)
+                (now + self.timeouts.absolute.as_secs() as i64, now, o.factors.own_second_factor().then_some(now), None)
             }
         };
         let id = new_session_id();
@@ -414,7 +383,7 @@ impl Sessions {
             expires_at,
             client_addr: o.client_addr,
             user_agent: o.user_agent.chars().take(256).collect(),
-            factors: o.factors.into(),
+            factors: o.factors.to_string(),
             auth_at,
             factor_at,
             kind: o.kind.as_str().into(),
@@ -434,16 +403,13 @@ impl Sessions {
     /// Replaces `old` with a new session that records `proof` (a second factor joins its
     /// factors): a new token, the same absolute expiry, kind and parent. The old token stops
     /// working at once; sessions it approved now belong to the new one.
-    pub async fn renew(&self, old: &Session, proof: Proof<'_>, host: &str) -> anyhow::Result<(String, NewToken)> {
+    pub async fn renew(&self, old: &Session, proof: Proof, host: &str) -> anyhow::Result<(String, NewToken)> {
         let now = self.clock.now();
-        let mut factors = old.factors.clone();
+        let mut factors = old.factors;
         let (mut auth_at, mut factor_at) = (old.auth_at, old.factor_at);
         match proof {
             Proof::Factor(f) => {
-                if !factors.split(' ').any(|x| x == f) {
-                    factors.push(' ');
-                    factors.push_str(f);
-                }
+                factors = factors.with(f);
                 factor_at = Some(now);
             }
             Proof::Password => auth_at = now,
@@ -456,7 +422,7 @@ impl Sessions {
             expires_at: old.expires_at,
             client_addr: old.client_addr.clone(),
             user_agent: old.user_agent.clone(),
-            factors,
+            factors: factors.to_string(),
             auth_at,
             factor_at,
             kind: old.kind.as_str().into(),
@@ -486,6 +452,11 @@ impl Sessions {
         if let Some(line) = self.lines.lock().expect("invariant: lock not poisoned").remove(id) {
             line.cut(why);
         }
+    }
+
+    /// Whether session `id` is held in this process (its copies, tunnels or streams).
+    pub fn is_live(&self, id: &str) -> bool {
+        self.lines.lock().expect("invariant: lock not poisoned").contains_key(id)
     }
 
     /// Cuts the lines of sessions past their absolute expiry or idle timeout.
@@ -608,13 +579,13 @@ mod tests {
         let store = Store::open(&dir.join("poort.db")).unwrap();
         store.add_user("bob", None, "hash", &["staff".into()], 0).unwrap();
         let timeouts = SessionTimeouts { idle: Duration::from_secs(600), absolute: Duration::from_secs(3600) };
-        let sessions = Sessions::new(store, Arc::new(ManualClock::new(1000)), timeouts, 1).unwrap();
+        let sessions = Sessions::new(store, Arc::new(ManualClock::new(1000)), timeouts).unwrap();
         let opening = Opening {
             user: "bob",
             host: "localhost",
             client_addr: "127.0.0.1".into(),
             user_agent: String::new(),
-            factors: "pwd",
+            factors: Factors::of(&[Factor::Pwd]),
             kind: Kind::Browser,
             approved_by: None,
         };

@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::config::Tunnel;
-use crate::policy::{self, Decision, Permit, Subject};
+use crate::policy::{self, Decision, Permit, Resource, Subject};
 use crate::portal::routes;
 use crate::respond::{json_error, page};
 use crate::session::Session;
@@ -70,7 +70,7 @@ impl DialError {
 }
 
 /// Dials the target of a permitted tunnel. Taking the permit makes policy the only way here.
-async fn dial(_permit: Permit, t: &Tunnel, timeout: Duration) -> Result<TcpStream, DialError> {
+async fn dial(_permit: Permit<'_>, t: &Tunnel, timeout: Duration) -> Result<TcpStream, DialError> {
     match tokio::time::timeout(timeout, TcpStream::connect(&t.target)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
@@ -96,7 +96,7 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
     };
     let t = &st.cfg.tunnels[index];
     let who = ctx.session.as_ref().map(|s| Subject { identity: &s.identity, mfa: s.mfa() });
-    let permit = match policy::evaluate(st.cfg.apps.len() + index, &t.access, t.mfa, who) {
+    let permit = match policy::evaluate(Resource::Tunnel(&t.name), &t.access, t.mfa, who) {
         Decision::Allow(p) => p,
         Decision::Authenticate { step_up: false } => {
             return json_error(StatusCode::UNAUTHORIZED, "not signed in, or the session ended: run poort login");
