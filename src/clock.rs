@@ -17,6 +17,7 @@ pub trait Clock: Send + Sync + 'static {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)]
     fn now(&self) -> UnixTime {
         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
     }
@@ -52,4 +53,11 @@ pub fn format_utc(t: UnixTime) -> String {
 pub fn format_minutes(t: UnixTime) -> String {
     let full = format_utc(t);
     format!("{} {} UTC", &full[..10], &full[11..16])
+}
+
+/// Monotonic time, for timeouts and durations (idle connections, pooled connections, sign-ins
+/// in flight): never the wall clock, which an operator or NTP may move.
+#[allow(clippy::disallowed_methods)]
+pub fn instant() -> std::time::Instant {
+    std::time::Instant::now()
 }

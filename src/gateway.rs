@@ -4,12 +4,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use parking_lot::RwLock;
 
 use crate::audit::{Audit, Event};
 use crate::body::Body;
@@ -298,15 +299,13 @@ impl Gateway {
 
     /// True the first time session `id` opens `app` in this process.
     fn first_open(&self, id: &str, app: &str) -> bool {
-        let seen = self.opened.read().is_ok_and(|m| m.get(id).is_some_and(|apps| apps.contains(app)));
-        !seen && self.opened.write().is_ok_and(|mut m| m.entry(id.to_string()).or_default().insert(app.to_string()))
+        let seen = self.opened.read().get(id).is_some_and(|apps| apps.contains(app));
+        !seen && self.opened.write().entry(id.to_string()).or_default().insert(app.to_string())
     }
 
     /// Forgets what ended sessions opened and assertions too old to reuse (called periodically).
     pub fn tidy(&self) {
-        if let Ok(mut m) = self.opened.write() {
-            m.retain(|id, _| self.state.sessions.is_live(id));
-        }
+        self.opened.write().retain(|id, _| self.state.sessions.is_live(id));
         self.proxy.tidy(self.state.clock.now());
     }
 

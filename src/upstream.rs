@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use http::{Request, Response};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
 use http::StatusCode;
@@ -112,7 +113,7 @@ pub async fn connect(authority: &str, timeout: Duration) -> Result<(SendRequest<
 }
 
 fn take_idle(home: &Mutex<Idle>, authority: &str) -> Option<Lease> {
-    let mut idle = home.lock().ok()?;
+    let mut idle = home.lock();
     let list = idle.0.get_mut(authority)?;
     while let Some(mut p) = list.pop() {
         if p.since.elapsed() < IDLE_FOR && p.lease.usable() {
@@ -165,8 +166,8 @@ impl Lease {
             return;
         }
         let home = self.home.clone();
-        let Ok(mut idle) = home.lock() else { return };
-        let now = Instant::now();
+        let mut idle = home.lock();
+        let now = crate::clock::instant();
         let list = idle.0.entry(self.authority.clone()).or_default();
         // The oldest is first: close it if it has idled too long.
         if list.first().is_some_and(|p| now - p.since >= IDLE_FOR) {

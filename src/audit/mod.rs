@@ -302,7 +302,7 @@ const SAMPLES: usize = 8;
 pub struct Audit {
     tx: mpsc::SyncSender<Job>,
     clock: std::sync::Arc<dyn Clock>,
-    counted: std::sync::Arc<std::sync::Mutex<Counted>>,
+    counted: std::sync::Arc<parking_lot::Mutex<Counted>>,
 }
 
 impl Audit {
@@ -376,7 +376,7 @@ impl Audit {
     pub fn refusal(&self, kind: &'static str, key: &str, client: std::net::IpAddr, sample: &str, event: Event) {
         let minute = self.clock.now().div_euclid(60) * 60;
         let first = {
-            let Ok(mut c) = self.counted.lock() else { return };
+            let mut c = self.counted.lock();
             if c.minute != minute && !c.counts.is_empty() {
                 // A new minute before the flush ran: the old counts go out now.
                 let old = std::mem::take(&mut *c);
@@ -410,7 +410,7 @@ impl Audit {
     pub fn flush_counted(&self) {
         let minute = self.clock.now().div_euclid(60) * 60;
         let old = {
-            let Ok(mut c) = self.counted.lock() else { return };
+            let mut c = self.counted.lock();
             if c.minute == minute {
                 return;
             }

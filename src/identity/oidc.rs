@@ -4,7 +4,7 @@
 //! flight are kept in memory for ten minutes and can be completed once.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -19,6 +19,7 @@ use openidconnect::{
     AuthorizationCode, ClientId, ClientSecret, CsrfToken, EndSessionUrl, EndpointMaybeSet, EndpointNotSet, EndpointSet,
     IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier, ProviderMetadata, RedirectUrl, Scope, TokenResponse,
 };
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
@@ -197,9 +198,9 @@ impl Providers {
             verifier,
             next: next.to_string(),
             browser: crate::secret::sha256(browser_cookie.as_bytes()),
-            at: Instant::now(),
+            at: crate::clock::instant(),
         };
-        let mut map = self.pending.lock().map_err(|_| Failure::Busy)?;
+        let mut map = self.pending.lock();
         map.retain(|_, p| p.at.elapsed() < PENDING_FOR);
         if map.len() >= MAX_PENDING || map.values().filter(|p| p.client == from).count() >= MAX_PENDING_PER_CLIENT {
             return Err(Failure::Busy);
@@ -220,7 +221,7 @@ impl Providers {
         browser_cookie: Option<&str>,
     ) -> Result<(ProviderUser, String), Failure> {
         // Taken out whatever happens next: a state works once.
-        let pending = self.pending.lock().ok().and_then(|mut m| m.remove(state)).ok_or(Failure::State)?;
+        let pending = self.pending.lock().remove(state).ok_or(Failure::State)?;
         let i = self.find(name).ok_or(Failure::State)?;
         if pending.provider != i || pending.at.elapsed() >= PENDING_FOR {
             return Err(Failure::State);
@@ -294,11 +295,11 @@ impl Provider {
     /// Whether an unknown key id may trigger a fetch of the keys now (rate-limited, so that
     /// tokens with made-up key ids cannot make poort hammer the provider).
     fn may_refetch(&self) -> bool {
-        let Ok(mut last) = self.refetched.lock() else { return false };
+        let mut last = self.refetched.lock();
         if last.is_some_and(|t| t.elapsed() < REFETCH_EVERY) {
             return false;
         }
-        *last = Some(Instant::now());
+        *last = Some(crate::clock::instant());
         true
     }
 
@@ -318,7 +319,7 @@ impl Provider {
         let issuer = IssuerUrl::new(self.settings.issuer.clone()).map_err(|e| Failure::Provider(e.to_string()))?;
         let http = |req| fetch(req, self.tls.clone(), self.settings.timeout);
         let m = Metadata::discover_async(issuer, &http).await.map_err(|e| Failure::Provider(e.to_string()))?;
-        *slot = Some((m.clone(), Instant::now()));
+        *slot = Some((m.clone(), crate::clock::instant()));
         Ok(m)
     }
 

@@ -44,7 +44,7 @@ pub struct Conn {
 
 /// Open connections per client address. A slot is held for a connection's life.
 #[derive(Debug, Default)]
-struct PerClient(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+struct PerClient(parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
 
 struct ClientSlot {
     table: Arc<PerClient>,
@@ -53,7 +53,7 @@ struct ClientSlot {
 
 impl PerClient {
     fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ClientSlot> {
-        let mut t = self.0.lock().ok()?;
+        let mut t = self.0.lock();
         let n = t.entry(ip).or_insert(0);
         if *n >= max {
             return None;
@@ -65,7 +65,8 @@ impl PerClient {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        if let Ok(mut t) = self.table.0.lock() {
+        {
+            let mut t = self.table.0.lock();
             if let Some(n) = t.get_mut(&self.ip) {
                 *n -= 1;
                 if *n == 0 {

@@ -8,10 +8,11 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::request::Reject;
@@ -24,7 +25,7 @@ pub struct Refused(Mutex<Option<Reject>>);
 impl Refused {
     /// The refusal behind the marker request, once.
     pub fn take(&self) -> Option<Reject> {
-        self.0.lock().ok()?.take()
+        self.0.lock().take()
     }
 }
 
@@ -157,7 +158,8 @@ impl<T> Strict<T> {
 
     /// Hands the library the marker request instead of the refused head.
     fn refuse(&mut self, why: Reject) {
-        if let Ok(mut slot) = self.refused.0.lock() {
+        {
+            let mut slot = self.refused.0.lock();
             *slot = Some(why);
         }
         let marker = format!("GET {} HTTP/1.1\r\nHost: refused.invalid\r\nConnection: close\r\n\r\n", self.marker);

@@ -11,12 +11,13 @@ pub mod rules;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use parking_lot::{Mutex, RwLock};
 use ring::signature::{ED25519, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
@@ -192,7 +193,7 @@ impl Mitigation {
 
     /// Whether `rules` (with `digest`) may replace the rules in force.
     fn acceptable(&self, rules: &Rules, digest: &str) -> Result<(), String> {
-        let applied = self.applied.lock().expect("invariant: lock not poisoned").clone();
+        let applied = self.applied.lock().clone();
         if let (Some(new), Some(Applied { version: Some(old), sha256 })) = (rules.version, &applied) {
             if new < *old || (new == *old && digest != sha256) {
                 return Err(format!(
@@ -203,7 +204,7 @@ impl Mitigation {
         if self.public_key.is_some() && rules.version.is_none() {
             return Err("a signed rules file needs a version".into());
         }
-        let in_force = self.rules.read().expect("invariant: lock not poisoned").rules.len();
+        let in_force = self.rules.read().rules.len();
         if rules.rules.is_empty() && !rules.explicitly_empty && in_force > 0 {
             return Err(format!(
                 "the file has no rules and would replace {in_force} (hint: write rule = [] to remove every rule on purpose; write files elsewhere and rename them into place)"
@@ -221,13 +222,13 @@ impl Mitigation {
             // Written to while it was read: look again once it has settled.
             return Reload::Unchanged;
         }
-        *self.seen.lock().expect("invariant: lock not poisoned") = (before, None);
+        *self.seen.lock() = (before, None);
         let file = path.display().to_string();
         let result = result.map_err(|p| p.join("; ")).and_then(|(rules, digest)| {
             self.acceptable(&rules, &digest)?;
             Ok((rules, digest))
         });
-        let mut status = self.status.lock().expect("invariant: lock not poisoned");
+        let mut status = self.status.lock();
         status.file = Some(file.clone());
         let outcome = match result {
             Ok((rules, digest)) => {
@@ -241,9 +242,9 @@ impl Mitigation {
                 status.last_error = None;
                 // Counts of rules the new file no longer has go with them.
                 status.hits.retain(|id, _| rules.rules.iter().any(|r| &r.id == id));
-                *self.rules.write().expect("invariant: lock not poisoned") = Arc::new(rules);
-                *self.applied.lock().expect("invariant: lock not poisoned") = Some(applied.clone());
-                self.throttles.lock().expect("invariant: lock not poisoned").clear();
+                *self.rules.write() = Arc::new(rules);
+                *self.applied.lock() = Some(applied.clone());
+                self.throttles.lock().clear();
                 Reload::Loaded { file, applied, rules: count }
             }
             Err(why) => {
@@ -263,7 +264,7 @@ impl Mitigation {
     pub fn poll(&self, now: i64) -> Reload {
         let Some(path) = &self.file else { return Reload::Unchanged };
         let current = stamp(path);
-        let mut seen = self.seen.lock().expect("invariant: lock not poisoned");
+        let mut seen = self.seen.lock();
         if current == seen.0 {
             seen.1 = None;
             return Reload::Unchanged;
@@ -275,7 +276,7 @@ impl Mitigation {
                 }
             }
             _ => {
-                seen.1 = Some((current, std::time::Instant::now()));
+                seen.1 = Some((current, crate::clock::instant()));
                 return Reload::Unchanged;
             }
         }
@@ -284,7 +285,7 @@ impl Mitigation {
     }
 
     pub fn write_status(&self) {
-        let status = self.status.lock().expect("invariant: lock not poisoned").clone();
+        let status = self.status.lock().clone();
         if let Ok(json) = serde_json::to_vec_pretty(&status) {
             let tmp = self.status_path.with_extension("json.tmp");
             if std::fs::write(&tmp, json).is_ok() {
@@ -295,16 +296,17 @@ impl Mitigation {
 
     /// The mitigation stage for one request.
     pub fn check(&self, facts: &Facts<'_>) -> Verdict {
-        let rules = self.rules.read().expect("invariant: lock not poisoned").clone();
+        let rules = self.rules.read().clone();
         let Some((_, rule)) = rules.check(facts) else { return Verdict::Pass };
-        if let Ok(mut s) = self.status.lock() {
+        {
+            let mut s = self.status.lock();
             *s.hits.entry(rule.id.clone()).or_insert(0) += 1;
         }
         match rule.action {
             Action::Deny => Verdict::Deny { rule: rule.id.clone(), reason: rule.reason.clone() },
             Action::Log => Verdict::Logged { rule: rule.id.clone() },
             Action::Throttle { count, per_secs } => {
-                let mut t = self.throttles.lock().expect("invariant: lock not poisoned");
+                let mut t = self.throttles.lock();
                 let limiter = t.entry(rule.id.clone()).or_insert_with(|| {
                     // `count` at once, refilled evenly over `per_secs`.
                     let burst = std::num::NonZeroU32::new(count).unwrap_or(std::num::NonZeroU32::MIN);

@@ -57,7 +57,8 @@ pub(crate) fn code(st: &State, call: &Call) -> Response<Body> {
     let raw: [u8; 8] = crate::secret::random_bytes();
     let letters: String = raw.iter().map(|b| USER_ALPHABET[(*b as usize) % 20] as char).collect();
     let user_code = format!("{}-{}", &letters[..4], &letters[4..]);
-    if let Ok(mut m) = st.signins.devices.0.lock() {
+    {
+        let mut m = st.signins.devices.0.lock();
         m.retain(|_, p| now - p.created < LIFETIME);
         if m.len() >= MAX_PENDING {
             return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "slow_down" }));
@@ -98,9 +99,7 @@ pub(crate) fn token(st: &State, call: &Call) -> Response<Body> {
         return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "invalid_request" }));
     };
     let now = st.clock.now();
-    let Ok(mut m) = st.signins.devices.0.lock() else {
-        return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "slow_down" }));
-    };
+    let mut m = st.signins.devices.0.lock();
     let found = m.iter().find(|(_, p)| {
         use subtle::ConstantTimeEq;
         bool::from(p.device_code.as_bytes().ct_eq(t.device_code.as_bytes()))
@@ -188,7 +187,8 @@ pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
     };
     let Some((requester, _, proved)) = claimed else { return show(None, Some("That code is unknown or expired.")) };
     if !approve {
-        if let Ok(mut m) = st.signins.devices.0.lock() {
+        {
+            let mut m = st.signins.devices.0.lock();
             if let Some(p) = m.get_mut(&code) {
                 p.state = DeviceState::Denied;
             }
@@ -221,7 +221,8 @@ pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
         let _ = st.sessions.end(&id).await;
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     }
-    if let Ok(mut m) = st.signins.devices.0.lock() {
+    {
+        let mut m = st.signins.devices.0.lock();
         if let Some(p) = m.get_mut(&code) {
             p.state = DeviceState::Approved {
                 token: token.cookie_value,

@@ -464,7 +464,8 @@ fn handoff_begin(st: &State, call: &Call) -> Response<Body> {
     };
     let code = cookie::encode_token(&crate::secret::random_bytes());
     let now = st.clock.now();
-    if let Ok(mut h) = st.signins.handoffs.lock() {
+    {
+        let mut h = st.signins.handoffs.lock();
         h.retain(|_, v| v.expires > now);
         let handoff = Handoff {
             session_id: s.id.clone(),
@@ -490,7 +491,7 @@ fn handoff_begin(st: &State, call: &Call) -> Response<Body> {
 async fn handoff(st: &State, call: &Call) -> Response<Body> {
     let ctx = &call.ctx;
     let code = query_param(call, "code").unwrap_or_default();
-    let taken = st.signins.handoffs.lock().ok().and_then(|mut h| h.remove(&code));
+    let taken = st.signins.handoffs.lock().remove(&code);
     let cookies = call.headers().get_all(header::COOKIE).iter().map(|v| v.as_bytes());
     let nonce = cookie::find(cookies, HANDOFF_COOKIE).map(|n| session::hash_token(n.as_bytes()));
     let client = ctx.client.to_string();

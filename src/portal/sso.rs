@@ -108,14 +108,7 @@ async fn may_claim(st: &State, source: &str, user: &crate::identity::oidc::Provi
     let (src, sub, name) = (source.to_string(), user.subject.clone(), user.name.clone());
     let known = st
         .store
-        .run(move |c| {
-            let bound: Option<String> = rusqlite::OptionalExtension::optional(c.query_row(
-                "SELECT name FROM users WHERE source = ?1 AND subject = ?2",
-                rusqlite::params![src, sub],
-                |r| r.get(0),
-            ))?;
-            Ok(bound.is_some() || Store::user_source(c, &name)?.is_some())
-        })
+        .run(move |c| Ok(Store::user_by_subject(c, &src, &sub)?.is_some() || Store::user_source(c, &name)?.is_some()))
         .await;
     match (known, &st.directory) {
         (Ok(true), _) | (Ok(false), None) => true,

@@ -10,13 +10,14 @@ pub mod assertion;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use parking_lot::RwLock;
 
 use crate::body::Body;
 use crate::clock::UnixTime;
@@ -83,7 +84,8 @@ impl Proxy {
 
     /// Forgets assertions too old to be reused (called periodically).
     pub fn tidy(&self, now: UnixTime) {
-        if let Ok(mut m) = self.assertions.write() {
+        {
+            let mut m = self.assertions.write();
             m.retain(|_, list| {
                 list.retain(|(_, iat, _)| now - iat < assertion::REUSE_FOR);
                 !list.is_empty()
@@ -102,11 +104,9 @@ impl Proxy {
         session: Option<&Session>,
         now: UnixTime,
     ) -> Result<HeaderValue, crate::upstream::Cause> {
-        let fresh = |(a, iat, _): &Assertion| {
-            *a == app.name && now - iat < assertion::REUSE_FOR && *iat <= now
-        };
+        let fresh = |(a, iat, _): &Assertion| *a == app.name && now - iat < assertion::REUSE_FOR && *iat <= now;
         if let Some(s) = session {
-            let cached = self.assertions.read().ok().and_then(|m| m.get(&s.id)?.iter().find(|e| fresh(e)).cloned());
+            let cached = self.assertions.read().get(&s.id).and_then(|list| list.iter().find(|e| fresh(e)).cloned());
             if let Some((_, _, jwt)) = cached {
                 return Ok(jwt);
             }
@@ -115,7 +115,8 @@ impl Proxy {
         // Kept as a header value, so that a reused assertion is not checked again per request.
         let jwt = HeaderValue::try_from(self.signer.sign(&app.name, who, &amr, now)?)?;
         if let Some(s) = session {
-            if let Ok(mut m) = self.assertions.write() {
+            {
+                let mut m = self.assertions.write();
                 let list = m.entry(s.id.clone()).or_default();
                 list.retain(|(a, iat, _)| *a != app.name && now - iat < assertion::REUSE_FOR);
                 list.push((app.name.clone(), now, jwt.clone()));

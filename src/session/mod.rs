@@ -11,9 +11,10 @@ pub mod cookie;
 mod factors;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
 use crate::clock::{Clock, UnixTime};
@@ -288,7 +289,7 @@ impl Sessions {
         let now = self.clock.now();
         // A copy whose line was cut is never served: it may have reached the cache while its
         // line was being cut (a lockdown, a logout). The store says whether the session lives.
-        let cached = self.cache.read().ok().and_then(|c| c.get(&hash).cloned()).filter(|s| !s.line.is_cut());
+        let cached = self.cache.read().get(&hash).cloned().filter(|s| !s.line.is_cut());
         let session = match cached {
             Some(s) => s,
             None => {
@@ -296,9 +297,7 @@ impl Sessions {
                 match loaded {
                     Ok(Some((row, host, identity))) => {
                         let s = Arc::new(self.session_from_row(row, host, identity));
-                        if let Ok(mut c) = self.cache.write() {
-                            c.insert(hash, s.clone());
-                        }
+                        self.cache.write().insert(hash, s.clone());
                         s
                     }
                     Ok(None) => return Err((Lookup::None, None)),
@@ -322,7 +321,7 @@ impl Sessions {
 
     /// The line of session `id`: the one its other copies share, or a new one.
     fn line_for(&self, row: &SessionRow, identity: &Identity) -> Arc<Line> {
-        let mut lines = self.lines.lock().expect("invariant: lock not poisoned");
+        let mut lines = self.lines.lock();
         if lines.get(&row.id).is_some_and(|l| l.is_cut()) {
             lines.remove(&row.id);
         }
@@ -337,9 +336,7 @@ impl Sessions {
                 groups: Mutex::new(Vec::new()),
             })
         });
-        if let Ok(mut g) = line.groups.lock() {
-            g.clone_from(&identity.groups);
-        }
+        line.groups.lock().clone_from(&identity.groups);
         line.last_seen.fetch_max(row.last_seen, Ordering::Relaxed);
         line.clone()
     }
@@ -446,23 +443,21 @@ impl Sessions {
 
     /// Drops a session from the cache and cuts its line.
     fn forget(&self, id: &str, why: &'static str) {
-        if let Ok(mut c) = self.cache.write() {
-            c.retain(|_, s| s.id != id);
-        }
-        if let Some(line) = self.lines.lock().expect("invariant: lock not poisoned").remove(id) {
+        self.cache.write().retain(|_, s| s.id != id);
+        if let Some(line) = self.lines.lock().remove(id) {
             line.cut(why);
         }
     }
 
     /// Whether session `id` is held in this process (its copies, tunnels or streams).
     pub fn is_live(&self, id: &str) -> bool {
-        self.lines.lock().expect("invariant: lock not poisoned").contains_key(id)
+        self.lines.lock().contains_key(id)
     }
 
     /// Cuts the lines of sessions past their absolute expiry or idle timeout.
     pub fn cut_expired(&self, now: UnixTime) {
         let idle = self.timeouts.idle.as_secs() as i64;
-        let mut lines = self.lines.lock().expect("invariant: lock not poisoned");
+        let mut lines = self.lines.lock();
         lines.retain(|_, l| {
             let over = now >= l.expires_at || now - l.last_seen.load(Ordering::Relaxed) >= idle;
             if over {
@@ -476,8 +471,8 @@ impl Sessions {
     /// copies leave the cache, so that after the lockdown they come back with a new line.
     pub fn cut_all_but(&self, group: &str) {
         let mut cut = Vec::new();
-        self.lines.lock().expect("invariant: lock not poisoned").retain(|id, l| {
-            let keep = l.groups.lock().is_ok_and(|g| g.iter().any(|x| x == group));
+        self.lines.lock().retain(|id, l| {
+            let keep = l.groups.lock().iter().any(|x| x == group);
             if !keep {
                 l.cut("lockdown");
                 cut.push(id.clone());
@@ -485,23 +480,17 @@ impl Sessions {
             keep
         });
         if !cut.is_empty() {
-            if let Ok(mut c) = self.cache.write() {
-                c.retain(|_, s| !cut.contains(&s.id));
-            }
+            self.cache.write().retain(|_, s| !cut.contains(&s.id));
         }
     }
 
     fn forget_user(&self, user: &str) {
-        if let Ok(mut c) = self.cache.write() {
-            c.retain(|_, s| s.identity.user != user);
-        }
+        self.cache.write().retain(|_, s| s.identity.user != user);
         // Their groups may have changed: until the next request loads them, the user's open
         // connections count as in no group (a lockdown cuts them).
-        for line in self.lines.lock().expect("invariant: lock not poisoned").values() {
+        for line in self.lines.lock().values() {
             if line.user == user {
-                if let Ok(mut g) = line.groups.lock() {
-                    g.clear();
-                }
+                line.groups.lock().clear();
             }
         }
     }
@@ -526,7 +515,7 @@ impl Sessions {
     pub async fn flush(&self) -> anyhow::Result<()> {
         let now = self.clock.now();
         let updates: Vec<(String, UnixTime)> = {
-            let mut lines = self.lines.lock().expect("invariant: lock not poisoned");
+            let mut lines = self.lines.lock();
             // A line nothing holds any more (its session left the cache, no stream uses it).
             lines.retain(|_, l| Arc::strong_count(l) > 1);
             lines
@@ -549,16 +538,14 @@ impl Sessions {
             store.purge_expired(now, idle)
         })
         .await??;
-        if let Ok(mut c) = self.cache.write() {
-            c.retain(|_, s| self.expired(s.expires_at, s.last_seen(), now).is_none());
-        }
+        self.cache.write().retain(|_, s| self.expired(s.expires_at, s.last_seen(), now).is_none());
         Ok(())
     }
 
     /// Writes back every last-seen time now (at shutdown).
     pub async fn flush_all(&self) -> anyhow::Result<()> {
         let updates: Vec<(String, UnixTime)> = {
-            let lines = self.lines.lock().expect("invariant: lock not poisoned");
+            let lines = self.lines.lock();
             lines.iter().map(|(id, l)| (id.clone(), l.last_seen.load(Ordering::Relaxed))).collect()
         };
         let store = self.store.clone();

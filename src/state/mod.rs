@@ -8,8 +8,8 @@ pub mod pending;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use crate::audit::Audit;
 use crate::clock::Clock;
@@ -21,6 +21,7 @@ use crate::proxy::Signer;
 use crate::request::Front;
 use crate::session::{Session, Sessions};
 use crate::store::Store;
+use parking_lot::Mutex;
 
 pub struct State {
     pub cfg: Arc<Config>,
@@ -79,7 +80,7 @@ pub struct Slot {
 
 impl Tunnels {
     pub fn take(self: &Arc<Self>, session: &str, per_session: usize, total: usize) -> Option<Slot> {
-        let mut m = self.per_session.lock().ok()?;
+        let mut m = self.per_session.lock();
         let n = m.entry(session.to_string()).or_insert(0);
         if *n >= per_session || self.total.load(Ordering::Relaxed) >= total {
             return None;
@@ -98,7 +99,8 @@ impl Tunnels {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.tunnels.total.fetch_sub(1, Ordering::Relaxed);
-        if let Ok(mut m) = self.tunnels.per_session.lock() {
+        {
+            let mut m = self.tunnels.per_session.lock();
             if let Some(n) = m.get_mut(&self.session) {
                 *n -= 1;
                 if *n == 0 {

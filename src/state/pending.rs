@@ -3,8 +3,8 @@
 //! sign-in rate limiter. Data and its bookkeeping only: the portal's handlers decide.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
+use parking_lot::Mutex;
 use webauthn_rs::prelude::{
     DiscoverableAuthentication, PasskeyAuthentication, PasskeyRegistration, Url, Webauthn, WebauthnBuilder,
 };
@@ -108,7 +108,8 @@ impl Passkeys {
 
     pub fn put(&self, now: UnixTime, c: Ceremony) -> String {
         let id = crate::session::cookie::encode_token(&crate::secret::random_bytes());
-        if let Ok(mut m) = self.ceremonies.lock() {
+        {
+            let mut m = self.ceremonies.lock();
             m.retain(|_, (t, _)| now - *t < CEREMONY_SECS);
             m.insert(id.clone(), (now, c));
         }
@@ -116,7 +117,7 @@ impl Passkeys {
     }
 
     pub fn take(&self, id: &str, now: UnixTime) -> Option<Ceremony> {
-        let (t, c) = self.ceremonies.lock().ok()?.remove(id)?;
+        let (t, c) = self.ceremonies.lock().remove(id)?;
         (now - t < CEREMONY_SECS).then_some(c)
     }
 }
@@ -160,7 +161,8 @@ impl Devices {
     /// Records that the browser of session `s` just proved who its user is to approve code
     /// `code` (the confirm page), if that browser is the one that opened it.
     pub fn prove(&self, code: &str, s: &Session, now: UnixTime) {
-        if let Ok(mut m) = self.0.lock() {
+        {
+            let mut m = self.0.lock();
             if let Some(p) = m.get_mut(code).filter(|p| p.claimed_by == Some(claimant(s))) {
                 p.proved_at = Some(now);
             }
@@ -170,7 +172,7 @@ impl Devices {
     /// A pending, unexpired code the browser of session `s` may decide on: claimed by it now
     /// if nobody has it. Returns (requester, asked at, proved for it just now).
     pub fn claim(&self, code: &str, s: &Session, now: UnixTime) -> Option<(String, UnixTime, bool)> {
-        let mut m = self.0.lock().ok()?;
+        let mut m = self.0.lock();
         let p = m.get_mut(code).filter(|p| matches!(p.state, DeviceState::Pending) && now - p.created < LIFETIME)?;
         if *p.claimed_by.get_or_insert_with(|| claimant(s)) != claimant(s) {
             return None;

@@ -6,9 +6,10 @@
 //! table, which the gateway polls.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context;
+use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::clock::UnixTime;
@@ -259,7 +260,7 @@ impl Store {
 
     /// Runs `f` with the connection on the calling thread. For the CLI and start-up.
     pub fn with<R>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>) -> anyhow::Result<R> {
-        let mut conn = self.conn.lock().map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
+        let mut conn = self.conn.lock();
         Ok(f(&mut conn)?)
     }
 
@@ -399,6 +400,14 @@ impl Store {
     pub fn user_source(conn: &Connection, name: &str) -> rusqlite::Result<Option<(String, bool)>> {
         conn.query_row("SELECT source, disabled FROM users WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
+    }
+
+    /// The poort name of the provider account `(source, subject)`, if it has signed in before.
+    pub fn user_by_subject(conn: &Connection, source: &str, subject: &str) -> rusqlite::Result<Option<String>> {
+        conn.query_row("SELECT name FROM users WHERE source = ?1 AND subject = ?2", params![source, subject], |r| {
+            r.get(0)
+        })
+        .optional()
     }
 
     /// Records a user who signed in through a directory or an identity provider: created on

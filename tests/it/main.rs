@@ -1,5 +1,7 @@
 //! Integration tests: each starts a real gateway on a loopback port with real upstreams.
 #![allow(clippy::unwrap_used)]
+// Tests measure real time (how soon a connection is cut).
+#![allow(clippy::disallowed_methods)]
 
 mod cli;
 mod flow;
