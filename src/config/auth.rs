@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::Collector;
+use super::resolve::Collector;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]

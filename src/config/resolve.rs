@@ -1,0 +1,616 @@
+//! From the file's words to a `Config`: every section checked, every problem collected with
+//! its key and a hint, nothing applied unless all of it is right.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::access::{Access, resolve_access};
+use super::*;
+
+pub(super) fn toml_problem(e: &toml::de::Error) -> Problem {
+    let message = e.message().to_string();
+    let hint = if message.contains("unknown field") {
+        "remove the key or fix its spelling; docs/configuration.md lists every key".to_string()
+    } else {
+        "see docs/configuration.md for the expected type".to_string()
+    };
+    let path = match e.span() {
+        Some(span) => format!("at byte {}", span.start),
+        None => "config".into(),
+    };
+    Problem { path, message, hint }
+}
+
+pub(super) struct Collector(Vec<Problem>);
+
+impl Collector {
+    pub(super) fn add(&mut self, path: impl Into<String>, message: impl Into<String>, hint: impl Into<String>) {
+        self.0.push(Problem { path: path.into(), message: message.into(), hint: hint.into() });
+    }
+
+    pub(super) fn duration(&mut self, path: &str, raw: &Option<String>, default: Duration) -> Duration {
+        match raw {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    self.add(path, "must be longer than zero", "for example \"30s\" or \"15m\"");
+                    default
+                }
+                Err(_) => {
+                    self.add(path, format!("{s:?} is not a duration"), "for example \"30s\", \"15m\" or \"12h\"");
+                    default
+                }
+            },
+        }
+    }
+
+    /// An app's or tunnel's name; a placeholder (`#i`) keeps later problems addressable.
+    pub(super) fn name(
+        &mut self,
+        kind: &str,
+        i: usize,
+        raw: Option<String>,
+        invalid: &str,
+        missing_hint: &str,
+    ) -> String {
+        match raw {
+            Some(n) if crate::names::valid_entry_name(&n) => n,
+            Some(n) => {
+                self.add(format!("{kind}[{i}].name"), format!("{n:?} {invalid}"), "use 1-64 of a-z, 0-9, - and _");
+                format!("#{i}")
+            }
+            None => {
+                self.add(format!("{kind}[{i}].name"), "missing", missing_hint);
+                format!("#{i}")
+            }
+        }
+    }
+
+    /// `mfa = "required" | "inherit"` (the default inherits `[mfa] required`).
+    pub(super) fn mfa(&mut self, key: &str, raw: Option<&str>, default: bool) -> Option<bool> {
+        match raw {
+            None | Some("inherit") => Some(default),
+            Some("required") => Some(true),
+            Some(other) => {
+                self.add(format!("{key}.mfa"), format!("{other:?} is not a choice"), "\"required\" or \"inherit\"");
+                None
+            }
+        }
+    }
+
+    pub(super) fn socket(&mut self, path: &str, raw: &str) -> Option<SocketAddr> {
+        match raw.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.add(path, format!("{raw:?} is not an ip:port address"), "for example \"0.0.0.0:443\"");
+                None
+            }
+        }
+    }
+}
+
+pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
+    let mut c = Collector(Vec::new());
+    let c = &mut c;
+    let server = server(c, f.server);
+    let (data_dir, database) = store(c, f.store, base);
+    let tls = tls(c, f.tls, base, &data_dir);
+    let session = session(c, f.session);
+    let proxy = proxy(c, f.proxy);
+    let mfa = mfa(c, f.mfa);
+    let login = login(c, f.login);
+    let apps = apps(c, f.apps, &server.portal_host, mfa.required);
+    let (tunnel, tunnels) = tunnels(c, f.tunnels, f.tunnel_list, &apps, mfa.required);
+    let mitigate = mitigate(c, f.mitigate, base);
+    let auth = auth::resolve(c, f.auth, base);
+
+    if c.0.is_empty() {
+        Ok(Config {
+            server,
+            tls,
+            data_dir,
+            database,
+            session,
+            proxy,
+            mfa,
+            login,
+            apps,
+            tunnel,
+            tunnels,
+            mitigate,
+            auth,
+        })
+    } else {
+        Err(Problems(std::mem::take(&mut c.0)))
+    }
+}
+
+/// A path from the config: relative ones are taken from the config file's folder.
+fn at(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
+/// `[server]`.
+fn server(c: &mut Collector, f: file::Server) -> Server {
+    let listen = c.socket("server.listen", f.listen.as_deref().unwrap_or("127.0.0.1:8443"));
+    let redirect_listen = f.redirect_listen.as_deref().and_then(|s| c.socket("server.redirect_listen", s));
+    let (external_origin, portal_host) = match f.external_url.as_deref() {
+        None => {
+            let port = listen.map_or(8443, |a| a.port());
+            let origin =
+                if port == 443 { "https://localhost".to_string() } else { format!("https://localhost:{port}") };
+            (origin, "localhost".to_string())
+        }
+        Some(raw) => match external_origin(raw) {
+            Some(v) => v,
+            None => {
+                c.add(
+                    "server.external_url",
+                    format!("{raw:?} is not an https URL with a host and nothing after it"),
+                    "for example \"https://gate.example.com\"",
+                );
+                (String::new(), String::new())
+            }
+        },
+    };
+    let mut trusted_proxies = Vec::new();
+    for (i, raw) in f.trusted_proxies.iter().flatten().enumerate() {
+        match raw.parse::<IpNet>().or_else(|_| raw.parse::<std::net::IpAddr>().map(IpNet::from)) {
+            Ok(n) => trusted_proxies.push(n),
+            Err(_) => c.add(
+                format!("server.trusted_proxies[{i}]"),
+                format!("{raw:?} is not an address or CIDR range"),
+                "for example \"10.0.0.0/8\" or \"192.0.2.7\"",
+            ),
+        }
+    }
+    let server = Server {
+        listen: listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8443))),
+        redirect_listen,
+        external_origin,
+        portal_host,
+        trusted_proxies,
+        handshake_timeout: c.duration("server.handshake_timeout", &f.handshake_timeout, Duration::from_secs(10)),
+        header_timeout: c.duration("server.header_timeout", &f.header_timeout, Duration::from_secs(10)),
+        idle_timeout: c.duration("server.idle_timeout", &f.idle_timeout, Duration::from_secs(75)),
+        shutdown_grace: c.duration("server.shutdown_grace", &f.shutdown_grace, Duration::from_secs(10)),
+        max_connections: f.max_connections.unwrap_or(20_000),
+        max_connections_per_client: f.max_connections_per_client.unwrap_or(256),
+        workers: f.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    };
+    if server.workers == 0 || server.workers > 256 {
+        c.add("server.workers", "must be between 1 and 256", "leave it out for one per CPU core");
+    }
+    if server.max_connections == 0 {
+        c.add("server.max_connections", "must be at least 1", "leave it out for the default of 20000");
+    }
+    if server.max_connections_per_client == 0 {
+        c.add("server.max_connections_per_client", "must be at least 1", "leave it out for the default of 256");
+    }
+    server
+}
+
+/// `[store]`: the data folder and the database file.
+fn store(c: &mut Collector, f: file::Store, base: &Path) -> (PathBuf, PathBuf) {
+    let data_dir = at(base, f.data_dir.as_deref().unwrap_or("poort-data"));
+    let database = match f.database_url.as_deref() {
+        None => data_dir.join("poort.db"),
+        Some(url) => match url.strip_prefix("sqlite://") {
+            Some(p) if !p.is_empty() => at(base, p),
+            _ => {
+                c.add(
+                    "store.database_url",
+                    format!("{url:?} is not a sqlite:// URL"),
+                    "write \"sqlite://PATH\", or leave it out to use poort.db in data_dir",
+                );
+                PathBuf::new()
+            }
+        },
+    };
+    (data_dir, database)
+}
+
+/// `[tls]`: the certificate and key, by default in the data folder.
+fn tls(c: &mut Collector, f: Option<file::Tls>, base: &Path, data_dir: &Path) -> Tls {
+    match f {
+        Some(file::Tls { cert_file: Some(cert), key_file: Some(key) }) => {
+            Tls { cert_file: at(base, &cert), key_file: at(base, &key) }
+        }
+        Some(t) => {
+            if t.cert_file.is_none() {
+                c.add("tls.cert_file", "missing", "name the PEM certificate chain file");
+            }
+            if t.key_file.is_none() {
+                c.add("tls.key_file", "missing", "name the PEM private key file");
+            }
+            Tls { cert_file: PathBuf::new(), key_file: PathBuf::new() }
+        }
+        None => Tls { cert_file: data_dir.join("tls/cert.pem"), key_file: data_dir.join("tls/key.pem") },
+    }
+}
+
+/// `[session]`.
+fn session(c: &mut Collector, f: file::Session) -> SessionTimeouts {
+    let session = SessionTimeouts {
+        idle: c.duration("session.idle_timeout", &f.idle_timeout, Duration::from_secs(30 * 60)),
+        absolute: c.duration("session.absolute_timeout", &f.absolute_timeout, Duration::from_secs(12 * 3600)),
+    };
+    if session.idle > session.absolute {
+        c.add(
+            "session.idle_timeout",
+            "is longer than session.absolute_timeout",
+            "make the idle timeout the shorter one",
+        );
+    }
+    session
+}
+
+/// `[proxy]`.
+fn proxy(c: &mut Collector, f: file::Proxy) -> ProxySettings {
+    let proxy = ProxySettings {
+        connect_timeout: c.duration("proxy.connect_timeout", &f.connect_timeout, Duration::from_secs(5)),
+        response_timeout: c.duration("proxy.response_timeout", &f.response_timeout, Duration::from_secs(60)),
+        max_body_bytes: f.max_body_bytes.unwrap_or(10 * 1024 * 1024),
+        buffer_bytes: f.buffer_bytes.unwrap_or(64 * 1024),
+    };
+    if proxy.buffer_bytes > 16 * 1024 * 1024 {
+        c.add(
+            "proxy.buffer_bytes",
+            "is more than 16 MiB",
+            "bodies above this stream anyway; keep it at 64 KiB to 1 MiB",
+        );
+    }
+    proxy
+}
+
+/// `[mfa]`.
+fn mfa(c: &mut Collector, f: file::Mfa) -> MfaSettings {
+    let mfa = MfaSettings {
+        required: f.required.unwrap_or(false),
+        missing: match f.missing.as_deref() {
+            None | Some("enrol") => MissingFactor::Enrol,
+            Some("refuse") => MissingFactor::Refuse,
+            Some(other) => {
+                c.add("mfa.missing", format!("{other:?} is not a choice"), "\"enrol\" or \"refuse\"");
+                MissingFactor::Enrol
+            }
+        },
+        issuer: f.issuer.unwrap_or_else(|| "poort".into()),
+    };
+    if mfa.issuer.is_empty() || mfa.issuer.len() > 64 || mfa.issuer.contains(':') {
+        c.add("mfa.issuer", "must be 1-64 characters without ':'", "for example issuer = \"Example Corp\"");
+    }
+    mfa
+}
+
+/// `[login]`.
+fn login(c: &mut Collector, f: file::Login) -> LoginSettings {
+    let lock_base = c.duration("login.lock_base", &f.lock_base, Duration::from_secs(60));
+    let lock_max = c.duration("login.lock_max", &f.lock_max, Duration::from_secs(30 * 60));
+    let login = LoginSettings {
+        lock: LockPolicy {
+            after: f.lock_after.unwrap_or(5),
+            base_secs: lock_base.as_secs() as i64,
+            max_secs: lock_max.as_secs() as i64,
+        },
+        per_address_per_minute: f.per_address_per_minute.unwrap_or(30),
+    };
+    if login.lock.after == 0 {
+        c.add("login.lock_after", "must be at least 1", "leave it out for the default of 5");
+    }
+    if login.per_address_per_minute == 0 {
+        c.add("login.per_address_per_minute", "must be at least 1", "leave it out for the default of 30");
+    }
+    login
+}
+
+/// `[[app]]`, each with a name and a route of its own.
+fn apps(c: &mut Collector, list: Vec<file::App>, portal_host: &str, mfa_default: bool) -> Vec<App> {
+    let mut apps: Vec<App> = Vec::new();
+    for (i, app) in list.into_iter().enumerate() {
+        if let Some(a) = resolve_app(c, i, app, portal_host, mfa_default) {
+            let key = format!("app[{}]", a.name);
+            if apps.iter().any(|b| b.name == a.name) {
+                c.add(format!("{key}.name"), "is used by another app too", "give each app its own name");
+            }
+            if apps.iter().any(|b| b.route == a.route) {
+                c.add(
+                    format!("{key}.route"),
+                    "another app has the same host or path",
+                    "give each app its own host or path",
+                );
+            }
+            apps.push(a);
+        }
+    }
+    apps
+}
+
+/// `[tunnels]` and `[[tunnel]]`; a tunnel's name is not an app's.
+fn tunnels(
+    c: &mut Collector,
+    settings: file::Tunnels,
+    list: Vec<file::Tunnel>,
+    apps: &[App],
+    mfa_default: bool,
+) -> (TunnelSettings, Vec<Tunnel>) {
+    let tunnel = TunnelSettings {
+        per_session: settings.per_session.unwrap_or(16),
+        total: settings.total.unwrap_or(1024),
+        idle_timeout: c.duration("tunnels.idle_timeout", &settings.idle_timeout, Duration::from_secs(3600)),
+        connect_timeout: c.duration("tunnels.connect_timeout", &settings.connect_timeout, Duration::from_secs(5)),
+    };
+    if tunnel.per_session == 0 || tunnel.total == 0 {
+        c.add("tunnels", "per_session and total must be at least 1", "leave them out for 16 and 1024");
+    }
+    let mut tunnels: Vec<Tunnel> = Vec::new();
+    for (i, t) in list.into_iter().enumerate() {
+        if let Some(t) = resolve_tunnel(c, i, t, mfa_default) {
+            if tunnels.iter().any(|u| u.name == t.name) || apps.iter().any(|a| a.name == t.name) {
+                c.add(format!("tunnel[{}].name", t.name), "is used by another app or tunnel", "give each its own name");
+            }
+            tunnels.push(t);
+        }
+    }
+    (tunnel, tunnels)
+}
+
+/// `[mitigate]`.
+fn mitigate(c: &mut Collector, f: file::Mitigate, base: &Path) -> Mitigate {
+    let public_key = match (f.require_signature.unwrap_or(false), f.public_key.as_deref()) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            c.add(
+                "mitigate.public_key",
+                "is set but require_signature is not",
+                "set require_signature = true, or remove the key",
+            );
+            None
+        }
+        (true, None) => {
+            c.add(
+                "mitigate.public_key",
+                "missing",
+                "require_signature needs the publisher's key (poort rules keygen prints it)",
+            );
+            None
+        }
+        (true, Some(k)) => {
+            use base64::Engine;
+            match base64::engine::general_purpose::STANDARD.decode(k.trim()) {
+                Ok(b) if b.len() == 32 => Some(b),
+                _ => {
+                    c.add(
+                        "mitigate.public_key",
+                        "is not a base64 Ed25519 public key",
+                        "paste what poort rules keygen printed",
+                    );
+                    None
+                }
+            }
+        }
+    };
+    let mitigate = Mitigate {
+        rules_file: f.rules_file.as_deref().map(|p| at(base, p)),
+        public_key,
+        lockdown: f.lockdown.unwrap_or(false),
+        admin_group: f.admin_group.unwrap_or_else(|| "admins".into()),
+    };
+    if f.require_signature == Some(true) && mitigate.rules_file.is_none() {
+        c.add("mitigate.rules_file", "missing", "require_signature applies to a rules file: name it");
+    }
+    mitigate
+}
+
+/// `http(s)://host[:port]`, lower case, as a browser sends it in `Origin`.
+fn web_origin(raw: &str) -> Option<String> {
+    let rest = raw.strip_prefix("https://").or_else(|| raw.strip_prefix("http://"))?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    crate::request::parse_host(rest.as_bytes()).ok()?;
+    Some(raw.trim_end_matches('/').to_ascii_lowercase())
+}
+
+/// `https://host[:port]` with an optional trailing slash and nothing else.
+fn external_origin(raw: &str) -> Option<(String, String)> {
+    let rest = raw.strip_prefix("https://")?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    let host = crate::request::parse_host(rest.as_bytes()).ok()?;
+    Some((format!("https://{}", rest.to_ascii_lowercase()), host))
+}
+
+fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, mfa_default: bool) -> Option<App> {
+    let name =
+        c.name("app", i, app.name, "is not a valid app name", "every app needs a name, for example name = \"wiki\"");
+    let key = format!("app[{name}]");
+    let upstream = match app.upstream.as_deref() {
+        None => {
+            c.add(format!("{key}.upstream"), "missing", "for example upstream = \"http://10.0.0.5:8080\"");
+            None
+        }
+        Some("builtin:whoami") => Some(Upstream::Whoami),
+        Some(raw) => match parse_upstream(raw) {
+            Ok(u) => Some(u),
+            Err(hint) => {
+                c.add(format!("{key}.upstream"), format!("{raw:?} is not an http URL"), hint);
+                None
+            }
+        },
+    };
+    let route = match (app.host, app.path) {
+        (Some(h), None) => match crate::request::parse_host(h.as_bytes()) {
+            Ok(host) if host == portal_host => {
+                c.add(
+                    format!("{key}.host"),
+                    "is the portal's own host",
+                    "route the app by path on the portal host, or give it its own host",
+                );
+                None
+            }
+            Ok(host) if !h.contains(':') => Some(Route::Host(host)),
+            _ => {
+                c.add(
+                    format!("{key}.host"),
+                    format!("{h:?} is not a host name"),
+                    "for example host = \"wiki.example.com\", without scheme or port",
+                );
+                None
+            }
+        },
+        (None, Some(p)) => match crate::request::Target::parse(&p) {
+            Ok(t) if t.query().is_none() && p.len() > 1 && !p.starts_with("/.poort") => {
+                let mut prefix = t.path().to_string();
+                if !prefix.ends_with('/') {
+                    prefix.push('/');
+                }
+                Some(Route::Path { prefix, strip: app.strip_prefix.unwrap_or(false) })
+            }
+            _ => {
+                c.add(
+                    format!("{key}.path"),
+                    format!("{p:?} is not a usable path prefix"),
+                    "a canonical path other than / and /.poort, for example path = \"/wiki/\"",
+                );
+                None
+            }
+        },
+        (Some(_), Some(_)) => {
+            c.add(format!("{key}.host"), "host and path are both set", "route an app by host or by path, not both");
+            None
+        }
+        (None, None) => {
+            c.add(
+                format!("{key}.host"),
+                "neither host nor path is set",
+                "add host = \"wiki.example.com\" or path = \"/wiki/\"",
+            );
+            None
+        }
+    };
+    if app.strip_prefix.is_some() && matches!(route, Some(Route::Host(_))) {
+        c.add(format!("{key}.strip_prefix"), "only applies to path-routed apps", "remove it, or route the app by path");
+    }
+    let access = match app.access {
+        None => {
+            c.add(format!("{key}.access"), "missing", "state it: \"authenticated\", \"public\" or { rules = [...] }");
+            None
+        }
+        Some(v) => resolve_access(c, &key, v),
+    };
+    let mfa = c.mfa(&key, app.mfa.as_deref(), mfa_default);
+    let mut forward_headers = Vec::new();
+    for h in app.forward_headers.unwrap_or_default() {
+        match http::HeaderName::from_bytes(h.as_bytes()) {
+            Ok(_) if crate::request::headers::never_forwarded(&h) => c.add(
+                format!("{key}.forward_headers"),
+                format!("{h:?} is a framing, connection or identity header"),
+                "poort sets or removes it itself; forward only the app's own headers",
+            ),
+            Ok(name) => forward_headers.push(name),
+            Err(_) => c.add(
+                format!("{key}.forward_headers"),
+                format!("{h:?} is not a header name"),
+                "for example \"X-Api-Key\"",
+            ),
+        }
+    }
+    let mut websocket_origins = Vec::new();
+    for o in app.websocket_origins.unwrap_or_default() {
+        match web_origin(&o) {
+            Some(o) => websocket_origins.push(o),
+            None => c.add(
+                format!("{key}.websocket_origins"),
+                format!("{o:?} is not an origin"),
+                "scheme, host and port only, for example \"https://tools.example.com\"",
+            ),
+        }
+    }
+    Some(App {
+        forward_headers,
+        websocket_origins,
+        mfa: mfa?,
+        title: app.title.unwrap_or_else(|| name.clone()),
+        description: app.description.unwrap_or_default(),
+        name,
+        upstream: upstream?,
+        route: route?,
+        access: access?,
+    })
+}
+
+fn resolve_tunnel(c: &mut Collector, i: usize, t: file::Tunnel, mfa_default: bool) -> Option<Tunnel> {
+    let name =
+        c.name("tunnel", i, t.name, "is not a valid name", "every tunnel needs a name, for example name = \"db\"");
+    let key = format!("tunnel[{name}]");
+    let target = match t.target.as_deref() {
+        Some(raw) if valid_target(raw) => Some(raw.to_ascii_lowercase()),
+        Some(raw) => {
+            c.add(
+                format!("{key}.target"),
+                format!("{raw:?} is not host:port"),
+                "for example target = \"10.0.0.9:5432\"",
+            );
+            None
+        }
+        None => {
+            c.add(format!("{key}.target"), "missing", "for example target = \"10.0.0.9:22\"");
+            None
+        }
+    };
+    let access = match t.access {
+        None => {
+            c.add(format!("{key}.access"), "missing", "state it: \"authenticated\" or { rules = [...] }");
+            None
+        }
+        Some(v) => resolve_access(c, &key, v),
+    };
+    if access == Some(Access::Public) {
+        c.add(format!("{key}.access"), "a tunnel cannot be public", "use \"authenticated\" or { rules = [...] }");
+    }
+    let mfa = c.mfa(&key, t.mfa.as_deref(), mfa_default);
+    Some(Tunnel {
+        title: t.title.unwrap_or_else(|| name.clone()),
+        description: t.description.unwrap_or_default(),
+        name,
+        target: target?,
+        access: access.filter(|a| *a != Access::Public)?,
+        mfa: mfa?,
+    })
+}
+
+/// `host:port` with a DNS name, IPv4 or bracketed IPv6 host and a port from 1 to 65535.
+fn valid_target(raw: &str) -> bool {
+    let Some(i) = raw.rfind(':') else { return false };
+    let (host, port) = (&raw[..i], &raw[i + 1..]);
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0) && port.bytes().all(|b| b.is_ascii_digit());
+    port_ok && !host.is_empty() && crate::request::parse_host(host.as_bytes()).is_ok()
+}
+
+fn parse_upstream(raw: &str) -> Result<Upstream, &'static str> {
+    if raw.starts_with("https://") {
+        return Err("TLS to upstreams is not supported yet: reach the app over http on a trusted network");
+    }
+    let rest = raw.strip_prefix("http://").ok_or("write http://HOST:PORT, optionally with a base path")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains('@') || crate::request::parse_host(authority.as_bytes()).is_err() {
+        return Err("write http://HOST:PORT with a plain host name or address");
+    }
+    let base_path = path.trim_end_matches('/');
+    if !base_path.is_empty() && crate::request::Target::parse(base_path).map(|t| t.query().is_some()).unwrap_or(true) {
+        return Err("the base path must be a plain canonical path without a query");
+    }
+    Ok(Upstream::Http { authority: authority.to_string(), base_path: base_path.to_string() })
+}
