@@ -66,6 +66,12 @@ path = "/open/"
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `listen_addr`"));
     let missing = poort(&["check", "--config", "/nonexistent/poort.toml"], &dir.0);
     assert_eq!(missing.status.code(), Some(64));
+    // Every command that reads the config says the same, with the same status.
+    for args in [&["serve"][..], &["user", "list"][..], &["lockdown", "status"][..]] {
+        let out = poort(&[args, &["--config", path_of(&typo)][..]].concat(), &dir.0);
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `listen_addr`"), "{args:?}");
+    }
 }
 
 #[test]

@@ -1,0 +1,56 @@
+//! `poort audit`: read and verify the audit log.
+
+use super::*;
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Show the latest records.
+    Tail {
+        #[arg(short = 'n', default_value_t = 20)]
+        n: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Check the hash chain; exit 1 at the first record that was changed, removed or moved.
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
+    match cmd {
+        AuditCmd::Tail { n, json, config } => {
+            let cfg = load(&config.config)?;
+            let conn = crate::store::open_connection(&cfg.database)?;
+            for r in crate::audit::tail(&conn, n)? {
+                if json {
+                    let detail: serde_json::Value = serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null);
+                    println!(
+                        "{}",
+                        serde_json::json!({"seq": r.seq, "at": format_utc(r.at), "event": detail, "hash": crate::secret::hex(&r.hash)})
+                    );
+                } else {
+                    println!("{:>6} {} {:<17} {}", r.seq, format_utc(r.at), r.kind, r.detail);
+                }
+            }
+            Ok(0)
+        }
+        AuditCmd::Verify { config } => {
+            let cfg = load(&config.config)?;
+            let conn = crate::store::open_connection(&cfg.database)?;
+            match crate::audit::verify(&conn)? {
+                Verdict::Intact { records, head } => {
+                    println!("audit log intact: {records} records; head {head}");
+                    Ok(0)
+                }
+                Verdict::Broken { seq, why } => {
+                    println!("audit log BROKEN at record {seq}: {why}");
+                    Ok(1)
+                }
+            }
+        }
+    }
+}

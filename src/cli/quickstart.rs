@@ -1,0 +1,119 @@
+//! `poort quickstart`: a working gateway in a fresh folder.
+
+use super::*;
+
+/// A random password of 20 characters from an alphabet without look-alikes (~117 bits).
+pub fn random_password() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut out = String::with_capacity(20);
+    while out.len() < 20 {
+        for b in crate::secret::random_bytes::<32>() {
+            // Rejection sampling keeps every character equally likely.
+            if (b as usize) < 256 - 256 % ALPHABET.len() && out.len() < 20 {
+                out.push(ALPHABET[b as usize % ALPHABET.len()] as char);
+            }
+        }
+    }
+    out
+}
+
+const QUICKSTART_CONFIG: &str = r#"# Written by `poort quickstart`. Edit it, check it with
+#   poort check --config poort-data/poort.toml
+# and serve it with
+#   poort serve --config poort-data/poort.toml
+# Every key is described in docs/configuration.md.
+
+[server]
+# Loopback only. To serve others, listen on 0.0.0.0:443 and set external_url to the
+# name users type, with a certificate for that name below.
+listen = "127.0.0.1:8443"
+external_url = "https://localhost:8443"
+
+[store]
+# Relative paths are taken from the folder this file is in.
+data_dir = "."
+
+[tls]
+cert_file = "tls/cert.pem"
+key_file = "tls/key.pem"
+
+[[app]]
+name = "whoami"
+title = "Who am I"
+description = "Demo app: shows the request poort forwarded, identity headers included"
+upstream = "builtin:whoami"
+path = "/whoami/"
+strip_prefix = true
+access = "authenticated"
+
+[[app]]
+name = "whoami-mfa"
+title = "Who am I, with a second factor"
+description = "The same demo app behind a second factor: opening it asks for one, or to set one up"
+upstream = "builtin:whoami"
+path = "/secure/"
+strip_prefix = true
+access = "authenticated"
+mfa = "required"
+
+# A TCP service (SSH, RDP, a database) reached with `poort connect` (docs/tunnels.md).
+# Uncomment to reach this machine's SSH server through the gateway:
+# [[tunnel]]
+# name = "ssh"
+# title = "This machine over SSH"
+# target = "127.0.0.1:22"
+# access = "authenticated"
+"#;
+
+/// Creates what is missing in `data_dir` and returns the resolved config.
+pub fn quickstart(data_dir: &Path) -> anyhow::Result<Config> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let config_path = data_dir.join("poort.toml");
+    if !config_path.exists() {
+        std::fs::write(&config_path, QUICKSTART_CONFIG)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        println!("Wrote {}", config_path.display());
+    }
+    let cfg = match config::load(&config_path) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprint!("{problems}");
+            bail!("{} has problems; fix them or move the file away to start afresh", config_path.display());
+        }
+    };
+    if !cfg.tls.cert_file.exists() {
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ])
+        .context("making a self-signed certificate")?;
+        crate::secret::write_private(&cfg.tls.key_file, ck.signing_key.serialize_pem().as_bytes())?;
+        std::fs::write(&cfg.tls.cert_file, ck.cert.pem())?;
+        println!("Made a self-signed certificate for localhost: {}", cfg.tls.cert_file.display());
+    }
+    if let Ok(pem) = std::fs::read(&cfg.tls.cert_file) {
+        use rustls::pki_types::pem::PemObject;
+        if let Some(Ok(der)) = rustls::pki_types::CertificateDer::pem_slice_iter(&pem).next() {
+            let fp = ring::digest::digest(&ring::digest::SHA256, &der);
+            let hex: Vec<String> = fp.as_ref().iter().map(|b| format!("{b:02X}")).collect();
+            println!("Certificate SHA-256 fingerprint: {}", hex.join(":"));
+        }
+    }
+    let store = Store::open(&cfg.database)?;
+    if store.user_exists("admin")? {
+        println!("User admin exists already (reset its password with `poort user passwd admin`).");
+    } else {
+        let pw = random_password();
+        let now = SystemClock.now();
+        store.add_user("admin", None, &password::hash(&pw)?, &["admins".to_string()], now)?;
+        record_admin(&cfg, "quickstart", "admin", "created user admin in group admins")?;
+        println!("Created user admin (group admins). Its password, shown only this once:\n\n    {pw}\n");
+    }
+    println!("Open {}/ and sign in as admin.", cfg.server.external_origin);
+    Ok(cfg)
+}

@@ -1,0 +1,221 @@
+//! `poort rules`: test, sign and check emergency rules files.
+
+use super::*;
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCmd {
+    /// Show which rule a request would meet, without a running gateway.
+    Test {
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// The request target as sent, for example '/vpn/../vpns/cfg/smb.conf'.
+        #[arg(long, required_unless_present = "raw")]
+        target: Option<String>,
+        /// A header, 'Name: value' (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// The client address.
+        #[arg(long, default_value = "192.0.2.1")]
+        client: std::net::IpAddr,
+        /// A file with a raw request head (request line and headers) instead.
+        #[arg(long, conflicts_with = "target")]
+        raw: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// What the running gateway loaded, and why it refused the newest file if it did.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Make an Ed25519 key pair for signing rule files; prints the public key for the config.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a rules file: writes FILE.sig.
+    Sign {
+        #[arg(long)]
+        key: PathBuf,
+        file: PathBuf,
+    },
+    /// Check FILE.sig against a public key.
+    Verify {
+        #[arg(long)]
+        public_key: String,
+        file: PathBuf,
+    },
+}
+
+pub(super) fn run(cmd: RulesCmd) -> anyhow::Result<i32> {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    match cmd {
+        RulesCmd::Test { method, target, headers, client, raw, config } => {
+            let cfg = load(&config.config)?;
+            let (method, target, headers) = match raw {
+                Some(path) => {
+                    parse_raw_head(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)?
+                }
+                None => {
+                    let headers = headers.iter().map(|h| h.as_bytes().to_vec()).collect();
+                    (method, target.unwrap_or_default(), headers)
+                }
+            };
+            rules_test(&cfg, &method, &target, &headers, client)
+        }
+        RulesCmd::Status { config } => {
+            let cfg = load(&config.config)?;
+            match crate::mitigate::read_status(&cfg.data_dir) {
+                None => println!("No status yet: the gateway has not run with this data directory."),
+                Some(s) => {
+                    println!("file:      {}", s.file.as_deref().unwrap_or("(no rules file configured)"));
+                    println!("rules:     {} in force, loaded {}", s.rules, s.loaded_at.as_deref().unwrap_or("never"));
+                    println!("sha256:    {}", s.sha256.as_deref().unwrap_or("-"));
+                    println!("version:   {}", s.version.map_or("-".to_string(), |v| v.to_string()));
+                    match &s.last_error {
+                        Some(e) => println!("REFUSED:   the newest file was not loaded: {e}"),
+                        None => println!("newest file: loaded"),
+                    }
+                    let mut hits: Vec<_> = s.hits.iter().collect();
+                    hits.sort();
+                    for (rule, n) in hits {
+                        println!("hits:      {rule}: {n}");
+                    }
+                    if s.last_error.is_some() {
+                        return Ok(1);
+                    }
+                }
+            }
+            Ok(0)
+        }
+        RulesCmd::Keygen { out } => {
+            let rng = ring::rand::SystemRandom::new();
+            let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| anyhow::anyhow!("key generation failed"))?;
+            let pair =
+                Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|_| anyhow::anyhow!("key generation failed"))?;
+            crate::secret::write_private(&out, doc.as_ref())?;
+            println!("Wrote the private key to {} (keep it away from the gateway).", out.display());
+            println!(
+                "Public key for the gateway's [mitigate] public_key:\n\n    {}",
+                STANDARD.encode(pair.public_key().as_ref())
+            );
+            Ok(0)
+        }
+        RulesCmd::Sign { key, file } => {
+            let pkcs8 = std::fs::read(&key).with_context(|| format!("reading {}", key.display()))?;
+            let pair = Ed25519KeyPair::from_pkcs8(&pkcs8)
+                .map_err(|_| anyhow::anyhow!("{} is not an Ed25519 key", key.display()))?;
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            match crate::mitigate::rules::compile(&String::from_utf8_lossy(&bytes)) {
+                Err(problems) => bail!("refusing to sign a rules file with problems:\n  {}", problems.join("\n  ")),
+                Ok(r) if r.version.is_none() => bail!(
+                    "refusing to sign a rules file without a version: gateways never go back to a lower version, so each file needs one (hint: version = 1 at the top, one higher in every new file)"
+                ),
+                Ok(_) => {}
+            }
+            let sig_path = crate::mitigate::signature_path(&file);
+            std::fs::write(&sig_path, format!("{}\n", STANDARD.encode(pair.sign(&bytes).as_ref())))?;
+            println!("Wrote {}", sig_path.display());
+            Ok(0)
+        }
+        RulesCmd::Verify { public_key, file } => {
+            let key = STANDARD.decode(public_key.trim()).context("the public key is not base64")?;
+            match crate::mitigate::load_file(&file, Some(&key), SystemClock.now()) {
+                Ok((rules, digest)) => {
+                    println!("signature good; {} rules; sha256 {digest}", rules.rules.len());
+                    Ok(0)
+                }
+                Err(problems) => {
+                    println!("NOT good: {}", problems.join("; "));
+                    Ok(1)
+                }
+            }
+        }
+    }
+}
+
+/// A raw request head: `METHOD TARGET HTTP/1.1`, then `Name: value` lines. Header values are
+/// taken as bytes: a captured request may carry values that are not UTF-8.
+fn parse_raw_head(raw: &[u8]) -> anyhow::Result<(String, String, Vec<Vec<u8>>)> {
+    let mut lines = raw.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let first =
+        std::str::from_utf8(lines.next().context("the file is empty")?).context("the request line is not text")?;
+    let mut parts = first.split(' ');
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        bail!("the first line is not METHOD TARGET HTTP/1.1")
+    };
+    let headers = lines.take_while(|l| !l.trim_ascii().is_empty()).map(<[u8]>::to_vec).collect();
+    Ok((method.to_string(), target.to_string(), headers))
+}
+
+fn rules_test(
+    cfg: &Config,
+    method: &str,
+    target: &str,
+    headers: &[Vec<u8>],
+    client: std::net::IpAddr,
+) -> anyhow::Result<i32> {
+    let mut map = http::HeaderMap::new();
+    for h in headers {
+        let colon = h.iter().position(|b| *b == b':');
+        let Some(colon) = colon else { bail!("{:?} is not 'Name: value'", String::from_utf8_lossy(h)) };
+        let (k, v) = (h[..colon].trim_ascii(), h[colon + 1..].trim_ascii());
+        map.append(http::HeaderName::from_bytes(k)?, http::HeaderValue::from_bytes(v)?);
+    }
+    if !map.contains_key(http::header::HOST) {
+        map.insert(http::header::HOST, http::HeaderValue::from_str(&cfg.server.portal_host)?);
+    }
+    let method: http::Method = method.parse().context("not an HTTP method")?;
+    let front = match target.parse::<http::Uri>() {
+        Err(_) => {
+            println!("front door: refused with 400 (the target does not parse); no rule is consulted");
+            return Ok(0);
+        }
+        Ok(uri) => crate::request::check(&method, &uri, http::Version::HTTP_11, &map),
+    };
+    let front = match front {
+        Ok(f) => f,
+        Err(r) => {
+            println!("front door: refused with {} ({}); no rule is consulted", r.status().as_u16(), r.code());
+            return Ok(0);
+        }
+    };
+    let routes = crate::route::Routes::new(&cfg.server.portal_host, &cfg.apps);
+    let app = match routes.find_target(&front.host, &front.target) {
+        crate::route::Found::App(i) | crate::route::Found::AddSlash(i) => Some(cfg.apps[i].name.as_str()),
+        _ => None,
+    };
+    println!("canonical path: {}", front.target.path());
+    println!("app: {}", app.unwrap_or("(none: portal or not found)"));
+    let Some(file) = &cfg.mitigate.rules_file else {
+        println!("no rules file is configured: the request goes on to the session check");
+        return Ok(0);
+    };
+    let rules = match crate::mitigate::load_file(file, cfg.mitigate.public_key.as_deref(), SystemClock.now()) {
+        Ok((r, _)) => r,
+        Err(problems) => {
+            println!("the rules file would be refused (the running rules stay):\n  {}", problems.join("\n  "));
+            return Ok(1);
+        }
+    };
+    let facts = crate::mitigate::Facts::of(method.as_str(), &front.target, target, &map, client, app);
+    match rules.check(&facts) {
+        None => println!("no rule matches: the request goes on to the session check"),
+        Some((_, r)) => {
+            let what = match r.action {
+                crate::mitigate::Action::Deny => "deny: 403".to_string(),
+                crate::mitigate::Action::Log => "log: audited, then the request goes on".to_string(),
+                crate::mitigate::Action::Throttle { count, per_secs } => {
+                    format!("throttle: 429 above {count} requests per {per_secs} s from one address")
+                }
+            };
+            println!("rule {} matches: {what}", r.id);
+            if !r.reason.is_empty() {
+                println!("reason: {}", r.reason);
+            }
+        }
+    }
+    Ok(0)
+}
