@@ -10,13 +10,13 @@ use std::net::IpAddr;
 use askama::Template;
 use http::{Response, StatusCode};
 
+use super::signin::{check_password, renew_session, settle};
 use super::{Call, Next, csrf_for_page, html, query_param, safe_next, with_csrf_cookie};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::config::MissingFactor;
 use crate::identity::mfa::{self, Factors, Lock, PROOF_PASSWORD_ONLY, PROOF_SECOND_FACTOR};
-use crate::identity::{password, totp};
-use crate::names::valid_user_name;
+use crate::identity::totp;
 use crate::respond::{error_page, redirect};
 use crate::session::{Factor, Proof, Session};
 use crate::state::State;
@@ -83,186 +83,6 @@ struct RecoveryPage<'a> {
     csrf: &'a str,
     codes: &'a [String],
     continue_to: &'a str,
-}
-
-/// True if this address may make another sign-in attempt (any factor) now.
-pub(crate) fn attempt_allowed(st: &State, client: IpAddr) -> bool {
-    let ok = st.signins.limiter.check_key(&client).is_ok();
-    if !ok {
-        tracing::warn!(client = %client, "Sign-in attempts rate-limited");
-    }
-    ok
-}
-
-/// The outcome of a password check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum PasswordCheck {
-    /// Right; the user's poort name (a directory may spell it differently than typed).
-    Right(String),
-    /// Wrong password, unknown, locked or disabled user, or not allowed to sign in.
-    Wrong,
-    /// The directory that holds the user did not answer.
-    DirectoryDown,
-}
-
-/// Checks a password with the lockout applied: a locked or unknown account costs the same
-/// hashing work and gets the same `false` as a wrong password. Failures count towards the
-/// lock; a success clears the count.
-pub(crate) async fn check_password(st: &State, user: &str, pw: &str, client: IpAddr) -> bool {
-    matches!(password_check(st, user, pw, client).await, PasswordCheck::Right(_))
-}
-
-/// As `check_password`, telling a directory outage apart. Local accounts are checked first
-/// (by their exact name); a name poort does not know as a local account goes to the
-/// directory, if one is configured, which names the account: lockouts count on that name,
-/// however the user typed it.
-pub(crate) async fn password_check(st: &State, user: &str, pw: &str, client: IpAddr) -> PasswordCheck {
-    if !valid_user_name(user) {
-        let pw = pw.to_string();
-        let _ = tokio::task::spawn_blocking(move || password::verify_dummy(&pw)).await;
-        return PasswordCheck::Wrong;
-    }
-    let now = st.clock.now();
-    let name = user.to_string();
-    let (locked, hash, source) = st
-        .store
-        .run(move |c| {
-            Ok((
-                mfa::locked(c, &name, Lock::Password, now)?,
-                Store::password_hash(c, &name)?,
-                Store::user_source(c, &name)?,
-            ))
-        })
-        .await
-        .unwrap_or((true, None, None));
-    let directory_user = match &source {
-        None => true,
-        Some((s, _)) => s == "ldap",
-    };
-    let (outcome, counted_on) = match (&st.directory, hash) {
-        (Some(dir), None) if directory_user => directory_check(st, dir, user, pw, client).await,
-        (_, hash) => {
-            let pw = pw.to_string();
-            let ok = tokio::task::spawn_blocking(move || match (locked, hash) {
-                (false, Some(h)) => password::verify(&pw, &h),
-                _ => {
-                    password::verify_dummy(&pw);
-                    false
-                }
-            })
-            .await
-            .unwrap_or(false);
-            let outcome = if ok { PasswordCheck::Right(user.to_string()) } else { PasswordCheck::Wrong };
-            (outcome, user.to_string())
-        }
-    };
-    // An outage is not the user's fault: it does not count towards a lock.
-    if outcome != PasswordCheck::DirectoryDown {
-        settle(st, &counted_on, Lock::Password, matches!(outcome, PasswordCheck::Right(_)), client).await;
-    }
-    outcome
-}
-
-/// Checks the password in the directory, under the lock of the name the directory gives the
-/// account, and records the user as the directory sees them. Returns the outcome and the name
-/// the attempt counts on.
-async fn directory_check(
-    st: &State,
-    dir: &crate::identity::ldap::Directory,
-    user: &str,
-    pw: &str,
-    client: IpAddr,
-) -> (PasswordCheck, String) {
-    use crate::identity::ldap::Refusal;
-    let typed = user.to_ascii_lowercase();
-    let found = match dir.lookup(user).await {
-        Ok(f) => f,
-        Err(Refusal::Unavailable(why)) => {
-            tracing::error!(error = %why, client = %client, "The directory is unavailable; sign-in refused");
-            return (PasswordCheck::DirectoryDown, typed);
-        }
-        Err(why) => {
-            tracing::info!(user = %user, reason = %why, "Directory sign-in refused");
-            let pw = pw.to_string();
-            let _ = tokio::task::spawn_blocking(move || password::verify_dummy(&pw)).await;
-            return (PasswordCheck::Wrong, typed);
-        }
-    };
-    let (now, name) = (st.clock.now(), found.name.clone());
-    let state =
-        st.store.run(move |c| Ok((mfa::locked(c, &name, Lock::Password, now)?, Store::user_source(c, &name)?))).await;
-    let usable = match state {
-        Ok((false, None)) => true,
-        Ok((false, Some((source, disabled)))) => source == "ldap" && !disabled,
-        _ => false,
-    };
-    if !usable {
-        let pw = pw.to_string();
-        let _ = tokio::task::spawn_blocking(move || password::verify_dummy(&pw)).await;
-        return (PasswordCheck::Wrong, found.name);
-    }
-    match dir.verify(&found, user, pw).await {
-        Ok(du) => {
-            let (now, synced) = (st.clock.now(), du.clone());
-            let result = st
-                .store
-                .run(move |c| {
-                    Store::sync_external(c, &synced.name, None, synced.email.as_deref(), "ldap", &synced.groups, now)
-                })
-                .await;
-            let outcome = match result {
-                Ok(crate::store::Synced::Yes(name)) => PasswordCheck::Right(name),
-                Ok(refused) => {
-                    tracing::warn!(user = %du.name, why = ?refused, "A directory user was refused its name");
-                    PasswordCheck::Wrong
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "Recording a directory user failed");
-                    PasswordCheck::Wrong
-                }
-            };
-            (outcome, found.name)
-        }
-        Err(Refusal::Unavailable(why)) => {
-            tracing::error!(error = %why, client = %client, "The directory is unavailable; sign-in refused");
-            (PasswordCheck::DirectoryDown, found.name)
-        }
-        Err(why) => {
-            tracing::info!(user = %user, reason = %why, "Directory sign-in refused");
-            (PasswordCheck::Wrong, found.name)
-        }
-    }
-}
-
-/// Records the outcome of one check of a password or a factor (`lock`) for the lockout,
-/// auditing a lock.
-pub(crate) async fn settle(st: &State, user: &str, lock: Lock, ok: bool, client: IpAddr) {
-    let (name, now, policy) = (user.to_string(), st.clock.now(), st.cfg.login.lock);
-    let result = st
-        .store
-        .run(move |c| {
-            if ok {
-                mfa::unlock(c, &name, lock).map(|_| None)
-            } else {
-                mfa::record_failure(c, policy, &name, lock, now)
-            }
-        })
-        .await;
-    match result {
-        Ok(Some((failures, until))) => {
-            tracing::warn!(user = %user, failures, lock = lock.as_str(), "Account locked");
-            let ev = Event::AccountLocked {
-                user: user.to_string(),
-                lock: lock.as_str().into(),
-                failures,
-                until,
-                client: client.to_string(),
-            };
-            st.audit.note(ev).await;
-        }
-        Ok(None) => {}
-        Err(e) => tracing::error!(error = %e, "Recording a sign-in outcome failed"),
-    }
 }
 
 /// Factors and the passkey list, for the security page.
@@ -460,39 +280,6 @@ pub(crate) async fn factor_submit(st: &State, call: Call, mode: Mode) -> Respons
         st.signins.devices.prove(&device, s, st.clock.now());
     }
     continue_with(st, &token, &next)
-}
-
-/// Replaces the session with one that records `proof` and audits it; returns the new session
-/// id and cookie value.
-pub(crate) async fn renew_session(
-    st: &State,
-    s: &Session,
-    proof: Proof,
-    ctx: &crate::state::Ctx,
-) -> Option<(String, String)> {
-    let (id, token) = match st.sessions.renew(s, proof, &st.cfg.server.portal_host).await {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!(error = %e, "Renewing a session failed");
-            return None;
-        }
-    };
-    let factor = match proof {
-        Proof::Factor(f) => f.amr(),
-        Proof::Password => Factor::Pwd.amr(),
-    };
-    let ev = Event::MfaSucceeded {
-        user: s.identity.user.clone(),
-        session: id.clone(),
-        factor: factor.into(),
-        client: ctx.client.to_string(),
-    };
-    if let Err(e) = st.audit.record(ev).await {
-        tracing::error!(error = %e, "Audit unavailable; ending the new session");
-        let _ = st.sessions.end(&id).await;
-        return None;
-    }
-    Some((id, token.cookie_value))
 }
 
 /// A message on the security page.

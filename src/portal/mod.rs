@@ -7,6 +7,7 @@
 pub mod device;
 mod mfa;
 mod passkey;
+mod signin;
 pub mod routes;
 mod sso;
 
@@ -22,11 +23,12 @@ use crate::names::valid_user_name;
 use crate::policy::{self, Decision, Resource, Subject};
 use crate::request::Target;
 use crate::respond::{error_page, html, page, redirect};
-use crate::session::{self, Factor, Factors, Kind, Opening, cookie};
+use crate::session::{self, Factor, Factors, cookie};
 use crate::state::State;
 use crate::state::pending::Handoff;
 pub use routes::Call;
 use routes::Page;
+pub(crate) use signin::{PasswordCheck, SignedIn, lockdown_admin, open_session};
 
 const STYLE: &str = include_str!("../../assets/style.css");
 const SCRIPT: &str = include_str!("../../assets/webauthn.js");
@@ -201,20 +203,6 @@ pub(crate) fn with_csrf_cookie(mut resp: Response<Body>, csrf: &str, is_new: boo
     resp
 }
 
-/// Whether `user` may still sign in during a lockdown (a member of the admin group).
-pub(crate) async fn lockdown_admin(st: &State, user: &str) -> bool {
-    if !valid_user_name(user) {
-        return false;
-    }
-    let (name, group) = (user.to_string(), st.mitigation.admin_group.clone());
-    st.store
-        .run(move |c| crate::store::Store::identity(c, &name))
-        .await
-        .ok()
-        .flatten()
-        .is_some_and(|id| id.groups.contains(&group))
-}
-
 pub(crate) fn query_param(call: &Call, name: &str) -> Option<String> {
     let q = call.ctx.front.target.query()?;
     form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
@@ -308,16 +296,16 @@ async fn login_submit(st: &State, call: Call) -> Response<Body> {
     }
     // Same work and the same answer whether the user exists, is locked, or typed a wrong
     // password.
-    let checked = mfa::password_check(st, username, pw, ctx.client).await;
+    let checked = signin::password_check(st, username, pw, ctx.client).await;
     let client = ctx.client.to_string();
     let shown_user = if valid_user_name(username) { username.to_string() } else { "(invalid name)".to_string() };
     let username = match checked {
-        mfa::PasswordCheck::Right(name) => name,
+        PasswordCheck::Right(name) => name,
         failed => {
             tracing::info!(client = %client, user = %shown_user, "Login failed");
             st.audit.note(Event::LoginFailed { user: shown_user, client }).await;
             let shown = if valid_user_name(username) { username } else { "" };
-            if failed == mfa::PasswordCheck::DirectoryDown {
+            if failed == PasswordCheck::DirectoryDown {
                 let msg = "The user directory cannot be reached, so poort cannot check your password. Try again in a few minutes; if it persists, tell your IT helpdesk.";
                 return login_again(st, StatusCode::SERVICE_UNAVAILABLE, headers, next, shown, msg);
             }
@@ -329,74 +317,6 @@ async fn login_submit(st: &State, call: Call) -> Response<Body> {
     let signed_in =
         SignedIn { user: username, factors: Factors::of(&[Factor::Pwd]), user_agent, next, logout_url: None };
     open_session(st, ctx, signed_in).await
-}
-
-/// A sign-in that succeeded, by password or at an identity provider.
-pub(crate) struct SignedIn<'a> {
-    pub user: &'a str,
-    /// `amr` values, space-separated: `pwd`, `ext`, `ext mfa`.
-    pub factors: Factors,
-    pub user_agent: String,
-    pub next: &'a str,
-    /// Where signing out also ends the provider's session.
-    pub logout_url: Option<String>,
-}
-
-/// Opens the session for a sign-in: a new token (a session the browser already had ends
-/// here), audited before it is handed out, and the user sent on; with `[mfa] required`, a
-/// user with a second factor on file gives it first, unless the sign-in already included one.
-pub(crate) async fn open_session(st: &State, ctx: &crate::state::Ctx, s: SignedIn<'_>) -> Response<Body> {
-    if let Some(old) = &ctx.session {
-        let _ = st.sessions.end(&old.id).await;
-    }
-    let client = ctx.client.to_string();
-    let created = st
-        .sessions
-        .open(Opening {
-            user: s.user,
-            host: &st.cfg.server.portal_host,
-            client_addr: client.clone(),
-            user_agent: s.user_agent,
-            factors: s.factors,
-            kind: Kind::Browser,
-            approved_by: None,
-        })
-        .await;
-    let (id, token) = match created {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!(error = %e, "Creating a session failed");
-            return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
-        }
-    };
-    if let Some(url) = s.logout_url {
-        let sid = id.clone();
-        if let Err(e) = st.store.run(move |c| crate::store::Store::set_logout_url(c, &sid, &url)).await {
-            tracing::warn!(error = %e, "Recording the provider's logout address failed");
-        }
-    }
-    if let Err(e) =
-        st.audit.record(Event::LoginSucceeded { user: s.user.to_string(), session: id.clone(), client }).await
-    {
-        tracing::error!(error = %e, "Audit unavailable; ending the new session");
-        let _ = st.sessions.end(&id).await;
-        return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
-    }
-    tracing::info!(user = %s.user, session = %id, factors = %s.factors, "Login succeeded");
-    let ask_factor = !s.factors.second_factor() && st.cfg.mfa.required && {
-        let name = s.user.to_string();
-        st.store.run(move |c| crate::identity::mfa::factors(c, &name)).await.is_ok_and(|f| f.any())
-    };
-    let mut resp = if ask_factor {
-        let q = form_urlencoded::Serializer::new(String::new()).append_pair("next", s.next).finish();
-        redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/mfa?{q}", st.cfg.server.external_origin))
-    } else {
-        go_to(st, safe_next(s.next, &st.cfg))
-    };
-    if let Ok(v) = HeaderValue::from_str(&cookie::set_session(&token.cookie_value)) {
-        resp.headers_mut().append(header::SET_COOKIE, v);
-    }
-    resp
 }
 
 /// Sends the browser on after a sign-in or a step-up. An app on its own host is reached

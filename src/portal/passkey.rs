@@ -11,12 +11,12 @@ use http::{Response, StatusCode};
 use serde::Deserialize;
 use webauthn_rs::prelude::{PublicKeyCredential, RegisterPublicKeyCredential};
 
-use super::{Call, mfa, safe_next};
+use super::{Call, mfa, safe_next, signin};
 use crate::audit::Event;
 use crate::body::Body;
 use crate::identity::{mfa as factors, passkey};
 use crate::respond::{json, json_error};
-use crate::session::{Factor, Factors, Kind, Opening, Proof, cookie};
+use crate::session::{Factor, Factors, Proof, cookie};
 use crate::state::State;
 use crate::state::pending::Ceremony;
 
@@ -149,7 +149,7 @@ pub(crate) async fn register_finish(st: &State, call: Call) -> Response<Body> {
     if codes.is_some() {
         mfa::changed(st, &user, "recovery codes made", factors::PROOF_SECOND_FACTOR, ctx.client).await;
     }
-    let Some((_, token)) = mfa::renew_session(st, &s, Proof::Factor(Factor::Hwk), ctx).await else {
+    let Some((_, token)) = signin::renew_session(st, &s, Proof::Factor(Factor::Hwk), ctx).await else {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     };
     // Recovery codes made now are shown once by the script, as after setting up an
@@ -246,13 +246,13 @@ pub(crate) async fn factor_finish(st: &State, call: Call) -> Response<Body> {
     let result =
         st.signins.passkeys.webauthn.finish_passkey_authentication(&body.credential, &state).map_err(|e| e.to_string());
     let ok = !locked && verify_and_touch(st, &user, result).await;
-    mfa::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
+    signin::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
     if !ok {
         let ev = Event::MfaFailed { user: user.clone(), factor: "hwk".into(), client: ctx.client.to_string() };
         st.audit.note(ev).await;
         return json_error(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     }
-    match mfa::renew_session(st, &s, Proof::Factor(Factor::Hwk), ctx).await {
+    match signin::renew_session(st, &s, Proof::Factor(Factor::Hwk), ctx).await {
         Some((_, token)) => {
             if !device.is_empty() {
                 st.signins.devices.prove(&device, &s, st.clock.now());
@@ -310,33 +310,23 @@ pub(crate) async fn passwordless_finish(st: &State, call: Call) -> Response<Body
     let result =
         wa.finish_discoverable_authentication_v2(&body.credential, state, &stored.passkey).map_err(|e| e.to_string());
     let ok = !locked && verify_and_touch(st, &user, result).await;
-    mfa::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
+    signin::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
     if !ok {
         let ev = Event::LoginFailed { user: user.clone(), client: ctx.client.to_string() };
         st.audit.note(ev).await;
         return json_error(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     }
-    if let Some(old) = &ctx.session {
-        let _ = st.sessions.end(&old.id).await;
-    }
     let ua = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let opening = Opening {
+    let signed_in = signin::SignedIn {
         user: &user,
-        host: &st.cfg.server.portal_host,
-        client_addr: ctx.client.to_string(),
-        user_agent: ua,
         factors: Factors::of(&[Factor::Hwk, Factor::Mfa]),
-        kind: Kind::Browser,
-        approved_by: None,
+        user_agent: ua,
+        next: &next,
+        logout_url: None,
     };
-    let Ok((id, token)) = st.sessions.open(opening).await else {
+    let Some((id, token)) = signin::start_session(st, ctx, &signed_in).await else {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
     };
-    let ev = Event::LoginSucceeded { user: user.clone(), session: id.clone(), client: ctx.client.to_string() };
-    if st.audit.record(ev).await.is_err() {
-        let _ = st.sessions.end(&id).await;
-        return json_error(StatusCode::SERVICE_UNAVAILABLE, "try again later");
-    }
     tracing::info!(user = %user, session = %id, "Passwordless login succeeded");
     landed(&token.cookie_value, serde_json::json!({ "redirect": landing_url(st, &next, "/") }))
 }

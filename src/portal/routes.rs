@@ -326,7 +326,7 @@ pub async fn admit(st: &State, mut ctx: Ctx, route: &Route, req: Request<Incomin
     if let Some(refused) = guard(st, &ctx, route, &head).await {
         return Err(refused);
     }
-    if route.rate == Rate::SignIn && !super::mfa::attempt_allowed(st, ctx.client) {
+    if route.rate == Rate::SignIn && !super::signin::attempt_allowed(st, ctx.client) {
         return Err(match route.input {
             Json | CliJson | NoBody if route.page != Page::Oidc => {
                 json_error(StatusCode::TOO_MANY_REQUESTS, "too many attempts from your address; wait a minute")
