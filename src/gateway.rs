@@ -125,69 +125,101 @@ impl Gateway {
         })
     }
 
+    /// The stages of docs/architecture.md, in order; each refusal is answered by `respond`.
     async fn stages(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         let id = RequestId(self.request_ids.fetch_add(1, Ordering::Relaxed));
         let client = request::client_addr(peer.ip(), req.headers(), &self.state.cfg.server.trusted_proxies);
+        let front = match self.front_door(conn, &req) {
+            Ok(front) => front,
+            Err((refusal, sample)) => return self.refuse(at(id, client, &sample), refusal).await,
+        };
+        let found = match self.route(&front) {
+            Ok(found) => found,
+            Err(refusal) => return self.refuse(at(id, client, &front.host), refusal).await,
+        };
+        if let Err(refusal) = self.mitigate(&req, &front, &found, client, id).await {
+            return self.refuse(at(id, client, front.target.path()), refusal).await;
+        }
+        let session = self.session_for(&req, &front.host).await;
+        let ctx = Ctx { id, front, client, session };
+        if self.locked_out(&ctx, &found) {
+            return self.refuse(ctx.at(), Refusal::LockedDown).await;
+        }
+        self.dispatch(found, ctx, req).await
+    }
+
+    /// request::check and the connection's own checks: one canonical target and host, bounded
+    /// headers, strict framing (a head the connection's wrapper refused arrives as the marker),
+    /// the host the TLS handshake named, a body no larger than allowed. A refusal comes with
+    /// what it records of the request.
+    fn front_door(&self, conn: &Conn, req: &Request<Incoming>) -> Result<Front, (Refusal, String)> {
         if req.uri().path() == self.marker {
             let why = conn.refused.take().unwrap_or(request::Reject::RequestLine);
-            return self.refuse(at(id, client, "(a raw head)"), malformed(why.status(), why.code())).await;
+            return Err((malformed(why.status(), why.code()), "(a raw head)".into()));
         }
-        // request::check: one canonical target and host, bounded headers, strict framing.
-        let front = match request::check(req.method(), req.uri(), req.version(), req.headers()) {
-            Ok(f) => f,
-            Err(r) => return self.refuse(at(id, client, req.uri().path()), malformed(r.status(), r.code())).await,
-        };
+        let front = request::check(req.method(), req.uri(), req.version(), req.headers())
+            .map_err(|r| (malformed(r.status(), r.code()), req.uri().path().to_string()))?;
         // The host must be the one the TLS handshake named (RFC 9110 §7.4: 421 makes a
         // browser that reused a connection for another host open a new one).
         if conn.sni.as_ref().is_some_and(|sni| *sni != front.host) {
-            return self
-                .refuse(at(id, client, &front.host), malformed(StatusCode::MISDIRECTED_REQUEST, "host_not_sni"))
-                .await;
+            return Err((malformed(StatusCode::MISDIRECTED_REQUEST, "host_not_sni"), front.host));
         }
         if front.content_length.is_some_and(|n| n > self.state.cfg.proxy.max_body_bytes) {
-            let too_large = malformed(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
-            return self.refuse(at(id, client, front.target.path()), too_large).await;
+            return Err((malformed(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"), front.target.path().into()));
         }
-        // route: portal, an app, or nothing.
-        let found = self.routes.find_target(&front.host, &front.target);
-        if found == Found::UnknownHost {
-            return self
-                .refuse(at(id, client, &front.host), malformed(StatusCode::MISDIRECTED_REQUEST, "unknown_host"))
-                .await;
+        Ok(front)
+    }
+
+    /// route: the portal, a tunnel, an app, or nothing; a host nobody serves is refused.
+    fn route(&self, front: &Front) -> Result<Found, Refusal> {
+        match self.routes.find_target(&front.host, &front.target) {
+            Found::UnknownHost => Err(malformed(StatusCode::MISDIRECTED_REQUEST, "unknown_host")),
+            found => Ok(found),
         }
-        // mitigate::check: the operator's emergency rules, before any session work.
+    }
+
+    /// mitigate::check: the operator's emergency rules, before any session work.
+    async fn mitigate(
+        &self,
+        req: &Request<Incoming>,
+        front: &Front,
+        found: &Found,
+        client: IpAddr,
+        id: RequestId,
+    ) -> Result<(), Refusal> {
         let app = match found {
-            Found::App(i) | Found::AddSlash(i) => Some(self.state.cfg.apps[i].name.as_str()),
+            Found::App(i) | Found::AddSlash(i) => Some(self.state.cfg.apps[*i].name.as_str()),
             _ => None,
         };
         let raw_target = req.uri().path_and_query().map_or("", |p| p.as_str());
         let facts = mitigate::Facts::of(req.method().as_str(), &front.target, raw_target, req.headers(), client, app);
         match self.state.mitigation.check(&facts) {
-            Verdict::Pass => {}
-            Verdict::Deny { rule, .. } => {
-                return self
-                    .refuse(at(id, client, front.target.path()), Refusal::Mitigated { rule, throttled: false })
-                    .await;
-            }
-            Verdict::Throttled { rule, .. } => {
-                return self
-                    .refuse(at(id, client, front.target.path()), Refusal::Mitigated { rule, throttled: true })
-                    .await;
-            }
-            Verdict::Logged { rule } => {
-                if let Err(why) = Box::pin(self.logged(rule, &front, client, id)).await {
-                    return self.refuse(at(id, client, front.target.path()), why).await;
-                }
-            }
+            Verdict::Pass => Ok(()),
+            Verdict::Deny { rule, .. } => Err(Refusal::Mitigated { rule, throttled: false }),
+            Verdict::Throttled { rule, .. } => Err(Refusal::Mitigated { rule, throttled: true }),
+            Verdict::Logged { rule } => Box::pin(self.logged(rule, front, client, id)).await,
         }
-        // session::lookup: cookie, token hash, cache, store.
-        let session = self.session_for(&req, &front.host).await;
-        let ctx = Ctx { id, front, client, session };
-        if self.state.mitigation.lockdown()
-            && !self.lockdown_allows(ctx.session.as_deref(), &found, ctx.front.target.path())
+    }
+
+    /// During a lockdown: admins go on; everyone else may only reach the routes the route
+    /// table keeps open (the sign-in page and the fixed assets, so that an admin can sign in).
+    fn locked_out(&self, ctx: &Ctx, found: &Found) -> bool {
+        let mitigation = &self.state.mitigation;
+        if !mitigation.lockdown()
+            || ctx.session.as_ref().is_some_and(|s| s.identity.groups.contains(&mitigation.admin_group))
         {
-            return self.refuse(ctx.at(), Refusal::LockedDown).await;
+            return false;
         }
+        match found {
+            Found::Portal { on_portal_host } => {
+                !portal::routes::open_in_lockdown(*on_portal_host, ctx.front.target.path())
+            }
+            _ => true,
+        }
+    }
+
+    /// The handler of what the route found.
+    async fn dispatch(&self, found: Found, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
         match found {
             // Cold paths are boxed so that the future of every request stays small.
             Found::Portal { on_portal_host } => {
@@ -224,18 +256,6 @@ impl Gateway {
     /// Answers a refusal (`respond::respond`); boxed, as refusals are the cold path.
     async fn refuse(&self, at: At<'_>, refusal: Refusal) -> Response<Body> {
         Box::pin(respond(&self.state, at, refusal)).await
-    }
-
-    /// During a lockdown: admins go on; everyone else may only reach the routes the route
-    /// table keeps open (the sign-in page and the fixed assets, so that an admin can sign in).
-    fn lockdown_allows(&self, session: Option<&Session>, found: &Found, path: &str) -> bool {
-        if session.is_some_and(|s| s.identity.groups.contains(&self.state.mitigation.admin_group)) {
-            return true;
-        }
-        match found {
-            Found::Portal { on_portal_host } => portal::routes::open_in_lockdown(*on_portal_host, path),
-            _ => false,
-        }
     }
 
     /// policy::evaluate, then proxy::forward with the permit.
