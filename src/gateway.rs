@@ -1,6 +1,6 @@
-//! The gateway: `handle`, the one function whose lines are the request stages of
-//! docs/architecture.md, from a checked head to the handler that answers: the portal's route
-//! table, a tunnel, or the proxy.
+//! The gateway: `stages`, the one function whose lines are the request stages of
+//! docs/architecture.md, from a checked head to the handler that answers (the portal's route
+//! table, a tunnel, or the proxy), and `handle` around it.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -16,12 +16,13 @@ use crate::audit::{Audit, Event};
 use crate::body::Body;
 use crate::clock::Clock;
 use crate::config::{Config, Route};
+use crate::identity::assertion::Signer;
 use crate::identity::seal::Sealer;
 use crate::listen::Conn;
 use crate::mitigate::{self, Mitigation, Verdict};
 use crate::policy::{self, Decision, Resource, Subject};
 use crate::portal;
-use crate::proxy::{Origin, Proxy, Signer};
+use crate::proxy::{Origin, Proxy};
 use crate::request::{self, Front};
 use crate::respond::{At, Refusal, error_page, redirect, respond};
 use crate::route::{Found, Routes};
@@ -247,7 +248,7 @@ impl Gateway {
             rule,
             action: "log".into(),
             path: front.target.path().chars().take(256).collect(),
-            client: client.to_string(),
+            client,
             request_id: id.to_string(),
         };
         self.state.audit.record(ev).await.map(drop).map_err(|_| Refusal::Unavailable("the audit log, for a log rule"))
@@ -274,7 +275,7 @@ impl Gateway {
                             user: Some(s.identity.user.clone()),
                             session: Some(s.id.clone()),
                             app: app.name.clone(),
-                            client: ctx.client.to_string(),
+                            client: ctx.client,
                         };
                         if Box::pin(self.state.audit.record(ev)).await.is_err() {
                             return self
@@ -298,6 +299,7 @@ impl Gateway {
                     Ok(resp) => return resp,
                     // A body that broke its framing: refused like a bad head, and audited.
                     Err(Failure::BadBody) => malformed(StatusCode::BAD_REQUEST, "body_malformed"),
+                    Err(Failure::BodyNotAllowed) => malformed(StatusCode::BAD_REQUEST, "body_not_allowed"),
                     Err(Failure::CrossOrigin) => Refusal::Denied {
                         resource: app.name.clone(),
                         reason: "WebSocket from a page of another origin".into(),

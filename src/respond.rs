@@ -187,8 +187,7 @@ pub async fn respond(st: &State, at: At<'_>, refusal: Refusal) -> Response<Body>
     match refusal {
         Refusal::Malformed { status, code } => {
             tracing::info!(request = %id, client = %client, code, "Request rejected");
-            let ev =
-                Event::RequestRejected { code: code.into(), client: client.to_string(), request_id: id.to_string() };
+            let ev = Event::RequestRejected { code: code.into(), client, request_id: id.to_string() };
             st.audit.refusal("request_rejected", code, client, at.sample, ev);
             let mut resp = error_page(status, id);
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -201,7 +200,7 @@ pub async fn respond(st: &State, at: At<'_>, refusal: Refusal) -> Response<Body>
                 rule: rule.clone(),
                 action: action.into(),
                 path: at.sample.chars().take(256).collect(),
-                client: client.to_string(),
+                client,
                 request_id: id.to_string(),
             };
             // Counted, not waited for.
@@ -212,7 +211,7 @@ pub async fn respond(st: &State, at: At<'_>, refusal: Refusal) -> Response<Body>
             let ev = Event::LockedDown {
                 user: at.session.map(|s| s.identity.user.clone()),
                 path: at.sample.chars().take(256).collect(),
-                client: client.to_string(),
+                client,
             };
             st.audit.refusal("locked_down", "lockdown", client, at.sample, ev);
             maintenance_page(id)
@@ -244,7 +243,7 @@ pub async fn audit_denied(st: &State, at: At<'_>, resource: String, reason: Stri
         session: at.session.map_or_else(String::new, |s| s.id.clone()),
         app: resource,
         reason,
-        client: at.client.to_string(),
+        client: at.client,
     };
     st.audit.note(ev).await;
 }

@@ -157,7 +157,7 @@ mod tests {
     }
 }
 
-/// The differential oracle (SECURITY.md): whatever target the front door accepts, an
+/// The differential oracle (docs/threat-model.md): whatever target the front door accepts, an
 /// upstream that reads paths in the worst way we know of must land on the same app, so the
 /// app poort routed (and decided policy) for is the app that serves the request.
 #[cfg(test)]

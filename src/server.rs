@@ -14,8 +14,8 @@ use crate::audit::{Audit, Event};
 use crate::clock::Clock;
 use crate::config::{Config, Upstream};
 use crate::gateway::Gateway;
+use crate::identity::assertion::Signer;
 use crate::identity::seal::Sealer;
-use crate::proxy::Signer;
 use crate::store::Store;
 use crate::{listen, whoami};
 

@@ -296,6 +296,9 @@ pub enum Failure {
     /// The client's body was malformed (bad chunk framing): 400.
     #[error("the client's request body broke its framing")]
     BadBody,
+    /// A body on a method whose body means nothing (GET, HEAD, OPTIONS, TRACE): 400.
+    #[error("a body on a method that takes none")]
+    BodyNotAllowed,
     /// A WebSocket from a page of another origin than the app's own: 403.
     #[error("a WebSocket from a page of another origin than the app's")]
     CrossOrigin,
@@ -310,7 +313,7 @@ impl Failure {
             Failure::Unreachable(_) => StatusCode::BAD_GATEWAY,
             Failure::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Failure::BadBody => StatusCode::BAD_REQUEST,
+            Failure::BadBody | Failure::BodyNotAllowed => StatusCode::BAD_REQUEST,
             Failure::CrossOrigin => StatusCode::FORBIDDEN,
             Failure::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -11,6 +11,7 @@
 //! minute become one `refusals_counted` record. A flood of bad requests adds a few records a
 //! minute, and sign-ins keep their place in the queue.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -28,16 +29,16 @@ pub enum Event {
     LoginSucceeded {
         user: String,
         session: String,
-        client: String,
+        client: IpAddr,
     },
     LoginFailed {
         user: String,
-        client: String,
+        client: IpAddr,
     },
     Logout {
         user: String,
         session: String,
-        client: String,
+        client: IpAddr,
     },
     SessionEnded {
         user: String,
@@ -54,19 +55,19 @@ pub enum Event {
         user: Option<String>,
         session: Option<String>,
         app: String,
-        client: String,
+        client: IpAddr,
     },
     AccessDenied {
         user: String,
         session: String,
         app: String,
         reason: String,
-        client: String,
+        client: IpAddr,
     },
     /// The front door refused a request before routing.
     RequestRejected {
         code: String,
-        client: String,
+        client: IpAddr,
         request_id: String,
     },
     /// A second factor was accepted (`factor`: otp, recovery, hwk/swk) and the session renewed.
@@ -74,12 +75,12 @@ pub enum Event {
         user: String,
         session: String,
         factor: String,
-        client: String,
+        client: IpAddr,
     },
     MfaFailed {
         user: String,
         factor: String,
-        client: String,
+        client: IpAddr,
     },
     /// Consecutive failures locked an account's password or its second factors (`lock`)
     /// until `until` (Unix time).
@@ -88,29 +89,29 @@ pub enum Event {
         lock: String,
         failures: u32,
         until: i64,
-        client: String,
+        client: IpAddr,
     },
     /// Too many sign-in attempts from one address.
     RateLimited {
-        client: String,
+        client: IpAddr,
     },
     /// A user changed their own second factors; `proof` says how they proved who they are.
     FactorChanged {
         user: String,
         change: String,
         proof: String,
-        client: String,
+        client: IpAddr,
     },
     RecoveryCodeUsed {
         user: String,
         remaining: usize,
-        client: String,
+        client: IpAddr,
     },
     TunnelOpened {
         user: String,
         session: String,
         tunnel: String,
-        client: String,
+        client: IpAddr,
     },
     TunnelClosed {
         user: String,
@@ -126,7 +127,7 @@ pub enum Event {
         user: String,
         tunnel: String,
         why: String,
-        client: String,
+        client: IpAddr,
     },
     /// A signed-in user approved a command-line sign-in (device code flow).
     DeviceLogin {
@@ -140,20 +141,20 @@ pub enum Event {
         user: String,
         session: String,
         host: String,
-        client: String,
+        client: IpAddr,
     },
     /// A hand-off code was refused (unknown, expired, another host, another browser).
     HandoffRefused {
         host: String,
         why: String,
-        client: String,
+        client: IpAddr,
     },
     /// A mitigation rule matched (`action`: deny, throttle or log).
     MitigationMatched {
         rule: String,
         action: String,
         path: String,
-        client: String,
+        client: IpAddr,
         request_id: String,
     },
     /// A rules file was applied (at start, on a change, or on SIGHUP).
@@ -183,7 +184,7 @@ pub enum Event {
     LockedDown {
         user: Option<String>,
         path: String,
-        client: String,
+        client: IpAddr,
     },
     /// An administrative command (CLI or admin API).
     Admin {
@@ -522,7 +523,7 @@ mod tests {
     }
 
     fn ev(i: usize) -> Event {
-        Event::LoginFailed { user: format!("u{i}"), client: "127.0.0.1".into() }
+        Event::LoginFailed { user: format!("u{i}"), client: IpAddr::from([127, 0, 0, 1]) }
     }
 
     #[test]

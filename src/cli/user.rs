@@ -25,11 +25,15 @@ pub enum UserCmd {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Set a new password (printed once unless --password-stdin).
+    /// Set a new password (printed once unless --password-stdin) and end the user's sessions
+    /// (whoever knew the old password may hold one).
     Passwd {
         name: String,
         #[arg(long)]
         password_stdin: bool,
+        /// Leave the user's sessions open (a routine change, not a suspected theft).
+        #[arg(long)]
+        keep_sessions: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -134,7 +138,7 @@ pub(super) fn run(cmd: UserCmd) -> anyhow::Result<i32> {
                 }
             }
         }
-        UserCmd::Passwd { name, password_stdin, config } => {
+        UserCmd::Passwd { name, password_stdin, keep_sessions, config } => {
             let cfg = load(&config.config)?;
             let store = Store::open(&cfg.database)?;
             if !store.user_exists(&name)? {
@@ -142,8 +146,10 @@ pub(super) fn run(cmd: UserCmd) -> anyhow::Result<i32> {
             }
             let (pw, made) = new_password(password_stdin, &name)?;
             store.set_password(&name, &password::hash(&pw)?, now)?;
-            record_admin(&cfg, "user passwd", &name, "password changed")?;
-            println!("Changed the password of {name}.");
+            let ended = if keep_sessions { Vec::new() } else { store.revoke_user_sessions(&name, now)? };
+            let detail = format!("password changed; {} session(s) ended", ended.len());
+            record_admin(&cfg, "user passwd", &name, &detail)?;
+            println!("Changed the password of {name} and ended {} session(s).", ended.len());
             if made {
                 println!("Password, shown only this once: {pw}");
             }

@@ -173,7 +173,7 @@ pub struct App {
     pub access: Access,
     /// Whether a second factor is needed (resolved from `mfa` and `[mfa] required`).
     pub mfa: bool,
-    /// Request headers forwarded to this app besides `proxy::FORWARDED`.
+    /// Request headers forwarded to this app besides `request::headers::FORWARDED`.
     pub forward_headers: Vec<http::HeaderName>,
     /// Origins besides the app's own that may open WebSockets to it: `https://host[:port]`.
     pub websocket_origins: Vec<String>,

@@ -1,6 +1,8 @@
-//! Who a person is: local users and groups, and password hashing with argon2id.
-//! Directory (LDAP) and single sign-on (OIDC) sources will sit beside the local one.
+//! How poort learns and checks who a person is: passwords (argon2id), the directory (LDAP),
+//! single sign-on (OpenID Connect), second factors (TOTP, recovery codes, passkeys), the
+//! sealing of factor secrets, and the signed assertion apps receive about them.
 
+pub mod assertion;
 pub mod ldap;
 pub mod mfa;
 pub mod oidc;
@@ -9,13 +11,7 @@ pub mod password;
 pub mod seal;
 pub mod totp;
 
-/// The authenticated identity a session carries and policy decides on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub user: String,
-    pub email: Option<String>,
-    pub groups: Vec<String>,
-}
+pub use crate::names::Identity;
 
 /// TLS settings for poort as a client of a directory or an identity provider: the operator's
 /// CA file, or the public roots.

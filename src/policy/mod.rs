@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::identity::Identity;
+use crate::names::Identity;
 
 pub use crate::config::access::{Access, Effect, Rule};
 

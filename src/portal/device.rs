@@ -238,8 +238,7 @@ pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
 pub(crate) async fn logout(st: &State, call: &Call) -> Response<Body> {
     let Some(s) = &call.ctx.session else { return json(StatusCode::OK, serde_json::json!({ "ended": false })) };
     let _ = st.sessions.end(&s.id).await;
-    let ev =
-        Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: call.ctx.client.to_string() };
+    let ev = Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: call.ctx.client };
     st.audit.note(ev).await;
     json(StatusCode::OK, serde_json::json!({ "ended": true }))
 }

@@ -263,12 +263,12 @@ pub(crate) async fn factor_submit(st: &State, call: Call, mode: Mode) -> Respons
         settle(st, &user, Lock::Factor, ok, client).await;
         let factor = if use_recovery { Factor::Rc } else { Factor::Otp };
         if !ok {
-            let ev = Event::MfaFailed { user: user.clone(), factor: factor.amr().into(), client: client.to_string() };
+            let ev = Event::MfaFailed { user: user.clone(), factor: factor.amr().into(), client };
             st.audit.note(ev).await;
             return fail(StatusCode::UNAUTHORIZED, "That code did not work. Try the current one.");
         }
         if use_recovery {
-            let ev = Event::RecoveryCodeUsed { user: user.clone(), remaining, client: client.to_string() };
+            let ev = Event::RecoveryCodeUsed { user: user.clone(), remaining, client };
             st.audit.note(ev).await;
         }
         Proof::Factor(factor)
@@ -539,11 +539,7 @@ pub(crate) async fn changed(st: &State, user: &str, change: &str, proof: &str, c
     if proof == PROOF_PASSWORD_ONLY {
         tracing::warn!(user = %user, change, client = %client, "A first second factor was set up with the password alone");
     }
-    let ev = Event::FactorChanged {
-        user: user.to_string(),
-        change: change.to_string(),
-        proof: proof.to_string(),
-        client: client.to_string(),
-    };
+    let ev =
+        Event::FactorChanged { user: user.to_string(), change: change.to_string(), proof: proof.to_string(), client };
     st.audit.note(ev).await;
 }

@@ -100,7 +100,7 @@ struct SessionsPage<'a> {
     approved_here: usize,
 }
 
-/// Where to send a user after login (SECURITY.md rule 12).
+/// Where to send a user after login (docs/threat-model.md, rule 12).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Next {
     /// A single-slash relative path on the portal host.
@@ -290,14 +290,14 @@ async fn login_submit(st: &State, call: Call) -> Response<Body> {
         // unknown users, so this tells nothing about accounts.
         let pw = pw.to_string();
         let _ = tokio::task::spawn_blocking(move || crate::identity::password::verify_dummy(&pw)).await;
-        let ev = Event::LockedDown { user: None, path: "/.poort/login".into(), client: ctx.client.to_string() };
+        let ev = Event::LockedDown { user: None, path: "/.poort/login".into(), client: ctx.client };
         st.audit.note(ev).await;
         return crate::respond::maintenance_page(ctx.id);
     }
     // Same work and the same answer whether the user exists, is locked, or typed a wrong
     // password.
     let checked = signin::password_check(st, username, pw, ctx.client).await;
-    let client = ctx.client.to_string();
+    let client = ctx.client;
     let shown_user = if valid_user_name(username) { username.to_string() } else { "(invalid name)".to_string() };
     let username = match checked {
         PasswordCheck::Right(name) => name,
@@ -414,7 +414,7 @@ async fn handoff(st: &State, call: &Call) -> Response<Body> {
     let taken = st.signins.handoffs.lock().remove(&code);
     let cookies = call.headers().get_all(header::COOKIE).iter().map(|v| v.as_bytes());
     let nonce = cookie::find(cookies, HANDOFF_COOKIE).map(|n| session::hash_token(n.as_bytes()));
-    let client = ctx.client.to_string();
+    let client = ctx.client;
     let why = match &taken {
         None => Some("unknown or used code"),
         Some(h) if h.host != ctx.front.host => Some("code for another host"),
@@ -489,7 +489,7 @@ async fn logout(st: &State, call: Call) -> Response<Body> {
             }
         }
         let _ = st.sessions.end(&s.id).await;
-        let ev = Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: ctx.client.to_string() };
+        let ev = Event::Logout { user: s.identity.user.clone(), session: s.id.clone(), client: ctx.client };
         st.audit.note(ev).await;
     }
     let mut resp = match provider_logout {

@@ -248,7 +248,7 @@ pub(crate) async fn factor_finish(st: &State, call: Call) -> Response<Body> {
     let ok = !locked && verify_and_touch(st, &user, result).await;
     signin::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
     if !ok {
-        let ev = Event::MfaFailed { user: user.clone(), factor: "hwk".into(), client: ctx.client.to_string() };
+        let ev = Event::MfaFailed { user: user.clone(), factor: "hwk".into(), client: ctx.client };
         st.audit.note(ev).await;
         return json_error(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     }
@@ -312,7 +312,7 @@ pub(crate) async fn passwordless_finish(st: &State, call: Call) -> Response<Body
     let ok = !locked && verify_and_touch(st, &user, result).await;
     signin::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
     if !ok {
-        let ev = Event::LoginFailed { user: user.clone(), client: ctx.client.to_string() };
+        let ev = Event::LoginFailed { user: user.clone(), client: ctx.client };
         st.audit.note(ev).await;
         return json_error(StatusCode::UNAUTHORIZED, "the passkey was not accepted");
     }

@@ -106,13 +106,8 @@ pub(crate) async fn settle(st: &State, user: &str, lock: Lock, ok: bool, client:
     match result {
         Ok(Some((failures, until))) => {
             tracing::warn!(user = %user, failures, lock = lock.as_str(), "Account locked");
-            let ev = Event::AccountLocked {
-                user: user.to_string(),
-                lock: lock.as_str().into(),
-                failures,
-                until,
-                client: client.to_string(),
-            };
+            let ev =
+                Event::AccountLocked { user: user.to_string(), lock: lock.as_str().into(), failures, until, client };
             st.audit.note(ev).await;
         }
         Ok(None) => {}
@@ -138,7 +133,7 @@ pub(crate) async fn renew_session(st: &State, s: &Session, proof: Proof, ctx: &C
         user: s.identity.user.clone(),
         session: id.clone(),
         factor: factor.into(),
-        client: ctx.client.to_string(),
+        client: ctx.client,
     };
     if let Err(e) = st.audit.record(ev).await {
         tracing::error!(error = %e, "Audit unavailable; ending the new session");
@@ -168,13 +163,13 @@ pub(crate) async fn start_session(st: &State, ctx: &Ctx, s: &SignedIn<'_>) -> Op
     if let Some(old) = &ctx.session {
         let _ = st.sessions.end(&old.id).await;
     }
-    let client = ctx.client.to_string();
+    let client = ctx.client;
     let created = st
         .sessions
         .open(Opening {
             user: s.user,
             host: &st.cfg.server.portal_host,
-            client_addr: client.clone(),
+            client_addr: client.to_string(),
             user_agent: s.user_agent.clone(),
             factors: s.factors,
             kind: Kind::Browser,

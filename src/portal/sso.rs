@@ -126,7 +126,7 @@ async fn failed(st: &State, ctx: &Ctx, name: &str, why: &Failure) -> Response<Bo
     tracing::warn!(provider = name, client = %ctx.client, reason = %why, "Single sign-on failed");
     let ev = Event::LoginFailed {
         user: format!("(oidc:{})", name.chars().take(64).collect::<String>()),
-        client: ctx.client.to_string(),
+        client: ctx.client,
     };
     st.audit.note(ev).await;
     let (status, message) = match why {

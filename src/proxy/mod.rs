@@ -6,14 +6,12 @@
 //! upstream request starts (a body that breaks off never reaches an app half-sent); larger
 //! ones, and responses, stream.
 
-pub mod assertion;
-
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
-use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -29,10 +27,10 @@ use crate::session::Session;
 
 mod headers;
 
+use crate::identity::assertion::{self, Signer};
 use crate::request::headers::{HOP_BY_HOP, connection_named};
 use crate::upstream::{self as pool, classify};
 pub use crate::upstream::{Failure, PooledBody, UpstreamBody};
-pub use assertion::Signer;
 pub use headers::allowed_headers;
 use headers::*;
 
@@ -46,8 +44,14 @@ pub fn set_worker(i: usize) {
     WORKER.with(|w| w.set(Some(i)));
 }
 
-/// An assertion made for an app: (app, issued at, token).
-type Assertion = (String, UnixTime, HeaderValue);
+/// An assertion made for an app: for whom, as they were when it was made (a changed
+/// identity, such as a group taken away, needs a new one), when, and the token.
+struct Assertion {
+    app: String,
+    who: Identity,
+    iat: UnixTime,
+    jwt: HeaderValue,
+}
 
 pub struct Proxy {
     pools: pool::Pools,
@@ -84,13 +88,10 @@ impl Proxy {
 
     /// Forgets assertions too old to be reused (called periodically).
     pub fn tidy(&self, now: UnixTime) {
-        {
-            let mut m = self.assertions.write();
-            m.retain(|_, list| {
-                list.retain(|(_, iat, _)| now - iat < assertion::REUSE_FOR);
-                !list.is_empty()
-            });
-        }
+        self.assertions.write().retain(|_, list| {
+            list.retain(|a| now - a.iat < assertion::REUSE_FOR);
+            !list.is_empty()
+        });
     }
 
     pub fn signer(&self) -> &Signer {
@@ -104,10 +105,12 @@ impl Proxy {
         session: Option<&Session>,
         now: UnixTime,
     ) -> Result<HeaderValue, crate::upstream::Cause> {
-        let fresh = |(a, iat, _): &Assertion| *a == app.name && now - iat < assertion::REUSE_FOR && *iat <= now;
+        let fresh =
+            |a: &Assertion| a.app == app.name && a.who == *who && now - a.iat < assertion::REUSE_FOR && a.iat <= now;
         if let Some(s) = session {
-            let cached = self.assertions.read().get(&s.id).and_then(|list| list.iter().find(|e| fresh(e)).cloned());
-            if let Some((_, _, jwt)) = cached {
+            let cached =
+                self.assertions.read().get(&s.id).and_then(|l| l.iter().find(|a| fresh(a)).map(|a| a.jwt.clone()));
+            if let Some(jwt) = cached {
                 return Ok(jwt);
             }
         }
@@ -115,12 +118,10 @@ impl Proxy {
         // Kept as a header value, so that a reused assertion is not checked again per request.
         let jwt = HeaderValue::try_from(self.signer.sign(&app.name, who, &amr, now)?)?;
         if let Some(s) = session {
-            {
-                let mut m = self.assertions.write();
-                let list = m.entry(s.id.clone()).or_default();
-                list.retain(|(a, iat, _)| *a != app.name && now - iat < assertion::REUSE_FOR);
-                list.push((app.name.clone(), now, jwt.clone()));
-            }
+            let mut m = self.assertions.write();
+            let list = m.entry(s.id.clone()).or_default();
+            list.retain(|a| a.app != app.name && now - a.iat < assertion::REUSE_FOR);
+            list.push(Assertion { app: app.name.clone(), who: who.clone(), iat: now, jwt: jwt.clone() });
         }
         Ok(jwt)
     }
@@ -199,6 +200,17 @@ impl Proxy {
         }
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
+        // A body on a method whose body means nothing (GET, HEAD, OPTIONS, TRACE) is refused:
+        // an app that does not read it would take its bytes for the next request on the
+        // connection, with identity headers poort did not write.
+        let has_body = !hyper::body::Body::is_end_stream(&body) || length.is_some_and(|n| n > 0);
+        if has_body && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE) {
+            return Err(Failure::BodyNotAllowed);
+        }
+        // Any other method but POST, PUT and PATCH that carries a body (DELETE, WebDAV's)
+        // goes on a connection of its own that closes after it, for the same reason: an app
+        // that skips such a body has no next request on that connection to mistake it for.
+        let alone = has_body && !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
 
         let (authority, base) = match &app.upstream {
             Upstream::Http { authority, base_path } => (authority.as_str(), base_path.as_str()),
@@ -267,6 +279,9 @@ impl Proxy {
         if let Some(client_upgrade) = client_upgrade {
             return self.upgrade(authority, out, client_upgrade, line, shared).await;
         }
+        if alone {
+            return self.alone(authority, out, line, shared).await;
+        }
         let worker = WORKER.with(|w| w.get());
         let resp =
             match tokio::time::timeout(self.settings.response_timeout, self.pools.send(worker, authority, out)).await {
@@ -276,6 +291,29 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         clean_response_headers(&mut parts.headers, false, shared);
         Ok(Response::from_parts(parts, watched(Body::Upstream(body), line)))
+    }
+
+    /// A request on a connection of its own, closed after its answer.
+    async fn alone(
+        &self,
+        authority: &str,
+        mut out: Request<UpstreamBody>,
+        line: Option<crate::session::Lifeline>,
+        shared: bool,
+    ) -> Result<Response<Body>, Failure> {
+        out.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let (mut sender, conn) = pool::connect(authority, self.settings.connect_timeout).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let resp = match tokio::time::timeout(self.settings.response_timeout, sender.send_request(out)).await {
+            Err(_) => return Err(Failure::Timeout),
+            Ok(Err(e)) => return Err(classify(e)),
+            Ok(Ok(r)) => r,
+        };
+        let (mut parts, body) = resp.into_parts();
+        clean_response_headers(&mut parts.headers, false, shared);
+        Ok(Response::from_parts(parts, watched(Body::Direct(body), line)))
     }
 
     /// A WebSocket request: on its own connection (never pooled), spliced to the client's

@@ -265,7 +265,7 @@ pub fn parse_host(raw: &[u8]) -> Result<String, Reject> {
 }
 
 /// The client's address: the peer, or, when the peer is a trusted proxy, the right-most
-/// `X-Forwarded-For` entry that is not itself a trusted proxy (SECURITY.md rule 4).
+/// `X-Forwarded-For` entry that is not itself a trusted proxy (docs/threat-model.md, rule 4).
 pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {

@@ -1,4 +1,4 @@
-//! The request target, parsed and canonicalised exactly once (SECURITY.md rules 1 and 2).
+//! The request target, parsed and canonicalised exactly once (docs/threat-model.md, rules 1 and 2).
 //!
 //! `Target::parse` is pure: it takes the raw path and query bytes and either returns the one
 //! canonical form that routing, policy, logging and forwarding all use, or a rejection. It never

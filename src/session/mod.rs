@@ -1,4 +1,4 @@
-//! Sessions (SECURITY.md rule 10): 256-bit random tokens in a `__Host-` cookie, stored only as
+//! Sessions (docs/threat-model.md, rule 10): 256-bit random tokens in a `__Host-` cookie, stored only as
 //! SHA-256 hashes; idle and absolute timeouts; a memory cache in front of the store so that a
 //! request with a known session costs no database query; revocations from other processes
 //! arrive through the store's `revocations` table.

@@ -91,8 +91,12 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
     let name = call.rest.clone();
     let ctx = call.ctx.clone();
     let mut req = call.into_request();
+    // A name that is not configured and a tunnel policy refuses get the same answer, which
+    // echoes nothing: the command line cannot list the tunnels it may not use. The audit
+    // record of a refusal says why.
+    let closed = || json_error(StatusCode::FORBIDDEN, "no tunnel of that name is open to you");
     let Some(index) = st.cfg.tunnels.iter().position(|t| t.name == name) else {
-        return json_error(StatusCode::NOT_FOUND, &format!("no tunnel named {name:?}"));
+        return closed();
     };
     let t = &st.cfg.tunnels[index];
     let who = ctx.session.as_ref().map(|s| Subject { identity: &s.identity, mfa: s.mfa() });
@@ -109,7 +113,7 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
         }
         Decision::Deny(reason) => {
             crate::respond::audit_denied(st, ctx.at(), t.name.clone(), reason.to_string()).await;
-            return json_error(StatusCode::FORBIDDEN, &format!("denied by policy: {reason}"));
+            return closed();
         }
     };
     // A plain GET asks whether the tunnel could open, without dialing anything.
@@ -121,7 +125,7 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
     let Some(slot) = st.tunnels.take(&session.id, limits.per_session, limits.total) else {
         return json_error(StatusCode::TOO_MANY_REQUESTS, "too many open tunnels");
     };
-    let client = ctx.client.to_string();
+    let client = ctx.client;
     let tcp = match dial(permit, t, limits.connect_timeout).await {
         Ok(s) => s,
         Err(failed) => {
@@ -136,7 +140,7 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
         user: session.identity.user.clone(),
         session: session.id.clone(),
         tunnel: t.name.clone(),
-        client: client.clone(),
+        client,
     };
     if let Err(e) = st.audit.record(ev).await {
         tracing::error!(error = %e, "Audit unavailable; refusing the tunnel");

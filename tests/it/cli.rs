@@ -226,3 +226,22 @@ fn check_warns_when_apps_share_the_portals_origin() {
     let out = poort(&["check", "--config", path_of(&path)], &dir.0);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("warning"));
 }
+
+/// A password reset by an administrator ends the user's sessions: whoever knew the old password
+/// may hold one. `--keep-sessions` leaves them for a routine change.
+#[tokio::test]
+async fn a_password_reset_ends_the_users_sessions() {
+    let gate = crate::harness::Gate::start().await;
+    let kept = gate.login("bob").await;
+    assert!(gate.cli(&["user", "passwd", "bob", "--keep-sessions"]).status.success());
+    assert_eq!(gate.get("/app/", Some(&kept)).await.status, 200, "kept on request");
+    let alice = gate.login("alice").await;
+    let out = gate.cli(&["user", "passwd", "bob"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ended 1 session(s)"), "{out:?}");
+    crate::harness::eventually("the old session to end", Duration::from_secs(2), async || {
+        gate.get("/app/", Some(&kept)).await.status == 401
+    })
+    .await;
+    assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200, "other users' sessions go on");
+}

@@ -7,6 +7,7 @@ mod cli;
 mod flow;
 mod front_door;
 mod harness;
+mod layers;
 pub mod ldap;
 mod mfa;
 mod mitigate;

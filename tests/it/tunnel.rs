@@ -136,14 +136,18 @@ async fn policy_refusals_are_explained_and_dial_nothing() {
     let out = poort(&home).args(["connect", "ops", "--listen", "127.0.0.1:0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("denied by policy: no allow rule matched"), "{err}");
-    let out = poort(&home).args(["connect", "ops", "--stdio"]).stdin(Stdio::null()).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("denied by policy"));
+    assert!(err.contains("no tunnel of that name is open to you"), "{err}");
+    let denied = poort(&home).args(["connect", "ops", "--stdio"]).stdin(Stdio::null()).output().unwrap();
+    let denied = String::from_utf8_lossy(&denied.stderr).to_string();
+    assert!(denied.contains("no tunnel of that name is open to you"), "{denied}");
     assert_eq!(gate.sink.accepted(), 0, "the target saw no connection");
     assert!(gate.audit("access_denied").iter().any(|e| e["app"] == "ops"));
 
+    // A name nobody configured gets the very same answer: the command line cannot tell the
+    // tunnels it may not use from the ones that do not exist.
     let out = poort(&home).args(["connect", "nope", "--stdio"]).stdin(Stdio::null()).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no tunnel named"), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), denied.replace("ops", "nope"));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("nope\""), "the name is not echoed");
     let nobody = TempDir::new();
     let out = poort(&nobody).args(["connect", "sink", "--stdio"]).stdin(Stdio::null()).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("not signed in"), "{out:?}");

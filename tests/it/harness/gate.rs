@@ -455,6 +455,15 @@ access = "authenticated"
         send
     }
 
+    /// An HTTP/2 connection for requests with bodies.
+    pub async fn h2_with_body(&self) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+        let stream = self.connect(&[b"h2"]).await;
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
     /// Opens a TLS connection naming `host`.
     pub async fn try_connect_to(
         &self,
