@@ -278,6 +278,10 @@ pub(crate) fn login_again(
 ) -> Response<Body> {
     let (csrf, new) = csrf_for_page(headers);
     let providers = st.oidc.buttons();
+    // The form again, with only what the form itself would carry: a `next` that is a safe
+    // place to go, a name that is a user name; never other bytes the request posted.
+    let next = if safe_next(next, &st.cfg) == Next::Portal { "" } else { next };
+    let username = if valid_user_name(username) { username } else { "" };
     let page = LoginPage { providers: &providers, csrf: &csrf, next, username, error: Some(error) };
     with_csrf_cookie(html(status, &page), &csrf, new)
 }

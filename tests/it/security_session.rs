@@ -226,3 +226,19 @@ async fn refused_hand_offs_are_limited_and_counted() {
         "{counted:?}"
     );
 }
+
+/// A failed sign-in shows the form again with only what the form would carry: a `next` that is
+/// a safe place to go and a name that is a user name, never other bytes the request posted.
+#[tokio::test]
+async fn a_failed_sign_in_echoes_nothing_but_the_form() {
+    let gate = Gate::start().await;
+    let r = gate.try_login("<b>mallory</b>", "wrong", "https://evil.example/phish").await;
+    assert_eq!(r.status, 401);
+    let page = r.text();
+    assert!(!page.contains("evil.example"), "the foreign next came back");
+    assert!(!page.contains("mallory"), "the posted name came back");
+    // What the form would carry stays: a name and a place on the portal.
+    let r = gate.try_login("bob", "wrong", "/app/x").await;
+    assert_eq!(r.status, 401);
+    assert!(r.text().contains("value=\"bob\"") && r.text().contains("/app/x"));
+}
