@@ -296,6 +296,9 @@ impl Gateway {
                     .forward(permit, app, &ctx.front.target, origin, ctx.front.content_length, req)
                     .await
                 {
+                    // The session ended while the app was answering: a sign-in page rather
+                    // than an answer cut before its first byte.
+                    Ok(_) if ctx.session.as_ref().is_some_and(|s| s.ended()) => Refusal::Unauthenticated,
                     Ok(resp) => return resp,
                     // A body that broke its framing: refused like a bad head, and audited.
                     Err(Failure::BadBody) => malformed(StatusCode::BAD_REQUEST, "body_malformed"),

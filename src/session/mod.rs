@@ -173,6 +173,11 @@ impl Session {
         self.line.last_seen.fetch_max(now, Ordering::Relaxed);
     }
 
+    /// Whether the session has ended (its line is cut).
+    pub fn ended(&self) -> bool {
+        self.line.is_cut()
+    }
+
     /// Ends when the session ends.
     pub fn lifeline(&self) -> Lifeline {
         Lifeline(self.line.clone())
