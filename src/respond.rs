@@ -234,9 +234,8 @@ pub async fn respond(st: &State, at: At<'_>, refusal: Refusal) -> Response<Body>
     }
 }
 
-/// Records that `resource` (an app or a tunnel) was refused to the user `at` names, and why.
-/// For a refusal whose answer is not a page (a tunnel answers the command line in JSON).
-pub async fn audit_denied(st: &State, at: At<'_>, resource: String, reason: String) {
+/// Records that `resource` was refused to the user `at` names, and why.
+async fn audit_denied(st: &State, at: At<'_>, resource: String, reason: String) {
     tracing::info!(request = %at.id, client = %at.client, resource = %resource, reason = %reason, "Access denied");
     let ev = Event::AccessDenied {
         user: at.session.map_or_else(|| "(anonymous)".into(), |s| s.identity.user.clone()),

@@ -15,6 +15,9 @@ pub enum SessionCmd {
     },
     /// End a session by id, all sessions of a user, or every session.
     Revoke {
+        /// A session id as `session list` shows it (one made before ids stopped starting
+        /// with `-` is still taken).
+        #[arg(allow_hyphen_values = true)]
         id: Option<String>,
         #[arg(long, conflicts_with = "id")]
         user: Option<String>,

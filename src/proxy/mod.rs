@@ -207,10 +207,10 @@ impl Proxy {
         if has_body && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE) {
             return Err(Failure::BodyNotAllowed);
         }
-        // Any other method but POST, PUT and PATCH that carries a body (DELETE, WebDAV's)
-        // goes on a connection of its own that closes after it, for the same reason: an app
-        // that skips such a body has no next request on that connection to mistake it for.
-        let alone = has_body && !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+        // Any request with a body goes on a connection of its own that closes after it, for
+        // the same reason: an app that skips a body it did not expect has no next request on
+        // that connection to take it for, and no other user's request comes after it there.
+        let alone = has_body;
 
         let (authority, base) = match &app.upstream {
             Upstream::Http { authority, base_path } => (authority.as_str(), base_path.as_str()),

@@ -50,9 +50,15 @@ pub fn hash_token(raw: &[u8]) -> TokenHash {
     crate::secret::sha256(raw)
 }
 
-/// A short public identifier for listing and revoking a session; not a credential.
+/// A short public identifier for listing and revoking a session; not a credential. Never
+/// starts with `-`, so that a command line does not take it for an option.
 pub fn new_session_id() -> String {
-    crate::secret::b64(&crate::secret::random_bytes::<9>())
+    loop {
+        let id = crate::secret::b64(&crate::secret::random_bytes::<9>());
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
 }
 
 /// How long a proof of who the user is counts as fresh: changing factors and approving a
@@ -489,15 +495,19 @@ impl Sessions {
         }
     }
 
-    fn forget_user(&self, user: &str) {
+    /// The user changed (groups, password, enabled): their sessions are loaded again. If their
+    /// groups are not what they were (`groups`, None for a user who is gone or disabled), what
+    /// they hold open (tunnels, WebSockets, streams) is cut, so that each is asked for again
+    /// under what the user may do now. The sessions themselves go on unless revoked.
+    fn forget_user(&self, user: &str, groups: Option<&[String]>) {
         self.cache.write().retain(|_, s| s.identity.user != user);
-        // Their groups may have changed: until the next request loads them, the user's open
-        // connections count as in no group (a lockdown cuts them).
-        for line in self.lines.lock().values() {
-            if line.user == user {
-                line.groups.lock().clear();
+        self.lines.lock().retain(|_, line| {
+            let changed = line.user == user && groups.is_none_or(|g| *line.groups.lock() != g);
+            if changed {
+                line.cut("groups changed");
             }
-        }
+            !changed
+        });
     }
 
     /// Applies revocations recorded since the last poll (by this or another process).
@@ -508,8 +518,11 @@ impl Sessions {
             if let Some(id) = &r.session_id {
                 self.forget(id, "session ended");
             }
-            if let Some(user) = &r.user {
-                self.forget_user(user);
+            if let Some(user) = r.user.clone() {
+                // What the user may do now; a store that cannot say counts as "nothing".
+                let name = user.clone();
+                let now = self.store.run(move |c| Store::identity(c, &name)).await.ok().flatten();
+                self.forget_user(&user, now.as_ref().map(|i| i.groups.as_slice()));
             }
             self.last_revocation.fetch_max(r.seq, Ordering::Relaxed);
         }
@@ -563,6 +576,11 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use std::time::Duration;
+
+    #[test]
+    fn session_ids_never_look_like_options() {
+        assert!((0..5000).map(|_| new_session_id()).all(|id| id.len() == 12 && !id.starts_with('-')));
+    }
 
     #[tokio::test]
     async fn a_copy_whose_line_was_cut_is_loaded_again() {

@@ -94,9 +94,21 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
     // A name that is not configured and a tunnel policy refuses get the same answer, which
     // echoes nothing: the command line cannot list the tunnels it may not use. The audit
     // record of a refusal says why.
-    let closed = || json_error(StatusCode::FORBIDDEN, "no tunnel of that name is open to you");
+    // Both are recorded the same way too, without waiting: counted per client and minute,
+    // so that probing leaves a trace but neither a flood of records nor a difference in time.
+    let closed = |reason: &str| {
+        let ev = Event::AccessDenied {
+            user: ctx.session.as_ref().map_or_else(|| "(anonymous)".into(), |s| s.identity.user.clone()),
+            session: ctx.session.as_ref().map_or_else(String::new, |s| s.id.clone()),
+            app: name.chars().take(64).collect(),
+            reason: reason.to_string(),
+            client: ctx.client,
+        };
+        st.audit.refusal("access_denied", "tunnel", ctx.client, &name, ev);
+        json_error(StatusCode::FORBIDDEN, "no tunnel of that name is open to you")
+    };
     let Some(index) = st.cfg.tunnels.iter().position(|t| t.name == name) else {
-        return closed();
+        return closed("no tunnel of that name");
     };
     let t = &st.cfg.tunnels[index];
     let who = ctx.session.as_ref().map(|s| Subject { identity: &s.identity, mfa: s.mfa() });
@@ -112,8 +124,7 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
             );
         }
         Decision::Deny(reason) => {
-            crate::respond::audit_denied(st, ctx.at(), t.name.clone(), reason.to_string()).await;
-            return closed();
+            return closed(&reason.to_string());
         }
     };
     // A plain GET asks whether the tunnel could open, without dialing anything.

@@ -223,6 +223,9 @@ async fn revoke_from_the_cli_ends_a_live_session() {
     eventually("revoke --all", Duration::from_secs(2), async || gate.status("/app/", Some(&bob)).await == 401).await;
     let admin = gate.audit("admin");
     assert!(admin.iter().any(|e| e["command"] == "session revoke" && e["target"] == id));
+    // An id that starts with `-` (ids made before they stopped doing so) is an id, not an option.
+    let dashed = gate.cli(&["session", "revoke", "-AbCdEfGhIjK"]);
+    assert!(!String::from_utf8_lossy(&dashed.stderr).contains("unexpected argument"), "{dashed:?}");
 }
 
 #[tokio::test]

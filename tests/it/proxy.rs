@@ -300,6 +300,11 @@ async fn a_request_hidden_in_a_body_never_reaches_an_app_as_a_request() {
     assert_eq!((seen.method.as_str(), seen.body.as_slice()), ("DELETE", &hidden[..]));
     assert_eq!(seen.header("connection"), Some("close"));
     assert_eq!(seen.header("x-poort-user"), Some("bob"));
+    // So does every request with a body: no other request ever follows one on a connection.
+    let r = gate.request("POST", "/app/form", &[("Cookie", &cookie), ("Content-Type", "text/plain")], hidden).await;
+    assert_eq!(r.status, 200);
+    let seen = gate.upstream.last();
+    assert_eq!((seen.method.as_str(), seen.header("connection")), ("POST", Some("close")));
     // A body-less GET is unchanged.
     assert_eq!(gate.get("/app/x", Some(&s)).await.status, 200);
 }

@@ -148,6 +148,8 @@ async fn policy_refusals_are_explained_and_dial_nothing() {
     let out = poort(&home).args(["connect", "nope", "--stdio"]).stdin(Stdio::null()).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stderr), denied.replace("ops", "nope"));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("nope\""), "the name is not echoed");
+    // Both refusals are recorded: the first in full, the other counted with it.
+    assert_eq!(gate.refusals("access_denied").await, 2 + 1, "ops twice, nope once");
     let nobody = TempDir::new();
     let out = poort(&nobody).args(["connect", "sink", "--stdio"]).stdin(Stdio::null()).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("not signed in"), "{out:?}");
@@ -210,6 +212,14 @@ async fn revoking_the_session_cuts_a_live_tunnel_within_a_second() {
 async fn a_lockdown_cuts_open_tunnels_of_non_admins() {
     let lockdown = |gate: &Gate| assert!(gate.cli(&["lockdown", "on"]).status.success());
     cut_within_a_second("bob", lockdown, "lockdown").await;
+}
+
+/// A user whose groups change loses what they hold open, and opens it again under what they
+/// may do now (a tunnel a removed group gave would otherwise stay open).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_change_cuts_open_tunnels_within_a_second() {
+    let regroup = |gate: &Gate| assert!(gate.cli(&["user", "groups", "alice", "--remove", "staff"]).status.success());
+    cut_within_a_second("alice", regroup, "groups changed").await;
 }
 
 /// A real OpenSSH server on loopback, reached with `ssh -o ProxyCommand='poort connect ssh
