@@ -121,6 +121,7 @@ mod tests {
             mfa: false,
             forward_headers: Vec::new(),
             websocket_origins: Vec::new(),
+            preserve_host: false,
         }
     }
 
@@ -235,6 +236,7 @@ mod oracle {
             mfa: false,
             forward_headers: Vec::new(),
             websocket_origins: Vec::new(),
+            preserve_host: false,
         }
     }
 

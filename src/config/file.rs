@@ -178,4 +178,6 @@ pub struct App {
     /// Origins (`https://host[:port]`) besides the app's own whose pages may open WebSockets
     /// to it.
     pub websocket_origins: Option<Vec<String>>,
+    /// Send the Host the user addressed instead of the upstream's. Default false.
+    pub preserve_host: Option<bool>,
 }

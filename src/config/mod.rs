@@ -177,6 +177,8 @@ pub struct App {
     pub forward_headers: Vec<http::HeaderName>,
     /// Origins besides the app's own that may open WebSockets to it: `https://host[:port]`.
     pub websocket_origins: Vec<String>,
+    /// Send the Host the user addressed (with the gateway's port) instead of the upstream's.
+    pub preserve_host: bool,
 }
 
 impl App {

@@ -538,6 +538,7 @@ fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, m
     Some(App {
         forward_headers,
         websocket_origins,
+        preserve_host: app.preserve_host.unwrap_or(false),
         mfa: mfa?,
         title: app.title.unwrap_or_else(|| name.clone()),
         description: app.description.unwrap_or_default(),

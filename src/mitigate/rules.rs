@@ -600,6 +600,7 @@ mod tests {
                 mfa: false,
                 forward_headers: Vec::new(),
                 websocket_origins: Vec::new(),
+                preserve_host: false,
             }];
             let routes = crate::route::Routes::new("gate", &apps);
             let key = match kind {

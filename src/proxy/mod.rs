@@ -229,20 +229,36 @@ impl Proxy {
 
         let mut headers = allowed_headers(&parts.headers, &app.forward_headers);
         let value = |s: &str| HeaderValue::from_str(s).ok();
+        // The host the browser addressed, with the gateway's port unless it is 443: what an
+        // app needs to make its own absolute URLs, and what it compares a WebSocket's Origin
+        // with.
+        let public_host = format!("{}{}", origin.host, origin.port);
+        let host = if app.preserve_host { &public_host } else { authority };
         headers.insert(
             header::HOST,
-            value(authority).ok_or_else(|| Failure::Internal("the upstream is no valid Host".into()))?,
+            value(host).ok_or_else(|| Failure::Internal("the upstream is no valid Host".into()))?,
         );
         if let Some(v) = value(&origin.client.to_string()) {
             headers.insert(X_FORWARDED_FOR, v);
         }
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        // The host the browser addressed, with the gateway's port unless it is 443: what an
-        // app needs to make its own absolute URLs.
-        let forwarded_host =
-            if origin.port.is_empty() { value(origin.host) } else { value(&format!("{}{}", origin.host, origin.port)) };
-        if let Some(v) = forwarded_host {
+        if let Some(v) = value(&public_host) {
             headers.insert(X_FORWARDED_HOST, v);
+        }
+        // A path-routed app whose prefix poort takes off learns it, to put it back in links.
+        if let Route::Path { prefix, strip: true } = &app.route {
+            if let Some(v) = value(prefix.trim_end_matches('/')) {
+                headers.insert(X_FORWARDED_PREFIX, v);
+            }
+        }
+        // The same facts in RFC 7239's form; `for` and `host` are quoted, as an IPv6 address
+        // and a port need to be.
+        let client = match origin.client {
+            std::net::IpAddr::V4(a) => a.to_string(),
+            std::net::IpAddr::V6(a) => format!("[{a}]"),
+        };
+        if let Some(v) = value(&format!("for=\"{client}\";host=\"{public_host}\";proto=https")) {
+            headers.insert(header::FORWARDED, v);
         }
         if websocket {
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

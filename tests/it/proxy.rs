@@ -35,9 +35,10 @@ async fn spoofed_identity_headers_never_reach_the_upstream() {
     assert_eq!(seen.header("x-poort-groups"), Some(""));
     assert_ne!(seen.header("x-poort-assertion"), Some("forged"));
     assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"), "poort's own value: the real peer");
+    // poort's own Forwarded, not the client's.
+    assert_eq!(seen.header("forwarded"), Some("for=\"127.0.0.1\";host=\"localhost:8443\";proto=https"));
     for gone in [
         "x_poort_user",
-        "forwarded",
         "x-forwarded-user",
         "x_forwarded_user",
         "x-real-ip",
@@ -307,4 +308,33 @@ async fn a_request_hidden_in_a_body_never_reaches_an_app_as_a_request() {
     assert_eq!((seen.method.as_str(), seen.header("connection")), ("POST", Some("close")));
     // A body-less GET is unchanged.
     assert_eq!(gate.get("/app/x", Some(&s)).await.status, 200);
+}
+
+/// An app learns where the user reached it: the Host the user addressed when it asks for it
+/// (`preserve_host`), the prefix poort took off, and RFC 7239 `Forwarded`; never what the
+/// client claimed in those headers.
+#[tokio::test]
+async fn forwarding_headers_tell_the_app_where_the_user_reached_it() {
+    let tables = "\n[[app]]\nname = \"kept\"\nupstream = \"http://{up}\"\npath = \"/kept/\"\naccess = \"authenticated\"\npreserve_host = true\n";
+    let gate = Gate::start_config("", tables).await;
+    let s = gate.login("alice").await;
+    let cookie = format!("__Host-poort={s}");
+    let claims = [
+        ("Cookie", cookie.as_str()),
+        ("Forwarded", "for=198.51.100.7;host=evil.example;proto=http"),
+        ("X-Forwarded-Prefix", "/evil"),
+        ("X-Forwarded-Host", "evil.example"),
+    ];
+    assert_eq!(gate.request("GET", "/app/x", &claims, b"").await.status, 200);
+    let seen = gate.upstream.last();
+    assert_eq!(seen.header("x-forwarded-prefix"), Some("/app"), "the prefix poort took off");
+    assert_eq!(seen.header("forwarded"), Some("for=\"127.0.0.1\";host=\"localhost:8443\";proto=https"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("localhost:8443"));
+    assert_eq!(seen.header("host"), Some(gate.upstream.addr.to_string().as_str()), "the upstream's own by default");
+    // An app that keeps its prefix is not told one; one that asks gets the user's Host.
+    assert_eq!(gate.request("GET", "/kept/x", &claims, b"").await.status, 200);
+    let seen = gate.upstream.last();
+    assert_eq!(seen.header("host"), Some("localhost:8443"));
+    assert_eq!(seen.header("x-forwarded-prefix"), None);
+    assert_eq!(seen.headers.iter().filter(|(k, _)| k == "forwarded").count(), 1);
 }
