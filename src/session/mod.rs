@@ -61,6 +61,9 @@ pub fn new_session_id() -> String {
     }
 }
 
+/// Why a line is cut when the user's groups change.
+pub const GROUPS_CHANGED: &str = "groups changed";
+
 /// How long a proof of who the user is counts as fresh: changing factors and approving a
 /// command-line sign-in need one this recent ("sudo mode").
 pub const FRESH_FOR: i64 = 300;
@@ -179,9 +182,10 @@ impl Session {
         self.line.last_seen.fetch_max(now, Ordering::Relaxed);
     }
 
-    /// Whether the session has ended (its line is cut).
+    /// Whether the session has ended (its line is cut for a reason other than a change of
+    /// the user's groups, which ends what the session holds open but not the session).
     pub fn ended(&self) -> bool {
-        self.line.is_cut()
+        self.line.is_cut() && *self.line.cut.borrow() != Some(GROUPS_CHANGED)
     }
 
     /// Ends when the session ends.
@@ -504,7 +508,7 @@ impl Sessions {
         self.lines.lock().retain(|_, line| {
             let changed = line.user == user && groups.is_none_or(|g| *line.groups.lock() != g);
             if changed {
-                line.cut("groups changed");
+                line.cut(GROUPS_CHANGED);
             }
             !changed
         });

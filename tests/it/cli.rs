@@ -240,7 +240,7 @@ async fn a_password_reset_ends_the_users_sessions() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("ended 1 session(s)"), "{out:?}");
     crate::harness::eventually("the old session to end", Duration::from_secs(2), async || {
-        gate.get("/app/", Some(&kept)).await.status == 401
+        gate.status("/app/", Some(&kept)).await == 401
     })
     .await;
     assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200, "other users' sessions go on");

@@ -85,7 +85,7 @@ async fn bob_is_denied_the_staff_app_with_a_reason_in_the_audit_log() {
     let out = gate.cli(&["user", "groups", "bob", "--add", "staff"]);
     assert!(out.status.success(), "{out:?}");
     eventually("the new group to apply", Duration::from_secs(3), async || {
-        gate.get("/staff/", Some(&bob)).await.status == 200
+        gate.status("/staff/", Some(&bob)).await == 200
     })
     .await;
 }
