@@ -219,7 +219,15 @@ pub async fn respond(st: &State, at: At<'_>, refusal: Refusal) -> Response<Body>
         Refusal::NoRoute => error_page(StatusCode::NOT_FOUND, id),
         Refusal::Unauthenticated => error_page(StatusCode::UNAUTHORIZED, id),
         Refusal::Denied { resource, reason } => {
-            Box::pin(audit_denied(st, at, resource, reason)).await;
+            tracing::info!(request = %id, client = %client, resource = %resource, reason = %reason, "Access denied");
+            let ev = Event::AccessDenied {
+                user: at.session.map_or_else(|| "(anonymous)".into(), |s| s.identity.user.clone()),
+                session: at.session.map_or_else(String::new, |s| s.id.clone()),
+                app: resource,
+                reason,
+                client,
+            };
+            Box::pin(st.audit.note(ev)).await;
             error_page(StatusCode::FORBIDDEN, id)
         }
         Refusal::Upstream(failure) => {
@@ -232,17 +240,4 @@ pub async fn respond(st: &State, at: At<'_>, refusal: Refusal) -> Response<Body>
             error_page(StatusCode::SERVICE_UNAVAILABLE, id)
         }
     }
-}
-
-/// Records that `resource` was refused to the user `at` names, and why.
-async fn audit_denied(st: &State, at: At<'_>, resource: String, reason: String) {
-    tracing::info!(request = %at.id, client = %at.client, resource = %resource, reason = %reason, "Access denied");
-    let ev = Event::AccessDenied {
-        user: at.session.map_or_else(|| "(anonymous)".into(), |s| s.identity.user.clone()),
-        session: at.session.map_or_else(String::new, |s| s.id.clone()),
-        app: resource,
-        reason,
-        client: at.client,
-    };
-    st.audit.note(ev).await;
 }

@@ -65,13 +65,11 @@ impl PerClient {
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        {
-            let mut t = self.table.0.lock();
-            if let Some(n) = t.get_mut(&self.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    t.remove(&self.ip);
-                }
+        let mut t = self.table.0.lock();
+        if let Some(n) = t.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.ip);
             }
         }
     }

@@ -158,10 +158,7 @@ impl<T> Strict<T> {
 
     /// Hands the library the marker request instead of the refused head.
     fn refuse(&mut self, why: Reject) {
-        {
-            let mut slot = self.refused.0.lock();
-            *slot = Some(why);
-        }
+        *self.refused.0.lock() = Some(why);
         let marker = format!("GET {} HTTP/1.1\r\nHost: refused.invalid\r\nConnection: close\r\n\r\n", self.marker);
         self.ready.extend_from_slice(marker.as_bytes());
         self.pending.clear();

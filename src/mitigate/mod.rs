@@ -298,10 +298,7 @@ impl Mitigation {
     pub fn check(&self, facts: &Facts<'_>) -> Verdict {
         let rules = self.rules.read().clone();
         let Some((_, rule)) = rules.check(facts) else { return Verdict::Pass };
-        {
-            let mut s = self.status.lock();
-            *s.hits.entry(rule.id.clone()).or_insert(0) += 1;
-        }
+        *self.status.lock().hits.entry(rule.id.clone()).or_insert(0) += 1;
         match rule.action {
             Action::Deny => Verdict::Deny { rule: rule.id.clone(), reason: rule.reason.clone() },
             Action::Log => Verdict::Logged { rule: rule.id.clone() },

@@ -187,11 +187,8 @@ pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
     };
     let Some((requester, _, proved)) = claimed else { return show(None, Some("That code is unknown or expired.")) };
     if !approve {
-        {
-            let mut m = st.signins.devices.0.lock();
-            if let Some(p) = m.get_mut(&code) {
-                p.state = DeviceState::Denied;
-            }
+        if let Some(p) = st.signins.devices.0.lock().get_mut(&code) {
+            p.state = DeviceState::Denied;
         }
         return show(Some("Refused. The command line was not signed in."), None);
     }

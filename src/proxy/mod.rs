@@ -238,7 +238,8 @@ impl Proxy {
             header::HOST,
             value(host).ok_or_else(|| Failure::Internal("the upstream is no valid Host".into()))?,
         );
-        if let Some(v) = value(&origin.client.to_string()) {
+        let client = origin.client.to_string();
+        if let Some(v) = value(&client) {
             headers.insert(X_FORWARDED_FOR, v);
         }
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
@@ -253,11 +254,12 @@ impl Proxy {
         }
         // The same facts in RFC 7239's form; `for` and `host` are quoted, as an IPv6 address
         // and a port need to be.
-        let client = match origin.client {
-            std::net::IpAddr::V4(a) => a.to_string(),
-            std::net::IpAddr::V6(a) => format!("[{a}]"),
+        let forwarded = if origin.client.is_ipv6() {
+            format!("for=\"[{client}]\";host=\"{public_host}\";proto=https")
+        } else {
+            format!("for=\"{client}\";host=\"{public_host}\";proto=https")
         };
-        if let Some(v) = value(&format!("for=\"{client}\";host=\"{public_host}\";proto=https")) {
+        if let Some(v) = value(&forwarded) {
             headers.insert(header::FORWARDED, v);
         }
         if websocket {

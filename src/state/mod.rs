@@ -99,13 +99,11 @@ impl Tunnels {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.tunnels.total.fetch_sub(1, Ordering::Relaxed);
-        {
-            let mut m = self.tunnels.per_session.lock();
-            if let Some(n) = m.get_mut(&self.session) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(&self.session);
-                }
+        let mut m = self.tunnels.per_session.lock();
+        if let Some(n) = m.get_mut(&self.session) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.session);
             }
         }
     }

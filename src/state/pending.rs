@@ -161,11 +161,8 @@ impl Devices {
     /// Records that the browser of session `s` just proved who its user is to approve code
     /// `code` (the confirm page), if that browser is the one that opened it.
     pub fn prove(&self, code: &str, s: &Session, now: UnixTime) {
-        {
-            let mut m = self.0.lock();
-            if let Some(p) = m.get_mut(code).filter(|p| p.claimed_by == Some(claimant(s))) {
-                p.proved_at = Some(now);
-            }
+        if let Some(p) = self.0.lock().get_mut(code).filter(|p| p.claimed_by == Some(claimant(s))) {
+            p.proved_at = Some(now);
         }
     }
 
