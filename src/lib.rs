@@ -28,5 +28,6 @@ pub mod secret;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tls_client;
 pub mod upstream;
 pub mod whoami;

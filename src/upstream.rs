@@ -1,9 +1,10 @@
-//! Upstream connections: HTTP/1.1 keep-alive, one pool per worker thread and upstream
-//! address. A connection is driven by the request that borrowed it (while waiting for the
-//! response head) and then by the response body as the client reads it; it goes back to its
-//! pool when the body has ended. There is no task per connection and no hand-over between
-//! threads: on a request's path nothing waits for another core (bench/README.md). Also the
-//! request body type an upstream is sent, and why a forward failed.
+//! Upstream connections: HTTP/1.1 keep-alive, one pool per worker thread and upstream. A
+//! connection is driven by the request that borrowed it (while waiting for the response
+//! head) and then by the response body as the client reads it; it goes back to its pool when
+//! the body has ended. There is no task per connection and no hand-over between threads: on a
+//! request's path nothing waits for another core (bench/README.md). An app served over HTTPS
+//! that offers HTTP/2 by ALPN gets one multiplexed connection per worker instead, driven by a
+//! task of its own. Also the request body type an upstream is sent, and why a forward failed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,19 +17,90 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, Connection, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use http::StatusCode;
 use http_body_util::Limited;
 
-type Conn = Connection<TokioIo<TcpStream>, UpstreamBody>;
+use crate::config::UpstreamTls;
+
+type Conn = Connection<TokioIo<Stream>, UpstreamBody>;
 
 /// Idle connections kept per worker and upstream address at most.
 const MAX_IDLE: usize = 256;
 /// An idle connection older than this is closed rather than reused.
 const IDLE_FOR: Duration = Duration::from_secs(60);
+
+/// Where an upstream request goes.
+#[derive(Clone, Copy)]
+pub struct Dest<'a> {
+    /// Which pool: the address for plain HTTP; for HTTPS also the app, whose TLS settings
+    /// are its own.
+    pub key: &'a str,
+    /// `host:port` to connect to.
+    pub address: &'a str,
+    pub tls: Option<&'a UpstreamTls>,
+}
+
+/// A connection to an app: plain TCP, or TLS over it.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 /// One borrowed upstream connection.
 struct Lease {
@@ -44,9 +116,12 @@ struct Parked {
     since: Instant,
 }
 
-/// One worker's idle connections by upstream address.
+/// One worker's idle connections by upstream, and its HTTP/2 connections.
 #[derive(Default)]
-struct Idle(HashMap<Arc<str>, Vec<Parked>>);
+struct Idle {
+    http1: HashMap<Arc<str>, Vec<Parked>>,
+    http2: HashMap<Arc<str>, http2::SendRequest<UpstreamBody>>,
+}
 
 pub struct Pools {
     /// One per worker; the last serves threads that are not workers.
@@ -64,21 +139,33 @@ impl Pools {
         &self.workers[worker.map_or(last, |i| i.min(last))]
     }
 
-    /// Sends `req` to `authority` on a pooled connection (a new one if none is idle) and
-    /// returns the response head; its body keeps the connection until it ends.
+    /// Sends `req` to `dest` on a pooled connection (a new one if none is idle) and returns
+    /// the response head; its body keeps the connection until it ends.
     pub async fn send(
         &self,
         worker: Option<usize>,
-        authority: &str,
+        dest: Dest<'_>,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, Failure> {
         let home = self.home(worker);
+        if let Some(h2) = take_http2(home, dest.key) {
+            return send_http2(h2, req).await;
+        }
         // A parked connection the upstream has meanwhile closed gives the request back
         // unsent; then try the next one, and finally a fresh connection.
         loop {
-            let (mut lease, fresh) = match take_idle(home, authority) {
+            let (mut lease, fresh) = match take_idle(home, dest.key) {
                 Some(l) => (l, false),
-                None => (self.connect(home, authority).await?, true),
+                None => match connect(dest, self.connect_timeout, true).await? {
+                    Connected::Http1(sender, conn) => {
+                        let lease = Lease { sender, conn, home: home.clone(), authority: dest.key.into() };
+                        (lease, true)
+                    }
+                    Connected::Http2(h2) => {
+                        home.lock().http2.insert(dest.key.into(), h2.clone());
+                        return send_http2(h2, req).await;
+                    }
+                },
             };
             match lease.send(req).await {
                 Ok(resp) => {
@@ -94,27 +181,98 @@ impl Pools {
             }
         }
     }
-
-    async fn connect(&self, home: &Arc<Mutex<Idle>>, authority: &str) -> Result<Lease, Failure> {
-        let (sender, conn) = connect(authority, self.connect_timeout).await?;
-        Ok(Lease { sender, conn: Box::pin(conn), home: home.clone(), authority: authority.into() })
-    }
 }
 
-/// Opens a new HTTP/1.1 connection to `authority` (`host:port`).
-pub async fn connect(authority: &str, timeout: Duration) -> Result<(SendRequest<UpstreamBody>, Conn), Failure> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
+/// A new connection, and the protocol agreed on it.
+pub enum Connected {
+    Http1(SendRequest<UpstreamBody>, Pin<Box<Conn>>),
+    /// Its connection is driven by a task of its own, which ends when the last sender is gone.
+    Http2(http2::SendRequest<UpstreamBody>),
+}
+
+/// Opens a new connection to `dest`. Over TLS, HTTP/2 is offered when `any_version`, and
+/// used if the app takes it.
+pub async fn connect(dest: Dest<'_>, timeout: Duration, any_version: bool) -> Result<Connected, Failure> {
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(dest.address)).await {
         Err(_) => return Err(Failure::Timeout),
         Ok(Err(e)) => return Err(Failure::Unreachable(e.into())),
         Ok(Ok(s)) => s,
     };
-    let _ = stream.set_nodelay(true);
-    http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| Failure::Unreachable(e.into()))
+    let _ = tcp.set_nodelay(true);
+    let stream = match dest.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            let cfg = if any_version { &tls.any_version } else { &tls.http1 };
+            let handshake = tokio_rustls::TlsConnector::from(cfg.clone()).connect(tls.server_name.clone(), tcp);
+            match tokio::time::timeout(timeout, handshake).await {
+                Err(_) => return Err(Failure::Timeout),
+                Ok(Err(e)) => {
+                    tracing::warn!(upstream = dest.address, error = %e, "TLS with the app failed");
+                    return Err(Failure::Unreachable(e.into()));
+                }
+                Ok(Ok(s)) => Stream::Tls(Box::new(s)),
+            }
+        }
+    };
+    let http2 = matches!(&stream, Stream::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2"));
+    if http2 {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Failure::Unreachable(e.into()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        return Ok(Connected::Http2(sender));
+    }
+    let (sender, conn) =
+        http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| Failure::Unreachable(e.into()))?;
+    Ok(Connected::Http1(sender, Box::pin(conn)))
+}
+
+/// Opens a new HTTP/1.1 connection to `dest`, for a request that needs one of its own.
+pub async fn connect_http1(
+    dest: Dest<'_>,
+    timeout: Duration,
+) -> Result<(SendRequest<UpstreamBody>, Pin<Box<Conn>>), Failure> {
+    match connect(dest, timeout, false).await? {
+        Connected::Http1(sender, conn) => Ok((sender, conn)),
+        Connected::Http2(_) => Err(Failure::Unreachable("the app chose HTTP/2 where only HTTP/1.1 was offered".into())),
+    }
+}
+
+/// This worker's HTTP/2 connection to the upstream, if it has one that is still open.
+fn take_http2(home: &Mutex<Idle>, key: &str) -> Option<http2::SendRequest<UpstreamBody>> {
+    let mut idle = home.lock();
+    let h2 = idle.http2.get(key)?;
+    if h2.is_closed() {
+        idle.http2.remove(key);
+        return None;
+    }
+    Some(h2.clone())
+}
+
+/// Sends a request over HTTP/2, where the authority travels in the request's URI.
+async fn send_http2(
+    mut h2: http2::SendRequest<UpstreamBody>,
+    req: Request<UpstreamBody>,
+) -> Result<Response<PooledBody>, Failure> {
+    let (mut parts, body) = req.into_parts();
+    let host = parts.headers.remove(http::header::HOST);
+    let authority = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or_default();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri =
+        format!("https://{authority}{path}").parse().map_err(|e: http::uri::InvalidUri| Failure::Internal(e.into()))?;
+    parts.headers.remove(http::header::CONNECTION);
+    std::future::poll_fn(|cx| h2.poll_ready(cx)).await.map_err(classify)?;
+    let resp = h2.send_request(Request::from_parts(parts, body)).await.map_err(classify)?;
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(parts, PooledBody { body, lease: None }))
 }
 
 fn take_idle(home: &Mutex<Idle>, authority: &str) -> Option<Lease> {
     let mut idle = home.lock();
-    let list = idle.0.get_mut(authority)?;
+    let list = idle.http1.get_mut(authority)?;
     while let Some(mut p) = list.pop() {
         if p.since.elapsed() < IDLE_FOR && p.lease.usable() {
             return Some(p.lease);
@@ -168,7 +326,7 @@ impl Lease {
         let home = self.home.clone();
         let mut idle = home.lock();
         let now = crate::clock::instant();
-        let list = idle.0.entry(self.authority.clone()).or_default();
+        let list = idle.http1.entry(self.authority.clone()).or_default();
         // The oldest is first: close it if it has idled too long.
         if list.first().is_some_and(|p| now - p.since >= IDLE_FOR) {
             list.remove(0);
@@ -351,7 +509,9 @@ mod tests {
     async fn a_failure_carries_its_cause() {
         // A port nothing listens on: bound, then let go.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let Err(failure) = connect(&format!("127.0.0.1:{port}"), Duration::from_secs(2)).await else {
+        let address = format!("127.0.0.1:{port}");
+        let dest = Dest { key: &address, address: &address, tls: None };
+        let Err(failure) = connect(dest, Duration::from_secs(2), true).await else {
             panic!("nothing listens there");
         };
         assert_eq!(failure.status(), StatusCode::BAD_GATEWAY);

@@ -180,4 +180,17 @@ pub struct App {
     pub websocket_origins: Option<Vec<String>>,
     /// Send the Host the user addressed instead of the upstream's. Default false.
     pub preserve_host: Option<bool>,
+    /// For an https upstream: trust certificates issued under the CAs in this PEM file
+    /// (instead of the system's trust store).
+    pub upstream_ca_file: Option<String>,
+    /// For an https upstream: trust exactly the certificate with this SHA-256.
+    pub upstream_fingerprint: Option<String>,
+    /// For an https upstream: the name sent by SNI and checked in its certificate, when it
+    /// is not the host of the URL.
+    pub upstream_server_name: Option<String>,
+    /// For an https upstream that asks for one: the client certificate (PEM) and its key.
+    pub upstream_client_cert: Option<String>,
+    pub upstream_client_key: Option<String>,
+    /// For an https upstream: accept any certificate. Logged as a warning at every start.
+    pub insecure_skip_verify: Option<bool>,
 }

@@ -10,6 +10,7 @@ mod resolve;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -210,11 +211,66 @@ pub fn port_suffix(origin: &str) -> &str {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upstream {
-    /// `http://authority` plus an optional base path (no trailing slash).
-    Http { authority: String, base_path: String },
+    /// `http://authority` or `https://authority`, plus an optional base path (no trailing
+    /// slash).
+    Http {
+        /// As written in the URL: the Host the app is sent.
+        authority: String,
+        /// `host:port`, with the scheme's port if the URL had none: where poort connects.
+        address: String,
+        base_path: String,
+        /// Set for `https://`.
+        tls: Option<Arc<UpstreamTls>>,
+        /// The pool its connections are kept in: the address for plain HTTP; for HTTPS the app
+        /// too, whose TLS settings are its own.
+        pool: String,
+    },
     /// The demo app built into poort: it answers with the request it received.
     Whoami,
 }
+
+/// How poort speaks TLS to an app served over HTTPS.
+pub struct UpstreamTls {
+    pub trust: crate::tls_client::Trust,
+    pub client_cert: Option<crate::tls_client::ClientCert>,
+    /// The name sent by SNI and checked in the app's certificate.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+    /// Offers HTTP/2 and HTTP/1.1 by ALPN, for pooled requests.
+    pub any_version: Arc<rustls::ClientConfig>,
+    /// Offers HTTP/1.1 only, for WebSockets and requests on a connection of their own.
+    pub http1: Arc<rustls::ClientConfig>,
+}
+
+impl UpstreamTls {
+    /// Builds the TLS settings; an error names the file or setting at fault.
+    pub fn new(
+        trust: crate::tls_client::Trust,
+        client_cert: Option<crate::tls_client::ClientCert>,
+        server_name: rustls::pki_types::ServerName<'static>,
+    ) -> anyhow::Result<UpstreamTls> {
+        let any_version = crate::tls_client::config(&trust, client_cert.as_ref(), &[b"h2", b"http/1.1"])?;
+        let http1 = crate::tls_client::config(&trust, client_cert.as_ref(), &[b"http/1.1"])?;
+        Ok(UpstreamTls { trust, client_cert, server_name, any_version, http1 })
+    }
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("trust", &self.trust)
+            .field("client_cert", &self.client_cert)
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.trust, &self.client_cert, &self.server_name) == (&other.trust, &other.client_cert, &other.server_name)
+    }
+}
+
+impl Eq for UpstreamTls {}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -229,16 +285,27 @@ pub enum Route {
 impl Config {
     /// Things that are allowed but weaken the gateway, each with what to do instead.
     pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
         let shared: Vec<&str> =
             self.apps.iter().filter(|a| matches!(a.route, Route::Path { .. })).map(|a| a.name.as_str()).collect();
-        if shared.is_empty() {
-            return Vec::new();
+        if !shared.is_empty() {
+            out.push(format!(
+                "app[{}]: routed by path, so served from the portal's own origin ({}): a script on such an app's pages acts as the portal in the user's browser (it can read portal pages and post their forms; factor changes and command-line approvals still need the user's own factor and action) (hint: give each app its own host = \"app.example.com\")",
+                shared.join(", "),
+                self.server.external_origin
+            ));
         }
-        vec![format!(
-            "app[{}]: routed by path, so served from the portal's own origin ({}): a script on such an app's pages acts as the portal in the user's browser (it can read portal pages and post their forms; factor changes and command-line approvals still need the user's own factor and action) (hint: give each app its own host = \"app.example.com\")",
-            shared.join(", "),
-            self.server.external_origin
-        )]
+        for app in &self.apps {
+            if let Upstream::Http { tls: Some(tls), .. } = &app.upstream {
+                if tls.trust == crate::tls_client::Trust::Anything {
+                    out.push(format!(
+                        "app[{}]: insecure_skip_verify = true: poort accepts any certificate from this app, so anyone on the path to it can read and change its traffic, identity headers included (hint: set upstream_ca_file to the app's CA, or upstream_fingerprint to its certificate's SHA-256)",
+                        app.name
+                    ));
+                }
+            }
+        }
+        out
     }
 }
 

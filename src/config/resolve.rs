@@ -103,7 +103,7 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
     let proxy = proxy(c, f.proxy);
     let mfa = mfa(c, f.mfa);
     let login = login(c, f.login);
-    let apps = apps(c, f.apps, &server.portal_host, mfa.required);
+    let apps = apps(c, f.apps, base, &server.portal_host, mfa.required);
     let (tunnel, tunnels) = tunnels(c, f.tunnels, f.tunnel_list, &apps, mfa.required);
     let mitigate = mitigate(c, f.mitigate, base);
     let auth = auth::resolve(c, f.auth, base);
@@ -310,10 +310,10 @@ fn login(c: &mut Collector, f: file::Login) -> LoginSettings {
 }
 
 /// `[[app]]`, each with a name and a route of its own.
-fn apps(c: &mut Collector, list: Vec<file::App>, portal_host: &str, mfa_default: bool) -> Vec<App> {
+fn apps(c: &mut Collector, list: Vec<file::App>, base: &Path, portal_host: &str, mfa_default: bool) -> Vec<App> {
     let mut apps: Vec<App> = Vec::new();
     for (i, app) in list.into_iter().enumerate() {
-        if let Some(a) = resolve_app(c, i, app, portal_host, mfa_default) {
+        if let Some(a) = resolve_app(c, i, app, base, portal_host, mfa_default) {
             let key = format!("app[{}]", a.name);
             if apps.iter().any(|b| b.name == a.name) {
                 c.add(format!("{key}.name"), "is used by another app too", "give each app its own name");
@@ -429,9 +429,21 @@ fn external_origin(raw: &str) -> Option<(String, String)> {
     Some((format!("https://{}", rest.to_ascii_lowercase()), host))
 }
 
-fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, mfa_default: bool) -> Option<App> {
-    let name =
-        c.name("app", i, app.name, "is not a valid app name", "every app needs a name, for example name = \"wiki\"");
+fn resolve_app(
+    c: &mut Collector,
+    i: usize,
+    mut app: file::App,
+    base: &Path,
+    portal_host: &str,
+    mfa_default: bool,
+) -> Option<App> {
+    let name = c.name(
+        "app",
+        i,
+        app.name.take(),
+        "is not a valid app name",
+        "every app needs a name, for example name = \"wiki\"",
+    );
     let key = format!("app[{name}]");
     let upstream = match app.upstream.as_deref() {
         None => {
@@ -440,13 +452,21 @@ fn resolve_app(c: &mut Collector, i: usize, app: file::App, portal_host: &str, m
         }
         Some("builtin:whoami") => Some(Upstream::Whoami),
         Some(raw) => match parse_upstream(raw) {
-            Ok(u) => Some(u),
+            Ok((https, authority, address, base_path)) => {
+                let tls = upstream_tls(c, &key, &app, base, https, &authority);
+                // An https upstream whose TLS settings are wrong is reported above.
+                let pool = if https { format!("https://{address}/ for {name}") } else { address.clone() };
+                (tls.is_some() == https).then(|| Upstream::Http { authority, address, base_path, tls, pool })
+            }
             Err(hint) => {
-                c.add(format!("{key}.upstream"), format!("{raw:?} is not an http URL"), hint);
+                c.add(format!("{key}.upstream"), format!("{raw:?} is not an http or https URL"), hint);
                 None
             }
         },
     };
+    if app.upstream.as_deref() == Some("builtin:whoami") {
+        upstream_tls(c, &key, &app, base, false, "");
+    }
     let route = match (app.host, app.path) {
         (Some(h), None) => match crate::request::parse_host(h.as_bytes()) {
             Ok(host) if host == portal_host => {
@@ -597,11 +617,125 @@ fn valid_target(raw: &str) -> bool {
     port_ok && !host.is_empty() && crate::request::parse_host(host.as_bytes()).is_ok()
 }
 
-fn parse_upstream(raw: &str) -> Result<Upstream, &'static str> {
-    if raw.starts_with("https://") {
-        return Err("TLS to upstreams is not supported yet: reach the app over http on a trusted network");
+/// How poort speaks TLS to an `https://` app, from the app's `upstream_*` keys; None for
+/// a plain one (where those keys are refused) or when a key is wrong (reported).
+fn upstream_tls(
+    c: &mut Collector,
+    key: &str,
+    app: &file::App,
+    base: &Path,
+    https: bool,
+    authority: &str,
+) -> Option<Arc<UpstreamTls>> {
+    use crate::tls_client::{ClientCert, Trust, parse_fingerprint, server_name};
+    let set: Vec<&str> = [
+        ("upstream_ca_file", app.upstream_ca_file.is_some()),
+        ("upstream_fingerprint", app.upstream_fingerprint.is_some()),
+        ("upstream_server_name", app.upstream_server_name.is_some()),
+        ("upstream_client_cert", app.upstream_client_cert.is_some()),
+        ("upstream_client_key", app.upstream_client_key.is_some()),
+        ("insecure_skip_verify", app.insecure_skip_verify.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, on)| on.then_some(k))
+    .collect();
+    if !https {
+        for k in set {
+            c.add(
+                format!("{key}.{k}"),
+                "only applies to an https:// upstream",
+                "remove it, or reach the app over https",
+            );
+        }
+        return None;
     }
-    let rest = raw.strip_prefix("http://").ok_or("write http://HOST:PORT, optionally with a base path")?;
+    let mut ok = true;
+    let skip = app.insecure_skip_verify.unwrap_or(false);
+    let ways = [app.upstream_ca_file.is_some(), app.upstream_fingerprint.is_some(), skip];
+    if ways.iter().filter(|w| **w).count() > 1 {
+        c.add(
+            format!("{key}.upstream_ca_file"),
+            "upstream_ca_file, upstream_fingerprint and insecure_skip_verify each say how to trust the app's certificate",
+            "choose one of them",
+        );
+        ok = false;
+    }
+    let trust = if skip {
+        Trust::Anything
+    } else if let Some(fp) = &app.upstream_fingerprint {
+        match parse_fingerprint(fp) {
+            Ok(d) => Trust::Pinned(d),
+            Err(e) => {
+                c.add(
+                    format!("{key}.upstream_fingerprint"),
+                    format!("{e}"),
+                    "openssl x509 -in app.pem -noout -fingerprint -sha256 prints it",
+                );
+                ok = false;
+                Trust::Anything
+            }
+        }
+    } else if let Some(p) = &app.upstream_ca_file {
+        Trust::CaFile(at(base, p))
+    } else {
+        Trust::SystemRoots
+    };
+    let client_cert = match (&app.upstream_client_cert, &app.upstream_client_key) {
+        (Some(cert), Some(k)) => Some(ClientCert { cert: at(base, cert), key: at(base, k) }),
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            c.add(
+                format!("{key}.upstream_client_cert"),
+                "a client certificate needs its key, and a key its certificate",
+                "set both upstream_client_cert and upstream_client_key, or neither",
+            );
+            ok = false;
+            None
+        }
+    };
+    let host = app.upstream_server_name.as_deref().unwrap_or_else(|| host_of(authority));
+    let name = match server_name(host) {
+        Ok(n) => n,
+        Err(e) => {
+            c.add(format!("{key}.upstream_server_name"), format!("{e}"), "the name in the app's certificate");
+            return None;
+        }
+    };
+    if !ok {
+        return None;
+    }
+    match UpstreamTls::new(trust, client_cert, name) {
+        Ok(t) => Some(Arc::new(t)),
+        Err(e) => {
+            let which = if app.upstream_client_cert.is_some() && format!("{e:#}").contains("client") {
+                "upstream_client_cert"
+            } else if app.upstream_ca_file.is_some() {
+                "upstream_ca_file"
+            } else {
+                "upstream"
+            };
+            c.add(format!("{key}.{which}"), format!("{e:#}"), "check the file's path and that it is PEM");
+            None
+        }
+    }
+}
+
+/// The host of `host[:port]`, brackets kept for IPv6.
+fn host_of(authority: &str) -> &str {
+    match authority.rfind(':') {
+        Some(i) if !authority.ends_with(']') => &authority[..i],
+        _ => authority,
+    }
+}
+
+/// `http[s]://authority[/base]` to (https, authority as written, `host:port` to connect to,
+/// base path).
+fn parse_upstream(raw: &str) -> Result<(bool, String, String, String), &'static str> {
+    let (https, rest) = match (raw.strip_prefix("https://"), raw.strip_prefix("http://")) {
+        (Some(rest), _) => (true, rest),
+        (None, Some(rest)) => (false, rest),
+        _ => return Err("write http://HOST:PORT or https://HOST:PORT, optionally with a base path"),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
@@ -613,5 +747,10 @@ fn parse_upstream(raw: &str) -> Result<Upstream, &'static str> {
     if !base_path.is_empty() && crate::request::Target::parse(base_path).map(|t| t.query().is_some()).unwrap_or(true) {
         return Err("the base path must be a plain canonical path without a query");
     }
-    Ok(Upstream::Http { authority: authority.to_string(), base_path: base_path.to_string() })
+    let address = if host_of(authority) == authority {
+        format!("{authority}:{}", if https { 443 } else { 80 })
+    } else {
+        authority.to_string()
+    };
+    Ok((https, authority.to_string(), address, base_path.to_string()))
 }

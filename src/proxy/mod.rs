@@ -29,7 +29,7 @@ mod headers;
 
 use crate::identity::assertion::{self, Signer};
 use crate::request::headers::{HOP_BY_HOP, connection_named};
-use crate::upstream::{self as pool, classify};
+use crate::upstream::{self as pool, Dest, classify};
 pub use crate::upstream::{Failure, PooledBody, UpstreamBody};
 pub use headers::allowed_headers;
 use headers::*;
@@ -212,10 +212,14 @@ impl Proxy {
         // that connection to take it for, and no other user's request comes after it there.
         let alone = has_body;
 
-        let (authority, base) = match &app.upstream {
-            Upstream::Http { authority, base_path } => (authority.as_str(), base_path.as_str()),
+        let (authority, base, dest) = match &app.upstream {
+            Upstream::Http { authority, address, base_path, tls, pool } => {
+                (authority.as_str(), base_path.as_str(), Dest { key: pool, address, tls: tls.as_deref() })
+            }
             Upstream::Whoami => {
-                (self.whoami.as_deref().ok_or_else(|| Failure::Unreachable("the demo app is not running".into()))?, "")
+                let address =
+                    self.whoami.as_deref().ok_or_else(|| Failure::Unreachable("the demo app is not running".into()))?;
+                (address, "", Dest { key: address, address, tls: None })
             }
         };
         let path = match &app.route {
@@ -295,17 +299,17 @@ impl Proxy {
         // An app routed by path is served from the portal's own origin.
         let shared = matches!(app.route, Route::Path { .. });
         if let Some(client_upgrade) = client_upgrade {
-            return self.upgrade(authority, out, client_upgrade, line, shared).await;
+            return self.upgrade(dest, out, client_upgrade, line, shared).await;
         }
         if alone {
-            return self.alone(authority, out, line, shared).await;
+            return self.alone(dest, out, line, shared).await;
         }
         let worker = WORKER.with(|w| w.get());
-        let resp =
-            match tokio::time::timeout(self.settings.response_timeout, self.pools.send(worker, authority, out)).await {
-                Err(_) => return Err(Failure::Timeout),
-                Ok(r) => r?,
-            };
+        let resp = match tokio::time::timeout(self.settings.response_timeout, self.pools.send(worker, dest, out)).await
+        {
+            Err(_) => return Err(Failure::Timeout),
+            Ok(r) => r?,
+        };
         let (mut parts, body) = resp.into_parts();
         clean_response_headers(&mut parts.headers, false, shared);
         Ok(Response::from_parts(parts, watched(Body::Upstream(body), line)))
@@ -314,13 +318,13 @@ impl Proxy {
     /// A request on a connection of its own, closed after its answer.
     async fn alone(
         &self,
-        authority: &str,
+        dest: Dest<'_>,
         mut out: Request<UpstreamBody>,
         line: Option<crate::session::Lifeline>,
         shared: bool,
     ) -> Result<Response<Body>, Failure> {
         out.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        let (mut sender, conn) = pool::connect(authority, self.settings.connect_timeout).await?;
+        let (mut sender, conn) = pool::connect_http1(dest, self.settings.connect_timeout).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -338,15 +342,15 @@ impl Proxy {
     /// once the upstream agrees to switch protocols.
     async fn upgrade(
         &self,
-        authority: &str,
+        dest: Dest<'_>,
         out: Request<UpstreamBody>,
         client_upgrade: hyper::upgrade::OnUpgrade,
         line: Option<crate::session::Lifeline>,
         shared: bool,
     ) -> Result<Response<Body>, Failure> {
-        let (mut sender, conn) = pool::connect(authority, self.settings.connect_timeout).await?;
+        let (mut sender, conn) = pool::connect_http1(dest, self.settings.connect_timeout).await?;
         tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
+            let _ = (*std::pin::Pin::into_inner(conn)).with_upgrades().await;
         });
         let mut resp = match tokio::time::timeout(self.settings.response_timeout, sender.send_request(out)).await {
             Err(_) => return Err(Failure::Timeout),

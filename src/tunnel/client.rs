@@ -14,7 +14,6 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -64,92 +63,14 @@ fn save_credentials(c: &Credentials) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// `AA:BB:...` or plain hex, either case, to 32 bytes.
-fn parse_fingerprint(s: &str) -> anyhow::Result<[u8; 32]> {
-    let hex: String = s.chars().filter(|c| *c != ':').collect();
-    if hex.len() != 64 {
-        bail!("a certificate fingerprint is 32 bytes of hex (64 digits), as poort quickstart prints it");
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).context("the fingerprint is not hex")?;
-    }
-    Ok(out)
-}
-
-/// Accepts exactly the certificate whose SHA-256 is pinned; signatures are still checked.
-#[derive(Debug)]
-struct Pinned {
-    digest: [u8; 32],
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        use subtle::ConstantTimeEq;
-        let d = ring::digest::digest(&ring::digest::SHA256, end_entity);
-        if bool::from(d.as_ref().ct_eq(&self.digest)) {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General("the gateway's certificate does not match the pinned fingerprint".into()))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 fn tls_config(trust: &Trust) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder =
-        rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
-    let mut cfg = if let Some(fp) = &trust.fingerprint {
-        let digest = parse_fingerprint(fp)?;
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned { digest, provider }))
-            .with_no_client_auth()
-    } else {
-        let mut roots = rustls::RootCertStore::empty();
-        match &trust.ca_file {
-            Some(path) => {
-                use rustls::pki_types::pem::PemObject;
-                for c in CertificateDer::pem_file_iter(path).with_context(|| format!("reading {}", path.display()))? {
-                    roots.add(c.with_context(|| format!("parsing {}", path.display()))?)?;
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
+    use crate::tls_client::{self, Trust as Check};
+    let check = match (&trust.fingerprint, &trust.ca_file) {
+        (Some(fp), _) => Check::Pinned(tls_client::parse_fingerprint(fp)?),
+        (None, Some(path)) => Check::CaFile(path.clone()),
+        (None, None) => Check::PublicRoots,
     };
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    tls_client::config(&check, None, &[b"http/1.1"])
 }
 
 /// The host and port of a gateway URL.
@@ -172,7 +93,7 @@ async fn connect_tls(gateway: &str, trust: &Trust) -> anyhow::Result<tokio_rustl
         .map_err(|_| anyhow::anyhow!("the gateway {gateway} did not answer"))?
         .with_context(|| format!("cannot reach the gateway {gateway}"))?;
     let _ = tcp.set_nodelay(true);
-    let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_string())?;
+    let name = crate::tls_client::server_name(&host)?;
     tokio_rustls::TlsConnector::from(tls_config(trust)?).connect(name, tcp).await.with_context(|| {
         format!("TLS with {gateway} failed (use --ca-file or --fingerprint for a private certificate)")
     })

@@ -13,7 +13,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("shared", &["state", "respond"]),
     ("services", &["session", "audit", "mitigate", "identity", "store", "upstream", "body"]),
     ("pure", &["request", "route", "policy", "config", "names"]),
-    ("base", &["secret", "clock"]),
+    ("base", &["secret", "clock", "tls_client"]),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -23,3 +23,4 @@ mod security_session;
 mod security_websockets;
 mod tls;
 mod tunnel;
+mod upstream_tls;

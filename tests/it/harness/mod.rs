@@ -3,6 +3,7 @@
 //! `gate` starts and drives the gateway, `upstream` the apps behind it, `wire` reads answers.
 
 mod gate;
+mod nginx;
 mod upstream;
 mod wire;
 
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use gate::*;
+pub use nginx::*;
 pub use upstream::*;
 pub use wire::*;
 
