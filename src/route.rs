@@ -122,6 +122,7 @@ mod tests {
             forward_headers: Vec::new(),
             websocket_origins: Vec::new(),
             preserve_host: false,
+            rewrite_paths: false,
         }
     }
 
@@ -237,6 +238,7 @@ mod oracle {
             forward_headers: Vec::new(),
             websocket_origins: Vec::new(),
             preserve_host: false,
+            rewrite_paths: false,
         }
     }
 

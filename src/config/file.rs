@@ -180,6 +180,9 @@ pub struct App {
     pub websocket_origins: Option<Vec<String>>,
     /// Send the Host the user addressed instead of the upstream's. Default false.
     pub preserve_host: Option<bool>,
+    /// Rewrite the app's own URLs in `Location` and cookie paths in `Set-Cookie` to the ones
+    /// the user sees. Default false.
+    pub rewrite_paths: Option<bool>,
     /// For an https upstream: trust certificates issued under the CAs in this PEM file
     /// (instead of the system's trust store).
     pub upstream_ca_file: Option<String>,

@@ -180,6 +180,9 @@ pub struct App {
     pub websocket_origins: Vec<String>,
     /// Send the Host the user addressed (with the gateway's port) instead of the upstream's.
     pub preserve_host: bool,
+    /// Rewrite `Location` (the upstream's own URLs, and paths for an app whose prefix poort
+    /// strips) and the `Path` of `Set-Cookie` into the URLs the user sees.
+    pub rewrite_paths: bool,
 }
 
 impl App {

@@ -559,6 +559,7 @@ fn resolve_app(
         forward_headers,
         websocket_origins,
         preserve_host: app.preserve_host.unwrap_or(false),
+        rewrite_paths: app.rewrite_paths.unwrap_or(false),
         mfa: mfa?,
         title: app.title.unwrap_or_else(|| name.clone()),
         description: app.description.unwrap_or_default(),

@@ -601,6 +601,7 @@ mod tests {
                 forward_headers: Vec::new(),
                 websocket_origins: Vec::new(),
                 preserve_host: false,
+            rewrite_paths: false,
             }];
             let routes = crate::route::Routes::new("gate", &apps);
             let key = match kind {

@@ -26,6 +26,7 @@ use crate::request::Target;
 use crate::session::Session;
 
 mod headers;
+mod rewrite;
 
 use crate::identity::assertion::{self, Signer};
 use crate::request::headers::{HOP_BY_HOP, connection_named};
@@ -33,6 +34,7 @@ use crate::upstream::{self as pool, Dest, classify};
 pub use crate::upstream::{Failure, PooledBody, UpstreamBody};
 pub use headers::allowed_headers;
 use headers::*;
+use rewrite::Rewrite;
 
 thread_local! {
     /// The worker this thread serves as, if it is one (server::start).
@@ -296,13 +298,25 @@ impl Proxy {
         }
         let out = out.body(body).map_err(|e| Failure::Internal(e.into()))?;
         let line = origin.session.map(Session::lifeline);
-        // An app routed by path is served from the portal's own origin.
-        let shared = matches!(app.route, Route::Path { .. });
+        let public_origin = format!("https://{public_host}");
+        let answer = Answer {
+            // An app routed by path is served from the portal's own origin.
+            shared: matches!(app.route, Route::Path { .. }),
+            rewrite: app.rewrite_paths.then(|| Rewrite {
+                sent_host: host,
+                base,
+                public_origin: &public_origin,
+                prefix: match &app.route {
+                    Route::Path { prefix, strip: true } => prefix.trim_end_matches('/'),
+                    _ => "",
+                },
+            }),
+        };
         if let Some(client_upgrade) = client_upgrade {
-            return self.upgrade(dest, out, client_upgrade, line, shared).await;
+            return self.upgrade(dest, out, client_upgrade, line, &answer).await;
         }
         if alone {
-            return self.alone(dest, out, line, shared).await;
+            return self.alone(dest, out, line, &answer).await;
         }
         let worker = WORKER.with(|w| w.get());
         let resp = match tokio::time::timeout(self.settings.response_timeout, self.pools.send(worker, dest, out)).await
@@ -311,7 +325,7 @@ impl Proxy {
             Ok(r) => r?,
         };
         let (mut parts, body) = resp.into_parts();
-        clean_response_headers(&mut parts.headers, false, shared);
+        answer.head(&mut parts.headers, false);
         Ok(Response::from_parts(parts, watched(Body::Upstream(body), line)))
     }
 
@@ -321,7 +335,7 @@ impl Proxy {
         dest: Dest<'_>,
         mut out: Request<UpstreamBody>,
         line: Option<crate::session::Lifeline>,
-        shared: bool,
+        answer: &Answer<'_>,
     ) -> Result<Response<Body>, Failure> {
         out.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         let (mut sender, conn) = pool::connect_http1(dest, self.settings.connect_timeout).await?;
@@ -334,7 +348,7 @@ impl Proxy {
             Ok(Ok(r)) => r,
         };
         let (mut parts, body) = resp.into_parts();
-        clean_response_headers(&mut parts.headers, false, shared);
+        answer.head(&mut parts.headers, false);
         Ok(Response::from_parts(parts, watched(Body::Direct(body), line)))
     }
 
@@ -346,7 +360,7 @@ impl Proxy {
         out: Request<UpstreamBody>,
         client_upgrade: hyper::upgrade::OnUpgrade,
         line: Option<crate::session::Lifeline>,
-        shared: bool,
+        answer: &Answer<'_>,
     ) -> Result<Response<Body>, Failure> {
         let (mut sender, conn) = pool::connect_http1(dest, self.settings.connect_timeout).await?;
         tokio::spawn(async move {
@@ -359,7 +373,7 @@ impl Proxy {
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = resp.into_parts();
-            clean_response_headers(&mut parts.headers, false, shared);
+            answer.head(&mut parts.headers, false);
             return Ok(Response::from_parts(parts, watched(Body::Direct(body), line)));
         }
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
@@ -382,8 +396,24 @@ impl Proxy {
             }
         });
         let (mut parts, _) = resp.into_parts();
-        clean_response_headers(&mut parts.headers, true, shared);
+        answer.head(&mut parts.headers, true);
         Ok(Response::from_parts(parts, Body::empty()))
+    }
+}
+
+/// What an app's answer head goes through before the user gets it.
+struct Answer<'a> {
+    /// The app is routed by path: it shares the portal's origin.
+    shared: bool,
+    rewrite: Option<Rewrite<'a>>,
+}
+
+impl Answer<'_> {
+    fn head(&self, headers: &mut HeaderMap, upgrade: bool) {
+        clean_response_headers(headers, upgrade, self.shared);
+        if let Some(r) = &self.rewrite {
+            r.apply(headers);
+        }
     }
 }
 

@@ -343,3 +343,29 @@ async fn forwarding_headers_tell_the_app_where_the_user_reached_it() {
     assert_eq!(seen.header("x-forwarded-prefix"), None);
     assert_eq!(seen.headers.iter().filter(|(k, _)| k == "forwarded").count(), 1);
 }
+
+#[tokio::test]
+async fn an_app_that_thinks_it_lives_at_the_root_gets_its_redirects_and_cookie_paths_rewritten() {
+    let app = crate::harness::canned(
+        b"HTTP/1.1 302 Found\r\nLocation: http://localhost:8443/next?x=1\r\nSet-Cookie: sid=1; Path=/; HttpOnly\r\nSet-Cookie: pref=2; path=/admin\r\nSet-Cookie: plain=3\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let app_table = |name: &str, rewrite: bool| {
+        format!(
+            "\n[[app]]\nname = \"{name}\"\nupstream = \"http://{app}\"\npath = \"/{name}/\"\nstrip_prefix = true\npreserve_host = true\nrewrite_paths = {rewrite}\naccess = \"authenticated\"\n"
+        )
+    };
+    let tables = app_table("legacy", true) + &app_table("asis", false);
+    let gate = Gate::start_config("", &tables).await;
+    let s = gate.login("alice").await;
+    let r = gate.get("/legacy/start", Some(&s)).await;
+    assert_eq!(r.status, 302);
+    assert_eq!(r.header("location"), Some("https://localhost:8443/legacy/next?x=1"));
+    let cookies: Vec<&str> =
+        r.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie")).map(|(_, v)| v.as_str()).collect();
+    assert_eq!(cookies, ["sid=1; Path=/legacy/; HttpOnly", "pref=2; path=/legacy/admin", "plain=3"]);
+    // Without rewrite_paths the answer is the app's own.
+    let r = gate.get("/asis/start", Some(&s)).await;
+    assert_eq!(r.header("location"), Some("http://localhost:8443/next?x=1"));
+    assert!(r.headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("set-cookie") && v == "sid=1; Path=/; HttpOnly"));
+}
