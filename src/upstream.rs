@@ -47,26 +47,70 @@ pub struct Dest<'a> {
 }
 
 /// A connection to an app: plain TCP, or TLS over it.
-pub enum Stream {
+///
+/// An app may answer before it has read a request's body (a 413 for an upload it will not
+/// take) and close its connection: poort's next write then fails. Such a failure is not
+/// passed on: writing just stops (no more of the client's body is taken), so that the
+/// connection still reads the answer the app sent, and the user gets it instead of a 502.
+/// If no answer comes, reading fails or times out as it would anyway.
+pub struct Stream {
+    io: Io,
+    /// The app stopped reading: writes wait forever.
+    write_closed: bool,
+}
+
+enum Io {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl Stream {
+    fn plain(s: TcpStream) -> Stream {
+        Stream { io: Io::Plain(s), write_closed: false }
+    }
+
+    fn tls(s: tokio_rustls::client::TlsStream<TcpStream>) -> Stream {
+        Stream { io: Io::Tls(Box::new(s)), write_closed: false }
+    }
+
+    fn alpn_h2(&self) -> bool {
+        matches!(&self.io, Io::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2"))
+    }
+
+    /// A write's outcome, with a connection the app closed turned into a wait.
+    fn wrote<T>(&mut self, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Ready(Err(e))
+                if matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) =>
+            {
+                self.write_closed = true;
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
 impl AsyncWrite for Stream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Pending;
         }
+        let polled = match &mut this.io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        };
+        this.wrote(polled)
     }
 
     fn poll_write_vectored(
@@ -74,30 +118,44 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Pending;
         }
+        let polled = match &mut this.io {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        };
+        this.wrote(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Pending;
         }
+        let polled = match &mut this.io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        };
+        this.wrote(polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Ok(()));
+        }
+        match &mut this.io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -200,7 +258,7 @@ pub async fn connect(dest: Dest<'_>, timeout: Duration, any_version: bool) -> Re
     };
     let _ = tcp.set_nodelay(true);
     let stream = match dest.tls {
-        None => Stream::Plain(tcp),
+        None => Stream::plain(tcp),
         Some(tls) => {
             let cfg = if any_version { &tls.any_version } else { &tls.http1 };
             let handshake = tokio_rustls::TlsConnector::from(cfg.clone()).connect(tls.server_name.clone(), tcp);
@@ -210,12 +268,11 @@ pub async fn connect(dest: Dest<'_>, timeout: Duration, any_version: bool) -> Re
                     tracing::warn!(upstream = dest.address, error = %e, "TLS with the app failed");
                     return Err(Failure::Unreachable(e.into()));
                 }
-                Ok(Ok(s)) => Stream::Tls(Box::new(s)),
+                Ok(Ok(s)) => Stream::tls(s),
             }
         }
     };
-    let http2 = matches!(&stream, Stream::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2"));
-    if http2 {
+    if stream.alpn_h2() {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(stream))
             .await

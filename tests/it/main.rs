@@ -21,6 +21,7 @@ mod security_headers;
 mod security_paths;
 mod security_session;
 mod security_websockets;
+mod streaming;
 mod tls;
 mod tunnel;
 mod upstream_tls;

@@ -99,6 +99,11 @@ impl Gate {
 
     /// As `start`, with extra `[server]` lines and extra tables at the end of the config.
     pub async fn start_config(server_extra: &str, tables: &str) -> Gate {
+        Gate::start_full(server_extra, "", tables).await
+    }
+
+    /// As `start_config`, with extra lines for the `[proxy]` table too.
+    pub async fn start_full(server_extra: &str, proxy_extra: &str, tables: &str) -> Gate {
         let dir = TempDir::new();
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "git.localhost".into()]).unwrap();
         std::fs::write(dir.0.join("cert.pem"), ck.cert.pem()).unwrap();
@@ -128,6 +133,7 @@ cert_file = "cert.pem"
 key_file = "key.pem"
 [proxy]
 response_timeout = "2s"
+{proxy_extra}
 {apps}
 [[tunnel]]
 name = "sink"
