@@ -20,12 +20,18 @@ pub enum Found {
     Tunnel,
     /// A path-prefix app's root without its slash: redirect to the prefix.
     AddSlash(usize),
+    /// `/.poort/auth` on any host poort serves: a proxy in front of an app asks whether a
+    /// request may pass (forward-auth).
+    ForwardAuth,
     NotFound,
     UnknownHost,
 }
 
 /// Where tunnels open, on the portal host.
 pub const TUNNELS: &str = "/.poort/tunnel/";
+
+/// Where proxies in front of apps ask whether a request may pass, on any host poort serves.
+pub const FORWARD_AUTH: &str = "/.poort/auth";
 
 #[derive(Debug, Default)]
 pub struct Routes {
@@ -68,6 +74,7 @@ impl Routes {
         let reserved = path == "/.poort" || path.starts_with("/.poort/");
         if host != self.portal_host {
             return match self.hosts.get(host) {
+                Some(_) if path == FORWARD_AUTH => Found::ForwardAuth,
                 Some(_) if reserved => Found::Portal { on_portal_host: false },
                 Some(&i) => Found::App(i),
                 None => Found::UnknownHost,
@@ -75,6 +82,9 @@ impl Routes {
         }
         if path.starts_with(TUNNELS) {
             return Found::Tunnel;
+        }
+        if path == FORWARD_AUTH {
+            return Found::ForwardAuth;
         }
         if reserved || path == "/" {
             return Found::Portal { on_portal_host: true };
@@ -138,6 +148,9 @@ mod tests {
             ("gate.example", "/", Found::Portal { on_portal_host: true }),
             ("gate.example", "/.poort/login", Found::Portal { on_portal_host: true }),
             ("gate.example", "/.poort/tunnel/db", Found::Tunnel),
+            ("gate.example", "/.poort/auth", Found::ForwardAuth),
+            ("git.example", "/.poort/auth", Found::ForwardAuth),
+            ("other.example", "/.poort/auth", Found::UnknownHost),
             ("gate.example", "/.poort/tunnel", Found::Portal { on_portal_host: true }),
             ("git.example", "/.poort/tunnel/db", Found::Portal { on_portal_host: false }),
             ("gate.example", "/.poortx", Found::NotFound),

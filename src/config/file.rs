@@ -183,6 +183,8 @@ pub struct App {
     /// Rewrite the app's own URLs in `Location` and cookie paths in `Set-Cookie` to the ones
     /// the user sees. Default false.
     pub rewrite_paths: Option<bool>,
+    /// A proxy in front of the app serves it and asks poort by forward-auth; no upstream.
+    pub forward_auth: Option<bool>,
     /// For an https upstream: trust certificates issued under the CAs in this PEM file
     /// (instead of the system's trust store).
     pub upstream_ca_file: Option<String>,

@@ -230,6 +230,9 @@ pub enum Upstream {
     },
     /// The demo app built into poort: it answers with the request it received.
     Whoami,
+    /// None: a proxy in front of the app (nginx, Traefik, Caddy) serves it and asks
+    /// `/.poort/auth` whether each request may pass (`forward_auth = true`).
+    ForwardAuth,
 }
 
 /// How poort speaks TLS to an app served over HTTPS.

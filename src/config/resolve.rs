@@ -446,6 +446,15 @@ fn resolve_app(
     );
     let key = format!("app[{name}]");
     let upstream = match app.upstream.as_deref() {
+        None if app.forward_auth == Some(true) => Some(Upstream::ForwardAuth),
+        Some(_) if app.forward_auth == Some(true) => {
+            c.add(
+                format!("{key}.upstream"),
+                "is set, but the app is served by a proxy that asks poort (forward_auth = true)",
+                "remove upstream, or forward_auth to have poort proxy the app itself",
+            );
+            None
+        }
         None => {
             c.add(format!("{key}.upstream"), "missing", "for example upstream = \"http://10.0.0.5:8080\"");
             None
@@ -517,6 +526,13 @@ fn resolve_app(
             None
         }
     };
+    if app.forward_auth == Some(true) && matches!(route, Some(Route::Path { .. })) {
+        c.add(
+            format!("{key}.forward_auth"),
+            "needs an app on a host of its own",
+            "set host = \"app.example.com\" (the host the proxy in front serves)",
+        );
+    }
     if app.strip_prefix.is_some() && matches!(route, Some(Route::Host(_))) {
         c.add(format!("{key}.strip_prefix"), "only applies to path-routed apps", "remove it, or route the app by path");
     }

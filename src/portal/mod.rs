@@ -180,7 +180,8 @@ pub(crate) async fn serve(st: &State, page_: Page, call: Call) -> Response<Body>
         Page::DeviceForm => device::approve_page(st, &call),
         Page::DeviceDecide => device::decide(st, call).await,
         // The gateway routes tunnels (route::Found::Tunnel); the row only declares them.
-        Page::Tunnel => error_page(StatusCode::NOT_FOUND, call.ctx.id),
+        Page::Tunnel | Page::ForwardAuth => error_page(StatusCode::NOT_FOUND, call.ctx.id),
+        Page::SignInHere => sign_in_here(st, &call),
         Page::Oidc => sso::serve(st, call).await,
     }
 }
@@ -365,6 +366,20 @@ pub fn handoff_start(st: &State, host: &str, path: &str, step_up: bool) -> (Stri
         format!("{origin}{begin}")
     };
     (handoff_cookie(&nonce, 300), location)
+}
+
+/// GET /.poort/signin?next=PATH[&step_up=1] on an app's host: where a proxy in front of an
+/// app (forward-auth) sends a browser that must sign in. Starts the hand-off to the portal
+/// for this host; `next` is a path on it.
+fn sign_in_here(st: &State, call: &Call) -> Response<Body> {
+    let next = query_param(call, "next").filter(|n| safe_relative(n)).unwrap_or_else(|| "/".into());
+    let step_up = query_param(call, "step_up").as_deref() == Some("1");
+    let (nonce, location) = handoff_start(st, &call.ctx.front.host, &next, step_up);
+    let mut resp = redirect(StatusCode::FOUND, &location);
+    if let Ok(v) = HeaderValue::from_str(&nonce) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
 }
 
 /// The `Set-Cookie` value of the hand-off nonce (`max_age` 0 removes it).

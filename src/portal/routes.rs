@@ -114,6 +114,8 @@ pub enum Page {
     DeviceForm,
     DeviceDecide,
     Tunnel,
+    ForwardAuth,
+    SignInHere,
     Oidc,
 }
 
@@ -185,6 +187,12 @@ pub const ROUTES: &[Route] = &[
     row(Portal, "/.poort/device/logout", Post, Cli, NoBody, Page::DeviceLogout),
     // Routed by the gateway (route::Found::Tunnel), admitted by this row.
     row(Portal, crate::route::TUNNELS, Get, CliSession, NoBody, Page::Tunnel).prefix(),
+    // Routed by the gateway (route::Found::ForwardAuth), admitted by this row: what a proxy
+    // in front of an app asks for each request. Its caller must be a trusted proxy.
+    row(Any, crate::route::FORWARD_AUTH, Get, Anyone, NoBody, Page::ForwardAuth),
+    // Where a proxy in front of an app sends a browser that needs to sign in: starts the
+    // hand-off to the portal, as any navigation to an app host poort serves itself does.
+    row(AppHost, "/.poort/signin", Get, Anyone, NoBody, Page::SignInHere),
     row(Portal, "/", Get, Session, NoBody, Page::Launcher),
     row(Portal, "/.poort/handoff/begin", Get, Session, NoBody, Page::HandoffBegin),
     row(Portal, "/.poort/sessions", Get, Session, NoBody, Page::Sessions),

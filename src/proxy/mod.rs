@@ -128,6 +128,57 @@ impl Proxy {
         Ok(jwt)
     }
 
+    /// Writes who the user is into `headers` for `app`: `X-Poort-User`, `X-Poort-Email`,
+    /// `X-Poort-Groups` and the signed `X-Poort-Assertion`; nothing without a session. The one
+    /// place identity headers are made, for the proxy and for forward-auth answers alike.
+    fn identity(
+        &self,
+        app: &App,
+        session: Option<&Session>,
+        now: UnixTime,
+        headers: &mut HeaderMap,
+    ) -> Result<(), crate::upstream::Cause> {
+        let Some(session) = session else { return Ok(()) };
+        let who = &session.identity;
+        let value = |s: &str| HeaderValue::from_str(s).ok();
+        if let Some(v) = value(&who.user) {
+            headers.insert(X_POORT_USER, v);
+        }
+        if let Some(v) = who.email.as_deref().and_then(value) {
+            headers.insert(X_POORT_EMAIL, v);
+        }
+        if let Some(v) = value(&who.groups.join(",")) {
+            headers.insert(X_POORT_GROUPS, v);
+        }
+        headers.insert(X_POORT_ASSERTION, self.assertion(app, who, Some(session), now)?);
+        Ok(())
+    }
+
+    /// The headers of a forward-auth answer that lets a request to `app` through: who the
+    /// user is, for the proxy in front of the app to pass on. Takes the permit as `forward`
+    /// does.
+    pub fn vouch(
+        &self,
+        permit: Permit<'_>,
+        app: &App,
+        session: Option<&Session>,
+        now: UnixTime,
+    ) -> Result<HeaderMap, Failure> {
+        if permit.resource() != Resource::App(&app.name) {
+            return Err(Failure::Internal("a permit for another resource".into()));
+        }
+        let mut headers = HeaderMap::new();
+        self.identity(app, session, now, &mut headers).map_err(Failure::Internal)?;
+        // Each name is always there, empty when there is nothing to say (an anonymous user of
+        // a public app, a user without an email address): a proxy that copies the headers then
+        // overwrites whatever the client sent under those names. Some leave the client's in
+        // place for a name the answer lacks, or put in a placeholder of their own.
+        for name in [X_POORT_USER, X_POORT_EMAIL, X_POORT_GROUPS, X_POORT_ASSERTION] {
+            headers.entry(name).or_insert(HeaderValue::from_static(""));
+        }
+        Ok(headers)
+    }
+
     /// The upstream request's body and its length, if known: read whole when it is at most
     /// `buffer_bytes`, else streamed (with what was read while deciding in front).
     async fn read_body(&self, body: Incoming, length: Option<u64>) -> Result<(UpstreamBody, Option<u64>), Failure> {
@@ -218,6 +269,9 @@ impl Proxy {
             Upstream::Http { authority, address, base_path, tls, pool } => {
                 (authority.as_str(), base_path.as_str(), Dest { key: pool, address, tls: tls.as_deref() })
             }
+            Upstream::ForwardAuth => {
+                return Err(Failure::Internal("an app behind forward-auth has no upstream".into()));
+            }
             Upstream::Whoami => {
                 let address =
                     self.whoami.as_deref().ok_or_else(|| Failure::Unreachable("the demo app is not running".into()))?;
@@ -273,20 +327,7 @@ impl Proxy {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
         // Identity last, so nothing above can have set it.
-        if let Some(session) = origin.session {
-            let who = &session.identity;
-            if let Some(v) = value(&who.user) {
-                headers.insert(X_POORT_USER, v);
-            }
-            if let Some(v) = who.email.as_deref().and_then(value) {
-                headers.insert(X_POORT_EMAIL, v);
-            }
-            if let Some(v) = value(&who.groups.join(",")) {
-                headers.insert(X_POORT_GROUPS, v);
-            }
-            let jwt = self.assertion(app, who, Some(session), origin.now).map_err(Failure::Internal)?;
-            headers.insert(X_POORT_ASSERTION, jwt);
-        }
+        self.identity(app, origin.session, origin.now, &mut headers).map_err(Failure::Internal)?;
 
         let mut out = Request::builder().method(parts.method).uri(uri).version(Version::HTTP_11);
         if let Some(h) = out.headers_mut() {

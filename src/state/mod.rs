@@ -61,7 +61,10 @@ impl std::fmt::Display for RequestId {
 pub struct Ctx {
     pub id: RequestId,
     pub front: Front,
+    /// The client: the connection's address, or what a trusted proxy says in front of it.
     pub client: IpAddr,
+    /// The connection's own address (a proxy's, when one is in front).
+    pub peer: IpAddr,
     pub session: Option<Arc<Session>>,
 }
 

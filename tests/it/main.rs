@@ -5,6 +5,7 @@
 
 mod cli;
 mod flow;
+mod forward_auth;
 mod front_door;
 mod harness;
 mod layers;

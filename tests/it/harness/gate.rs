@@ -105,7 +105,12 @@ impl Gate {
     /// As `start_config`, with extra lines for the `[proxy]` table too.
     pub async fn start_full(server_extra: &str, proxy_extra: &str, tables: &str) -> Gate {
         let dir = TempDir::new();
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "git.localhost".into()]).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".into(),
+            "git.localhost".into(),
+            "fwd.localhost".into(),
+        ])
+        .unwrap();
         std::fs::write(dir.0.join("cert.pem"), ck.cert.pem()).unwrap();
         std::fs::write(dir.0.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
         let upstream = Upstream::start().await;
@@ -557,8 +562,13 @@ access = "authenticated"
 /// session, the portal (signed in as `portal`), and back with the code. Returns the app
 /// host's session cookie.
 pub async fn hand_off(gate: &Gate, portal: &str, host: &str, path: &str) -> String {
+    hand_off_from(gate, portal, host, path, path).await
+}
+
+/// As `hand_off`, begun by a request for `start` on the app host, and landing on `path`.
+pub async fn hand_off_from(gate: &Gate, portal: &str, host: &str, start: &str, path: &str) -> String {
     let html = [("Host", host), ("Accept", "text/html")];
-    let start = gate.request("GET", path, &html, b"").await;
+    let start = gate.request("GET", start, &html, b"").await;
     assert_eq!(start.status, 302, "{}", start.text());
     let nonce = start.cookie("__Host-poort-handoff").expect("the app host sets its hand-off nonce");
     let begin = start.header("location").unwrap().trim_start_matches(ORIGIN).to_string();

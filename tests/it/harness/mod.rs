@@ -3,7 +3,7 @@
 //! `gate` starts and drives the gateway, `upstream` the apps behind it, `wire` reads answers.
 
 mod gate;
-mod nginx;
+mod proxies;
 mod upstream;
 mod wire;
 
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use gate::*;
-pub use nginx::*;
+pub use proxies::*;
 pub use upstream::*;
 pub use wire::*;
 

@@ -32,6 +32,8 @@ use crate::state::{Ctx, RequestId, State};
 use crate::store::Store;
 use crate::upstream::Failure;
 
+mod forward_auth;
+
 /// The request pipeline: the shared state, the routing table and the proxy, and `handle`.
 pub struct Gateway {
     pub state: State,
@@ -141,8 +143,8 @@ impl Gateway {
         if let Err(refusal) = self.mitigate(&req, &front, &found, client, id).await {
             return self.refuse(at(id, client, front.target.path()), refusal).await;
         }
-        let session = self.session_for(&req, &front.host).await;
-        let ctx = Ctx { id, front, client, session };
+        let session = self.session_for(req.headers(), &front.host).await;
+        let ctx = Ctx { id, front, client, peer: peer.ip(), session };
         if self.locked_out(&ctx, &found) {
             return self.refuse(ctx.at(), Refusal::LockedDown).await;
         }
@@ -194,11 +196,22 @@ impl Gateway {
         };
         let raw_target = req.uri().path_and_query().map_or("", |p| p.as_str());
         let facts = mitigate::Facts::of(req.method().as_str(), &front.target, raw_target, req.headers(), client, app);
-        match self.state.mitigation.check(&facts) {
+        self.rules(&facts, front.target.path(), client, id).await
+    }
+
+    /// The emergency rules' verdict on a request's facts; `path` is what a `log` rule records.
+    async fn rules(
+        &self,
+        facts: &mitigate::Facts<'_>,
+        path: &str,
+        client: IpAddr,
+        id: RequestId,
+    ) -> Result<(), Refusal> {
+        match self.state.mitigation.check(facts) {
             Verdict::Pass => Ok(()),
             Verdict::Deny { rule, .. } => Err(Refusal::Mitigated { rule, throttled: false }),
             Verdict::Throttled { rule, .. } => Err(Refusal::Mitigated { rule, throttled: true }),
-            Verdict::Logged { rule } => Box::pin(self.logged(rule, front, client, id)).await,
+            Verdict::Logged { rule } => Box::pin(self.logged(rule, path, client, id)).await,
         }
     }
 
@@ -227,6 +240,7 @@ impl Gateway {
                 Box::pin(portal::routes::dispatch(&self.state, ctx, on_portal_host, req)).await
             }
             Found::Tunnel => Box::pin(crate::tunnel::open(&self.state, ctx, req)).await,
+            Found::ForwardAuth => Box::pin(self.forward_auth(ctx, req)).await,
             Found::App(i) => self.app(i, ctx, req).await,
             Found::AddSlash(i) => match &self.state.cfg.apps[i].route {
                 Route::Path { prefix, .. } => {
@@ -242,12 +256,12 @@ impl Gateway {
     }
 
     /// A `log` rule matched: the request goes on once its record is written, and not without.
-    async fn logged(&self, rule: String, front: &Front, client: IpAddr, id: RequestId) -> Result<(), Refusal> {
+    async fn logged(&self, rule: String, path: &str, client: IpAddr, id: RequestId) -> Result<(), Refusal> {
         tracing::warn!(request = %id, client = %client, rule = %rule, action = "log", "Mitigation rule matched");
         let ev = Event::MitigationMatched {
             rule,
             action: "log".into(),
-            path: front.target.path().chars().take(256).collect(),
+            path: path.chars().take(256).collect(),
             client,
             request_id: id.to_string(),
         };
@@ -262,6 +276,10 @@ impl Gateway {
     /// policy::evaluate, then proxy::forward with the permit.
     async fn app(&self, i: usize, mut ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
         let app = &self.state.cfg.apps[i];
+        // A proxy in front serves this app; only poort's own paths are answered on its host.
+        if app.upstream == crate::config::Upstream::ForwardAuth {
+            return self.refuse(ctx.at(), Refusal::NoRoute).await;
+        }
         // A command-line session opens tunnels, nothing else.
         if ctx.session.as_ref().is_some_and(|s| s.kind != session::Kind::Browser) {
             ctx.session = None;
@@ -269,20 +287,8 @@ impl Gateway {
         let who = ctx.session.as_ref().map(|s| Subject { identity: &s.identity, mfa: s.mfa() });
         match policy::evaluate(Resource::App(&app.name), &app.access, app.mfa, who) {
             Decision::Allow(permit) => {
-                if let Some(s) = &ctx.session {
-                    if self.first_open(&s.id, &app.name) {
-                        let ev = Event::AccessAllowed {
-                            user: Some(s.identity.user.clone()),
-                            session: Some(s.id.clone()),
-                            app: app.name.clone(),
-                            client: ctx.client,
-                        };
-                        if Box::pin(self.state.audit.record(ev)).await.is_err() {
-                            return self
-                                .refuse(ctx.at(), Refusal::Unavailable("the audit log, for a first access"))
-                                .await;
-                        }
-                    }
+                if let Err(refusal) = self.first_access(ctx.session.as_deref(), &app.name, ctx.client).await {
+                    return self.refuse(ctx.at(), refusal).await;
                 }
                 let origin = Origin {
                     client: ctx.client,
@@ -319,6 +325,25 @@ impl Gateway {
                 let denied = Refusal::Denied { resource: app.name.clone(), reason: reason.to_string() };
                 self.refuse(ctx.at(), denied).await
             }
+        }
+    }
+
+    /// Records a session's first access to an app in this process; later ones are not
+    /// recorded. No access without its record.
+    async fn first_access(&self, session: Option<&Session>, app: &str, client: IpAddr) -> Result<(), Refusal> {
+        let Some(s) = session else { return Ok(()) };
+        if !self.first_open(&s.id, app) {
+            return Ok(());
+        }
+        let ev = Event::AccessAllowed {
+            user: Some(s.identity.user.clone()),
+            session: Some(s.id.clone()),
+            app: app.to_string(),
+            client,
+        };
+        match Box::pin(self.state.audit.record(ev)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Refusal::Unavailable("the audit log, for a first access")),
         }
     }
 
@@ -359,8 +384,8 @@ impl Gateway {
     }
 
     /// The live session for this request's cookie, if it was issued for this host.
-    async fn session_for(&self, req: &Request<Incoming>, host: &str) -> Option<Arc<Session>> {
-        let cookies = req.headers().get_all(header::COOKIE).iter().map(|v| v.as_bytes());
+    async fn session_for(&self, headers: &http::HeaderMap, host: &str) -> Option<Arc<Session>> {
+        let cookies = headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes());
         let value = session::cookie::find(cookies, session::SESSION_COOKIE)?;
         match self.state.sessions.lookup(value).await {
             Ok(s) if s.host == host => Some(s),

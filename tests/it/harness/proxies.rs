@@ -1,5 +1,6 @@
-//! Real nginx on loopback, as an app behind poort (an HTTPS upstream) or as a proxy in front
-//! of it (forward-auth), and a test CA to issue the certificates such servers need.
+//! Real proxies on loopback: nginx, as an app behind poort (an HTTPS upstream) or as a proxy in
+//! front of it (forward-auth), and Caddy in front of it; and a test CA to issue the
+//! certificates such servers need.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -42,6 +43,43 @@ impl Nginx {
     /// The lines nginx logged for requests so far.
     pub fn access_log(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.0.join("access.log")).unwrap_or_default().lines().map(String::from).collect()
+    }
+}
+
+/// One Caddy process, with its admin endpoint off and its state in its own folder.
+pub struct Caddy {
+    _dir: TempDir,
+    _process: Reaped,
+}
+
+impl Caddy {
+    /// Starts Caddy with `caddyfile` (after a global block that turns off the admin endpoint
+    /// and automatic HTTPS). Waits until `port` accepts connections.
+    pub fn start(caddyfile: &str, port: u16) -> Caddy {
+        let dir = TempDir::new();
+        let d = &dir.0;
+        let text = format!("{{\n  admin off\n  auto_https off\n}}\n{caddyfile}");
+        std::fs::write(d.join("Caddyfile"), text).unwrap();
+        let log = std::fs::File::create(d.join("caddy.log")).unwrap();
+        let child = Command::new("caddy")
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(d.join("Caddyfile"))
+            .env("XDG_DATA_HOME", d)
+            .env("XDG_CONFIG_HOME", d)
+            .env("HOME", d)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("caddy is installed (scripts/test installs it)");
+        let process = Reaped(child);
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if start.elapsed() > Duration::from_secs(10) {
+                panic!("caddy did not start: {}", std::fs::read_to_string(d.join("caddy.log")).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Caddy { _dir: dir, _process: process }
     }
 }
 
