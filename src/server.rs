@@ -53,7 +53,16 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         tracing::warn!("{w}");
     }
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let tls = listen::tls_config(&cfg.tls.cert_file, &cfg.tls.key_file)?;
+    let certs = Arc::new(listen::certs::Certs::load(cfg.tls.files())?);
+    for host in std::iter::once(&cfg.server.portal_host).chain(cfg.apps.iter().filter_map(|a| match &a.route {
+        crate::config::Route::Host(h) => Some(h),
+        _ => None,
+    })) {
+        if !certs.covers(host) {
+            tracing::warn!(host = %host, "No certificate names this host: browsers will refuse the default one (add a [[tls.cert]] for it, or a name to the certificate)");
+        }
+    }
+    let tls = listen::tls_config(certs.clone())?;
     let store = Store::open(&cfg.database)?;
     let audit = Audit::start(&cfg.database, clock.clone())?;
     let signer = Arc::new(Signer::load_or_create(&signing_key_path(&cfg), &cfg.server.external_origin)?);
@@ -152,10 +161,12 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                     gw.state.sessions.cut_expired(gw.state.clock.now());
                     gw.state.audit.flush_counted();
                     rules_outcome(&gw, gw.state.mitigation.poll(gw.state.clock.now())).await;
+                    reload_certs(&certs);
                 }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the mitigation rules");
                     rules_outcome(&gw, gw.state.mitigation.reload(gw.state.clock.now())).await;
+                    reload_certs(&certs);
                 }
                 _ = flush.tick() => {
                     gw.state.signins.tidy();
@@ -171,6 +182,18 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     }));
     tracing::info!(listen = %addr, portal = %cfg.server.external_origin, apps = cfg.apps.len(), "poort is serving");
     Ok(Running { addr, redirect_addr, gateway, stop, tasks })
+}
+
+/// Serves certificate files renewed on disk to new connections; a renewal that does not
+/// load is logged and the certificates in use stay.
+fn reload_certs(certs: &listen::certs::Certs) {
+    match certs.reload_if_changed() {
+        Ok(true) => tracing::info!("Certificates changed on disk: new connections get the new ones"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "Certificates changed on disk but do not load; the ones in use stay")
+        }
+    }
 }
 
 /// Where the gateway keeps the rules file it applied last, so that a restart cannot go back

@@ -101,6 +101,15 @@ pub struct Server {
 pub struct Tls {
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
+    /// More certificates, each served to the names it holds (SNI).
+    pub cert: Option<Vec<CertFiles>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFiles {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -137,8 +137,26 @@ pub struct Server {
 
 #[derive(Debug, Clone)]
 pub struct Tls {
+    /// The default certificate: for the portal's host, and any name no other one holds.
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// More certificates (`[[tls.cert]]`), each served to the names it holds.
+    pub more: Vec<CertFiles>,
+}
+
+impl Tls {
+    /// Every certificate, the default first.
+    pub fn files(&self) -> Vec<CertFiles> {
+        let first = CertFiles { cert: self.cert_file.clone(), key: self.key_file.clone() };
+        std::iter::once(first).chain(self.more.iter().cloned()).collect()
+    }
+}
+
+/// One certificate chain and its key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Lockout policy: after `after` consecutive failures the account is locked for `base`,

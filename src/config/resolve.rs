@@ -217,20 +217,38 @@ fn store(c: &mut Collector, f: file::Store, base: &Path) -> (PathBuf, PathBuf) {
 
 /// `[tls]`: the certificate and key, by default in the data folder.
 fn tls(c: &mut Collector, f: Option<file::Tls>, base: &Path, data_dir: &Path) -> Tls {
-    match f {
-        Some(file::Tls { cert_file: Some(cert), key_file: Some(key) }) => {
-            Tls { cert_file: at(base, &cert), key_file: at(base, &key) }
+    let Some(f) = f else {
+        return Tls {
+            cert_file: data_dir.join("tls/cert.pem"),
+            key_file: data_dir.join("tls/key.pem"),
+            more: Vec::new(),
+        };
+    };
+    let mut more = Vec::new();
+    for (i, e) in f.cert.into_iter().flatten().enumerate() {
+        match (e.cert_file, e.key_file) {
+            (Some(cert), Some(key)) => more.push(CertFiles { cert: at(base, &cert), key: at(base, &key) }),
+            (cert, _) => {
+                let which = if cert.is_none() { "cert_file" } else { "key_file" };
+                c.add(
+                    format!("tls.cert[{i}].{which}"),
+                    "missing",
+                    "each [[tls.cert]] names a cert_file and a key_file",
+                );
+            }
         }
-        Some(t) => {
-            if t.cert_file.is_none() {
+    }
+    match (f.cert_file, f.key_file) {
+        (Some(cert), Some(key)) => Tls { cert_file: at(base, &cert), key_file: at(base, &key), more },
+        (cert, key) => {
+            if cert.is_none() {
                 c.add("tls.cert_file", "missing", "name the PEM certificate chain file");
             }
-            if t.key_file.is_none() {
+            if key.is_none() {
                 c.add("tls.key_file", "missing", "name the PEM private key file");
             }
-            Tls { cert_file: PathBuf::new(), key_file: PathBuf::new() }
+            Tls { cert_file: PathBuf::new(), key_file: PathBuf::new(), more }
         }
-        None => Tls { cert_file: data_dir.join("tls/cert.pem"), key_file: data_dir.join("tls/key.pem") },
     }
 }
 

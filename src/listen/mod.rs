@@ -3,13 +3,13 @@
 //! heads and streams, an idle cut-off, and graceful shutdown. Also the optional plain-HTTP
 //! listener, which does nothing but redirect to the configured HTTPS origin.
 
+pub mod certs;
 mod idle;
 mod strict;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,8 +19,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -78,25 +76,15 @@ impl Drop for ClientSlot {
 /// Most bytes hyper buffers for one HTTP/1 head (request line and headers).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// Loads the certificate chain and key and builds the TLS settings.
-pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig>> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("reading certificates from {}", cert.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parsing certificates in {}", cert.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("{} holds no certificate", cert.display());
-    }
-    let key =
-        PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the private key from {}", key.display()))?;
+/// The TLS settings, serving the certificates of `certs` by SNI.
+pub fn tls_config(certs: Arc<certs::Certs>) -> anyhow::Result<Arc<ServerConfig>> {
     // ring's default suites are all AEAD with forward secrecy; no CBC, no RSA key exchange.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .context("choosing TLS versions")?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("the certificate and key do not fit together")?;
+        .with_cert_resolver(certs);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }

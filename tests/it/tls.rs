@@ -83,3 +83,63 @@ async fn one_client_address_cannot_take_every_connection() {
     })
     .await;
 }
+
+/// A connection naming `sni`, whatever certificate the gateway serves for it.
+async fn connect_any(gate: &Gate, sni: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let cfg = poort::tls_client::config(&poort::tls_client::Trust::Anything, None, &[b"http/1.1"]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let name = poort::tls_client::server_name(sni).unwrap();
+    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.unwrap()
+}
+
+/// The certificate the gateway serves to a client naming `sni`.
+async fn served(gate: &Gate, sni: &str) -> Vec<u8> {
+    connect_any(gate, sni).await.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// The status of a GET for `host` on a connection naming `sni`.
+async fn status_via(gate: &Gate, sni: &str, host: &str) -> u16 {
+    let mut tls = connect_any(gate, sni).await;
+    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    crate::harness::parse_response(&out).status
+}
+
+#[tokio::test]
+async fn each_host_gets_its_certificate_and_a_renewed_one_is_served_without_a_restart() {
+    let dir = crate::harness::TempDir::new();
+    let (cert, key) = (dir.0.join("apps.pem"), dir.0.join("apps.key"));
+    let issue = |names: &[&str]| {
+        let ck = rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        ck.cert.der().to_vec()
+    };
+    let apps = issue(&["*.apps.localhost"]);
+    let tables = format!(
+        "\n[[tls.cert]]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n[[app]]\nname = \"wiki\"\nhost = \"wiki.apps.localhost\"\nupstream = \"http://{{up}}\"\naccess = \"public\"\n",
+        cert.display(),
+        key.display()
+    );
+    let gate = Gate::start_config("", &tables).await;
+    assert_eq!(served(&gate, "wiki.apps.localhost").await, apps);
+    assert_eq!(served(&gate, "localhost").await, gate.cert_der, "the portal keeps the default one");
+    assert_eq!(served(&gate, "unknown.example").await, gate.cert_der);
+    // The app's host is served with its certificate, and only a request naming the same host
+    // as the handshake is answered.
+    assert_eq!(status_via(&gate, "wiki.apps.localhost", "wiki.apps.localhost").await, 200);
+    assert_eq!(status_via(&gate, "wiki.apps.localhost", "localhost").await, 421);
+
+    // Renewed on disk: new connections get the new one.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let renewed = issue(&["*.apps.localhost", "apps.localhost"]);
+    crate::harness::eventually("the renewed certificate is served", Duration::from_secs(5), async || {
+        served(&gate, "wiki.apps.localhost").await == renewed
+    })
+    .await;
+    // A renewal that does not load changes nothing.
+    std::fs::write(&key, "garbage").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(served(&gate, "wiki.apps.localhost").await, renewed);
+}
