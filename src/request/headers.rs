@@ -62,6 +62,7 @@ pub const FORWARDED: &[&str] = &[
     "x-csrftoken",
     "x-requested-with",
     "x-xsrf-token",
+    "x-xsrftoken",
 ];
 
 /// Names no app may ask for in `forward_headers` (compared with `_` read as `-`): framing,

@@ -4,6 +4,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod cli;
+mod compat;
 mod flow;
 mod forward_auth;
 mod front_door;

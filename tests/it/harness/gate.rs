@@ -105,12 +105,14 @@ impl Gate {
     /// As `start_config`, with extra lines for the `[proxy]` table too.
     pub async fn start_full(server_extra: &str, proxy_extra: &str, tables: &str) -> Gate {
         let dir = TempDir::new();
-        let ck = rcgen::generate_simple_self_signed(vec![
-            "localhost".into(),
-            "git.localhost".into(),
-            "fwd.localhost".into(),
-        ])
-        .unwrap();
+        // Short, so that tests of an app that never answers finish soon; a test may set its own.
+        let proxy_extra = if proxy_extra.contains("response_timeout") {
+            proxy_extra.to_string()
+        } else {
+            format!("response_timeout = \"2s\"\n{proxy_extra}")
+        };
+        let names = ["localhost", "git.localhost", "fwd.localhost", "jupyter.localhost", "django.localhost"];
+        let ck = rcgen::generate_simple_self_signed(names.map(String::from).to_vec()).unwrap();
         std::fs::write(dir.0.join("cert.pem"), ck.cert.pem()).unwrap();
         std::fs::write(dir.0.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
         let upstream = Upstream::start().await;
@@ -137,7 +139,6 @@ data_dir = "."
 cert_file = "cert.pem"
 key_file = "key.pem"
 [proxy]
-response_timeout = "2s"
 {proxy_extra}
 {apps}
 [[tunnel]]
