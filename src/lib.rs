@@ -18,7 +18,9 @@ pub mod audit;
 pub mod respond;
 
 // Supporting modules.
+pub mod acme;
 pub mod body;
+pub mod certs;
 pub mod cli;
 pub mod clock;
 pub mod config;

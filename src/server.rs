@@ -53,7 +53,27 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         tracing::warn!("{w}");
     }
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let certs = Arc::new(listen::certs::Certs::load(cfg.tls.files())?);
+    // With ACME, a first start has no certificate yet: poort's own serves until one arrives.
+    if cfg.tls.acme.is_some() && !cfg.tls.cert_file.exists() {
+        crate::certs::make_self_signed(std::slice::from_ref(&cfg.server.portal_host), &cfg.tls.files()[0])?;
+    }
+    let certs = Arc::new(crate::certs::Certs::load(cfg.tls.files())?);
+    let challenges = cfg.tls.acme.as_ref().map(|_| Arc::new(crate::acme::Challenges::default()));
+    let acme = match (&cfg.tls.acme, &challenges) {
+        (Some(settings), Some(ch)) => {
+            let acme = crate::acme::Acme::new(
+                settings.clone(),
+                crate::acme::hosts(&cfg),
+                &cfg.data_dir,
+                certs.clone(),
+                ch.clone(),
+                clock.clone(),
+            );
+            acme.load_existing();
+            Some(acme)
+        }
+        _ => None,
+    };
     for host in std::iter::once(&cfg.server.portal_host).chain(cfg.apps.iter().filter_map(|a| match &a.route {
         crate::config::Route::Host(h) => Some(h),
         _ => None,
@@ -132,7 +152,15 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         }));
     }
     if let Some(l) = redirect {
-        tasks.push(tokio::spawn(listen::serve_redirect(l, cfg.server.clone(), until_stop(stopped.clone()))));
+        tasks.push(tokio::spawn(listen::serve_redirect(
+            l,
+            cfg.server.clone(),
+            challenges,
+            until_stop(stopped.clone()),
+        )));
+    }
+    if let Some(acme) = acme {
+        tasks.push(tokio::spawn(acme.run(until_stop(stopped.clone()))));
     }
     let gw = gateway.clone();
     let mut rx = stopped.clone();
@@ -186,7 +214,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
 
 /// Serves certificate files renewed on disk to new connections; a renewal that does not
 /// load is logged and the certificates in use stay.
-fn reload_certs(certs: &listen::certs::Certs) {
+fn reload_certs(certs: &crate::certs::Certs) {
     match certs.reload_if_changed() {
         Ok(true) => tracing::info!("Certificates changed on disk: new connections get the new ones"),
         Ok(false) => {}

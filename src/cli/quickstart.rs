@@ -86,14 +86,8 @@ pub fn quickstart(data_dir: &Path) -> anyhow::Result<Config> {
         }
     };
     if !cfg.tls.cert_file.exists() {
-        let ck = rcgen::generate_simple_self_signed(vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-            "::1".to_string(),
-        ])
-        .context("making a self-signed certificate")?;
-        crate::secret::write_private(&cfg.tls.key_file, ck.signing_key.serialize_pem().as_bytes())?;
-        std::fs::write(&cfg.tls.cert_file, ck.cert.pem())?;
+        let names = ["localhost", "127.0.0.1", "::1"].map(String::from);
+        crate::certs::make_self_signed(&names, &cfg.tls.files()[0])?;
         println!("Made a self-signed certificate for localhost: {}", cfg.tls.cert_file.display());
     }
     if let Ok(pem) = std::fs::read(&cfg.tls.cert_file) {

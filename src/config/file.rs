@@ -103,6 +103,21 @@ pub struct Tls {
     pub key_file: Option<String>,
     /// More certificates, each served to the names it holds (SNI).
     pub cert: Option<Vec<CertFiles>>,
+    /// Certificates for the portal and every app host from an ACME CA.
+    pub acme: Option<Acme>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acme {
+    /// The CA's directory URL.
+    pub directory: Option<String>,
+    /// A contact address the CA may write to about the certificates.
+    pub email: Option<String>,
+    /// Trust the CA's own HTTPS through the CAs in this PEM file (a private ACME CA).
+    pub ca_file: Option<String>,
+    /// Renew a certificate this long before it expires. Default "30d".
+    pub renew_before: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -142,6 +142,17 @@ pub struct Tls {
     pub key_file: PathBuf,
     /// More certificates (`[[tls.cert]]`), each served to the names it holds.
     pub more: Vec<CertFiles>,
+    /// Certificates from an ACME CA, for the portal's and every app's host.
+    pub acme: Option<AcmeSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSettings {
+    pub directory: String,
+    pub email: Option<String>,
+    /// Trust for the CA's own HTTPS; the system's roots without it.
+    pub ca_file: Option<PathBuf>,
+    pub renew_before: Duration,
 }
 
 impl Tls {

@@ -99,6 +99,13 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
     let server = server(c, f.server);
     let (data_dir, database) = store(c, f.store, base);
     let tls = tls(c, f.tls, base, &data_dir);
+    if tls.acme.is_some() && server.redirect_listen.is_none() {
+        c.add(
+            "server.redirect_listen",
+            "is needed by [tls] acme: the CA checks each name over plain HTTP (HTTP-01)",
+            "set redirect_listen = \"0.0.0.0:80\" (the CA connects to port 80)",
+        );
+    }
     let session = session(c, f.session);
     let proxy = proxy(c, f.proxy);
     let mfa = mfa(c, f.mfa);
@@ -222,8 +229,33 @@ fn tls(c: &mut Collector, f: Option<file::Tls>, base: &Path, data_dir: &Path) ->
             cert_file: data_dir.join("tls/cert.pem"),
             key_file: data_dir.join("tls/key.pem"),
             more: Vec::new(),
+            acme: None,
         };
     };
+    let acme = f.acme.and_then(|a| {
+        let renew_before = c.duration("tls.acme.renew_before", &a.renew_before, Duration::from_secs(30 * 86400));
+        let Some(directory) = a.directory.filter(|d| d.starts_with("https://")) else {
+            c.add(
+                "tls.acme.directory",
+                "missing or not an https URL",
+                "the CA's directory, for example \"https://acme-v02.api.letsencrypt.org/directory\"",
+            );
+            return None;
+        };
+        if a.email.as_deref().is_some_and(|e| !e.contains('@') || e.contains(char::is_whitespace)) {
+            c.add(
+                "tls.acme.email",
+                "is not an email address",
+                "for example email = \"ops@example.com\", or leave it out",
+            );
+        }
+        Some(AcmeSettings {
+            directory,
+            email: a.email,
+            ca_file: a.ca_file.as_deref().map(|p| at(base, p)),
+            renew_before,
+        })
+    });
     let mut more = Vec::new();
     for (i, e) in f.cert.into_iter().flatten().enumerate() {
         match (e.cert_file, e.key_file) {
@@ -239,7 +271,11 @@ fn tls(c: &mut Collector, f: Option<file::Tls>, base: &Path, data_dir: &Path) ->
         }
     }
     match (f.cert_file, f.key_file) {
-        (Some(cert), Some(key)) => Tls { cert_file: at(base, &cert), key_file: at(base, &key), more },
+        (Some(cert), Some(key)) => Tls { cert_file: at(base, &cert), key_file: at(base, &key), more, acme },
+        // With ACME, the default certificate is poort's own until the first one arrives.
+        (None, None) if acme.is_some() => {
+            Tls { cert_file: data_dir.join("tls/cert.pem"), key_file: data_dir.join("tls/key.pem"), more, acme }
+        }
         (cert, key) => {
             if cert.is_none() {
                 c.add("tls.cert_file", "missing", "name the PEM certificate chain file");
@@ -247,7 +283,7 @@ fn tls(c: &mut Collector, f: Option<file::Tls>, base: &Path, data_dir: &Path) ->
             if key.is_none() {
                 c.add("tls.key_file", "missing", "name the PEM private key file");
             }
-            Tls { cert_file: PathBuf::new(), key_file: PathBuf::new(), more }
+            Tls { cert_file: PathBuf::new(), key_file: PathBuf::new(), more, acme }
         }
     }
 }
@@ -481,6 +517,12 @@ fn resolve_app(
         Some(raw) => match parse_upstream(raw) {
             Ok((https, authority, address, base_path)) => {
                 let tls = upstream_tls(c, &key, &app, base, https, &authority);
+                // The name the app's certificate holds is also the Host it serves.
+                let authority = match (&app.upstream_server_name, authority.rfind(':')) {
+                    (Some(name), Some(i)) if https && !authority.ends_with(']') => format!("{name}{}", &authority[i..]),
+                    (Some(name), _) if https => name.clone(),
+                    _ => authority,
+                };
                 // An https upstream whose TLS settings are wrong is reported above.
                 let pool = if https { format!("https://{address}/ for {name}") } else { address.clone() };
                 (tls.is_some() == https).then(|| Upstream::Http { authority, address, base_path, tls, pool })

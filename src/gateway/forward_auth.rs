@@ -4,10 +4,18 @@
 //! emergency rules on the original request, the session issued for the app's host, the app's
 //! access policy and second factor. A request that may pass gets 200 with the identity
 //! headers for the proxy to copy to the app; one that needs a sign-in 401 with a `Location`
-//! to start it (or, with `?redirect=1`, a 302 there); one that may not pass 403.
+//! to start it (or, with `redirect=1`, a 302 there); one that may not pass 403.
 //!
-//! The original request comes from the proxy's headers, believed only from an address in
-//! `[server] trusted_proxies`: any other caller is refused.
+//! What is judged comes only from what the proxy itself decides, never from a header its
+//! client could have sent along:
+//! - the app: `app=NAME` in the URL the proxy is configured to ask, else the `Host` of the
+//!   question (which the front door checked against the TLS name); only an app declared with
+//!   `forward_auth = true`;
+//! - the target and method: `X-Forwarded-Uri` and `X-Forwarded-Method`, each exactly once.
+//!   Every supported proxy sets both, replacing what a client sent (nginx by the
+//!   `proxy_set_header` lines of docs/forward-auth.md); no other header is read.
+//!
+//! Only a caller in `[server] trusted_proxies` is answered.
 
 use std::net::IpAddr;
 
@@ -17,49 +25,46 @@ use hyper::body::Incoming;
 
 use super::Gateway;
 use crate::body::Body;
+use crate::config::{App, Route, Upstream};
 use crate::mitigate;
 use crate::policy::{self, Decision, Resource, Subject};
 use crate::portal::routes::{self, Page};
-use crate::request::{Target, parse_host};
+use crate::request::Target;
 use crate::respond::{At, Refusal, error_page, page, redirect};
-use crate::route::Found;
 use crate::session;
 use crate::state::Ctx;
 
-/// The request a proxy asks about.
-#[derive(Debug, PartialEq, Eq)]
-struct Original {
-    host: String,
-    method: String,
-    /// Origin form: path and query, as the client sent them.
-    uri: String,
+/// The one value of a header the proxy sets; an error if it is missing or sent twice.
+fn single<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, &'static str> {
+    let mut values = headers.get_all(name).iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return Err("forward_auth_header");
+    };
+    v.to_str().map(str::trim).map_err(|_| "forward_auth_header")
 }
 
-/// Reads the original request from a proxy's headers: `X-Original-URL` (an absolute URL), or
-/// the host from `X-Forwarded-Host` (else `Host`) and the target from `X-Forwarded-Uri` or
-/// `X-Original-URI`; the method from `X-Forwarded-Method` or `X-Original-Method` (else GET).
-fn original(headers: &HeaderMap, host: &str) -> Result<Original, &'static str> {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
-    let method = get("x-forwarded-method").or_else(|| get("x-original-method")).unwrap_or("GET");
-    if method.len() > 16 || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+/// The method and target the proxy asks about.
+fn original(headers: &HeaderMap) -> Result<(&str, &str), &'static str> {
+    let method = single(headers, "x-forwarded-method")?;
+    if method.is_empty() || method.len() > 16 || !method.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err("forward_auth_method");
     }
-    let (host, uri) = match get("x-original-url") {
-        Some(url) => {
-            let rest =
-                url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")).ok_or("forward_auth_url")?;
-            match rest.find('/') {
-                Some(i) => (&rest[..i], &rest[i..]),
-                None => (rest, "/"),
-            }
-        }
-        None => (
-            get("x-forwarded-host").unwrap_or(host),
-            get("x-forwarded-uri").or_else(|| get("x-original-uri")).ok_or("forward_auth_no_uri")?,
-        ),
+    let uri = single(headers, "x-forwarded-uri")?;
+    if !uri.starts_with('/') {
+        return Err("forward_auth_uri");
+    }
+    Ok((method, uri))
+}
+
+/// The app a question is about: named in the question's URL, else the one on its host. Only
+/// apps served by a proxy that asks (`forward_auth = true`).
+fn app_of<'a>(apps: &'a [App], host: &str, query: Option<&str>) -> Option<&'a App> {
+    let named = query.and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "app").map(|(_, v)| v));
+    let app = match named {
+        Some(name) => apps.iter().find(|a| a.name == name)?,
+        None => apps.iter().find(|a| a.route == Route::Host(host.to_string()))?,
     };
-    let host = parse_host(host.as_bytes()).map_err(|_| "forward_auth_host")?;
-    Ok(Original { host, method: method.to_string(), uri: uri.to_string() })
+    (app.upstream == Upstream::ForwardAuth).then_some(app)
 }
 
 fn malformed(code: &'static str) -> Refusal {
@@ -82,27 +87,30 @@ impl Gateway {
                 Refusal::Denied { resource: "forward-auth".into(), reason: "the caller is not a trusted proxy".into() };
             return self.refuse(ctx.at(), refusal).await;
         }
-        let orig = match original(headers, &ctx.front.host) {
+        let query = ctx.front.target.query();
+        let Some(app) = app_of(&st.cfg.apps, &ctx.front.host, query) else {
+            return self.refuse(ctx.at(), Refusal::NoRoute).await;
+        };
+        let Route::Host(app_host) = &app.route else {
+            return self.refuse(ctx.at(), Refusal::NoRoute).await;
+        };
+        let (method, uri) = match original(headers) {
             Ok(o) => o,
             Err(code) => return self.refuse(ctx.at(), malformed(code)).await,
         };
         // The same canonical form the front door makes of a request poort serves itself.
-        let Ok(target) = Target::parse(&orig.uri) else {
+        let Ok(target) = Target::parse(uri) else {
             return self.refuse(ctx.at(), malformed("forward_auth_target")).await;
         };
-        let app = match self.routes.find_target(&orig.host, &target) {
-            Found::App(i) | Found::AddSlash(i) => &st.cfg.apps[i],
-            _ => return self.refuse(ctx.at(), Refusal::NoRoute).await,
-        };
         let path = target.path();
-        let facts = mitigate::Facts::of(&orig.method, &target, &orig.uri, headers, ctx.client, Some(&app.name));
+        let facts = mitigate::Facts::of(method, &target, uri, headers, ctx.client, Some(&app.name));
         if let Err(refusal) = self.rules(&facts, path, ctx.client, ctx.id).await {
             return self.refuse(At { sample: path, ..ctx.at() }, refusal).await;
         }
         // The session the browser holds for the app's host; a command-line one opens tunnels
         // only.
         let session =
-            if orig.host == ctx.front.host { ctx.session.clone() } else { self.session_for(headers, &orig.host).await };
+            if *app_host == ctx.front.host { ctx.session.clone() } else { self.session_for(headers, app_host).await };
         let session = session.filter(|s| s.kind == session::Kind::Browser);
         let at = At { id: ctx.id, client: ctx.client, sample: path, session: session.as_deref() };
         let who = session.as_ref().map(|s| Subject { identity: &s.identity, mfa: s.mfa() });
@@ -121,14 +129,15 @@ impl Gateway {
                 }
             }
             Decision::Authenticate { step_up } => {
-                let port = crate::config::port_suffix(&st.cfg.server.external_origin);
+                // A path on the app's own origin, as the browser sees it through the proxy:
+                // the proxy's port is not poort's to know.
                 let mut query = form_urlencoded::Serializer::new(String::new());
                 query.append_pair("next", &target.forward_form(path));
                 if step_up {
                     query.append_pair("step_up", "1");
                 }
-                let signin = format!("https://{}{port}/.poort/signin?{}", orig.host, query.finish());
-                let navigation = matches!(orig.method.as_str(), "GET" | "HEAD")
+                let signin = format!("/.poort/signin?{}", query.finish());
+                let navigation = matches!(method, "GET" | "HEAD")
                     && headers
                         .get_all(header::ACCEPT)
                         .iter()
@@ -169,36 +178,31 @@ mod tests {
     use super::*;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        pairs.iter().map(|(k, v)| (http::HeaderName::from_static(k), HeaderValue::from_static(v))).collect()
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(http::HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        h
     }
 
     #[test]
-    fn each_proxys_way_of_telling_the_original_request_is_read() {
-        let o = |host: &str, method: &str, uri: &str| Original {
-            host: host.into(),
-            method: method.into(),
-            uri: uri.into(),
-        };
-        // nginx, as docs/forward-auth.md sets it up: Host is the app's.
-        let nginx = headers(&[("x-original-uri", "/wiki/Page?x=1"), ("x-original-method", "POST")]);
-        assert_eq!(original(&nginx, "wiki.example.com"), Ok(o("wiki.example.com", "POST", "/wiki/Page?x=1")));
-        // Traefik and Caddy: X-Forwarded-*; Host may be poort's own.
-        let traefik = headers(&[
-            ("x-forwarded-host", "Wiki.Example.com:443"),
-            ("x-forwarded-uri", "/a"),
-            ("x-forwarded-method", "GET"),
-        ]);
-        assert_eq!(original(&traefik, "gate.example.com"), Ok(o("wiki.example.com", "GET", "/a")));
-        let url = headers(&[("x-original-url", "https://wiki.example.com/b?c")]);
-        assert_eq!(original(&url, "gate.example.com"), Ok(o("wiki.example.com", "GET", "/b?c")));
-        // Without the target there is nothing to decide on.
-        assert_eq!(original(&headers(&[]), "wiki.example.com"), Err("forward_auth_no_uri"));
+    fn only_the_headers_proxies_set_are_read_and_each_once() {
+        let ok = headers(&[("x-forwarded-uri", "/wiki/Page?x=1"), ("x-forwarded-method", "POST")]);
+        assert_eq!(original(&ok), Ok(("POST", "/wiki/Page?x=1")));
         for bad in [
-            headers(&[("x-original-uri", "/"), ("x-original-method", "get")]),
-            headers(&[("x-original-url", "ftp://wiki.example.com/")]),
-            headers(&[("x-forwarded-uri", "/"), ("x-forwarded-host", "wiki.example.com/../x")]),
+            // What a client could add beside them is not read: without the proxy's, nothing.
+            headers(&[
+                ("x-original-url", "https://pub.example/"),
+                ("x-original-uri", "/"),
+                ("x-original-method", "GET"),
+            ]),
+            headers(&[("x-forwarded-uri", "/a"), ("x-forwarded-uri", "/b"), ("x-forwarded-method", "GET")]),
+            headers(&[("x-forwarded-uri", "/a"), ("x-forwarded-method", "GET"), ("x-forwarded-method", "DELETE")]),
+            headers(&[("x-forwarded-uri", "/a"), ("x-forwarded-method", "get")]),
+            headers(&[("x-forwarded-uri", "https://x.example/a"), ("x-forwarded-method", "GET")]),
+            headers(&[("x-forwarded-uri", "/a")]),
         ] {
-            assert!(original(&bad, "wiki.example.com").is_err(), "{bad:?}");
+            assert!(original(&bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -3,7 +3,6 @@
 //! heads and streams, an idle cut-off, and graceful shutdown. Also the optional plain-HTTP
 //! listener, which does nothing but redirect to the configured HTTPS origin.
 
-pub mod certs;
 mod idle;
 mod strict;
 
@@ -77,7 +76,7 @@ impl Drop for ClientSlot {
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// The TLS settings, serving the certificates of `certs` by SNI.
-pub fn tls_config(certs: Arc<certs::Certs>) -> anyhow::Result<Arc<ServerConfig>> {
+pub fn tls_config(certs: Arc<crate::certs::Certs>) -> anyhow::Result<Arc<ServerConfig>> {
     // ring's default suites are all AEAD with forward secrecy; no CBC, no RSA key exchange.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
@@ -241,7 +240,12 @@ pub async fn serve<H: Handler>(
 
 /// Serves the plain-HTTP listener: every request gets a redirect to the HTTPS origin with the
 /// same canonical path, or to the root when the target is not canonical. Nothing else.
-pub async fn serve_redirect(listener: TcpListener, server: Server, shutdown: impl Future<Output = ()>) {
+pub async fn serve_redirect(
+    listener: TcpListener,
+    server: Server,
+    challenges: Option<Arc<crate::acme::Challenges>>,
+    shutdown: impl Future<Output = ()>,
+) {
     let origin: Arc<str> = server.external_origin.clone().into();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -256,15 +260,24 @@ pub async fn serve_redirect(listener: TcpListener, server: Server, shutdown: imp
             accepted = listener.accept() => match accepted { Ok(v) => v, Err(_) => continue },
             () = &mut shutdown => return,
         };
-        let (origin, builder) = (origin.clone(), builder.clone());
+        let (origin, builder, challenges) = (origin.clone(), builder.clone(), challenges.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
+                // An ACME CA checking a name (HTTP-01): the answer while an order waits for it.
+                let answer = challenges.as_ref().and_then(|c| {
+                    let token = req.uri().path().strip_prefix(crate::acme::CHALLENGE_PATH)?;
+                    c.answer(token)
+                });
+                if let Some(answer) = answer {
+                    let resp = crate::respond::page(StatusCode::OK, "application/octet-stream", Body::from(answer));
+                    return std::future::ready(Ok::<_, Infallible>(resp));
+                }
                 let path = req.uri().path_and_query().map(|p| p.as_str()).and_then(|t| Target::parse(t).ok());
                 let location = match path {
                     Some(t) => format!("{origin}{}", t.forward_form(t.path())),
                     None => format!("{origin}/"),
                 };
-                async move { Ok::<_, Infallible>(redirect(StatusCode::PERMANENT_REDIRECT, &location)) }
+                std::future::ready(Ok::<_, Infallible>(redirect(StatusCode::PERMANENT_REDIRECT, &location)))
             });
             let io = IdleIo::new(stream, Duration::from_secs(30));
             let _ = builder.serve_connection(TokioIo::new(io), service).await;

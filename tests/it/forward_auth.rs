@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{Gate, Nginx, Resp, TempDir, closed_port, hand_off_from, parse_response};
+use crate::harness::{Gate, Nginx, Resp, TempDir, closed_port, hand_off, hand_off_from, parse_response};
 
 const APP: &str = r#"
 [[app]]
@@ -28,6 +28,8 @@ fn nginx_conf(port: u16, gate: SocketAddr, app: SocketAddr) -> String {
     listen 127.0.0.1:{port};
     server_name fwd.localhost;
 
+    # The question is the proxy's to ask: no client asks it through the pass-through below.
+    location = /.poort/auth {{ return 404; }}
     # poort's own pages on the app's host: sign-in hand-off, assets.
     location /.poort/ {{
       proxy_pass https://{gate};
@@ -35,6 +37,8 @@ fn nginx_conf(port: u16, gate: SocketAddr, app: SocketAddr) -> String {
       proxy_ssl_name fwd.localhost;
       proxy_set_header Host fwd.localhost;
       proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header X-Forwarded-Uri "";
+      proxy_set_header X-Forwarded-Method "";
     }}
 
     location = /.poort-auth {{
@@ -45,8 +49,8 @@ fn nginx_conf(port: u16, gate: SocketAddr, app: SocketAddr) -> String {
       proxy_pass_request_body off;
       proxy_set_header Content-Length "";
       proxy_set_header Host fwd.localhost;
-      proxy_set_header X-Original-URI $request_uri;
-      proxy_set_header X-Original-Method $request_method;
+      proxy_set_header X-Forwarded-Uri $request_uri;
+      proxy_set_header X-Forwarded-Method $request_method;
       proxy_set_header X-Forwarded-For $remote_addr;
     }}
 
@@ -104,18 +108,27 @@ async fn nginx_auth_request_lets_through_only_what_poort_allows() {
     let _nginx = Nginx::start_in(TempDir::new(), &nginx_conf(port, gate.addr, gate.upstream.addr), port);
     let app_hits = || gate.upstream.hits();
 
-    // No session: nginx sends the browser to sign in, on the app's own host.
+    // No session: nginx passes the browser to poort's sign-in on the app's own host, which
+    // hands it to the portal with a nonce for this browser.
     let r = via_nginx(port, "/page?q=1", &[("Accept", "text/html")]).await;
     assert_eq!(r.status, 302, "{}", r.text());
-    assert_eq!(r.header("location"), Some("https://fwd.localhost:8443/.poort/signin?next=%2Fpage%3Fq%3D1"));
-    assert_eq!(app_hits(), 0);
-
-    // That page, reached through nginx, starts the hand-off: a nonce for this browser, and
-    // the portal.
-    let r = via_nginx(port, "/.poort/signin?next=%2Fpage", &[]).await;
-    assert_eq!(r.status, 302, "{}", r.text());
     assert!(r.cookie("__Host-poort-handoff").is_some());
-    assert!(r.header("location").unwrap().starts_with("https://localhost:8443/.poort/handoff/begin?"));
+    let begin = r.header("location").unwrap();
+    assert!(begin.starts_with("https://localhost:8443/.poort/handoff/begin?"), "{begin}");
+    assert!(begin.contains("path=%2Fpage%3Fq%3D1"), "{begin}");
+    // Headers a client adds do not change what poort is asked about.
+    let forged = [
+        ("X-Original-URL", "https://localhost:8443/"),
+        ("X-Forwarded-Host", "git.localhost"),
+        ("X-Forwarded-Uri", "/ok"),
+        ("X-Forwarded-Method", "GET"),
+        ("X-Original-URI", "/ok"),
+    ];
+    let r = via_nginx(port, "/page", &forged).await;
+    assert_eq!(r.status, 302, "{}", r.text());
+    // Nor can a client ask the question itself through the pass-through.
+    assert_eq!(via_nginx(port, "/.poort/auth", &forged).await.status, 404);
+    assert_eq!(app_hits(), 0);
 
     let portal = gate.login("alice").await;
     let alice = hand_off_from(&gate, &portal, "fwd.localhost", "/.poort/signin?next=%2Fpage", "/page").await;
@@ -133,9 +146,17 @@ async fn nginx_auth_request_lets_through_only_what_poort_allows() {
     assert_eq!((c["aud"].as_str(), c["sub"].as_str()), (Some("fwd"), Some("alice")));
     let hits = app_hits();
 
-    // The emergency rules apply to the request nginx asks about, in any letter case.
+    // The emergency rules apply to the request nginx asks about, in any letter case, and
+    // whatever the client claims the request is.
     for path in ["/admin/users", "/ADMIN/users", "/%61dmin/users"] {
         let r = via_nginx(port, path, &[("Cookie", &cookie)]).await;
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+        let r = via_nginx(
+            port,
+            path,
+            &[("Cookie", &cookie), ("X-Forwarded-Uri", "/ok"), ("X-Original-URL", "https://fwd.localhost/ok")],
+        )
+        .await;
         assert_eq!(r.status, 403, "{path}: {}", r.text());
     }
     // A user the policy refuses.
@@ -143,9 +164,16 @@ async fn nginx_auth_request_lets_through_only_what_poort_allows() {
     let bob = hand_off_from(&gate, &portal, "fwd.localhost", "/.poort/signin?next=%2F", "/").await;
     let r = via_nginx(port, "/page", &[("Cookie", &format!("__Host-poort={bob}"))]).await;
     assert_eq!(r.status, 403);
-    // A session of another host, or a made-up one.
-    for other in [gate.login("alice").await, "x".repeat(43)] {
-        let r = via_nginx(port, "/page", &[("Cookie", &format!("__Host-poort={other}"))]).await;
+    // A session of another host (the portal's, another app's), or a made-up one.
+    let portal = gate.login("alice").await;
+    let git = hand_off(&gate, &portal, "git.localhost", "/").await;
+    for other in [portal, git, "x".repeat(43)] {
+        let r = via_nginx(
+            port,
+            "/page",
+            &[("Cookie", &format!("__Host-poort={other}")), ("X-Forwarded-Host", "git.localhost")],
+        )
+        .await;
         assert_eq!(r.status, 302, "{}", r.text());
     }
     assert_eq!(app_hits(), hits, "nothing refused reached the app");
@@ -174,22 +202,40 @@ async fn the_traefik_and_caddy_form_is_answered_too_and_only_for_trusted_proxies
         }
         gate.request("GET", &format!("/.poort/auth{query}"), &h, b"").await
     }
-    let r = ask(&gate, Some(&cookie), "").await;
+    // Traefik asks at poort's own address: the app is named in the URL it is set up to ask.
+    let r = ask(&gate, Some(&cookie), "?app=fwd").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-poort-user"), Some("alice"));
     assert_eq!(r.header("cache-control"), Some("no-store"));
-    let r = ask(&gate, None, "").await;
+    let r = ask(&gate, None, "?app=fwd").await;
     assert_eq!(r.status, 401);
-    assert_eq!(r.header("location"), Some("https://fwd.localhost:8443/.poort/signin?next=%2Fx%2Fy%3Fz%3D1"));
+    assert_eq!(r.header("location"), Some("/.poort/signin?next=%2Fx%2Fy%3Fz%3D1"));
     // Traefik and Caddy hand poort's answer to the browser: a redirect when asked for one.
-    let r = ask(&gate, None, "?redirect=1").await;
+    let r = ask(&gate, None, "?app=fwd&redirect=1").await;
     assert_eq!(r.status, 302);
+    // Only apps served by a proxy that asks; X-Forwarded-Host names none.
+    assert_eq!(ask(&gate, Some(&cookie), "").await.status, 404);
+    assert_eq!(ask(&gate, Some(&cookie), "?app=git").await.status, 404);
+    // A question asked twice over is not answered.
+    let twice = [
+        ("Host", "fwd.localhost"),
+        ("Cookie", cookie.as_str()),
+        ("X-Forwarded-Uri", "/a"),
+        ("X-Forwarded-Uri", "/admin"),
+        ("X-Forwarded-Method", "GET"),
+    ];
+    assert_eq!(gate.request("GET", "/.poort/auth", &twice, b"").await.status, 400);
 
     // A caller that is not a trusted proxy gets no answer about anyone.
     let untrusted = Gate::start_config("", APP).await;
     let portal = untrusted.login("alice").await;
     let alice = hand_off_from(&untrusted, &portal, "fwd.localhost", "/.poort/signin?next=%2Fx", "/x").await;
-    let headers = [("Host", "fwd.localhost"), ("X-Original-URI", "/x"), ("Cookie", &format!("__Host-poort={alice}"))];
+    let headers = [
+        ("Host", "fwd.localhost"),
+        ("X-Forwarded-Uri", "/x"),
+        ("X-Forwarded-Method", "GET"),
+        ("Cookie", &format!("__Host-poort={alice}")),
+    ];
     let r = untrusted.request("GET", "/.poort/auth", &headers, b"").await;
     assert_eq!(r.status, 403);
     assert_eq!(r.header("x-poort-user"), None);
@@ -201,8 +247,13 @@ fn caddyfile(port: u16, gate: SocketAddr, app: SocketAddr) -> String {
         r#"
 http://fwd.localhost:{port} {{
   bind 127.0.0.1
+  handle /.poort/auth {{
+    respond 404
+  }}
   handle /.poort/* {{
     reverse_proxy https://{gate} {{
+      header_up -X-Forwarded-Uri
+      header_up -X-Forwarded-Method
       transport http {{
         tls_insecure_skip_verify
         tls_server_name fwd.localhost
@@ -217,6 +268,10 @@ http://fwd.localhost:{port} {{
       request_header -X-Poort-Email
       request_header -X-Poort-Groups
       request_header -X-Poort-Assertion
+      request_header -X_Poort_User
+      request_header -X_Poort_Email
+      request_header -X_Poort_Groups
+      request_header -X_Poort_Assertion
       forward_auth https://{gate} {{
         uri /.poort/auth?redirect=1
         copy_headers X-Poort-User X-Poort-Email X-Poort-Groups X-Poort-Assertion
@@ -260,14 +315,17 @@ async fn caddy_forward_auth_lets_through_only_what_poort_allows() {
             }
         };
         let forged = ("X-Poort-User", "admin".to_string());
-        let r = get("/page", vec![("Accept", "text/html".into()), forged.clone()]).await;
+        let underscored = ("X_Poort_User", "admin".to_string());
+        let r = get("/page", vec![("Accept", "text/html".into()), forged.clone(), underscored.clone()]).await;
         if public {
             assert_eq!(r.status, 200, "{}", r.text());
-            let user = gate.upstream.last().header("x-poort-user").map(String::from);
+            let seen = gate.upstream.last();
+            let user = seen.header("x-poort-user").map(String::from);
             assert!(matches!(user.as_deref(), None | Some("")), "a forged identity never arrives: {user:?}");
+            assert_eq!(seen.header("x_poort_user"), None);
         } else {
             assert_eq!(r.status, 302, "{}", r.text());
-            assert!(r.header("location").unwrap().starts_with("https://fwd.localhost:8443/.poort/signin?next="));
+            assert_eq!(r.header("location"), Some("/.poort/signin?next=%2Fpage"));
             assert_eq!(gate.upstream.hits(), 0);
         }
         let portal = gate.login("alice").await;

@@ -3,6 +3,7 @@
 // Tests measure real time (how soon a connection is cut).
 #![allow(clippy::disallowed_methods)]
 
+mod acme;
 mod cli;
 mod compat;
 mod flow;

@@ -1,6 +1,7 @@
-//! The gateway's certificates, chosen per connection by the name the client sends (SNI): a
-//! certificate whose names hold it exactly, else one with a wildcard for it (`*.example.com`
-//! covers one label), else the first one configured. The files are read again when they
+//! The gateway's certificates, chosen per connection by the name the client sends (SNI): one
+//! obtained for exactly that name by ACME (`acme`), else a configured certificate whose names
+//! hold it exactly, else one with a wildcard for it (`*.example.com` covers one label), else
+//! the first one configured. The files are read again when they
 //! change on disk (`reload_if_changed`), so a renewed certificate is served to new connections
 //! without a restart; a file that does not load leaves the certificates in use as they are.
 
@@ -25,6 +26,8 @@ pub struct Certs {
     loaded: RwLock<Arc<Loaded>>,
     /// The file times of a reading that failed: not tried again until they change.
     failed: RwLock<Vec<Option<SystemTime>>>,
+    /// Certificates obtained by ACME, by the one name each is for.
+    managed: RwLock<HashMap<String, Arc<CertifiedKey>>>,
 }
 
 #[derive(Debug)]
@@ -44,7 +47,12 @@ impl Certs {
     pub fn load(files: Vec<CertFiles>) -> anyhow::Result<Certs> {
         anyhow::ensure!(!files.is_empty(), "no certificate is configured");
         let loaded = load_all(&files)?;
-        Ok(Certs { files, loaded: RwLock::new(Arc::new(loaded)), failed: RwLock::default() })
+        Ok(Certs {
+            files,
+            loaded: RwLock::new(Arc::new(loaded)),
+            failed: RwLock::default(),
+            managed: RwLock::default(),
+        })
     }
 
     /// Reads the files again if any changed since they were read. Ok(true) if the new ones
@@ -66,14 +74,32 @@ impl Certs {
         }
     }
 
-    /// The certificate served for `name` (a lower-case DNS name), if one holds it.
+    /// Serves `chain` (PEM, leaf first) with `key` (PEM) to connections naming `name`, in
+    /// place of any certificate it had; an error if they do not load or do not fit.
+    pub fn install(&self, name: &str, chain: &str, key: &str) -> anyhow::Result<()> {
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .context("parsing the certificate chain")?;
+        anyhow::ensure!(!certs.is_empty(), "the chain holds no certificate");
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).context("parsing the private key")?;
+        let certified = CertifiedKey::from_der(certs, key, &rustls::crypto::ring::default_provider())
+            .context("the certificate and key do not fit together")?;
+        self.managed.write().insert(name.to_ascii_lowercase(), Arc::new(certified));
+        Ok(())
+    }
+
+    /// Whether some certificate names `name` (a lower-case DNS name).
     pub fn covers(&self, name: &str) -> bool {
-        self.loaded.read().index_for(name).is_some()
+        self.managed.read().contains_key(name) || self.loaded.read().index_for(name).is_some()
     }
 
     fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        let sni = sni.map(str::to_ascii_lowercase);
+        if let Some(k) = sni.as_ref().and_then(|n| self.managed.read().get(n).cloned()) {
+            return k;
+        }
         let loaded = self.loaded.read();
-        let i = sni.and_then(|n| loaded.index_for(&n.to_ascii_lowercase())).unwrap_or(0);
+        let i = sni.and_then(|n| loaded.index_for(&n)).unwrap_or(0);
         loaded.keys[i].clone()
     }
 }
@@ -92,6 +118,18 @@ impl ResolvesServerCert for Certs {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.pick(hello.server_name()))
     }
+}
+
+/// Writes a self-signed certificate for `names` and its key (owner-only) to `files`, making
+/// their folder if needed.
+pub fn make_self_signed(names: &[String], files: &CertFiles) -> anyhow::Result<()> {
+    let ck = rcgen::generate_simple_self_signed(names.to_vec()).context("making a self-signed certificate")?;
+    if let Some(dir) = files.cert.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    crate::secret::write_private(&files.key, ck.signing_key.serialize_pem().as_bytes())?;
+    std::fs::write(&files.cert, ck.cert.pem()).with_context(|| format!("writing {}", files.cert.display()))?;
+    Ok(())
 }
 
 fn stamps(files: &[CertFiles]) -> Vec<Option<SystemTime>> {
