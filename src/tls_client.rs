@@ -50,9 +50,9 @@ pub fn config(trust: &Trust, client: Option<&ClientCert>, alpn: &[&[u8]]) -> any
         rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
     let builder = match trust {
         Trust::Pinned(digest) => {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(Pinned { digest: *digest, provider }))
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(Verifier::pinned(*digest, provider)))
         }
-        Trust::Anything => builder.dangerous().with_custom_certificate_verifier(Arc::new(Anything { provider })),
+        Trust::Anything => builder.dangerous().with_custom_certificate_verifier(Arc::new(Verifier::anything(provider))),
         Trust::SystemRoots | Trust::PublicRoots | Trust::CaFile(_) => builder.with_root_certificates(roots(trust)?),
     };
     let mut cfg = match client {
@@ -120,14 +120,27 @@ pub fn server_name(host: &str) -> anyhow::Result<ServerName<'static>> {
     ServerName::try_from(host.to_string()).map_err(|_| anyhow::anyhow!("{host:?} is not a DNS name or IP address"))
 }
 
-/// Accepts exactly the certificate whose SHA-256 is pinned; signatures are still checked.
+/// A certificate check other than a chain to roots; handshake signatures are always checked
+/// against the certificate presented.
 #[derive(Debug)]
-struct Pinned {
-    digest: [u8; 32],
+struct Verifier {
+    /// `Some`: exactly the certificate with this SHA-256. `None`: any certificate, which proves
+    /// only that the server holds the key of the one it sent.
+    pinned: Option<[u8; 32]>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for Pinned {
+impl Verifier {
+    fn pinned(digest: [u8; 32], provider: Arc<CryptoProvider>) -> Verifier {
+        Verifier { pinned: Some(digest), provider }
+    }
+
+    fn anything(provider: Arc<CryptoProvider>) -> Verifier {
+        Verifier { pinned: None, provider }
+    }
+}
+
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -137,54 +150,13 @@ impl ServerCertVerifier for Pinned {
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         use subtle::ConstantTimeEq;
+        let Some(pin) = &self.pinned else { return Ok(ServerCertVerified::assertion()) };
         let d = ring::digest::digest(&ring::digest::SHA256, end_entity);
-        if bool::from(d.as_ref().ct_eq(&self.digest)) {
+        if bool::from(d.as_ref().ct_eq(pin)) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General("the certificate does not match the pinned fingerprint".into()))
         }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Accepts any certificate. The handshake still proves the server holds the key of the
-/// certificate it sent, which proves nothing about who it is.
-#[derive(Debug)]
-struct Anything {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Anything {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(

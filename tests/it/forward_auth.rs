@@ -73,10 +73,10 @@ fn nginx_conf(port: u16, gate: SocketAddr, app: SocketAddr) -> String {
     )
 }
 
-/// One plain HTTP/1.1 request to nginx.
-async fn via_nginx(port: u16, target: &str, headers: &[(&str, &str)]) -> Resp {
+/// One plain HTTP/1.1 GET to a proxy on `port`, for `host`.
+async fn plain_get(port: u16, host: &str, target: &str, headers: &[(&str, &str)]) -> Resp {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut req = format!("GET {target} HTTP/1.1\r\nHost: fwd.localhost\r\nConnection: close\r\n");
+    let mut req = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -85,6 +85,11 @@ async fn via_nginx(port: u16, target: &str, headers: &[(&str, &str)]) -> Resp {
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.unwrap().unwrap();
     parse_response(&out)
+}
+
+/// One request to the nginx of `nginx_conf`.
+async fn via_nginx(port: u16, target: &str, headers: &[(&str, &str)]) -> Resp {
+    plain_get(port, "fwd.localhost", target, headers).await
 }
 
 /// The claims of an `X-Poort-Assertion` (not verified here: tests/it/proxy.rs does that).
@@ -302,16 +307,8 @@ async fn caddy_forward_auth_lets_through_only_what_poort_allows() {
         let get = |target: &'static str, headers: Vec<(&'static str, String)>| {
             let host = host.clone();
             async move {
-                let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-                let mut req = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
-                for (k, v) in headers {
-                    req.push_str(&format!("{k}: {v}\r\n"));
-                }
-                req.push_str("\r\n");
-                s.write_all(req.as_bytes()).await.unwrap();
-                let mut out = Vec::new();
-                tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.unwrap().unwrap();
-                parse_response(&out)
+                let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                plain_get(port, &host, target, &headers).await
             }
         };
         let forged = ("X-Poort-User", "admin".to_string());
