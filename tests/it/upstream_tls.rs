@@ -135,14 +135,20 @@ async fn an_https_app_is_reached_only_with_a_certificate_poort_trusts() {
     let r = gate.get("/nocert/", Some(&s)).await;
     assert!(r.status == 400 && r.text().contains("No required SSL certificate"), "{}", r.text());
 
-    for (name, sni) in [("byca", ""), ("byname", "app.internal"), ("pinned", ""), ("skip", "")] {
+    // The Host the app gets: the URL's, or the name its certificate is checked for.
+    for (name, sni, host) in [
+        ("byca", "", "127.0.0.1"),
+        ("byname", "app.internal", "app.internal"),
+        ("pinned", "", "127.0.0.1"),
+        ("skip", "", "127.0.0.1"),
+    ] {
         let r = gate.get(&format!("/{name}/"), Some(&s)).await;
         assert_eq!(r.status, 200, "{name}: {}", r.text());
         let body = r.text();
         assert!(body.contains("proto=HTTP/2.0"), "{name}: nginx offers HTTP/2, so poort uses it: {body}");
         assert!(body.contains(&format!("sni={sni} ")), "{name}: {body}");
         assert!(body.contains("user=alice"), "{name}: identity headers arrive: {body}");
-        assert!(body.contains("host=127.0.0.1 "), "{name}: {body}");
+        assert!(body.contains(&format!("host={host} ")), "{name}: {body}");
         assert!(body.contains("verify=NONE"), "{name}: {body}");
     }
     let r = gate.get("/mtls/", Some(&s)).await;
