@@ -137,15 +137,14 @@ impl Acme {
         std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
         let path = self.dir.join("account.json");
         let http = || -> anyhow::Result<Box<dyn HttpClient>> { Ok(Box::new(Https::new(&self.settings)?)) };
-        if let Ok(text) = std::fs::read(&path) {
-            if let Ok(stored) = serde_json::from_slice::<Stored>(&text) {
-                if stored.directory == self.settings.directory {
-                    let account = Account::builder_with_http(http()?).from_credentials(stored.credentials).await;
-                    match account {
-                        Ok(a) => return Ok(a),
-                        Err(e) => tracing::warn!(error = %e, "The stored ACME account is not usable; making a new one"),
-                    }
-                }
+        if let Ok(text) = std::fs::read(&path)
+            && let Ok(stored) = serde_json::from_slice::<Stored>(&text)
+            && stored.directory == self.settings.directory
+        {
+            let account = Account::builder_with_http(http()?).from_credentials(stored.credentials).await;
+            match account {
+                Ok(a) => return Ok(a),
+                Err(e) => tracing::warn!(error = %e, "The stored ACME account is not usable; making a new one"),
             }
         }
         let contact: Vec<String> = self.settings.email.iter().map(|e| format!("mailto:{e}")).collect();

@@ -422,11 +422,11 @@ impl hyper::body::Body for PooledBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        if let Some(lease) = &mut this.lease {
-            if lease.conn.as_mut().poll(cx).is_ready() {
-                // Closed or failed: the body below reports how it ended; nothing to park.
-                this.lease = None;
-            }
+        if let Some(lease) = &mut this.lease
+            && lease.conn.as_mut().poll(cx).is_ready()
+        {
+            // Closed or failed: the body below reports how it ended; nothing to park.
+            this.lease = None;
         }
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         if matches!(polled, Poll::Ready(None)) {

@@ -38,17 +38,17 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     for (name, value) in req.headers() {
         let _ = writeln!(out, "{}: {}", name, String::from_utf8_lossy(value.as_bytes()));
     }
-    if let Some(jwt) = req.headers().get("x-poort-assertion").and_then(|v| v.to_str().ok()) {
-        if let Some(claims) = jwt.split('.').nth(1).and_then(|p| {
+    if let Some(jwt) = req.headers().get("x-poort-assertion").and_then(|v| v.to_str().ok())
+        && let Some(claims) = jwt.split('.').nth(1).and_then(|p| {
             use base64::Engine;
             base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok()
-        }) {
-            let _ = writeln!(
-                out,
-                "\nX-Poort-Assertion claims (verify the signature with /.poort/jwks.json):\n{}",
-                String::from_utf8_lossy(&claims)
-            );
-        }
+        })
+    {
+        let _ = writeln!(
+            out,
+            "\nX-Poort-Assertion claims (verify the signature with /.poort/jwks.json):\n{}",
+            String::from_utf8_lossy(&claims)
+        );
     }
     let resp = Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")

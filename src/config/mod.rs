@@ -331,13 +331,13 @@ impl Config {
             ));
         }
         for app in &self.apps {
-            if let Upstream::Http { tls: Some(tls), .. } = &app.upstream {
-                if tls.trust == crate::tls_client::Trust::Anything {
-                    out.push(format!(
+            if let Upstream::Http { tls: Some(tls), .. } = &app.upstream
+                && tls.trust == crate::tls_client::Trust::Anything
+            {
+                out.push(format!(
                         "app[{}]: insecure_skip_verify = true: poort accepts any certificate from this app, so anyone on the path to it can read and change its traffic, identity headers included (hint: set upstream_ca_file to the app's CA, or upstream_fingerprint to its certificate's SHA-256)",
                         app.name
                     ));
-                }
             }
         }
         out

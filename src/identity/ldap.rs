@@ -88,10 +88,10 @@ impl Directory {
     /// The service connection, bound; a new one if there is none.
     async fn service(&self) -> Result<Conn, LdapError> {
         let mut slot = self.service.lock().await;
-        if let Some(c) = slot.as_mut() {
-            if !c.is_closed() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = slot.as_mut()
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
         }
         let mut c = self.connect().await?;
         c.with_timeout(self.settings.timeout)
@@ -149,10 +149,10 @@ impl Directory {
         }
         let Found { dn, entry, name } = found;
         self.bind_as(dn, password).await?;
-        if let Some(f) = &self.settings.disabled_filter {
-            if self.matches(dn, f).await? {
-                return Err(Refusal::Disabled);
-            }
+        if let Some(f) = &self.settings.disabled_filter
+            && self.matches(dn, f).await?
+        {
+            return Err(Refusal::Disabled);
         }
         let groups = self.groups(user, dn, entry).await?;
         let groups = map_groups(&self.settings.group_map, &groups);

@@ -311,10 +311,10 @@ impl Provider {
 
     async fn metadata(&self) -> Result<Metadata, Failure> {
         let mut slot = self.discovered.lock().await;
-        if let Some((m, at)) = slot.as_ref() {
-            if at.elapsed() < REDISCOVER_AFTER {
-                return Ok(m.clone());
-            }
+        if let Some((m, at)) = slot.as_ref()
+            && at.elapsed() < REDISCOVER_AFTER
+        {
+            return Ok(m.clone());
         }
         let issuer = IssuerUrl::new(self.settings.issuer.clone()).map_err(|e| Failure::Provider(e.to_string()))?;
         let http = |req| fetch(req, self.tls.clone(), self.settings.timeout);

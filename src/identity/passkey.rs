@@ -24,10 +24,10 @@ pub struct Stored {
 pub fn handle(conn: &Connection, user: &str) -> rusqlite::Result<Uuid> {
     let existing: Option<Option<Vec<u8>>> =
         conn.query_row("SELECT handle FROM users WHERE name = ?1", [user], |r| r.get(0)).optional()?;
-    if let Some(Some(h)) = existing {
-        if let Ok(b) = <[u8; 16]>::try_from(h.as_slice()) {
-            return Ok(Uuid::from_bytes(b));
-        }
+    if let Some(Some(h)) = existing
+        && let Ok(b) = <[u8; 16]>::try_from(h.as_slice())
+    {
+        return Ok(Uuid::from_bytes(b));
     }
     let b: [u8; 16] = crate::secret::random_bytes();
     conn.execute("UPDATE users SET handle = ?1 WHERE name = ?2", params![&b[..], user])?;

@@ -194,12 +194,12 @@ impl Mitigation {
     /// Whether `rules` (with `digest`) may replace the rules in force.
     fn acceptable(&self, rules: &Rules, digest: &str) -> Result<(), String> {
         let applied = self.applied.lock().clone();
-        if let (Some(new), Some(Applied { version: Some(old), sha256 })) = (rules.version, &applied) {
-            if new < *old || (new == *old && digest != sha256) {
-                return Err(format!(
-                    "version {new} does not follow version {old} in force (hint: a new file needs a higher version)"
-                ));
-            }
+        if let (Some(new), Some(Applied { version: Some(old), sha256 })) = (rules.version, &applied)
+            && (new < *old || (new == *old && digest != sha256))
+        {
+            return Err(format!(
+                "version {new} does not follow version {old} in force (hint: a new file needs a higher version)"
+            ));
         }
         if self.public_key.is_some() && rules.version.is_none() {
             return Err("a signed rules file needs a version".into());

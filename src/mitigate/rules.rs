@@ -643,11 +643,10 @@ mod tests {
             };
             let one = format!("{}{}", spell(&base, &a), if slash_a { "/" } else { "" });
             let two = format!("{}{}", spell(&base, &b), if slash_b { "/" } else { "" });
-            if let (Some((app1, fwd1, hit1)), Some((app2, fwd2, hit2))) = (verdict(&one), verdict(&two)) {
-                if app1 == app2 && fwd1 == fwd2 {
+            if let (Some((app1, fwd1, hit1)), Some((app2, fwd2, hit2))) = (verdict(&one), verdict(&two))
+                && app1 == app2 && fwd1 == fwd2 {
                     proptest::prop_assert_eq!(hit1, hit2, "{} and {} against {} = {}", one, two, key, pattern);
                 }
-            }
         }
     }
 }

@@ -196,10 +196,8 @@ pub(crate) fn csrf_for_page(headers: &HeaderMap) -> (String, bool) {
 }
 
 pub(crate) fn with_csrf_cookie(mut resp: Response<Body>, csrf: &str, is_new: bool) -> Response<Body> {
-    if is_new {
-        if let Ok(v) = HeaderValue::from_str(&cookie::set_csrf(csrf)) {
-            resp.headers_mut().append(header::SET_COOKIE, v);
-        }
+    if is_new && let Ok(v) = HeaderValue::from_str(&cookie::set_csrf(csrf)) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
     }
     resp
 }

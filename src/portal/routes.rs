@@ -353,14 +353,13 @@ pub async fn admit(st: &State, mut ctx: Ctx, route: &Route, req: Request<Incomin
             Some(form) if genuine(st, &call.head.headers, form.get("csrf").map(String::as_bytes)) => call.form = form,
             Some(form) if route.page == Page::LoginSubmit => {
                 let next = form.get("next").cloned().unwrap_or_default();
-                return Err(super::login_again(
-                    st,
-                    StatusCode::FORBIDDEN,
-                    &call.head.headers,
-                    &next,
-                    "",
-                    "The sign-in form expired. Please try again.",
-                ));
+                // A browser always says where a form post comes from; a script usually not.
+                let why = if call.head.headers.contains_key(header::ORIGIN) {
+                    "The sign-in form expired. Please try again."
+                } else {
+                    "This sign-in did not come from the sign-in page. Use the form below."
+                };
+                return Err(super::login_again(st, StatusCode::FORBIDDEN, &call.head.headers, &next, "", why));
             }
             Some(_) => return Err(error_page(StatusCode::FORBIDDEN, call.ctx.id)),
             None => return Err(error_page(StatusCode::BAD_REQUEST, call.ctx.id)),

@@ -36,10 +36,10 @@ pub fn allowed_headers(incoming: &HeaderMap, extra: &[HeaderName]) -> HeaderMap 
             out.append(name.clone(), value.clone());
         }
     }
-    if !cookies.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&cookies.join("; ")) {
-            out.insert(header::COOKIE, v);
-        }
+    if !cookies.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
+    {
+        out.insert(header::COOKIE, v);
     }
     out
 }

@@ -307,10 +307,10 @@ impl Proxy {
             headers.insert(X_FORWARDED_HOST, v);
         }
         // A path-routed app whose prefix poort takes off learns it, to put it back in links.
-        if let Route::Path { prefix, strip: true } = &app.route {
-            if let Some(v) = value(prefix.trim_end_matches('/')) {
-                headers.insert(X_FORWARDED_PREFIX, v);
-            }
+        if let Route::Path { prefix, strip: true } = &app.route
+            && let Some(v) = value(prefix.trim_end_matches('/'))
+        {
+            headers.insert(X_FORWARDED_PREFIX, v);
         }
         // The same facts in RFC 7239's form; `for` and `host` are quoted, as an IPv6 address
         // and a port need to be.

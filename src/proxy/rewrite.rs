@@ -22,10 +22,10 @@ pub struct Rewrite<'a> {
 impl Rewrite<'_> {
     /// Rewrites the answer's `Location` and `Set-Cookie` headers in place.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        if let Some(v) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) {
-            if let Some(new) = self.location(v).and_then(|s| HeaderValue::from_str(&s).ok()) {
-                headers.insert(header::LOCATION, new);
-            }
+        if let Some(v) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok())
+            && let Some(new) = self.location(v).and_then(|s| HeaderValue::from_str(&s).ok())
+        {
+            headers.insert(header::LOCATION, new);
         }
         if self.prefix.is_empty() && self.base.is_empty() {
             return;

@@ -35,13 +35,13 @@ pub fn find<'a>(headers: impl Iterator<Item = &'a [u8]>, name: &str) -> Option<&
         let Ok(h) = std::str::from_utf8(h) else { continue };
         for pair in h.split(';') {
             let pair = pair.trim_matches(' ');
-            if let Some((k, v)) = pair.split_once('=') {
-                if k == name {
-                    if found.is_some() {
-                        return None;
-                    }
-                    found = Some(v);
+            if let Some((k, v)) = pair.split_once('=')
+                && k == name
+            {
+                if found.is_some() {
+                    return None;
                 }
+                found = Some(v);
             }
         }
     }

@@ -42,7 +42,10 @@ if (!gateway || !password) {
 
 let passed = 0;
 let failed = 0;
-function check(what, ok, detail = "") {
+/// `detail` may be a function, called only when the check fails (a lookup on the page that
+/// would otherwise wait for an element that is, rightly, not there).
+async function check(what, ok, detail = "") {
+  if (typeof detail === "function") detail = ok ? "" : await detail();
   if (ok) {
     passed++;
     console.log(`ok - ${what}`);
@@ -151,7 +154,7 @@ try {
   await page.click("button:has-text(\"Create the passkey\")");
   await page.waitForURL(`${gateway}/.poort/security`, { timeout: 10000 }).catch(() => {});
   await page.waitForSelector("td:has-text(\"laptop\")", { timeout: 10000 }).catch(() => {});
-  check("a passkey can be added and named", (await page.locator("td", { hasText: "laptop" }).count()) === 1, await page.locator("#passkey-status").textContent().catch(() => ""));
+  await check("a passkey can be added and named", (await page.locator("td", { hasText: "laptop" }).count()) === 1, () => page.locator("#passkey-status").textContent({ timeout: 2000 }).catch(() => ""));
   await shot("10-passkey");
 
   await page.goto(`${gateway}/.poort/sessions`);
@@ -210,7 +213,7 @@ try {
   await page.waitForURL(`${gateway}/.poort/login`);
   await page.click("button:has-text(\"Sign in with a passkey\")");
   await page.waitForURL(`${gateway}/`, { timeout: 10000 }).catch(() => {});
-  check("a passkey signs in without a password", page.url() === `${gateway}/`, page.url() + " " + (await page.locator("#passkey-status").textContent().catch(() => "")));
+  await check("a passkey signs in without a password", page.url() === `${gateway}/`, async () => page.url() + " " + (await page.locator("#passkey-status").textContent({ timeout: 2000 }).catch(() => "")));
   await page.goto(`${gateway}/secure/`);
   const pl = await page.locator("body").innerText();
   check("a passkey sign-in opens the MFA app without another prompt", page.url() === `${gateway}/secure/` && /"amr":\["hwk","mfa"\]/.test(pl), page.url());

@@ -290,3 +290,20 @@ async fn a_new_login_replaces_the_old_session() {
     assert_eq!(gate.get("/app/", Some(&old)).await.status, 401, "the planted or old token is dead");
     assert_eq!(gate.get("/app/", Some(&new)).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_sign_in_that_did_not_come_from_the_page_is_told_so() {
+    let gate = Gate::start().await;
+    let (cookie, field) = gate.login_form().await;
+    let body = format!("username=alice&password={}&csrf={field}&next=%2F", crate::harness::PASSWORD);
+    let headers = [
+        ("Cookie", format!("__Host-poort-csrf={cookie}")),
+        ("Content-Type", "application/x-www-form-urlencoded".to_string()),
+    ];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // A script's post (no Origin) is refused with a reason a script's author can act on.
+    let r = gate.request("POST", "/.poort/login", &headers, body.as_bytes()).await;
+    assert_eq!(r.status, 403);
+    assert!(r.text().contains("did not come from the sign-in page"), "{}", r.text());
+    assert!(r.cookie("__Host-poort").is_none());
+}
