@@ -206,25 +206,32 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }),
-        Command::Connect { name, listen, stdio } => runtime()?.block_on(async {
-            let r = match (listen, stdio) {
-                (_, true) => crate::tunnel::client::connect_stdio(&name).await,
-                (Some(addr), false) => {
-                    crate::tunnel::client::connect_listen(&name, &addr, |a| {
-                        eprintln!("Listening on {a}; each connection goes to {name} through the gateway.")
-                    })
-                    .await
+        Command::Connect { name, listen, stdio } => {
+            let rt = runtime()?;
+            let code = rt.block_on(async {
+                let r = match (listen, stdio) {
+                    (_, true) => crate::tunnel::client::connect_stdio(&name).await,
+                    (Some(addr), false) => {
+                        crate::tunnel::client::connect_listen(&name, &addr, |a| {
+                            eprintln!("Listening on {a}; each connection goes to {name} through the gateway.")
+                        })
+                        .await
+                    }
+                    (None, false) => Err(anyhow::anyhow!("use --listen ADDR or --stdio")),
+                };
+                match r {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("poort: {e:#}");
+                        1
+                    }
                 }
-                (None, false) => Err(anyhow::anyhow!("use --listen ADDR or --stdio")),
-            };
-            match r {
-                Ok(()) => Ok(0),
-                Err(e) => {
-                    eprintln!("poort: {e:#}");
-                    Ok(1)
-                }
-            }
-        }),
+            });
+            // Standard input is read on a thread that may wait for input forever (ssh does not
+            // close it when the tunnel ends): exit without waiting for it.
+            rt.shutdown_background();
+            Ok(code)
+        }
     }
 }
 

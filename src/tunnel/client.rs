@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// What `poort login` keeps, in the user's config directory (mode 0600).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -219,6 +220,18 @@ pub async fn open(c: &Credentials, name: &str) -> anyhow::Result<Tunnel> {
     }
 }
 
+/// A tunnel's transport error in a person's words: the TLS library's own text names a URL.
+fn plain(e: &tokio_tungstenite::tungstenite::Error) -> String {
+    use tokio_tungstenite::tungstenite::Error;
+    match e {
+        Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => "the gateway closed it".into(),
+        Error::Io(io) => io.kind().to_string(),
+        Error::ConnectionClosed | Error::AlreadyClosed => "the gateway closed it".into(),
+        Error::Tls(_) => "a TLS error".into(),
+        other => other.to_string(),
+    }
+}
+
 /// Carries bytes between a local stream and a tunnel. When the local side stops sending, the
 /// gateway is told (an empty message) and the answer still flows back until the far side
 /// closes.
@@ -242,10 +255,16 @@ where
     };
     let down = async {
         while let Some(msg) = rx.next().await {
-            match msg? {
+            let msg = msg.map_err(|e| anyhow::anyhow!("the connection to the gateway broke ({})", plain(&e)))?;
+            match msg {
                 Message::Binary(b) => {
                     wr.write_all(&b).await?;
                     wr.flush().await?;
+                }
+                // The gateway cut the tunnel, and says why ("session ended", "idle").
+                Message::Close(Some(f)) if f.code == CloseCode::Policy => {
+                    let _ = wr.flush().await;
+                    bail!("the gateway ended the tunnel: {}", f.reason);
                 }
                 Message::Close(_) => break,
                 _ => {}

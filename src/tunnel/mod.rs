@@ -274,10 +274,20 @@ where
             }
         }
     };
-    tokio::select! {
+    let why = tokio::select! {
         why = up => why,
         why = down => why,
         why = cut => why,
         why = watch => why,
+    };
+    // Cut by the gateway (the session ended, an idle timeout): the command line is told why, so
+    // that it can say so and stop rather than wait on a connection that is gone.
+    if !matches!(why, "target closed" | "client closed" | "client connection failed") {
+        let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Policy,
+            reason: why.into(),
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(500), ws_tx.send(Message::Close(Some(frame)))).await;
     }
+    why
 }

@@ -222,10 +222,9 @@ async fn a_group_change_cuts_open_tunnels_within_a_second() {
     cut_within_a_second("alice", regroup, "groups changed").await;
 }
 
-/// A real OpenSSH server on loopback, reached with `ssh -o ProxyCommand='poort connect ssh
-/// --stdio'`.
-#[tokio::test(flavor = "multi_thread")]
-async fn ssh_runs_a_command_through_the_tunnel() {
+/// A real OpenSSH server on loopback taking one client key: its folder (with `client_key`), the
+/// process and its port.
+fn sshd() -> (TempDir, Reaped, u16) {
     let dir = TempDir::new();
     let d = &dir.0;
     for (key, kind) in [("host_key", "ed25519"), ("client_key", "ed25519")] {
@@ -250,39 +249,37 @@ async fn ssh_runs_a_command_through_the_tunnel() {
         .expect("OpenSSH sshd is installed (scripts/test installs it)");
     let sshd = Reaped(sshd);
     crate::harness::wait_for_port(port, "sshd", Duration::from_secs(10));
+    (dir, sshd, port)
+}
 
-    let tables = format!("\n[[tunnel]]\nname = \"ssh\"\ntarget = \"127.0.0.1:{port}\"\naccess = \"authenticated\"\n");
-    let gate = Gate::start_config("", &tables).await;
-    let s = gate.cli_session("alice").await;
-    let home = signed_in(&gate, &s);
+/// `ssh` to the tunnel `ssh` through `poort connect ssh --stdio`, signed in from `home`,
+/// running `command` remotely.
+fn ssh_through_poort(home: &TempDir, sshd_dir: &TempDir, command: &[&str]) -> Command {
     let proxy = format!(
         "ProxyCommand=env XDG_CONFIG_HOME={} {} connect ssh --stdio",
         home.0.display(),
         env!("CARGO_BIN_EXE_poort")
     );
-    let out = tokio::task::spawn_blocking({
-        let key = d.join("client_key");
-        move || {
-            Command::new("ssh")
-                .args(["-F", "/dev/null", "-i"])
-                .arg(key)
-                .args(["-o", &proxy, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-                .args([
-                    "-o",
-                    "BatchMode=yes",
-                    "-o",
-                    "LogLevel=ERROR",
-                    "root@internal-host",
-                    "echo",
-                    "through-poort",
-                    "$((6*7))",
-                ])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let mut ssh = Command::new("ssh");
+    ssh.args(["-F", "/dev/null", "-i"])
+        .arg(sshd_dir.0.join("client_key"))
+        .args(["-o", &proxy, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+        .args(["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "root@internal-host"])
+        .args(command);
+    ssh
+}
+
+/// A real OpenSSH server on loopback, reached with `ssh -o ProxyCommand='poort connect ssh
+/// --stdio'`.
+#[tokio::test(flavor = "multi_thread")]
+async fn ssh_runs_a_command_through_the_tunnel() {
+    let (dir, sshd, port) = sshd();
+    let tables = format!("\n[[tunnel]]\nname = \"ssh\"\ntarget = \"127.0.0.1:{port}\"\naccess = \"authenticated\"\n");
+    let gate = Gate::start_config("", &tables).await;
+    let s = gate.cli_session("alice").await;
+    let home = signed_in(&gate, &s);
+    let mut ssh = ssh_through_poort(&home, &dir, &["echo", "through-poort", "$((6*7))"]);
+    let out = tokio::task::spawn_blocking(move || ssh.output().unwrap()).await.unwrap();
     drop(sshd);
     assert!(out.status.success(), "ssh failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "through-poort 42");
@@ -290,4 +287,29 @@ async fn ssh_runs_a_command_through_the_tunnel() {
         gate.audit("tunnel_closed").iter().any(|e| e["tunnel"] == "ssh")
     })
     .await;
+}
+
+/// ssh through `poort connect --stdio` ends within a second or two of the session's end, with
+/// the gateway's reason, instead of hanging on a tunnel that is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn ssh_through_the_command_line_ends_when_the_session_is_revoked() {
+    let (dir, _sshd, port) = sshd();
+    let tables = format!("\n[[tunnel]]\nname = \"ssh\"\ntarget = \"127.0.0.1:{port}\"\naccess = \"authenticated\"\n");
+    let gate = Gate::start_config("", &tables).await;
+    let s = gate.cli_session("alice").await;
+    let home = signed_in(&gate, &s);
+    let mut ssh = ssh_through_poort(&home, &dir, &["sleep", "60"]);
+    let child = ssh.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    eventually("the tunnel to open", Duration::from_secs(10), async || !gate.audit("tunnel_opened").is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sessions = gate.store().list_sessions(Some("alice")).unwrap();
+    let id = sessions.iter().find(|s| s.kind == "cli").unwrap().id.clone();
+    assert!(gate.cli(&["session", "revoke", &id]).status.success());
+    let revoked = Instant::now();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert!(revoked.elapsed() < Duration::from_secs(3), "ssh ended {:?} after the revocation", revoked.elapsed());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("poort: the gateway ended the tunnel: session ended"), "{err}");
+    assert!(!err.contains("docs.rs"), "{err}");
 }
