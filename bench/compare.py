@@ -274,6 +274,10 @@ max_connections_per_client = 20000
 [store]
 data_dir = "."
 
+# As nginx's access_log off in the peers' configs.
+[log]
+access = false
+
 [tls]
 cert_file = "tls/cert.pem"
 key_file = "tls/key.pem"

@@ -25,6 +25,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod identity;
+pub mod logging;
 pub mod names;
 pub mod secret;
 pub mod server;

@@ -181,8 +181,40 @@ impl Ctx {
     }
 }
 
+/// Why a request was refused, in a word, for its access-log line.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused(pub &'static str);
+
+impl Refusal {
+    /// The word the access log gives this refusal.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Malformed { code, .. } => code,
+            Refusal::Mitigated { throttled: true, .. } => "throttled",
+            Refusal::Mitigated { .. } => "mitigated",
+            Refusal::LockedDown => "lockdown",
+            Refusal::NoRoute => "no_route",
+            Refusal::Unauthenticated => "unauthenticated",
+            Refusal::Denied { .. } => "denied",
+            Refusal::Upstream(Failure::Timeout) => "upstream_timeout",
+            Refusal::Upstream(Failure::TooLarge) => "body_too_large",
+            Refusal::Upstream(Failure::CrossOrigin) => "cross_origin_websocket",
+            Refusal::Upstream(Failure::Internal(_)) => "internal",
+            Refusal::Upstream(_) => "upstream_failed",
+            Refusal::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 /// Answers a refusal: audited as its kind is, logged with the request id, its fixed page.
 pub async fn respond(st: &State, at: At<'_>, refusal: Refusal) -> Response<Body> {
+    let code = refusal.code();
+    let mut resp = answer(st, at, refusal).await;
+    resp.extensions_mut().insert(Refused(code));
+    resp
+}
+
+async fn answer(st: &State, at: At<'_>, refusal: Refusal) -> Response<Body> {
     let (id, client) = (at.id, at.client);
     match refusal {
         Refusal::Malformed { status, code } => {

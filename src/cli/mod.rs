@@ -146,6 +146,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
 }
 
 fn command(cli: Cli) -> anyhow::Result<i32> {
+    // Serving logs as its config says (`serve`); everything else, and anything before that,
+    // as text.
+    if !matches!(cli.command, Command::Serve(_) | Command::Quickstart { .. }) {
+        crate::logging::init(crate::config::LogSettings::default());
+    }
     match cli.command {
         Command::Check(c) => {
             let code = check(&c.config.config);
@@ -304,6 +309,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn serve(cfg: Config) -> anyhow::Result<i32> {
+    crate::logging::init(cfg.log);
     runtime()?.block_on(async {
         let running = server::start(cfg, Arc::new(SystemClock)).await?;
         server::signal().await;

@@ -32,6 +32,17 @@ pub struct File {
     /// TCP services (SSH, RDP, databases) reached through `poort connect`.
     #[serde(default, rename = "tunnel")]
     pub tunnel_list: Vec<Tunnel>,
+    #[serde(default)]
+    pub log: Log,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// `"text"` (default) or `"json"`: one JSON object per line.
+    pub format: Option<String>,
+    /// A line per request (request id, app, user, status, duration, refusal). Default true.
+    pub access: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]

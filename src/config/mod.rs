@@ -63,6 +63,15 @@ pub struct Config {
     pub tunnels: Vec<Tunnel>,
     pub mitigate: Mitigate,
     pub auth: auth::Auth,
+    pub log: LogSettings,
+}
+
+/// `[log]`: how poort writes its log (to standard error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogSettings {
+    pub json: bool,
+    /// A line per request.
+    pub access: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -114,6 +114,17 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
     let (tunnel, tunnels) = tunnels(c, f.tunnels, f.tunnel_list, &apps, mfa.required);
     let mitigate = mitigate(c, f.mitigate, base);
     let auth = auth::resolve(c, f.auth, base);
+    let log = LogSettings {
+        json: match f.log.format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => {
+                c.add("log.format", format!("{other:?} is not a log format"), "use \"text\" or \"json\"");
+                false
+            }
+        },
+        access: f.log.access.unwrap_or(true),
+    };
 
     if c.0.is_empty() {
         Ok(Config {
@@ -130,6 +141,7 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
             tunnels,
             mitigate,
             auth,
+            log,
         })
     } else {
         Err(Problems(std::mem::take(&mut c.0)))

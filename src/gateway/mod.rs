@@ -74,7 +74,17 @@ impl crate::listen::Handler for Gateway {
     async fn handle(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         let upgrade = req.version() == http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
         let head = req.method() == http::Method::HEAD;
+        let access = self
+            .state
+            .cfg
+            .log
+            .access
+            .then(|| (crate::clock::instant(), req.method().clone(), req.uri().path().to_string()));
+        let me = access.is_some().then(|| self.clone());
         let mut resp = shielded(self.stages(peer, conn, req)).await;
+        if let (Some((start, method, path)), Some(me)) = (access, me) {
+            me.access_line(&method, &path, &resp, start);
+        }
         if upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -132,23 +142,50 @@ impl Gateway {
     async fn stages(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         let id = RequestId(self.request_ids.fetch_add(1, Ordering::Relaxed));
         let client = request::client_addr(peer.ip(), req.headers(), &self.state.cfg.server.trusted_proxies);
+        let mut note = Note { id, client, app: None, session: None, kept: self.state.cfg.log.access };
         let front = match self.front_door(conn, &req) {
             Ok(front) => front,
-            Err((refusal, sample)) => return self.refuse(at(id, client, &sample), refusal).await,
+            Err((refusal, sample)) => return note.on(self.refuse(at(id, client, &sample), refusal).await),
         };
         let found = match self.route(&front) {
             Ok(found) => found,
-            Err(refusal) => return self.refuse(at(id, client, &front.host), refusal).await,
+            Err(refusal) => return note.on(self.refuse(at(id, client, &front.host), refusal).await),
         };
+        if let Found::App(i) | Found::AddSlash(i) = found {
+            note.app = Some(i);
+        }
         if let Err(refusal) = self.mitigate(&req, &front, &found, client, id).await {
-            return self.refuse(at(id, client, front.target.path()), refusal).await;
+            return note.on(self.refuse(at(id, client, front.target.path()), refusal).await);
         }
         let session = self.session_for(req.headers(), &front.host).await;
+        note.session = session.clone();
         let ctx = Ctx { id, front, client, peer: peer.ip(), session };
         if self.locked_out(&ctx, &found) {
-            return self.refuse(ctx.at(), Refusal::LockedDown).await;
+            return note.on(self.refuse(ctx.at(), Refusal::LockedDown).await);
         }
-        self.dispatch(found, ctx, req).await
+        note.on(self.dispatch(found, ctx, req).await)
+    }
+
+    /// The access-log line of a request that took since `start`.
+    fn access_line(&self, method: &http::Method, path: &str, resp: &Response<Body>, start: std::time::Instant) {
+        let micros = crate::clock::instant().saturating_duration_since(start).as_micros() as u64;
+        let note = resp.extensions().get::<Note>();
+        let app = note.and_then(|n| n.app).map(|i| self.state.cfg.apps[i].name.as_str());
+        let user = note.and_then(|n| n.session.as_deref()).map(|s| s.identity.user.as_str());
+        let refused = resp.extensions().get::<crate::respond::Refused>().map(|r| r.0);
+        tracing::info!(
+            target: "poort::access",
+            request = %note.map(|n| n.id).unwrap_or(RequestId(0)),
+            client = %note.map_or_else(String::new, |n| n.client.to_string()),
+            method = %method,
+            path = %path.chars().take(256).collect::<String>(),
+            status = resp.status().as_u16(),
+            micros,
+            app = app.unwrap_or("-"),
+            user = user.unwrap_or("-"),
+            refused = refused.unwrap_or("-"),
+            "request"
+        );
     }
 
     /// request::check and the connection's own checks: one canonical target and host, bounded
@@ -399,6 +436,27 @@ impl Gateway {
             }
             Err(_) => None,
         }
+    }
+}
+
+/// What the access log says of a request besides its head and answer, carried on the answer.
+#[derive(Clone)]
+struct Note {
+    id: RequestId,
+    client: IpAddr,
+    /// The app the request routed to.
+    app: Option<usize>,
+    session: Option<Arc<Session>>,
+    /// Whether there is an access log to carry it to.
+    kept: bool,
+}
+
+impl Note {
+    fn on(&self, mut resp: Response<Body>) -> Response<Body> {
+        if self.kept {
+            resp.extensions_mut().insert(self.clone());
+        }
+        resp
     }
 }
 

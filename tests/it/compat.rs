@@ -396,29 +396,6 @@ async fn an_app_signs_the_user_in_from_poorts_header_and_streams_and_long_polls_
     assert_eq!((r.status, r.text()), (200, "changed".to_string()));
 }
 
-/// Starts the gateway of `gate` as a process of its own (the `poort` binary on the same config
-/// and data), so that its memory can be read; returns it and its process id.
-async fn as_process(gate: &mut Gate) -> (Reaped, u32) {
-    gate.stop().await;
-    let port = closed_port();
-    let text = std::fs::read_to_string(&gate.config_path).unwrap();
-    let text = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1);
-    std::fs::write(&gate.config_path, text).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_poort"))
-        .args(["serve", "--config"])
-        .arg(&gate.config_path)
-        .env("POORT_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let process = Reaped(child);
-    wait_for_port(port, "poort", Duration::from_secs(20));
-    gate.addr = format!("127.0.0.1:{port}").parse().unwrap();
-    (process, pid)
-}
-
 /// KiB of resident memory: now (VmRSS) and at most so far (VmHWM).
 fn memory(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -507,7 +484,7 @@ async fn a_gibibyte_down_and_up_arrives_intact_in_bounded_memory() {
         "\n[[app]]\nname = \"files\"\npath = \"/files/\"\nupstream = \"http://{addr}\"\naccess = \"authenticated\"\n"
     );
     let mut gate = Gate::start_full("", "max_body_bytes = 2147483648\nresponse_timeout = \"120s\"", &tables).await;
-    let (_poort, pid) = as_process(&mut gate).await;
+    let (_poort, pid) = gate.as_process("").await;
     let s = gate.login("alice").await;
     let (before, _) = memory(pid);
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// The layers, top first, as docs/architecture.md lists them.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("front", &["cli", "server", "whoami"]),
+    ("front", &["cli", "server", "whoami", "logging"]),
     ("pipeline", &["gateway", "listen"]),
     ("handlers", &["portal", "tunnel", "proxy"]),
     ("shared", &["state", "respond"]),

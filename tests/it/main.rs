@@ -11,6 +11,7 @@ mod forward_auth;
 mod front_door;
 mod harness;
 mod layers;
+mod logs;
 pub mod ldap;
 mod mfa;
 mod mitigate;

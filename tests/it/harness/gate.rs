@@ -208,6 +208,35 @@ access = "authenticated"
         }
     }
 
+    /// Runs the gateway as a process of its own (the `poort` binary on the same config and
+    /// data, with `extra` appended to the config), so that its memory and log can be read; its
+    /// standard error goes to `poort.log` in the data folder. Returns it and its process id.
+    pub async fn as_process(&mut self, extra: &str) -> (Reaped, u32) {
+        self.stop().await;
+        let port = closed_port();
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        let text = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1);
+        std::fs::write(&self.config_path, format!("{text}\n{extra}")).unwrap();
+        let log = std::fs::File::create(self.dir.0.join("poort.log")).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_poort"))
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let process = Reaped(child);
+        wait_for_port(port, "poort", Duration::from_secs(20));
+        self.addr = format!("127.0.0.1:{port}").parse().unwrap();
+        (process, pid)
+    }
+
+    /// What the gateway run by `as_process` has logged.
+    pub fn process_log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("poort.log")).unwrap_or_default()
+    }
+
     pub fn db(&self) -> PathBuf {
         self.dir.0.join("poort.db")
     }
