@@ -50,6 +50,13 @@ pub enum Command {
         /// Set everything up, print the admin password, and exit without serving.
         #[arg(long)]
         no_serve: bool,
+        /// Where a new config listens (an existing config keeps its own).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+        /// The address users type, for a new config: https://HOST[:PORT]. Default: localhost
+        /// on the listening port.
+        #[arg(long)]
+        external_url: Option<String>,
     },
     /// Serve the gateway described by a config file.
     Serve(ConfigArg),
@@ -163,8 +170,8 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
             let cfg = load(&c.config)?;
             serve(cfg)
         }
-        Command::Quickstart { data_dir, no_serve } => {
-            let cfg = quickstart(&data_dir)?;
+        Command::Quickstart { data_dir, no_serve, listen, external_url } => {
+            let cfg = quickstart(&data_dir, listen, external_url.as_deref())?;
             if no_serve { Ok(0) } else { serve(cfg) }
         }
         Command::User(cmd) => user::run(cmd),

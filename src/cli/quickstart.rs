@@ -24,10 +24,11 @@ const QUICKSTART_CONFIG: &str = r#"# Written by `poort quickstart`. Edit it, che
 # Every key is described in docs/configuration.md.
 
 [server]
-# Loopback only. To serve others, listen on 0.0.0.0:443 and set external_url to the
-# name users type, with a certificate for that name below.
-listen = "127.0.0.1:8443"
-external_url = "https://localhost:8443"
+# Loopback only unless quickstart was told otherwise. To serve others, listen on
+# 0.0.0.0:443 and set external_url to the name users type, with a certificate for that
+# name below.
+listen = "@LISTEN@"
+external_url = "@EXTERNAL_URL@"
 
 [store]
 # Relative paths are taken from the folder this file is in.
@@ -65,8 +66,14 @@ mfa = "required"
 # access = "authenticated"
 "#;
 
-/// Creates what is missing in `data_dir` and returns the resolved config.
-pub fn quickstart(data_dir: &Path) -> anyhow::Result<Config> {
+/// Creates what is missing in `data_dir` and returns the resolved config. A new config
+/// listens on `listen` and is reached at `external_url` (default: localhost on that port).
+pub fn quickstart(data_dir: &Path, listen: std::net::SocketAddr, external_url: Option<&str>) -> anyhow::Result<Config> {
+    let external = match external_url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None if listen.port() == 443 => "https://localhost".to_string(),
+        None => format!("https://localhost:{}", listen.port()),
+    };
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -74,9 +81,14 @@ pub fn quickstart(data_dir: &Path) -> anyhow::Result<Config> {
     }
     let config_path = data_dir.join("poort.toml");
     if !config_path.exists() {
-        std::fs::write(&config_path, QUICKSTART_CONFIG)
-            .with_context(|| format!("writing {}", config_path.display()))?;
+        let text = QUICKSTART_CONFIG.replace("@LISTEN@", &listen.to_string()).replace("@EXTERNAL_URL@", &external);
+        std::fs::write(&config_path, text).with_context(|| format!("writing {}", config_path.display()))?;
         println!("Wrote {}", config_path.display());
+    } else if listen.to_string() != "127.0.0.1:8443" || external_url.is_some() {
+        println!(
+            "{} exists: it keeps its own listen and external_url (edit them there, or start in a new folder)",
+            config_path.display()
+        );
     }
     let cfg = match config::load(&config_path) {
         Ok(c) => c,
@@ -86,9 +98,12 @@ pub fn quickstart(data_dir: &Path) -> anyhow::Result<Config> {
         }
     };
     if !cfg.tls.cert_file.exists() {
-        let names = ["localhost", "127.0.0.1", "::1"].map(String::from);
+        let mut names = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
+        if !names.contains(&cfg.server.portal_host) {
+            names.push(cfg.server.portal_host.clone());
+        }
         crate::certs::make_self_signed(&names, &cfg.tls.files()[0])?;
-        println!("Made a self-signed certificate for localhost: {}", cfg.tls.cert_file.display());
+        println!("Made a self-signed certificate for {}: {}", names.join(", "), cfg.tls.cert_file.display());
     }
     if let Ok(pem) = std::fs::read(&cfg.tls.cert_file) {
         use rustls::pki_types::pem::PemObject;

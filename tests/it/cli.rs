@@ -119,6 +119,35 @@ fn quickstart_sets_up_once_and_prints_the_secret_once() {
 }
 
 #[test]
+fn quickstart_listens_where_it_is_told() {
+    let dir = TempDir::new();
+    let args =
+        ["quickstart", "--no-serve", "--listen", "127.0.0.1:9443", "--external-url", "https://gate.example.com:9443/"];
+    let out = poort(&args, &dir.0);
+    assert!(out.status.success(), "{out:?}");
+    let config = std::fs::read_to_string(dir.0.join("poort-data/poort.toml")).unwrap();
+    assert!(
+        config.contains("listen = \"127.0.0.1:9443\"")
+            && config.contains("external_url = \"https://gate.example.com:9443\""),
+        "{config}"
+    );
+    let cert = std::fs::read(dir.0.join("poort-data/tls/cert.pem")).unwrap();
+    let der = rustls::pki_types::pem::PemObject::from_pem_slice(&cert)
+        .map(|c: rustls::pki_types::CertificateDer| c.to_vec())
+        .unwrap();
+    assert!(String::from_utf8_lossy(&der).contains("gate.example.com"), "the certificate names the external host");
+    // Only the port given: the address users type follows it.
+    let other = TempDir::new();
+    assert!(poort(&["quickstart", "--no-serve", "--listen", "127.0.0.1:9444"], &other.0).status.success());
+    let config = std::fs::read_to_string(other.0.join("poort-data/poort.toml")).unwrap();
+    assert!(config.contains("external_url = \"https://localhost:9444\""), "{config}");
+    // An existing config is not rewritten, and the operator is told.
+    let again = poort(&["quickstart", "--no-serve", "--listen", "127.0.0.1:1"], &other.0);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("keeps its own listen"));
+    assert!(std::fs::read_to_string(other.0.join("poort-data/poort.toml")).unwrap().contains("127.0.0.1:9444"));
+}
+
+#[test]
 fn user_commands() {
     let dir = TempDir::new();
     assert!(poort(&["quickstart", "--no-serve"], &dir.0).status.success());
