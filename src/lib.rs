@@ -19,6 +19,7 @@ pub mod respond;
 
 // Supporting modules.
 pub mod acme;
+pub mod admin;
 pub mod body;
 pub mod certs;
 pub mod cli;
@@ -26,6 +27,7 @@ pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod names;
 pub mod secret;
 pub mod server;

@@ -26,6 +26,8 @@ pub const REVOCATION_POLL: Duration = Duration::from_millis(100);
 pub struct Running {
     pub addr: SocketAddr,
     pub redirect_addr: Option<SocketAddr>,
+    /// Where metrics and health checks are served.
+    pub admin_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -84,7 +86,8 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     }
     let tls = listen::tls_config(certs.clone())?;
     let store = Store::open(&cfg.database)?;
-    let audit = Audit::start(&cfg.database, clock.clone())?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let audit = Audit::start(&cfg.database, clock.clone(), metrics.clone())?;
     let signer = Arc::new(Signer::load_or_create(&signing_key_path(&cfg), &cfg.server.external_origin)?);
     let sealer = Arc::new(Sealer::load_or_create(&sealing_key_path(&cfg))?);
     let applied = store
@@ -102,7 +105,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         clock,
         store,
         audit.clone(),
-        crate::gateway::Parts { signer, sealer, mitigation, whoami },
+        crate::gateway::Parts { metrics, signer, sealer, mitigation, whoami },
     )?);
     let listener = listen::bind(cfg.server.listen).await?;
     let addr = listener.local_addr()?;
@@ -111,6 +114,11 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         None => None,
     };
     let redirect_addr = redirect.as_ref().map(|l| l.local_addr()).transpose()?;
+    let admin = match cfg.admin_listen {
+        Some(a) => Some(listen::bind(a).await.context("[admin] listen")?),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
     audit.record(Event::GatewayStarted { version: env!("CARGO_PKG_VERSION").into() }).await?;
     rules_outcome(&gateway, first_rules).await;
 
@@ -158,6 +166,9 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
             challenges,
             until_stop(stopped.clone()),
         )));
+    }
+    if let Some(l) = admin {
+        tasks.push(tokio::spawn(crate::admin::serve(l, gateway.clone(), until_stop(stopped.clone()))));
     }
     if let Some(acme) = acme {
         tasks.push(tokio::spawn(acme.run(until_stop(stopped.clone()))));
@@ -209,7 +220,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         }
     }));
     tracing::info!(listen = %addr, portal = %cfg.server.external_origin, apps = cfg.apps.len(), "poort is serving");
-    Ok(Running { addr, redirect_addr, gateway, stop, tasks })
+    Ok(Running { addr, redirect_addr, admin_addr, gateway, stop, tasks })
 }
 
 /// Serves certificate files renewed on disk to new connections; a renewal that does not

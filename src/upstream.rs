@@ -192,6 +192,11 @@ impl Pools {
         Pools { workers: (0..=workers).map(|_| Arc::default()).collect(), connect_timeout }
     }
 
+    /// Idle HTTP/1 connections kept, over every worker.
+    pub fn idle(&self) -> usize {
+        self.workers.iter().map(|w| w.lock().http1.values().map(Vec::len).sum::<usize>()).sum()
+    }
+
     fn home(&self, worker: Option<usize>) -> &Arc<Mutex<Idle>> {
         let last = self.workers.len() - 1;
         &self.workers[worker.map_or(last, |i| i.min(last))]

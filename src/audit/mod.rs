@@ -304,14 +304,58 @@ pub struct Audit {
     tx: mpsc::SyncSender<Job>,
     clock: std::sync::Arc<dyn Clock>,
     counted: std::sync::Arc<parking_lot::Mutex<Counted>>,
+    metrics: std::sync::Arc<Metrics>,
+    /// Whether the last write succeeded (readiness).
+    writing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+use crate::metrics::Metrics;
+
+/// Counts what a record says happened: sign-ins (the first factor as "first", second factors
+/// by name), lockouts, emergency rule hits and rules-file readings.
+fn count(m: &Metrics, e: &Event) {
+    let factor = |f: &str| match f {
+        "otp" => "otp",
+        "recovery" => "recovery",
+        "hwk" | "swk" => "passkey",
+        _ => "other",
+    };
+    match e {
+        Event::LoginSucceeded { .. } => m.sign_in(true, "first"),
+        Event::LoginFailed { .. } => m.sign_in(false, "first"),
+        Event::MfaSucceeded { factor: f, .. } => m.sign_in(true, factor(f)),
+        Event::MfaFailed { factor: f, .. } => m.sign_in(false, factor(f)),
+        Event::AccountLocked { .. } => {
+            m.lockouts.inc();
+        }
+        Event::MitigationMatched { rule, action, .. } => m.rule_hit(
+            rule,
+            match action.as_str() {
+                "deny" => "deny",
+                "throttle" => "throttle",
+                _ => "log",
+            },
+        ),
+        Event::RulesLoaded { .. } => m.rules_read("loaded"),
+        Event::RulesRefused { .. } => m.rules_read("refused"),
+        _ => {}
+    }
 }
 
 impl Audit {
-    /// Starts the writer thread on its own connection to `db`.
-    pub fn start(db: &Path, clock: std::sync::Arc<dyn Clock>) -> anyhow::Result<Audit> {
+    /// Starts the writer thread on its own connection to `db`. What is recorded is also
+    /// counted in `metrics` (sign-ins, lockouts, rule hits), with the queue and write time.
+    pub fn start(
+        db: &Path,
+        clock: std::sync::Arc<dyn Clock>,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> anyhow::Result<Audit> {
         let mut conn = crate::store::open_connection(db)?;
         let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
         let writer_clock = clock.clone();
+        let m = metrics.clone();
+        let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let wrote = writing.clone();
         std::thread::Builder::new()
             .name("poort-audit".into())
             .spawn(move || {
@@ -323,8 +367,13 @@ impl Audit {
                             Err(_) => break,
                         }
                     }
+                    let started = crate::clock::instant();
                     let events: Vec<Event> = batch.iter().map(|(e, _)| e.clone()).collect();
                     let result = append(&mut conn, writer_clock.now(), &events).map_err(|e| e.to_string());
+                    m.audit_write_seconds
+                        .observe(crate::clock::instant().saturating_duration_since(started).as_secs_f64());
+                    m.audit_queue.dec_by(batch.len() as i64);
+                    wrote.store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
                     if let Err(e) = &result {
                         tracing::error!(error = %e, events = events.len(), "Audit write failed");
                     }
@@ -336,17 +385,23 @@ impl Audit {
                 }
             })
             .context("starting the audit writer")?;
-        Ok(Audit { tx, clock, counted: std::sync::Arc::default() })
+        Ok(Audit { tx, clock, counted: std::sync::Arc::default(), metrics, writing })
+    }
+
+    /// Whether the last write of audit records succeeded.
+    pub fn writing(&self) -> bool {
+        self.writing.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records an event and waits until it is durable. An error means it was not recorded;
     /// callers on a request path fail closed.
     pub async fn record(&self, event: Event) -> anyhow::Result<i64> {
+        count(&self.metrics, &event);
         let (done, wait) = tokio::sync::oneshot::channel();
         let mut job = (event, Some(done));
         // A full queue makes the caller wait its turn, a little at a time.
         loop {
-            match self.tx.try_send(job) {
+            match self.enqueue(job) {
                 Ok(()) => break,
                 Err(mpsc::TrySendError::Full(back)) => {
                     job = back;
@@ -375,6 +430,7 @@ impl Audit {
     /// in a minute is written; later ones are counted for `flush_counted`, with a few distinct
     /// samples, so that a harmless first refusal cannot hide what follows it.
     pub fn refusal(&self, kind: &'static str, key: &str, client: std::net::IpAddr, sample: &str, event: Event) {
+        count(&self.metrics, &event);
         let minute = self.clock.now().div_euclid(60) * 60;
         let first = {
             let mut c = self.counted.lock();
@@ -403,7 +459,7 @@ impl Audit {
         };
         if first {
             // Not waited for: a refusal is not an access that must be recorded first.
-            let _ = self.tx.try_send((event, None));
+            let _ = self.enqueue((event, None));
         }
     }
 
@@ -420,6 +476,18 @@ impl Audit {
         self.send_counts(old);
     }
 
+    /// Hands a record to the writer if it has room; counted in the queue metric until written.
+    #[allow(clippy::result_large_err, reason = "it hands the record back, as try_send does")]
+    fn enqueue(&self, job: Job) -> Result<(), mpsc::TrySendError<Job>> {
+        // Counted first: the writer may take it off the queue before try_send returns.
+        self.metrics.audit_queue.inc();
+        let sent = self.tx.try_send(job);
+        if sent.is_err() {
+            self.metrics.audit_queue.dec();
+        }
+        sent
+    }
+
     fn send_counts(&self, c: Counted) {
         for ((kind, key, client), (count, samples)) in c.counts {
             if count > 0 {
@@ -431,7 +499,7 @@ impl Audit {
                     minute_starting: c.minute,
                     samples,
                 };
-                let _ = self.tx.try_send((ev, None));
+                let _ = self.enqueue((ev, None));
             }
         }
     }

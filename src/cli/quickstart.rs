@@ -30,6 +30,10 @@ const QUICKSTART_CONFIG: &str = r#"# Written by `poort quickstart`. Edit it, che
 listen = "@LISTEN@"
 external_url = "@EXTERNAL_URL@"
 
+[admin]
+# Prometheus metrics (/metrics) and health checks (/healthz, /readyz), plain HTTP, loopback.
+listen = "127.0.0.1:9464"
+
 [store]
 # Relative paths are taken from the folder this file is in.
 data_dir = "."

@@ -34,6 +34,16 @@ pub struct File {
     pub tunnel_list: Vec<Tunnel>,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub admin: Admin,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Where Prometheus metrics, /healthz and /readyz are served over plain HTTP. Default
+    /// `127.0.0.1:9464`; `"off"` for none.
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

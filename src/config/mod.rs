@@ -64,6 +64,8 @@ pub struct Config {
     pub mitigate: Mitigate,
     pub auth: auth::Auth,
     pub log: LogSettings,
+    /// Where metrics and health checks are served (`[admin] listen`), if anywhere.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// `[log]`: how poort writes its log (to standard error).
@@ -337,6 +339,11 @@ impl Config {
                 "app[{}]: routed by path, so served from the portal's own origin ({}): a script on such an app's pages acts as the portal in the user's browser (it can read portal pages and post their forms; factor changes and command-line approvals still need the user's own factor and action) (hint: give each app its own host = \"app.example.com\")",
                 shared.join(", "),
                 self.server.external_origin
+            ));
+        }
+        if let Some(a) = self.admin_listen.filter(|a| !a.ip().is_loopback()) {
+            out.push(format!(
+                "admin.listen: {a} is not a loopback address: anyone who reaches it can read the gateway's metrics (apps, users' activity in counts) (hint: keep it on 127.0.0.1 and let Prometheus reach it there, or firewall it)"
             ));
         }
         for app in &self.apps {

@@ -126,6 +126,19 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         access: f.log.access.unwrap_or(true),
     };
 
+    let admin_listen = match f.admin.listen.as_deref() {
+        Some("off") => None,
+        raw => c.socket("admin.listen", raw.unwrap_or("127.0.0.1:9464")),
+    };
+    // Port 0 (any free port, in tests) is never the same listener.
+    if admin_listen.is_some_and(|a| a.port() != 0 && (a == server.listen || Some(a) == server.redirect_listen)) {
+        c.add(
+            "admin.listen",
+            "is the address of a public listener",
+            "metrics and health checks get a listener of their own, for example \"127.0.0.1:9464\"",
+        );
+    }
+
     if c.0.is_empty() {
         Ok(Config {
             server,
@@ -142,6 +155,7 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
             mitigate,
             auth,
             log,
+            admin_listen,
         })
     } else {
         Err(Problems(std::mem::take(&mut c.0)))

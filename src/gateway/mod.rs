@@ -39,6 +39,8 @@ pub struct Gateway {
     pub state: State,
     pub proxy: Proxy,
     routes: Routes,
+    /// Each app's name as a metric label, made once.
+    app_labels: Vec<crate::metrics::Name>,
     request_ids: AtomicU64,
     /// The apps each session has opened in this process, by session id: the first access is
     /// audited, later ones are not.
@@ -56,6 +58,7 @@ impl std::fmt::Debug for Gateway {
 
 /// What start-up loads for a gateway besides its config and store.
 pub struct Parts {
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub signer: Arc<Signer>,
     pub sealer: Arc<Sealer>,
     pub mitigation: Mitigation,
@@ -69,20 +72,29 @@ impl crate::listen::Handler for Gateway {
         self.marker
     }
 
+    fn connected(&self) -> Option<crate::metrics::Held> {
+        Some(crate::metrics::Held::new(&self.state.metrics.connections))
+    }
+
+    fn handshake(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.state.metrics.handshakes.get_or_create(&crate::metrics::ResultLabels { result }).inc();
+    }
+
     /// One request, start to finish. Closes an HTTP/1 connection whose request asked to
     /// switch protocols and did not: the bytes after it were never checked as HTTP.
     async fn handle(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         let upgrade = req.version() == http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
         let head = req.method() == http::Method::HEAD;
-        let access = self
-            .state
-            .cfg
-            .log
-            .access
-            .then(|| (crate::clock::instant(), req.method().clone(), req.uri().path().to_string()));
-        let me = access.is_some().then(|| self.clone());
+        let start = crate::clock::instant();
+        let access = self.state.cfg.log.access.then(|| (req.method().clone(), req.uri().path().to_string()));
+        let me = self.clone();
         let mut resp = shielded(self.stages(peer, conn, req)).await;
-        if let (Some((start, method, path)), Some(me)) = (access, me) {
+        me.state
+            .metrics
+            .request_seconds
+            .observe(crate::clock::instant().saturating_duration_since(start).as_secs_f64());
+        if let Some((method, path)) = access {
             me.access_line(&method, &path, &resp, start);
         }
         if upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -103,9 +115,10 @@ impl Gateway {
         audit: Audit,
         parts: Parts,
     ) -> anyhow::Result<Gateway> {
-        let Parts { signer, sealer, mitigation, whoami } = parts;
+        let Parts { metrics, signer, sealer, mitigation, whoami } = parts;
         let sessions = Sessions::new(store.clone(), clock.clone(), cfg.session)?;
-        let proxy = Proxy::new(cfg.proxy, cfg.server.workers, signer.clone(), whoami);
+        let proxy = Proxy::new(cfg.proxy, cfg.server.workers, signer.clone(), whoami, metrics.clone());
+        let app_labels = cfg.apps.iter().map(|a| crate::metrics::Name(a.name.as_str().into())).collect();
         let routes = Routes::new(&cfg.server.portal_host, &cfg.apps);
         let signins = SignIns::new(&cfg, sealer)?;
         let directory = cfg.auth.ldap.clone().map(crate::identity::ldap::Directory::new).transpose()?;
@@ -124,11 +137,13 @@ impl Gateway {
             signer,
             signins,
             tunnels: Arc::default(),
+            metrics,
         };
         Ok(Gateway {
             state,
             proxy,
             routes,
+            app_labels,
             request_ids: AtomicU64::new(start),
             opened: RwLock::default(),
             marker: Box::leak(
@@ -145,25 +160,36 @@ impl Gateway {
         let mut note = Note { id, client, app: None, session: None, kept: self.state.cfg.log.access };
         let front = match self.front_door(conn, &req) {
             Ok(front) => front,
-            Err((refusal, sample)) => return note.on(self.refuse(at(id, client, &sample), refusal).await),
+            Err((refusal, sample)) => return self.noted(&note, self.refuse(at(id, client, &sample), refusal).await),
         };
         let found = match self.route(&front) {
             Ok(found) => found,
-            Err(refusal) => return note.on(self.refuse(at(id, client, &front.host), refusal).await),
+            Err(refusal) => return self.noted(&note, self.refuse(at(id, client, &front.host), refusal).await),
         };
         if let Found::App(i) | Found::AddSlash(i) = found {
             note.app = Some(i);
         }
         if let Err(refusal) = self.mitigate(&req, &front, &found, client, id).await {
-            return note.on(self.refuse(at(id, client, front.target.path()), refusal).await);
+            return self.noted(&note, self.refuse(at(id, client, front.target.path()), refusal).await);
         }
         let session = self.session_for(req.headers(), &front.host).await;
         note.session = session.clone();
         let ctx = Ctx { id, front, client, peer: peer.ip(), session };
         if self.locked_out(&ctx, &found) {
-            return note.on(self.refuse(ctx.at(), Refusal::LockedDown).await);
+            return self.noted(&note, self.refuse(ctx.at(), Refusal::LockedDown).await);
         }
-        note.on(self.dispatch(found, ctx, req).await)
+        self.noted(&note, self.dispatch(found, ctx, req).await)
+    }
+
+    /// Counts an answered request, and hands what the access log says of it to `handle`.
+    fn noted(&self, note: &Note, mut resp: Response<Body>) -> Response<Body> {
+        let refused = resp.extensions().get::<crate::respond::Refused>().map(|r| r.0);
+        let app = note.app.map(|i| &self.app_labels[i]);
+        self.state.metrics.request(app, resp.status().as_u16(), refused);
+        if note.kept {
+            resp.extensions_mut().insert(note.clone());
+        }
+        resp
     }
 
     /// The access-log line of a request that took since `start`.
@@ -333,6 +359,7 @@ impl Gateway {
                     port: crate::config::port_suffix(&self.state.cfg.server.external_origin),
                     session: ctx.session.as_deref(),
                     now: self.state.clock.now(),
+                    label: &self.app_labels[i],
                 };
                 let refusal = match self
                     .proxy
@@ -449,15 +476,6 @@ struct Note {
     session: Option<Arc<Session>>,
     /// Whether there is an access log to carry it to.
     kept: bool,
-}
-
-impl Note {
-    fn on(&self, mut resp: Response<Body>) -> Response<Body> {
-        if self.kept {
-            resp.extensions_mut().insert(self.clone());
-        }
-        resp
-    }
 }
 
 /// A refusal at the front door, before there is a `Ctx`.

@@ -131,6 +131,14 @@ pub trait Handler: Send + Sync + 'static {
     /// The target a connection's wrapper (`Strict`) hands over in place of a refused head.
     fn marker(&self) -> &'static str;
 
+    /// A client connection was accepted; what is returned lives as long as the connection.
+    fn connected(&self) -> Option<crate::metrics::Held> {
+        None
+    }
+
+    /// A TLS handshake with a client ended: `ok` if it completed.
+    fn handshake(&self, _ok: bool) {}
+
     /// One request, start to finish.
     fn handle<'a>(
         self: Arc<Self>,
@@ -183,18 +191,21 @@ pub async fn serve<H: Handler>(
         let (gw, acceptor, builders, mut draining) = (gw.clone(), acceptor.clone(), builders.clone(), draining.clone());
         let (handshake, idle) = (server.handshake_timeout, server.idle_timeout);
         conns.spawn(async move {
-            let _slots = (slot, client_slot);
+            let _slots = (slot, client_slot, gw.connected());
             let tls = match tokio::time::timeout(handshake, acceptor.accept(IdleIo::new(stream, idle))).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
+                    gw.handshake(false);
                     tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
+                    gw.handshake(false);
                     tracing::debug!(client = %peer, "TLS handshake timed out");
                     return;
                 }
             };
+            gw.handshake(true);
             let (_, session) = tls.get_ref();
             let h2 = session.alpn_protocol() == Some(b"h2");
             let conn =

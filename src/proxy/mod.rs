@@ -64,6 +64,7 @@ pub struct Proxy {
     /// Assertions made for a session, reused while fresh: by session id, (app, issued at,
     /// token). Dropped once stale (`tidy`).
     assertions: RwLock<HashMap<String, Vec<Assertion>>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -80,12 +81,25 @@ pub struct Origin<'a> {
     pub port: &'a str,
     pub session: Option<&'a Session>,
     pub now: UnixTime,
+    /// The app's name as a metric label.
+    pub label: &'a crate::metrics::Name,
 }
 
 impl Proxy {
-    pub fn new(settings: ProxySettings, workers: usize, signer: Arc<Signer>, whoami: Option<String>) -> Proxy {
+    pub fn new(
+        settings: ProxySettings,
+        workers: usize,
+        signer: Arc<Signer>,
+        whoami: Option<String>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Proxy {
         let pools = pool::Pools::new(workers, settings.connect_timeout);
-        Proxy { pools, settings, signer, whoami, assertions: RwLock::default() }
+        Proxy { pools, settings, signer, whoami, assertions: RwLock::default(), metrics }
+    }
+
+    /// Idle pooled connections to apps, over every worker.
+    pub fn idle_connections(&self) -> usize {
+        self.pools.idle()
     }
 
     /// Forgets assertions too old to be reused (called periodically).
@@ -360,11 +374,15 @@ impl Proxy {
             return self.alone(dest, out, line, &answer).await;
         }
         let worker = WORKER.with(|w| w.get());
+        let sent = crate::clock::instant();
         let resp = match tokio::time::timeout(self.settings.response_timeout, self.pools.send(worker, dest, out)).await
         {
             Err(_) => return Err(Failure::Timeout),
             Ok(r) => r?,
         };
+        let waited = crate::clock::instant().saturating_duration_since(sent).as_secs_f64();
+        let label = crate::metrics::AppLabels { app: origin.label.clone() };
+        self.metrics.upstream_seconds.get_or_create(&label).observe(waited);
         let (mut parts, body) = resp.into_parts();
         answer.head(&mut parts.headers, false);
         Ok(Response::from_parts(parts, watched(Body::Upstream(body), line)))
@@ -418,7 +436,9 @@ impl Proxy {
             return Ok(Response::from_parts(parts, watched(Body::Direct(body), line)));
         }
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let open = crate::metrics::Held::new(&self.metrics.websockets);
         tokio::spawn(async move {
+            let _open = open;
             if let (Ok(a), Ok(b)) = (client_upgrade.await, upstream_upgrade.await) {
                 let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
                 let splice = tokio::io::copy_bidirectional(&mut a, &mut b);

@@ -464,6 +464,11 @@ impl Sessions {
         }
     }
 
+    /// Sessions cached in this process.
+    pub fn cached(&self) -> usize {
+        self.cache.read().len()
+    }
+
     /// Whether session `id` is held in this process (its copies, tunnels or streams).
     pub fn is_live(&self, id: &str) -> bool {
         self.lines.lock().contains_key(id)

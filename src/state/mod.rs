@@ -38,6 +38,8 @@ pub struct State {
     pub signer: Arc<Signer>,
     pub signins: pending::SignIns,
     pub tunnels: Arc<Tunnels>,
+    /// What Prometheus reads (`metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for State {

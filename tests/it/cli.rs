@@ -213,7 +213,10 @@ fn sigterm_stops_the_gateway_cleanly() {
     // Serve on a free port instead of the default.
     let cfg = dir.0.join("poort-data/poort.toml");
     let port = crate::harness::closed_port();
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"));
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"))
+        .replace("127.0.0.1:9464", "127.0.0.1:0");
     std::fs::write(&cfg, text).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_poort"))
         .args(["serve", "--config", path_of(&cfg)])

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 
 /// The layers, top first, as docs/architecture.md lists them.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("front", &["cli", "server", "whoami", "logging"]),
+    ("front", &["cli", "server", "whoami", "logging", "admin"]),
     ("pipeline", &["gateway", "listen"]),
     ("handlers", &["portal", "tunnel", "proxy"]),
     ("shared", &["state", "respond"]),
     ("services", &["session", "audit", "mitigate", "identity", "store", "upstream", "body", "certs", "acme"]),
     ("pure", &["request", "route", "policy", "config", "names"]),
-    ("base", &["secret", "clock", "tls_client"]),
+    ("base", &["secret", "clock", "tls_client", "metrics"]),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -13,6 +13,7 @@ mod harness;
 mod layers;
 mod logs;
 pub mod ldap;
+mod metrics;
 mod mfa;
 mod mitigate;
 mod oidc;

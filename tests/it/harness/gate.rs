@@ -25,6 +25,7 @@ pub struct Gate {
     pub running: Option<Running>,
     pub addr: SocketAddr,
     pub redirect_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub upstream: Upstream,
     pub sink: Sink,
     pub cert_der: Vec<u8>,
@@ -138,6 +139,8 @@ data_dir = "."
 [tls]
 cert_file = "cert.pem"
 key_file = "key.pem"
+[admin]
+listen = "127.0.0.1:0"
 [proxy]
 {proxy_extra}
 {apps}
@@ -184,6 +187,7 @@ access = "authenticated"
             running: None,
             addr: "127.0.0.1:1".parse().unwrap(),
             redirect_addr: "127.0.0.1:1".parse().unwrap(),
+            admin_addr: "127.0.0.1:1".parse().unwrap(),
             upstream,
             sink,
             cert_der: ck.cert.der().to_vec(),
@@ -199,6 +203,7 @@ access = "authenticated"
         let running = poort::server::start(cfg, Arc::new(self.clock.clone())).await.unwrap();
         self.addr = running.addr;
         self.redirect_addr = running.redirect_addr.unwrap();
+        self.admin_addr = running.admin_addr.unwrap();
         self.running = Some(running);
     }
 
