@@ -42,6 +42,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to standard output.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff) to standard output: poort man | man -l -
+    Man,
     /// Set up a data directory (certificate, database, admin user, demo app) and serve it.
     Quickstart {
         /// Where to keep everything.
@@ -210,6 +214,16 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
             eprintln!("Signed in to {} as {}.", c.gateway, c.user);
             Ok(0)
         }),
+        Command::Completions { shell } => {
+            let mut text = Vec::new();
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "poort", &mut text);
+            print_all(&text)
+        }
+        Command::Man => {
+            let mut text = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut text)?;
+            print_all(&text)
+        }
         Command::Logout => runtime()?.block_on(async {
             let ended = crate::tunnel::client::logout().await?;
             eprintln!(
@@ -244,6 +258,15 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
             rt.shutdown_background();
             Ok(code)
         }
+    }
+}
+
+/// Writes `text` to standard output; a reader that stops early (`| head`) is not an error.
+fn print_all(text: &[u8]) -> anyhow::Result<i32> {
+    use std::io::Write;
+    match std::io::stdout().write_all(text) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(0),
     }
 }
 
