@@ -80,7 +80,9 @@ impl Acme {
     pub fn load_existing(&self) {
         for name in &self.names {
             let (cert, key) = self.files(name);
-            let (Ok(chain), Ok(key)) = (std::fs::read_to_string(&cert), std::fs::read_to_string(&key)) else {
+            let read =
+                |p: &std::path::Path| crate::tls_client::read_pem(p).map(|b| String::from_utf8_lossy(&b).into_owned());
+            let (Ok(chain), Ok(key)) = (read(&cert), read(&key)) else {
                 continue;
             };
             if let Err(e) = self.certs.install(name, &chain, &key) {
@@ -125,16 +127,21 @@ impl Acme {
     /// Whether `name` needs a certificate: none stored, or one that ends within `renew_before`.
     fn due(&self, name: &str) -> bool {
         let (cert, _) = self.files(name);
-        let Ok(pem) = std::fs::read(&cert) else { return true };
-        match not_after(&pem) {
-            Some(end) => end - self.clock.now() < self.settings.renew_before.as_secs() as i64,
-            None => true,
-        }
+        let Ok(pem) = crate::tls_client::read_pem(&cert) else { return true };
+        let Some((start, end)) = validity(&pem) else { return true };
+        // Renewed `renew_before` ahead of its end, or at two thirds of its life when that is
+        // shorter (a short-lived certificate would otherwise be due from the start).
+        let ahead = (self.settings.renew_before.as_secs() as i64).min((end - start) / 3);
+        end - self.clock.now() < ahead
     }
 
     /// The ACME account: the one stored for this CA, or a new one.
     async fn account(&self) -> anyhow::Result<Account> {
-        std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            let made = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir);
+            made.with_context(|| format!("creating {}", self.dir.display()))?;
+        }
         let path = self.dir.join("account.json");
         let http = || -> anyhow::Result<Box<dyn HttpClient>> { Ok(Box::new(Https::new(&self.settings)?)) };
         if let Ok(text) = std::fs::read(&path)
@@ -155,7 +162,7 @@ impl Acme {
             .await
             .with_context(|| format!("registering with the ACME CA at {}", self.settings.directory))?;
         let stored = Stored { directory: self.settings.directory.clone(), credentials };
-        crate::secret::write_private(&path, serde_json::to_string(&stored)?.as_bytes())?;
+        crate::secret::replace_private(&path, serde_json::to_string(&stored)?.as_bytes())?;
         Ok(account)
     }
 
@@ -197,11 +204,15 @@ impl Acme {
             }
         }
         let (chain, key) = answered?;
+        if !names(&chain, name) {
+            bail!("the CA's certificate does not name {name}");
+        }
         self.certs.install(name, &chain, &key).context("the CA's certificate does not load")?;
+        // Key first, then the certificate: a crash between them leaves a certificate that does
+        // not fit its key, which is not loaded at the next start and so ordered again.
         let (cert_path, key_path) = self.files(name);
-        std::fs::create_dir_all(&self.dir)?;
-        crate::secret::write_private(&key_path, key.as_bytes())?;
-        crate::secret::write_private(&cert_path, chain.as_bytes())?;
+        crate::secret::replace_private(&key_path, key.as_bytes())?;
+        crate::secret::replace_private(&cert_path, chain.as_bytes())?;
         Ok(())
     }
 }
@@ -213,13 +224,25 @@ struct Stored {
     credentials: AccountCredentials,
 }
 
-/// When the first certificate of a PEM chain ends, in Unix seconds.
-fn not_after(pem: &[u8]) -> Option<UnixTime> {
+/// When the first certificate of a PEM chain begins and ends, in Unix seconds.
+fn validity(pem: &[u8]) -> Option<(UnixTime, UnixTime)> {
     use rustls::pki_types::pem::PemObject;
     use x509_cert::der::Decode;
     let der = rustls::pki_types::CertificateDer::pem_slice_iter(pem).next()?.ok()?;
     let cert = x509_cert::Certificate::from_der(&der).ok()?;
-    Some(cert.tbs_certificate().validity().not_after.to_unix_duration().as_secs() as UnixTime)
+    let v = cert.tbs_certificate().validity();
+    let secs = |t: &x509_cert::time::Time| t.to_unix_duration().as_secs() as UnixTime;
+    Some((secs(&v.not_before), secs(&v.not_after)))
+}
+
+/// Whether the leaf of `chain` (PEM) names `name` exactly: a CA's answer is checked against
+/// what was ordered.
+fn names(chain: &str, name: &str) -> bool {
+    use rustls::pki_types::pem::PemObject;
+    let Some(Ok(der)) = rustls::pki_types::CertificateDer::pem_slice_iter(chain.as_bytes()).next() else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(&der).is_ok_and(|c| c.valid_dns_names().any(|n| n.eq_ignore_ascii_case(name)))
 }
 
 /// The ACME client's HTTPS, over poort's TLS client: one connection per request, bounded.
@@ -278,7 +301,12 @@ pub fn hosts(cfg: &crate::config::Config) -> Vec<String> {
     });
     let mut out: Vec<String> = Vec::new();
     for h in std::iter::once(&cfg.server.portal_host).chain(apps) {
+        // A public name ends in a label with a letter that is not a hex number: `10.1` and
+        // `0x7f.1` are addresses to a browser.
+        let last = h.rsplit('.').next().unwrap_or_default();
         let certifiable = h.contains('.')
+            && last.bytes().any(|b| b.is_ascii_alphabetic())
+            && !last.starts_with("0x")
             && h.parse::<std::net::IpAddr>().is_err()
             && !h.starts_with('[')
             && h != "localhost"

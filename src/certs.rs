@@ -144,8 +144,7 @@ fn load_all(files: &[CertFiles]) -> anyhow::Result<Loaded> {
     let mut loaded = Loaded { keys: Vec::new(), exact: HashMap::new(), wildcard: HashMap::new(), stamps };
     for (i, f) in files.iter().enumerate() {
         let chain = crate::tls_client::read_certs(&f.cert)?;
-        let key = PrivateKeyDer::from_pem_file(&f.key)
-            .with_context(|| format!("reading the private key from {}", f.key.display()))?;
+        let key = crate::tls_client::read_key(&f.key)?;
         let names: Vec<String> = {
             let leaf = webpki::EndEntityCert::try_from(&chain[0])
                 .map_err(|e| anyhow::anyhow!("{}: the first certificate does not parse: {e}", f.cert.display()))?;

@@ -59,8 +59,7 @@ pub fn config(trust: &Trust, client: Option<&ClientCert>, alpn: &[&[u8]]) -> any
         None => builder.with_no_client_auth(),
         Some(c) => {
             let certs = read_certs(&c.cert)?;
-            let key = PrivateKeyDer::from_pem_file(&c.key)
-                .with_context(|| format!("reading the private key from {}", c.key.display()))?;
+            let key = read_key(&c.key)?;
             builder.with_client_auth_cert(certs, key).context("the client certificate and key do not fit together")?
         }
     };
@@ -90,14 +89,28 @@ fn roots(trust: &Trust) -> anyhow::Result<rustls::RootCertStore> {
 
 /// The certificates in a PEM file; an error if it has none.
 pub fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("reading certificates from {}", path.display()))?
+    let pem = read_pem(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing certificates in {}", path.display()))?;
     if certs.is_empty() {
         bail!("{} holds no certificate", path.display());
     }
     Ok(certs)
+}
+
+/// The most a certificate, key or CA file may hold.
+const MAX_PEM: u64 = 1 << 20;
+
+/// A PEM file an operator names: a regular file of at most 1 MiB.
+pub fn read_pem(path: &Path) -> anyhow::Result<Vec<u8>> {
+    crate::secret::read_regular(path, MAX_PEM).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The private key in a PEM file.
+pub fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(&read_pem(path)?)
+        .with_context(|| format!("reading the private key from {}", path.display()))
 }
 
 /// `AA:BB:...` or plain hex, either case, optionally after `sha256:`, to 32 bytes.

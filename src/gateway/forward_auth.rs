@@ -45,6 +45,11 @@ fn single<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, &'s
 
 /// The method and target the proxy asks about.
 fn original(headers: &HeaderMap) -> Result<(&str, &str), &'static str> {
+    // A request that asks the app to take it for another method would be judged as one and
+    // served as the other; poort never passes these to apps it proxies itself.
+    if ["x-http-method-override", "x-http-method", "x-method-override"].iter().any(|h| headers.contains_key(*h)) {
+        return Err("forward_auth_method_override");
+    }
     let method = single(headers, "x-forwarded-method")?;
     if method.is_empty() || method.len() > 16 || !method.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err("forward_auth_method");
@@ -201,6 +206,7 @@ mod tests {
             headers(&[("x-forwarded-uri", "/a"), ("x-forwarded-method", "get")]),
             headers(&[("x-forwarded-uri", "https://x.example/a"), ("x-forwarded-method", "GET")]),
             headers(&[("x-forwarded-uri", "/a")]),
+            headers(&[("x-forwarded-uri", "/a"), ("x-forwarded-method", "POST"), ("x-http-method-override", "DELETE")]),
         ] {
             assert!(original(&bad).is_err(), "{bad:?}");
         }

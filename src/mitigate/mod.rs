@@ -58,10 +58,13 @@ pub struct Status {
 /// Reads, verifies and checks a rules file: `Err` lists every problem. A signed file must
 /// carry a `version`, and is refused after its `expires`.
 pub fn load_file(path: &Path, public_key: Option<&[u8]>, now: i64) -> Result<(Rules, String), Vec<String>> {
-    let bytes = std::fs::read(path).map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
+    // A regular file of at most 4 MiB: a FIFO or an endless file must not stall the gateway.
+    let bytes = crate::secret::read_regular(path, 4 << 20)
+        .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
     if let Some(key) = public_key {
         let sig_path = signature_path(path);
-        let sig = std::fs::read_to_string(&sig_path)
+        let sig = crate::secret::read_regular(&sig_path, 4096)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
             .map_err(|e| vec![format!("{}: signature required but cannot be read: {e}", sig_path.display())])?;
         let sig = STANDARD.decode(sig.trim()).map_err(|_| vec![format!("{}: not base64", sig_path.display())])?;
         UnparsedPublicKey::new(&ED25519, key).verify(&bytes, &sig).map_err(|_| {

@@ -218,7 +218,9 @@ impl Rule {
         };
         path_ok
             && self.raw.iter().all(|r| r.present(f.raw_target))
-            && (self.methods.is_empty() || self.methods.iter().any(|m| m == f.method))
+            // HEAD is GET without the body: an app answers it with its GET handler.
+            && (self.methods.is_empty()
+                || self.methods.iter().any(|m| m == f.method || (m == "GET" && f.method == "HEAD")))
             && self.headers.iter().all(|(name, t)| {
                 let mut values = f.headers.get_all(name.as_str()).iter().map(|v| v.as_bytes());
                 match t {
@@ -437,6 +439,11 @@ mod tests {
             path_glob = "/wiki/*/admin/**"
             method = ["post"]
             [[rule]]
+            id = "export"
+            action = "deny"
+            path_prefix = "/export"
+            method = ["GET"]
+            [[rule]]
             id = "lang-dotdot"
             action = "deny"
             raw = ["dot_dot"]
@@ -459,6 +466,9 @@ mod tests {
         assert_eq!(id(facts("GET", "/wiki/p", "/wiki/p?lang=../../etc", &h)).as_deref(), Some("lang-dotdot"));
         assert_eq!(id(facts("GET", "/wiki/p", "/wiki/p?lang=en", &h)), None);
         assert!(matches!(rules.rules[2].action, Action::Throttle { count: 5, per_secs: 60 }));
+        // A GET rule covers HEAD, which apps answer with their GET handler; not POST.
+        assert_eq!(id(facts("HEAD", "/export/all", "/export/all", &h)).as_deref(), Some("export"));
+        assert_eq!(id(facts("POST", "/export/all", "/export/all", &h)), None);
     }
 
     #[test]

@@ -131,12 +131,23 @@ async fn a_certificate_is_obtained_served_kept_and_renewed() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(pebble.log().matches("POST /order-plz").count(), orders, "nothing was ordered again");
 
-    // One that is due (here: renew 100 years ahead, so always) is renewed.
-    restart(&mut gate, |t| t.replacen("acme = {", "acme = { renew_before = \"36500d\",", 1)).await;
+    // One that is due is ordered again and replaces the stored files (here: its certificate is
+    // gone, its key is still there).
+    std::fs::remove_file(&stored).unwrap();
+    restart(&mut gate, |t| t).await;
     eventually("a renewed certificate is served", Duration::from_secs(60), async || {
-        served(&gate, "wiki.example.com").await != first
+        let now = served(&gate, "wiki.example.com").await;
+        now != first && issuer(&now).contains("Pebble")
     })
     .await;
+    let renewed = served(&gate, "wiki.example.com").await;
+    eventually("the renewal is stored", Duration::from_secs(5), async || stored.exists()).await;
+    // And a restart serves it, not the old one, without ordering again.
+    let orders = pebble.log().matches("POST /order-plz").count();
+    restart(&mut gate, |t| t).await;
+    assert_eq!(served(&gate, "wiki.example.com").await, renewed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pebble.log().matches("POST /order-plz").count(), orders);
 }
 
 #[test]
