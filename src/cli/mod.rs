@@ -61,6 +61,10 @@ pub enum Command {
         /// on the listening port.
         #[arg(long)]
         external_url: Option<String>,
+        /// Where a new config serves metrics and health checks ("off" for nowhere); a second
+        /// gateway on one machine needs its own.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin_listen: String,
     },
     /// Serve the gateway described by a config file.
     Serve(ConfigArg),
@@ -174,8 +178,8 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
             let cfg = load(&c.config)?;
             serve(cfg)
         }
-        Command::Quickstart { data_dir, no_serve, listen, external_url } => {
-            let cfg = quickstart(&data_dir, listen, external_url.as_deref())?;
+        Command::Quickstart { data_dir, no_serve, listen, external_url, admin_listen } => {
+            let cfg = quickstart(&data_dir, listen, external_url.as_deref(), &admin_listen)?;
             if no_serve { Ok(0) } else { serve(cfg) }
         }
         Command::User(cmd) => user::run(cmd),

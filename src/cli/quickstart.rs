@@ -32,7 +32,7 @@ external_url = "@EXTERNAL_URL@"
 
 [admin]
 # Prometheus metrics (/metrics) and health checks (/healthz, /readyz), plain HTTP, loopback.
-listen = "127.0.0.1:9464"
+listen = "@ADMIN_LISTEN@"
 
 [store]
 # Relative paths are taken from the folder this file is in.
@@ -72,7 +72,12 @@ mfa = "required"
 
 /// Creates what is missing in `data_dir` and returns the resolved config. A new config
 /// listens on `listen` and is reached at `external_url` (default: localhost on that port).
-pub fn quickstart(data_dir: &Path, listen: std::net::SocketAddr, external_url: Option<&str>) -> anyhow::Result<Config> {
+pub fn quickstart(
+    data_dir: &Path,
+    listen: std::net::SocketAddr,
+    external_url: Option<&str>,
+    admin_listen: &str,
+) -> anyhow::Result<Config> {
     let external = match external_url {
         Some(u) => u.trim_end_matches('/').to_string(),
         None if listen.port() == 443 => "https://localhost".to_string(),
@@ -85,10 +90,13 @@ pub fn quickstart(data_dir: &Path, listen: std::net::SocketAddr, external_url: O
     }
     let config_path = data_dir.join("poort.toml");
     if !config_path.exists() {
-        let text = QUICKSTART_CONFIG.replace("@LISTEN@", &listen.to_string()).replace("@EXTERNAL_URL@", &external);
+        let text = QUICKSTART_CONFIG
+            .replace("@LISTEN@", &listen.to_string())
+            .replace("@EXTERNAL_URL@", &external)
+            .replace("@ADMIN_LISTEN@", admin_listen);
         std::fs::write(&config_path, text).with_context(|| format!("writing {}", config_path.display()))?;
         println!("Wrote {}", config_path.display());
-    } else if listen.to_string() != "127.0.0.1:8443" || external_url.is_some() {
+    } else if listen.to_string() != "127.0.0.1:8443" || external_url.is_some() || admin_listen != "127.0.0.1:9464" {
         println!(
             "{} exists: it keeps its own listen and external_url (edit them there, or start in a new folder)",
             config_path.display()

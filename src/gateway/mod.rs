@@ -382,7 +382,10 @@ impl Gateway {
                 self.refuse(ctx.at(), refusal).await
             }
             Decision::Authenticate { step_up } => match self.needs_login(&ctx, &req, step_up) {
-                Some(to_sign_in) => to_sign_in,
+                Some(mut to_sign_in) => {
+                    to_sign_in.extensions_mut().insert(crate::respond::Refused("unauthenticated"));
+                    to_sign_in
+                }
                 None => self.refuse(ctx.at(), Refusal::Unauthenticated).await,
             },
             Decision::Deny(reason) => {

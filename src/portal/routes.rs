@@ -353,11 +353,17 @@ pub async fn admit(st: &State, mut ctx: Ctx, route: &Route, req: Request<Incomin
             Some(form) if genuine(st, &call.head.headers, form.get("csrf").map(String::as_bytes)) => call.form = form,
             Some(form) if route.page == Page::LoginSubmit => {
                 let next = form.get("next").cloned().unwrap_or_default();
-                // A browser always says where a form post comes from; a script usually not.
-                let why = if call.head.headers.contains_key(header::ORIGIN) {
+                // A browser always says where a form post comes from (Origin); a script usually
+                // not, or names another address than the one users type.
+                let from_here = call
+                    .head
+                    .headers
+                    .get(header::ORIGIN)
+                    .is_some_and(|o| o.as_bytes() == st.cfg.server.external_origin.as_bytes());
+                let why = if from_here {
                     "The sign-in form expired. Please try again."
                 } else {
-                    "This sign-in did not come from the sign-in page. Use the form below."
+                    "This sign-in did not come from the sign-in page (its Origin header must be the gateway's own address). Use the form below."
                 };
                 return Err(super::login_again(st, StatusCode::FORBIDDEN, &call.head.headers, &next, "", why));
             }

@@ -142,6 +142,10 @@ fn quickstart_listens_where_it_is_told() {
     let config = std::fs::read_to_string(other.0.join("poort-data/poort.toml")).unwrap();
     assert!(config.contains("external_url = \"https://localhost:9444\""), "{config}");
     // An existing config is not rewritten, and the operator is told.
+    let third = TempDir::new();
+    assert!(poort(&["quickstart", "--no-serve", "--admin-listen", "off"], &third.0).status.success());
+    let config = std::fs::read_to_string(third.0.join("poort-data/poort.toml")).unwrap();
+    assert!(config.contains("[admin]\n# Prometheus") && config.contains("listen = \"off\""), "{config}");
     let again = poort(&["quickstart", "--no-serve", "--listen", "127.0.0.1:1"], &other.0);
     assert!(String::from_utf8_lossy(&again.stdout).contains("keeps its own listen"));
     assert!(std::fs::read_to_string(other.0.join("poort-data/poort.toml")).unwrap().contains("127.0.0.1:9444"));

@@ -305,5 +305,10 @@ async fn a_sign_in_that_did_not_come_from_the_page_is_told_so() {
     let r = gate.request("POST", "/.poort/login", &headers, body.as_bytes()).await;
     assert_eq!(r.status, 403);
     assert!(r.text().contains("did not come from the sign-in page"), "{}", r.text());
+    // Nor one that names another address than the gateway's.
+    let mut other = headers.clone();
+    other.push(("Origin", "https://127.0.0.1:8443"));
+    let r = gate.request("POST", "/.poort/login", &other, body.as_bytes()).await;
+    assert!(r.status == 403 && r.text().contains("did not come from the sign-in page"), "{}", r.text());
     assert!(r.cookie("__Host-poort").is_none());
 }

@@ -39,12 +39,14 @@ async fn metrics_move_with_traffic_and_health_is_told_on_the_admin_listener_only
         assert_eq!(gate.get("/app/x", Some(&s)).await.status, 200);
     }
     assert_eq!(gate.get("/app/x", None).await.status, 401);
+    assert_eq!(gate.request("GET", "/app/x", &[("Accept", "text/html")], b"").await.status, 302, "to sign in");
     assert_eq!(gate.try_login("alice", "wrong-password-here", "/").await.status, 401, "a wrong password");
     let after = admin(gate.admin_addr, "GET", "/metrics").await.text();
 
     let moved = |series: &str| sample(&after, series) - sample(&before, series);
     assert_eq!(moved(r#"poort_requests_total{app="app",status="2xx",refused="-"}"#), 3.0, "{after}");
     assert_eq!(moved(r#"poort_requests_total{app="app",status="4xx",refused="unauthenticated"}"#), 1.0, "{after}");
+    assert_eq!(moved(r#"poort_requests_total{app="app",status="3xx",refused="unauthenticated"}"#), 1.0, "{after}");
     assert_eq!(moved(r#"poort_sign_ins_total{result="ok",factor="first"}"#), 1.0, "{after}");
     assert_eq!(moved(r#"poort_sign_ins_total{result="failed",factor="first"}"#), 1.0, "{after}");
     assert!(moved(r#"poort_tls_handshakes_total{result="ok"}"#) >= 6.0, "{after}");
