@@ -23,21 +23,17 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: impl Futur
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10)).max_buf_size(16 * 1024);
     let builder = Arc::new(builder);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted { Ok(v) => v, Err(_) => continue },
-            () = &mut shutdown => return,
-        };
+    crate::listen::accept_until(listener, shutdown, move |stream| {
         let (gw, builder) = (gw.clone(), builder.clone());
-        tokio::spawn(async move {
+        async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let gw = gw.clone();
                 async move { Ok::<_, Infallible>(answer(&gw, &req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), service).await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn answer(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {

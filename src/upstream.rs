@@ -211,14 +211,12 @@ impl Pools {
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, Failure> {
         let home = self.home(worker);
-        if let Some(h2) = take_http2(home, dest.key) {
-            return send_http2(h2, req).await;
-        }
         // A parked connection the upstream has meanwhile closed gives the request back
         // unsent; then try the next one, and finally a fresh connection.
         loop {
             let (mut lease, fresh) = match take_idle(home, dest.key) {
-                Some(l) => (l, false),
+                Some(Pooled::Http2(h2)) => return send_http2(h2, req).await,
+                Some(Pooled::Http1(l)) => (l, false),
                 None => match connect(dest, self.connect_timeout, true).await? {
                     Connected::Http1(sender, conn) => {
                         let lease = Lease { sender, conn, home: home.clone(), authority: dest.key.into() };
@@ -303,17 +301,6 @@ pub async fn connect_http1(
     }
 }
 
-/// This worker's HTTP/2 connection to the upstream, if it has one that is still open.
-fn take_http2(home: &Mutex<Idle>, key: &str) -> Option<http2::SendRequest<UpstreamBody>> {
-    let mut idle = home.lock();
-    let h2 = idle.http2.get(key)?;
-    if h2.is_closed() {
-        idle.http2.remove(key);
-        return None;
-    }
-    Some(h2.clone())
-}
-
 /// Sends a request over HTTP/2, where the authority travels in the request's URI.
 async fn send_http2(
     mut h2: http2::SendRequest<UpstreamBody>,
@@ -332,12 +319,26 @@ async fn send_http2(
     Ok(Response::from_parts(parts, PooledBody { body, lease: None }))
 }
 
-fn take_idle(home: &Mutex<Idle>, authority: &str) -> Option<Lease> {
+/// A connection this worker keeps to an upstream.
+enum Pooled {
+    Http1(Lease),
+    /// Shared, not taken: HTTP/2 carries many requests at once.
+    Http2(http2::SendRequest<UpstreamBody>),
+}
+
+/// This worker's open HTTP/2 connection to `key`, else an idle HTTP/1 one; one lock.
+fn take_idle(home: &Mutex<Idle>, key: &str) -> Option<Pooled> {
     let mut idle = home.lock();
-    let list = idle.http1.get_mut(authority)?;
+    if let Some(h2) = idle.http2.get(key) {
+        if !h2.is_closed() {
+            return Some(Pooled::Http2(h2.clone()));
+        }
+        idle.http2.remove(key);
+    }
+    let list = idle.http1.get_mut(key)?;
     while let Some(mut p) = list.pop() {
         if p.since.elapsed() < IDLE_FOR && p.lease.usable() {
-            return Some(p.lease);
+            return Some(Pooled::Http1(p.lease));
         }
     }
     None

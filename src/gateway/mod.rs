@@ -39,8 +39,8 @@ pub struct Gateway {
     pub state: State,
     pub proxy: Proxy,
     routes: Routes,
-    /// Each app's name as a metric label, made once.
-    app_labels: Vec<crate::metrics::Name>,
+    /// Each app's name as a metric label and its upstream-time histogram, made once.
+    app_labels: Vec<(crate::metrics::Name, prometheus_client::metrics::histogram::Histogram)>,
     request_ids: AtomicU64,
     /// The apps each session has opened in this process, by session id: the first access is
     /// audited, later ones are not.
@@ -118,7 +118,16 @@ impl Gateway {
         let Parts { metrics, signer, sealer, mitigation, whoami } = parts;
         let sessions = Sessions::new(store.clone(), clock.clone(), cfg.session)?;
         let proxy = Proxy::new(cfg.proxy, cfg.server.workers, signer.clone(), whoami, metrics.clone());
-        let app_labels = cfg.apps.iter().map(|a| crate::metrics::Name(a.name.as_str().into())).collect();
+        // Each app's label and upstream histogram, looked up once rather than per request.
+        let app_labels = cfg
+            .apps
+            .iter()
+            .map(|a| {
+                let name = crate::metrics::Name(a.name.as_str().into());
+                let label = crate::metrics::AppLabels { app: name.clone() };
+                (name, metrics.upstream_seconds.get_or_create(&label).clone())
+            })
+            .collect();
         let routes = Routes::new(&cfg.server.portal_host, &cfg.apps);
         let signins = SignIns::new(&cfg, sealer)?;
         let directory = cfg.auth.ldap.clone().map(crate::identity::ldap::Directory::new).transpose()?;
@@ -184,7 +193,7 @@ impl Gateway {
     /// Counts an answered request, and hands what the access log says of it to `handle`.
     fn noted(&self, note: &Note, mut resp: Response<Body>) -> Response<Body> {
         let refused = resp.extensions().get::<crate::respond::Refused>().map(|r| r.0);
-        let app = note.app.map(|i| &self.app_labels[i]);
+        let app = note.app.map(|i| &self.app_labels[i].0);
         self.state.metrics.request(app, resp.status().as_u16(), refused);
         if note.kept {
             resp.extensions_mut().insert(note.clone());
@@ -359,7 +368,7 @@ impl Gateway {
                     port: crate::config::port_suffix(&self.state.cfg.server.external_origin),
                     session: ctx.session.as_deref(),
                     now: self.state.clock.now(),
-                    label: &self.app_labels[i],
+                    upstream_seconds: &self.app_labels[i].1,
                 };
                 let refusal = match self
                     .proxy

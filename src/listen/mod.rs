@@ -265,14 +265,9 @@ pub async fn serve_redirect(
         .max_buf_size(16 * 1024)
         .keep_alive(false);
     let builder = Arc::new(builder);
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted { Ok(v) => v, Err(_) => continue },
-            () = &mut shutdown => return,
-        };
+    accept_until(listener, shutdown, move |stream| {
         let (origin, builder, challenges) = (origin.clone(), builder.clone(), challenges.clone());
-        tokio::spawn(async move {
+        async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 // An ACME CA checking a name (HTTP-01): the answer while an order waits for it.
                 let answer = challenges.as_ref().and_then(|c| {
@@ -292,7 +287,25 @@ pub async fn serve_redirect(
             });
             let io = IdleIo::new(stream, Duration::from_secs(30));
             let _ = builder.serve_connection(TokioIo::new(io), service).await;
-        });
+        }
+    })
+    .await;
+}
+
+/// Accepts connections on `listener` until `shutdown` completes, each served on a task of its
+/// own by what `each` makes of it.
+pub async fn accept_until<F, C>(listener: TcpListener, shutdown: impl Future<Output = ()>, mut each: F)
+where
+    F: FnMut(tokio::net::TcpStream) -> C,
+    C: Future<Output = ()> + Send + 'static,
+{
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted { Ok(v) => v, Err(_) => continue },
+            () = &mut shutdown => return,
+        };
+        tokio::spawn(each(stream));
     }
 }
 

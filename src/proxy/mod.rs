@@ -81,8 +81,8 @@ pub struct Origin<'a> {
     pub port: &'a str,
     pub session: Option<&'a Session>,
     pub now: UnixTime,
-    /// The app's name as a metric label.
-    pub label: &'a crate::metrics::Name,
+    /// Where the app's answer time is counted.
+    pub upstream_seconds: &'a prometheus_client::metrics::histogram::Histogram,
 }
 
 impl Proxy {
@@ -381,8 +381,7 @@ impl Proxy {
             Ok(r) => r?,
         };
         let waited = crate::clock::instant().saturating_duration_since(sent).as_secs_f64();
-        let label = crate::metrics::AppLabels { app: origin.label.clone() };
-        self.metrics.upstream_seconds.get_or_create(&label).observe(waited);
+        origin.upstream_seconds.observe(waited);
         let (mut parts, body) = resp.into_parts();
         answer.head(&mut parts.headers, false);
         Ok(Response::from_parts(parts, watched(Body::Upstream(body), line)))
