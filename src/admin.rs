@@ -15,19 +15,19 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::body::Body;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Live};
 use crate::respond::page;
 
 /// Serves the admin endpoints on `listener` until `shutdown` completes.
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
+pub async fn serve(listener: TcpListener, live: Arc<Live>, shutdown: impl Future<Output = ()>) {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10)).max_buf_size(16 * 1024);
     let builder = Arc::new(builder);
     crate::listen::accept_until(listener, shutdown, move |stream| {
-        let (gw, builder) = (gw.clone(), builder.clone());
+        let (live, builder) = (live.clone(), builder.clone());
         async move {
             let service = service_fn(move |req: Request<Incoming>| {
-                let gw = gw.clone();
+                let gw = live.get();
                 async move { Ok::<_, Infallible>(answer(&gw, &req).await) }
             });
             let _ = builder.serve_connection(TokioIo::new(stream), service).await;

@@ -22,13 +22,17 @@ pub use crate::config::CertFiles;
 /// The certificates in use and where they came from.
 #[derive(Debug)]
 pub struct Certs {
-    files: Vec<CertFiles>,
+    files: RwLock<Vec<CertFiles>>,
     loaded: RwLock<Arc<Loaded>>,
     /// The file times of a reading that failed: not tried again until they change.
     failed: RwLock<Vec<Option<SystemTime>>>,
     /// Certificates obtained by ACME, by the one name each is for.
     managed: RwLock<HashMap<String, Arc<CertifiedKey>>>,
 }
+
+/// Certificates of a changed config, loaded and waiting to be used.
+#[derive(Debug)]
+pub struct Staged(Vec<CertFiles>, Loaded);
 
 #[derive(Debug)]
 struct Loaded {
@@ -48,7 +52,7 @@ impl Certs {
         anyhow::ensure!(!files.is_empty(), "no certificate is configured");
         let loaded = load_all(&files)?;
         Ok(Certs {
-            files,
+            files: RwLock::new(files),
             loaded: RwLock::new(Arc::new(loaded)),
             failed: RwLock::default(),
             managed: RwLock::default(),
@@ -58,11 +62,12 @@ impl Certs {
     /// Reads the files again if any changed since they were read. Ok(true) if the new ones
     /// are in use; an error leaves the old ones in use.
     pub fn reload_if_changed(&self) -> anyhow::Result<bool> {
-        let now = stamps(&self.files);
+        let files = self.files.read().clone();
+        let now = stamps(&files);
         if now == self.loaded.read().stamps || now == *self.failed.read() {
             return Ok(false);
         }
-        match load_all(&self.files) {
+        match load_all(&files) {
             Ok(loaded) => {
                 *self.loaded.write() = Arc::new(loaded);
                 Ok(true)
@@ -72,6 +77,24 @@ impl Certs {
                 Err(e)
             }
         }
+    }
+
+    /// Loads the certificates of a changed config without using them yet: None if they are
+    /// the files in use; an error names the file at fault.
+    pub fn stage(&self, files: Vec<CertFiles>) -> anyhow::Result<Option<Staged>> {
+        if *self.files.read() == files {
+            return Ok(None);
+        }
+        anyhow::ensure!(!files.is_empty(), "no certificate is configured");
+        let loaded = load_all(&files)?;
+        Ok(Some(Staged(files, loaded)))
+    }
+
+    /// Serves staged certificates to new connections from now on.
+    pub fn use_staged(&self, Staged(files, loaded): Staged) {
+        *self.files.write() = files;
+        *self.loaded.write() = Arc::new(loaded);
+        self.failed.write().clear();
     }
 
     /// Serves `chain` (PEM, leaf first) with `key` (PEM) to connections naming `name`, in

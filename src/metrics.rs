@@ -86,6 +86,7 @@ pub struct Metrics {
     pub lockouts: Counter,
     pub rule_hits: Family<RuleLabels, Counter>,
     pub rule_reloads: Family<ResultLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
     pub audit_queue: Gauge,
     pub audit_write_seconds: Histogram,
     pub upstream_idle: Gauge,
@@ -113,6 +114,7 @@ impl Metrics {
             lockouts: Counter::default(),
             rule_hits: Family::default(),
             rule_reloads: Family::default(),
+            config_reloads: Family::default(),
             audit_queue: Gauge::default(),
             audit_write_seconds: seconds(),
             upstream_idle: Gauge::default(),
@@ -139,6 +141,7 @@ impl Metrics {
             m.rule_hits.clone(),
         );
         r.register("mitigation_rule_reloads", "Readings of the rules file, by result", m.rule_reloads.clone());
+        r.register("config_reloads", "Changed configs read while running, by result", m.config_reloads.clone());
         r.register("audit_queue", "Audit records waiting to be written", m.audit_queue.clone());
         r.register("audit_write_duration_seconds", "Writing one batch of audit records", m.audit_write_seconds.clone());
         r.register("upstream_idle_connections", "Idle pooled connections to apps", m.upstream_idle.clone());
@@ -183,6 +186,11 @@ impl Metrics {
     /// Counts a reading of the rules file: "loaded" or "refused".
     pub fn rules_read(&self, result: &'static str) {
         self.rule_reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Counts a reading of a changed config: "loaded" or "refused".
+    pub fn config_read(&self, result: &'static str) {
+        self.config_reloads.get_or_create(&ResultLabels { result }).inc();
     }
 }
 

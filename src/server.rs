@@ -7,17 +7,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::audit::{Audit, Event};
 use crate::clock::Clock;
 use crate::config::{Config, Upstream};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Live};
 use crate::identity::assertion::Signer;
 use crate::identity::seal::Sealer;
 use crate::store::Store;
 use crate::{listen, whoami};
+
+pub mod reload;
+
+use reload::{Addrs, Control, FileWatch, Side};
+pub use reload::{Reloaded, Trigger};
 
 /// How often a gateway looks for revocations made by other processes.
 pub const REVOCATION_POLL: Duration = Duration::from_millis(100);
@@ -28,7 +34,9 @@ pub struct Running {
     pub redirect_addr: Option<SocketAddr>,
     /// Where metrics and health checks are served.
     pub admin_addr: Option<SocketAddr>,
-    pub gateway: Arc<Gateway>,
+    /// The gateway in force.
+    pub live: Arc<Live>,
+    control: Arc<Control>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -76,23 +84,14 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         }
         _ => None,
     };
-    for host in std::iter::once(&cfg.server.portal_host).chain(cfg.apps.iter().filter_map(|a| match &a.route {
-        crate::config::Route::Host(h) => Some(h),
-        _ => None,
-    })) {
-        if !certs.covers(host) {
-            tracing::warn!(host = %host, "No certificate names this host: browsers will refuse the default one (add a [[tls.cert]] for it, or a name to the certificate)");
-        }
-    }
+    warn_uncovered(&cfg, &certs);
     let tls = listen::tls_config(certs.clone())?;
     let store = Store::open(&cfg.database)?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let audit = Audit::start(&cfg.database, clock.clone(), metrics.clone())?;
     let signer = Arc::new(Signer::load_or_create(&signing_key_path(&cfg), &cfg.server.external_origin)?);
     let sealer = Arc::new(Sealer::load_or_create(&sealing_key_path(&cfg))?);
-    let applied = store
-        .with(|c| Store::setting(c, RULES_APPLIED))?
-        .and_then(|v| serde_json::from_str::<crate::mitigate::Applied>(&v).ok());
+    let applied = applied_rules(&store)?;
     let (mitigation, first_rules) =
         crate::mitigate::Mitigation::start(&cfg.mitigate, &cfg.data_dir, applied, clock.now())?;
     let whoami = if cfg.apps.iter().any(|a| a.upstream == Upstream::Whoami) {
@@ -107,6 +106,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         audit.clone(),
         crate::gateway::Parts { metrics, signer, sealer, mitigation, whoami },
     )?);
+    let live = Arc::new(Live::new(gateway.clone()));
     let listener = listen::bind(cfg.server.listen).await?;
     let addr = listener.local_addr()?;
     let redirect = match cfg.server.redirect_listen {
@@ -123,15 +123,12 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     rules_outcome(&gateway, first_rules).await;
 
     let (stop, stopped) = watch::channel(false);
-    let until_stop = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
     let mut tasks = Vec::new();
-    let limits = listen::Limits::new(&cfg.server);
     let listener = listener.into_std().context("preparing the listener for the workers")?;
+    let (listening, _) = watch::channel(listen::Listening::new(listener, cfg.server.clone()));
     for worker in 0..cfg.server.workers {
-        let listener = listener.try_clone().context("sharing the listener with a worker")?;
-        let (gw, tls, limits, stopped) = (gateway.clone(), tls.clone(), limits.clone(), stopped.clone());
+        let (live, tls, stopped) = (live.clone(), tls.clone(), stopped.clone());
+        let listening = listening.subscribe();
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("poort-worker-{worker}"))
@@ -142,13 +139,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
                 };
                 rt.block_on(async move {
                     crate::proxy::set_worker(worker);
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => {
-                            listen::serve(gw.clone(), gw.state.cfg.server.clone(), l, tls, limits, until_stop(stopped))
-                                .await
-                        }
-                        Err(e) => tracing::error!(error = %e, worker, "A worker could not use the listener"),
-                    }
+                    listen::serve(live, listening, tls, until_stop(stopped)).await
                 });
                 // Ends the worker's remaining tasks before reporting it finished.
                 drop(rt);
@@ -159,68 +150,106 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
             let _ = finished.await;
         }));
     }
+    let control = Arc::new(Control {
+        live: live.clone(),
+        certs: certs.clone(),
+        listening,
+        addrs: Mutex::new(Addrs { listen: addr, redirect: redirect_addr, admin: admin_addr }),
+        side: Mutex::new(Side::default()),
+        challenges: challenges.clone(),
+        stopped: stopped.clone(),
+        one_at_a_time: tokio::sync::Mutex::new(()),
+    });
     if let Some(l) = redirect {
-        tasks.push(tokio::spawn(listen::serve_redirect(
-            l,
-            cfg.server.clone(),
-            challenges,
-            until_stop(stopped.clone()),
-        )));
+        control.start_redirect(l, cfg.server.clone());
     }
     if let Some(l) = admin {
-        tasks.push(tokio::spawn(crate::admin::serve(l, gateway.clone(), until_stop(stopped.clone()))));
+        control.start_admin(l);
     }
     if let Some(acme) = acme {
         tasks.push(tokio::spawn(acme.run(until_stop(stopped.clone()))));
     }
-    let gw = gateway.clone();
-    let mut rx = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut poll = tokio::time::interval(REVOCATION_POLL);
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .expect("invariant: installing a signal handler works");
-        let mut flush = tokio::time::interval(Duration::from_secs(10));
-        loop {
-            tokio::select! {
-                _ = poll.tick() => {
-                    if let Err(e) = gw.state.sessions.poll_revocations().await {
-                        tracing::error!(error = %e, "Reading revocations failed");
-                    }
-                    // The lockdown switch (poort lockdown on|off) and the rules file. A lockdown
-                    // also ends what is open: everyone's but the administrators' tunnels,
-                    // WebSockets and streams.
-                    let was = gw.state.mitigation.lockdown();
-                    match gw.state.store.run(|c| crate::store::Store::setting(c, "lockdown")).await {
-                        Ok(v) => gw.state.mitigation.set_lockdown_switch(v.as_deref() == Some("on")),
-                        Err(e) => tracing::error!(error = %e, "Reading the lockdown switch failed"),
-                    }
-                    if gw.state.mitigation.lockdown() && !was {
-                        gw.state.sessions.cut_all_but(&gw.state.mitigation.admin_group);
-                    }
-                    gw.state.sessions.cut_expired(gw.state.clock.now());
-                    gw.state.audit.flush_counted();
-                    rules_outcome(&gw, gw.state.mitigation.poll(gw.state.clock.now())).await;
-                    reload_certs(&certs);
-                }
-                _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reloading the mitigation rules");
-                    rules_outcome(&gw, gw.state.mitigation.reload(gw.state.clock.now())).await;
-                    reload_certs(&certs);
-                }
-                _ = flush.tick() => {
-                    gw.state.signins.tidy();
-                    gw.tidy();
-                    gw.state.mitigation.write_status();
-                    if let Err(e) = gw.state.sessions.flush().await {
-                        tracing::error!(error = %e, "Writing session activity failed");
-                    }
-                }
-                _ = rx.changed() => break,
-            }
-        }
-    }));
+    tasks.push(tokio::spawn(background(control.clone(), stopped.clone())));
     tracing::info!(listen = %addr, portal = %cfg.server.external_origin, apps = cfg.apps.len(), "poort is serving");
-    Ok(Running { addr, redirect_addr, admin_addr, gateway, stop, tasks })
+    Ok(Running { addr, redirect_addr, admin_addr, live, control, stop, tasks })
+}
+
+async fn until_stop(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Warns about hosts no certificate names.
+fn warn_uncovered(cfg: &Config, certs: &crate::certs::Certs) {
+    for host in std::iter::once(&cfg.server.portal_host).chain(cfg.apps.iter().filter_map(|a| match &a.route {
+        crate::config::Route::Host(h) => Some(h),
+        _ => None,
+    })) {
+        if !certs.covers(host) {
+            tracing::warn!(host = %host, "No certificate names this host: browsers will refuse the default one (add a [[tls.cert]] for it, or a name to the certificate)");
+        }
+    }
+}
+
+fn applied_rules(store: &Store) -> anyhow::Result<Option<crate::mitigate::Applied>> {
+    Ok(store
+        .with(|c| Store::setting(c, RULES_APPLIED))?
+        .and_then(|v| serde_json::from_str::<crate::mitigate::Applied>(&v).ok()))
+}
+
+/// The gateway's periodic work: revocations, the lockdown switch, expiry, the rules file,
+/// certificates and the config file (every `REVOCATION_POLL`); SIGHUP; session activity.
+async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>) {
+    let mut poll = tokio::time::interval(REVOCATION_POLL);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .expect("invariant: installing a signal handler works");
+    let mut flush = tokio::time::interval(Duration::from_secs(10));
+    let mut watcher = control.live.get().state.cfg.source.as_ref().map(|s| FileWatch::new(&s.path));
+    loop {
+        tokio::select! {
+            _ = poll.tick() => {
+                let gw = control.live.get();
+                if let Err(e) = gw.state.sessions.poll_revocations().await {
+                    tracing::error!(error = %e, "Reading revocations failed");
+                }
+                // The lockdown switch (poort lockdown on|off) and the rules file. A lockdown
+                // also ends what is open: everyone's but the administrators' tunnels,
+                // WebSockets and streams.
+                let was = gw.state.mitigation.lockdown();
+                match gw.state.store.run(|c| crate::store::Store::setting(c, "lockdown")).await {
+                    Ok(v) => gw.state.mitigation.set_lockdown_switch(v.as_deref() == Some("on")),
+                    Err(e) => tracing::error!(error = %e, "Reading the lockdown switch failed"),
+                }
+                if gw.state.mitigation.lockdown() && !was {
+                    gw.state.sessions.cut_all_but(&gw.state.mitigation.admin_group);
+                }
+                gw.state.sessions.cut_expired(gw.state.clock.now());
+                gw.state.audit.flush_counted();
+                rules_outcome(&gw, gw.state.mitigation.poll(gw.state.clock.now())).await;
+                reload_certs(&control.certs);
+                if watcher.as_mut().is_some_and(FileWatch::settled_change) {
+                    let _ = control.reload(Trigger::FileChanged).await;
+                }
+                control.answer_reload_command(&gw).await;
+            }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config, the mitigation rules and the certificates");
+                let _ = control.reload(Trigger::Signal).await;
+                let gw = control.live.get();
+                rules_outcome(&gw, gw.state.mitigation.reload(gw.state.clock.now())).await;
+                reload_certs(&control.certs);
+            }
+            _ = flush.tick() => {
+                let gw = control.live.get();
+                gw.state.signins.tidy();
+                gw.tidy();
+                gw.state.mitigation.write_status();
+                if let Err(e) = gw.state.sessions.flush().await {
+                    tracing::error!(error = %e, "Writing session activity failed");
+                }
+            }
+            _ = stopped.changed() => break,
+        }
+    }
 }
 
 /// Serves certificate files renewed on disk to new connections; a renewal that does not
@@ -257,6 +286,22 @@ async fn rules_outcome(gw: &Gateway, outcome: crate::mitigate::Reload) {
 }
 
 impl Running {
+    /// The gateway in force now.
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.live.get()
+    }
+
+    /// Where the listeners are bound now (a reload may move them).
+    pub fn bound(&self) -> (SocketAddr, Option<SocketAddr>, Option<SocketAddr>) {
+        let a = *self.control.addrs.lock();
+        (a.listen, a.redirect, a.admin)
+    }
+
+    /// Reads the config file again and puts it in force if it is good (`reload` module).
+    pub async fn reload(&self) -> Result<Reloaded, String> {
+        self.control.reload(Trigger::Command).await
+    }
+
     /// Stops accepting, lets in-flight requests finish (bounded by `shutdown_grace`), and
     /// writes back session activity.
     pub async fn stop(self) {
@@ -264,7 +309,11 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
-        if let Err(e) = self.gateway.state.sessions.flush_all().await {
+        let side = std::mem::take(&mut *self.control.side.lock());
+        for t in side.tasks {
+            let _ = t.await;
+        }
+        if let Err(e) = self.live.get().state.sessions.flush_all().await {
             tracing::error!(error = %e, "Writing session activity at shutdown failed");
         }
     }

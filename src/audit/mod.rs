@@ -195,6 +195,22 @@ pub enum Event {
     GatewayStarted {
         version: String,
     },
+    /// A changed config was put in force (on SIGHUP, a change to the file, or `poort
+    /// reload`); `cut` open WebSockets and tunnels lost their access with it.
+    ConfigReloaded {
+        file: String,
+        sha256: String,
+        trigger: String,
+        changed: Vec<String>,
+        cut: usize,
+    },
+    /// A changed config was refused; the config in force stays.
+    ConfigRefused {
+        file: String,
+        sha256: String,
+        trigger: String,
+        why: String,
+    },
 }
 
 impl Event {
@@ -227,6 +243,8 @@ impl Event {
             Event::LockedDown { .. } => "locked_down",
             Event::Admin { .. } => "admin",
             Event::GatewayStarted { .. } => "gateway_started",
+            Event::ConfigReloaded { .. } => "config_reloaded",
+            Event::ConfigRefused { .. } => "config_refused",
         }
     }
 }
@@ -338,6 +356,8 @@ fn count(m: &Metrics, e: &Event) {
         ),
         Event::RulesLoaded { .. } => m.rules_read("loaded"),
         Event::RulesRefused { .. } => m.rules_read("refused"),
+        Event::ConfigReloaded { .. } => m.config_read("loaded"),
+        Event::ConfigRefused { .. } => m.config_read("refused"),
         _ => {}
     }
 }

@@ -70,6 +70,8 @@ pub enum Command {
     Serve(ConfigArg),
     /// Check a config file; print every problem and exit 64 if there is any.
     Check(CheckArgs),
+    /// Check the config file, then have the running gateway read it again and say the outcome.
+    Reload(ConfigArg),
     /// Manage local users.
     #[command(subcommand)]
     User(UserCmd),
@@ -133,6 +135,51 @@ pub struct CheckArgs {
     pub live: bool,
 }
 
+/// `poort reload`: checks the file here first (its problems are printed, and the gateway is
+/// not asked), then asks the gateway on the same data directory through the store and waits
+/// for its answer.
+fn reload(path: &std::path::Path) -> anyhow::Result<i32> {
+    use crate::server::reload::{Answer, RELOAD_ANSWERED, RELOAD_ASKED};
+    let cfg = load(path)?;
+    let store = Store::open(&cfg.database)?;
+    let asked = store.with(|c| {
+        let n = Store::setting(c, RELOAD_ASKED)?.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1;
+        Store::put_setting(c, RELOAD_ASKED, &n.to_string())?;
+        Ok(n)
+    })?;
+    let deadline = crate::clock::instant() + std::time::Duration::from_secs(15);
+    while crate::clock::instant() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let answer = store.with(|c| Store::setting(c, RELOAD_ANSWERED))?;
+        let Some(answer) = answer.and_then(|a| serde_json::from_str::<Answer>(&a).ok()) else { continue };
+        if answer.asked < asked {
+            continue;
+        }
+        return match answer.result {
+            Ok(r) if r.changed.is_empty() => {
+                println!("Reloaded: nothing in the config changed (the files it names were read again).");
+                Ok(0)
+            }
+            Ok(r) => {
+                println!(
+                    "Reloaded: {} changed; {} open WebSockets and tunnels lost their access.",
+                    r.changed.join(", "),
+                    r.cut
+                );
+                Ok(0)
+            }
+            Err(why) => {
+                eprintln!("The gateway refused the config and keeps the one in force: {why}");
+                Ok(1)
+            }
+        };
+    }
+    bail!(
+        "no gateway answered within 15 s: is one running on {}? (hint: a gateway also reloads on SIGHUP: systemctl reload poort)",
+        cfg.database.display()
+    )
+}
+
 /// A config that does not check out: its problems, each with its key and a hint.
 #[derive(Debug)]
 pub struct BadConfig(pub config::Problems);
@@ -178,6 +225,7 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
             let cfg = load(&c.config)?;
             serve(cfg)
         }
+        Command::Reload(c) => reload(&c.config),
         Command::Quickstart { data_dir, no_serve, listen, external_url, admin_listen } => {
             let cfg = quickstart(&data_dir, listen, external_url.as_deref(), &admin_listen)?;
             if no_serve { Ok(0) } else { serve(cfg) }

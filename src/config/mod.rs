@@ -66,6 +66,15 @@ pub struct Config {
     pub log: LogSettings,
     /// Where metrics and health checks are served (`[admin] listen`), if anywhere.
     pub admin_listen: Option<SocketAddr>,
+    /// The file this config was read from, if any.
+    pub source: Option<Source>,
+}
+
+/// A config file as read: where, and the SHA-256 of its text.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    pub sha256: String,
 }
 
 /// `[log]`: how poort writes its log (to standard error).
@@ -370,7 +379,10 @@ pub fn load(path: &Path) -> Result<Config, Problems> {
         }])
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    parse(&text, &base)
+    let mut cfg = parse(&text, &base)?;
+    cfg.source =
+        Some(Source { path: path.to_path_buf(), sha256: crate::secret::hex(&crate::secret::sha256(text.as_bytes())) });
+    Ok(cfg)
 }
 
 /// Parses and resolves config text; `base` anchors relative paths.

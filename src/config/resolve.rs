@@ -156,6 +156,7 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
             auth,
             log,
             admin_listen,
+            source: None,
         })
     } else {
         Err(Problems(std::mem::take(&mut c.0)))

@@ -34,13 +34,19 @@ use crate::upstream::Failure;
 
 mod forward_auth;
 
-/// The request pipeline: the shared state, the routing table and the proxy, and `handle`.
+/// The request pipeline for one config: the shared state, the routing table and the proxy,
+/// and `handle`. A reload makes a new one (`next`); a request keeps the one it started with.
 pub struct Gateway {
     pub state: State,
     pub proxy: Proxy,
     routes: Routes,
     /// Each app's name as a metric label and its upstream-time histogram, made once.
     app_labels: Vec<(crate::metrics::Name, prometheus_client::metrics::histogram::Histogram)>,
+    lasting: Arc<Lasting>,
+}
+
+/// What the gateway keeps from one config to the next.
+struct Lasting {
     request_ids: AtomicU64,
     /// The apps each session has opened in this process, by session id: the first access is
     /// audited, later ones are not.
@@ -48,6 +54,56 @@ pub struct Gateway {
     /// The target of the request a connection's wrapper hands over in place of a refused
     /// head (`listen::Strict`): random per process, so no client can send it.
     marker: &'static str,
+    /// Where the demo app listens, once an app has needed it.
+    whoami: std::sync::OnceLock<String>,
+}
+
+/// The gateway in force: what the listeners serve. Each request takes the current `Gateway`
+/// once and finishes with it; a reload puts a new one in place for the requests after it.
+pub struct Live {
+    current: RwLock<Arc<Gateway>>,
+    marker: &'static str,
+}
+
+impl Live {
+    pub fn new(gw: Arc<Gateway>) -> Live {
+        Live { marker: gw.lasting.marker, current: RwLock::new(gw) }
+    }
+
+    /// The gateway in force now.
+    pub fn get(&self) -> Arc<Gateway> {
+        self.current.read().clone()
+    }
+
+    /// Puts `gw` in force for every request from now on.
+    pub fn set(&self, gw: Arc<Gateway>) {
+        *self.current.write() = gw;
+    }
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Live")
+    }
+}
+
+impl crate::listen::Handler for Live {
+    fn marker(&self) -> &'static str {
+        self.marker
+    }
+
+    fn connected(&self) -> Option<crate::metrics::Held> {
+        self.get().connected()
+    }
+
+    fn handshake(&self, ok: bool) {
+        self.get().handshake(ok);
+    }
+
+    async fn handle(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+        let gw = self.get();
+        gw.handle(peer, conn, req).await
+    }
 }
 
 impl std::fmt::Debug for Gateway {
@@ -69,7 +125,7 @@ pub struct Parts {
 impl crate::listen::Handler for Gateway {
     /// The marker target for `listen::Strict`.
     fn marker(&self) -> &'static str {
-        self.marker
+        self.lasting.marker
     }
 
     fn connected(&self) -> Option<crate::metrics::Held> {
@@ -116,8 +172,91 @@ impl Gateway {
         parts: Parts,
     ) -> anyhow::Result<Gateway> {
         let Parts { metrics, signer, sealer, mitigation, whoami } = parts;
-        let sessions = Sessions::new(store.clone(), clock.clone(), cfg.session)?;
-        let proxy = Proxy::new(cfg.proxy, cfg.server.workers, signer.clone(), whoami, metrics.clone());
+        let sessions = Arc::new(Sessions::new(store.clone(), clock.clone(), cfg.session)?);
+        let signins = Arc::new(SignIns::new(&cfg, sealer.clone())?);
+        let oidc = crate::identity::oidc::Providers::new(&cfg.auth.oidc, &cfg.server.external_origin)?;
+        let state = State {
+            cfg: cfg.clone(),
+            clock,
+            store,
+            audit,
+            sessions,
+            mitigation: Arc::new(mitigation),
+            directory: None,
+            oidc,
+            signer,
+            signins,
+            tunnels: Arc::default(),
+            metrics,
+            grants: Arc::default(),
+        };
+        // Request ids: a random start, then counting; unique per process and cheap to make.
+        let start = u64::from_be_bytes(crate::secret::random_bytes());
+        let lasting = Arc::new(Lasting {
+            request_ids: AtomicU64::new(start),
+            opened: RwLock::default(),
+            marker: Box::leak(
+                format!("/.poort/refused/{}", session::cookie::encode_token(&crate::secret::random_bytes()))
+                    .into_boxed_str(),
+            ),
+            whoami: whoami.map(std::sync::OnceLock::from).unwrap_or_default(),
+        });
+        Gateway::build(cfg, state, lasting)
+    }
+
+    /// The gateway for config `cfg`, replacing this one: sessions, sign-ins in flight,
+    /// grants, counts and the store carry over; the routes, proxy, identity sources and
+    /// settings are made from `cfg`. `mitigation` replaces the rules engine if the `[mitigate]`
+    /// settings changed. Nothing is changed here: the caller puts the result in force.
+    pub fn next(&self, cfg: Arc<Config>, mitigation: Option<Mitigation>) -> anyhow::Result<Gateway> {
+        let st = &self.state;
+        let oidc =
+            crate::identity::oidc::Providers::new(&cfg.auth.oidc, &cfg.server.external_origin)?.keep_pending(&st.oidc);
+        let state = State {
+            cfg: cfg.clone(),
+            clock: st.clock.clone(),
+            store: st.store.clone(),
+            audit: st.audit.clone(),
+            sessions: st.sessions.clone(),
+            mitigation: mitigation.map_or_else(|| st.mitigation.clone(), Arc::new),
+            directory: None,
+            oidc,
+            signer: st.signer.clone(),
+            signins: st.signins.clone(),
+            tunnels: st.tunnels.clone(),
+            metrics: st.metrics.clone(),
+            grants: st.grants.clone(),
+        };
+        Gateway::build(cfg, state, self.lasting.clone())
+    }
+
+    /// Whether the demo app runs; `set_whoami` starts using one a reload started.
+    pub fn has_whoami(&self) -> bool {
+        self.lasting.whoami.get().is_some()
+    }
+
+    pub fn set_whoami(&self, addr: String) {
+        let _ = self.lasting.whoami.set(addr);
+    }
+
+    /// Puts the settings of `state.cfg` that live in shared parts in force; call it when the
+    /// gateway made by `next` goes into force.
+    pub fn apply_shared_settings(&self) {
+        let cfg = &self.state.cfg;
+        self.state.sessions.set_timeouts(cfg.session);
+        self.state.signins.set_per_minute(cfg.login.per_address_per_minute);
+    }
+
+    fn build(cfg: Arc<Config>, mut state: State, lasting: Arc<Lasting>) -> anyhow::Result<Gateway> {
+        let metrics = &state.metrics;
+        let proxy = Proxy::new(
+            cfg.proxy,
+            cfg.server.workers,
+            state.signer.clone(),
+            lasting.whoami.get().cloned(),
+            metrics.clone(),
+            state.grants.clone(),
+        );
         // Each app's label and upstream histogram, looked up once rather than per request.
         let app_labels = cfg
             .apps
@@ -129,42 +268,13 @@ impl Gateway {
             })
             .collect();
         let routes = Routes::new(&cfg.server.portal_host, &cfg.apps);
-        let signins = SignIns::new(&cfg, sealer)?;
-        let directory = cfg.auth.ldap.clone().map(crate::identity::ldap::Directory::new).transpose()?;
-        let oidc = crate::identity::oidc::Providers::new(&cfg.auth.oidc, &cfg.server.external_origin)?;
-        // Request ids: a random start, then counting; unique per process and cheap to make.
-        let start = u64::from_be_bytes(crate::secret::random_bytes());
-        let state = State {
-            cfg,
-            clock,
-            store,
-            audit,
-            sessions,
-            mitigation,
-            directory,
-            oidc,
-            signer,
-            signins,
-            tunnels: Arc::default(),
-            metrics,
-        };
-        Ok(Gateway {
-            state,
-            proxy,
-            routes,
-            app_labels,
-            request_ids: AtomicU64::new(start),
-            opened: RwLock::default(),
-            marker: Box::leak(
-                format!("/.poort/refused/{}", session::cookie::encode_token(&crate::secret::random_bytes()))
-                    .into_boxed_str(),
-            ),
-        })
+        state.directory = cfg.auth.ldap.clone().map(crate::identity::ldap::Directory::new).transpose()?;
+        Ok(Gateway { state, proxy, routes, app_labels, lasting })
     }
 
     /// The stages of docs/architecture.md, in order; each refusal is answered by `respond`.
     async fn stages(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
-        let id = RequestId(self.request_ids.fetch_add(1, Ordering::Relaxed));
+        let id = RequestId(self.lasting.request_ids.fetch_add(1, Ordering::Relaxed));
         let client = request::client_addr(peer.ip(), req.headers(), &self.state.cfg.server.trusted_proxies);
         let mut note = Note { id, client, app: None, session: None, kept: self.state.cfg.log.access };
         let front = match self.front_door(conn, &req) {
@@ -228,7 +338,7 @@ impl Gateway {
     /// the host the TLS handshake named, a body no larger than allowed. A refusal comes with
     /// what it records of the request.
     fn front_door(&self, conn: &Conn, req: &Request<Incoming>) -> Result<Front, (Refusal, String)> {
-        if req.uri().path() == self.marker {
+        if req.uri().path() == self.lasting.marker {
             let why = conn.refused.take().unwrap_or(request::Reject::RequestLine);
             return Err((malformed(why.status(), why.code()), "(a raw head)".into()));
         }
@@ -425,13 +535,13 @@ impl Gateway {
 
     /// True the first time session `id` opens `app` in this process.
     fn first_open(&self, id: &str, app: &str) -> bool {
-        let seen = self.opened.read().get(id).is_some_and(|apps| apps.contains(app));
-        !seen && self.opened.write().entry(id.to_string()).or_default().insert(app.to_string())
+        let seen = self.lasting.opened.read().get(id).is_some_and(|apps| apps.contains(app));
+        !seen && self.lasting.opened.write().entry(id.to_string()).or_default().insert(app.to_string())
     }
 
     /// Forgets what ended sessions opened and assertions too old to reuse (called periodically).
     pub fn tidy(&self) {
-        self.opened.write().retain(|id, _| self.state.sessions.is_live(id));
+        self.lasting.opened.write().retain(|id, _| self.state.sessions.is_live(id));
         self.proxy.tidy(self.state.clock.now());
     }
 

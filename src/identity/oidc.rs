@@ -108,7 +108,7 @@ struct Pending {
 
 pub struct Providers {
     list: Vec<Provider>,
-    pending: Mutex<HashMap<String, Pending>>,
+    pending: std::sync::Arc<Mutex<HashMap<String, Pending>>>,
     origin: String,
 }
 
@@ -149,7 +149,14 @@ impl Providers {
                 })
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(Providers { list, pending: Mutex::new(HashMap::new()), origin: origin.to_string() })
+        Ok(Providers { list, pending: std::sync::Arc::default(), origin: origin.to_string() })
+    }
+
+    /// The same providers' sign-ins in flight as `old`: a config reload does not break a
+    /// sign-in that is at its provider.
+    pub fn keep_pending(mut self, old: &Providers) -> Providers {
+        self.pending = old.pending.clone();
+        self
     }
 
     /// Fetches every provider's discovery document and keys now (for `poort check --live`).

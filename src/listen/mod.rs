@@ -148,22 +148,48 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response<Body>> + Send + 'a;
 }
 
-/// Serves HTTPS on `listener` until `shutdown` completes, then drains for `shutdown_grace`.
-/// Several workers may serve clones of one listener; they share `limits`.
+/// What workers accept on: the listener, and the settings the connections accepted from it
+/// get. A reload that changes either sends a new one; connections already open keep theirs.
+#[derive(Debug, Clone)]
+pub struct Listening {
+    pub listener: Arc<std::net::TcpListener>,
+    pub server: Server,
+    pub limits: Limits,
+}
+
+impl Listening {
+    pub fn new(listener: std::net::TcpListener, server: Server) -> Listening {
+        let limits = Limits::new(&server);
+        Listening { listener: Arc::new(listener), server, limits }
+    }
+
+    /// This worker's handle on the listener.
+    fn accept_here(&self) -> std::io::Result<TcpListener> {
+        let l = self.listener.try_clone()?;
+        l.set_nonblocking(true)?;
+        TcpListener::from_std(l)
+    }
+}
+
+/// Serves HTTPS on what `listening` holds (following it when it changes) until `shutdown`
+/// completes, then drains for `shutdown_grace`. Several workers may serve one listener; they
+/// share its limits.
 pub async fn serve<H: Handler>(
     gw: Arc<H>,
-    server: Server,
-    listener: TcpListener,
+    mut listening: tokio::sync::watch::Receiver<Listening>,
     tls: Arc<ServerConfig>,
-    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let builders = Arc::new(http_builders(&server));
+    let mut now = listening.borrow_and_update().clone();
+    let mut listener = match now.accept_here() {
+        Ok(l) => l,
+        Err(e) => return tracing::error!(error = %e, "A worker could not use the listener"),
+    };
+    let mut builders = Arc::new(http_builders(&now.server));
     // Connections in flight, and the signal that asks them to finish their requests and close.
     let mut conns = tokio::task::JoinSet::new();
     let (drain, draining) = tokio::sync::watch::channel(false);
-    let Limits { slots, per_client } = limits;
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -176,8 +202,26 @@ pub async fn serve<H: Handler>(
                     continue;
                 }
             },
+            changed = listening.changed() => {
+                if changed.is_err() {
+                    // Nothing will change any more: serve until shutdown.
+                    (&mut shutdown).await;
+                    break;
+                }
+                let next = listening.borrow_and_update().clone();
+                match next.accept_here() {
+                    Ok(l) => {
+                        listener = l;
+                        builders = Arc::new(http_builders(&next.server));
+                        now = next;
+                    }
+                    Err(e) => tracing::error!(error = %e, "A worker could not use the new listener; it keeps the old one"),
+                }
+                continue;
+            }
             () = &mut shutdown => break,
         };
+        let Listening { server, limits: Limits { slots, per_client }, .. } = &now;
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(client = %peer, "Connection refused: connection limit reached");
             continue;
@@ -243,7 +287,7 @@ pub async fn serve<H: Handler>(
     tracing::info!(connections = conns.len(), "Draining connections");
     let _ = drain.send(true);
     let drained = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout(server.shutdown_grace, drained).await.is_err() {
+    if tokio::time::timeout(now.server.shutdown_grace, drained).await.is_err() {
         tracing::warn!("Shutdown grace period over; closing the remaining connections");
         conns.abort_all();
     }

@@ -330,6 +330,11 @@ impl Mitigation {
         self.lockdown_config || self.lockdown_switch.load(Ordering::Relaxed)
     }
 
+    /// Whether an operator switched lockdown on (`poort lockdown on`).
+    pub fn lockdown_switch(&self) -> bool {
+        self.lockdown_switch.load(Ordering::Relaxed)
+    }
+
     pub fn set_lockdown_switch(&self, on: bool) {
         if self.lockdown_switch.swap(on, Ordering::Relaxed) != on {
             tracing::warn!(lockdown = on, "Lockdown switched");

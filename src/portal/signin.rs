@@ -20,7 +20,7 @@ use crate::store::Store;
 
 /// True if this address may make another sign-in attempt (any factor) now.
 pub(crate) fn attempt_allowed(st: &State, client: IpAddr) -> bool {
-    let ok = st.signins.limiter.check_key(&client).is_ok();
+    let ok = st.signins.may_try(&client);
     if !ok {
         tracing::warn!(client = %client, "Sign-in attempts rate-limited");
     }

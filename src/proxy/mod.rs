@@ -24,6 +24,7 @@ use crate::identity::Identity;
 use crate::policy::{Permit, Resource};
 use crate::request::Target;
 use crate::session::Session;
+use crate::session::grant::Grants;
 
 mod headers;
 mod rewrite;
@@ -65,6 +66,8 @@ pub struct Proxy {
     /// token). Dropped once stale (`tidy`).
     assertions: RwLock<HashMap<String, Vec<Assertion>>>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// What open WebSockets hold, reviewed when the config changes.
+    grants: Arc<Grants>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -92,9 +95,10 @@ impl Proxy {
         signer: Arc<Signer>,
         whoami: Option<String>,
         metrics: Arc<crate::metrics::Metrics>,
+        grants: Arc<Grants>,
     ) -> Proxy {
         let pools = pool::Pools::new(workers, settings.connect_timeout);
-        Proxy { pools, settings, signer, whoami, assertions: RwLock::default(), metrics }
+        Proxy { pools, settings, signer, whoami, assertions: RwLock::default(), metrics, grants }
     }
 
     /// Idle pooled connections to apps, over every worker.
@@ -368,7 +372,10 @@ impl Proxy {
             }),
         };
         if let Some(client_upgrade) = client_upgrade {
-            return self.upgrade(dest, out, client_upgrade, line, &answer).await;
+            // A WebSocket holds a grant: it ends with the session, or when a reload takes
+            // the app away from this user.
+            let grant = self.grants.hold(&permit, origin.session);
+            return self.upgrade(dest, out, client_upgrade, line, grant, &answer).await;
         }
         if alone {
             return self.alone(dest, out, line, &answer).await;
@@ -418,6 +425,7 @@ impl Proxy {
         out: Request<UpstreamBody>,
         client_upgrade: hyper::upgrade::OnUpgrade,
         line: Option<crate::session::Lifeline>,
+        grant: crate::session::grant::Grant,
         answer: &Answer<'_>,
     ) -> Result<Response<Body>, Failure> {
         let (mut sender, conn) = pool::connect_http1(dest, self.settings.connect_timeout).await?;
@@ -441,17 +449,10 @@ impl Proxy {
             if let (Ok(a), Ok(b)) = (client_upgrade.await, upstream_upgrade.await) {
                 let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
                 let splice = tokio::io::copy_bidirectional(&mut a, &mut b);
-                // The connection ends with its session (both sides are dropped).
-                match line {
-                    Some(line) => {
-                        tokio::select! {
-                            _ = splice => {}
-                            why = line.ended() => tracing::info!(why, "WebSocket closed with its session"),
-                        }
-                    }
-                    None => {
-                        let _ = splice.await;
-                    }
+                // The connection ends with its session or its access (both sides are dropped).
+                tokio::select! {
+                    _ = splice => {}
+                    why = grant.ended() => tracing::info!(why, "WebSocket closed by the gateway"),
                 }
             }
         });

@@ -9,6 +9,7 @@
 
 pub mod cookie;
 mod factors;
+pub mod grant;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -229,7 +230,8 @@ pub enum Lookup {
 pub struct Sessions {
     store: Store,
     clock: Arc<dyn Clock>,
-    timeouts: SessionTimeouts,
+    /// Changed by a reload: applies to every session from then on.
+    timeouts: RwLock<SessionTimeouts>,
     cache: RwLock<HashMap<TokenHash, Arc<Session>>>,
     last_revocation: AtomicI64,
     /// The line of every session in memory, by id.
@@ -275,7 +277,7 @@ impl Sessions {
         Ok(Sessions {
             store,
             clock,
-            timeouts,
+            timeouts: RwLock::new(timeouts),
             cache: RwLock::new(HashMap::new()),
             last_revocation: AtomicI64::new(last),
             lines: Mutex::new(HashMap::new()),
@@ -283,13 +285,18 @@ impl Sessions {
     }
 
     pub fn timeouts(&self) -> SessionTimeouts {
-        self.timeouts
+        *self.timeouts.read()
+    }
+
+    /// Applies changed `[session]` timeouts (a reload).
+    pub fn set_timeouts(&self, t: SessionTimeouts) {
+        *self.timeouts.write() = t;
     }
 
     fn expired(&self, created_or_expiry: UnixTime, last_seen: UnixTime, now: UnixTime) -> Option<bool> {
         if now >= created_or_expiry {
             Some(false)
-        } else if now - last_seen >= self.timeouts.idle.as_secs() as i64 {
+        } else if now - last_seen >= self.timeouts().idle.as_secs() as i64 {
             Some(true)
         } else {
             None
@@ -381,9 +388,12 @@ impl Sessions {
         let now = self.clock.now();
         let (expires_at, auth_at, factor_at, parent) = match o.approved_by {
             Some(p) => (p.expires_at, p.auth_at, p.factor_at, Some(p.id.clone())),
-            None => {
-                (now + self.timeouts.absolute.as_secs() as i64, now, o.factors.own_second_factor().then_some(now), None)
-            }
+            None => (
+                now + self.timeouts().absolute.as_secs() as i64,
+                now,
+                o.factors.own_second_factor().then_some(now),
+                None,
+            ),
         };
         let id = new_session_id();
         let row = SessionRow {
@@ -476,7 +486,7 @@ impl Sessions {
 
     /// Cuts the lines of sessions past their absolute expiry or idle timeout.
     pub fn cut_expired(&self, now: UnixTime) {
-        let idle = self.timeouts.idle.as_secs() as i64;
+        let idle = self.timeouts().idle.as_secs() as i64;
         let mut lines = self.lines.lock();
         lines.retain(|_, l| {
             let over = now >= l.expires_at || now - l.last_seen.load(Ordering::Relaxed) >= idle;
@@ -557,7 +567,7 @@ impl Sessions {
                 .collect()
         };
         let store = self.store.clone();
-        let idle = self.timeouts.idle.as_secs() as i64;
+        let idle = self.timeouts().idle.as_secs() as i64;
         tokio::task::spawn_blocking(move || {
             if !updates.is_empty() {
                 store.touch_sessions(&updates)?;

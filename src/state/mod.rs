@@ -3,6 +3,9 @@
 //! portal's sign-ins in flight and the open-tunnel counts; and `Ctx`, the facts the gateway
 //! established about one request before it handed it on. Handlers take `(&State, Ctx)`; the
 //! pipeline that makes a `Ctx` is `gateway::Gateway`.
+//!
+//! There is one `State` per config: a reload makes a new one, which shares (by `Arc`) every
+//! part that outlives a config: sessions, sign-ins in flight, grants, counts and metrics.
 
 pub mod pending;
 
@@ -28,18 +31,20 @@ pub struct State {
     pub clock: Arc<dyn Clock>,
     pub store: Store,
     pub audit: Audit,
-    pub sessions: Sessions,
-    pub mitigation: Mitigation,
+    pub sessions: Arc<Sessions>,
+    pub mitigation: Arc<Mitigation>,
     /// The LDAP / Active Directory source of users, if configured.
     pub directory: Option<Directory>,
     /// OpenID Connect providers for single sign-on.
     pub oidc: Providers,
     /// Signs the assertions apps receive; its public keys are the portal's JWKS.
     pub signer: Arc<Signer>,
-    pub signins: pending::SignIns,
+    pub signins: Arc<pending::SignIns>,
     pub tunnels: Arc<Tunnels>,
     /// What Prometheus reads (`metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// What open WebSockets and tunnels hold, reviewed when the config changes.
+    pub grants: Arc<crate::session::grant::Grants>,
 }
 
 impl std::fmt::Debug for State {

@@ -18,7 +18,8 @@ use crate::session::Session;
 /// sign-in rate limiter; the sealer for secrets.
 pub struct SignIns {
     pub handoffs: Mutex<HashMap<String, Handoff>>,
-    pub limiter: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
+    /// Sign-in attempts per address, with the per-minute quota it was made for.
+    limiter: Mutex<(u32, std::sync::Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>)>,
     pub sealer: std::sync::Arc<Sealer>,
     pub passkeys: Passkeys,
     pub devices: Devices,
@@ -44,21 +45,38 @@ pub struct Handoff {
 
 impl SignIns {
     pub fn new(cfg: &Config, sealer: std::sync::Arc<Sealer>) -> anyhow::Result<SignIns> {
-        let per_minute =
-            std::num::NonZeroU32::new(cfg.login.per_address_per_minute).unwrap_or(std::num::NonZeroU32::MIN);
         Ok(SignIns {
             passkeys: Passkeys::new(&cfg.server.external_origin, &cfg.server.portal_host)?,
             handoffs: Mutex::new(HashMap::new()),
             devices: Devices::default(),
-            limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute)),
+            limiter: Mutex::new(limiter(cfg.login.per_address_per_minute)),
             sealer,
         })
     }
 
     /// Forgets rate-limit state of addresses that have been quiet (called periodically).
     pub fn tidy(&self) {
-        self.limiter.retain_recent();
+        self.limiter.lock().1.retain_recent();
     }
+
+    /// Whether `client` may try to sign in now (and counts the try).
+    pub fn may_try(&self, client: &std::net::IpAddr) -> bool {
+        let limiter = self.limiter.lock().1.clone();
+        limiter.check_key(client).is_ok()
+    }
+
+    /// Applies a changed `[login] per_address_per_minute` (a reload); the counts start over.
+    pub fn set_per_minute(&self, n: u32) {
+        let mut l = self.limiter.lock();
+        if l.0 != n {
+            *l = limiter(n);
+        }
+    }
+}
+
+fn limiter(per_minute: u32) -> (u32, std::sync::Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>) {
+    let quota = std::num::NonZeroU32::new(per_minute).unwrap_or(std::num::NonZeroU32::MIN);
+    (per_minute, std::sync::Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(quota))))
 }
 
 /// How long a started ceremony may take to finish.

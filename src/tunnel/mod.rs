@@ -137,6 +137,9 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
         return json_error(StatusCode::TOO_MANY_REQUESTS, "too many open tunnels");
     };
     let client = ctx.client;
+    // What the open tunnel holds: it ends with the session, or when a reload takes the
+    // tunnel away from this user.
+    let grant = st.grants.hold(&permit, Some(&session));
     let tcp = match dial(permit, t, limits.connect_timeout).await {
         Ok(s) => s,
         Err(failed) => {
@@ -159,7 +162,6 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
     }
 
     let upgrade = hyper::upgrade::on(&mut req);
-    let ended = session.lifeline();
     let (audit, clock) = (st.audit.clone(), st.clock.clone());
     let name = t.name.clone();
     tokio::spawn(async move {
@@ -169,7 +171,7 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
         let config = WebSocketConfig::default().max_message_size(Some(1 << 20)).max_frame_size(Some(1 << 20));
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
         let counts = Counts::default();
-        let why = splice(ws, tcp, &session, ended, limits.idle_timeout, &counts, clock.as_ref()).await;
+        let why = splice(ws, tcp, &session, grant, limits.idle_timeout, &counts, clock.as_ref()).await;
         tracing::info!(tunnel = %name, user = %session.identity.user, why, "Tunnel closed");
         let ev = Event::TunnelClosed {
             user: session.identity.user.clone(),
@@ -205,7 +207,7 @@ async fn splice<S>(
     ws: WebSocketStream<S>,
     tcp: TcpStream,
     session: &Arc<Session>,
-    ended: crate::session::Lifeline,
+    ended: crate::session::grant::Grant,
     idle: Duration,
     counts: &Counts,
     clock: &dyn crate::clock::Clock,

@@ -19,6 +19,7 @@ mod mitigate;
 mod oidc;
 mod passkey;
 mod proxy;
+mod reload;
 mod routes;
 mod security_factors;
 mod security_framing;

@@ -1,22 +1,9 @@
 //! The admin listener as Prometheus and a load balancer use it: metrics that move with
 //! traffic, liveness and readiness, and none of it on the public port.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use crate::harness::{Gate, TempDir};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use crate::harness::{Gate, Resp, TempDir, parse_response};
-
-async fn admin(addr: SocketAddr, method: &str, path: &str) -> Resp {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.unwrap().unwrap();
-    parse_response(&out)
-}
+use crate::harness::admin;
 
 /// The value of the sample `name{labels}` (labels as written, in order), or 0.
 fn sample(text: &str, series: &str) -> f64 {

@@ -222,6 +222,29 @@ async fn a_group_change_cuts_open_tunnels_within_a_second() {
     cut_within_a_second("alice", regroup, "groups changed").await;
 }
 
+/// A reload that narrows a tunnel's rule to a group the user is not in ends their open
+/// tunnel within a second (`poort reload`, as an operator runs it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_narrows_the_rule_cuts_open_tunnels_within_a_second() {
+    let narrow = |gate: &Gate| {
+        gate.edit_config(|t| {
+            t.replacen(
+                "target = \"{sink}\"\naccess = \"authenticated\""
+                    .replace("{sink}", &gate.sink.addr.to_string())
+                    .as_str(),
+                &format!(
+                    "target = \"{}\"\naccess = {{ rules = [{{ effect = \"allow\", groups = [\"staff\"] }}] }}",
+                    gate.sink.addr
+                ),
+                1,
+            )
+        });
+        let out = gate.cli(&["reload"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    cut_within_a_second("bob", narrow, "access withdrawn by a config change").await;
+}
+
 /// A real OpenSSH server on loopback taking one client key: its folder (with `client_key`), the
 /// process and its port.
 fn sshd() -> (TempDir, Reaped, u16) {

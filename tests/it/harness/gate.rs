@@ -237,6 +237,24 @@ access = "authenticated"
         (process, pid)
     }
 
+    /// The metrics as Prometheus reads them from the admin listener.
+    pub async fn scrape(&self) -> String {
+        admin(self.admin_addr, "GET", "/metrics").await.text()
+    }
+
+    /// Rewrites the config file with `edit` (the running gateway is not told).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        let new = edit(text.clone());
+        assert_ne!(new, text, "the edit changed nothing");
+        std::fs::write(&self.config_path, new).unwrap();
+    }
+
+    /// Has the running gateway read its config file again, as `poort reload` does.
+    pub async fn reload(&self) -> Result<poort::server::Reloaded, String> {
+        self.running.as_ref().expect("the gateway runs in this process").reload().await
+    }
+
     /// What the gateway run by `as_process` has logged.
     pub fn process_log(&self) -> String {
         std::fs::read_to_string(self.dir.0.join("poort.log")).unwrap_or_default()
@@ -596,6 +614,17 @@ access = "authenticated"
 /// Walks a browser through the hand-off to an app's own host: a request there without a
 /// session, the portal (signed in as `portal`), and back with the code. Returns the app
 /// host's session cookie.
+/// A plain-HTTP request to the admin listener at `addr`.
+pub async fn admin(addr: SocketAddr, method: &str, path: &str) -> Resp {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.unwrap().unwrap();
+    parse_response(&out)
+}
+
 pub async fn hand_off(gate: &Gate, portal: &str, host: &str, path: &str) -> String {
     hand_off_from(gate, portal, host, path, path).await
 }

@@ -1,0 +1,425 @@
+//! Reloading the config while running: on SIGHUP, when the file changes, and on `poort
+//! reload`. The new file is read and checked completely, and everything it needs is made
+//! (certificates loaded, listeners bound, identity sources and rules prepared) before
+//! anything changes; any problem leaves the running config as it is and says why, in the log,
+//! the audit log, the metrics and to `poort reload`. A good config goes into force for the
+//! requests after it: a request, WebSocket or tunnel already under way keeps the gateway it
+//! started with, except that open WebSockets and tunnels the new config no longer allows are
+//! cut at once (`Grants::review`).
+//!
+//! What a running process cannot change (where its data lives, its worker threads, its public
+//! address and ACME settings) takes a restart: a config that changes one of them is refused,
+//! saying so.
+
+use std::fmt::Debug;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::audit::Event;
+use crate::config::{Config, Server, Upstream};
+use crate::gateway::{Gateway, Live};
+use crate::listen::{self, Listening};
+use crate::policy::{self, Decision, Resource, Subject};
+use crate::session::grant::Held;
+use crate::store::Store;
+
+/// What made the gateway read its config again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    FileChanged,
+    Command,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "SIGHUP",
+            Trigger::FileChanged => "file changed",
+            Trigger::Command => "poort reload",
+        }
+    }
+}
+
+/// A reload that went into force (or found nothing to change).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reloaded {
+    /// The parts of the config that changed, by table.
+    pub changed: Vec<String>,
+    /// Open WebSockets and tunnels cut because the new config does not allow them.
+    pub cut: usize,
+}
+
+/// The listeners' addresses as bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Addrs {
+    pub listen: SocketAddr,
+    pub redirect: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// The plain-HTTP redirect and admin listeners: each a task with its own stop.
+#[derive(Debug, Default)]
+pub struct Side {
+    redirect: Option<oneshot::Sender<()>>,
+    admin: Option<oneshot::Sender<()>>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// What a running gateway needs to change its config.
+pub struct Control {
+    pub live: Arc<Live>,
+    pub certs: Arc<crate::certs::Certs>,
+    /// What the workers accept on.
+    pub listening: watch::Sender<Listening>,
+    pub addrs: Mutex<Addrs>,
+    pub side: Mutex<Side>,
+    pub challenges: Option<Arc<crate::acme::Challenges>>,
+    pub stopped: watch::Receiver<bool>,
+    pub one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+/// What `poort reload` asks for and what the gateway answers, in the store's settings.
+pub const RELOAD_ASKED: &str = "reload_asked";
+pub const RELOAD_ANSWERED: &str = "reload_answered";
+
+/// The gateway's answer to `poort reload` number `asked`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Answer {
+    pub asked: u64,
+    pub result: Result<Reloaded, String>,
+}
+
+impl Control {
+    /// Reads the config file and puts it in force if it is good; says what changed or why not.
+    pub async fn reload(&self, trigger: Trigger) -> Result<Reloaded, String> {
+        let _one = self.one_at_a_time.lock().await;
+        let old = self.live.get();
+        let Some(source) = old.state.cfg.source.clone() else {
+            return Err("this gateway was not started from a config file".into());
+        };
+        let file = source.path.display().to_string();
+        let (outcome, sha256) = match crate::config::load(&source.path) {
+            Err(problems) => {
+                let sha = std::fs::read(&source.path)
+                    .map_or_else(|_| "-".into(), |b| crate::secret::hex(&crate::secret::sha256(&b)));
+                (Err(problems.to_string().trim_end().replace('\n', "; ")), sha)
+            }
+            Ok(cfg) => {
+                let sha = cfg.source.as_ref().map_or_else(|| "-".into(), |s| s.sha256.clone());
+                (self.apply(&old, cfg, trigger).await, sha)
+            }
+        };
+        let now = self.live.get();
+        match &outcome {
+            Ok(r) if r.changed.is_empty() => {}
+            Ok(r) => {
+                tracing::info!(trigger = trigger.as_str(), changed = %r.changed.join(", "), cut = r.cut, "Config reloaded");
+                let ev = Event::ConfigReloaded {
+                    file,
+                    sha256,
+                    trigger: trigger.as_str().into(),
+                    changed: r.changed.clone(),
+                    cut: r.cut,
+                };
+                now.state.audit.note(ev).await;
+            }
+            Err(why) => {
+                tracing::error!(trigger = trigger.as_str(), why = %why, "Config not reloaded; the running config stays");
+                let ev = Event::ConfigRefused { file, sha256, trigger: trigger.as_str().into(), why: why.clone() };
+                now.state.audit.note(ev).await;
+            }
+        }
+        outcome
+    }
+
+    /// Prepares everything `cfg` needs, then puts it in force; an error changes nothing.
+    async fn apply(&self, old: &Arc<Gateway>, cfg: Config, trigger: Trigger) -> Result<Reloaded, String> {
+        let was = &old.state.cfg;
+        // A file that changed back to what is in force changes nothing; SIGHUP and `poort
+        // reload` make everything again (files the config names may have changed).
+        if was.source.as_ref().map(|s| &s.sha256) == cfg.source.as_ref().map(|s| &s.sha256)
+            && trigger == Trigger::FileChanged
+        {
+            return Ok(Reloaded { changed: Vec::new(), cut: 0 });
+        }
+        needs_no_restart(was, &cfg)?;
+        let changed = changes(was, &cfg);
+        for w in cfg.warnings() {
+            tracing::warn!("{w}");
+        }
+        let certs = self.certs.stage(cfg.tls.files()).map_err(|e| format!("tls: {e:#}"))?;
+        // The rules engine is made again only if its settings changed; the new rules file is
+        // read and checked now.
+        let mitigation = if same(&was.mitigate, &cfg.mitigate) {
+            None
+        } else {
+            let applied = super::applied_rules(&old.state.store).map_err(|e| format!("mitigate: {e:#}"))?;
+            let (m, first) =
+                crate::mitigate::Mitigation::start(&cfg.mitigate, &cfg.data_dir, applied, old.state.clock.now())
+                    .map_err(|e| format!("mitigate: {e:#}"))?;
+            m.set_lockdown_switch(old.state.mitigation.lockdown_switch());
+            Some((m, first))
+        };
+        if cfg.apps.iter().any(|a| a.upstream == Upstream::Whoami) && !old.has_whoami() {
+            let addr = crate::whoami::start().await.map_err(|e| format!("the demo app: {e:#}"))?;
+            old.set_whoami(addr.to_string());
+        }
+        let (mitigation, first_rules) = match mitigation {
+            Some((m, first)) => (Some(m), Some(first)),
+            None => (None, None),
+        };
+        let cfg = Arc::new(cfg);
+        let gw = Arc::new(old.next(cfg.clone(), mitigation).map_err(|e| format!("{e:#}"))?);
+        // Listeners last: a new address is bound before anything changes.
+        let addrs = *self.addrs.lock();
+        let listener = if cfg.server.listen == was.server.listen {
+            None
+        } else {
+            let l = listen::bind(cfg.server.listen).await.map_err(|e| format!("server.listen: {e:#}"))?;
+            Some(l.into_std().map_err(|e| format!("server.listen: {e}"))?)
+        };
+        let redirect = rebind(was.server.redirect_listen, cfg.server.redirect_listen, "server.redirect_listen").await?;
+        let admin = rebind(was.admin_listen, cfg.admin_listen, "admin.listen").await?;
+
+        // In force from here on.
+        if let Some(staged) = certs {
+            self.certs.use_staged(staged);
+        }
+        super::warn_uncovered(&cfg, &self.certs);
+        self.live.set(gw.clone());
+        gw.apply_shared_settings();
+        let mut new_addrs = addrs;
+        if let Some(l) = listener {
+            new_addrs.listen = l.local_addr().unwrap_or(addrs.listen);
+            self.listening.send_replace(Listening::new(l, cfg.server.clone()));
+        } else if !same_connections(&was.server, &cfg.server) {
+            let l = self.listening.borrow().listener.clone();
+            self.listening.send_replace(Listening {
+                listener: l,
+                server: cfg.server.clone(),
+                limits: listen::Limits::new(&cfg.server),
+            });
+        }
+        if let Some(l) = redirect {
+            new_addrs.redirect = l.as_ref().and_then(|l| l.local_addr().ok());
+            self.side.lock().redirect.take().map(|s| s.send(()));
+            if let Some(l) = l {
+                self.start_redirect(l, cfg.server.clone());
+            }
+        }
+        if let Some(l) = admin {
+            new_addrs.admin = l.as_ref().and_then(|l| l.local_addr().ok());
+            self.side.lock().admin.take().map(|s| s.send(()));
+            if let Some(l) = l {
+                self.start_admin(l);
+            }
+        }
+        *self.addrs.lock() = new_addrs;
+        if gw.state.mitigation.lockdown() && !old.state.mitigation.lockdown() {
+            gw.state.sessions.cut_all_but(&gw.state.mitigation.admin_group);
+        }
+        if let Some(first) = first_rules {
+            super::rules_outcome(&gw, first).await;
+        }
+        // Open WebSockets and tunnels the new config does not allow end now.
+        let cut = gw.state.grants.review(|h| still_allowed(&cfg, h));
+        Ok(Reloaded { changed, cut })
+    }
+
+    /// Serves the plain-HTTP redirect on `l` until the gateway stops or a reload replaces it.
+    pub fn start_redirect(&self, l: TcpListener, server: Server) {
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(listen::serve_redirect(l, server, self.challenges.clone(), self.until(rx)));
+        let mut side = self.side.lock();
+        side.redirect = Some(tx);
+        side.tasks.push(task);
+    }
+
+    /// Serves metrics and health checks on `l` until the gateway stops or a reload replaces it.
+    pub fn start_admin(&self, l: TcpListener) {
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(crate::admin::serve(l, self.live.clone(), self.until(rx)));
+        let mut side = self.side.lock();
+        side.admin = Some(tx);
+        side.tasks.push(task);
+    }
+
+    fn until(&self, own: oneshot::Receiver<()>) -> impl Future<Output = ()> + Send + 'static {
+        let all = super::until_stop(self.stopped.clone());
+        async move {
+            tokio::select! {
+                () = all => {}
+                _ = own => {}
+            }
+        }
+    }
+
+    /// Answers `poort reload` if it asked since the last look.
+    pub async fn answer_reload_command(&self, gw: &Gateway) {
+        let asked = gw.state.store.run(|c| Store::setting(c, RELOAD_ASKED)).await;
+        let Some(asked) = asked.ok().flatten().and_then(|v| v.parse::<u64>().ok()) else { return };
+        let answered = gw.state.store.run(|c| Store::setting(c, RELOAD_ANSWERED)).await.ok().flatten();
+        if answered.and_then(|a| serde_json::from_str::<Answer>(&a).ok()).is_some_and(|a| a.asked >= asked) {
+            return;
+        }
+        let result = self.reload(Trigger::Command).await;
+        let answer = serde_json::to_string(&Answer { asked, result }).unwrap_or_default();
+        if let Err(e) = gw.state.store.run(move |c| Store::put_setting(c, RELOAD_ANSWERED, &answer)).await {
+            tracing::error!(error = %e, "Answering poort reload failed");
+        }
+    }
+}
+
+use std::future::Future;
+
+/// Binds a side listener whose address changed: None if it did not change, Some(None) if it
+/// was turned off.
+async fn rebind(
+    was: Option<SocketAddr>,
+    now: Option<SocketAddr>,
+    key: &str,
+) -> Result<Option<Option<TcpListener>>, String> {
+    if was == now {
+        return Ok(None);
+    }
+    match now {
+        None => Ok(Some(None)),
+        Some(a) => listen::bind(a).await.map(|l| Some(Some(l))).map_err(|e| format!("{key}: {e:#}")),
+    }
+}
+
+/// Compares settings by what they print: every config type prints all its fields.
+fn same<T: Debug>(a: &T, b: &T) -> bool {
+    format!("{a:?}") == format!("{b:?}")
+}
+
+/// Whether connections accepted under `a` and `b` get the same treatment.
+fn same_connections(a: &Server, b: &Server) -> bool {
+    (
+        a.handshake_timeout,
+        a.header_timeout,
+        a.idle_timeout,
+        a.shutdown_grace,
+        a.max_connections,
+        a.max_connections_per_client,
+    ) == (
+        b.handshake_timeout,
+        b.header_timeout,
+        b.idle_timeout,
+        b.shutdown_grace,
+        b.max_connections,
+        b.max_connections_per_client,
+    )
+}
+
+/// Refuses a change a running process cannot make.
+fn needs_no_restart(was: &Config, now: &Config) -> Result<(), String> {
+    let fixed: [(&str, String, String); 5] = [
+        ("store.data_dir", was.data_dir.display().to_string(), now.data_dir.display().to_string()),
+        ("store.database", was.database.display().to_string(), now.database.display().to_string()),
+        ("server.workers", was.server.workers.to_string(), now.server.workers.to_string()),
+        ("server.external_url", was.server.external_origin.clone(), now.server.external_origin.clone()),
+        ("tls.acme", format!("{:?}", was.tls.acme), format!("{:?}", now.tls.acme)),
+    ];
+    for (key, a, b) in fixed {
+        if a != b {
+            return Err(format!(
+                "{key} changed: a running gateway cannot change it, so nothing was changed (hint: restart poort to use the new value, or set it back to reload the rest)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The tables that differ between `was` and `now`.
+fn changes(was: &Config, now: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut note = |name: &str, same: bool| {
+        if !same {
+            out.push(name.to_string());
+        }
+    };
+    note("server", same(&was.server, &now.server));
+    note("tls", same(&was.tls, &now.tls));
+    note("session", same(&was.session, &now.session));
+    note("proxy", same(&was.proxy, &now.proxy));
+    note("mfa", same(&was.mfa, &now.mfa));
+    note("login", same(&was.login, &now.login));
+    note("app", same(&was.apps, &now.apps));
+    note("tunnel", same(&(&was.tunnel, &was.tunnels), &(&now.tunnel, &now.tunnels)));
+    note("mitigate", same(&was.mitigate, &now.mitigate));
+    note("auth", same(&was.auth, &now.auth));
+    note("log", same(&was.log, &now.log));
+    note("admin", was.admin_listen == now.admin_listen);
+    out
+}
+
+/// Whether an open WebSocket or tunnel would be allowed to open under `cfg`.
+fn still_allowed(cfg: &Config, h: &Held) -> bool {
+    let who = h.subject.as_ref().map(|(identity, mfa)| Subject { identity, mfa: *mfa });
+    let allowed = |d: Decision<'_>| matches!(d, Decision::Allow(_));
+    match h.resource() {
+        Resource::App(name) => cfg.apps.iter().find(|a| a.name == name).is_some_and(|a| {
+            a.upstream != Upstream::ForwardAuth && allowed(policy::evaluate(Resource::App(name), &a.access, a.mfa, who))
+        }),
+        Resource::Tunnel(name) => cfg
+            .tunnels
+            .iter()
+            .find(|t| t.name == name)
+            .is_some_and(|t| allowed(policy::evaluate(Resource::Tunnel(name), &t.access, t.mfa, who))),
+    }
+}
+
+/// Notices a changed config file, once it has stayed the same for a moment (an editor or
+/// a deployment tool may write it in several steps).
+pub struct FileWatch {
+    path: PathBuf,
+    seen: Option<(SystemTime, u64)>,
+    pending: Option<((SystemTime, u64), Instant)>,
+}
+
+const SETTLE: Duration = Duration::from_millis(300);
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+impl FileWatch {
+    pub fn new(path: &Path) -> FileWatch {
+        FileWatch { path: path.to_path_buf(), seen: stamp(path), pending: None }
+    }
+
+    /// True once after the file changed and then stayed the same for `SETTLE`.
+    pub fn settled_change(&mut self) -> bool {
+        let now = stamp(&self.path);
+        if now == self.seen || now.is_none() {
+            self.pending = None;
+            return false;
+        }
+        let now = now.expect("checked above");
+        match self.pending {
+            Some((p, since)) if p == now => {
+                if since.elapsed() >= SETTLE {
+                    self.seen = Some(now);
+                    self.pending = None;
+                    return true;
+                }
+                false
+            }
+            _ => {
+                self.pending = Some((now, crate::clock::instant()));
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! Reloading the config while serving: each kind of change under a bounded load loop with no
+//! failed request; open WebSockets and tunnels that lose their access are cut within a second
+//! while the others go on; a bad config or one that needs a restart changes nothing; SIGHUP, a
+//! change to the file and `poort reload` each trigger it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::{Gate, eventually};
+
+/// Requests as alice from four clients (two on fresh connections, two on one kept-alive HTTP/2
+/// connection each) until `stop`; returns (answered 200, anything else) with samples.
+fn load(gate: &Arc<Gate>, session: &str, stop: &Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    let (gate, session, stop) = (gate.clone(), session.to_string(), stop.clone());
+    tokio::spawn(async move {
+        let ok = Arc::new(AtomicU64::new(0));
+        let bad = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let (gate, session, stop, ok, bad) = (gate.clone(), session.clone(), stop.clone(), ok.clone(), bad.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut h2 = if i >= 2 { Some(gate.h2().await) } else { None };
+                // Bounded: stops by itself even if the test does not.
+                for n in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let status = match &mut h2 {
+                        None => gate.get("/app/load", Some(&session)).await.status,
+                        Some(h2) => {
+                            let req = http::Request::get(format!("https://localhost:8443/app/h2-{n}"))
+                                .header("cookie", format!("__Host-poort={session}"))
+                                .body(http_body_util::Empty::new())
+                                .unwrap();
+                            match h2.send_request(req).await {
+                                Ok(r) => r.status().as_u16(),
+                                Err(e) => {
+                                    bad.lock().push(format!("h2: {e}"));
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    if status == 200 {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        bad.lock().push(format!("client {i}: {status}"));
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let bad = bad.lock().clone();
+        (ok.load(Ordering::Relaxed), bad)
+    })
+}
+
+/// A second certificate for the same names and key: the test client trusts it too.
+fn second_certificate(gate: &Gate) -> Vec<u8> {
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(gate.dir.0.join("key.pem")).unwrap()).unwrap();
+    let names = ["localhost", "git.localhost", "fwd.localhost", "jupyter.localhost", "django.localhost"];
+    let mut params = rcgen::CertificateParams::new(names.map(String::from).to_vec()).unwrap();
+    params.serial_number = Some(rcgen::SerialNumber::from(vec![7, 7, 7]));
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(gate.dir.0.join("cert2.pem"), cert.pem()).unwrap();
+    cert.der().to_vec()
+}
+
+/// The certificate a new connection gets (a fresh client: no resumed session).
+async fn served_certificate(gate: &Gate) -> Vec<u8> {
+    #[derive(Debug)]
+    struct Any;
+    impl rustls::client::danger::ServerCertVerifier for Any {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Any))
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_kind_of_reload_under_load_fails_no_request() {
+    let gate = Arc::new(Gate::start().await);
+    let alice = gate.login("alice").await;
+    let bob = gate.login("bob").await;
+    assert_eq!(gate.get("/app/first", Some(&alice)).await.status, 200);
+    let stop = Arc::new(AtomicBool::new(false));
+    let loop_ = load(&gate, &alice, &stop);
+    let pause = || tokio::time::sleep(Duration::from_millis(300));
+    pause().await;
+
+    // A new app.
+    assert_eq!(gate.get("/extra/", Some(&alice)).await.status, 404);
+    gate.edit_config(|t| {
+        format!("{t}\n[[app]]\nname = \"extra\"\nupstream = \"http://{}\"\npath = \"/extra/\"\naccess = \"authenticated\"\n", gate.upstream.addr)
+    });
+    let r = gate.reload().await.unwrap();
+    assert_eq!(r.changed, ["app"]);
+    assert_eq!(gate.get("/extra/", Some(&alice)).await.status, 200);
+    pause().await;
+
+    // A narrowed access rule.
+    assert_eq!(gate.get("/vault/", Some(&bob)).await.status, 401, "signed in, asked for a second factor");
+    gate.edit_config(|t| {
+        t.replacen(
+            "path = \"/vault/\"\naccess = \"authenticated\"",
+            "path = \"/vault/\"\naccess = { rules = [{ effect = \"allow\", groups = [\"staff\"] }] }",
+            1,
+        )
+    });
+    assert_eq!(gate.reload().await.unwrap().changed, ["app"]);
+    assert_eq!(gate.get("/vault/", Some(&bob)).await.status, 403);
+    pause().await;
+
+    // Second-factor settings, session timeouts and sign-in limits.
+    gate.edit_config(|t| format!("{t}\n[mfa]\nissuer = \"Reloaded\"\n[session]\nidle_timeout = \"45m\"\n[login]\nper_address_per_minute = 50\n"));
+    let r = gate.reload().await.unwrap();
+    assert_eq!(r.changed, ["session", "mfa", "login"]);
+    assert_eq!(gate.running.as_ref().unwrap().gateway().state.sessions.timeouts().idle, Duration::from_secs(2700));
+    pause().await;
+
+    // The certificate: new connections get the new one, open ones go on.
+    let der = second_certificate(&gate);
+    assert_ne!(served_certificate(&gate).await, der);
+    gate.edit_config(|t| t.replacen("cert_file = \"cert.pem\"", "cert_file = \"cert2.pem\"", 1));
+    assert_eq!(gate.reload().await.unwrap().changed, ["tls"]);
+    assert_eq!(served_certificate(&gate).await, der);
+    pause().await;
+
+    // Connection settings of the listener.
+    gate.edit_config(|t| t.replacen("[store]", "idle_timeout = \"61s\"\nmax_connections = 5000\n[store]", 1));
+    assert_eq!(gate.reload().await.unwrap().changed, ["server"]);
+    pause().await;
+
+    // A config with a mistake, and one that needs a restart: nothing changes.
+    let good = std::fs::read_to_string(&gate.config_path).unwrap();
+    gate.edit_config(|t| t.replacen("path = \"/extra/\"", "path = \"extra\"", 1));
+    let why = gate.reload().await.unwrap_err();
+    assert!(why.contains("app[extra].path"), "{why}");
+    assert_eq!(gate.get("/extra/", Some(&alice)).await.status, 200);
+    gate.edit_config(|_| good.replacen("[store]", "workers = 7\n[store]", 1));
+    let why = gate.reload().await.unwrap_err();
+    assert!(why.contains("server.workers changed") && why.contains("restart"), "{why}");
+    assert_eq!(gate.running.as_ref().unwrap().gateway().state.cfg.server.workers, 2);
+    pause().await;
+
+    stop.store(true, Ordering::Relaxed);
+    let (ok, bad) = loop_.await.unwrap();
+    assert!(
+        bad.is_empty(),
+        "{} of {} requests failed: {:?}",
+        bad.len(),
+        ok + bad.len() as u64,
+        &bad[..bad.len().min(8)]
+    );
+    assert!(ok > 100, "the load loop ran ({ok} requests)");
+
+    // The session's state for an app that stayed: its first access was audited once.
+    let opened = gate.audit("access_allowed");
+    let app = opened.iter().filter(|e| e["app"] == "app" && e["user"] == "alice").count();
+    assert_eq!(app, 1, "{opened:?}");
+    // Every reload and refusal is audited and counted.
+    assert_eq!(gate.audit("config_reloaded").len(), 5);
+    let refused = gate.audit("config_refused");
+    assert_eq!(refused.len(), 2);
+    assert_eq!(refused[0]["trigger"], "poort reload");
+    let metrics = gate.scrape().await;
+    assert!(metrics.contains("poort_config_reloads_total{result=\"loaded\"} 5"), "{metrics}");
+    assert!(metrics.contains("poort_config_reloads_total{result=\"refused\"} 2"), "{metrics}");
+}
+
+/// Opens a WebSocket to the echo app as `session` and checks it echoes.
+async fn echo(
+    gate: &Gate,
+    session: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let cookie = format!("__Host-poort={session}");
+    let mut ws = gate.websocket("localhost", "/ws/", &[("Cookie", &cookie)]).await.unwrap();
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    ws
+}
+
+/// Whether the WebSocket was closed by the gateway (as opposed to still echoing).
+async fn closed_within(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    limit: Duration,
+) -> bool {
+    let start = Instant::now();
+    match tokio::time::timeout(limit, ws.next()).await {
+        Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => start.elapsed() < limit,
+        Ok(Some(Ok(m))) => panic!("unexpected message {m:?}"),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_narrowed_rule_or_a_removed_app_ends_open_websockets_within_a_second() {
+    let gate = Gate::start().await;
+    let alice = gate.login("alice").await;
+    let bob = gate.login("bob").await;
+    let mut a = echo(&gate, &alice).await;
+    let mut b = echo(&gate, &bob).await;
+
+    // A change to another app leaves both open.
+    gate.edit_config(|t| t.replacen("path = \"/pub/\"", "path = \"/public/\"", 1));
+    assert_eq!(gate.reload().await.unwrap().cut, 0);
+    for ws in [&mut a, &mut b] {
+        ws.send(Message::text("still")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("still"));
+    }
+
+    // Narrowed to staff: bob's ends, alice's goes on.
+    gate.edit_config(|t| {
+        t.replacen(
+            "path = \"/ws/\"\naccess = \"authenticated\"",
+            "path = \"/ws/\"\naccess = { rules = [{ effect = \"allow\", groups = [\"staff\"] }] }",
+            1,
+        )
+    });
+    let r = gate.reload().await.unwrap();
+    assert_eq!(r.cut, 1);
+    assert!(closed_within(&mut b, Duration::from_secs(1)).await, "bob's WebSocket stayed open");
+    a.send(Message::text("mine")).await.unwrap();
+    assert_eq!(a.next().await.unwrap().unwrap(), Message::text("mine"));
+    assert_eq!(
+        gate.websocket("localhost", "/ws/", &[("Cookie", &format!("__Host-poort={bob}"))]).await.err(),
+        Some(403)
+    );
+
+    // The app removed: alice's ends too.
+    gate.edit_config(|t| t.replacen("name = \"ws\"", "name = \"ws-gone\"", 1));
+    assert_eq!(gate.reload().await.unwrap().cut, 1);
+    assert!(closed_within(&mut a, Duration::from_secs(1)).await, "alice's WebSocket stayed open");
+    let reloaded = gate.audit("config_reloaded");
+    assert_eq!(reloaded.last().unwrap()["cut"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listeners_move_and_open_connections_stay() {
+    let mut gate = Gate::start().await;
+    let alice = gate.login("alice").await;
+    let old = gate.addr;
+    let mut kept = gate.h2().await;
+    let port = crate::harness::closed_port();
+    let admin = crate::harness::closed_port();
+    gate.edit_config(|t| {
+        t.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1).replacen(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"127.0.0.1:{admin}\""),
+            1,
+        )
+    });
+    let r = gate.reload().await.unwrap();
+    assert_eq!(r.changed, ["server", "admin"]);
+    let (listen, _, admin_now) = gate.running.as_ref().unwrap().bound();
+    assert_eq!(listen.port(), port);
+    assert_eq!(admin_now.unwrap().port(), admin);
+    // The old address takes no new connection; a connection made before goes on.
+    eventually("the old listener to close", Duration::from_secs(3), async || {
+        tokio::net::TcpStream::connect(old).await.is_err()
+    })
+    .await;
+    let req = http::Request::get("https://localhost:8443/app/kept")
+        .header("cookie", format!("__Host-poort={alice}"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(kept.send_request(req).await.unwrap().status(), 200);
+    gate.addr = listen;
+    assert_eq!(gate.get("/app/moved", Some(&alice)).await.status, 200);
+    gate.admin_addr = admin_now.unwrap();
+    assert!(gate.scrape().await.contains("poort_config_reloads_total"));
+
+    // An address in use is refused and nothing moves.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    gate.edit_config(|t| t.replacen(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{taken_port}"), 1));
+    let why = gate.reload().await.unwrap_err();
+    assert!(why.starts_with("server.listen"), "{why}");
+    assert_eq!(gate.get("/app/stayed", Some(&alice)).await.status, 200);
+}
+
+/// The process reloads on a change to its file, on SIGHUP, and on `poort reload`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_file_sighup_and_the_command_each_reload() {
+    let mut gate = Gate::start().await;
+    let (_process, pid) = gate.as_process("").await;
+    let alice = gate.login("alice").await;
+    let app = |name: &str| {
+        format!(
+            "\n[[app]]\nname = \"{name}\"\nupstream = \"http://{}\"\npath = \"/{name}/\"\naccess = \"authenticated\"\n",
+            gate.upstream.addr
+        )
+    };
+
+    // A change to the file, once it has settled.
+    gate.edit_config(|t| t + &app("byfile"));
+    eventually("the changed file to apply", Duration::from_secs(5), async || {
+        gate.get("/byfile/", Some(&alice)).await.status == 200
+    })
+    .await;
+
+    // SIGHUP, sent at once (before the file watcher would see the change).
+    gate.edit_config(|t| t + &app("bysignal"));
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+    eventually("SIGHUP to apply", Duration::from_secs(5), async || {
+        gate.get("/bysignal/", Some(&alice)).await.status == 200
+    })
+    .await;
+
+    // poort reload: says what changed, or why not.
+    gate.edit_config(|t| t + &app("bycommand"));
+    let out = gate.cli(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("Reloaded"), "{said}");
+    assert_eq!(gate.get("/bycommand/", Some(&alice)).await.status, 200);
+    gate.edit_config(|t| t + "\n[server]\nworkers = 9\n");
+    let out = gate.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(64), "a duplicate [server] table is caught before the gateway is asked");
+    gate.edit_config(|t| t.replacen("\n[server]\nworkers = 9\n", "", 1).replacen("[store]", "workers = 9\n[store]", 1));
+    let out = gate.cli(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("server.workers changed"), "{said}");
+
+    let triggers: Vec<String> =
+        gate.audit("config_reloaded").iter().map(|e| e["trigger"].as_str().unwrap().to_string()).collect();
+    assert_eq!(triggers, ["file changed", "SIGHUP", "poort reload"]);
+    let log = gate.process_log();
+    assert!(log.contains("Config not reloaded; the running config stays"), "{log}");
+}
