@@ -60,6 +60,11 @@ pub struct RuleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExportLabels {
+    pub export: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
 }
@@ -88,6 +93,8 @@ pub struct Metrics {
     pub rule_reloads: Family<ResultLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub audit_queue: Gauge,
+    pub audit_export_pending: Family<ExportLabels, Gauge>,
+    pub audit_export_failures: Family<ExportLabels, Counter>,
     pub audit_write_seconds: Histogram,
     pub upstream_idle: Gauge,
     pub sessions_cached: Gauge,
@@ -116,6 +123,8 @@ impl Metrics {
             rule_reloads: Family::default(),
             config_reloads: Family::default(),
             audit_queue: Gauge::default(),
+            audit_export_pending: Family::default(),
+            audit_export_failures: Family::default(),
             audit_write_seconds: seconds(),
             upstream_idle: Gauge::default(),
             sessions_cached: Gauge::default(),
@@ -143,6 +152,16 @@ impl Metrics {
         r.register("mitigation_rule_reloads", "Readings of the rules file, by result", m.rule_reloads.clone());
         r.register("config_reloads", "Changed configs read while running, by result", m.config_reloads.clone());
         r.register("audit_queue", "Audit records waiting to be written", m.audit_queue.clone());
+        r.register(
+            "audit_export_pending",
+            "Audit records committed but not yet delivered, by export",
+            m.audit_export_pending.clone(),
+        );
+        r.register(
+            "audit_export_failures",
+            "Failed attempts to reach or write to an export",
+            m.audit_export_failures.clone(),
+        );
         r.register("audit_write_duration_seconds", "Writing one batch of audit records", m.audit_write_seconds.clone());
         r.register("upstream_idle_connections", "Idle pooled connections to apps", m.upstream_idle.clone());
         r.register("sessions_cached", "Sessions in the cache of this process", m.sessions_cached.clone());

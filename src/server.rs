@@ -159,7 +159,9 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         challenges: challenges.clone(),
         stopped: stopped.clone(),
         one_at_a_time: tokio::sync::Mutex::new(()),
+        exports: tokio::sync::Mutex::new(None),
     });
+    control.start_exports(&gateway).await;
     if let Some(l) = redirect {
         control.start_redirect(l, cfg.server.clone());
     }
@@ -312,6 +314,11 @@ impl Running {
         let side = std::mem::take(&mut *self.control.side.lock());
         for t in side.tasks {
             let _ = t.await;
+        }
+        if let Some((_, tasks)) = self.control.exports.lock().await.take() {
+            for t in tasks {
+                let _ = t.await;
+            }
         }
         if let Err(e) = self.live.get().state.sessions.flush_all().await {
             tracing::error!(error = %e, "Writing session activity at shutdown failed");

@@ -22,6 +22,8 @@ use serde::Serialize;
 
 use crate::clock::{Clock, UnixTime};
 
+pub mod export;
+
 /// Everything the audit log records. Field names are part of the log's format.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -325,6 +327,8 @@ pub struct Audit {
     metrics: std::sync::Arc<Metrics>,
     /// Whether the last write succeeded (readiness).
     writing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The sequence number of the last record committed (exports wait on it).
+    committed: tokio::sync::watch::Receiver<i64>,
 }
 
 use crate::metrics::Metrics;
@@ -376,6 +380,8 @@ impl Audit {
         let m = metrics.clone();
         let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let wrote = writing.clone();
+        let last = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get::<_, i64>(0))?;
+        let (committed_tx, committed) = tokio::sync::watch::channel(last);
         std::thread::Builder::new()
             .name("poort-audit".into())
             .spawn(move || {
@@ -394,8 +400,11 @@ impl Audit {
                         .observe(crate::clock::instant().saturating_duration_since(started).as_secs_f64());
                     m.audit_queue.dec_by(batch.len() as i64);
                     wrote.store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, events = events.len(), "Audit write failed");
+                    match &result {
+                        Ok(seq) => {
+                            committed_tx.send_replace(*seq);
+                        }
+                        Err(e) => tracing::error!(error = %e, events = events.len(), "Audit write failed"),
                     }
                     for (_, done) in batch {
                         if let Some(done) = done {
@@ -405,7 +414,12 @@ impl Audit {
                 }
             })
             .context("starting the audit writer")?;
-        Ok(Audit { tx, clock, counted: std::sync::Arc::default(), metrics, writing })
+        Ok(Audit { tx, clock, counted: std::sync::Arc::default(), metrics, writing, committed })
+    }
+
+    /// Changes whenever records are committed; holds the last one's sequence number.
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.committed.clone()
     }
 
     /// Whether the last write of audit records succeeded.

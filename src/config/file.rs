@@ -36,6 +36,36 @@ pub struct File {
     pub log: Log,
     #[serde(default)]
     pub admin: Admin,
+    #[serde(default)]
+    pub audit: Audit,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// Where every audit record is sent as it is committed (`[[audit.export]]`).
+    #[serde(default)]
+    pub export: Vec<AuditExport>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuditExport {
+    /// Names the export's place in the log (default: where it sends to).
+    pub name: Option<String>,
+    /// `host:port` of a syslog receiver: RFC 5424 over TLS (RFC 5425), octet-counted.
+    pub syslog: Option<String>,
+    /// A file to append JSON lines to, or `"-"` for standard output.
+    pub file: Option<String>,
+    /// The receiver's CA (PEM); default: the system's trust store.
+    pub ca_file: Option<String>,
+    /// Or exactly the receiver's certificate, by SHA-256.
+    pub fingerprint: Option<String>,
+    /// The name to check in the receiver's certificate (default: the host of `syslog`).
+    pub server_name: Option<String>,
+    /// A client certificate and key (PEM) for receivers that ask for one.
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -68,6 +68,34 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// The file this config was read from, if any.
     pub source: Option<Source>,
+    /// Where audit records are sent as they are committed (`[[audit.export]]`).
+    pub audit_export: Vec<AuditExport>,
+}
+
+/// One destination of the audit log's records.
+#[derive(Clone)]
+pub struct AuditExport {
+    /// Unique; keys how far this export has got.
+    pub name: String,
+    pub to: ExportTo,
+    /// What the operator wrote, for comparing exports across reloads.
+    pub spec: String,
+}
+
+impl fmt::Debug for AuditExport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.spec)
+    }
+}
+
+#[derive(Clone)]
+pub enum ExportTo {
+    /// RFC 5424 messages over TLS to `address` (`host:port`).
+    Syslog { address: String, server_name: rustls::pki_types::ServerName<'static>, tls: Arc<rustls::ClientConfig> },
+    /// JSON lines appended to a file.
+    File(PathBuf),
+    /// JSON lines on standard output.
+    Stdout,
 }
 
 /// A config file as read: where, and the SHA-256 of its text.

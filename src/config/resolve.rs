@@ -139,6 +139,8 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         );
     }
 
+    let audit_export = audit_export(c, f.audit, base);
+
     if c.0.is_empty() {
         Ok(Config {
             server,
@@ -157,6 +159,7 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
             log,
             admin_listen,
             source: None,
+            audit_export,
         })
     } else {
         Err(Problems(std::mem::take(&mut c.0)))
@@ -164,6 +167,133 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
 }
 
 /// A path from the config: relative ones are taken from the config file's folder.
+/// `[[audit.export]]`: each a syslog receiver over TLS or a file of JSON lines.
+fn audit_export(c: &mut Collector, f: file::Audit, base: &Path) -> Vec<crate::config::AuditExport> {
+    use crate::config::{AuditExport, ExportTo};
+    use crate::tls_client::{ClientCert, Trust};
+    let mut out: Vec<AuditExport> = Vec::new();
+    for (i, e) in f.export.into_iter().enumerate() {
+        let key = format!("audit.export[{i}]");
+        let spec = format!("{e:?}");
+        let tls_keys = [
+            ("ca_file", e.ca_file.is_some()),
+            ("fingerprint", e.fingerprint.is_some()),
+            ("server_name", e.server_name.is_some()),
+            ("client_cert", e.client_cert.is_some()),
+            ("client_key", e.client_key.is_some()),
+        ];
+        let (to, default_name) = match (&e.syslog, &e.file) {
+            (Some(_), Some(_)) | (None, None) => {
+                c.add(
+                    &key,
+                    "needs exactly one of syslog and file",
+                    "syslog = \"siem.example.com:6514\" or file = \"/var/log/poort/audit.jsonl\"",
+                );
+                continue;
+            }
+            (None, Some(path)) => {
+                for (k, set) in tls_keys {
+                    if set {
+                        c.add(format!("{key}.{k}"), "only applies to a syslog export", "remove it");
+                    }
+                }
+                if path == "-" {
+                    (ExportTo::Stdout, "stdout".to_string())
+                } else {
+                    (ExportTo::File(at(base, path)), format!("file:{path}"))
+                }
+            }
+            (Some(address), None) => {
+                let Some((host, port)) =
+                    address.rsplit_once(':').filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+                else {
+                    c.add(
+                        format!("{key}.syslog"),
+                        format!("{address:?} is not host:port"),
+                        "for example \"siem.example.com:6514\"",
+                    );
+                    continue;
+                };
+                let _ = port;
+                let trust = match (&e.ca_file, &e.fingerprint) {
+                    (Some(_), Some(_)) => {
+                        c.add(
+                            format!("{key}.ca_file"),
+                            "ca_file and fingerprint each say how to trust the receiver",
+                            "choose one of them",
+                        );
+                        continue;
+                    }
+                    (Some(p), None) => Trust::CaFile(at(base, p)),
+                    (None, Some(fp)) => match crate::tls_client::parse_fingerprint(fp) {
+                        Ok(d) => Trust::Pinned(d),
+                        Err(err) => {
+                            c.add(
+                                format!("{key}.fingerprint"),
+                                format!("{err}"),
+                                "openssl x509 -in receiver.pem -noout -fingerprint -sha256 prints it",
+                            );
+                            continue;
+                        }
+                    },
+                    (None, None) => Trust::SystemRoots,
+                };
+                let client = match (&e.client_cert, &e.client_key) {
+                    (Some(cert), Some(k)) => Some(ClientCert { cert: at(base, cert), key: at(base, k) }),
+                    (None, None) => None,
+                    _ => {
+                        c.add(
+                            format!("{key}.client_cert"),
+                            "a client certificate needs its key, and a key its certificate",
+                            "set both client_cert and client_key, or neither",
+                        );
+                        continue;
+                    }
+                };
+                let name = e.server_name.as_deref().unwrap_or(host);
+                let server_name = match crate::tls_client::server_name(name) {
+                    Ok(n) => n,
+                    Err(err) => {
+                        c.add(format!("{key}.server_name"), format!("{err}"), "the name in the receiver's certificate");
+                        continue;
+                    }
+                };
+                let tls = match crate::tls_client::config(&trust, client.as_ref(), &[]) {
+                    Ok(t) => t,
+                    Err(err) => {
+                        c.add(&key, format!("{err:#}"), "check the CA, client certificate and key files");
+                        continue;
+                    }
+                };
+                (ExportTo::Syslog { address: address.clone(), server_name, tls }, format!("syslog:{address}"))
+            }
+        };
+        let name = e.name.clone().unwrap_or(default_name);
+        if !name.chars().all(|ch| ch.is_ascii_graphic()) || name.is_empty() || name.len() > 128 {
+            c.add(
+                format!("{key}.name"),
+                format!("{name:?} is not a usable name"),
+                "1-128 printable characters, no spaces",
+            );
+            continue;
+        }
+        if out.iter().any(|o| o.name == name) {
+            c.add(
+                format!("{key}.name"),
+                format!("{name:?} is used by another export"),
+                "give each export its own name",
+            );
+            continue;
+        }
+        if matches!(to, ExportTo::Stdout) && out.iter().any(|o| matches!(o.to, ExportTo::Stdout)) {
+            c.add(format!("{key}.file"), "standard output is already an export", "export to standard output once");
+            continue;
+        }
+        out.push(AuditExport { name, to, spec });
+    }
+    out
+}
+
 fn at(base: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
     if p.is_absolute() { p.to_path_buf() } else { base.join(p) }

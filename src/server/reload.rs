@@ -85,7 +85,12 @@ pub struct Control {
     pub challenges: Option<Arc<crate::acme::Challenges>>,
     pub stopped: watch::Receiver<bool>,
     pub one_at_a_time: tokio::sync::Mutex<()>,
+    /// The audit exports running, and their stop.
+    pub exports: tokio::sync::Mutex<Option<Exports>>,
 }
+
+/// Running audit exports: their stop, and their tasks.
+pub type Exports = (oneshot::Sender<()>, Vec<JoinHandle<()>>);
 
 /// What `poort reload` asks for and what the gateway answers, in the store's settings.
 pub const RELOAD_ASKED: &str = "reload_asked";
@@ -230,9 +235,56 @@ impl Control {
         if let Some(first) = first_rules {
             super::rules_outcome(&gw, first).await;
         }
+        if !same(&was.audit_export, &cfg.audit_export) {
+            self.start_exports(&gw).await;
+        }
         // Open WebSockets and tunnels the new config does not allow end now.
         let cut = gw.state.grants.review(|h| still_allowed(&cfg, h));
         Ok(Reloaded { changed, cut })
+    }
+
+    /// Starts the audit exports of `gw`'s config, once those running have stopped (two
+    /// writers of one export would repeat records).
+    pub async fn start_exports(&self, gw: &Gateway) {
+        let mut exports = self.exports.lock().await;
+        if let Some((stop, tasks)) = exports.take() {
+            let _ = stop.send(());
+            for mut t in tasks {
+                if tokio::time::timeout(Duration::from_secs(2), &mut t).await.is_err() {
+                    t.abort();
+                }
+            }
+        }
+        let (tx, rx) = oneshot::channel::<()>();
+        let rx = futures_util::FutureExt::shared(async move {
+            let _ = rx.await;
+        });
+        let mut tasks = Vec::new();
+        for e in &gw.state.cfg.audit_export {
+            let st = &gw.state;
+            let stop = self.until_either(rx.clone());
+            tasks.push(tokio::spawn(crate::audit::export::run(
+                e.clone(),
+                st.store.clone(),
+                st.audit.committed(),
+                st.metrics.clone(),
+                stop,
+            )));
+        }
+        *exports = Some((tx, tasks));
+    }
+
+    fn until_either(
+        &self,
+        own: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let all = super::until_stop(self.stopped.clone());
+        async move {
+            tokio::select! {
+                () = all => {}
+                () = own => {}
+            }
+        }
     }
 
     /// Serves the plain-HTTP redirect on `l` until the gateway stops or a reload replaces it.
@@ -254,13 +306,9 @@ impl Control {
     }
 
     fn until(&self, own: oneshot::Receiver<()>) -> impl Future<Output = ()> + Send + 'static {
-        let all = super::until_stop(self.stopped.clone());
-        async move {
-            tokio::select! {
-                () = all => {}
-                _ = own => {}
-            }
-        }
+        self.until_either(async move {
+            let _ = own.await;
+        })
     }
 
     /// Answers `poort reload` if it asked since the last look.
@@ -360,6 +408,7 @@ fn changes(was: &Config, now: &Config) -> Vec<String> {
     note("auth", same(&was.auth, &now.auth));
     note("log", same(&was.log, &now.log));
     note("admin", was.admin_listen == now.admin_listen);
+    note("audit", same(&was.audit_export, &now.audit_export));
     out
 }
 

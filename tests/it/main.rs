@@ -4,6 +4,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod acme;
+mod audit_export;
 mod cli;
 mod compat;
 mod flow;
