@@ -361,12 +361,14 @@ fn check(path: &Path) -> i32 {
             if !cfg.auth.oidc.is_empty() {
                 sources.push(count(cfg.auth.oidc.len(), "single sign-on provider"));
             }
+            let exports: Vec<&str> = cfg.audit_export.iter().map(|e| e.name.as_str()).collect();
             println!(
-                "{}: ok ({}, {}; sign-in: {})",
+                "{}: ok ({}, {}; sign-in: {}; audit export: {})",
                 path.display(),
                 count(cfg.apps.len(), "app"),
                 count(cfg.tunnels.len(), "tunnel"),
-                sources.join(", ")
+                sources.join(", "),
+                if exports.is_empty() { "none".into() } else { exports.join(", ") }
             );
             for w in cfg.warnings() {
                 println!("warning: {w}");
