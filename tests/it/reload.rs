@@ -161,6 +161,21 @@ async fn every_kind_of_reload_under_load_fails_no_request() {
     assert_eq!(gate.running.as_ref().unwrap().gateway().state.sessions.timeouts().idle, Duration::from_secs(2700));
     pause().await;
 
+    // A tunnel, a single sign-on provider and the access log.
+    std::fs::write(gate.dir.0.join("oidc-secret"), "s3cret").unwrap();
+    gate.edit_config(|t| {
+        format!(
+            "{t}\n[[tunnel]]\nname = \"more\"\ntarget = \"{}\"\naccess = \"authenticated\"\n\
+             [auth.oidc.corp]\ntitle = \"Corp ID\"\nissuer = \"http://127.0.0.1:1\"\nclient_id = \"poort\"\nclient_secret_file = \"oidc-secret\"\n\
+             [log]\naccess = false\n",
+            gate.sink.addr
+        )
+    });
+    assert_eq!(gate.reload().await.unwrap().changed, ["tunnel", "auth", "log"]);
+    let login = gate.get("/.poort/login", None).await.text();
+    assert!(login.contains("Corp ID"), "the new provider is offered: {login}");
+    pause().await;
+
     // The certificate: new connections get the new one, open ones go on.
     let der = second_certificate(&gate);
     assert_ne!(served_certificate(&gate).await, der);
@@ -180,6 +195,9 @@ async fn every_kind_of_reload_under_load_fails_no_request() {
     let why = gate.reload().await.unwrap_err();
     assert!(why.contains("app[extra].path"), "{why}");
     assert_eq!(gate.get("/extra/", Some(&alice)).await.status, 200);
+    gate.edit_config(|_| good.replacen("access = false", "access = false\nformat = \"json\"", 1));
+    let why = gate.reload().await.unwrap_err();
+    assert!(why.contains("log.format changed"), "{why}");
     gate.edit_config(|_| good.replacen("[store]", "workers = 7\n[store]", 1));
     let why = gate.reload().await.unwrap_err();
     assert!(why.contains("server.workers changed") && why.contains("restart"), "{why}");
@@ -202,13 +220,13 @@ async fn every_kind_of_reload_under_load_fails_no_request() {
     let app = opened.iter().filter(|e| e["app"] == "app" && e["user"] == "alice").count();
     assert_eq!(app, 1, "{opened:?}");
     // Every reload and refusal is audited and counted.
-    assert_eq!(gate.audit("config_reloaded").len(), 5);
+    assert_eq!(gate.audit("config_reloaded").len(), 6);
     let refused = gate.audit("config_refused");
-    assert_eq!(refused.len(), 2);
+    assert_eq!(refused.len(), 3);
     assert_eq!(refused[0]["trigger"], "poort reload");
     let metrics = gate.scrape().await;
-    assert!(metrics.contains("poort_config_reloads_total{result=\"loaded\"} 5"), "{metrics}");
-    assert!(metrics.contains("poort_config_reloads_total{result=\"refused\"} 2"), "{metrics}");
+    assert!(metrics.contains("poort_config_reloads_total{result=\"loaded\"} 6"), "{metrics}");
+    assert!(metrics.contains("poort_config_reloads_total{result=\"refused\"} 3"), "{metrics}");
 }
 
 /// Opens a WebSocket to the echo app as `session` and checks it echoes.
