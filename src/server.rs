@@ -160,6 +160,8 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         stopped: stopped.clone(),
         one_at_a_time: tokio::sync::Mutex::new(()),
         exports: tokio::sync::Mutex::new(None),
+        exporting: Mutex::new(Vec::new()),
+        refused: Mutex::new(None),
     });
     control.start_exports(&gateway).await;
     if let Some(l) = redirect {
@@ -205,7 +207,7 @@ async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("invariant: installing a signal handler works");
     let mut flush = tokio::time::interval(Duration::from_secs(10));
-    let mut watcher = control.live.get().state.cfg.source.as_ref().map(|s| FileWatch::new(&s.path));
+    let mut watcher = control.live.get().state.cfg.source.as_ref().map(FileWatch::new);
     loop {
         tokio::select! {
             _ = poll.tick() => {

@@ -6,8 +6,10 @@ use super::*;
 pub enum AuditCmd {
     /// Show the latest records.
     Tail {
+        /// How many of the latest records.
         #[arg(short = 'n', default_value_t = 20)]
         n: usize,
+        /// One JSON object per record (seq, at, event, hash).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -23,8 +25,7 @@ pub enum AuditCmd {
 pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
     match cmd {
         AuditCmd::Tail { n, json, config } => {
-            let cfg = load(&config.config)?;
-            let conn = crate::store::open_connection(&cfg.database)?;
+            let conn = crate::store::open_connection(&database(&config.config)?)?;
             for r in crate::audit::tail(&conn, n)? {
                 if json {
                     let detail: serde_json::Value = serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null);
@@ -39,8 +40,7 @@ pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         AuditCmd::Verify { config } => {
-            let cfg = load(&config.config)?;
-            let conn = crate::store::open_connection(&cfg.database)?;
+            let conn = crate::store::open_connection(&database(&config.config)?)?;
             match crate::audit::verify(&conn)? {
                 Verdict::Intact { records, head } => {
                     println!("audit log intact: {records} records; head {head}");
@@ -52,5 +52,25 @@ pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
                 }
             }
         }
+    }
+}
+
+/// The database of the config: read from `[store]` alone if the rest of the file has problems,
+/// so that the audit log stays readable while a refused config is on disk (its reason is in
+/// there).
+fn database(path: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    match crate::config::load(path) {
+        Ok(cfg) => Ok(cfg.database),
+        Err(problems) => match crate::config::store_only(path) {
+            Ok(db) => {
+                eprintln!(
+                    "note: {} has {} problem(s) (poort check lists them); reading the audit log its [store] names",
+                    path.display(),
+                    problems.0.len()
+                );
+                Ok(db)
+            }
+            Err(_) => Err(super::BadConfig(problems).into()),
+        },
     }
 }

@@ -70,7 +70,9 @@ pub enum Command {
     Serve(ConfigArg),
     /// Check a config file; print every problem and exit 64 if there is any.
     Check(CheckArgs),
-    /// Check the config file, then have the running gateway read it again and say the outcome.
+    /// Check the config file, then have the gateway running on its data folder read it again.
+    /// Exit 0: in force (or nothing changed); 1: the gateway refused it and keeps its config;
+    /// 2: no gateway answered; 64: the file has problems (the gateway was not asked).
     Reload(ConfigArg),
     /// Manage local users.
     #[command(subcommand)]
@@ -141,6 +143,13 @@ pub struct CheckArgs {
 fn reload(path: &std::path::Path) -> anyhow::Result<i32> {
     use crate::server::reload::{Answer, RELOAD_ANSWERED, RELOAD_ASKED};
     let cfg = load(path)?;
+    if !cfg.database.exists() {
+        eprintln!(
+            "No store at {}: no gateway has run on this config's data folder (hint: pass the config the gateway serves)",
+            cfg.database.display()
+        );
+        return Ok(2);
+    }
     let store = Store::open(&cfg.database)?;
     let asked = store.with(|c| {
         let n = Store::setting(c, RELOAD_ASKED)?.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1;
@@ -174,10 +183,11 @@ fn reload(path: &std::path::Path) -> anyhow::Result<i32> {
             }
         };
     }
-    bail!(
-        "no gateway answered within 15 s: is one running on {}? (hint: a gateway also reloads on SIGHUP: systemctl reload poort)",
+    eprintln!(
+        "No gateway answered within 15 s: is one running on {}? (hint: a gateway also reloads on SIGHUP: systemctl reload poort)",
         cfg.database.display()
-    )
+    );
+    Ok(2)
 }
 
 /// A config that does not check out: its problems, each with its key and a hint.
@@ -227,7 +237,7 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Reload(c) => reload(&c.config),
         Command::Quickstart { data_dir, no_serve, listen, external_url, admin_listen } => {
-            let cfg = quickstart(&data_dir, listen, external_url.as_deref(), &admin_listen)?;
+            let cfg = quickstart(&data_dir, listen, external_url.as_deref(), &admin_listen, no_serve)?;
             if no_serve { Ok(0) } else { serve(cfg) }
         }
         Command::User(cmd) => user::run(cmd),

@@ -18,9 +18,10 @@ pub fn random_password() -> String {
 }
 
 const QUICKSTART_CONFIG: &str = r#"# Written by `poort quickstart`. Edit it, check it with
-#   poort check --config poort-data/poort.toml
+#   poort check --config @CONFIG@
 # and serve it with
-#   poort serve --config poort-data/poort.toml
+#   poort serve --config @CONFIG@
+# A running gateway reads this file again when it changes (or: poort reload --config @CONFIG@).
 # Every key is described in docs/configuration.md.
 
 [server]
@@ -77,6 +78,7 @@ pub fn quickstart(
     listen: std::net::SocketAddr,
     external_url: Option<&str>,
     admin_listen: &str,
+    no_serve: bool,
 ) -> anyhow::Result<Config> {
     let external = match external_url {
         Some(u) => u.trim_end_matches('/').to_string(),
@@ -93,7 +95,8 @@ pub fn quickstart(
         let text = QUICKSTART_CONFIG
             .replace("@LISTEN@", &listen.to_string())
             .replace("@EXTERNAL_URL@", &external)
-            .replace("@ADMIN_LISTEN@", admin_listen);
+            .replace("@ADMIN_LISTEN@", admin_listen)
+            .replace("@CONFIG@", &config_path.display().to_string());
         std::fs::write(&config_path, text).with_context(|| format!("writing {}", config_path.display()))?;
         println!("Wrote {}", config_path.display());
     } else if listen.to_string() != "127.0.0.1:8443" || external_url.is_some() || admin_listen != "127.0.0.1:9464" {
@@ -136,5 +139,8 @@ pub fn quickstart(
         println!("Created user admin (group admins). Its password, shown only this once:\n\n    {pw}\n");
     }
     println!("Open {}/ and sign in as admin.", cfg.server.external_origin);
+    if no_serve {
+        println!("Serve it with: poort serve --config {}", config_path.display());
+    }
     Ok(cfg)
 }

@@ -103,6 +103,9 @@ pub enum ExportTo {
 pub struct Source {
     pub path: PathBuf,
     pub sha256: String,
+    /// The file's modification time and length before it was read: a change after that is
+    /// a change to reload.
+    pub stamp: Option<(std::time::SystemTime, u64)>,
 }
 
 /// `[log]`: how poort writes its log (to standard error).
@@ -399,6 +402,7 @@ impl Config {
 
 /// Reads and resolves a config file. Relative paths in it are taken from its folder.
 pub fn load(path: &Path) -> Result<Config, Problems> {
+    let stamp = std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
     let text = std::fs::read_to_string(path).map_err(|e| {
         Problems(vec![Problem {
             path: path.display().to_string(),
@@ -408,9 +412,32 @@ pub fn load(path: &Path) -> Result<Config, Problems> {
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut cfg = parse(&text, &base)?;
-    cfg.source =
-        Some(Source { path: path.to_path_buf(), sha256: crate::secret::hex(&crate::secret::sha256(text.as_bytes())) });
+    let sha256 = crate::secret::hex(&crate::secret::sha256(text.as_bytes()));
+    cfg.source = Some(Source { path: path.to_path_buf(), sha256, stamp });
     Ok(cfg)
+}
+
+/// Where the store of a config file is, read from its `[store]` table alone: for commands that
+/// read the audit log while the rest of the file has a problem (a reload refused it).
+pub fn store_only(path: &Path) -> Result<PathBuf, Problems> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Problems(vec![Problem {
+            path: path.display().to_string(),
+            message: format!("cannot read the config file: {e}"),
+            hint: "pass an existing file with --config".into(),
+        }])
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| Problems(vec![resolve::toml_problem(&e)]))?;
+    let store = table.get("store").cloned().unwrap_or(toml::Value::Table(toml::Table::new()));
+    let store: file::Store = store.try_into().map_err(|e: toml::de::Error| {
+        Problems(vec![Problem {
+            path: "store".into(),
+            message: e.message().to_string(),
+            hint: "see docs/configuration.md, [store]".into(),
+        }])
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    resolve::store_location(store, &base)
 }
 
 /// Parses and resolves config text; `base` anchors relative paths.

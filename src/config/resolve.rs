@@ -360,6 +360,13 @@ fn server(c: &mut Collector, f: file::Server) -> Server {
 }
 
 /// `[store]`: the data folder and the database file.
+/// The database a `[store]` table names, alone (`config::store_only`).
+pub(super) fn store_location(f: file::Store, base: &Path) -> Result<PathBuf, Problems> {
+    let mut c = Collector(Vec::new());
+    let (_, database) = store(&mut c, f, base);
+    if c.0.is_empty() { Ok(database) } else { Err(Problems(c.0)) }
+}
+
 fn store(c: &mut Collector, f: file::Store, base: &Path) -> (PathBuf, PathBuf) {
     let data_dir = at(base, f.data_dir.as_deref().unwrap_or("poort-data"));
     let database = match f.database_url.as_deref() {

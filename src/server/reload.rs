@@ -85,6 +85,10 @@ pub struct Control {
     pub challenges: Option<Arc<crate::acme::Challenges>>,
     pub stopped: watch::Receiver<bool>,
     pub one_at_a_time: tokio::sync::Mutex<()>,
+    /// The text last refused (its SHA-256) and why.
+    pub refused: Mutex<Option<(String, String)>>,
+    /// The names of the audit exports running.
+    pub exporting: Mutex<Vec<String>>,
     /// The audit exports running, and their stop.
     pub exports: tokio::sync::Mutex<Option<Exports>>,
 }
@@ -112,20 +116,28 @@ impl Control {
             return Err("this gateway was not started from a config file".into());
         };
         let file = source.path.display().to_string();
+        let read =
+            std::fs::read(&source.path).map_or_else(|_| "-".into(), |b| crate::secret::hex(&crate::secret::sha256(&b)));
+        // The file watcher does not refuse the same text twice (an explicit reload does say).
+        if trigger == Trigger::FileChanged
+            && let Some((sha, why)) = self.refused.lock().clone()
+            && sha == read
+        {
+            return Err(why);
+        }
         let (outcome, sha256) = match crate::config::load(&source.path) {
-            Err(problems) => {
-                let sha = std::fs::read(&source.path)
-                    .map_or_else(|_| "-".into(), |b| crate::secret::hex(&crate::secret::sha256(&b)));
-                (Err(problems.to_string().trim_end().replace('\n', "; ")), sha)
-            }
+            Err(problems) => (Err(problems.to_string().trim_end().replace('\n', "; ")), read),
             Ok(cfg) => {
                 let sha = cfg.source.as_ref().map_or_else(|| "-".into(), |s| s.sha256.clone());
                 (self.apply(&old, cfg, trigger).await, sha)
             }
         };
+        *self.refused.lock() = outcome.as_ref().err().map(|why| (sha256.clone(), why.clone()));
         let now = self.live.get();
         match &outcome {
-            Ok(r) if r.changed.is_empty() => {}
+            Ok(r) if r.changed.is_empty() => {
+                tracing::info!(trigger = trigger.as_str(), "Config read again: nothing in it changed");
+            }
             Ok(r) => {
                 tracing::info!(trigger = trigger.as_str(), changed = %r.changed.join(", "), cut = r.cut, "Config reloaded");
                 let ev = Event::ConfigReloaded {
@@ -158,7 +170,9 @@ impl Control {
         }
         needs_no_restart(was, &cfg)?;
         let changed = changes(was, &cfg);
-        for w in cfg.warnings() {
+        // Warnings already given for the config in force are not repeated.
+        let given = was.warnings();
+        for w in cfg.warnings().into_iter().filter(|w| !given.contains(w)) {
             tracing::warn!("{w}");
         }
         let certs = self.certs.stage(cfg.tls.files()).map_err(|e| format!("tls: {e:#}"))?;
@@ -255,6 +269,12 @@ impl Control {
                 }
             }
         }
+        // A removed export's backlog is no longer anyone's to watch.
+        let names: Vec<&str> = gw.state.cfg.audit_export.iter().map(|e| e.name.as_str()).collect();
+        for gone in self.exporting.lock().drain(..).filter(|n| !names.contains(&n.as_str())) {
+            gw.state.metrics.audit_export_pending.remove(&crate::metrics::ExportLabels { export: gone });
+        }
+        self.exporting.lock().extend(names.iter().map(|n| n.to_string()));
         let (tx, rx) = oneshot::channel::<()>();
         let rx = futures_util::FutureExt::shared(async move {
             let _ = rx.await;
@@ -373,7 +393,7 @@ fn same_connections(a: &Server, b: &Server) -> bool {
 fn needs_no_restart(was: &Config, now: &Config) -> Result<(), String> {
     let fixed: [(&str, String, String); 6] = [
         ("store.data_dir", was.data_dir.display().to_string(), now.data_dir.display().to_string()),
-        ("store.database", was.database.display().to_string(), now.database.display().to_string()),
+        ("store.database_url", was.database.display().to_string(), now.database.display().to_string()),
         ("server.workers", was.server.workers.to_string(), now.server.workers.to_string()),
         ("server.external_url", was.server.external_origin.clone(), now.server.external_origin.clone()),
         ("tls.acme", format!("{:?}", was.tls.acme), format!("{:?}", now.tls.acme)),
@@ -445,8 +465,9 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 }
 
 impl FileWatch {
-    pub fn new(path: &Path) -> FileWatch {
-        FileWatch { path: path.to_path_buf(), seen: stamp(path), pending: None }
+    /// Watches the file `source` was read from, for changes since it was read.
+    pub fn new(source: &crate::config::Source) -> FileWatch {
+        FileWatch { path: source.path.clone(), seen: source.stamp, pending: None }
     }
 
     /// True once after the file changed and then stayed the same for `SETTLE`.

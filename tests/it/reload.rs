@@ -346,9 +346,48 @@ async fn the_file_sighup_and_the_command_each_reload() {
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("server.workers changed"), "{said}");
 
+    // The audit log stays readable while a refused file is in place: it says why.
+    let out = gate.cli(&["audit", "tail"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("config_refused"));
+
     let triggers: Vec<String> =
         gate.audit("config_reloaded").iter().map(|e| e["trigger"].as_str().unwrap().to_string()).collect();
     assert_eq!(triggers, ["file changed", "SIGHUP", "poort reload"]);
     let log = gate.process_log();
     assert!(log.contains("Config not reloaded; the running config stays"), "{log}");
+}
+
+/// The file watcher refuses a bad file once, however often it is saved unchanged; `poort
+/// reload` for a data folder no gateway has run on says so and creates nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_file_is_refused_once_and_reload_needs_a_gateway() {
+    let gate = Gate::start().await;
+    gate.edit_config(|t| t.replacen("path = \"/pub/\"", "path = \"pub\"", 1));
+    eventually("the watcher to refuse the file", Duration::from_secs(5), async || {
+        !gate.audit("config_refused").is_empty()
+    })
+    .await;
+    for _ in 0..2 {
+        let text = std::fs::read_to_string(&gate.config_path).unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        std::fs::write(&gate.config_path, text).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let refused = gate.audit("config_refused");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["trigger"], "file changed");
+
+    let elsewhere = crate::harness::TempDir::new();
+    let config = elsewhere.0.join("poort.toml");
+    std::fs::write(&config, "[store]\ndata_dir = \"data\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poort"))
+        .args(["reload", "--config"])
+        .arg(&config)
+        .env("POORT_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("No store at"));
+    assert!(!elsewhere.0.join("data").exists(), "nothing was created");
 }
