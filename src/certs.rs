@@ -80,9 +80,9 @@ impl Certs {
     }
 
     /// Loads the certificates of a changed config without using them yet: None if they are
-    /// the files in use; an error names the file at fault.
-    pub fn stage(&self, files: Vec<CertFiles>) -> anyhow::Result<Option<Staged>> {
-        if *self.files.read() == files {
+    /// the files in use (unless `again`: read them anyway); an error names the file at fault.
+    pub fn stage(&self, files: Vec<CertFiles>, again: bool) -> anyhow::Result<Option<Staged>> {
+        if *self.files.read() == files && !again {
             return Ok(None);
         }
         anyhow::ensure!(!files.is_empty(), "no certificate is configured");

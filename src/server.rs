@@ -237,10 +237,13 @@ async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>) {
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the config, the mitigation rules and the certificates");
-                let _ = control.reload(Trigger::Signal).await;
-                let gw = control.live.get();
-                rules_outcome(&gw, gw.state.mitigation.reload(gw.state.clock.now())).await;
-                reload_certs(&control.certs);
+                // A reload in force has read the rules and certificates again; a refused one
+                // has not, so they are read on their own.
+                if control.reload(Trigger::Signal).await.is_err() {
+                    let gw = control.live.get();
+                    rules_outcome(&gw, gw.state.mitigation.reload(gw.state.clock.now())).await;
+                    reload_certs(&control.certs);
+                }
             }
             _ = flush.tick() => {
                 let gw = control.live.get();

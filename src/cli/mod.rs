@@ -141,19 +141,24 @@ pub struct CheckArgs {
 /// not asked), then asks the gateway on the same data directory through the store and waits
 /// for its answer.
 fn reload(path: &std::path::Path) -> anyhow::Result<i32> {
-    use crate::server::reload::{Answer, RELOAD_ANSWERED, RELOAD_ASKED};
+    use crate::server::reload::{Answer, Ask, RELOAD_ANSWERED, RELOAD_ASKED};
     let cfg = load(path)?;
     if !cfg.database.exists() {
         eprintln!(
-            "No store at {}: no gateway has run on this config's data folder (hint: pass the config the gateway serves)",
+            "No store at {}: no gateway has run on this config's data folder (hint: pass the config the gateway serves; a changed [store] needs a restart)",
             cfg.database.display()
         );
         return Ok(2);
     }
     let store = Store::open(&cfg.database)?;
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let asked = store.with(|c| {
-        let n = Store::setting(c, RELOAD_ASKED)?.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + 1;
-        Store::put_setting(c, RELOAD_ASKED, &n.to_string())?;
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let last = Store::setting(&tx, RELOAD_ASKED)?.and_then(|v| serde_json::from_str::<Ask>(&v).ok());
+        let n = last.map_or(0, |a| a.n) + 1;
+        let ask = serde_json::to_string(&Ask { n, path: path.clone() }).unwrap_or_default();
+        Store::put_setting(&tx, RELOAD_ASKED, &ask)?;
+        tx.commit()?;
         Ok(n)
     })?;
     let deadline = crate::clock::instant() + std::time::Duration::from_secs(15);
@@ -363,6 +368,17 @@ fn check_live(cfg: &Config) -> anyhow::Result<i32> {
 fn check(path: &Path) -> i32 {
     match config::load(path) {
         Ok(cfg) => {
+            // The rules file is part of what a gateway needs to start (or reload) with.
+            if let Some(rules) = &cfg.mitigate.rules_file
+                && let Err(problems) =
+                    crate::mitigate::load_file(rules, cfg.mitigate.public_key.as_deref(), SystemClock.now())
+            {
+                for p in &problems {
+                    eprintln!("mitigate.rules_file: {p} (hint: poort rules test --help shows how to try a rules file)");
+                }
+                eprintln!("{}: {} problem(s)", path.display(), problems.len());
+                return EXIT_CONFIG;
+            }
             let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
             let mut sources = vec!["local accounts".to_string()];
             if cfg.auth.ldap.is_some() {

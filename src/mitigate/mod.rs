@@ -135,6 +135,9 @@ pub struct Mitigation {
     lockdown_config: bool,
     lockdown_switch: AtomicBool,
     pub admin_group: String,
+    /// Whether this engine is the one in force, and so writes `rules-status.json` (one a
+    /// reload prepares does not, until it is put in force).
+    publishes: AtomicBool,
 }
 
 impl std::fmt::Debug for Mitigation {
@@ -165,6 +168,37 @@ impl Mitigation {
         applied: Option<Applied>,
         now: i64,
     ) -> anyhow::Result<(Mitigation, Reload)> {
+        Mitigation::prepare(cfg, data_dir, applied, now, true)
+    }
+
+    /// As `start`, for a reload: the engine writes no status until `publish`.
+    pub fn staged(
+        cfg: &crate::config::Mitigate,
+        data_dir: &Path,
+        applied: Option<Applied>,
+        now: i64,
+    ) -> anyhow::Result<(Mitigation, Reload)> {
+        Mitigation::prepare(cfg, data_dir, applied, now, false)
+    }
+
+    /// Puts a staged engine's status in `rules-status.json`: it is the one in force now.
+    pub fn publish(&self) {
+        self.publishes.store(true, Ordering::Relaxed);
+        self.write_status();
+    }
+
+    /// How many rules are in force.
+    pub fn rule_count(&self) -> usize {
+        self.rules.read().rules.len()
+    }
+
+    fn prepare(
+        cfg: &crate::config::Mitigate,
+        data_dir: &Path,
+        applied: Option<Applied>,
+        now: i64,
+        publish: bool,
+    ) -> anyhow::Result<(Mitigation, Reload)> {
         let m = Mitigation {
             file: cfg.rules_file.clone(),
             public_key: cfg.public_key.clone(),
@@ -177,6 +211,7 @@ impl Mitigation {
             lockdown_config: cfg.lockdown,
             lockdown_switch: AtomicBool::new(false),
             admin_group: cfg.admin_group.clone(),
+            publishes: AtomicBool::new(publish),
         };
         let mut first = m.reload(now);
         // A file being written at this moment: wait for it to settle (at most five seconds).
@@ -288,6 +323,9 @@ impl Mitigation {
     }
 
     pub fn write_status(&self) {
+        if !self.publishes.load(Ordering::Relaxed) {
+            return;
+        }
         let status = self.status.lock().clone();
         if let Ok(json) = serde_json::to_vec_pretty(&status) {
             let tmp = self.status_path.with_extension("json.tmp");

@@ -100,6 +100,13 @@ pub type Exports = (oneshot::Sender<()>, Vec<JoinHandle<()>>);
 pub const RELOAD_ASKED: &str = "reload_asked";
 pub const RELOAD_ANSWERED: &str = "reload_answered";
 
+/// What `poort reload` asks: its number, and the config file it checked.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ask {
+    pub n: u64,
+    pub path: PathBuf,
+}
+
 /// The gateway's answer to `poort reload` number `asked`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Answer {
@@ -175,15 +182,18 @@ impl Control {
         for w in cfg.warnings().into_iter().filter(|w| !given.contains(w)) {
             tracing::warn!("{w}");
         }
-        let certs = self.certs.stage(cfg.tls.files()).map_err(|e| format!("tls: {e:#}"))?;
-        // The rules engine is made again only if its settings changed; the new rules file is
-        // read and checked now.
-        let mitigation = if same(&was.mitigate, &cfg.mitigate) {
+        // SIGHUP and `poort reload` read again every file the config names: a certificate or
+        // rules file that does not load refuses the reload, as it would refuse a start.
+        let explicit = trigger != Trigger::FileChanged;
+        let certs = self.certs.stage(cfg.tls.files(), explicit).map_err(|e| format!("tls: {e:#}"))?;
+        // The rules engine is made again if its settings changed, or on an explicit reload;
+        // the rules file is read and checked now.
+        let mitigation = if same(&was.mitigate, &cfg.mitigate) && !explicit {
             None
         } else {
             let applied = super::applied_rules(&old.state.store).map_err(|e| format!("mitigate: {e:#}"))?;
             let (m, first) =
-                crate::mitigate::Mitigation::start(&cfg.mitigate, &cfg.data_dir, applied, old.state.clock.now())
+                crate::mitigate::Mitigation::staged(&cfg.mitigate, &cfg.data_dir, applied, old.state.clock.now())
                     .map_err(|e| format!("mitigate: {e:#}"))?;
             m.set_lockdown_switch(old.state.mitigation.lockdown_switch());
             Some((m, first))
@@ -247,6 +257,14 @@ impl Control {
             gw.state.sessions.cut_all_but(&gw.state.mitigation.admin_group);
         }
         if let Some(first) = first_rules {
+            gw.state.mitigation.publish();
+            let dropped = old.state.mitigation.rule_count();
+            if cfg.mitigate.rules_file.is_none() && dropped > 0 {
+                tracing::warn!(
+                    rules = dropped,
+                    "The config names no rules file any more: the emergency rules in force are dropped"
+                );
+            }
             super::rules_outcome(&gw, first).await;
         }
         if !same(&was.audit_export, &cfg.audit_export) {
@@ -334,12 +352,27 @@ impl Control {
     /// Answers `poort reload` if it asked since the last look.
     pub async fn answer_reload_command(&self, gw: &Gateway) {
         let asked = gw.state.store.run(|c| Store::setting(c, RELOAD_ASKED)).await;
-        let Some(asked) = asked.ok().flatten().and_then(|v| v.parse::<u64>().ok()) else { return };
+        let Some(ask) = asked.ok().flatten().and_then(|v| serde_json::from_str::<Ask>(&v).ok()) else { return };
+        let asked = ask.n;
         let answered = gw.state.store.run(|c| Store::setting(c, RELOAD_ANSWERED)).await.ok().flatten();
         if answered.and_then(|a| serde_json::from_str::<Answer>(&a).ok()).is_some_and(|a| a.asked >= asked) {
             return;
         }
-        let result = self.reload(Trigger::Command).await;
+        // The file asked about must be the one this gateway serves: another file would be
+        // checked by the command and never read here.
+        let serves = gw.state.cfg.source.as_ref().map(|s| s.path.clone());
+        let same_file = serves.as_ref().is_some_and(|p| {
+            std::fs::canonicalize(p).ok().is_some_and(|a| std::fs::canonicalize(&ask.path).ok() == Some(a))
+        });
+        let result = if same_file {
+            self.reload(Trigger::Command).await
+        } else {
+            Err(format!(
+                "this gateway serves {}, not {}: nothing was read (hint: edit the file it serves, or pass that one to poort reload)",
+                serves.map_or_else(|| "no file".into(), |p| p.display().to_string()),
+                ask.path.display()
+            ))
+        };
         let answer = serde_json::to_string(&Answer { asked, result }).unwrap_or_default();
         if let Err(e) = gw.state.store.run(move |c| Store::put_setting(c, RELOAD_ANSWERED, &answer)).await {
             tracing::error!(error = %e, "Answering poort reload failed");

@@ -99,6 +99,7 @@ pub struct Line {
     /// Set once `cut` is: a cheap look for the request path.
     is_cut: std::sync::atomic::AtomicBool,
     expires_at: UnixTime,
+    created_at: UnixTime,
     last_seen: AtomicI64,
     persisted_seen: AtomicI64,
     user: String,
@@ -293,8 +294,11 @@ impl Sessions {
         *self.timeouts.write() = t;
     }
 
-    fn expired(&self, created_or_expiry: UnixTime, last_seen: UnixTime, now: UnixTime) -> Option<bool> {
-        if now >= created_or_expiry {
+    /// Some(idle) if a session past its expiry, or idle too long, or older than the absolute
+    /// timeout in force now (a reload that shortens it reaches sessions already open).
+    fn expired(&self, expires_at: UnixTime, created_at: UnixTime, last_seen: UnixTime, now: UnixTime) -> Option<bool> {
+        let end = expires_at.min(created_at.saturating_add(self.timeouts().absolute.as_secs() as i64));
+        if now >= end {
             Some(false)
         } else if now - last_seen >= self.timeouts().idle.as_secs() as i64 {
             Some(true)
@@ -331,7 +335,7 @@ impl Sessions {
                 }
             }
         };
-        if let Some(idle) = self.expired(session.expires_at, session.last_seen(), now) {
+        if let Some(idle) = self.expired(session.expires_at, session.created_at, session.last_seen(), now) {
             self.forget(&session.id, "session expired");
             let id = session.id.clone();
             let _ = self.store.run(move |c| Store::delete_session(c, &id)).await;
@@ -352,6 +356,7 @@ impl Sessions {
                 cut: watch::channel(None).0,
                 is_cut: std::sync::atomic::AtomicBool::new(false),
                 expires_at: row.expires_at,
+                created_at: row.created_at,
                 last_seen: AtomicI64::new(row.last_seen),
                 persisted_seen: AtomicI64::new(row.last_seen),
                 user: row.user.clone(),
@@ -486,10 +491,9 @@ impl Sessions {
 
     /// Cuts the lines of sessions past their absolute expiry or idle timeout.
     pub fn cut_expired(&self, now: UnixTime) {
-        let idle = self.timeouts().idle.as_secs() as i64;
         let mut lines = self.lines.lock();
         lines.retain(|_, l| {
-            let over = now >= l.expires_at || now - l.last_seen.load(Ordering::Relaxed) >= idle;
+            let over = self.expired(l.expires_at, l.created_at, l.last_seen.load(Ordering::Relaxed), now).is_some();
             if over {
                 l.cut("session expired");
             }
@@ -575,7 +579,7 @@ impl Sessions {
             store.purge_expired(now, idle)
         })
         .await??;
-        self.cache.write().retain(|_, s| self.expired(s.expires_at, s.last_seen(), now).is_none());
+        self.cache.write().retain(|_, s| self.expired(s.expires_at, s.created_at, s.last_seen(), now).is_none());
         Ok(())
     }
 

@@ -346,6 +346,19 @@ async fn the_file_sighup_and_the_command_each_reload() {
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("server.workers changed"), "{said}");
 
+    // A file other than the one the gateway serves is not what it reads: it says so.
+    let other = gate.dir.0.join("other.toml");
+    std::fs::copy(&gate.config_path, &other).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poort"))
+        .args(["reload", "--config"])
+        .arg(&other)
+        .env("POORT_LOG", "warn")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("this gateway serves") && said.contains("other.toml"), "{said}");
+
     // The audit log stays readable while a refused file is in place: it says why.
     let out = gate.cli(&["audit", "tail"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -390,4 +403,28 @@ async fn a_bad_file_is_refused_once_and_reload_needs_a_gateway() {
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("No store at"));
     assert!(!elsewhere.0.join("data").exists(), "nothing was created");
+}
+
+/// SIGHUP and `poort reload` read every file the config names again: a certificate that no
+/// longer loads refuses the reload. A shorter absolute timeout reaches sessions already open.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_explicit_reload_checks_the_files_and_shorter_timeouts_reach_open_sessions() {
+    let gate = Gate::start().await;
+    let alice = gate.login("alice").await;
+    let cert = gate.dir.0.join("cert.pem");
+    let good = std::fs::read(&cert).unwrap();
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+        .unwrap();
+    let why = gate.reload().await.unwrap_err();
+    assert!(why.starts_with("tls:"), "{why}");
+    std::fs::write(&cert, good).unwrap();
+    assert!(gate.reload().await.is_ok());
+
+    assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200);
+    gate.edit_config(|t| format!("{t}\n[session]\nabsolute_timeout = \"2m\"\nidle_timeout = \"90s\"\n"));
+    assert_eq!(gate.reload().await.unwrap().changed, ["session"]);
+    gate.clock.advance(60);
+    assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200);
+    gate.clock.advance(61);
+    assert_eq!(gate.get("/app/", Some(&alice)).await.status, 401, "past the new absolute timeout");
 }
