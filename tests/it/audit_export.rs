@@ -77,7 +77,11 @@ async fn json_lines_carry_every_record_once_across_a_restart() {
     let kinds: Vec<&str> = records.iter().map(|r| r["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds.iter().filter(|k| **k == "gateway_started").count(), 2, "{kinds:?}");
     assert!(kinds.contains(&"login_failed"));
-    assert_eq!(delivered(&gate, "file:audit.jsonl"), last_seq(&gate));
+    // The cursor is saved just after the file is synced.
+    eventually("the export's cursor to reach the last record", Duration::from_secs(5), async || {
+        delivered(&gate, "file:audit.jsonl") == last_seq(&gate)
+    })
+    .await;
 }
 
 /// A real rsyslog receiving RFC 5425 (syslog over TLS) on loopback, writing each message as
