@@ -224,9 +224,9 @@ async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>) {
                     Err(e) => tracing::error!(error = %e, "Reading the lockdown switch failed"),
                 }
                 if gw.state.mitigation.lockdown() && !was {
-                    gw.state.sessions.cut_all_but(&gw.state.mitigation.admin_group);
+                    lock_down(&gw);
                 }
-                gw.state.sessions.cut_expired(gw.state.clock.now());
+                gw.state.sessions.end_expired(gw.state.clock.now()).await;
                 gw.state.audit.flush_counted();
                 rules_outcome(&gw, gw.state.mitigation.poll(gw.state.clock.now())).await;
                 reload_certs(&control.certs);
@@ -257,6 +257,14 @@ async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>) {
             _ = stopped.changed() => break,
         }
     }
+}
+
+/// Ends everything open but the administrators': their sessions' streams and tunnels, and
+/// anonymous WebSockets to public apps (which hold no session).
+fn lock_down(gw: &Gateway) {
+    let admins = &gw.state.mitigation.admin_group;
+    gw.state.sessions.cut_all_but(admins);
+    gw.state.grants.review("lockdown", |h| h.subject.as_ref().is_some_and(|(id, _)| id.groups.contains(admins)));
 }
 
 /// Serves certificate files renewed on disk to new connections; a renewal that does not

@@ -267,6 +267,16 @@ pub struct App {
 
 impl App {
     /// Where a user opens this app: its own origin, or the portal origin plus its prefix.
+    /// Where the app's requests go, as a grant remembers it: a WebSocket stays with the
+    /// upstream it was opened to, whatever name that upstream has in a later config.
+    pub fn destination(&self) -> String {
+        match &self.upstream {
+            Upstream::Http { pool, base_path, .. } => format!("{pool}{base_path}"),
+            Upstream::Whoami => "whoami".into(),
+            Upstream::ForwardAuth => String::new(),
+        }
+    }
+
     pub fn launch_url(&self, server: &Server) -> String {
         match &self.route {
             Route::Host(h) => format!("https://{h}{}/", port_suffix(&server.external_origin)),

@@ -374,7 +374,7 @@ impl Proxy {
         if let Some(client_upgrade) = client_upgrade {
             // A WebSocket holds a grant: it ends with the session, or when a reload takes
             // the app away from this user.
-            let grant = self.grants.hold(&permit, origin.session);
+            let grant = self.grants.hold(&permit, origin.session, &app.destination());
             return self.upgrade(dest, out, client_upgrade, line, grant, &answer).await;
         }
         if alone {

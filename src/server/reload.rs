@@ -254,8 +254,10 @@ impl Control {
         }
         *self.addrs.lock() = new_addrs;
         if gw.state.mitigation.lockdown() && !old.state.mitigation.lockdown() {
-            gw.state.sessions.cut_all_but(&gw.state.mitigation.admin_group);
+            super::lock_down(&gw);
         }
+        // Sessions past shortened timeouts end now, not at their next request.
+        gw.state.sessions.end_expired(gw.state.clock.now()).await;
         if let Some(first) = first_rules {
             gw.state.mitigation.publish();
             let dropped = old.state.mitigation.rule_count();
@@ -271,7 +273,7 @@ impl Control {
             self.start_exports(&gw).await;
         }
         // Open WebSockets and tunnels the new config does not allow end now.
-        let cut = gw.state.grants.review(|h| still_allowed(&cfg, h));
+        let cut = gw.state.grants.review(crate::session::grant::ACCESS_WITHDRAWN, |h| still_allowed(&cfg, h));
         Ok(Reloaded { changed, cut })
     }
 
@@ -471,14 +473,16 @@ fn still_allowed(cfg: &Config, h: &Held) -> bool {
     let who = h.subject.as_ref().map(|(identity, mfa)| Subject { identity, mfa: *mfa });
     let allowed = |d: Decision<'_>| matches!(d, Decision::Allow(_));
     match h.resource() {
+        // The name must still lead where the connection goes: a name given to another app
+        // or target is not the resource this connection was allowed.
         Resource::App(name) => cfg.apps.iter().find(|a| a.name == name).is_some_and(|a| {
-            a.upstream != Upstream::ForwardAuth && allowed(policy::evaluate(Resource::App(name), &a.access, a.mfa, who))
+            a.upstream != Upstream::ForwardAuth
+                && a.destination() == h.dest
+                && allowed(policy::evaluate(Resource::App(name), &a.access, a.mfa, who))
         }),
-        Resource::Tunnel(name) => cfg
-            .tunnels
-            .iter()
-            .find(|t| t.name == name)
-            .is_some_and(|t| allowed(policy::evaluate(Resource::Tunnel(name), &t.access, t.mfa, who))),
+        Resource::Tunnel(name) => cfg.tunnels.iter().find(|t| t.name == name).is_some_and(|t| {
+            t.target == h.dest && allowed(policy::evaluate(Resource::Tunnel(name), &t.access, t.mfa, who))
+        }),
     }
 }
 

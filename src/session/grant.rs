@@ -20,14 +20,19 @@ use super::{Lifeline, Session};
 /// The reason a grant gives when a reload took its access away.
 pub const ACCESS_WITHDRAWN: &str = "access withdrawn by a config change";
 
-/// What a grant was opened for, owned: the resource by name, the subject as it was.
+/// What a grant was opened for, owned: the resource by name and by where it leads (a name
+/// can be given to another app by the next config), the subject as it was.
 #[derive(Debug)]
 pub struct Held {
     pub app: Option<String>,
     pub tunnel: Option<String>,
+    /// Where the connection goes: the app's upstream or the tunnel's target.
+    pub dest: String,
     /// The session's identity and whether it had a second factor; None on a public app.
     pub subject: Option<(Identity, bool)>,
     cut: watch::Sender<Option<&'static str>>,
+    /// The session's line, to tell a grant its session already ended.
+    line: Option<Lifeline>,
 }
 
 impl Held {
@@ -56,8 +61,8 @@ pub struct Grant {
 }
 
 impl Grants {
-    /// Registers a long-lived connection opened under `permit` for `session`.
-    pub fn hold(&self, permit: &Permit<'_>, session: Option<&Session>) -> Grant {
+    /// Registers a long-lived connection to `dest` opened under `permit` for `session`.
+    pub fn hold(&self, permit: &Permit<'_>, session: Option<&Session>, dest: &str) -> Grant {
         let (app, tunnel) = match permit.resource() {
             Resource::App(a) => (Some(a.to_string()), None),
             Resource::Tunnel(t) => (None, Some(t.to_string())),
@@ -66,7 +71,9 @@ impl Grants {
             app,
             tunnel,
             subject: session.map(|s| (s.identity.clone(), s.mfa())),
+            dest: dest.to_string(),
             cut: watch::channel(None).0,
+            line: session.map(Session::lifeline),
         });
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut map = self.held.lock();
@@ -78,8 +85,9 @@ impl Grants {
         Grant { held, line: session.map(Session::lifeline) }
     }
 
-    /// Cuts every open grant `allowed` says no to; returns how many were cut.
-    pub fn review(&self, allowed: impl Fn(&Held) -> bool) -> usize {
+    /// Cuts every open grant `allowed` says no to; returns how many ended: cut now, or
+    /// ended with their session already (a lockdown or a shorter timeout just before).
+    pub fn review(&self, why: &'static str, allowed: impl Fn(&Held) -> bool) -> usize {
         let open: Vec<Arc<Held>> = {
             let mut map = self.held.lock();
             map.retain(|_, w| w.strong_count() > 0);
@@ -87,11 +95,15 @@ impl Grants {
         };
         let mut cut = 0;
         for h in open {
+            if h.line.as_ref().is_some_and(|l| l.ended_now().is_some()) {
+                cut += 1;
+                continue;
+            }
             if !allowed(&h)
                 && h.cut.send_if_modified(|v| {
                     let first = v.is_none();
                     if first {
-                        *v = Some(ACCESS_WITHDRAWN);
+                        *v = Some(why);
                     }
                     first
                 })

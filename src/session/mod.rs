@@ -489,16 +489,35 @@ impl Sessions {
         self.lines.lock().contains_key(id)
     }
 
-    /// Cuts the lines of sessions past their absolute expiry or idle timeout.
-    pub fn cut_expired(&self, now: UnixTime) {
-        let mut lines = self.lines.lock();
-        lines.retain(|_, l| {
+    /// Ends the sessions held here that are past their expiry or a timeout in force: their
+    /// lines are cut and they are deleted from the store (so that a later, longer timeout
+    /// cannot bring them back).
+    pub async fn end_expired(&self, now: UnixTime) {
+        let mut ended = Vec::new();
+        self.lines.lock().retain(|id, l| {
             let over = self.expired(l.expires_at, l.created_at, l.last_seen.load(Ordering::Relaxed), now).is_some();
             if over {
                 l.cut("session expired");
+                ended.push(id.clone());
             }
             !over
         });
+        if ended.is_empty() {
+            return;
+        }
+        self.cache.write().retain(|_, s| !ended.contains(&s.id));
+        let deleted = self
+            .store
+            .run(move |c| {
+                for id in &ended {
+                    Store::delete_session(c, id)?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = deleted {
+            tracing::error!(error = %e, "Deleting expired sessions failed");
+        }
     }
 
     /// Cuts every line whose user is not in `group` (a lockdown). The sessions stay; their
@@ -571,12 +590,13 @@ impl Sessions {
                 .collect()
         };
         let store = self.store.clone();
-        let idle = self.timeouts().idle.as_secs() as i64;
+        let t = self.timeouts();
+        let (idle, absolute) = (t.idle.as_secs() as i64, t.absolute.as_secs() as i64);
         tokio::task::spawn_blocking(move || {
             if !updates.is_empty() {
                 store.touch_sessions(&updates)?;
             }
-            store.purge_expired(now, idle)
+            store.purge_expired(now, idle, absolute)
         })
         .await??;
         self.cache.write().retain(|_, s| self.expired(s.expires_at, s.created_at, s.last_seen(), now).is_none());

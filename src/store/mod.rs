@@ -617,10 +617,14 @@ impl Store {
         self.revoke_where("parent = ?1", Some(parent), now)
     }
 
-    /// Removes sessions past their absolute expiry (idle expiry is decided on lookup).
-    pub fn purge_expired(&self, now: UnixTime, idle_secs: i64) -> anyhow::Result<usize> {
+    /// Removes sessions past their expiry, idle too long, or older than the absolute timeout
+    /// in force (`absolute_secs`, which a reload may have shortened).
+    pub fn purge_expired(&self, now: UnixTime, idle_secs: i64, absolute_secs: i64) -> anyhow::Result<usize> {
         self.with(|c| {
-            c.execute("DELETE FROM sessions WHERE expires_at <= ?1 OR last_seen + ?2 <= ?1", params![now, idle_secs])
+            c.execute(
+                "DELETE FROM sessions WHERE expires_at <= ?1 OR last_seen + ?2 <= ?1 OR created_at + ?3 <= ?1",
+                params![now, idle_secs, absolute_secs],
+            )
         })
     }
 

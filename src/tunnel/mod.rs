@@ -139,7 +139,7 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
     let client = ctx.client;
     // What the open tunnel holds: it ends with the session, or when a reload takes the
     // tunnel away from this user.
-    let grant = st.grants.hold(&permit, Some(&session));
+    let grant = st.grants.hold(&permit, Some(&session), &t.target);
     let tcp = match dial(permit, t, limits.connect_timeout).await {
         Ok(s) => s,
         Err(failed) => {

@@ -426,5 +426,46 @@ async fn an_explicit_reload_checks_the_files_and_shorter_timeouts_reach_open_ses
     gate.clock.advance(60);
     assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200);
     gate.clock.advance(61);
-    assert_eq!(gate.get("/app/", Some(&alice)).await.status, 401, "past the new absolute timeout");
+    // Ended when the timeout passes, not at the next request: a longer timeout put back
+    // afterwards does not bring the session back.
+    eventually("the session to be deleted", Duration::from_secs(3), async || {
+        gate.store().list_sessions(Some("alice")).unwrap().is_empty()
+    })
+    .await;
+    gate.edit_config(|t| t.replacen("absolute_timeout = \"2m\"", "absolute_timeout = \"12h\"", 1));
+    assert!(gate.reload().await.is_ok());
+    assert_eq!(gate.get("/app/", Some(&alice)).await.status, 401, "past the absolute timeout that was in force");
+}
+
+/// A name given to another upstream by a reload is not the resource an open WebSocket was
+/// allowed: the WebSocket to the old upstream ends, even though the name is still allowed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_given_to_another_upstream_ends_the_websockets_to_the_old_one() {
+    let gate = Gate::start().await;
+    let alice = gate.login("alice").await;
+    let mut ws = echo(&gate, &alice).await;
+    let other = crate::harness::ws_echo().await;
+    gate.edit_config(|t| {
+        t.replacen("name = \"ws\"", "name = \"ws-old\"", 1).replacen("path = \"/ws/\"", "path = \"/ws-old/\"", 1)
+            + &format!(
+                "\n[[app]]\nname = \"ws\"\nupstream = \"http://{other}\"\npath = \"/ws/\"\naccess = \"authenticated\"\n"
+            )
+    });
+    assert_eq!(gate.reload().await.unwrap().cut, 1);
+    assert!(closed_within(&mut ws, Duration::from_secs(1)).await, "the WebSocket to the old upstream stayed open");
+}
+
+/// A lockdown ends anonymous WebSockets to public apps too (they hold no session to cut).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lockdown_ends_anonymous_websockets() {
+    let echo_addr = crate::harness::ws_echo().await;
+    let tables = format!(
+        "[[app]]\nname = \"openws\"\nupstream = \"http://{echo_addr}\"\npath = \"/openws/\"\naccess = \"public\"\n"
+    );
+    let gate = Gate::start_config("", &tables).await;
+    let mut ws = gate.websocket("localhost", "/openws/", &[]).await.unwrap();
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    assert!(gate.cli(&["lockdown", "on"]).status.success());
+    assert!(closed_within(&mut ws, Duration::from_secs(2)).await, "an anonymous WebSocket outlived the lockdown");
 }
