@@ -33,6 +33,9 @@ const BATCH: usize = 500;
 /// How long a syslog connection must stay open after a batch for the batch to count as
 /// delivered.
 const CONFIRM_AFTER: Duration = Duration::from_secs(1);
+/// A receiver that has not taken a batch for this long (it stopped reading) is given up on,
+/// and what it was sent goes again on the next connection.
+const STALL: Duration = Duration::from_secs(30);
 /// Waits between attempts to reach a receiver: doubling from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MOST: Duration = Duration::from_secs(10);
@@ -140,6 +143,10 @@ pub fn cursor_key(name: &str) -> String {
 /// The sequence number of the last record in a JSON-lines file, if any.
 fn last_in_file(path: &Path) -> Option<i64> {
     use std::io::{Read, Seek, SeekFrom};
+    // Only a regular file is read: opening a FIFO would wait for a writer.
+    if !std::fs::metadata(path).ok()?.is_file() {
+        return None;
+    }
     let mut f = std::fs::File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
     let start = len.saturating_sub(256 * 1024);
@@ -150,10 +157,26 @@ fn last_in_file(path: &Path) -> Option<i64> {
     text.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("seq")?.as_i64())
 }
 
+/// A TCP connection with a small send buffer: records wait in the audit log, not in a
+/// kernel buffer where a receiver that stops reading would hold them unseen.
+async fn connect(address: &str) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::other("no address");
+    for addr in tokio::net::lookup_host(address).await? {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_send_buffer_size(16 * 1024)?;
+        match socket.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// A connection or file records are written to.
 enum Sink {
     Syslog(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    File(std::fs::File),
+    /// None while a write is under way off the event loop.
+    File(Option<std::fs::File>),
     Stdout,
 }
 
@@ -161,7 +184,7 @@ impl Sink {
     async fn open(to: &ExportTo) -> anyhow::Result<Sink> {
         match to {
             ExportTo::Syslog { address, server_name, tls } => {
-                let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(address.as_str()))
+                let tcp = tokio::time::timeout(Duration::from_secs(10), connect(address))
                     .await
                     .context("connecting timed out")?
                     .context("connecting")?;
@@ -176,10 +199,24 @@ impl Sink {
                 Ok(Sink::Syslog(Box::new(tls)))
             }
             ExportTo::File(path) => {
-                let mut o = std::fs::OpenOptions::new();
-                o.create(true).append(true);
-                std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-                Ok(Sink::File(o.open(path).with_context(|| format!("opening {}", path.display()))?))
+                // Opened off the event loop, without waiting for a reader (a FIFO), and only
+                // if it is a regular file: a hung mount or a pipe must not stall the gateway.
+                let path = path.clone();
+                let file = tokio::task::spawn_blocking(move || -> anyhow::Result<std::fs::File> {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(&path)
+                        .with_context(|| format!("opening {}", path.display()))?;
+                    anyhow::ensure!(f.metadata()?.is_file(), "{} is not a regular file", path.display());
+                    Ok(f)
+                })
+                .await
+                .context("opening the export file")??;
+                Ok(Sink::File(Some(file)))
             }
             ExportTo::Stdout => Ok(Sink::Stdout),
         }
@@ -218,15 +255,29 @@ impl Sink {
                 .context("writing")?;
                 Ok(false)
             }
-            Sink::File(f) => {
+            Sink::File(slot) => {
                 let mut out = String::new();
                 for r in records {
                     out.push_str(&r.json());
                     out.push('\n');
                 }
-                f.write_all(out.as_bytes()).context("writing")?;
-                f.sync_data().context("syncing")?;
-                Ok(true)
+                let mut f = slot.take().context("the export file is not open")?;
+                // Off the event loop; a write that fails is taken back, so no half line stays.
+                let (f, result) = tokio::task::spawn_blocking(move || {
+                    let result = (|| -> anyhow::Result<()> {
+                        let before = f.metadata()?.len();
+                        if let Err(e) = f.write_all(out.as_bytes()).and_then(|()| f.sync_data()) {
+                            let _ = f.set_len(before);
+                            return Err(e).context("writing");
+                        }
+                        Ok(())
+                    })();
+                    (f, result)
+                })
+                .await
+                .context("writing the export file")?;
+                *slot = Some(f);
+                result.map(|()| true)
             }
             Sink::Stdout => {
                 let mut out = String::new();
@@ -267,18 +318,32 @@ pub async fn run(
         }
     };
     if let ExportTo::File(path) = &export.to {
-        delivered = delivered.max(last_in_file(path).unwrap_or(0));
+        // Off the event loop: the file may be on a mount that hangs.
+        let path = path.clone();
+        let last = tokio::task::spawn_blocking(move || last_in_file(&path)).await.ok().flatten();
+        delivered = delivered.max(last.unwrap_or(0));
     }
     let mut sink: Option<Sink> = None;
     // Batches written but not yet confirmed: (up to, when), oldest first.
     let mut unconfirmed: std::collections::VecDeque<(i64, std::time::Instant)> = Default::default();
     let mut retry = RETRY_FIRST;
     let mut failing = false;
+    let rewind_key = rewind_key(&export.name);
     loop {
-        // Confirms what was written once the connection has stayed open long enough.
+        // `poort audit resend`: start again from the record it names.
+        let k = rewind_key.clone();
+        if let Ok(Some(from)) = store.run(move |c| take_rewind(c, &k)).await {
+            tracing::info!(export = %export.name, from, "Audit export sends again from the record asked for");
+            delivered = from - 1;
+            unconfirmed.clear();
+            save(&store, &key, delivered).await;
+        }
+        // Confirms what was written once the connection has stayed open long enough; gives
+        // up on a receiver that has not taken a batch for `STALL`.
         if let (false, Some(s)) = (unconfirmed.is_empty(), sink.as_mut()) {
-            if s.open_still() {
-                let now = crate::clock::instant();
+            let now = crate::clock::instant();
+            let stalled = unconfirmed.front().is_some_and(|(_, at)| now.saturating_duration_since(*at) >= STALL);
+            if s.open_still() && !stalled {
                 let mut confirmed = None;
                 while let Some(&(upto, at)) = unconfirmed.front() {
                     if now.saturating_duration_since(at) < CONFIRM_AFTER {
@@ -290,20 +355,36 @@ pub async fn run(
                 if let Some(upto) = confirmed {
                     delivered = upto;
                     save(&store, &key, delivered).await;
+                    if failing {
+                        tracing::info!(export = %export.name, upto, "Audit export delivers again");
+                    }
+                    failing = false;
+                    retry = RETRY_FIRST;
                 }
             } else {
-                tracing::warn!(export = %export.name, "The audit receiver closed the connection; sending again from record {}", delivered + 1);
+                failures.inc();
+                tracing::warn!(export = %export.name, stalled, "The audit receiver closed the connection or stopped taking records; sending again from record {}", delivered + 1);
                 sink = None;
                 unconfirmed.clear();
+                failing = true;
+                if backoff(&mut retry, &mut stop).await {
+                    return;
+                }
+                continue;
             }
         }
         pending.set((*committed.borrow_and_update() - delivered).max(0));
+        // A receiver that has not confirmed a few batches gets no more for now.
         let after = unconfirmed.back().map_or(delivered, |(upto, _)| *upto);
-        let batch = match store.run(move |c| records_after(c, after, BATCH)).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(export = %export.name, error = %e, "Reading audit records to export failed");
-                Vec::new()
+        let batch = if unconfirmed.len() >= 4 {
+            Vec::new()
+        } else {
+            match store.run(move |c| records_after(c, after, BATCH)).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(export = %export.name, error = %e, "Reading audit records to export failed");
+                    Vec::new()
+                }
             }
         };
         if batch.is_empty() {
@@ -317,25 +398,16 @@ pub async fn run(
         }
         if sink.is_none() {
             match Sink::open(&export.to).await {
-                Ok(s) => {
-                    if failing {
-                        tracing::info!(export = %export.name, from = after + 1, "Audit export resumed");
-                    }
-                    sink = Some(s);
-                    failing = false;
-                    retry = RETRY_FIRST;
-                }
+                Ok(s) => sink = Some(s),
                 Err(e) => {
                     failures.inc();
                     if !failing {
                         tracing::warn!(export = %export.name, error = %format!("{e:#}"), "Audit export cannot reach its receiver; records wait in the audit log");
                     }
                     failing = true;
-                    tokio::select! {
-                        () = tokio::time::sleep(retry) => {}
-                        () = &mut stop => return,
+                    if backoff(&mut retry, &mut stop).await {
+                        return;
                     }
-                    retry = (retry * 2).min(RETRY_MOST);
                     continue;
                 }
             }
@@ -351,17 +423,51 @@ pub async fn run(
             Ok(true) => {
                 delivered = upto;
                 save(&store, &key, delivered).await;
+                if failing {
+                    tracing::info!(export = %export.name, upto, "Audit export delivers again");
+                }
+                failing = false;
+                retry = RETRY_FIRST;
             }
             Ok(false) => unconfirmed.push_back((upto, crate::clock::instant())),
             Err(e) => {
                 failures.inc();
-                tracing::warn!(export = %export.name, error = %format!("{e:#}"), "Audit export failed; sending again from record {}", delivered + 1);
+                if !failing {
+                    tracing::warn!(export = %export.name, error = %format!("{e:#}"), "Audit export failed; records wait in the audit log and are sent again from record {}", delivered + 1);
+                }
                 sink = None;
                 unconfirmed.clear();
                 failing = true;
+                if backoff(&mut retry, &mut stop).await {
+                    return;
+                }
             }
         }
     }
+}
+
+/// Waits `retry` (doubled for next time, up to `RETRY_MOST`); true if `stop` came first.
+async fn backoff(retry: &mut Duration, stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>) -> bool {
+    let wait = *retry;
+    *retry = (*retry * 2).min(RETRY_MOST);
+    tokio::select! {
+        () = tokio::time::sleep(wait) => false,
+        () = stop.as_mut() => true,
+    }
+}
+
+/// Where `poort audit resend` asks an export to start again.
+pub fn rewind_key(name: &str) -> String {
+    format!("audit_export_resend:{name}")
+}
+
+/// The record an export was asked to start again from, taken (asked once, done once).
+fn take_rewind(c: &mut rusqlite::Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    let from = Store::setting(c, key)?.and_then(|v| v.parse::<i64>().ok());
+    if from.is_some() {
+        c.execute("DELETE FROM settings WHERE key = ?1", [key])?;
+    }
+    Ok(from.filter(|f| *f >= 1))
 }
 
 async fn save(store: &Store, key: &str, delivered: i64) {

@@ -20,10 +20,34 @@ pub enum AuditCmd {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Have an audit export send again from a record on (a gap the receiver found in the
+    /// sequence numbers); the running gateway picks it up within seconds.
+    Resend {
+        /// The export's name ([[audit.export]] name, or where it sends: syslog:HOST:PORT).
+        #[arg(long)]
+        export: String,
+        /// The first record to send again.
+        #[arg(long)]
+        from: i64,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
     match cmd {
+        AuditCmd::Resend { export, from, config } => {
+            let cfg = load(&config.config)?;
+            if !cfg.audit_export.iter().any(|e| e.name == export) {
+                let names: Vec<&str> = cfg.audit_export.iter().map(|e| e.name.as_str()).collect();
+                bail!("no audit export is named {export:?} (the config has: {})", names.join(", "));
+            }
+            anyhow::ensure!(from >= 1, "records are numbered from 1");
+            record_admin(&cfg, "audit resend", &export, &format!("from record {from}"))?;
+            Store::open(&cfg.database)?.set_setting(&crate::audit::export::rewind_key(&export), &from.to_string())?;
+            println!("Export {export} sends again from record {from} (the gateway takes this up within seconds).");
+            Ok(0)
+        }
         AuditCmd::Tail { n, json, config } => {
             let conn = crate::store::open_connection(&database(&config.config)?)?;
             for r in crate::audit::tail(&conn, n)? {

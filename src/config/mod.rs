@@ -505,6 +505,13 @@ mod tests {
     }
 
     #[test]
+    fn a_public_app_cannot_require_a_second_factor() {
+        let text = "[[app]]\nname = \"p\"\nupstream = \"http://127.0.0.1:1\"\npath = \"/p/\"\naccess = \"public\"\nmfa = \"required\"\n";
+        let err = parse(text, Path::new(".")).unwrap_err().0;
+        assert_eq!(err[0].path, "app[p].mfa", "{err:?}");
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = parse("[server]\nlisten_on = \"x\"\n", Path::new(".")).unwrap_err().0;
         assert!(err[0].message.contains("unknown field"), "{err:?}");

@@ -768,6 +768,14 @@ fn resolve_app(
         Some(v) => resolve_access(c, &key, v),
     };
     let mfa = c.mfa(&key, app.mfa.as_deref(), mfa_default);
+    // A public app asks no one to sign in; a second factor written on it would be ignored.
+    if app.mfa.as_deref() == Some("required") && matches!(access, Some(Access::Public)) {
+        c.add(
+            format!("{key}.mfa"),
+            "\"required\" on a public app, which nobody signs in to",
+            "use access = \"authenticated\" (or rules) with it, or remove mfa",
+        );
+    }
     let mut forward_headers = Vec::new();
     for h in app.forward_headers.unwrap_or_default() {
         match http::HeaderName::from_bytes(h.as_bytes()) {

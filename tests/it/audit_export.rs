@@ -82,6 +82,42 @@ async fn json_lines_carry_every_record_once_across_a_restart() {
         delivered(&gate, "file:audit.jsonl") == last_seq(&gate)
     })
     .await;
+
+    // A receiver that found a gap has records sent again from where it asks.
+    let out = gate.cli(&["audit", "resend", "--export", "file:audit.jsonl", "--from", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    eventually("the records to be sent again", Duration::from_secs(10), async || {
+        let seqs: Vec<i64> = json_lines(&file).iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+        seqs.iter().filter(|s| **s == 3).count() == 2 && seqs.last() == Some(&last_seq(&gate))
+    })
+    .await;
+    let again = gate.audit("admin");
+    assert!(again.iter().any(|e| e["command"] == "audit resend"), "{again:?}");
+}
+
+/// An export file that is not a regular file (a FIFO no one reads, standing in for a hung
+/// mount) fails and is retried with a growing wait; the gateway goes on answering.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_that_cannot_be_written_never_stalls_the_gateway() {
+    let mut gate = Gate::start_config("", "[[audit.export]]\nfile = \"pipe\"\n").await;
+    gate.stop().await;
+    let pipe = gate.dir.0.join("pipe");
+    let _ = std::fs::remove_file(&pipe);
+    assert!(Command::new("mkfifo").arg(&pipe).status().unwrap().success());
+    gate.boot().await;
+    let alice = gate.login("alice").await;
+    assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200);
+    assert_eq!(crate::harness::admin(gate.admin_addr, "GET", "/readyz").await.status, 200);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let metrics = gate.scrape().await;
+    let failures: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("poort_audit_export_failures_total{export=\"file:pipe\"} "))
+        .unwrap_or_else(|| panic!("no failures counted: {metrics}"))
+        .parse()
+        .unwrap();
+    assert!((1.0..=6.0).contains(&failures), "{failures} attempts in 3 s: the retries do not wait");
+    assert!(gate.reload().await.is_ok(), "the control side answers");
 }
 
 /// A real rsyslog receiving RFC 5425 (syslog over TLS) on loopback, writing each message as
