@@ -354,12 +354,7 @@ pub async fn run(
                 }
                 if let Some(upto) = confirmed {
                     delivered = upto;
-                    save(&store, &key, delivered).await;
-                    if failing {
-                        tracing::info!(export = %export.name, upto, "Audit export delivers again");
-                    }
-                    failing = false;
-                    retry = RETRY_FIRST;
+                    delivered_again(&store, &key, &export.name, upto, &mut failing, &mut retry).await;
                 }
             } else {
                 failures.inc();
@@ -422,12 +417,7 @@ pub async fn run(
         match s.write(&batch, &host).await {
             Ok(true) => {
                 delivered = upto;
-                save(&store, &key, delivered).await;
-                if failing {
-                    tracing::info!(export = %export.name, upto, "Audit export delivers again");
-                }
-                failing = false;
-                retry = RETRY_FIRST;
+                delivered_again(&store, &key, &export.name, upto, &mut failing, &mut retry).await;
             }
             Ok(false) => unconfirmed.push_back((upto, crate::clock::instant())),
             Err(e) => {
@@ -444,6 +434,16 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Records that the export got up to `upto`, and ends a run of failures.
+async fn delivered_again(store: &Store, key: &str, name: &str, upto: i64, failing: &mut bool, retry: &mut Duration) {
+    save(store, key, upto).await;
+    if *failing {
+        tracing::info!(export = %name, upto, "Audit export delivers again");
+    }
+    *failing = false;
+    *retry = RETRY_FIRST;
 }
 
 /// Waits `retry` (doubled for next time, up to `RETRY_MOST`); true if `stop` came first.

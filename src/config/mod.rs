@@ -410,16 +410,20 @@ impl Config {
     }
 }
 
-/// Reads and resolves a config file. Relative paths in it are taken from its folder.
-pub fn load(path: &Path) -> Result<Config, Problems> {
-    let stamp = std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
-    let text = std::fs::read_to_string(path).map_err(|e| {
+fn read_text(path: &Path) -> Result<String, Problems> {
+    std::fs::read_to_string(path).map_err(|e| {
         Problems(vec![Problem {
             path: path.display().to_string(),
             message: format!("cannot read the config file: {e}"),
             hint: "pass an existing file with --config".into(),
         }])
-    })?;
+    })
+}
+
+/// Reads and resolves a config file. Relative paths in it are taken from its folder.
+pub fn load(path: &Path) -> Result<Config, Problems> {
+    let stamp = std::fs::metadata(path).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+    let text = read_text(path)?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut cfg = parse(&text, &base)?;
     let sha256 = crate::secret::hex(&crate::secret::sha256(text.as_bytes()));
@@ -430,13 +434,7 @@ pub fn load(path: &Path) -> Result<Config, Problems> {
 /// Where the store of a config file is, read from its `[store]` table alone: for commands that
 /// read the audit log while the rest of the file has a problem (a reload refused it).
 pub fn store_only(path: &Path) -> Result<PathBuf, Problems> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Problems(vec![Problem {
-            path: path.display().to_string(),
-            message: format!("cannot read the config file: {e}"),
-            hint: "pass an existing file with --config".into(),
-        }])
-    })?;
+    let text = read_text(path)?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| Problems(vec![resolve::toml_problem(&e)]))?;
     let store = table.get("store").cloned().unwrap_or(toml::Value::Table(toml::Table::new()));
     let store: file::Store = store.try_into().map_err(|e: toml::de::Error| {
