@@ -349,12 +349,7 @@ async fn the_file_sighup_and_the_command_each_reload() {
     // A file other than the one the gateway serves is not what it reads: it says so.
     let other = gate.dir.0.join("other.toml");
     std::fs::copy(&gate.config_path, &other).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poort"))
-        .args(["reload", "--config"])
-        .arg(&other)
-        .env("POORT_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = reload_command(&other);
     let said = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("this gateway serves") && said.contains("other.toml"), "{said}");
@@ -394,12 +389,7 @@ async fn a_bad_file_is_refused_once_and_reload_needs_a_gateway() {
     let elsewhere = crate::harness::TempDir::new();
     let config = elsewhere.0.join("poort.toml");
     std::fs::write(&config, "[store]\ndata_dir = \"data\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poort"))
-        .args(["reload", "--config"])
-        .arg(&config)
-        .env("POORT_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = reload_command(&config);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("No store at"));
     assert!(!elsewhere.0.join("data").exists(), "nothing was created");
@@ -468,4 +458,14 @@ async fn a_lockdown_ends_anonymous_websockets() {
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
     assert!(gate.cli(&["lockdown", "on"]).status.success());
     assert!(closed_within(&mut ws, Duration::from_secs(2)).await, "an anonymous WebSocket outlived the lockdown");
+}
+
+/// `poort reload --config FILE`, for a file other than the gateway's own.
+fn reload_command(config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_poort"))
+        .args(["reload", "--config"])
+        .arg(config)
+        .env("POORT_LOG", "warn")
+        .output()
+        .unwrap()
 }
