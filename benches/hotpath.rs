@@ -110,7 +110,7 @@ fn signed_in() -> (Sessions, String) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let dir = std::env::temp_dir().join(format!("poort-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let store = Store::open(&dir.join("poort.db")).expect("store");
+    let store = Store::open(dir.join("poort.db")).expect("store");
     store.add_user("alice", None, "x", &["staff".into()], 0).expect("user");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let timeouts =

@@ -52,7 +52,7 @@ async fn answer(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => {
-            let store = gw.state.store.run(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))).await.is_ok();
+            let store = gw.state.store.run(|c| c.query_row("SELECT 1", (), |r| r.get::<i64>(0))).await.is_ok();
             let audit = gw.state.audit.writing();
             if store && audit {
                 text(StatusCode::OK, "ready\n".into())

@@ -25,6 +25,7 @@ pub mod certs;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod db;
 pub mod identity;
 pub mod logging;
 pub mod metrics;

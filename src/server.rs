@@ -247,7 +247,6 @@ async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>) {
             }
             _ = flush.tick() => {
                 let gw = control.live.get();
-                gw.state.signins.tidy();
                 gw.tidy();
                 gw.state.mitigation.write_status();
                 if let Err(e) = gw.state.sessions.flush().await {

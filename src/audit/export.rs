@@ -19,12 +19,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::FutureExt;
-use rusqlite::Connection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::{AuditExport, ExportTo};
+use crate::db::{self, Conn, params};
 use crate::metrics::{ExportLabels, Metrics};
 use crate::store::Store;
 
@@ -53,21 +53,21 @@ pub struct Exported {
 }
 
 /// Up to `n` records after `seq`, in order.
-pub fn records_after(conn: &Connection, seq: i64, n: usize) -> rusqlite::Result<Vec<Exported>> {
-    let mut stmt = conn.prepare_cached(
+pub fn records_after(conn: &Conn, seq: i64, n: usize) -> db::Result<Vec<Exported>> {
+    conn.query_map(
         "SELECT seq, at, kind, detail, prev_hash, hash FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-    )?;
-    stmt.query_map(rusqlite::params![seq, n as i64], |r| {
-        Ok(Exported {
-            seq: r.get(0)?,
-            at: r.get(1)?,
-            kind: r.get(2)?,
-            detail: r.get(3)?,
-            prev: r.get(4)?,
-            hash: r.get(5)?,
-        })
-    })?
-    .collect()
+        params![seq, n as i64],
+        |r| {
+            Ok(Exported {
+                seq: r.get(0)?,
+                at: r.get(1)?,
+                kind: r.get(2)?,
+                detail: r.get(3)?,
+                prev: r.get(4)?,
+                hash: r.get(5)?,
+            })
+        },
+    )
 }
 
 fn rfc3339(at: i64) -> String {
@@ -462,7 +462,7 @@ pub fn rewind_key(name: &str) -> String {
 }
 
 /// The record an export was asked to start again from, taken (asked once, done once).
-fn take_rewind(c: &mut rusqlite::Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+fn take_rewind(c: &mut Conn, key: &str) -> db::Result<Option<i64>> {
     let from = Store::setting(c, key)?.and_then(|v| v.parse::<i64>().ok());
     if from.is_some() {
         c.execute("DELETE FROM settings WHERE key = ?1", [key])?;

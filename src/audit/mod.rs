@@ -15,9 +15,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
+use crate::db::{self, Backend, Conn, OptionalExtension, params};
 use anyhow::Context;
 use ring::digest;
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::clock::{Clock, UnixTime};
@@ -279,10 +279,15 @@ pub fn chain_hash(prev: &[u8], seq: i64, at: UnixTime, kind: &str, detail: &str)
 }
 
 /// Appends events in one transaction; returns the sequence number of the last one.
-pub fn append(conn: &mut Connection, at: UnixTime, events: &[Event]) -> rusqlite::Result<i64> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+pub fn append(conn: &mut Conn, at: UnixTime, events: &[Event]) -> db::Result<i64> {
+    let tx = conn.transaction()?;
+    if tx.backend() == Backend::Postgres {
+        // Nodes sharing the database take turns: each appends after the last record any of
+        // them committed, so the cluster keeps one chain.
+        tx.query_row("SELECT pg_advisory_xact_lock(?1)::text", [crate::store::PG_LOCK_AUDIT], |_| Ok(()))?;
+    }
     let (mut seq, mut prev): (i64, Vec<u8>) = tx
-        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", (), |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?
         .unwrap_or((0, vec![0u8; 32]));
     for ev in events {
@@ -370,17 +375,22 @@ impl Audit {
     /// Starts the writer thread on its own connection to `db`. What is recorded is also
     /// counted in `metrics` (sign-ins, lockouts, rule hits), with the queue and write time.
     pub fn start(
-        db: &Path,
+        db: &crate::store::Database,
         clock: std::sync::Arc<dyn Clock>,
         metrics: std::sync::Arc<Metrics>,
     ) -> anyhow::Result<Audit> {
-        let mut conn = crate::store::open_connection(db)?;
+        let database = db.clone();
+        let mut conn = Some(crate::store::open_connection(db)?);
         let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
         let writer_clock = clock.clone();
         let m = metrics.clone();
         let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let wrote = writing.clone();
-        let last = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get::<_, i64>(0))?;
+        let last = conn.as_ref().expect("invariant: opened just above").query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM audit",
+            (),
+            |r| r.get::<i64>(0),
+        )?;
         let (committed_tx, committed) = tokio::sync::watch::channel(last);
         std::thread::Builder::new()
             .name("poort-audit".into())
@@ -395,7 +405,7 @@ impl Audit {
                     }
                     let started = crate::clock::instant();
                     let events: Vec<Event> = batch.iter().map(|(e, _)| e.clone()).collect();
-                    let result = append(&mut conn, writer_clock.now(), &events).map_err(|e| e.to_string());
+                    let result = write(&mut conn, &database, writer_clock.now(), &events);
                     m.audit_write_seconds
                         .observe(crate::clock::instant().saturating_duration_since(started).as_secs_f64());
                     m.audit_queue.dec_by(batch.len() as i64);
@@ -539,14 +549,34 @@ impl Audit {
     }
 }
 
+/// Appends on the writer's connection, opening it again first when the database went away
+/// (a PostgreSQL restart); a failed batch is reported to its callers, and the next one tries
+/// again.
+fn write(
+    conn: &mut Option<Conn>,
+    database: &crate::store::Database,
+    at: UnixTime,
+    events: &[Event],
+) -> Result<i64, String> {
+    if conn.as_ref().is_none_or(Conn::is_broken) {
+        *conn = None;
+        *conn = Some(crate::store::open_connection(database).map_err(|e| format!("{e:#}"))?);
+    }
+    let c = conn.as_mut().expect("invariant: connected just above");
+    append(c, at, events).map_err(|e| {
+        if e.is_connection() {
+            *conn = None;
+        }
+        e.to_string()
+    })
+}
+
 /// Reads the last `n` records, oldest first.
-pub fn tail(conn: &Connection, n: usize) -> rusqlite::Result<Vec<Record>> {
-    let mut stmt = conn.prepare("SELECT seq, at, kind, detail, hash FROM audit ORDER BY seq DESC LIMIT ?1")?;
-    let mut rows = stmt
-        .query_map([n as i64], |r| {
+pub fn tail(conn: &Conn, n: usize) -> db::Result<Vec<Record>> {
+    let mut rows =
+        conn.query_map("SELECT seq, at, kind, detail, hash FROM audit ORDER BY seq DESC LIMIT ?1", [n as i64], |r| {
             Ok(Record { seq: r.get(0)?, at: r.get(1)?, kind: r.get(2)?, detail: r.get(3)?, hash: r.get(4)? })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        })?;
     rows.reverse();
     Ok(rows)
 }
@@ -563,28 +593,43 @@ pub enum Verdict {
 
 /// Walks the chain from the first record and reports the first one that was changed, removed
 /// or moved.
-pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
-    let mut stmt = conn.prepare("SELECT seq, at, kind, detail, prev_hash, hash FROM audit ORDER BY seq")?;
-    let mut rows = stmt.query([])?;
+pub fn verify(conn: &Conn) -> db::Result<Verdict> {
+    const PAGE: i64 = 10_000;
     let mut expect_seq = 1i64;
     let mut prev = vec![0u8; 32];
-    while let Some(r) = rows.next()? {
-        let (seq, at, kind, detail, prev_hash, hash): (i64, i64, String, String, Vec<u8>, Vec<u8>) =
-            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?);
-        if seq != expect_seq {
-            return Ok(Verdict::Broken {
-                seq: expect_seq,
-                why: format!("record {expect_seq} is missing (next is {seq})"),
-            });
+    let mut after = i64::MIN;
+    loop {
+        // A page at a time, so a long log is not held in memory at once.
+        let page = conn.query_map(
+            "SELECT seq, at, kind, detail, prev_hash, hash FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            params![after, PAGE],
+            |r| {
+                Ok((
+                    r.get::<i64>(0)?,
+                    r.get::<i64>(1)?,
+                    r.get::<String>(2)?,
+                    r.get::<String>(3)?,
+                    r.get::<Vec<u8>>(4)?,
+                    r.get::<Vec<u8>>(5)?,
+                ))
+            },
+        )?;
+        let Some(last) = page.last() else { break };
+        after = last.0;
+        for (seq, at, kind, detail, prev_hash, hash) in page {
+            if seq != expect_seq {
+                let why = format!("record {expect_seq} is missing (next is {seq})");
+                return Ok(Verdict::Broken { seq: expect_seq, why });
+            }
+            if prev_hash != prev {
+                return Ok(Verdict::Broken { seq, why: "it does not link to the record before it".into() });
+            }
+            if chain_hash(&prev, seq, at, &kind, &detail) != hash {
+                return Ok(Verdict::Broken { seq, why: "its content does not match its hash".into() });
+            }
+            prev = hash;
+            expect_seq += 1;
         }
-        if prev_hash != prev {
-            return Ok(Verdict::Broken { seq, why: "it does not link to the record before it".into() });
-        }
-        if chain_hash(&prev, seq, at, &kind, &detail) != hash {
-            return Ok(Verdict::Broken { seq, why: "its content does not match its hash".into() });
-        }
-        prev = hash;
-        expect_seq += 1;
     }
     Ok(Verdict::Intact { records: expect_seq - 1, head: crate::secret::hex(&prev) })
 }
@@ -598,9 +643,9 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
-    fn db() -> (tempfile_dir::Dir, Connection) {
+    fn db() -> (tempfile_dir::Dir, Conn) {
         let dir = tempfile_dir::Dir::new();
-        let conn = crate::store::open_connection(&dir.0.join("a.db")).unwrap();
+        let conn = crate::store::open_connection(dir.0.join("a.db")).unwrap();
         (dir, conn)
     }
 
@@ -635,11 +680,11 @@ mod tests {
         append(&mut c, 101, &[ev(3), ev(4)]).unwrap();
         assert!(matches!(verify(&c).unwrap(), Verdict::Intact { records: 4, .. }));
 
-        c.execute("UPDATE audit SET detail = replace(detail, 'u2', 'u9') WHERE seq = 2", []).unwrap();
+        c.execute("UPDATE audit SET detail = replace(detail, 'u2', 'u9') WHERE seq = 2", ()).unwrap();
         assert_eq!(verify(&c).unwrap(), Verdict::Broken { seq: 2, why: "its content does not match its hash".into() });
-        c.execute("UPDATE audit SET detail = replace(detail, 'u9', 'u2') WHERE seq = 2", []).unwrap();
+        c.execute("UPDATE audit SET detail = replace(detail, 'u9', 'u2') WHERE seq = 2", ()).unwrap();
 
-        c.execute("DELETE FROM audit WHERE seq = 3", []).unwrap();
+        c.execute("DELETE FROM audit WHERE seq = 3", ()).unwrap();
         assert!(matches!(verify(&c).unwrap(), Verdict::Broken { seq: 3, .. }));
     }
 
@@ -648,7 +693,7 @@ mod tests {
         let (_d, mut c) = db();
         append(&mut c, 100, &[ev(1), ev(2), ev(3)]).unwrap();
         // Swap the contents of records 1 and 2, hashes and all.
-        c.execute_batch(
+        c.batch(
             "UPDATE audit SET seq = -1 WHERE seq = 1; UPDATE audit SET seq = 1 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = -1;",
         )
         .unwrap();

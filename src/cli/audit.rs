@@ -82,7 +82,7 @@ pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
 /// The database of the config: read from `[store]` alone if the rest of the file has problems,
 /// so that the audit log stays readable while a refused config is on disk (its reason is in
 /// there).
-fn database(path: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+fn database(path: &std::path::Path) -> anyhow::Result<crate::store::Database> {
     match crate::config::load(path) {
         Ok(cfg) => Ok(cfg.database),
         Err(problems) => match crate::config::store_only(path) {

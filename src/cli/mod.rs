@@ -146,14 +146,14 @@ fn reload(path: &std::path::Path) -> anyhow::Result<i32> {
     if !cfg.database.exists() {
         eprintln!(
             "No store at {}: no gateway has run on this config's data folder (hint: pass the config the gateway serves; a changed [store] needs a restart)",
-            cfg.database.display()
+            cfg.database
         );
         return Ok(2);
     }
     let store = Store::open(&cfg.database)?;
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let asked = store.with(|c| {
-        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let tx = c.transaction()?;
         let last = Store::setting(&tx, RELOAD_ASKED)?.and_then(|v| serde_json::from_str::<Ask>(&v).ok());
         let n = last.map_or(0, |a| a.n) + 1;
         let ask = serde_json::to_string(&Ask { n, path: path.clone() }).unwrap_or_default();
@@ -190,7 +190,7 @@ fn reload(path: &std::path::Path) -> anyhow::Result<i32> {
     }
     eprintln!(
         "No gateway answered within 15 s: is one running on {}? (hint: a gateway also reloads on SIGHUP: systemctl reload poort)",
-        cfg.database.display()
+        cfg.database
     );
     Ok(2)
 }

@@ -183,8 +183,11 @@ pub struct CertFiles {
 pub struct Store {
     /// Directory for the SQLite database and the signing key. Default `./poort-data`.
     pub data_dir: Option<String>,
-    /// `sqlite://PATH`; defaults to `poort.db` in `data_dir`.
+    /// `sqlite://PATH` or `postgres://USER:PASSWORD@HOST:PORT/DB`; defaults to `poort.db` in
+    /// `data_dir`.
     pub database_url: Option<String>,
+    /// PEM file of the CA that signed the PostgreSQL server's certificate; TLS is then required.
+    pub database_ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod database;
 pub mod file;
 mod resolve;
 
@@ -53,7 +54,7 @@ pub struct Config {
     pub server: Server,
     pub tls: Tls,
     pub data_dir: PathBuf,
-    pub database: PathBuf,
+    pub database: crate::config::database::Database,
     pub session: SessionTimeouts,
     pub proxy: ProxySettings,
     pub mfa: MfaSettings,
@@ -433,7 +434,7 @@ pub fn load(path: &Path) -> Result<Config, Problems> {
 
 /// Where the store of a config file is, read from its `[store]` table alone: for commands that
 /// read the audit log while the rest of the file has a problem (a reload refused it).
-pub fn store_only(path: &Path) -> Result<PathBuf, Problems> {
+pub fn store_only(path: &Path) -> Result<crate::config::database::Database, Problems> {
     let text = read_text(path)?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| Problems(vec![resolve::toml_problem(&e)]))?;
     let store = table.get("store").cloned().unwrap_or(toml::Value::Table(toml::Table::new()));
@@ -462,7 +463,7 @@ mod tests {
     fn defaults_resolve() {
         let c = parse("", Path::new("/etc/poort")).unwrap();
         assert_eq!(c.server.external_origin, "https://localhost:8443");
-        assert_eq!(c.database, Path::new("/etc/poort/poort-data/poort.db"));
+        assert_eq!(c.database.to_string(), "/etc/poort/poort-data/poort.db");
         assert_eq!(c.session.idle, Duration::from_secs(1800));
     }
 

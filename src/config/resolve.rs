@@ -8,7 +8,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::access::{Access, resolve_access};
+use super::database::{Database, redact_url};
 use super::*;
+use crate::tls_client::Trust;
 
 pub(super) fn toml_problem(e: &toml::de::Error) -> Problem {
     let message = e.message().to_string();
@@ -170,7 +172,7 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
 /// `[[audit.export]]`: each a syslog receiver over TLS or a file of JSON lines.
 fn audit_export(c: &mut Collector, f: file::Audit, base: &Path) -> Vec<crate::config::AuditExport> {
     use crate::config::{AuditExport, ExportTo};
-    use crate::tls_client::{ClientCert, Trust};
+    use crate::tls_client::ClientCert;
     let mut out: Vec<AuditExport> = Vec::new();
     for (i, e) in f.export.into_iter().enumerate() {
         let key = format!("audit.export[{i}]");
@@ -361,28 +363,55 @@ fn server(c: &mut Collector, f: file::Server) -> Server {
 
 /// `[store]`: the data folder and the database file.
 /// The database a `[store]` table names, alone (`config::store_only`).
-pub(super) fn store_location(f: file::Store, base: &Path) -> Result<PathBuf, Problems> {
+pub(super) fn store_location(f: file::Store, base: &Path) -> Result<Database, Problems> {
     let mut c = Collector(Vec::new());
     let (_, database) = store(&mut c, f, base);
     if c.0.is_empty() { Ok(database) } else { Err(Problems(c.0)) }
 }
 
-fn store(c: &mut Collector, f: file::Store, base: &Path) -> (PathBuf, PathBuf) {
+fn store(c: &mut Collector, f: file::Store, base: &Path) -> (PathBuf, Database) {
     let data_dir = at(base, f.data_dir.as_deref().unwrap_or("poort-data"));
-    let database = match f.database_url.as_deref() {
-        None => data_dir.join("poort.db"),
-        Some(url) => match url.strip_prefix("sqlite://") {
-            Some(p) if !p.is_empty() => at(base, p),
+    let url = f.database_url.as_deref().unwrap_or_default();
+    let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let database = if url.is_empty() {
+        Database::Sqlite(data_dir.join("poort.db"))
+    } else if postgres {
+        if let Err(e) = url.parse::<tokio_postgres::Config>() {
+            c.add(
+                "store.database_url",
+                format!("{} is not a PostgreSQL URL poort understands: {e}", redact_url(url)),
+                "write postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+            );
+        }
+        // With a CA file TLS is required; `sslmode=require` alone checks the server against
+        // the system's roots; otherwise the server's own setting decides.
+        let wants_tls = ["sslmode=require", "sslmode=verify-ca", "sslmode=verify-full"].iter().any(|m| url.contains(m));
+        let tls = match f.database_ca_file.as_deref() {
+            Some(ca) => Some(Trust::CaFile(at(base, ca))),
+            None if wants_tls => Some(Trust::SystemRoots),
+            None => None,
+        };
+        Database::Postgres { url: url.to_string(), tls }
+    } else {
+        match url.strip_prefix("sqlite://") {
+            Some(p) if !p.is_empty() => Database::Sqlite(at(base, p)),
             _ => {
                 c.add(
                     "store.database_url",
-                    format!("{url:?} is not a sqlite:// URL"),
-                    "write \"sqlite://PATH\", or leave it out to use poort.db in data_dir",
+                    format!("{:?} is neither a sqlite:// nor a postgres:// URL", redact_url(url)),
+                    "write \"sqlite://PATH\" or \"postgres://USER:PASSWORD@HOST/DATABASE\", or leave it out to use poort.db in data_dir",
                 );
-                PathBuf::new()
+                Database::Sqlite(PathBuf::new())
             }
-        },
+        }
     };
+    if f.database_ca_file.is_some() && !postgres {
+        c.add(
+            "store.database_ca_file",
+            "is only used with a postgres:// database_url",
+            "remove it, or set database_url",
+        );
+    }
     (data_dir, database)
 }
 
@@ -876,7 +905,7 @@ fn upstream_tls(
     https: bool,
     authority: &str,
 ) -> Option<Arc<UpstreamTls>> {
-    use crate::tls_client::{ClientCert, Trust, parse_fingerprint, server_name};
+    use crate::tls_client::{ClientCert, parse_fingerprint, server_name};
     let set: Vec<&str> = [
         ("upstream_ca_file", app.upstream_ca_file.is_some()),
         ("upstream_fingerprint", app.upstream_fingerprint.is_some()),

@@ -210,8 +210,7 @@ impl Gateway {
     /// settings changed. Nothing is changed here: the caller puts the result in force.
     pub fn next(&self, cfg: Arc<Config>, mitigation: Option<Mitigation>) -> anyhow::Result<Gateway> {
         let st = &self.state;
-        let oidc =
-            crate::identity::oidc::Providers::new(&cfg.auth.oidc, &cfg.server.external_origin)?.keep_pending(&st.oidc);
+        let oidc = crate::identity::oidc::Providers::new(&cfg.auth.oidc, &cfg.server.external_origin)?;
         let state = State {
             cfg: cfg.clone(),
             clock: st.clock.clone(),

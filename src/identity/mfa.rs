@@ -2,8 +2,8 @@
 //! per-account failure counter behind lockouts. SQL only; the decisions (which factor a policy
 //! needs, how long a lock lasts) are made by the callers with pure functions.
 
+use crate::db::{self, Conn, OptionalExtension, params};
 use ring::digest;
-use rusqlite::{Connection, OptionalExtension, params};
 
 use super::seal::Sealer;
 use super::totp;
@@ -28,38 +28,41 @@ impl Factors {
     }
 }
 
-pub fn factors(conn: &Connection, user: &str) -> rusqlite::Result<Factors> {
-    let totp: bool =
-        conn.query_row("SELECT confirmed FROM totp WHERE user = ?1", [user], |r| r.get(0)).optional()?.unwrap_or(false);
+pub fn factors(conn: &Conn, user: &str) -> db::Result<Factors> {
+    let totp: bool = conn
+        .query_row("SELECT confirmed FROM totp WHERE \"user\" = ?1", [user], |r| r.get(0))
+        .optional()?
+        .unwrap_or(false);
     let recovery_left: i64 =
-        conn.query_row("SELECT count(*) FROM recovery_codes WHERE user = ?1 AND used_at IS NULL", [user], |r| {
+        conn.query_row("SELECT count(*) FROM recovery_codes WHERE \"user\" = ?1 AND used_at IS NULL", [user], |r| {
             r.get(0)
         })?;
-    let passkeys: i64 = conn.query_row("SELECT count(*) FROM passkeys WHERE user = ?1", [user], |r| r.get(0))?;
+    let passkeys: i64 = conn.query_row("SELECT count(*) FROM passkeys WHERE \"user\" = ?1", [user], |r| r.get(0))?;
     Ok(Factors { totp, passkeys: passkeys as usize, recovery_left: recovery_left as usize })
 }
 
 /// Starts (or restarts) a TOTP enrolment with a new secret; refuses while a confirmed one
 /// exists. Returns the secret, to be shown once.
-pub fn totp_begin(conn: &Connection, sealer: &Sealer, user: &str, now: UnixTime) -> rusqlite::Result<Option<Vec<u8>>> {
+pub fn totp_begin(conn: &Conn, sealer: &Sealer, user: &str, now: UnixTime) -> db::Result<Option<Vec<u8>>> {
     let confirmed: Option<bool> =
-        conn.query_row("SELECT confirmed FROM totp WHERE user = ?1", [user], |r| r.get(0)).optional()?;
+        conn.query_row("SELECT confirmed FROM totp WHERE \"user\" = ?1", [user], |r| r.get(0)).optional()?;
     if confirmed == Some(true) {
         return Ok(None);
     }
     let secret: [u8; totp::SECRET_LEN] = crate::secret::random_bytes();
     conn.execute(
-        "INSERT INTO totp (user, secret, confirmed, last_step, created_at) VALUES (?1, ?2, 0, 0, ?3)
-         ON CONFLICT (user) DO UPDATE SET secret = excluded.secret, created_at = excluded.created_at, last_step = 0",
+        "INSERT INTO totp (\"user\", secret, confirmed, last_step, created_at) VALUES (?1, ?2, 0, 0, ?3)
+         ON CONFLICT (\"user\") DO UPDATE SET secret = excluded.secret, created_at = excluded.created_at, last_step = 0",
         params![user, sealer.seal(user, &secret), now],
     )?;
     Ok(Some(secret.to_vec()))
 }
 
 /// The pending (unconfirmed) secret, for showing the QR code again.
-pub fn totp_pending(conn: &Connection, sealer: &Sealer, user: &str) -> rusqlite::Result<Option<Vec<u8>>> {
-    let sealed: Option<Vec<u8>> =
-        conn.query_row("SELECT secret FROM totp WHERE user = ?1 AND confirmed = 0", [user], |r| r.get(0)).optional()?;
+pub fn totp_pending(conn: &Conn, sealer: &Sealer, user: &str) -> db::Result<Option<Vec<u8>>> {
+    let sealed: Option<Vec<u8>> = conn
+        .query_row("SELECT secret FROM totp WHERE \"user\" = ?1 AND confirmed = 0", [user], |r| r.get(0))
+        .optional()?;
     Ok(sealed.and_then(|s| sealer.open(user, &s)))
 }
 
@@ -68,15 +71,15 @@ pub fn totp_pending(conn: &Connection, sealer: &Sealer, user: &str) -> rusqlite:
 /// succeeds when the step is newer than the last one used, which also holds across restarts
 /// and between gateways sharing the database.
 pub fn totp_check(
-    conn: &Connection,
+    conn: &Conn,
     sealer: &Sealer,
     user: &str,
     code: &str,
     now: UnixTime,
     confirming: bool,
-) -> rusqlite::Result<bool> {
+) -> db::Result<bool> {
     let sealed: Option<Vec<u8>> = conn
-        .query_row("SELECT secret FROM totp WHERE user = ?1 AND confirmed = ?2", params![user, !confirming], |r| {
+        .query_row("SELECT secret FROM totp WHERE \"user\" = ?1 AND confirmed = ?2", params![user, !confirming], |r| {
             r.get(0)
         })
         .optional()?;
@@ -87,24 +90,24 @@ pub fn totp_check(
         return Ok(false);
     };
     let n = conn.execute(
-        "UPDATE totp SET last_step = ?1, confirmed = 1 WHERE user = ?2 AND last_step < ?1 AND confirmed = ?3",
+        "UPDATE totp SET last_step = ?1, confirmed = 1 WHERE \"user\" = ?2 AND last_step < ?1 AND confirmed = ?3",
         params![step, user, !confirming],
     )?;
     Ok(n == 1)
 }
 
-pub fn totp_remove(conn: &Connection, user: &str) -> rusqlite::Result<bool> {
-    Ok(conn.execute("DELETE FROM totp WHERE user = ?1", [user])? > 0)
+pub fn totp_remove(conn: &Conn, user: &str) -> db::Result<bool> {
+    Ok(conn.execute("DELETE FROM totp WHERE \"user\" = ?1", [user])? > 0)
 }
 
 /// Recovery codes stand in for an authenticator: once a user has neither an authenticator app
 /// nor a passkey, their codes go too. Kept, they would be a factor no page asks for, and the
 /// password alone could set up a new authenticator over them. True if any went.
-pub fn drop_codes_without_factor(conn: &Connection, user: &str) -> rusqlite::Result<bool> {
+pub fn drop_codes_without_factor(conn: &Conn, user: &str) -> db::Result<bool> {
     let dropped = conn.execute(
-        "DELETE FROM recovery_codes WHERE user = ?1
-           AND NOT EXISTS (SELECT 1 FROM totp WHERE user = ?1 AND confirmed)
-           AND NOT EXISTS (SELECT 1 FROM passkeys WHERE user = ?1)",
+        "DELETE FROM recovery_codes WHERE \"user\" = ?1
+           AND NOT EXISTS (SELECT 1 FROM totp WHERE \"user\" = ?1 AND confirmed = 1)
+           AND NOT EXISTS (SELECT 1 FROM passkeys WHERE \"user\" = ?1)",
         [user],
     )?;
     Ok(dropped > 0)
@@ -124,7 +127,7 @@ fn recovery_hash(user: &str, code: &str) -> Vec<u8> {
 
 /// Replaces a user's recovery codes with ten new ones and returns them (shown once; only
 /// their hashes are kept). Each has 50 random bits, written `xxxxx-xxxxx`.
-pub fn recovery_new(conn: &mut Connection, user: &str) -> rusqlite::Result<Vec<String>> {
+pub fn recovery_new(conn: &mut Conn, user: &str) -> db::Result<Vec<String>> {
     const ALPHABET: &[u8; 32] = b"abcdefghijkmnpqrstuvwxyz23456789";
     let codes: Vec<String> = (0..RECOVERY_COUNT)
         .map(|_| {
@@ -134,10 +137,10 @@ pub fn recovery_new(conn: &mut Connection, user: &str) -> rusqlite::Result<Vec<S
         })
         .collect();
     let tx = conn.transaction()?;
-    tx.execute("DELETE FROM recovery_codes WHERE user = ?1", [user])?;
+    tx.execute("DELETE FROM recovery_codes WHERE \"user\" = ?1", [user])?;
     for c in &codes {
         tx.execute(
-            "INSERT INTO recovery_codes (user, code_hash) VALUES (?1, ?2)",
+            "INSERT INTO recovery_codes (\"user\", code_hash) VALUES (?1, ?2)",
             params![user, recovery_hash(user, c)],
         )?;
     }
@@ -146,20 +149,20 @@ pub fn recovery_new(conn: &mut Connection, user: &str) -> rusqlite::Result<Vec<S
 }
 
 /// Uses up a recovery code. True if it was valid and unused.
-pub fn recovery_use(conn: &Connection, user: &str, code: &str, now: UnixTime) -> rusqlite::Result<bool> {
+pub fn recovery_use(conn: &Conn, user: &str, code: &str, now: UnixTime) -> db::Result<bool> {
     let n = conn.execute(
-        "UPDATE recovery_codes SET used_at = ?1 WHERE user = ?2 AND code_hash = ?3 AND used_at IS NULL",
+        "UPDATE recovery_codes SET used_at = ?1 WHERE \"user\" = ?2 AND code_hash = ?3 AND used_at IS NULL",
         params![now, user, recovery_hash(user, code)],
     )?;
     Ok(n == 1)
 }
 
 /// Removes every second factor of a user (the admin's `mfa-reset`).
-pub fn reset(conn: &mut Connection, user: &str) -> rusqlite::Result<()> {
+pub fn reset(conn: &mut Conn, user: &str) -> db::Result<()> {
     let tx = conn.transaction()?;
-    tx.execute("DELETE FROM totp WHERE user = ?1", [user])?;
-    tx.execute("DELETE FROM recovery_codes WHERE user = ?1", [user])?;
-    tx.execute("DELETE FROM passkeys WHERE user = ?1", [user])?;
+    tx.execute("DELETE FROM totp WHERE \"user\" = ?1", [user])?;
+    tx.execute("DELETE FROM recovery_codes WHERE \"user\" = ?1", [user])?;
+    tx.execute("DELETE FROM passkeys WHERE \"user\" = ?1", [user])?;
     tx.commit()
 }
 
@@ -203,19 +206,19 @@ impl Lock {
 }
 
 /// True while `user`'s `lock` is locked.
-pub fn locked(conn: &Connection, user: &str, lock: Lock, now: UnixTime) -> rusqlite::Result<bool> {
+pub fn locked(conn: &Conn, user: &str, lock: Lock, now: UnixTime) -> db::Result<bool> {
     let until: Option<i64> = conn
-        .query_row("SELECT locked_until FROM lockouts WHERE user = ?1", [lock.key(user)], |r| r.get(0))
+        .query_row("SELECT locked_until FROM lockouts WHERE \"user\" = ?1", [lock.key(user)], |r| r.get(0))
         .optional()?;
     Ok(until.is_some_and(|u| u > now))
 }
 
 /// Failures and lock end of each of `user`'s locks that has any.
-pub fn lock_state(conn: &Connection, user: &str) -> rusqlite::Result<Vec<(Lock, u32, UnixTime)>> {
+pub fn lock_state(conn: &Conn, user: &str) -> db::Result<Vec<(Lock, u32, UnixTime)>> {
     let mut out = Vec::new();
     for lock in [Lock::Password, Lock::Factor] {
         let row: Option<(u32, i64)> = conn
-            .query_row("SELECT failures, locked_until FROM lockouts WHERE user = ?1", [lock.key(user)], |r| {
+            .query_row("SELECT failures, locked_until FROM lockouts WHERE \"user\" = ?1", [lock.key(user)], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?;
@@ -228,16 +231,16 @@ pub fn lock_state(conn: &Connection, user: &str) -> rusqlite::Result<Vec<(Lock, 
 
 /// Counts a failure; returns (consecutive failures, locked until) when this failure locks.
 pub fn record_failure(
-    conn: &Connection,
+    conn: &Conn,
     policy: LockPolicy,
     user: &str,
     lock: Lock,
     now: UnixTime,
-) -> rusqlite::Result<Option<(u32, UnixTime)>> {
+) -> db::Result<Option<(u32, UnixTime)>> {
     let user = lock.key(user);
     let failures: u32 = conn.query_row(
-        "INSERT INTO lockouts (user, failures, locked_until, last_failure) VALUES (?1, 1, 0, ?2)
-         ON CONFLICT (user) DO UPDATE SET failures = failures + 1, last_failure = excluded.last_failure
+        "INSERT INTO lockouts (\"user\", failures, locked_until, last_failure) VALUES (?1, 1, 0, ?2)
+         ON CONFLICT (\"user\") DO UPDATE SET failures = failures + 1, last_failure = excluded.last_failure
          RETURNING failures",
         params![user, now],
         |r| r.get(0),
@@ -247,13 +250,13 @@ pub fn record_failure(
         return Ok(None);
     }
     let until = now + secs;
-    conn.execute("UPDATE lockouts SET locked_until = max(locked_until, ?1) WHERE user = ?2", params![until, user])?;
+    conn.execute("UPDATE lockouts SET locked_until = CASE WHEN locked_until > ?1 THEN locked_until ELSE ?1 END WHERE \"user\" = ?2", params![until, user])?;
     Ok(Some((failures, until)))
 }
 
 /// Clears one of `user`'s locks and its count.
-pub fn unlock(conn: &Connection, user: &str, lock: Lock) -> rusqlite::Result<bool> {
-    Ok(conn.execute("DELETE FROM lockouts WHERE user = ?1", [lock.key(user)])? > 0)
+pub fn unlock(conn: &Conn, user: &str, lock: Lock) -> db::Result<bool> {
+    Ok(conn.execute("DELETE FROM lockouts WHERE \"user\" = ?1", [lock.key(user)])? > 0)
 }
 
 #[cfg(test)]

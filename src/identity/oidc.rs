@@ -3,7 +3,6 @@
 //! (signature, issuer, audience, expiry, nonce), and claims mapped to a poort user. Logins in
 //! flight are kept in memory for ten minutes and can be completed once.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,12 +49,8 @@ type Metadata = ProviderMetadata<
 
 /// Metadata and keys are fetched again after this long (key rotation).
 const REDISCOVER_AFTER: Duration = Duration::from_secs(3600);
-/// A login must come back from the provider within this time.
-const PENDING_FOR: Duration = Duration::from_secs(600);
-/// Logins in flight at most, in all and per client address. When full, new ones are refused:
-/// nobody's login in flight is pushed out by someone else's.
-const MAX_PENDING: usize = 10_000;
-const MAX_PENDING_PER_CLIENT: usize = 16;
+/// A login must come back from the provider within this many seconds.
+pub const PENDING_FOR: i64 = 600;
 /// The largest response poort reads from a provider.
 const MAX_RESPONSE: usize = 1 << 20;
 
@@ -94,21 +89,20 @@ pub enum Failure {
     Busy,
 }
 
-struct Pending {
-    provider: usize,
-    /// Who started it: each address may have a few logins in flight at most.
-    client: std::net::IpAddr,
-    nonce: Nonce,
-    verifier: PkceCodeVerifier,
+/// A login at its provider, kept by the caller under its `state` until the provider sends the
+/// browser back (to any node of a cluster: the portal keeps it in the store).
+#[derive(Serialize, Deserialize)]
+pub struct Pending {
+    provider: String,
+    nonce: String,
+    verifier: String,
     next: String,
     /// SHA-256 of the browser cookie set when the login started.
     browser: [u8; 32],
-    at: Instant,
 }
 
 pub struct Providers {
     list: Vec<Provider>,
-    pending: std::sync::Arc<Mutex<HashMap<String, Pending>>>,
     origin: String,
 }
 
@@ -134,6 +128,15 @@ impl std::fmt::Debug for Providers {
 pub struct Start {
     pub authorize_url: String,
     pub browser_cookie: String,
+    /// The `state` the provider sends back, and what to keep under it until then.
+    pub state: String,
+    pub pending: Pending,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pending")
+    }
 }
 
 impl Providers {
@@ -149,14 +152,7 @@ impl Providers {
                 })
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(Providers { list, pending: std::sync::Arc::default(), origin: origin.to_string() })
-    }
-
-    /// The same providers' sign-ins in flight as `old`: a config reload does not break a
-    /// sign-in that is at its provider.
-    pub fn keep_pending(mut self, old: &Providers) -> Providers {
-        self.pending = old.pending.clone();
-        self
+        Ok(Providers { list, origin: origin.to_string() })
     }
 
     /// Fetches every provider's discovery document and keys now (for `poort check --live`).
@@ -183,7 +179,7 @@ impl Providers {
 
     /// Starts a login with provider `name` for `client`; `next` is where the user goes
     /// afterwards.
-    pub async fn start(&self, name: &str, next: &str, from: std::net::IpAddr) -> Result<Option<Start>, Failure> {
+    pub async fn start(&self, name: &str, next: &str) -> Result<Option<Start>, Failure> {
         let Some(i) = self.find(name) else { return Ok(None) };
         let p = &self.list[i];
         let meta = p.metadata().await?;
@@ -199,22 +195,13 @@ impl Providers {
         let (url, state, nonce) = req.set_pkce_challenge(challenge).url();
         let browser_cookie = crate::secret::b64(&crate::secret::random_bytes::<32>());
         let pending = Pending {
-            provider: i,
-            client: from,
-            nonce,
-            verifier,
+            provider: name.to_string(),
+            nonce: nonce.secret().clone(),
+            verifier: verifier.secret().clone(),
             next: next.to_string(),
             browser: crate::secret::sha256(browser_cookie.as_bytes()),
-            at: crate::clock::instant(),
         };
-        let mut map = self.pending.lock();
-        map.retain(|_, p| p.at.elapsed() < PENDING_FOR);
-        if map.len() >= MAX_PENDING || map.values().filter(|p| p.client == from).count() >= MAX_PENDING_PER_CLIENT {
-            return Err(Failure::Busy);
-        }
-        map.insert(state.secret().clone(), pending);
-        drop(map);
-        Ok(Some(Start { authorize_url: url.to_string(), browser_cookie }))
+        Ok(Some(Start { authorize_url: url.to_string(), browser_cookie, state: state.secret().clone(), pending }))
     }
 
     /// Completes a login: the state must be one this gateway issued, unused, to this browser;
@@ -224,15 +211,15 @@ impl Providers {
         &self,
         name: &str,
         code: &str,
-        state: &str,
+        pending: Pending,
         browser_cookie: Option<&str>,
     ) -> Result<(ProviderUser, String), Failure> {
         // Taken out whatever happens next: a state works once.
-        let pending = self.pending.lock().remove(state).ok_or(Failure::State)?;
         let i = self.find(name).ok_or(Failure::State)?;
-        if pending.provider != i || pending.at.elapsed() >= PENDING_FOR {
+        if pending.provider != name {
             return Err(Failure::State);
         }
+        let (verifier, nonce) = (PkceCodeVerifier::new(pending.verifier), Nonce::new(pending.nonce));
         let cookie_ok = browser_cookie.is_some_and(|c| {
             subtle::ConstantTimeEq::ct_eq(&crate::secret::sha256(c.as_bytes())[..], &pending.browser[..]).into()
         });
@@ -249,13 +236,13 @@ impl Providers {
         let token = client
             .exchange_code(AuthorizationCode::new(code.to_string()))
             .map_err(|e| Failure::Provider(e.to_string()))?
-            .set_pkce_verifier(pending.verifier)
+            .set_pkce_verifier(verifier)
             .request_async(&http)
             .await
             .map_err(|e| Failure::Refused(e.to_string()))?;
         let id_token = token.id_token().ok_or_else(|| Failure::Token("the token response has no ID token".into()))?;
         // Signature, issuer, audience, expiry and nonce.
-        if let Err(e) = id_token.claims(&client.id_token_verifier(), &pending.nonce) {
+        if let Err(e) = id_token.claims(&client.id_token_verifier(), &nonce) {
             use openidconnect::{ClaimsVerificationError, SignatureVerificationError};
             let unknown_key =
                 matches!(e, ClaimsVerificationError::SignatureVerification(SignatureVerificationError::NoMatchingKey));
@@ -266,7 +253,7 @@ impl Providers {
             tracing::info!(provider = name, "An ID token names an unknown key; fetching the provider's keys again");
             let meta = p.rediscover().await?;
             let again = p.client(meta);
-            id_token.claims(&again.id_token_verifier(), &pending.nonce).map_err(|e| Failure::Token(e.to_string()))?;
+            id_token.claims(&again.id_token_verifier(), &nonce).map_err(|e| Failure::Token(e.to_string()))?;
         }
         let raw = id_token.to_string();
         let claims = payload(&raw).ok_or_else(|| Failure::Token("unreadable claims".into()))?;

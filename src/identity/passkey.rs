@@ -3,7 +3,7 @@
 //! return on passwordless sign-in); each credential is kept as webauthn-rs serialises it, with
 //! the name the user gave it. The ceremonies themselves are in `portal::passkey`.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use crate::db::{self, Conn, OptionalExtension, Row, params};
 use webauthn_rs::prelude::{Passkey, Uuid};
 
 use crate::clock::UnixTime;
@@ -21,7 +21,7 @@ pub struct Stored {
 }
 
 /// The user's WebAuthn handle, made on first use.
-pub fn handle(conn: &Connection, user: &str) -> rusqlite::Result<Uuid> {
+pub fn handle(conn: &Conn, user: &str) -> db::Result<Uuid> {
     let existing: Option<Option<Vec<u8>>> =
         conn.query_row("SELECT handle FROM users WHERE name = ?1", [user], |r| r.get(0)).optional()?;
     if let Some(Some(h)) = existing
@@ -35,12 +35,12 @@ pub fn handle(conn: &Connection, user: &str) -> rusqlite::Result<Uuid> {
 }
 
 /// The user a handle belongs to, if they are enabled.
-pub fn user_by_handle(conn: &Connection, handle: &Uuid) -> rusqlite::Result<Option<String>> {
+pub fn user_by_handle(conn: &Conn, handle: &Uuid) -> db::Result<Option<String>> {
     conn.query_row("SELECT name FROM users WHERE handle = ?1 AND disabled = 0", [&handle.as_bytes()[..]], |r| r.get(0))
         .optional()
 }
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Stored>> {
+fn row(r: &Row) -> db::Result<Option<Stored>> {
     let json: String = r.get(3)?;
     Ok(serde_json::from_str(&json).ok().map(|passkey| Stored {
         id: r.get(0).unwrap_or_default(),
@@ -52,32 +52,33 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Stored>> {
     }))
 }
 
-pub fn list(conn: &Connection, user: &str) -> rusqlite::Result<Vec<Stored>> {
-    let mut stmt = conn.prepare(
-        "SELECT id, user, name, passkey, created_at, last_used FROM passkeys WHERE user = ?1 ORDER BY created_at, id",
+pub fn list(conn: &Conn, user: &str) -> db::Result<Vec<Stored>> {
+    let rows = conn.query_map(
+        "SELECT id, \"user\", name, passkey, created_at, last_used FROM passkeys WHERE \"user\" = ?1 ORDER BY created_at, id",
+        [user],
+        row,
     )?;
-    let rows = stmt.query_map([user], row)?.collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows.into_iter().flatten().collect())
 }
 
 /// Adds a credential. Fails if its id is registered already (to anyone).
-pub fn add(conn: &Connection, user: &str, name: &str, pk: &Passkey, now: UnixTime) -> rusqlite::Result<String> {
+pub fn add(conn: &Conn, user: &str, name: &str, pk: &Passkey, now: UnixTime) -> db::Result<String> {
     let id = crate::secret::b64(pk.cred_id().as_ref());
-    let json = serde_json::to_string(pk).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let json = serde_json::to_string(pk).map_err(|e| db::Error::Value(e.to_string()))?;
     conn.execute(
-        "INSERT INTO passkeys (id, user, name, passkey, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO passkeys (id, \"user\", name, passkey, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![id, user, name, json, now],
     )?;
     Ok(id)
 }
 
 /// Saves the counter and backup state after an authentication.
-pub fn touch(conn: &Connection, id: &str, pk: &Passkey, now: UnixTime) -> rusqlite::Result<()> {
-    let json = serde_json::to_string(pk).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+pub fn touch(conn: &Conn, id: &str, pk: &Passkey, now: UnixTime) -> db::Result<()> {
+    let json = serde_json::to_string(pk).map_err(|e| db::Error::Value(e.to_string()))?;
     conn.execute("UPDATE passkeys SET passkey = ?1, last_used = ?2 WHERE id = ?3", params![json, now, id])?;
     Ok(())
 }
 
-pub fn remove(conn: &Connection, user: &str, id: &str) -> rusqlite::Result<bool> {
-    Ok(conn.execute("DELETE FROM passkeys WHERE user = ?1 AND id = ?2", params![user, id])? > 0)
+pub fn remove(conn: &Conn, user: &str, id: &str) -> db::Result<bool> {
+    Ok(conn.execute("DELETE FROM passkeys WHERE \"user\" = ?1 AND id = ?2", params![user, id])? > 0)
 }

@@ -19,7 +19,7 @@ use crate::clock::format_minutes;
 use crate::respond::{error_page, json, redirect};
 use crate::session::{Kind, Opening, cookie};
 use crate::state::State;
-use crate::state::pending::{DeviceCode, DeviceState, LIFETIME, MAX_PENDING};
+use crate::state::pending::{DeviceState, LIFETIME, claimant, devices};
 
 /// Seconds the command line waits between polls.
 const INTERVAL: i64 = 2;
@@ -50,28 +50,25 @@ pub(crate) fn normal_code(raw: &str) -> String {
     }
 }
 
+/// The owner a command line's token is sealed for while it waits in the store.
+const SEAL_OWNER: &str = "device-token";
+
+fn unavailable() -> Response<Body> {
+    json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "temporarily_unavailable" }))
+}
+
 /// POST /.poort/device/code (the command line)
-pub(crate) fn code(st: &State, call: &Call) -> Response<Body> {
+pub(crate) async fn code(st: &State, call: &Call) -> Response<Body> {
     let now = st.clock.now();
     let device_code = cookie::encode_token(&crate::secret::random_bytes());
     let raw: [u8; 8] = crate::secret::random_bytes();
     let letters: String = raw.iter().map(|b| USER_ALPHABET[(*b as usize) % 20] as char).collect();
     let user_code = format!("{}-{}", &letters[..4], &letters[4..]);
-    {
-        let mut m = st.signins.devices.0.lock();
-        m.retain(|_, p| now - p.created < LIFETIME);
-        if m.len() >= MAX_PENDING {
-            return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "slow_down" }));
-        }
-        let pending = DeviceCode {
-            device_code: device_code.clone(),
-            requester: call.ctx.client.to_string(),
-            created: now,
-            state: DeviceState::Pending,
-            claimed_by: None,
-            proved_at: None,
-        };
-        m.insert(user_code.clone(), pending);
+    let (u, d, requester) = (user_code.clone(), device_code.clone(), call.ctx.client.to_string());
+    match st.store.run(move |c| devices::add(c, &u, &d, &requester, now)).await {
+        Ok(true) => {}
+        Ok(false) => return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "slow_down" })),
+        Err(_) => return unavailable(),
     }
     let uri = format!("{}/.poort/device", st.cfg.server.external_origin);
     json(
@@ -94,37 +91,42 @@ struct TokenRequest {
 
 /// POST /.poort/device/token (the command line): pending, refused, expired, or the new
 /// session's token (once).
-pub(crate) fn token(st: &State, call: &Call) -> Response<Body> {
+pub(crate) async fn token(st: &State, call: &Call) -> Response<Body> {
     let Ok(t) = serde_json::from_slice::<TokenRequest>(&call.json) else {
         return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "invalid_request" }));
     };
     let now = st.clock.now();
-    let mut m = st.signins.devices.0.lock();
-    let found = m.iter().find(|(_, p)| {
-        use subtle::ConstantTimeEq;
-        bool::from(p.device_code.as_bytes().ct_eq(t.device_code.as_bytes()))
-    });
-    let Some((user_code, p)) = found.map(|(k, p)| (k.clone(), p)) else {
-        return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "expired_token" }));
+    let expired = || json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "expired_token" }));
+    let p = match st.store.run(move |c| devices::poll(c, &t.device_code, now)).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return expired(),
+        Err(_) => return unavailable(),
     };
-    if now - p.created >= LIFETIME {
-        m.remove(&user_code);
-        return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "expired_token" }));
-    }
-    match &p.state {
+    match p.state {
         DeviceState::Pending => json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "authorization_pending" })),
-        DeviceState::Denied => {
-            m.remove(&user_code);
-            json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "access_denied" }))
-        }
-        DeviceState::Approved { .. } => {
-            let Some(DeviceCode { state: DeviceState::Approved { token, user, expires_at }, .. }) =
-                m.remove(&user_code)
+        DeviceState::Denied => json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "access_denied" })),
+        DeviceState::Approved { sealed_token, user, expires_at } => {
+            let Some(token) = st.signins.sealer.open(SEAL_OWNER, &sealed_token).and_then(|t| String::from_utf8(t).ok())
             else {
-                return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "expired_token" }));
+                return expired();
             };
             json(StatusCode::OK, serde_json::json!({ "token": token, "user": user, "expires_at": expires_at }))
         }
+    }
+}
+
+/// Claims `code` for the browser of session `s` (see `devices::claim`); None when it cannot
+/// be claimed or the store did not answer.
+async fn claim(st: &State, code: &str, s: &crate::session::Session) -> Option<(String, i64, bool)> {
+    let (code, me, now) = (code.to_string(), claimant(s), st.clock.now());
+    st.store.run(move |c| devices::claim(c, &code, &me, now)).await.ok().flatten()
+}
+
+/// Records a proof given for `code` by the browser of session `s`.
+pub(crate) async fn prove(st: &State, code: &str, s: &crate::session::Session) {
+    let (code, me, now) = (code.to_string(), claimant(s), st.clock.now());
+    if let Err(e) = st.store.run(move |c| devices::prove(c, &code, &me, now)).await {
+        tracing::error!(error = %e, "Recording a proof for a command-line code failed");
     }
 }
 
@@ -137,10 +139,10 @@ fn confirm_url(code: &str) -> String {
 }
 
 /// GET /.poort/device[?code=...]: the approval page. Opening a code claims it.
-pub(crate) fn approve_page(st: &State, call: &Call) -> Response<Body> {
+pub(crate) async fn approve_page(st: &State, call: &Call) -> Response<Body> {
     let s = call.session();
     let code = query_param(call, "code").map(|c| normal_code(&c)).unwrap_or_default();
-    let found = if code.is_empty() { None } else { st.signins.devices.claim(&code, s, st.clock.now()) };
+    let found = if code.is_empty() { None } else { claim(st, &code, s).await };
     let (csrf, new) = csrf_for_page(call.headers());
     let (requester, asked, proved) =
         found.clone().map(|(r, t, p)| (r, format_minutes(t), p)).unwrap_or((String::new(), String::new(), false));
@@ -168,7 +170,7 @@ pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
     let code = normal_code(call.field("code"));
     let approve = call.field("decision") == "approve";
     let now = st.clock.now();
-    let claimed = st.signins.devices.claim(&code, s, now);
+    let claimed = claim(st, &code, s).await;
     let (csrf, _) = csrf_for_page(call.headers());
     let confirm = confirm_url(&code);
     let show = |done: Option<&str>, error: Option<&str>| {
@@ -187,8 +189,9 @@ pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
     };
     let Some((requester, _, proved)) = claimed else { return show(None, Some("That code is unknown or expired.")) };
     if !approve {
-        if let Some(p) = st.signins.devices.0.lock().get_mut(&code) {
-            p.state = DeviceState::Denied;
+        let (c2, me) = (code.clone(), claimant(s));
+        if st.store.run(move |c| devices::decide(c, &c2, &me, DeviceState::Denied, now)).await.is_err() {
+            return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
         }
         return show(Some("Refused. The command line was not signed in."), None);
     }
@@ -218,15 +221,16 @@ pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
         let _ = st.sessions.end(&id).await;
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     }
-    {
-        let mut m = st.signins.devices.0.lock();
-        if let Some(p) = m.get_mut(&code) {
-            p.state = DeviceState::Approved {
-                token: token.cookie_value,
-                user: s.identity.user.clone(),
-                expires_at: s.expires_at,
-            };
-        }
+    let approved = DeviceState::Approved {
+        sealed_token: st.signins.sealer.seal(SEAL_OWNER, token.cookie_value.as_bytes()),
+        user: s.identity.user.clone(),
+        expires_at: s.expires_at,
+    };
+    let (c2, me) = (code.clone(), claimant(s));
+    if !matches!(st.store.run(move |c| devices::decide(c, &c2, &me, approved, now)).await, Ok(true)) {
+        // Decided meanwhile, or the store went away: the new session is not handed out.
+        let _ = st.sessions.end(&id).await;
+        return show(None, Some("That code is unknown or expired."));
     }
     show(Some("Done. Go back to your terminal; you can close this page."), None)
 }

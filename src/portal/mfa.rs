@@ -277,7 +277,7 @@ pub(crate) async fn factor_submit(st: &State, call: Call, mode: Mode) -> Respons
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     };
     if !device.is_empty() {
-        st.signins.devices.prove(&device, s, st.clock.now());
+        super::device::prove(st, &device, s).await;
     }
     continue_with(st, &token, &next)
 }

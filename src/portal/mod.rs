@@ -26,6 +26,7 @@ use crate::respond::{error_page, html, page, redirect};
 use crate::session::{self, Factor, Factors, cookie};
 use crate::state::State;
 use crate::state::pending::Handoff;
+use crate::store::flows;
 pub use routes::Call;
 use routes::Page;
 pub(crate) use signin::{PasswordCheck, SignedIn, lockdown_admin, open_session};
@@ -157,7 +158,7 @@ pub(crate) async fn serve(st: &State, page_: Page, call: Call) -> Response<Body>
         Page::Sessions => sessions_page(st, &call).await,
         Page::EndSession => end_session(st, call).await,
         Page::Handoff => handoff(st, &call).await,
-        Page::HandoffBegin => handoff_begin(st, &call),
+        Page::HandoffBegin => handoff_begin(st, &call).await,
         Page::MfaForm => mfa::factor_form(st, &call, mfa::Mode::StepUp).await,
         Page::MfaSubmit => mfa::factor_submit(st, call, mfa::Mode::StepUp).await,
         Page::ConfirmForm => mfa::factor_form(st, &call, mfa::Mode::Confirm).await,
@@ -174,10 +175,10 @@ pub(crate) async fn serve(st: &State, page_: Page, call: Call) -> Response<Body>
         Page::FactorFinish => passkey::factor_finish(st, call).await,
         Page::PasswordlessStart => passkey::passwordless_start(st, call).await,
         Page::PasswordlessFinish => passkey::passwordless_finish(st, call).await,
-        Page::DeviceCode => device::code(st, &call),
-        Page::DeviceToken => device::token(st, &call),
+        Page::DeviceCode => device::code(st, &call).await,
+        Page::DeviceToken => device::token(st, &call).await,
         Page::DeviceLogout => device::logout(st, &call).await,
-        Page::DeviceForm => device::approve_page(st, &call),
+        Page::DeviceForm => device::approve_page(st, &call).await,
         Page::DeviceDecide => device::decide(st, call).await,
         // The gateway routes tunnels (route::Found::Tunnel); the row only declares them.
         Page::Tunnel | Page::ForwardAuth => error_page(StatusCode::NOT_FOUND, call.ctx.id),
@@ -387,7 +388,7 @@ fn handoff_cookie(nonce: &str, max_age: u32) -> String {
 
 /// GET /.poort/handoff/begin on the portal (signed in): a one-time code for the app host,
 /// bound to the nonce the browser holds there.
-fn handoff_begin(st: &State, call: &Call) -> Response<Body> {
+async fn handoff_begin(st: &State, call: &Call) -> Response<Body> {
     let s = call.session();
     let (host, path, bind) = (
         query_param(call, "host").unwrap_or_default(),
@@ -401,18 +402,18 @@ fn handoff_begin(st: &State, call: &Call) -> Response<Body> {
     };
     let code = cookie::encode_token(&crate::secret::random_bytes());
     let now = st.clock.now();
-    {
-        let mut h = st.signins.handoffs.lock();
-        h.retain(|_, v| v.expires > now);
-        let handoff = Handoff {
-            session_id: s.id.clone(),
-            user: s.identity.user.clone(),
-            host: host.clone(),
-            path,
-            bind,
-            expires: now + HANDOFF_SECS,
-        };
-        h.insert(code.clone(), handoff);
+    let handoff = Handoff {
+        session_id: s.id.clone(),
+        user: s.identity.user.clone(),
+        host: host.clone(),
+        path,
+        bind,
+        expires: now + HANDOFF_SECS,
+    };
+    let c2 = code.clone();
+    // In the store: the app host's request may reach another node.
+    if !matches!(st.store.run(move |c| flows::put(c, flows::HANDOFF, &c2, &handoff, handoff.expires)).await, Ok(true)) {
+        return error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id);
     }
     redirect(
         StatusCode::SEE_OTHER,
@@ -428,7 +429,13 @@ fn handoff_begin(st: &State, call: &Call) -> Response<Body> {
 async fn handoff(st: &State, call: &Call) -> Response<Body> {
     let ctx = &call.ctx;
     let code = query_param(call, "code").unwrap_or_default();
-    let taken = st.signins.handoffs.lock().remove(&code);
+    let now = st.clock.now();
+    let c2 = code.clone();
+    // Taken out whatever happens next: a code works once, on whichever node it reaches.
+    let taken: Option<Handoff> = match st.store.run(move |c| flows::take(c, flows::HANDOFF, &c2, now)).await {
+        Ok(t) => t,
+        Err(_) => return error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id),
+    };
     let cookies = call.headers().get_all(header::COOKIE).iter().map(|v| v.as_bytes());
     let nonce = cookie::find(cookies, HANDOFF_COOKIE).map(|n| session::hash_token(n.as_bytes()));
     let client = ctx.client;

@@ -86,7 +86,9 @@ pub(crate) async fn register_start(st: &State, call: Call) -> Response<Body> {
                 next: next.clone(),
                 state,
             };
-            let id = pk.put(st.clock.now(), c);
+            let Some(id) = keep_ceremony(st, c).await else {
+                return crate::respond::error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id);
+            };
             // webauthn-rs asks authenticators not to store the credential ("discouraged"); ask
             // them to, where they can, so that it also serves passwordless sign-in. Keys
             // without storage still register and work as a second factor.
@@ -120,7 +122,7 @@ pub(crate) async fn register_finish(st: &State, call: Call) -> Response<Body> {
     let (ctx, s) = (&call.ctx, call.session().clone());
     let Some(body) = body::<RegisterFinish>(&call) else { return malformed() };
     let now = st.clock.now();
-    let Some(Ceremony::Register { session, user, name, next, state }) = st.signins.passkeys.take(&body.ceremony, now)
+    let Some(Ceremony::Register { session, user, name, next, state }) = take_ceremony(st, &body.ceremony, now).await
     else {
         return json_error(StatusCode::BAD_REQUEST, "that registration expired; start again");
     };
@@ -189,7 +191,9 @@ pub(crate) async fn factor_start(st: &State, call: Call) -> Response<Body> {
                 device,
                 state,
             };
-            let id = st.signins.passkeys.put(st.clock.now(), c);
+            let Some(id) = keep_ceremony(st, c).await else {
+                return json_error(StatusCode::SERVICE_UNAVAILABLE, "could not start");
+            };
             json(StatusCode::OK, serde_json::json!({ "ceremony": id, "options": options }))
         }
         Err(_) => json_error(StatusCode::INTERNAL_SERVER_ERROR, "could not start"),
@@ -234,7 +238,7 @@ pub(crate) async fn factor_finish(st: &State, call: Call) -> Response<Body> {
     let (ctx, s) = (&call.ctx, call.session().clone());
     let Some(body) = body::<Finish>(&call) else { return malformed() };
     let now = st.clock.now();
-    let Some(Ceremony::Factor { session, user, next, device, state }) = st.signins.passkeys.take(&body.ceremony, now)
+    let Some(Ceremony::Factor { session, user, next, device, state }) = take_ceremony(st, &body.ceremony, now).await
     else {
         return json_error(StatusCode::BAD_REQUEST, "that sign-in expired; start again");
     };
@@ -255,7 +259,7 @@ pub(crate) async fn factor_finish(st: &State, call: Call) -> Response<Body> {
     match signin::renew_session(st, &s, Proof::Factor(Factor::Hwk), ctx).await {
         Some((_, token)) => {
             if !device.is_empty() {
-                st.signins.devices.prove(&device, &s, st.clock.now());
+                super::device::prove(st, &device, &s).await;
             }
             landed(&token, serde_json::json!({ "redirect": landing_url(st, &next, "/") }))
         }
@@ -268,7 +272,9 @@ pub(crate) async fn passwordless_start(st: &State, call: Call) -> Response<Body>
     let Some(body) = body::<Start>(&call) else { return malformed() };
     match st.signins.passkeys.webauthn.start_discoverable_authentication() {
         Ok((options, state)) => {
-            let id = st.signins.passkeys.put(st.clock.now(), Ceremony::Passwordless { next: body.next, state });
+            let Some(id) = keep_ceremony(st, Ceremony::Passwordless { next: body.next, state }).await else {
+                return json_error(StatusCode::SERVICE_UNAVAILABLE, "could not start");
+            };
             json(StatusCode::OK, serde_json::json!({ "ceremony": id, "options": options }))
         }
         Err(_) => json_error(StatusCode::INTERNAL_SERVER_ERROR, "could not start"),
@@ -282,7 +288,7 @@ pub(crate) async fn passwordless_finish(st: &State, call: Call) -> Response<Body
     let (ctx, headers) = (&call.ctx, call.headers());
     let Some(body) = body::<Finish>(&call) else { return malformed() };
     let now = st.clock.now();
-    let Some(Ceremony::Passwordless { next, state }) = st.signins.passkeys.take(&body.ceremony, now) else {
+    let Some(Ceremony::Passwordless { next, state }) = take_ceremony(st, &body.ceremony, now).await else {
         return json_error(StatusCode::BAD_REQUEST, "that sign-in expired; start again");
     };
     let wa = &st.signins.passkeys.webauthn;
@@ -329,4 +335,23 @@ pub(crate) async fn passwordless_finish(st: &State, call: Call) -> Response<Body
     };
     tracing::info!(user = %user, session = %id, "Passwordless login succeeded");
     landed(&token.cookie_value, serde_json::json!({ "redirect": landing_url(st, &next, "/") }))
+}
+
+/// Keeps a started ceremony in the store (any node may finish it); None if the store did not
+/// answer.
+async fn keep_ceremony(st: &State, c: Ceremony) -> Option<String> {
+    let now = st.clock.now();
+    match st.store.run(move |conn| crate::state::pending::put_ceremony(conn, now, &c)).await {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::error!(error = %e, "Keeping a passkey ceremony failed");
+            None
+        }
+    }
+}
+
+/// Takes a ceremony out of the store: it finishes once, on whichever node.
+async fn take_ceremony(st: &State, id: &str, now: crate::clock::UnixTime) -> Option<Ceremony> {
+    let id = id.to_string();
+    st.store.run(move |conn| crate::state::pending::take_ceremony(conn, &id, now)).await.ok().flatten()
 }

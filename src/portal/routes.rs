@@ -334,7 +334,18 @@ pub async fn admit(st: &State, mut ctx: Ctx, route: &Route, req: Request<Incomin
     if let Some(refused) = guard(st, &ctx, route, &head).await {
         return Err(refused);
     }
-    if route.rate == Rate::SignIn && !super::signin::attempt_allowed(st, ctx.client) {
+    let allowed =
+        if route.rate == Rate::SignIn { super::signin::attempt_allowed(st, ctx.client).await } else { Some(true) };
+    if allowed.is_none() {
+        // The store (which counts attempts for every node) did not answer: no sign-in now.
+        return Err(match route.input {
+            Json | CliJson | NoBody if route.page != Page::Oidc => {
+                json_error(StatusCode::SERVICE_UNAVAILABLE, "sign-in is unavailable right now; try again shortly")
+            }
+            _ => error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
+        });
+    }
+    if allowed == Some(false) {
         return Err(match route.input {
             Json | CliJson | NoBody if route.page != Page::Oidc => {
                 json_error(StatusCode::TOO_MANY_REQUESTS, "too many attempts from your address; wait a minute")

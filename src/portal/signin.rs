@@ -18,10 +18,11 @@ use crate::session::{Factors, Kind, NewToken, Opening, Proof, Session};
 use crate::state::{Ctx, State};
 use crate::store::Store;
 
-/// True if this address may make another sign-in attempt (any factor) now.
-pub(crate) fn attempt_allowed(st: &State, client: IpAddr) -> bool {
-    let ok = st.signins.may_try(&client);
-    if !ok {
+/// Whether this address may make another sign-in attempt (any factor) now; None when the
+/// store, which counts attempts for every node, did not answer.
+pub(crate) async fn attempt_allowed(st: &State, client: IpAddr) -> Option<bool> {
+    let ok = st.signins.may_try(&st.store, client, st.clock.now()).await;
+    if ok == Some(false) {
         tracing::warn!(client = %client, "Sign-in attempts rate-limited");
     }
     ok

@@ -8,11 +8,11 @@ use http::{Response, StatusCode};
 use super::{Call, SignedIn, open_session};
 use crate::audit::Event;
 use crate::body::Body;
-use crate::identity::oidc::Failure;
+use crate::identity::oidc::{Failure, PENDING_FOR, Pending, Start};
 use crate::respond::{error_page, redirect};
 use crate::session::{Factor, Factors, cookie};
 use crate::state::{Ctx, State};
-use crate::store::{Store, Synced};
+use crate::store::{Store, Synced, flows};
 
 /// `/.poort/oidc/NAME/ACTION`.
 pub async fn serve(st: &State, call: Call) -> Response<Body> {
@@ -45,8 +45,17 @@ pub async fn serve(st: &State, call: Call) -> Response<Body> {
     }
 }
 
+/// Logins in flight at most, and logins started per client address and minute. When full,
+/// new ones are refused: nobody's login in flight is pushed out by someone else's.
+const MAX_PENDING: i64 = 10_000;
+const MAX_STARTS_PER_CLIENT: i64 = 16;
+
 async fn start(st: &State, ctx: &Ctx, name: &str, next: &str) -> Response<Body> {
-    match st.oidc.start(name, next, ctx.client).await {
+    let started = match st.oidc.start(name, next).await {
+        Ok(Some(s)) => keep(st, ctx, s).await,
+        other => other,
+    };
+    match started {
         Ok(Some(s)) => {
             let mut resp = redirect(StatusCode::FOUND, &s.authorize_url);
             if let Ok(v) = HeaderValue::from_str(&cookie::set_sso(&s.browser_cookie)) {
@@ -59,8 +68,34 @@ async fn start(st: &State, ctx: &Ctx, name: &str, next: &str) -> Response<Body> 
     }
 }
 
+/// Keeps a login at its provider in the store, where any node finds it when the browser comes
+/// back; refused when too many are in flight, or this address started too many this minute.
+async fn keep(st: &State, ctx: &Ctx, s: Start) -> Result<Option<Start>, Failure> {
+    let (now, client) = (st.clock.now(), format!("sso {}", ctx.client));
+    let stored = st
+        .store
+        .run(move |c| {
+            if flows::count(c, flows::SSO, now)? >= MAX_PENDING
+                || flows::attempt(c, &client, now)? > MAX_STARTS_PER_CLIENT
+            {
+                return Ok(None);
+            }
+            Ok(flows::put(c, flows::SSO, &s.state, &s.pending, now + PENDING_FOR)?.then_some(s))
+        })
+        .await
+        .map_err(|e| Failure::Provider(format!("the store did not answer: {e:#}")))?;
+    stored.map(Some).ok_or(Failure::Busy)
+}
+
 async fn callback(st: &State, ctx: Ctx, name: &str, code: &str, state: &str, browser: Option<&str>) -> Response<Body> {
-    let (user, next) = match st.oidc.finish(name, code, state, browser).await {
+    // Taken out whatever happens next: a state works once, on whichever node.
+    let (key, now) = (state.to_string(), st.clock.now());
+    let pending = match st.store.run(move |c| flows::take::<Pending>(c, flows::SSO, &key, now)).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return failed(st, &ctx, name, &Failure::State).await,
+        Err(_) => return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id),
+    };
+    let (user, next) = match st.oidc.finish(name, code, pending, browser).await {
         Ok(v) => v,
         Err(e) => return failed(st, &ctx, name, &e).await,
     };

@@ -428,7 +428,7 @@ fn same_connections(a: &Server, b: &Server) -> bool {
 fn needs_no_restart(was: &Config, now: &Config) -> Result<(), String> {
     let fixed: [(&str, String, String); 6] = [
         ("store.data_dir", was.data_dir.display().to_string(), now.data_dir.display().to_string()),
-        ("store.database_url", was.database.display().to_string(), now.database.display().to_string()),
+        ("store.database_url", was.database.to_string(), now.database.to_string()),
         ("server.workers", was.server.workers.to_string(), now.server.workers.to_string()),
         ("server.external_url", was.server.external_origin.clone(), now.server.external_origin.clone()),
         ("tls.acme", format!("{:?}", was.tls.acme), format!("{:?}", now.tls.acme)),

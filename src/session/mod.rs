@@ -596,7 +596,9 @@ impl Sessions {
             if !updates.is_empty() {
                 store.touch_sessions(&updates)?;
             }
-            store.purge_expired(now, idle, absolute)
+            store.purge_expired(now, idle, absolute)?;
+            // Flows past their expiry (hand-offs, ceremonies, codes) and old attempt counts.
+            store.sweep_flows(now)
         })
         .await??;
         self.cache.write().retain(|_, s| self.expired(s.expires_at, s.created_at, s.last_seen(), now).is_none());
@@ -629,7 +631,7 @@ mod tests {
     async fn a_copy_whose_line_was_cut_is_loaded_again() {
         let dir = std::env::temp_dir().join(format!("poort-session-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::open(&dir.join("poort.db")).unwrap();
+        let store = Store::open(dir.join("poort.db")).unwrap();
         store.add_user("bob", None, "hash", &["staff".into()], 0).unwrap();
         let timeouts = SessionTimeouts { idle: Duration::from_secs(600), absolute: Duration::from_secs(3600) };
         let sessions = Sessions::new(store, Arc::new(ManualClock::new(1000)), timeouts).unwrap();

@@ -2,27 +2,25 @@
 //! ceremonies and command-line code pairs, each short-lived and single-use; and the per-address
 //! sign-in rate limiter. Data and its bookkeeping only: the portal's handlers decide.
 
-use std::collections::HashMap;
-
-use parking_lot::Mutex;
 use webauthn_rs::prelude::{
     DiscoverableAuthentication, PasskeyAuthentication, PasskeyRegistration, Url, Webauthn, WebauthnBuilder,
 };
 
 use crate::clock::UnixTime;
 use crate::config::Config;
+use crate::db::{self, Conn};
 use crate::identity::seal::Sealer;
 use crate::session::Session;
+use crate::store::flows;
 
-/// Sign-ins in flight: host hand-offs, WebAuthn ceremonies and command-line codes; the
-/// sign-in rate limiter; the sealer for secrets.
+/// What sign-ins need between requests: the relying party for passkeys, the sealer for
+/// secrets, and the per-address sign-in quota. The flows themselves (hand-offs, ceremonies,
+/// command-line codes) are in the store, for any node to finish.
 pub struct SignIns {
-    pub handoffs: Mutex<HashMap<String, Handoff>>,
-    /// Sign-in attempts per address, with the per-minute quota it was made for.
-    limiter: Mutex<(u32, std::sync::Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>)>,
+    /// Sign-in attempts allowed per address and minute.
+    per_minute: std::sync::atomic::AtomicU32,
     pub sealer: std::sync::Arc<Sealer>,
     pub passkeys: Passkeys,
-    pub devices: Devices,
 }
 
 impl std::fmt::Debug for SignIns {
@@ -32,7 +30,7 @@ impl std::fmt::Debug for SignIns {
 }
 
 /// A pending hand-off of a portal session to an app host.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Handoff {
     pub session_id: String,
     pub user: String,
@@ -47,41 +45,30 @@ impl SignIns {
     pub fn new(cfg: &Config, sealer: std::sync::Arc<Sealer>) -> anyhow::Result<SignIns> {
         Ok(SignIns {
             passkeys: Passkeys::new(&cfg.server.external_origin, &cfg.server.portal_host)?,
-            handoffs: Mutex::new(HashMap::new()),
-            devices: Devices::default(),
-            limiter: Mutex::new(limiter(cfg.login.per_address_per_minute)),
+            per_minute: std::sync::atomic::AtomicU32::new(cfg.login.per_address_per_minute),
             sealer,
         })
     }
 
-    /// Forgets rate-limit state of addresses that have been quiet (called periodically).
-    pub fn tidy(&self) {
-        self.limiter.lock().1.retain_recent();
+    /// Whether `client` may try to sign in now, counting the try: at most the quota per
+    /// address and clock minute, counted in the store so that every node sees every try.
+    /// None when the store did not answer (no sign-in then).
+    pub async fn may_try(&self, store: &crate::store::Store, client: std::net::IpAddr, now: UnixTime) -> Option<bool> {
+        let limit = i64::from(self.per_minute.load(std::sync::atomic::Ordering::Relaxed));
+        let addr = client.to_string();
+        store.run(move |c| crate::store::flows::attempt(c, &addr, now)).await.ok().map(|n| n <= limit)
     }
 
-    /// Whether `client` may try to sign in now (and counts the try).
-    pub fn may_try(&self, client: &std::net::IpAddr) -> bool {
-        let limiter = self.limiter.lock().1.clone();
-        limiter.check_key(client).is_ok()
-    }
-
-    /// Applies a changed `[login] per_address_per_minute` (a reload); the counts start over.
+    /// Applies a changed `[login] per_address_per_minute` (a reload).
     pub fn set_per_minute(&self, n: u32) {
-        let mut l = self.limiter.lock();
-        if l.0 != n {
-            *l = limiter(n);
-        }
+        self.per_minute.store(n, std::sync::atomic::Ordering::Relaxed);
     }
-}
-
-fn limiter(per_minute: u32) -> (u32, std::sync::Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>) {
-    let quota = std::num::NonZeroU32::new(per_minute).unwrap_or(std::num::NonZeroU32::MIN);
-    (per_minute, std::sync::Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(quota))))
 }
 
 /// How long a started ceremony may take to finish.
 const CEREMONY_SECS: i64 = 120;
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub enum Ceremony {
     Register {
         session: String,
@@ -104,10 +91,9 @@ pub enum Ceremony {
     },
 }
 
-/// The relying party and the ceremonies in flight.
+/// The relying party; the ceremonies in flight are in the store.
 pub struct Passkeys {
     pub webauthn: Webauthn,
-    ceremonies: Mutex<HashMap<String, (UnixTime, Ceremony)>>,
 }
 
 impl std::fmt::Debug for Passkeys {
@@ -121,23 +107,20 @@ impl Passkeys {
     pub fn new(external_origin: &str, portal_host: &str) -> anyhow::Result<Passkeys> {
         let origin = Url::parse(external_origin)?;
         let webauthn = WebauthnBuilder::new(portal_host, &origin)?.rp_name("poort").build()?;
-        Ok(Passkeys { webauthn, ceremonies: Mutex::new(HashMap::new()) })
+        Ok(Passkeys { webauthn })
     }
+}
 
-    pub fn put(&self, now: UnixTime, c: Ceremony) -> String {
-        let id = crate::session::cookie::encode_token(&crate::secret::random_bytes());
-        {
-            let mut m = self.ceremonies.lock();
-            m.retain(|_, (t, _)| now - *t < CEREMONY_SECS);
-            m.insert(id.clone(), (now, c));
-        }
-        id
-    }
+/// Keeps a started ceremony for whichever node gets its second half; returns its id.
+pub fn put_ceremony(conn: &Conn, now: UnixTime, c: &Ceremony) -> db::Result<String> {
+    let id = crate::session::cookie::encode_token(&crate::secret::random_bytes());
+    flows::put(conn, flows::CEREMONY, &id, c, now + CEREMONY_SECS)?;
+    Ok(id)
+}
 
-    pub fn take(&self, id: &str, now: UnixTime) -> Option<Ceremony> {
-        let (t, c) = self.ceremonies.lock().remove(id)?;
-        (now - t < CEREMONY_SECS).then_some(c)
-    }
+/// Takes a ceremony out (it finishes once), if it has not expired.
+pub fn take_ceremony(conn: &Conn, id: &str, now: UnixTime) -> db::Result<Option<Ceremony>> {
+    flows::take(conn, flows::CEREMONY, id, now)
 }
 
 /// How long a code pair is good for.
@@ -147,14 +130,22 @@ pub const PROOF_FOR: i64 = 120;
 /// Code pairs in flight at most.
 pub const MAX_PENDING: usize = 10_000;
 
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DeviceState {
     Pending,
-    Approved { token: String, user: String, expires_at: UnixTime },
+    /// The new session's token is kept sealed until the command line fetches it.
+    Approved {
+        sealed_token: Vec<u8>,
+        user: String,
+        expires_at: UnixTime,
+    },
     Denied,
 }
 
+/// A code pair in flight, under its user code (and found from its device code through a
+/// second flow, `DEVICE_POLL`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DeviceCode {
-    pub device_code: String,
     pub requester: String,
     pub created: UnixTime,
     pub state: DeviceState,
@@ -165,39 +156,96 @@ pub struct DeviceCode {
     pub proved_at: Option<UnixTime>,
 }
 
-/// Code pairs in flight, by user code.
-#[derive(Default)]
-pub struct Devices(pub Mutex<HashMap<String, DeviceCode>>);
+/// The flow that leads from a device code (the command line's secret) to its user code.
+pub const DEVICE_POLL: &str = "device_poll";
 
-impl std::fmt::Debug for Devices {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Devices")
-    }
-}
+/// Code pairs in flight, in the store: any node may be asked about any of them.
+pub mod devices {
+    use super::*;
 
-impl Devices {
-    /// Records that the browser of session `s` just proved who its user is to approve code
-    /// `code` (the confirm page), if that browser is the one that opened it.
-    pub fn prove(&self, code: &str, s: &Session, now: UnixTime) {
-        if let Some(p) = self.0.lock().get_mut(code).filter(|p| p.claimed_by == Some(claimant(s))) {
-            p.proved_at = Some(now);
+    /// Records a new code pair; false when too many are in flight (or the user code is taken).
+    pub fn add(conn: &Conn, user_code: &str, device_code: &str, requester: &str, now: UnixTime) -> db::Result<bool> {
+        if flows::count(conn, flows::DEVICE, now)? >= MAX_PENDING as i64 {
+            return Ok(false);
         }
+        let p = DeviceCode {
+            requester: requester.to_string(),
+            created: now,
+            state: DeviceState::Pending,
+            claimed_by: None,
+            proved_at: None,
+        };
+        Ok(flows::put(conn, flows::DEVICE, user_code, &p, now + LIFETIME)?
+            && flows::put(conn, DEVICE_POLL, device_code, &user_code, now + LIFETIME)?)
+    }
+
+    /// What the command line polling with `device_code` learns: the code pair, removed once
+    /// it is decided (an approval is handed out once).
+    pub fn poll(conn: &Conn, device_code: &str, now: UnixTime) -> db::Result<Option<DeviceCode>> {
+        let Some((user_code, _)) = flows::get::<String>(conn, DEVICE_POLL, device_code, now)? else { return Ok(None) };
+        let Some((p, _)) = flows::get::<DeviceCode>(conn, flows::DEVICE, &user_code, now)? else { return Ok(None) };
+        if p.state == DeviceState::Pending {
+            return Ok(Some(p));
+        }
+        // Decided: whoever takes the poll flow first gets the answer, once.
+        if flows::take::<String>(conn, DEVICE_POLL, device_code, now)?.is_none() {
+            return Ok(None);
+        }
+        flows::take::<DeviceCode>(conn, flows::DEVICE, &user_code, now)
+    }
+
+    /// Records that the browser `me` just proved who its user is to approve code
+    /// `code` (the confirm page), if that browser is the one that opened it.
+    pub fn prove(conn: &Conn, code: &str, me: &Claimant, now: UnixTime) -> db::Result<()> {
+        flows::update::<DeviceCode, ()>(conn, flows::DEVICE, code, now, |p| {
+            let mine = p.claimed_by.as_ref() == Some(me);
+            if mine {
+                p.proved_at = Some(now);
+            }
+            ((), mine)
+        })?;
+        Ok(())
     }
 
     /// A pending, unexpired code the browser of session `s` may decide on: claimed by it now
     /// if nobody has it. Returns (requester, asked at, proved for it just now).
-    pub fn claim(&self, code: &str, s: &Session, now: UnixTime) -> Option<(String, UnixTime, bool)> {
-        let mut m = self.0.lock();
-        let p = m.get_mut(code).filter(|p| matches!(p.state, DeviceState::Pending) && now - p.created < LIFETIME)?;
-        if *p.claimed_by.get_or_insert_with(|| claimant(s)) != claimant(s) {
-            return None;
-        }
-        let proved = p.proved_at.is_some_and(|t| t <= now && now - t < PROOF_FOR);
-        Some((p.requester.clone(), p.created, proved))
+    pub fn claim(
+        conn: &Conn,
+        code: &str,
+        me: &Claimant,
+        now: UnixTime,
+    ) -> db::Result<Option<(String, UnixTime, bool)>> {
+        let got = flows::update::<DeviceCode, _>(conn, flows::DEVICE, code, now, |p| {
+            if p.state != DeviceState::Pending || now - p.created >= LIFETIME {
+                return (None, false);
+            }
+            let fresh = p.claimed_by.is_none();
+            if p.claimed_by.get_or_insert_with(|| me.clone()) != me {
+                return (None, false);
+            }
+            let proved = p.proved_at.is_some_and(|t| t <= now && now - t < PROOF_FOR);
+            (Some((p.requester.clone(), p.created, proved)), fresh)
+        })?;
+        Ok(got.flatten())
+    }
+
+    /// Decides a code the browser of session `s` claimed; false when it is no longer pending
+    /// or not theirs.
+    pub fn decide(conn: &Conn, code: &str, me: &Claimant, state: DeviceState, now: UnixTime) -> db::Result<bool> {
+        let done = flows::update::<DeviceCode, _>(conn, flows::DEVICE, code, now, |p| {
+            let ok = p.state == DeviceState::Pending && p.claimed_by.as_ref() == Some(me);
+            if ok {
+                p.state = state.clone();
+            }
+            (ok, ok)
+        })?;
+        Ok(done == Some(true))
     }
 }
 
 /// Who claims a code: a user in one browser (the chain of their sign-in).
-fn claimant(s: &Session) -> (String, String) {
+pub type Claimant = (String, String);
+
+pub fn claimant(s: &Session) -> Claimant {
     (s.identity.user.clone(), s.chain.clone())
 }

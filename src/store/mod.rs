@@ -1,19 +1,35 @@
-//! Durable state in one SQLite file: users, groups, sessions, revocations and the audit chain.
+//! Durable state: users, groups, sessions, revocations, sign-ins in flight and the audit
+//! chain, in one SQLite file (the embedded default) or in PostgreSQL (a cluster of gateways).
 //!
-//! SQLite is synchronous; async callers go through `Store::run`, which moves the work to the
-//! blocking pool. The gateway and the `poort` admin commands open the same file (WAL mode), so
-//! an admin action in another process reaches a running gateway through the `revocations`
-//! table, which the gateway polls.
+//! The database is synchronous to its callers (`db::Conn`); async callers go through
+//! `Store::run`, which moves the work to the blocking pool. Every gateway and the `poort`
+//! admin commands open the same database, so an admin action in another process, or on
+//! another node, reaches a running gateway through the `revocations` table, which it polls.
+
+pub mod flows;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context;
 use parking_lot::Mutex;
-use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::db::{self, params};
+pub use crate::db::{Backend, Conn, OptionalExtension, Row};
 
 use crate::clock::UnixTime;
+pub use crate::config::database::{Database, redact_url};
 use crate::identity::Identity;
+
+impl Database {
+    pub fn backend(&self) -> Backend {
+        match self {
+            Database::Sqlite(_) => Backend::Sqlite,
+            Database::Postgres { .. } => Backend::Postgres,
+        }
+    }
+}
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -117,11 +133,161 @@ UPDATE sessions SET kind = 'cli' WHERE user_agent = 'poort command line';
 ALTER TABLE users ADD COLUMN subject TEXT;
 CREATE UNIQUE INDEX users_source_subject ON users(source, subject) WHERE subject IS NOT NULL;
 "#,
+    FLOWS_SQLITE,
 ];
 
+/// Migration 7: what one request of a sign-in leaves for the next (on any node), the sign-in
+/// counts per address, and the nodes of a cluster.
+const FLOWS_SQLITE: &str = r#"
+CREATE TABLE flows (
+    kind       TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+CREATE TABLE attempts (
+    addr   TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    n      INTEGER NOT NULL,
+    PRIMARY KEY (addr, minute)
+);
+CREATE TABLE nodes (
+    id         TEXT PRIMARY KEY,
+    version    TEXT NOT NULL,
+    config     TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    seen_at    INTEGER NOT NULL
+);
+"#;
+
+/// The PostgreSQL schema, in the same shape as SQLite's after its migrations; the
+/// `schema_version` table records how many of these ran.
+const PG_MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE users (
+    name          TEXT PRIMARY KEY,
+    email         TEXT,
+    password_hash TEXT,
+    disabled      BIGINT NOT NULL DEFAULT 0,
+    source        TEXT NOT NULL DEFAULT 'local',
+    created_at    BIGINT NOT NULL,
+    handle        BYTEA,
+    subject       TEXT
+);
+CREATE UNIQUE INDEX users_handle ON users(handle);
+CREATE UNIQUE INDEX users_source_subject ON users(source, subject) WHERE subject IS NOT NULL;
+CREATE TABLE user_groups (
+    "user" TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    grp    TEXT NOT NULL,
+    PRIMARY KEY ("user", grp)
+);
+CREATE TABLE sessions (
+    id          TEXT PRIMARY KEY,
+    "user"      TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    created_at  BIGINT NOT NULL,
+    last_seen   BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL,
+    client_addr TEXT NOT NULL,
+    user_agent  TEXT NOT NULL,
+    factors     TEXT NOT NULL,
+    logout_url  TEXT,
+    auth_at     BIGINT NOT NULL DEFAULT 0,
+    factor_at   BIGINT,
+    kind        TEXT NOT NULL DEFAULT 'browser',
+    parent      TEXT,
+    chain       TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX sessions_user ON sessions("user");
+CREATE INDEX sessions_parent ON sessions(parent);
+CREATE TABLE session_tokens (
+    token_hash BYTEA PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    host       TEXT NOT NULL
+);
+CREATE INDEX session_tokens_session ON session_tokens(session_id);
+CREATE TABLE revocations (
+    seq        BIGSERIAL PRIMARY KEY,
+    session_id TEXT,
+    "user"     TEXT,
+    at         BIGINT NOT NULL
+);
+CREATE TABLE audit (
+    seq       BIGINT PRIMARY KEY,
+    at        BIGINT NOT NULL,
+    kind      TEXT NOT NULL,
+    detail    TEXT NOT NULL,
+    prev_hash BYTEA NOT NULL,
+    hash      BYTEA NOT NULL
+);
+CREATE TABLE totp (
+    "user"     TEXT PRIMARY KEY REFERENCES users(name) ON DELETE CASCADE,
+    secret     BYTEA NOT NULL,
+    confirmed  BIGINT NOT NULL DEFAULT 0,
+    last_step  BIGINT NOT NULL DEFAULT 0,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE recovery_codes (
+    "user"    TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    code_hash BYTEA NOT NULL,
+    used_at   BIGINT,
+    PRIMARY KEY ("user", code_hash)
+);
+CREATE TABLE passkeys (
+    id         TEXT PRIMARY KEY,
+    "user"     TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    name       TEXT NOT NULL,
+    passkey    TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    last_used  BIGINT
+);
+CREATE INDEX passkeys_user ON passkeys("user");
+CREATE TABLE lockouts (
+    "user"       TEXT PRIMARY KEY,
+    failures     BIGINT NOT NULL,
+    locked_until BIGINT NOT NULL,
+    last_failure BIGINT NOT NULL
+);
+CREATE TABLE settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE flows (
+    kind       TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+CREATE TABLE attempts (
+    addr   TEXT NOT NULL,
+    minute BIGINT NOT NULL,
+    n      BIGINT NOT NULL,
+    PRIMARY KEY (addr, minute)
+);
+CREATE TABLE nodes (
+    id         TEXT PRIMARY KEY,
+    version    TEXT NOT NULL,
+    config     TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    seen_at    BIGINT NOT NULL
+);
+"#];
+
+/// The advisory lock key that serialises schema changes and audit appends across nodes.
+pub const PG_LOCK_SCHEMA: i64 = 0x706f_6f72_7401;
+pub const PG_LOCK_AUDIT: i64 = 0x706f_6f72_7402;
+
+/// The store: a few connections to the database, opened as they are needed and opened again
+/// when their server went away (a PostgreSQL restart).
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    pool: Arc<Pool>,
+}
+
+struct Pool {
+    db: Database,
+    conns: Vec<Mutex<Option<Conn>>>,
+    next: AtomicUsize,
 }
 
 impl std::fmt::Debug for Store {
@@ -130,12 +296,36 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Opens (creating if needed) a database file with poort's settings and schema.
-pub fn open_connection(path: &Path) -> anyhow::Result<Connection> {
+/// Connections a gateway keeps to PostgreSQL (SQLite has one: it writes one at a time).
+const PG_CONNECTIONS: usize = 4;
+
+/// Opens (creating if needed) a database with poort's settings and schema.
+pub fn open_connection(db: impl Into<Database>) -> anyhow::Result<Conn> {
+    let db = db.into();
+    let conn = connect(&db)?;
+    migrate(conn)
+}
+
+/// Opens a connection without looking at the schema.
+fn connect(db: &Database) -> anyhow::Result<Conn> {
+    match db {
+        Database::Sqlite(path) => open_sqlite(path),
+        Database::Postgres { url, tls } => {
+            let tls = match tls {
+                None => None,
+                Some(trust) => Some(crate::tls_client::config(trust, None, &[])?),
+            };
+            let pg = db::Pg::connect(url, tls).with_context(|| format!("connecting to {db}"))?;
+            Ok(Conn::Postgres(Box::new(pg)))
+        }
+    }
+}
+
+fn open_sqlite(path: &Path) -> anyhow::Result<Conn> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let conn = Connection::open(path).with_context(|| format!("opening database {}", path.display()))?;
+    let conn = rusqlite::Connection::open(path).with_context(|| format!("opening database {}", path.display()))?;
     // Password hashes and session hashes live here: owner only. SQLite gives its -wal and
     // -shm files the same mode.
     {
@@ -148,23 +338,96 @@ pub fn open_connection(path: &Path) -> anyhow::Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    migrate(&conn)?;
+    Ok(Conn::Sqlite(conn))
+}
+
+fn migrate(mut conn: Conn) -> anyhow::Result<Conn> {
+    let (migrations, backend) = match conn.backend() {
+        Backend::Sqlite => (MIGRATIONS, Backend::Sqlite),
+        Backend::Postgres => (PG_MIGRATIONS, Backend::Postgres),
+    };
+    let tx = conn.transaction()?;
+    let done: i64 = match backend {
+        Backend::Sqlite => tx.query_row("PRAGMA user_version", (), |r| r.get(0))?,
+        Backend::Postgres => {
+            // Nodes starting together take turns.
+            tx.query_row("SELECT pg_advisory_xact_lock(?1)::text", [PG_LOCK_SCHEMA], |_| Ok(()))?;
+            tx.batch("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+            tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", (), |r| r.get(0))?
+        }
+    };
+    let done = usize::try_from(done).unwrap_or(usize::MAX);
+    if done > migrations.len() {
+        anyhow::bail!("the database schema (version {done}) is newer than this poort; upgrade poort");
+    }
+    for (i, m) in migrations.iter().enumerate().skip(done) {
+        tx.batch(m).with_context(|| format!("schema migration {}", i + 1))?;
+        match backend {
+            Backend::Sqlite => tx.batch(&format!("PRAGMA user_version = {}", i + 1))?,
+            Backend::Postgres => {
+                tx.execute("DELETE FROM schema_version", ())?;
+                tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [(i + 1) as i64])?;
+            }
+        }
+    }
+    tx.commit()?;
     Ok(conn)
 }
 
-fn migrate(conn: &Connection) -> anyhow::Result<()> {
-    let tx = conn.unchecked_transaction()?;
-    let done: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let done = usize::try_from(done).unwrap_or(usize::MAX);
-    if done > MIGRATIONS.len() {
-        anyhow::bail!("the database schema (version {done}) is newer than this poort; upgrade poort");
+impl Store {
+    /// Opens the store, creating its schema if needed.
+    pub fn open(db: impl Into<Database>) -> anyhow::Result<Store> {
+        let db = db.into();
+        let n = match db.backend() {
+            Backend::Sqlite => 1,
+            Backend::Postgres => PG_CONNECTIONS,
+        };
+        let first = open_connection(&db)?;
+        let conns = std::iter::once(Mutex::new(Some(first))).chain((1..n).map(|_| Mutex::new(None))).collect();
+        Ok(Store { pool: Arc::new(Pool { db, conns, next: AtomicUsize::new(0) }) })
     }
-    for (i, m) in MIGRATIONS.iter().enumerate().skip(done) {
-        tx.execute_batch(m).with_context(|| format!("schema migration {}", i + 1))?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+
+    pub fn database(&self) -> &Database {
+        &self.pool.db
     }
-    tx.commit()?;
-    Ok(())
+
+    pub fn backend(&self) -> Backend {
+        self.pool.db.backend()
+    }
+
+    /// Runs `f` with a connection on the calling thread. For the CLI and start-up.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Conn) -> db::Result<R>) -> anyhow::Result<R> {
+        let pool = &self.pool;
+        // A free connection if there is one, else the next in turn.
+        let mut slot = pool.conns.iter().find_map(|m| m.try_lock()).unwrap_or_else(|| {
+            let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.conns.len();
+            pool.conns[i].lock()
+        });
+        if slot.as_ref().is_none_or(Conn::is_broken) {
+            *slot = None;
+            *slot = Some(connect(&pool.db)?);
+        }
+        let conn = slot.as_mut().expect("invariant: connected just above");
+        match f(conn) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_connection() {
+                    // Opened again next time.
+                    *slot = None;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Runs `f` on the blocking pool. For request handling.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> db::Result<R> + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.with(f)).await.context("store task failed")?
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -202,11 +465,11 @@ pub struct SessionRow {
 }
 
 /// The session columns `SessionRow::from_row` reads, in its order.
-const SESSION_COLUMNS: &str = "s.id, s.user, s.created_at, s.last_seen, s.expires_at, s.client_addr, s.user_agent, s.factors, s.auth_at, s.factor_at, s.kind, s.parent, s.chain";
+const SESSION_COLUMNS: &str = "s.id, s.\"user\", s.created_at, s.last_seen, s.expires_at, s.client_addr, s.user_agent, s.factors, s.auth_at, s.factor_at, s.kind, s.parent, s.chain";
 
 impl SessionRow {
     /// Reads `SESSION_COLUMNS` from the start of a row.
-    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
+    fn from_row(r: &Row) -> db::Result<SessionRow> {
         Ok(SessionRow {
             id: r.get(0)?,
             user: r.get(1)?,
@@ -254,25 +517,6 @@ pub struct Revocation {
 }
 
 impl Store {
-    pub fn open(path: &Path) -> anyhow::Result<Store> {
-        Ok(Store { conn: Arc::new(Mutex::new(open_connection(path)?)) })
-    }
-
-    /// Runs `f` with the connection on the calling thread. For the CLI and start-up.
-    pub fn with<R>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>) -> anyhow::Result<R> {
-        let mut conn = self.conn.lock();
-        Ok(f(&mut conn)?)
-    }
-
-    /// Runs `f` on the blocking pool. For request handling.
-    pub async fn run<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
-    ) -> anyhow::Result<R> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.with(f)).await.context("store task failed")?
-    }
-
     // ---- users -------------------------------------------------------------------------
 
     pub fn add_user(
@@ -290,7 +534,10 @@ impl Store {
                 params![name, email, hash, now],
             )?;
             for g in groups {
-                tx.execute("INSERT OR IGNORE INTO user_groups (user, grp) VALUES (?1, ?2)", params![name, g])?;
+                tx.execute(
+                    "INSERT INTO user_groups (\"user\", grp) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                    params![name, g],
+                )?;
             }
             tx.commit()
         })
@@ -304,28 +551,33 @@ impl Store {
 
     pub fn list_users(&self) -> anyhow::Result<Vec<UserRow>> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT u.name, u.email, u.disabled, u.source, u.created_at,
-                        COALESCE((SELECT group_concat(grp, ',') FROM (SELECT grp FROM user_groups g WHERE g.user = u.name ORDER BY grp)), '')
-                 FROM users u ORDER BY u.name",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                let groups: String = r.get(5)?;
-                Ok(UserRow {
-                    name: r.get(0)?,
-                    email: r.get(1)?,
-                    disabled: r.get(2)?,
-                    source: r.get(3)?,
-                    created_at: r.get(4)?,
-                    groups: groups.split(',').filter(|g| !g.is_empty()).map(str::to_string).collect(),
-                })
+            let mut users =
+                c.query_map("SELECT name, email, disabled, source, created_at FROM users ORDER BY name", (), |r| {
+                    Ok(UserRow {
+                        name: r.get(0)?,
+                        email: r.get(1)?,
+                        disabled: r.get(2)?,
+                        source: r.get(3)?,
+                        created_at: r.get(4)?,
+                        groups: Vec::new(),
+                    })
+                })?;
+            let groups = c.query_map("SELECT \"user\", grp FROM user_groups ORDER BY \"user\", grp", (), |r| {
+                Ok((r.get::<String>(0)?, r.get::<String>(1)?))
             })?;
-            rows.collect()
+            let mut by_user: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+            for (user, grp) in groups {
+                by_user.entry(user).or_default().push(grp);
+            }
+            for u in &mut users {
+                u.groups = by_user.remove(&u.name).unwrap_or_default();
+            }
+            Ok(users)
         })
     }
 
     /// The password hash of an enabled local user; None for unknown or disabled users.
-    pub fn password_hash(conn: &Connection, name: &str) -> rusqlite::Result<Option<String>> {
+    pub fn password_hash(conn: &Conn, name: &str) -> db::Result<Option<String>> {
         conn.query_row(
             "SELECT password_hash FROM users WHERE name = ?1 AND disabled = 0 AND password_hash IS NOT NULL",
             [name],
@@ -334,23 +586,23 @@ impl Store {
         .optional()
     }
 
-    pub fn identity(conn: &Connection, name: &str) -> rusqlite::Result<Option<Identity>> {
+    pub fn identity(conn: &Conn, name: &str) -> db::Result<Option<Identity>> {
         let email: Option<Option<String>> = conn
             .query_row("SELECT email FROM users WHERE name = ?1 AND disabled = 0", [name], |r| r.get(0))
             .optional()?;
         let Some(email) = email else { return Ok(None) };
-        let mut stmt = conn.prepare_cached("SELECT grp FROM user_groups WHERE user = ?1 ORDER BY grp")?;
-        let groups = stmt.query_map([name], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
+        let groups =
+            conn.query_map("SELECT grp FROM user_groups WHERE \"user\" = ?1 ORDER BY grp", [name], |r| r.get(0))?;
         Ok(Some(Identity { user: name.to_string(), email, groups }))
     }
 
     /// Changes a user and tells running gateways to drop what they cached about them.
-    fn change_user(&self, name: &str, now: UnixTime, sql: &str, args: &[&dyn rusqlite::ToSql]) -> anyhow::Result<bool> {
+    fn change_user(&self, name: &str, now: UnixTime, sql: &str, args: Vec<db::Value>) -> anyhow::Result<bool> {
         self.with(|c| {
             let tx = c.transaction()?;
             let n = tx.execute(sql, args)?;
             if n > 0 {
-                tx.execute("INSERT INTO revocations (user, at) VALUES (?1, ?2)", params![name, now])?;
+                tx.execute("INSERT INTO revocations (\"user\", at) VALUES (?1, ?2)", params![name, now])?;
             }
             tx.commit()?;
             Ok(n > 0)
@@ -358,13 +610,13 @@ impl Store {
     }
 
     pub fn set_password(&self, name: &str, hash: &str, now: UnixTime) -> anyhow::Result<bool> {
-        self.change_user(name, now, "UPDATE users SET password_hash = ?1 WHERE name = ?2", &[&hash, &name])
+        self.change_user(name, now, "UPDATE users SET password_hash = ?1 WHERE name = ?2", params![hash, name])
     }
 
     /// Disabling also ends every session of the user.
     pub fn set_disabled(&self, name: &str, disabled: bool, now: UnixTime) -> anyhow::Result<bool> {
         let changed =
-            self.change_user(name, now, "UPDATE users SET disabled = ?1 WHERE name = ?2", &[&disabled, &name])?;
+            self.change_user(name, now, "UPDATE users SET disabled = ?1 WHERE name = ?2", params![disabled, name])?;
         if changed && disabled {
             self.revoke_user_sessions(name, now)?;
         }
@@ -375,35 +627,38 @@ impl Store {
         self.with(|c| {
             let tx = c.transaction()?;
             for g in add {
-                tx.execute("INSERT OR IGNORE INTO user_groups (user, grp) VALUES (?1, ?2)", params![name, g])?;
+                tx.execute(
+                    "INSERT INTO user_groups (\"user\", grp) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                    params![name, g],
+                )?;
             }
             for g in remove {
-                tx.execute("DELETE FROM user_groups WHERE user = ?1 AND grp = ?2", params![name, g])?;
+                tx.execute("DELETE FROM user_groups WHERE \"user\" = ?1 AND grp = ?2", params![name, g])?;
             }
-            tx.execute("INSERT INTO revocations (user, at) VALUES (?1, ?2)", params![name, now])?;
+            tx.execute("INSERT INTO revocations (\"user\", at) VALUES (?1, ?2)", params![name, now])?;
             tx.commit()
         })
     }
 
     /// Where signing out of a session also ends its identity provider session.
-    pub fn set_logout_url(conn: &Connection, session: &str, url: &str) -> rusqlite::Result<()> {
+    pub fn set_logout_url(conn: &Conn, session: &str, url: &str) -> db::Result<()> {
         conn.execute("UPDATE sessions SET logout_url = ?1 WHERE id = ?2", params![url, session]).map(|_| ())
     }
 
-    pub fn logout_url(conn: &Connection, session: &str) -> rusqlite::Result<Option<String>> {
+    pub fn logout_url(conn: &Conn, session: &str) -> db::Result<Option<String>> {
         conn.query_row("SELECT logout_url FROM sessions WHERE id = ?1", [session], |r| r.get(0))
             .optional()
             .map(Option::flatten)
     }
 
     /// `source` and `disabled` of a user, if the user exists.
-    pub fn user_source(conn: &Connection, name: &str) -> rusqlite::Result<Option<(String, bool)>> {
+    pub fn user_source(conn: &Conn, name: &str) -> db::Result<Option<(String, bool)>> {
         conn.query_row("SELECT source, disabled FROM users WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
     }
 
     /// The poort name of the provider account `(source, subject)`, if it has signed in before.
-    pub fn user_by_subject(conn: &Connection, source: &str, subject: &str) -> rusqlite::Result<Option<String>> {
+    pub fn user_by_subject(conn: &Conn, source: &str, subject: &str) -> db::Result<Option<String>> {
         conn.query_row("SELECT name FROM users WHERE source = ?1 AND subject = ?2", params![source, subject], |r| {
             r.get(0)
         })
@@ -417,14 +672,14 @@ impl Store {
     /// a user of another source, or to another subject, is refused, so no source can take over
     /// an account.
     pub fn sync_external(
-        conn: &mut Connection,
+        conn: &mut Conn,
         name: &str,
         subject: Option<&str>,
         email: Option<&str>,
         source: &str,
         groups: &[String],
         now: UnixTime,
-    ) -> rusqlite::Result<Synced> {
+    ) -> db::Result<Synced> {
         let tx = conn.transaction()?;
         // The subject decides first: a provider account keeps its poort name even when the
         // name it claims changes.
@@ -457,37 +712,45 @@ impl Store {
                 )?;
             }
         }
-        let before: Vec<String> = {
-            let mut stmt = tx.prepare("SELECT grp FROM user_groups WHERE user = ?1 ORDER BY grp")?;
-            stmt.query_map([&name], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
-        };
+        let before: Vec<String> =
+            { tx.query_map("SELECT grp FROM user_groups WHERE \"user\" = ?1 ORDER BY grp", [&name], |r| r.get(0))? };
         let mut after = groups.to_vec();
         after.sort();
         after.dedup();
         if before != after {
-            tx.execute("DELETE FROM user_groups WHERE user = ?1", [&name])?;
+            tx.execute("DELETE FROM user_groups WHERE \"user\" = ?1", [&name])?;
             for g in &after {
-                tx.execute("INSERT INTO user_groups (user, grp) VALUES (?1, ?2)", params![name, g])?;
+                tx.execute("INSERT INTO user_groups (\"user\", grp) VALUES (?1, ?2)", params![name, g])?;
             }
             // Running gateways drop what they cached about the user.
-            tx.execute("INSERT INTO revocations (user, at) VALUES (?1, ?2)", params![name, now])?;
+            tx.execute("INSERT INTO revocations (\"user\", at) VALUES (?1, ?2)", params![name, now])?;
         }
         tx.commit()?;
         Ok(Synced::Yes(name))
     }
 
     /// Recent changes to a user's factors, newest first, from the audit log.
-    pub fn factor_changes(conn: &Connection, user: &str, limit: usize) -> rusqlite::Result<Vec<FactorChange>> {
-        let mut stmt = conn.prepare(
-            "SELECT at, json_extract(detail, '$.change'), json_extract(detail, '$.client'),
-                    COALESCE(json_extract(detail, '$.proof'), '')
-             FROM audit WHERE kind = 'factor_changed' AND json_extract(detail, '$.user') = ?1
-             ORDER BY seq DESC LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![user, limit as i64], |r| {
-            Ok(FactorChange { at: r.get(0)?, change: r.get(1)?, client: r.get(2)?, proof: r.get(3)? })
-        })?;
-        rows.collect()
+    pub fn factor_changes(conn: &Conn, user: &str, limit: usize) -> db::Result<Vec<FactorChange>> {
+        // Factor changes are few; the records are read here rather than by each engine's
+        // own JSON functions.
+        let rows =
+            conn.query_map("SELECT at, detail FROM audit WHERE kind = 'factor_changed' ORDER BY seq DESC", (), |r| {
+                Ok((r.get::<i64>(0)?, r.get::<String>(1)?))
+            })?;
+        let text = |d: &serde_json::Value, k: &str| d.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        Ok(rows
+            .into_iter()
+            .filter_map(|(at, detail)| {
+                let d: serde_json::Value = serde_json::from_str(&detail).ok()?;
+                (d.get("user").and_then(|u| u.as_str()) == Some(user)).then(|| FactorChange {
+                    at,
+                    change: text(&d, "change"),
+                    client: text(&d, "client"),
+                    proof: text(&d, "proof"),
+                })
+            })
+            .take(limit)
+            .collect())
     }
 
     // ---- sessions ----------------------------------------------------------------------
@@ -495,15 +758,15 @@ impl Store {
     /// Stores a new session and its first token. With `replaces`, sessions that the old one
     /// approved now name the new one as their parent (a renewal keeps the line).
     pub fn insert_session(
-        conn: &mut Connection,
+        conn: &mut Conn,
         s: &SessionRow,
         token_hash: &[u8],
         host: &str,
         replaces: Option<&str>,
-    ) -> rusqlite::Result<()> {
+    ) -> db::Result<()> {
         let tx = conn.transaction()?;
         tx.execute(
-            "INSERT INTO sessions (id, user, created_at, last_seen, expires_at, client_addr, user_agent, factors,
+            "INSERT INTO sessions (id, \"user\", created_at, last_seen, expires_at, client_addr, user_agent, factors,
                                    auth_at, factor_at, kind, parent, chain)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
@@ -534,7 +797,7 @@ impl Store {
 
     /// Adds a token for another host to a live session (the host hand-off). False when the
     /// session has ended meanwhile.
-    pub fn add_token(conn: &Connection, session: &str, token_hash: &[u8], host: &str) -> rusqlite::Result<bool> {
+    pub fn add_token(conn: &Conn, session: &str, token_hash: &[u8], host: &str) -> db::Result<bool> {
         let added = conn.execute(
             "INSERT INTO session_tokens (token_hash, session_id, host) SELECT ?1, id, ?3 FROM sessions WHERE id = ?2",
             params![token_hash, session, host],
@@ -543,21 +806,21 @@ impl Store {
     }
 
     /// Deletes one session (expired); its tokens go with it.
-    pub fn delete_session(conn: &Connection, id: &str) -> rusqlite::Result<()> {
+    pub fn delete_session(conn: &Conn, id: &str) -> db::Result<()> {
         conn.execute("DELETE FROM sessions WHERE id = ?1", [id]).map(|_| ())
     }
 
     /// The session a token hash belongs to, with its user's identity, if both are live.
-    pub fn load_session(
-        conn: &Connection,
-        token_hash: &[u8],
-    ) -> rusqlite::Result<Option<(SessionRow, String, Identity)>> {
+    pub fn load_session(conn: &Conn, token_hash: &[u8]) -> db::Result<Option<(SessionRow, String, Identity)>> {
         let row = conn
-            .prepare_cached(&format!(
-                "SELECT {SESSION_COLUMNS}, t.host
-                 FROM session_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = ?1"
-            ))?
-            .query_row([token_hash], |r| Ok((SessionRow::from_row(r)?, r.get::<_, String>(13)?)))
+            .query_row(
+                &format!(
+                    "SELECT {SESSION_COLUMNS}, t.host
+                     FROM session_tokens t JOIN sessions s ON s.id = t.session_id WHERE t.token_hash = ?1"
+                ),
+                [token_hash],
+                |r| Ok((SessionRow::from_row(r)?, r.get::<String>(13)?)),
+            )
             .optional()?;
         let Some((row, host)) = row else { return Ok(None) };
         Ok(Store::identity(conn, &row.user)?.map(|id| (row, host, id)))
@@ -567,7 +830,10 @@ impl Store {
         self.with(|c| {
             let tx = c.transaction()?;
             for (id, seen) in updates {
-                tx.execute("UPDATE sessions SET last_seen = max(last_seen, ?1) WHERE id = ?2", params![seen, id])?;
+                tx.execute(
+                    "UPDATE sessions SET last_seen = CASE WHEN last_seen < ?1 THEN ?1 ELSE last_seen END WHERE id = ?2",
+                    params![seen, id],
+                )?;
             }
             tx.commit()
         })
@@ -575,11 +841,17 @@ impl Store {
 
     pub fn list_sessions(&self, user: Option<&str>) -> anyhow::Result<Vec<SessionRow>> {
         self.with(|c| {
-            let mut stmt = c.prepare(&format!(
-                "SELECT {SESSION_COLUMNS} FROM sessions s WHERE ?1 IS NULL OR s.user = ?1 ORDER BY s.created_at, s.id"
-            ))?;
-            let rows = stmt.query_map([user], SessionRow::from_row)?;
-            rows.collect()
+            let order = "ORDER BY s.created_at, s.id";
+            match user {
+                Some(u) => c.query_map(
+                    &format!("SELECT {SESSION_COLUMNS} FROM sessions s WHERE s.\"user\" = ?1 {order}"),
+                    [u],
+                    SessionRow::from_row,
+                ),
+                None => {
+                    c.query_map(&format!("SELECT {SESSION_COLUMNS} FROM sessions s {order}"), (), SessionRow::from_row)
+                }
+            }
         })
     }
 
@@ -588,8 +860,11 @@ impl Store {
         self.with(|c| {
             let tx = c.transaction()?;
             let ids: Vec<String> = {
-                let mut stmt = tx.prepare(&format!("SELECT id FROM sessions WHERE {filter}"))?;
-                stmt.query_map([arg], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+                let sql = format!("SELECT id FROM sessions WHERE {filter}");
+                match arg {
+                    Some(a) => tx.query_map(&sql, [a], |r| r.get(0))?,
+                    None => tx.query_map(&sql, (), |r| r.get(0))?,
+                }
             };
             for id in &ids {
                 tx.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
@@ -605,11 +880,11 @@ impl Store {
     }
 
     pub fn revoke_user_sessions(&self, user: &str, now: UnixTime) -> anyhow::Result<Vec<String>> {
-        self.revoke_where("user = ?1", Some(user), now)
+        self.revoke_where("\"user\" = ?1", Some(user), now)
     }
 
     pub fn revoke_all_sessions(&self, now: UnixTime) -> anyhow::Result<Vec<String>> {
-        self.revoke_where("?1 IS NULL", None, now)
+        self.revoke_where("1 = 1", None, now)
     }
 
     /// Ends the sessions that session `parent` approved (command-line sign-ins).
@@ -628,15 +903,13 @@ impl Store {
         })
     }
 
-    pub fn revocations_since(conn: &Connection, seq: i64) -> rusqlite::Result<Vec<Revocation>> {
-        let mut stmt =
-            conn.prepare_cached("SELECT seq, session_id, user FROM revocations WHERE seq > ?1 ORDER BY seq")?;
-        let rows =
-            stmt.query_map([seq], |r| Ok(Revocation { seq: r.get(0)?, session_id: r.get(1)?, user: r.get(2)? }))?;
-        rows.collect()
+    pub fn revocations_since(conn: &Conn, seq: i64) -> db::Result<Vec<Revocation>> {
+        conn.query_map("SELECT seq, session_id, \"user\" FROM revocations WHERE seq > ?1 ORDER BY seq", [seq], |r| {
+            Ok(Revocation { seq: r.get(0)?, session_id: r.get(1)?, user: r.get(2)? })
+        })
     }
 
-    pub fn setting(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    pub fn setting(conn: &Conn, key: &str) -> db::Result<Option<String>> {
         conn.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0)).optional()
     }
 
@@ -644,7 +917,7 @@ impl Store {
         self.with(|c| Store::put_setting(c, key, value))
     }
 
-    pub fn put_setting(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    pub fn put_setting(conn: &Conn, key: &str, value: &str) -> db::Result<()> {
         conn.execute(
             "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             params![key, value],
@@ -653,7 +926,7 @@ impl Store {
     }
 
     pub fn last_revocation(&self) -> anyhow::Result<i64> {
-        self.with(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM revocations", [], |r| r.get(0)))
+        self.with(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM revocations", (), |r| r.get(0)))
     }
 }
 
@@ -665,7 +938,7 @@ mod tests {
     fn an_outside_source_cannot_take_over_a_name_and_its_groups_follow_the_source() {
         let dir = std::env::temp_dir().join(format!("poort-store-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::open(&dir.join("poort.db")).unwrap();
+        let store = Store::open(dir.join("poort.db")).unwrap();
         store.add_user("admin", None, "hash", &["admins".into()], 0).unwrap();
         let groups = |name: &str| store.with(|c| Store::identity(c, name)).unwrap().unwrap().groups;
         // A directory user named like the local admin is refused, and admin stays as it was.

@@ -38,7 +38,7 @@ fn check_chain(records: &[serde_json::Value], first: i64) {
 }
 
 fn last_seq(gate: &Gate) -> i64 {
-    gate.store().with(|c| c.query_row("SELECT MAX(seq) FROM audit", [], |r| r.get(0))).unwrap()
+    gate.store().with(|c| c.query_row("SELECT MAX(seq) FROM audit", (), |r| r.get(0))).unwrap()
 }
 
 fn delivered(gate: &Gate, name: &str) -> i64 {

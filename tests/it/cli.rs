@@ -109,7 +109,7 @@ fn quickstart_sets_up_once_and_prints_the_secret_once() {
     let out2 = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success());
     assert!(!out2.contains(&pw) && !out2.contains("shown only this once"), "{out2}");
-    let store = poort::store::Store::open(&data.join("poort.db")).unwrap();
+    let store = poort::store::Store::open(data.join("poort.db")).unwrap();
     let hash = store.with(|c| poort::store::Store::password_hash(c, "admin")).unwrap().unwrap();
     assert!(poort::identity::password::verify(&pw, &hash), "the printed password is admin's");
     let users = poort(&["user", "list", "--json"], &dir.0);
@@ -196,8 +196,8 @@ async fn audit_verify_finds_an_edited_record() {
     let ok = gate.cli(&["audit", "verify"]);
     assert!(ok.status.success(), "{ok:?}");
     assert!(String::from_utf8_lossy(&ok.stdout).contains("intact"));
-    let conn = poort::store::open_connection(&gate.db()).unwrap();
-    let seq: i64 = conn.query_row("SELECT seq FROM audit WHERE kind = 'login_failed'", [], |r| r.get(0)).unwrap();
+    let conn = poort::store::open_connection(gate.db()).unwrap();
+    let seq: i64 = conn.query_row("SELECT seq FROM audit WHERE kind = 'login_failed'", (), |r| r.get(0)).unwrap();
     conn.execute("UPDATE audit SET detail = replace(detail, 'bob', 'eve') WHERE seq = ?1", [seq]).unwrap();
     let bad = gate.cli(&["audit", "verify"]);
     assert_eq!(bad.status.code(), Some(1));

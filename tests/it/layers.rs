@@ -13,7 +13,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("shared", &["state", "respond"]),
     ("services", &["session", "audit", "mitigate", "identity", "store", "upstream", "body", "certs", "acme"]),
     ("pure", &["request", "route", "policy", "config", "names"]),
-    ("base", &["secret", "clock", "tls_client", "metrics"]),
+    ("base", &["secret", "clock", "tls_client", "metrics", "db"]),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

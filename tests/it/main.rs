@@ -6,6 +6,7 @@
 mod acme;
 mod audit_export;
 mod cli;
+mod cluster;
 mod compat;
 mod flow;
 mod forward_auth;

@@ -179,7 +179,7 @@ async fn secrets_are_sealed_at_rest() {
     let gate = Gate::start().await;
     let s = gate.login("alice").await;
     let (secret, _, codes) = enrol(&gate, &s).await;
-    let raw = std::fs::read(gate.db()).unwrap();
+    let raw = std::fs::read(gate.dir.0.join("poort.db")).unwrap();
     let wal = std::fs::read(gate.dir.0.join("poort.db-wal")).unwrap_or_default();
     for hay in [&raw, &wal] {
         assert!(!hay.windows(secret.len()).any(|w| w == secret.as_slice()), "the TOTP secret is stored in the clear");

@@ -373,9 +373,8 @@ async fn a_log_rule_lets_nothing_through_unrecorded() {
     let (gate, _rules) = gate_with_rules(rules, "").await;
     assert_eq!(gate.get("/pub/a", None).await.status, 200);
     // The audit log stops taking records.
-    let conn = poort::store::open_connection(&gate.db()).unwrap();
-    conn.execute_batch("CREATE TRIGGER no_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;")
-        .unwrap();
+    let conn = poort::store::open_connection(gate.db()).unwrap();
+    conn.batch("CREATE TRIGGER no_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;").unwrap();
     let before = gate.upstream.hits();
     assert_eq!(gate.get("/pub/a", None).await.status, 503);
     assert_eq!(gate.upstream.hits(), before, "forwarded without its record");
@@ -384,12 +383,11 @@ async fn a_log_rule_lets_nothing_through_unrecorded() {
 #[tokio::test]
 async fn lockdown_is_recorded_before_it_is_switched() {
     let (gate, _rules) = gate_with_rules(FIRST, "").await;
-    let conn = poort::store::open_connection(&gate.db()).unwrap();
-    conn.execute_batch("CREATE TRIGGER no_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;")
-        .unwrap();
+    let conn = poort::store::open_connection(gate.db()).unwrap();
+    conn.batch("CREATE TRIGGER no_audit BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;").unwrap();
     assert!(!gate.cli(&["lockdown", "on"]).status.success(), "a switch that cannot be recorded fails");
     let switch: Option<String> =
-        conn.query_row("SELECT value FROM settings WHERE key = 'lockdown'", [], |r| r.get(0)).ok();
+        conn.query_row("SELECT value FROM settings WHERE key = 'lockdown'", (), |r| r.get(0)).ok();
     assert_ne!(switch.as_deref(), Some("on"));
 }
 

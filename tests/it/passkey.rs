@@ -11,7 +11,7 @@ fn origin() -> Url {
     Url::parse(ORIGIN).unwrap()
 }
 
-fn body(r: &crate::harness::Resp) -> serde_json::Value {
+pub(crate) fn body(r: &crate::harness::Resp) -> serde_json::Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("not JSON: {}", r.text()))
 }
 
@@ -29,7 +29,12 @@ fn data(page: &str, name: &str) -> String {
 /// Registers `key` for the session's user as the security page does it: the person's form
 /// post starts the registration, the page's script creates and sends it. Returns the renewed
 /// session and the response.
-async fn register(gate: &Gate, session: &str, key: &mut SoftPasskey, name: &str) -> (String, serde_json::Value) {
+pub(crate) async fn register(
+    gate: &Gate,
+    session: &str,
+    key: &mut SoftPasskey,
+    name: &str,
+) -> (String, serde_json::Value) {
     let start = gate.post("/.poort/security/passkey/start", session, &[("name", name)]).await;
     assert_eq!(start.status, 200, "{}", start.text());
     let page = start.text();
@@ -47,7 +52,12 @@ async fn register(gate: &Gate, session: &str, key: &mut SoftPasskey, name: &str)
 }
 
 /// Runs the second-factor ceremony; returns the response of the finish step.
-async fn authenticate(gate: &Gate, session: &str, key: &mut SoftPasskey, next: &str) -> crate::harness::Resp {
+pub(crate) async fn authenticate(
+    gate: &Gate,
+    session: &str,
+    key: &mut SoftPasskey,
+    next: &str,
+) -> crate::harness::Resp {
     let start = gate.post_json("/.poort/mfa/passkey/start", Some(session), &serde_json::json!({ "next": next })).await;
     assert_eq!(start.status, 200, "{}", start.text());
     let start = body(&start);
@@ -62,7 +72,7 @@ async fn authenticate(gate: &Gate, session: &str, key: &mut SoftPasskey, next: &
 }
 
 #[tokio::test]
-async fn register_and_use_a_passkey_as_the_second_factor() {
+pub(crate) async fn register_and_use_a_passkey_as_the_second_factor() {
     let gate = Gate::start().await;
     let mut key = SoftPasskey::new(true);
     let s = gate.login("alice").await;
@@ -153,7 +163,7 @@ async fn removing_a_passkey_needs_a_fresh_second_factor() {
     let mut key = SoftPasskey::new(true);
     let s = gate.login("alice").await;
     let (s, _) = register(&gate, &s, &mut key, "old key").await;
-    let id = gate.store().with(|c| c.query_row("SELECT id FROM passkeys", [], |r| r.get::<_, String>(0))).unwrap();
+    let id = gate.store().with(|c| c.query_row("SELECT id FROM passkeys", (), |r| r.get::<String>(0))).unwrap();
     gate.clock.advance(301);
     let stale = gate.post("/.poort/security/passkey/remove", &s, &[("id", &id)]).await;
     assert_eq!(stale.status, 303, "five minutes after the last factor, confirm first");
@@ -166,11 +176,11 @@ async fn removing_a_passkey_needs_a_fresh_second_factor() {
     let right = gate.post("/.poort/security/passkey/remove", &s, &[("id", &id)]).await;
     assert_eq!(right.status, 200);
     assert!(right.text().contains("The passkey was removed."));
-    let left: i64 = gate.store().with(|c| c.query_row("SELECT count(*) FROM passkeys", [], |r| r.get(0))).unwrap();
+    let left: i64 = gate.store().with(|c| c.query_row("SELECT count(*) FROM passkeys", (), |r| r.get(0))).unwrap();
     assert_eq!(left, 0);
     // The recovery codes made with the first passkey went with the last one.
     let codes: i64 =
-        gate.store().with(|c| c.query_row("SELECT count(*) FROM recovery_codes", [], |r| r.get(0))).unwrap();
+        gate.store().with(|c| c.query_row("SELECT count(*) FROM recovery_codes", (), |r| r.get(0))).unwrap();
     assert_eq!(codes, 0);
 }
 

@@ -319,8 +319,8 @@ async fn a_flood_of_bad_requests_adds_a_few_records_and_sign_ins_go_on() {
     use std::time::{Duration, Instant};
     let gate = Arc::new(Gate::start().await);
     let refusal_rows = || -> i64 {
-        let conn = poort::store::open_connection(&gate.db()).unwrap();
-        conn.query_row("SELECT count(*) FROM audit WHERE kind IN ('request_rejected', 'refusals_counted')", [], |r| {
+        let conn = poort::store::open_connection(gate.db()).unwrap();
+        conn.query_row("SELECT count(*) FROM audit WHERE kind IN ('request_rejected', 'refusals_counted')", (), |r| {
             r.get(0)
         })
         .unwrap()

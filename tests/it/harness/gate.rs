@@ -30,6 +30,11 @@ pub struct Gate {
     pub sink: Sink,
     pub cert_der: Vec<u8>,
     tls: TlsConnector,
+    /// More nodes on the same config and database (a cluster); with any, each new
+    /// connection goes to the next node in turn, `addr` included.
+    pub others: Vec<Running>,
+    turn: std::sync::atomic::AtomicUsize,
+    database: poort::store::Database,
 }
 
 /// The apps every test gateway has. `{up}` and friends are filled in by `Gate::start`.
@@ -105,6 +110,15 @@ impl Gate {
 
     /// As `start_config`, with extra lines for the `[proxy]` table too.
     pub async fn start_full(server_extra: &str, proxy_extra: &str, tables: &str) -> Gate {
+        Gate::start_store(server_extra, proxy_extra, tables, "").await
+    }
+
+    /// As `start`, on the database at `url` (PostgreSQL) instead of a SQLite file.
+    pub async fn start_on(url: &str) -> Gate {
+        Gate::start_store("", "", "", &format!("database_url = \"{url}\"")).await
+    }
+
+    async fn start_store(server_extra: &str, proxy_extra: &str, tables: &str, store_extra: &str) -> Gate {
         let dir = TempDir::new();
         // Short, so that tests of an app that never answers finish soon; a test may set its own.
         let proxy_extra = if proxy_extra.contains("response_timeout") {
@@ -136,6 +150,7 @@ external_url = "{ORIGIN}"
 {server_extra}
 [store]
 data_dir = "."
+{store_extra}
 [tls]
 cert_file = "cert.pem"
 key_file = "key.pem"
@@ -192,6 +207,9 @@ access = "authenticated"
             sink,
             cert_der: ck.cert.der().to_vec(),
             tls: TlsConnector::from(Arc::new(tls)),
+            others: Vec::new(),
+            turn: std::sync::atomic::AtomicUsize::new(0),
+            database: cfg.database.clone(),
         };
         gate.boot().await;
         gate
@@ -207,8 +225,30 @@ access = "authenticated"
         self.running = Some(running);
     }
 
+    /// Starts one more node on this gateway's config (and so its database); from now on
+    /// connections alternate between the nodes. Returns its address.
+    pub async fn add_node(&mut self) -> SocketAddr {
+        let cfg = poort::config::load(&self.config_path).unwrap();
+        let running = poort::server::start(cfg, Arc::new(self.clock.clone())).await.unwrap();
+        let addr = running.addr;
+        self.others.push(running);
+        addr
+    }
+
+    /// The address the next connection goes to: the nodes in turn.
+    pub fn next_node(&self) -> SocketAddr {
+        if self.others.is_empty() {
+            return self.addr;
+        }
+        let i = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (self.others.len() + 1);
+        if i == 0 { self.addr } else { self.others[i - 1].addr }
+    }
+
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+        for r in self.others.drain(..) {
             r.stop().await;
         }
     }
@@ -260,12 +300,13 @@ access = "authenticated"
         std::fs::read_to_string(self.dir.0.join("poort.log")).unwrap_or_default()
     }
 
-    pub fn db(&self) -> PathBuf {
-        self.dir.0.join("poort.db")
+    /// The database of this gateway's config (as it started).
+    pub fn db(&self) -> poort::store::Database {
+        self.database.clone()
     }
 
     pub fn store(&self) -> Store {
-        Store::open(&self.db()).unwrap()
+        Store::open(self.db()).unwrap()
     }
 
     /// Opens a TLS connection to the gateway.
@@ -275,7 +316,7 @@ access = "authenticated"
 
     /// Opens a TLS connection to the gateway; an error if the handshake fails.
     pub async fn try_connect(&self, alpn: &[&[u8]]) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(self.addr).await?;
+        let tcp = TcpStream::connect(self.next_node()).await?;
         let mut cfg = (**self.tls.config()).clone();
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from("localhost").unwrap(), tcp).await
@@ -290,7 +331,10 @@ access = "authenticated"
     pub async fn raw_to(&self, sni: &str, bytes: &[u8]) -> Resp {
         let mut tls = self
             .tls
-            .connect(ServerName::try_from(sni.to_string()).unwrap(), TcpStream::connect(self.addr).await.unwrap())
+            .connect(
+                ServerName::try_from(sni.to_string()).unwrap(),
+                TcpStream::connect(self.next_node()).await.unwrap(),
+            )
             .await
             .unwrap();
         tls.write_all(bytes).await.unwrap();
@@ -306,7 +350,7 @@ access = "authenticated"
     /// requests the upstream received meanwhile.
     pub async fn hostile(&self, bytes: &[u8]) -> (Option<u16>, usize) {
         let before = self.upstream.hits();
-        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let tcp = TcpStream::connect(self.next_node()).await.unwrap();
         let mut tls = self.tls.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
         let _ = tls.write_all(bytes).await;
         let mut out = Vec::new();
@@ -534,7 +578,7 @@ access = "authenticated"
         host: &str,
         alpn: &[&[u8]],
     ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(self.addr).await?;
+        let tcp = TcpStream::connect(self.next_node()).await?;
         let mut cfg = (**self.tls.config()).clone();
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from(host.to_string()).unwrap(), tcp).await
@@ -577,11 +621,11 @@ access = "authenticated"
 
     /// Audit records of one kind, as JSON details.
     pub fn audit(&self, kind: &str) -> Vec<serde_json::Value> {
-        let conn = poort::store::open_connection(&self.db()).unwrap();
-        let mut stmt = conn.prepare("SELECT detail FROM audit WHERE kind = ?1 ORDER BY seq").unwrap();
-        stmt.query_map([kind], |r| r.get::<_, String>(0))
+        let conn = poort::store::open_connection(self.db()).unwrap();
+        conn.query_map("SELECT detail FROM audit WHERE kind = ?1 ORDER BY seq", [kind], |r| r.get::<String>(0))
             .unwrap()
-            .map(|d| serde_json::from_str(&d.unwrap()).unwrap())
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
             .collect()
     }
 

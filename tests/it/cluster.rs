@@ -1,0 +1,224 @@
+//! Cluster mode: several nodes on one real PostgreSQL (Debian's, started here on loopback in a
+//! temporary folder). The test client sends each new connection to the next node in turn, so
+//! every flow that spans requests is started on one node and continued on another.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use poort::clock::Clock;
+use poort::identity::totp;
+use webauthn_authenticator_rs::softpasskey::SoftPasskey;
+
+use crate::harness::{Gate, PASSWORD, Reaped, TempDir, closed_port, enrol, eventually, hand_off, wait_for_port};
+
+/// A PostgreSQL server of its own, on a free loopback port; removed on drop.
+pub struct Postgres {
+    dir: TempDir,
+    bin: PathBuf,
+    pub port: u16,
+    process: Option<Reaped>,
+}
+
+/// As root, the server runs as the `postgres` account the package made (it refuses root).
+fn as_server_user(program: PathBuf) -> Command {
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=postgres", "--regid=postgres", "--clear-groups"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL is installed (scripts/test installs the postgresql package)")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("initdb").exists())
+            .collect();
+        found.sort();
+        let bin = found.pop().expect("an initdb under /usr/lib/postgresql");
+        let dir = TempDir::new();
+        let owner = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir.0).status();
+        let _ = owner; // Only possible (and needed) as root.
+        let out = as_server_user(bin.join("initdb"))
+            .args(["-D"])
+            .arg(dir.0.join("data"))
+            .args(["-U", "poort", "-A", "trust", "-E", "UTF8", "--no-sync", "--no-instructions"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut pg = Postgres { dir, bin, port: closed_port(), process: None };
+        pg.run();
+        pg
+    }
+
+    fn run(&mut self) {
+        let child = as_server_user(self.bin.join("postgres"))
+            .arg("-D")
+            .arg(self.dir.0.join("data"))
+            .args(["-p", &self.port.to_string(), "-k"])
+            .arg(&self.dir.0)
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.process = Some(Reaped(child));
+        wait_for_port(self.port, "postgres", Duration::from_secs(20));
+        // Accepting connections is not yet accepting logins: wait for a query to work.
+        for _ in 0..100 {
+            if self.psql("postgres", "SELECT 1").is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("postgres did not accept queries");
+    }
+
+    /// Stops the server at once (as a crash would) and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.process = None;
+        // The port frees once the postmaster is gone.
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        self.run();
+    }
+
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-t", "-A", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "poort", "-d", db])
+            .args(["-c", sql])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+
+    /// A new, empty database; its URL.
+    pub fn database(&self, name: &str) -> String {
+        self.psql("postgres", &format!("CREATE DATABASE {name}")).unwrap();
+        format!("postgres://poort@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+/// Requests until `n` in a row (so: on every node) give `status`, for at most `limit`.
+async fn every_node_says(gate: &Gate, n: usize, path: &str, session: &str, status: u16, limit: Duration) {
+    let start = tokio::time::Instant::now();
+    let mut in_a_row = 0;
+    while in_a_row < n {
+        let got = gate.get(path, Some(session)).await.status;
+        in_a_row = if got == status { in_a_row + 1 } else { 0 };
+        assert!(start.elapsed() < limit, "not every node answered {status} within {limit:?} (last: {got})");
+    }
+}
+
+#[tokio::test]
+async fn every_flow_started_on_one_node_finishes_on_another() {
+    let pg = Postgres::start();
+    let mut gate = Gate::start_on(&pg.database("flows")).await;
+    gate.add_node().await;
+    gate.add_node().await;
+
+    // A sign-in (its form from one node, posted to the next), then requests on every node.
+    let alice = gate.login("alice").await;
+    for _ in 0..6 {
+        assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200);
+    }
+    // A hand-off code minted on one node and redeemed on the next.
+    let git = hand_off(&gate, &alice, "git.localhost", "/").await;
+    let html = [("Host", "git.localhost"), ("Cookie", &format!("__Host-poort={git}") as &str)];
+    assert_eq!(gate.request("GET", "/", &html, b"").await.status, 200);
+    // `poort login`: code, approval page, confirmation, decision and token, each on another node.
+    let (cli, _browser) = gate.cli_session_and_browser("bob").await;
+    assert_eq!(cli.len(), 43, "the command line got its token");
+
+    // A TOTP code used on one node is a replay on every other.
+    let (secret, stepped, _codes) = enrol(&gate, &alice).await;
+    gate.clock.advance(30);
+    let code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
+    let s = gate.login("alice").await;
+    let used = gate.post("/.poort/mfa", &s, &[("code", &code), ("next", "/vault/")]).await;
+    assert_eq!(used.status, 303, "{}", used.text());
+    let s2 = gate.login("alice").await;
+    let again = gate.post("/.poort/mfa", &s2, &[("code", &code), ("next", "/vault/")]).await;
+    assert_ne!(again.status, 303, "the same code was accepted again on another node");
+    assert!(again.cookie("__Host-poort").is_none());
+    drop(stepped);
+
+    // A passkey ceremony started on one node and finished on the next, both ways.
+    let bob = gate.login("bob").await;
+    let mut key = SoftPasskey::new(true);
+    let (bob_stepped, _) = crate::passkey::register(&gate, &bob, &mut key, "cluster key").await;
+    assert_eq!(gate.get("/vault/", Some(&bob_stepped)).await.status, 200);
+    let bob2 = gate.login("bob").await;
+    let r = crate::passkey::authenticate(&gate, &bob2, &mut key, "/vault/").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Signing out on one node is felt on every node within a second.
+    let out = gate.post("/.poort/logout", &alice, &[]).await;
+    assert!(out.status == 303 || out.status == 200, "{}", out.text());
+    every_node_says(&gate, 6, "/app/", &alice, 401, Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn revocation_and_lockdown_reach_every_node_and_the_audit_chain_stays_one() {
+    let pg = Postgres::start();
+    let mut gate = Gate::start_on(&pg.database("revoke")).await;
+    gate.add_node().await;
+    gate.add_node().await;
+    let bob = gate.login("bob").await;
+    every_node_says(&gate, 3, "/app/", &bob, 200, Duration::from_secs(2)).await;
+
+    // Revoked from the command line (no node involved): every node refuses within a second.
+    let started = tokio::time::Instant::now();
+    let out = gate.cli(&["session", "revoke", "--user", "bob"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    every_node_says(&gate, 6, "/app/", &bob, 401, Duration::from_secs(1) + started.elapsed()).await;
+
+    // Lockdown set on the database: every node turns non-admins away.
+    let bob = gate.login("bob").await;
+    assert!(gate.cli(&["lockdown", "on"]).status.success());
+    every_node_says(&gate, 6, "/app/", &bob, 503, Duration::from_secs(2)).await;
+    assert!(gate.cli(&["lockdown", "off"]).status.success());
+    every_node_says(&gate, 6, "/app/", &bob, 200, Duration::from_secs(2)).await;
+
+    // Many sign-ins at once on all nodes: one chain, in order, no fork.
+    let logins: Vec<_> =
+        (0..24).map(|i| gate.try_login(if i % 2 == 0 { "alice" } else { "bob" }, PASSWORD, "")).collect();
+    for r in futures_util::future::join_all(logins).await {
+        assert_eq!(r.status, 303);
+    }
+    let verify = gate.cli(&["audit", "verify"]);
+    let text = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success() && text.contains("intact"), "{text}{}", String::from_utf8_lossy(&verify.stderr));
+    let n: usize =
+        pg.psql("revoke", "SELECT count(*) FROM audit WHERE kind = 'login_succeeded'").unwrap().parse().unwrap();
+    assert!(n >= 26, "every sign-in is in the one chain ({n})");
+}
+
+#[tokio::test]
+async fn nodes_come_back_by_themselves_after_the_database_restarts() {
+    let mut pg = Postgres::start();
+    let mut gate = Gate::start_on(&pg.database("restart")).await;
+    gate.add_node().await;
+    let alice = gate.login("alice").await;
+    pg.restart();
+    // The first requests after the restart may find a dead connection; the nodes open new
+    // ones by themselves, and what was signed in before is still signed in.
+    eventually("a sign-in after the database restarted", Duration::from_secs(10), async || {
+        gate.try_login("bob", PASSWORD, "").await.status == 303
+    })
+    .await;
+    every_node_says(&gate, 4, "/app/", &alice, 200, Duration::from_secs(10)).await;
+    let bob = gate.login("bob").await;
+    every_node_says(&gate, 4, "/app/", &bob, 200, Duration::from_secs(5)).await;
+}
