@@ -113,8 +113,11 @@ fn signed_in() -> (Sessions, String) {
     let store = Store::open(dir.join("poort.db")).expect("store");
     store.add_user("alice", None, "x", &["staff".into()], 0).expect("user");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let timeouts =
-        SessionTimeouts { idle: std::time::Duration::from_secs(1800), absolute: std::time::Duration::from_secs(43200) };
+    let timeouts = SessionTimeouts {
+        idle: std::time::Duration::from_secs(1800),
+        absolute: std::time::Duration::from_secs(43200),
+        outage_grace: std::time::Duration::from_secs(60),
+    };
     let sessions = Sessions::new(store, clock, timeouts).expect("sessions");
     let value = rt.block_on(async {
         let opening = poort::session::Opening {

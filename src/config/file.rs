@@ -195,6 +195,8 @@ pub struct Store {
 pub struct Session {
     pub idle_timeout: Option<String>,
     pub absolute_timeout: Option<String>,
+    /// How long sessions already validated keep working while the database does not answer.
+    pub outage_grace: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -235,6 +235,9 @@ pub struct LockPolicy {
 pub struct SessionTimeouts {
     pub idle: Duration,
     pub absolute: Duration,
+    /// While the store does not answer, sessions held in memory keep working this long, then
+    /// none does until it answers again.
+    pub outage_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -486,6 +486,7 @@ fn session(c: &mut Collector, f: file::Session) -> SessionTimeouts {
     let session = SessionTimeouts {
         idle: c.duration("session.idle_timeout", &f.idle_timeout, Duration::from_secs(30 * 60)),
         absolute: c.duration("session.absolute_timeout", &f.absolute_timeout, Duration::from_secs(12 * 3600)),
+        outage_grace: c.duration("session.outage_grace", &f.outage_grace, Duration::from_secs(60)),
     };
     if session.idle > session.absolute {
         c.add(

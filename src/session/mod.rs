@@ -13,7 +13,7 @@ pub mod grant;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
@@ -226,6 +226,8 @@ pub enum Lookup {
     None,
     /// Known, but past its idle or absolute timeout: now deleted.
     Expired { idle: bool },
+    /// The store has not answered for longer than the outage grace: no session is served.
+    Unavailable,
 }
 
 pub struct Sessions {
@@ -235,6 +237,9 @@ pub struct Sessions {
     timeouts: RwLock<SessionTimeouts>,
     cache: RwLock<HashMap<TokenHash, Arc<Session>>>,
     last_revocation: AtomicI64,
+    /// When the store last answered the revocation poll, in milliseconds since `started`.
+    store_answered: AtomicU64,
+    started: std::time::Instant,
     /// The line of every session in memory, by id.
     lines: Mutex<HashMap<String, Arc<Line>>>,
 }
@@ -281,6 +286,8 @@ impl Sessions {
             timeouts: RwLock::new(timeouts),
             cache: RwLock::new(HashMap::new()),
             last_revocation: AtomicI64::new(last),
+            store_answered: AtomicU64::new(0),
+            started: crate::clock::instant(),
             lines: Mutex::new(HashMap::new()),
         })
     }
@@ -317,6 +324,9 @@ impl Sessions {
         // line was being cut (a lockdown, a logout). The store says whether the session lives.
         let cached = self.cache.read().get(&hash).cloned().filter(|s| !s.line.is_cut());
         let session = match cached {
+            // Revocations cannot reach a node the store does not answer: past the grace, what
+            // it holds in memory is not trusted either.
+            Some(_) if self.store_silent() > self.timeouts().outage_grace => return Err((Lookup::Unavailable, None)),
             Some(s) => s,
             None => {
                 let loaded = self.store.run(move |c| Store::load_session(c, &hash)).await;
@@ -553,9 +563,17 @@ impl Sessions {
     }
 
     /// Applies revocations recorded since the last poll (by this or another process).
+    /// How long the store has not answered the revocation poll.
+    fn store_silent(&self) -> std::time::Duration {
+        let answered = std::time::Duration::from_millis(self.store_answered.load(Ordering::Relaxed));
+        crate::clock::instant().saturating_duration_since(self.started + answered)
+    }
+
     pub async fn poll_revocations(&self) -> anyhow::Result<usize> {
         let since = self.last_revocation.load(Ordering::Relaxed);
         let revs = self.store.run(move |c| Store::revocations_since(c, since)).await?;
+        let answered = crate::clock::instant().saturating_duration_since(self.started).as_millis() as u64;
+        self.store_answered.fetch_max(answered, Ordering::Relaxed);
         for r in &revs {
             if let Some(id) = &r.session_id {
                 self.forget(id, "session ended");
@@ -633,7 +651,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let store = Store::open(dir.join("poort.db")).unwrap();
         store.add_user("bob", None, "hash", &["staff".into()], 0).unwrap();
-        let timeouts = SessionTimeouts { idle: Duration::from_secs(600), absolute: Duration::from_secs(3600) };
+        let timeouts = SessionTimeouts {
+            idle: Duration::from_secs(600),
+            absolute: Duration::from_secs(3600),
+            outage_grace: Duration::from_secs(60),
+        };
         let sessions = Sessions::new(store, Arc::new(ManualClock::new(1000)), timeouts).unwrap();
         let opening = Opening {
             user: "bob",

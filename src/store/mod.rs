@@ -273,9 +273,25 @@ CREATE TABLE nodes (
 );
 "#];
 
-/// The advisory lock key that serialises schema changes and audit appends across nodes.
+/// The advisory lock keys that serialise schema changes, audit appends and revocations across
+/// nodes.
 pub const PG_LOCK_SCHEMA: i64 = 0x706f_6f72_7401;
 pub const PG_LOCK_AUDIT: i64 = 0x706f_6f72_7402;
+pub const PG_LOCK_REVOCATIONS: i64 = 0x706f_6f72_7403;
+
+/// Records a revocation (of a session, or of what is cached about a user), as the last
+/// statement of a transaction. Nodes read revocations in order of their number, and must not
+/// skip one: on PostgreSQL a number is taken when the row is written but becomes visible at
+/// commit, so two writers could become visible out of order. The writers take turns under a
+/// lock held to commit, which makes the order of numbers the order of commits. (A transaction
+/// holding the lock takes no other lock after it, so the lock cannot close a deadlock.)
+fn revoked(tx: &Conn, session: Option<&str>, user: Option<&str>, now: UnixTime) -> db::Result<()> {
+    if tx.backend() == Backend::Postgres {
+        tx.query_row("SELECT pg_advisory_xact_lock(?1)::text", [PG_LOCK_REVOCATIONS], |_| Ok(()))?;
+    }
+    tx.execute("INSERT INTO revocations (session_id, \"user\", at) VALUES (?1, ?2, ?3)", params![session, user, now])?;
+    Ok(())
+}
 
 /// The store: a few connections to the database, opened as they are needed and opened again
 /// when their server went away (a PostgreSQL restart).
@@ -602,7 +618,7 @@ impl Store {
             let tx = c.transaction()?;
             let n = tx.execute(sql, args)?;
             if n > 0 {
-                tx.execute("INSERT INTO revocations (\"user\", at) VALUES (?1, ?2)", params![name, now])?;
+                revoked(&tx, None, Some(name), now)?;
             }
             tx.commit()?;
             Ok(n > 0)
@@ -635,7 +651,7 @@ impl Store {
             for g in remove {
                 tx.execute("DELETE FROM user_groups WHERE \"user\" = ?1 AND grp = ?2", params![name, g])?;
             }
-            tx.execute("INSERT INTO revocations (\"user\", at) VALUES (?1, ?2)", params![name, now])?;
+            revoked(&tx, None, Some(name), now)?;
             tx.commit()
         })
     }
@@ -723,7 +739,7 @@ impl Store {
                 tx.execute("INSERT INTO user_groups (\"user\", grp) VALUES (?1, ?2)", params![name, g])?;
             }
             // Running gateways drop what they cached about the user.
-            tx.execute("INSERT INTO revocations (\"user\", at) VALUES (?1, ?2)", params![name, now])?;
+            revoked(&tx, None, Some(&name), now)?;
         }
         tx.commit()?;
         Ok(Synced::Yes(name))
@@ -868,7 +884,9 @@ impl Store {
             };
             for id in &ids {
                 tx.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
-                tx.execute("INSERT INTO revocations (session_id, at) VALUES (?1, ?2)", params![id, now])?;
+            }
+            for id in &ids {
+                revoked(&tx, Some(id), None, now)?;
             }
             tx.commit()?;
             Ok(ids)

@@ -56,7 +56,7 @@ impl Postgres {
         pg
     }
 
-    fn run(&mut self) {
+    pub fn run(&mut self) {
         let child = as_server_user(self.bin.join("postgres"))
             .arg("-D")
             .arg(self.dir.0.join("data"))
@@ -79,14 +79,19 @@ impl Postgres {
         panic!("postgres did not accept queries");
     }
 
-    /// Stops the server at once (as a crash would) and starts it again on the same port.
-    pub fn restart(&mut self) {
+    /// Stops the server at once, as a crash would.
+    pub fn stop(&mut self) {
         self.process = None;
         // The port frees once the postmaster is gone.
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Stops the server at once and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
         self.run();
     }
 
@@ -221,4 +226,27 @@ async fn nodes_come_back_by_themselves_after_the_database_restarts() {
     every_node_says(&gate, 4, "/app/", &alice, 200, Duration::from_secs(10)).await;
     let bob = gate.login("bob").await;
     every_node_says(&gate, 4, "/app/", &bob, 200, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn in_an_outage_known_sessions_last_the_grace_and_new_sign_ins_get_a_clear_refusal() {
+    let mut pg = Postgres::start();
+    let gate = Gate::start_on_with(&pg.database("outage"), "[session]\noutage_grace = \"2s\"\n").await;
+    let alice = gate.login("alice").await;
+    assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200);
+    pg.stop();
+    let down = tokio::time::Instant::now();
+    // Within the grace the session held in memory keeps working, and a new sign-in is told
+    // plainly that it cannot happen now.
+    assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200);
+    let refused = gate.try_login("bob", PASSWORD, "").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.cookie("__Host-poort").is_none());
+    assert!(down.elapsed() < Duration::from_secs(2), "the checks within the grace took too long to mean anything");
+    // Past it, nothing is served on the strength of memory alone.
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(down.elapsed()) + Duration::from_millis(300)).await;
+    assert_ne!(gate.get("/app/", Some(&alice)).await.status, 200, "a session was served past the grace");
+    // The database back: the node reconnects by itself and the session (in the database) works.
+    pg.run();
+    every_node_says(&gate, 2, "/app/", &alice, 200, Duration::from_secs(10)).await;
 }

@@ -115,7 +115,12 @@ impl Gate {
 
     /// As `start`, on the database at `url` (PostgreSQL) instead of a SQLite file.
     pub async fn start_on(url: &str) -> Gate {
-        Gate::start_store("", "", "", &format!("database_url = \"{url}\"")).await
+        Gate::start_on_with(url, "").await
+    }
+
+    /// As `start_on`, with extra tables at the end of the config.
+    pub async fn start_on_with(url: &str, tables: &str) -> Gate {
+        Gate::start_store("", "", tables, &format!("database_url = \"{url}\"")).await
     }
 
     async fn start_store(server_extra: &str, proxy_extra: &str, tables: &str, store_extra: &str) -> Gate {
