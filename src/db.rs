@@ -235,6 +235,11 @@ impl Row {
         let v = self.0.get(i).ok_or(Error::Type(i, "no such column"))?;
         T::from_value(v).map_err(|why| Error::Type(i, why))
     }
+
+    /// The row's values, as they are.
+    pub fn values(&self) -> &[Value] {
+        &self.0
+    }
 }
 
 /// Which engine a connection talks to.

@@ -173,7 +173,14 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     if let Some(acme) = acme {
         tasks.push(tokio::spawn(acme.run(until_stop(stopped.clone()))));
     }
-    tasks.push(tokio::spawn(background(control.clone(), stopped.clone())));
+    let node = crate::store::cluster::Node {
+        id: node_id(addr),
+        version: env!("CARGO_PKG_VERSION").into(),
+        config: String::new(),
+        started_at: gateway.state.clock.now(),
+        seen_at: 0,
+    };
+    tasks.push(tokio::spawn(background(control.clone(), stopped.clone(), node)));
     tracing::info!(listen = %addr, portal = %cfg.server.external_origin, apps = cfg.apps.len(), "poort is serving");
     Ok(Running { addr, redirect_addr, admin_addr, live, control, stop, tasks })
 }
@@ -202,7 +209,26 @@ fn applied_rules(store: &Store) -> anyhow::Result<Option<crate::mitigate::Applie
 
 /// The gateway's periodic work: revocations, the lockdown switch, expiry, the rules file,
 /// certificates and the config file (every `REVOCATION_POLL`); SIGHUP; session activity.
-async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>) {
+/// How a node names itself to the others: its host and where it listens.
+fn node_id(addr: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!("{} {addr}", if host.is_empty() { "localhost" } else { host })
+}
+
+/// Tells the other nodes (and `poort cluster status`) that this one is alive, and with what.
+async fn heartbeat(gw: &Gateway, node: &mut crate::store::cluster::Node) {
+    node.seen_at = gw.state.clock.now();
+    node.config = gw.state.cfg.source.as_ref().map(|s| s.sha256.clone()).unwrap_or_default();
+    let (store, n) = (gw.state.store.clone(), node.clone());
+    match tokio::task::spawn_blocking(move || store.heartbeat(&n)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "Recording this node's heartbeat failed"),
+        Err(e) => tracing::warn!(error = %e, "Recording this node's heartbeat failed"),
+    }
+}
+
+async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>, mut node: crate::store::cluster::Node) {
     let mut poll = tokio::time::interval(REVOCATION_POLL);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .expect("invariant: installing a signal handler works");
@@ -247,6 +273,7 @@ async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>) {
             }
             _ = flush.tick() => {
                 let gw = control.live.get();
+                heartbeat(&gw, &mut node).await;
                 gw.tidy();
                 gw.state.mitigation.write_status();
                 if let Err(e) = gw.state.sessions.flush().await {

@@ -18,6 +18,7 @@ use crate::server;
 use crate::store::Store;
 
 mod audit;
+mod cluster;
 mod quickstart;
 mod rules;
 mod session;
@@ -83,6 +84,12 @@ pub enum Command {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The nodes sharing this config's database.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
+    /// Copy the store into another database.
+    #[command(subcommand)]
+    Store(cluster::StoreCmd),
     /// Emergency mitigation rules: test, status, and signing.
     #[command(subcommand)]
     Rules(RulesCmd),
@@ -249,6 +256,8 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
         Command::Session(cmd) => session::run(cmd),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Rules(cmd) => rules::run(cmd),
+        Command::Cluster(cmd) => cluster::cluster(cmd),
+        Command::Store(cmd) => cluster::store(cmd),
         Command::Lockdown { state, config } => {
             let cfg = load(&config.config)?;
             let store = Store::open(&cfg.database)?;
@@ -339,8 +348,20 @@ fn print_all(text: &[u8]) -> anyhow::Result<i32> {
 
 /// Tries each sign-in source once and says what answered.
 fn check_live(cfg: &Config) -> anyhow::Result<i32> {
+    let mut failed = 0;
+    let answered = if cfg.database.exists() {
+        crate::store::open_connection(&cfg.database).and_then(|c| Ok(crate::store::cluster::describe(&c)?))
+    } else {
+        Err(anyhow::anyhow!("no database yet (the first start creates it)"))
+    };
+    match answered {
+        Ok(what) => println!("store: {} answered ({what})", cfg.database),
+        Err(e) => {
+            failed += 1;
+            println!("store: {}: {e:#}", cfg.database);
+        }
+    }
     runtime()?.block_on(async {
-        let mut failed = 0;
         if let Some(l) = &cfg.auth.ldap {
             let dir = crate::identity::ldap::Directory::new(l.clone())?;
             match dir.ping().await {

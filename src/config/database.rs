@@ -2,13 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::tls_client::Trust;
+
 /// Where the store is.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Database {
     /// A SQLite file.
     Sqlite(PathBuf),
     /// A PostgreSQL database, by URL; with TLS when `tls` is set.
-    Postgres { url: String, tls: Option<crate::tls_client::Trust> },
+    Postgres { url: String, tls: Option<Trust> },
 }
 
 impl std::fmt::Debug for Database {
@@ -51,6 +53,41 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl Database {
+    /// Reads a database URL, `sqlite://PATH` (relative to `base`) or `postgres://…`, with the
+    /// CA file that TLS to PostgreSQL is then required with. On a problem: the key at fault
+    /// (`database_url` or `database_ca_file`), what is wrong, and the fix.
+    pub fn parse(url: &str, ca_file: Option<PathBuf>, base: &Path) -> Result<Database, (&'static str, String, String)> {
+        let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if postgres {
+            if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                let why = format!("{} is not a PostgreSQL URL poort understands: {e}", redact_url(url));
+                return Err(("database_url", why, "write postgres://USER:PASSWORD@HOST:PORT/DATABASE".into()));
+            }
+            // With a CA file TLS is required; `sslmode=require` alone checks the server
+            // against the system's roots; otherwise the server's own setting decides.
+            let wants_tls =
+                ["sslmode=require", "sslmode=verify-ca", "sslmode=verify-full"].iter().any(|m| url.contains(m));
+            let tls = match ca_file {
+                Some(ca) => Some(Trust::CaFile(ca)),
+                None if wants_tls => Some(Trust::SystemRoots),
+                None => None,
+            };
+            return Ok(Database::Postgres { url: url.to_string(), tls });
+        }
+        if ca_file.is_some() {
+            let why = "is only used with a postgres:// database URL".to_string();
+            return Err(("database_ca_file", why, "remove it, or give a postgres:// URL".into()));
+        }
+        match url.strip_prefix("sqlite://") {
+            Some(p) if !p.is_empty() => Ok(Database::Sqlite(base.join(p))),
+            _ => Err((
+                "database_url",
+                format!("{:?} is neither a sqlite:// nor a postgres:// URL", redact_url(url)),
+                "write \"sqlite://PATH\" or \"postgres://USER:PASSWORD@HOST/DATABASE\", or leave it out to use poort.db in data_dir".into(),
+            )),
+        }
+    }
+
     /// Whether the store can be opened without creating it: a SQLite file exists; a
     /// PostgreSQL database is taken to exist.
     pub fn exists(&self) -> bool {

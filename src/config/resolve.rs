@@ -8,7 +8,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::access::{Access, resolve_access};
-use super::database::{Database, redact_url};
+use super::database::Database;
 use super::*;
 use crate::tls_client::Trust;
 
@@ -371,47 +371,19 @@ pub(super) fn store_location(f: file::Store, base: &Path) -> Result<Database, Pr
 
 fn store(c: &mut Collector, f: file::Store, base: &Path) -> (PathBuf, Database) {
     let data_dir = at(base, f.data_dir.as_deref().unwrap_or("poort-data"));
-    let url = f.database_url.as_deref().unwrap_or_default();
-    let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
-    let database = if url.is_empty() {
-        Database::Sqlite(data_dir.join("poort.db"))
-    } else if postgres {
-        if let Err(e) = url.parse::<tokio_postgres::Config>() {
-            c.add(
-                "store.database_url",
-                format!("{} is not a PostgreSQL URL poort understands: {e}", redact_url(url)),
-                "write postgres://USER:PASSWORD@HOST:PORT/DATABASE",
-            );
-        }
-        // With a CA file TLS is required; `sslmode=require` alone checks the server against
-        // the system's roots; otherwise the server's own setting decides.
-        let wants_tls = ["sslmode=require", "sslmode=verify-ca", "sslmode=verify-full"].iter().any(|m| url.contains(m));
-        let tls = match f.database_ca_file.as_deref() {
-            Some(ca) => Some(Trust::CaFile(at(base, ca))),
-            None if wants_tls => Some(Trust::SystemRoots),
-            None => None,
-        };
-        Database::Postgres { url: url.to_string(), tls }
-    } else {
-        match url.strip_prefix("sqlite://") {
-            Some(p) if !p.is_empty() => Database::Sqlite(at(base, p)),
-            _ => {
-                c.add(
-                    "store.database_url",
-                    format!("{:?} is neither a sqlite:// nor a postgres:// URL", redact_url(url)),
-                    "write \"sqlite://PATH\" or \"postgres://USER:PASSWORD@HOST/DATABASE\", or leave it out to use poort.db in data_dir",
-                );
-                Database::Sqlite(PathBuf::new())
+    let database = match f.database_url.as_deref() {
+        None => Database::Sqlite(data_dir.join("poort.db")),
+        Some(url) => {
+            let ca = f.database_ca_file.as_deref().map(|ca| at(base, ca));
+            match Database::parse(url, ca, base) {
+                Ok(db) => db,
+                Err((key, message, hint)) => {
+                    c.add(format!("store.{key}"), message, hint);
+                    Database::Sqlite(PathBuf::new())
+                }
             }
         }
     };
-    if f.database_ca_file.is_some() && !postgres {
-        c.add(
-            "store.database_ca_file",
-            "is only used with a postgres:// database_url",
-            "remove it, or set database_url",
-        );
-    }
     (data_dir, database)
 }
 

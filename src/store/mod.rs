@@ -6,6 +6,7 @@
 //! admin commands open the same database, so an admin action in another process, or on
 //! another node, reaches a running gateway through the `revocations` table, which it polls.
 
+pub mod cluster;
 pub mod flows;
 
 use std::path::Path;

@@ -115,14 +115,18 @@ impl Postgres {
     }
 }
 
-/// Requests until `n` in a row (so: on every node) give `status`, for at most `limit`.
+/// Requests until `n` in a row (so: on every node) give `status`, for at most `limit`. A
+/// request cut with no answer (its session's streams were being ended) counts as not yet.
 async fn every_node_says(gate: &Gate, n: usize, path: &str, session: &str, status: u16, limit: Duration) {
     let start = tokio::time::Instant::now();
     let mut in_a_row = 0;
+    let raw = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nCookie: __Host-poort={session}\r\nConnection: close\r\n\r\n"
+    );
     while in_a_row < n {
-        let got = gate.get(path, Some(session)).await.status;
-        in_a_row = if got == status { in_a_row + 1 } else { 0 };
-        assert!(start.elapsed() < limit, "not every node answered {status} within {limit:?} (last: {got})");
+        let got = gate.hostile(raw.as_bytes()).await.0;
+        in_a_row = if got == Some(status) { in_a_row + 1 } else { 0 };
+        assert!(start.elapsed() < limit, "not every node answered {status} within {limit:?} (last: {got:?})");
     }
 }
 
@@ -249,4 +253,95 @@ async fn in_an_outage_known_sessions_last_the_grace_and_new_sign_ins_get_a_clear
     // The database back: the node reconnects by itself and the session (in the database) works.
     pg.run();
     every_node_says(&gate, 2, "/app/", &alice, 200, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn nodes_report_themselves_and_check_live_reaches_the_database() {
+    let pg = Postgres::start();
+    let mut gate = Gate::start_on(&pg.database("nodes")).await;
+    gate.add_node().await;
+    let live = gate.cli(&["check", "--live"]);
+    let text = String::from_utf8_lossy(&live.stdout);
+    assert!(live.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("store: postgres://poort@127.0.0.1:{}/nodes answered (PostgreSQL", pg.port)),
+        "{text}"
+    );
+    // Each node reports when it starts, and every ten seconds after.
+    let status = || {
+        let status = gate.cli(&["cluster", "status", "--json"]);
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        serde_json::from_slice::<serde_json::Value>(&status.stdout).unwrap()
+    };
+    eventually("both nodes to report", Duration::from_secs(5), async || {
+        status()["nodes"].as_array().unwrap().len() == 2
+    })
+    .await;
+    let v = status();
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{v}");
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n["version"] == env!("CARGO_PKG_VERSION") && n["config_sha256"].as_str().unwrap().len() == 64)
+    );
+    assert_eq!(v["agree"], true);
+    // A node on another config is pointed out, and the command says so in its exit status.
+    let now = poort::clock::SystemClock.now();
+    pg.psql("nodes", &format!("INSERT INTO nodes VALUES ('other 127.0.0.1:1', '0.0.0', 'abc', {now}, {now})")).unwrap();
+    let status = gate.cli(&["cluster", "status"]);
+    assert_eq!(status.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&status.stderr).contains("2 different configs"));
+    assert!(String::from_utf8_lossy(&status.stdout).contains("other 127.0.0.1:1"));
+    // A database that does not answer fails the live check, by name and without its password.
+    let down = format!("postgres://poort:hunter2@127.0.0.1:{}/nodes", crate::harness::closed_port());
+    gate.edit_config(|c| c.replace(&format!("postgres://poort@127.0.0.1:{}/nodes", pg.port), &down));
+    let live = gate.cli(&["check", "--live"]);
+    let text = String::from_utf8_lossy(&live.stdout);
+    assert_eq!(live.status.code(), Some(1), "{text}");
+    assert!(text.contains("store: postgres://poort:***@127.0.0.1:") && !text.contains("hunter2"), "{text}");
+}
+
+#[tokio::test]
+async fn a_sqlite_store_moves_to_postgresql_with_its_sessions_factors_and_chain() {
+    let pg = Postgres::start();
+    let url = pg.database("moved");
+    let mut gate = Gate::start().await;
+    let alice = gate.login("alice").await;
+    let (secret, stepped, _) = enrol(&gate, &alice).await;
+    let bob = gate.login("bob").await;
+    assert!(gate.cli(&["session", "revoke", "--user", "bob"]).status.success());
+    let before = String::from_utf8_lossy(&gate.cli(&["audit", "verify"]).stdout).to_string();
+    gate.stop().await;
+
+    let out = gate.cli(&["store", "migrate", "--to", &url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("its audit log is intact"), "{text}");
+    // Into a database that has a store already, nothing is copied.
+    let again = gate.cli(&["store", "migrate", "--to", &url]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already has"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    gate.edit_config(|c| c.replace("data_dir = \".\"", &format!("data_dir = \".\"\ndatabase_url = \"{url}\"")));
+    gate.boot().await;
+    // The same chain, now on PostgreSQL, and growing from where it was.
+    let after = String::from_utf8_lossy(&gate.cli(&["audit", "verify"]).stdout).to_string();
+    let records = |t: &str| t.split("intact: ").nth(1).and_then(|r| r.split(' ').next()).map(str::to_string);
+    assert!(records(&before).is_some() && records(&after) >= records(&before), "{before} / {after}");
+    assert!(pg.psql("moved", "SELECT count(*) FROM users").unwrap() == "2");
+    // Sessions, factors and revocations came along.
+    assert_eq!(gate.get("/vault/", Some(&stepped)).await.status, 200, "the stepped-up session lives on");
+    assert_eq!(gate.get("/app/", Some(&bob)).await.status, 401, "the revoked session stays revoked");
+    gate.clock.advance(30);
+    let code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
+    let s = gate.login("alice").await;
+    assert_eq!(gate.post("/.poort/mfa", &s, &[("code", &code), ("next", "/vault/")]).await.status, 303);
+    let bob = gate.login("bob").await;
+    assert!(gate.cli(&["session", "revoke", "--user", "bob"]).status.success());
+    every_node_says(&gate, 1, "/app/", &bob, 401, Duration::from_secs(2)).await;
 }
