@@ -533,6 +533,93 @@ impl Pg {
     }
 }
 
+/// The channel on which writers tell nodes that revocations or settings changed.
+pub const CHANGES: &str = "poort_changes";
+
+/// A task that listens for notifications; stopped when dropped.
+pub struct Listener(tokio::task::JoinHandle<()>);
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Wakes `changed` whenever a transaction on the database at `url` notifies `CHANGES`, and
+/// after each (re)connection, since what was sent while it was down is lost (the caller's
+/// own poll catches up then). Connects again by itself, a second after a loss.
+pub fn listen(
+    url: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    changed: Arc<tokio::sync::Notify>,
+) -> Result<Listener> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let task = runtime().spawn(async move {
+        // Whether the last attempt got as far as listening: a failure is logged once per
+        // outage, not once a second.
+        let mut was_listening = true;
+        loop {
+            let mut listening = false;
+            let ended = match &tls {
+                None => match config.connect(tokio_postgres::NoTls).await {
+                    Ok((client, conn)) => listen_on(client, conn, &changed, &mut listening).await,
+                    Err(e) => Err(e),
+                },
+                Some(tls) => {
+                    let mut config = config.clone();
+                    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                    match config.connect(tls::MakeRustls(tls.clone())).await {
+                        Ok((client, conn)) => listen_on(client, conn, &changed, &mut listening).await,
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            if was_listening || listening {
+                match ended {
+                    Err(e) => tracing::warn!(error = %e, "Listening for changes on the database stopped; polling until it is back"),
+                    Ok(()) => tracing::warn!("Listening for changes on the database stopped; polling until it is back"),
+                }
+            }
+            was_listening = listening;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    });
+    Ok(Listener(task))
+}
+
+/// Listens on one connection until it ends.
+async fn listen_on<S, T>(
+    client: tokio_postgres::Client,
+    mut conn: tokio_postgres::Connection<S, T>,
+    changed: &tokio::sync::Notify,
+    listened: &mut bool,
+) -> std::result::Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let statement = format!("LISTEN {CHANGES}");
+    let mut listening = std::pin::pin!(client.batch_execute(&statement));
+    loop {
+        // The connection must be driven for the LISTEN to be sent and answered.
+        let message = std::future::poll_fn(|cx| {
+            if !*listened && let Poll::Ready(r) = listening.as_mut().poll(cx) {
+                *listened = true;
+                return Poll::Ready(Some(r.map(|()| None)));
+            }
+            conn.poll_message(cx).map(|m| m.map(|m| m.map(Some)))
+        })
+        .await;
+        match message {
+            Some(Ok(None)) => changed.notify_one(), // Listening: catch up on what was missed.
+            Some(Ok(Some(tokio_postgres::AsyncMessage::Notification(_)))) => changed.notify_one(),
+            Some(Ok(Some(_))) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Ok(()),
+        }
+    }
+}
+
 /// Rewrites `?N` parameters as PostgreSQL's `$N`, outside quoted text.
 fn numbered(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());

@@ -209,6 +209,28 @@ fn applied_rules(store: &Store) -> anyhow::Result<Option<crate::mitigate::Applie
 
 /// The gateway's periodic work: revocations, the lockdown switch, expiry, the rules file,
 /// certificates and the config file (every `REVOCATION_POLL`); SIGHUP; session activity.
+/// How often a node reads revocations and settings when the database also notifies it.
+const STORE_POLL: Duration = Duration::from_secs(1);
+
+/// Reads what other processes changed in the store: revocations, the lockdown switch, a
+/// `poort reload` asked for.
+async fn poll_store(control: &Control, gw: &Gateway) {
+    if let Err(e) = gw.state.sessions.poll_revocations().await {
+        tracing::error!(error = %e, "Reading revocations failed");
+    }
+    // The lockdown switch (poort lockdown on|off). A lockdown also ends what is open:
+    // everyone's but the administrators' tunnels, WebSockets and streams.
+    let was = gw.state.mitigation.lockdown();
+    match gw.state.store.run(|c| crate::store::Store::setting(c, "lockdown")).await {
+        Ok(v) => gw.state.mitigation.set_lockdown_switch(v.as_deref() == Some("on")),
+        Err(e) => tracing::error!(error = %e, "Reading the lockdown switch failed"),
+    }
+    if gw.state.mitigation.lockdown() && !was {
+        lock_down(gw);
+    }
+    control.answer_reload_command(gw).await;
+}
+
 /// How a node names itself to the others: its host and where it listens.
 fn node_id(addr: SocketAddr) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -234,23 +256,29 @@ async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>, m
         .expect("invariant: installing a signal handler works");
     let mut flush = tokio::time::interval(Duration::from_secs(10));
     let mut watcher = control.live.get().state.cfg.source.as_ref().map(FileWatch::new);
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let listener = match control.live.get().state.store.watch(changed.clone()) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot listen for changes on the database; polling it instead");
+            None
+        }
+    };
+    let mut polled = crate::clock::instant();
     loop {
         tokio::select! {
+            _ = changed.notified(), if listener.is_some() => {
+                // Another node or the command line revoked something or changed a setting.
+                poll_store(&control, &control.live.get()).await;
+                polled = crate::clock::instant();
+            }
             _ = poll.tick() => {
                 let gw = control.live.get();
-                if let Err(e) = gw.state.sessions.poll_revocations().await {
-                    tracing::error!(error = %e, "Reading revocations failed");
-                }
-                // The lockdown switch (poort lockdown on|off) and the rules file. A lockdown
-                // also ends what is open: everyone's but the administrators' tunnels,
-                // WebSockets and streams.
-                let was = gw.state.mitigation.lockdown();
-                match gw.state.store.run(|c| crate::store::Store::setting(c, "lockdown")).await {
-                    Ok(v) => gw.state.mitigation.set_lockdown_switch(v.as_deref() == Some("on")),
-                    Err(e) => tracing::error!(error = %e, "Reading the lockdown switch failed"),
-                }
-                if gw.state.mitigation.lockdown() && !was {
-                    lock_down(&gw);
+                // With notifications the store is read when told, and at least every
+                // STORE_POLL in case one was lost; without (SQLite), at every tick.
+                if listener.is_none() || crate::clock::instant().saturating_duration_since(polled) >= STORE_POLL {
+                    poll_store(&control, &gw).await;
+                    polled = crate::clock::instant();
                 }
                 gw.state.sessions.end_expired(gw.state.clock.now()).await;
                 gw.state.audit.flush_counted();
@@ -259,7 +287,6 @@ async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>, m
                 if watcher.as_mut().is_some_and(FileWatch::settled_change) {
                     let _ = control.reload(Trigger::FileChanged).await;
                 }
-                control.answer_reload_command(&gw).await;
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the config, the mitigation rules and the certificates");

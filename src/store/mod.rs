@@ -291,6 +291,15 @@ fn revoked(tx: &Conn, session: Option<&str>, user: Option<&str>, now: UnixTime) 
         tx.query_row("SELECT pg_advisory_xact_lock(?1)::text", [PG_LOCK_REVOCATIONS], |_| Ok(()))?;
     }
     tx.execute("INSERT INTO revocations (session_id, \"user\", at) VALUES (?1, ?2, ?3)", params![session, user, now])?;
+    notify(tx)
+}
+
+/// Tells every node listening on PostgreSQL that revocations or settings changed (delivered
+/// when the transaction commits; nothing if it does not). On SQLite nodes just poll.
+fn notify(conn: &Conn) -> db::Result<()> {
+    if conn.backend() == Backend::Postgres {
+        conn.query_row("SELECT pg_notify(?1, '')::text", [db::CHANGES], |_| Ok(()))?;
+    }
     Ok(())
 }
 
@@ -402,6 +411,21 @@ impl Store {
         let first = open_connection(&db)?;
         let conns = std::iter::once(Mutex::new(Some(first))).chain((1..n).map(|_| Mutex::new(None))).collect();
         Ok(Store { pool: Arc::new(Pool { db, conns, next: AtomicUsize::new(0) }) })
+    }
+
+    /// On PostgreSQL: a listener that wakes `changed` when another node or the command line
+    /// revokes something or changes a setting (the lockdown switch). None on SQLite.
+    pub fn watch(&self, changed: Arc<tokio::sync::Notify>) -> anyhow::Result<Option<db::Listener>> {
+        match &self.pool.db {
+            Database::Sqlite(_) => Ok(None),
+            Database::Postgres { url, tls } => {
+                let tls = match tls {
+                    None => None,
+                    Some(trust) => Some(crate::tls_client::config(trust, None, &[])?),
+                };
+                Ok(Some(db::listen(url, tls, changed)?))
+            }
+        }
     }
 
     pub fn database(&self) -> &Database {
@@ -940,8 +964,8 @@ impl Store {
         conn.execute(
             "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             params![key, value],
-        )
-        .map(|_| ())
+        )?;
+        notify(conn)
     }
 
     pub fn last_revocation(&self) -> anyhow::Result<i64> {
