@@ -345,3 +345,110 @@ async fn a_sqlite_store_moves_to_postgresql_with_its_sessions_factors_and_chain(
     assert!(gate.cli(&["session", "revoke", "--user", "bob"]).status.success());
     every_node_says(&gate, 1, "/app/", &bob, 401, Duration::from_secs(2)).await;
 }
+
+/// A node as its own `poort serve` process on the gateway's config, listening on `port`.
+fn spawn_node(gate: &Gate, port: u16) -> Reaped {
+    let text = std::fs::read_to_string(&gate.config_path).unwrap();
+    let text = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1);
+    let config = gate.dir.0.join(format!("node-{port}.toml"));
+    std::fs::write(&config, text).unwrap();
+    let log = std::fs::File::create(gate.dir.0.join(format!("node-{port}.log"))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_poort"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let node = Reaped(child);
+    wait_for_port(port, "poort", Duration::from_secs(20));
+    node
+}
+
+/// A sign-in as a browser makes it; None when a node failed to answer on the way.
+async fn sign_in(gate: &Gate, user: &str) -> Option<String> {
+    let page = gate.try_request("GET", "/.poort/login", &[], b"").await?;
+    let cookie = page.cookie("__Host-poort-csrf")?;
+    let text = page.text();
+    let field = text.split("name=\"csrf\" value=\"").nth(1)?.split('"').next()?.to_string();
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([("username", user), ("password", PASSWORD), ("csrf", &field), ("next", "")])
+        .finish();
+    let cookie = format!("__Host-poort-csrf={cookie}");
+    let headers = [
+        ("Origin", crate::harness::ORIGIN),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("Cookie", &cookie),
+    ];
+    let r = gate.try_request("POST", "/.poort/login", &headers, body.as_bytes()).await?;
+    (r.status == 303).then(|| r.cookie("__Host-poort")).flatten()
+}
+
+#[tokio::test]
+async fn a_node_killed_under_load_loses_nothing_it_acknowledged() {
+    let pg = Postgres::start();
+    let mut gate = Gate::start_on_with(&pg.database("killed"), "[login]\nper_address_per_minute = 10000\n").await;
+    gate.stop().await;
+    let ports = [closed_port(), closed_port(), closed_port()];
+    let mut nodes: Vec<Option<Reaped>> = ports.iter().map(|p| Some(spawn_node(&gate, *p))).collect();
+    *gate.nodes.lock().unwrap() = ports.iter().map(|p| format!("127.0.0.1:{p}").parse().unwrap()).collect();
+
+    // Four clients sign in and use their sessions, each on every node in turn; halfway, the
+    // second node is killed (SIGKILL) while they are at it.
+    let gate = &gate;
+    let done = &std::sync::atomic::AtomicUsize::new(0);
+    let client = |c: usize| async move {
+        let mut acknowledged = Vec::new();
+        let mut failed = 0;
+        for i in 0..12 {
+            match sign_in(gate, if (c + i) % 2 == 0 { "alice" } else { "bob" }).await {
+                Some(s) => {
+                    acknowledged.push(s);
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                None => failed += 1,
+            }
+            if let Some(s) = acknowledged.last() {
+                let cookie = format!("__Host-poort={s}");
+                let _ = gate.try_request("GET", "/app/", &[("Cookie", &cookie)], b"").await;
+            }
+        }
+        (acknowledged, failed)
+    };
+    let killer = async {
+        while done.load(std::sync::atomic::Ordering::Relaxed) < 16 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        nodes[1] = None; // Reaped: SIGKILL, then reaped.
+        let dead: std::net::SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
+        // The load balancer notices and sends no more there.
+        gate.nodes.lock().unwrap().retain(|a| *a != dead);
+        done.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let (results, at_kill) = tokio::join!(futures_util::future::join_all((0..4).map(client)), killer);
+    assert!(nodes[1].is_none() && nodes[0].is_some() && nodes[2].is_some());
+    let acknowledged: Vec<String> = results.iter().flat_map(|(a, _)| a.clone()).collect();
+    let failed: usize = results.iter().map(|(_, f)| f).sum();
+    assert!(at_kill < 32, "the node was killed while the load ran (after {at_kill} sign-ins)");
+    assert!(
+        acknowledged.len() >= 40,
+        "the other nodes kept serving ({} signed in, {failed} failed)",
+        acknowledged.len()
+    );
+
+    // Every sign-in that was answered lives on, on both surviving nodes, and is in the one
+    // audit chain, which verifies.
+    for s in &acknowledged {
+        let cookie = format!("__Host-poort={s}");
+        for _ in 0..2 {
+            let r =
+                gate.try_request("GET", "/app/", &[("Cookie", &cookie)], b"").await.expect("a surviving node answers");
+            assert_eq!(r.status, 200, "an acknowledged sign-in was lost");
+        }
+    }
+    let logged: usize =
+        pg.psql("killed", "SELECT count(*) FROM audit WHERE kind = 'login_succeeded'").unwrap().parse().unwrap();
+    assert!(logged >= acknowledged.len(), "{logged} sign-ins audited, {} acknowledged", acknowledged.len());
+    let verify = gate.cli(&["audit", "verify"]);
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+}

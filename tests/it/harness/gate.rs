@@ -33,6 +33,8 @@ pub struct Gate {
     /// More nodes on the same config and database (a cluster); with any, each new
     /// connection goes to the next node in turn, `addr` included.
     pub others: Vec<Running>,
+    /// The addresses connections go to in turn (empty: `addr` alone).
+    pub nodes: std::sync::Mutex<Vec<SocketAddr>>,
     turn: std::sync::atomic::AtomicUsize,
     database: poort::store::Database,
 }
@@ -213,6 +215,7 @@ access = "authenticated"
             cert_der: ck.cert.der().to_vec(),
             tls: TlsConnector::from(Arc::new(tls)),
             others: Vec::new(),
+            nodes: std::sync::Mutex::new(Vec::new()),
             turn: std::sync::atomic::AtomicUsize::new(0),
             database: cfg.database.clone(),
         };
@@ -237,16 +240,21 @@ access = "authenticated"
         let running = poort::server::start(cfg, Arc::new(self.clock.clone())).await.unwrap();
         let addr = running.addr;
         self.others.push(running);
+        let mut nodes = self.nodes.lock().unwrap();
+        if nodes.is_empty() {
+            nodes.push(self.addr);
+        }
+        nodes.push(addr);
         addr
     }
 
     /// The address the next connection goes to: the nodes in turn.
     pub fn next_node(&self) -> SocketAddr {
-        if self.others.is_empty() {
+        let nodes = self.nodes.lock().unwrap();
+        if nodes.is_empty() {
             return self.addr;
         }
-        let i = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (self.others.len() + 1);
-        if i == 0 { self.addr } else { self.others[i - 1].addr }
+        nodes[self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % nodes.len()]
     }
 
     pub async fn stop(&mut self) {
@@ -371,6 +379,22 @@ access = "authenticated"
     /// A request with `Host: localhost` and `Connection: close` plus `headers`, on a connection
     /// to the host it names (as a browser makes it).
     pub async fn request(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        let (sni, bytes) = Gate::request_bytes(method, target, headers, body);
+        self.raw_to(&sni, &bytes).await
+    }
+
+    /// As `request`; None when the connection fails or closes without a whole answer (a node
+    /// that was killed).
+    pub async fn try_request(&self, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Option<Resp> {
+        let (sni, bytes) = Gate::request_bytes(method, target, headers, body);
+        let mut tls = self.try_connect_to(&sni, &[b"http/1.1"]).await.ok()?;
+        tls.write_all(&bytes).await.ok()?;
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await.ok()?.ok();
+        out.windows(4).any(|w| w == b"\r\n\r\n").then(|| parse_response(&out))
+    }
+
+    fn request_bytes(method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> (String, Vec<u8>) {
         let host = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("host")).map_or("localhost", |(_, v)| *v);
         let sni = host.split(':').next().unwrap_or(host);
         let sni = if sni.parse::<std::net::IpAddr>().is_ok() || sni.is_empty() { "localhost" } else { sni };
@@ -387,7 +411,7 @@ access = "authenticated"
         req.push_str("Connection: close\r\n\r\n");
         let mut bytes = req.into_bytes();
         bytes.extend_from_slice(body);
-        self.raw_to(sni, &bytes).await
+        (sni.to_string(), bytes)
     }
 
     pub async fn get(&self, target: &str, session: Option<&str>) -> Resp {
