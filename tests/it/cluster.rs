@@ -401,7 +401,7 @@ async fn a_node_killed_under_load_loses_nothing_it_acknowledged() {
         let mut acknowledged = Vec::new();
         let mut failed = 0;
         for i in 0..12 {
-            match sign_in(gate, if (c + i) % 2 == 0 { "alice" } else { "bob" }).await {
+            match sign_in(gate, if (c + i).is_multiple_of(2) { "alice" } else { "bob" }).await {
                 Some(s) => {
                     acknowledged.push(s);
                     done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
