@@ -52,6 +52,7 @@ def start_postgres(d, procs):
     b = bins[-1]
     pg = os.path.join(d, "pg")
     os.makedirs(pg)
+    os.chmod(d, 0o755)  # mkdtemp's folder is owner-only; the server's account must get through
     if os.geteuid() == 0:
         shutil.chown(pg, "postgres", "postgres")
     subprocess.run(
@@ -101,6 +102,9 @@ data_dir = "."
 
 [log]
 access = false
+
+[admin]
+listen = "127.0.0.1:{c.free_port()}"
 
 [tls]
 cert_file = "tls/cert.pem"

@@ -32,10 +32,21 @@ pub enum Error {
     Value(String),
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
-    #[error("{0}")]
+    #[error("{}", pg_message(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+}
+
+/// What PostgreSQL said, not only "db error".
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} {}: {}", d.severity(), d.code().code(), d.message()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 impl Error {
@@ -468,6 +479,8 @@ impl Pg {
         if config.get_application_name().is_none() {
             config.application_name("poort");
         }
+        // The server's notices ("already exists, skipping") are not news to an operator.
+        config.options("-c client_min_messages=warning");
         let (tx, rx) = std::sync::mpsc::channel();
         runtime().spawn(async move {
             let connected = match tls {

@@ -56,6 +56,49 @@ pub fn sealing_key_path(cfg: &Config) -> std::path::PathBuf {
     cfg.data_dir.join("secrets.key")
 }
 
+/// The store's record of the keys its gateways use (`settings.node_keys`).
+const NODE_KEYS: &str = "node_keys";
+
+/// Every gateway on one database must seal second-factor secrets and sign assertions with the
+/// same keys: a TOTP secret sealed by one node is opened by another, and apps check the
+/// assertion of every node against one key set. The first gateway on a database records its
+/// key id and a sealed probe; a gateway with other keys refuses to start and says which file
+/// to copy.
+fn same_keys(store: &Store, sealer: &Sealer, signer: &Signer, cfg: &Config) -> anyhow::Result<()> {
+    let mine = format!("{} {}", signer.kid(), crate::secret::b64(&sealer.seal(NODE_KEYS, b"poort")));
+    store.with(|c| {
+        c.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+            [NODE_KEYS, mine.as_str()],
+        )
+    })?;
+    let recorded = store.with(|c| crate::store::Store::setting(c, NODE_KEYS))?.unwrap_or_default();
+    let (kid, probe) = recorded.split_once(' ').unwrap_or_default();
+    let opens = {
+        use base64::Engine;
+        let probe = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(probe).ok();
+        probe.is_some_and(|p| sealer.open(NODE_KEYS, &p).is_some())
+    };
+    let fix = format!(
+        "copy it from a gateway already serving {} into {} (if every gateway's keys were replaced on purpose, delete the record first: DELETE FROM settings WHERE key = '{NODE_KEYS}')",
+        cfg.database,
+        cfg.data_dir.display()
+    );
+    if !opens {
+        anyhow::bail!(
+            "{} is not the key the other gateways on this database use: {fix}",
+            sealing_key_path(cfg).display()
+        );
+    }
+    if kid != signer.kid() {
+        anyhow::bail!(
+            "{} is not the key the other gateways on this database use: {fix}",
+            signing_key_path(cfg).display()
+        );
+    }
+    Ok(())
+}
+
 /// Starts everything and returns once the listeners are bound.
 pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
     let cfg = Arc::new(cfg);
@@ -91,6 +134,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     let audit = Audit::start(&cfg.database, clock.clone(), metrics.clone())?;
     let signer = Arc::new(Signer::load_or_create(&signing_key_path(&cfg), &cfg.server.external_origin)?);
     let sealer = Arc::new(Sealer::load_or_create(&sealing_key_path(&cfg))?);
+    same_keys(&store, &sealer, &signer, &cfg)?;
     let applied = applied_rules(&store)?;
     let (mitigation, first_rules) =
         crate::mitigate::Mitigation::start(&cfg.mitigate, &cfg.data_dir, applied, clock.now())?;

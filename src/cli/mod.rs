@@ -138,8 +138,9 @@ pub struct ConfigArg {
 pub struct CheckArgs {
     #[command(flatten)]
     pub config: ConfigArg,
-    /// Also try the sign-in sources: a service bind to the directory, discovery at each
-    /// OpenID Connect provider. Exits 1 if one fails.
+    /// Also try what the gateway reaches: the database (a connection and a query), a
+    /// service bind to the directory, discovery at each OpenID Connect provider. Exits 1 if
+    /// one fails.
     #[arg(long)]
     pub live: bool,
 }

@@ -128,6 +128,10 @@ pub fn quickstart(
             println!("Certificate SHA-256 fingerprint: {}", hex.join(":"));
         }
     }
+    // The keys now rather than at the first start, so that a copy of this folder (a second
+    // node of a cluster, docs/cluster.md) has the same ones.
+    crate::identity::seal::Sealer::load_or_create(&server::sealing_key_path(&cfg))?;
+    crate::identity::assertion::Signer::load_or_create(&server::signing_key_path(&cfg), &cfg.server.external_origin)?;
     let store = Store::open(&cfg.database)?;
     if store.user_exists("admin")? {
         println!("User admin exists already (reset its password with `poort user passwd admin`).");

@@ -53,6 +53,25 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl Database {
+    /// A warning when a PostgreSQL URL may send passwords and session data unencrypted to
+    /// another machine: no CA file, no `sslmode=require`, and a host that is not loopback.
+    pub fn plaintext_warning(&self) -> Option<String> {
+        let Database::Postgres { url, tls: None } = self else { return None };
+        let config: tokio_postgres::Config = url.parse().ok()?;
+        let remote = config.get_hosts().iter().any(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => {
+                name != "localhost" && !name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            }
+            tokio_postgres::config::Host::Unix(_) => false,
+        });
+        remote.then(|| {
+            format!(
+                "store.database_url: {} may connect without TLS, and password hashes and session data would cross the network in the clear (hint: set database_ca_file, or add ?sslmode=require)",
+                redact_url(url)
+            )
+        })
+    }
+
     /// Reads a database URL, `sqlite://PATH` (relative to `base`) or `postgres://…`, with the
     /// CA file that TLS to PostgreSQL is then required with. On a problem: the key at fault
     /// (`database_url` or `database_ca_file`), what is wrong, and the fix.
@@ -68,6 +87,14 @@ impl Database {
             let wants_tls =
                 ["sslmode=require", "sslmode=verify-ca", "sslmode=verify-full"].iter().any(|m| url.contains(m));
             let tls = match ca_file {
+                Some(ca) if !ca.is_file() => {
+                    let why = format!("{} is not a readable file", ca.display());
+                    return Err((
+                        "database_ca_file",
+                        why,
+                        "give the PEM file of the CA that signed the database server's certificate".into(),
+                    ));
+                }
                 Some(ca) => Some(Trust::CaFile(ca)),
                 None if wants_tls => Some(Trust::SystemRoots),
                 None => None,

@@ -395,6 +395,9 @@ impl Config {
                 self.server.external_origin
             ));
         }
+        if let Some(w) = self.database.plaintext_warning() {
+            out.push(w);
+        }
         if let Some(a) = self.admin_listen.filter(|a| !a.ip().is_loopback()) {
             out.push(format!(
                 "admin.listen: {a} is not a loopback address: anyone who reaches it can read the gateway's metrics (apps, users' activity in counts) (hint: keep it on 127.0.0.1 and let Prometheus reach it there, or firewall it)"

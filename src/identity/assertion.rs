@@ -46,6 +46,11 @@ struct Claims<'a> {
 }
 
 impl Signer {
+    /// The key id apps find in `/.poort/jwks.json`.
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
     /// Loads the PKCS#8 key from `path`, creating it (mode 0600) if missing.
     pub fn load_or_create(path: &Path, issuer: &str) -> anyhow::Result<Signer> {
         let rng = SystemRandom::new();

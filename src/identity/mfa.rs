@@ -240,7 +240,7 @@ pub fn record_failure(
     let user = lock.key(user);
     let failures: u32 = conn.query_row(
         "INSERT INTO lockouts (\"user\", failures, locked_until, last_failure) VALUES (?1, 1, 0, ?2)
-         ON CONFLICT (\"user\") DO UPDATE SET failures = failures + 1, last_failure = excluded.last_failure
+         ON CONFLICT (\"user\") DO UPDATE SET failures = lockouts.failures + 1, last_failure = excluded.last_failure
          RETURNING failures",
         params![user, now],
         |r| r.get(0),

@@ -452,3 +452,35 @@ async fn a_node_killed_under_load_loses_nothing_it_acknowledged() {
     let verify = gate.cli(&["audit", "verify"]);
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
 }
+
+#[tokio::test]
+async fn a_node_with_other_keys_refuses_to_join() {
+    let pg = Postgres::start();
+    let gate = Gate::start_on(&pg.database("keys")).await;
+    // A second node set up on its own: its keys are its own, not the first node's.
+    let other = TempDir::new();
+    let config = std::fs::read_to_string(&gate.config_path).unwrap().replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{}\"", closed_port()),
+        1,
+    );
+    std::fs::write(other.0.join("poort.toml"), &config).unwrap();
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::copy(gate.dir.0.join(f), other.0.join(f)).unwrap();
+    }
+    let serve = |dir: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_poort"))
+            .args(["serve", "--config"])
+            .arg(dir.join("poort.toml"))
+            .output()
+            .unwrap()
+    };
+    let out = serve(&other.0);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("secrets.key is not the key the other gateways on this database use"), "{err}");
+    // With the first node's sealing key but its own signing key, it names that one.
+    std::fs::copy(gate.dir.0.join("secrets.key"), other.0.join("secrets.key")).unwrap();
+    let err = String::from_utf8_lossy(&serve(&other.0).stderr).to_string();
+    assert!(err.contains("assertion-key.p8 is not the key the other gateways on this database use"), "{err}");
+}

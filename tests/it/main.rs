@@ -29,6 +29,7 @@ mod security_headers;
 mod security_paths;
 mod security_session;
 mod security_websockets;
+mod store;
 mod streaming;
 mod tls;
 mod tunnel;
