@@ -324,6 +324,9 @@ async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>, m
                     poll_store(&control, &gw).await;
                     polled = crate::clock::instant();
                 }
+                if gw.state.sessions.end_all_past_grace() {
+                    tracing::warn!("The store has not answered for longer than [session] outage_grace: every session held here was ended");
+                }
                 gw.state.sessions.end_expired(gw.state.clock.now()).await;
                 gw.state.audit.flush_counted();
                 rules_outcome(&gw, gw.state.mitigation.poll(gw.state.clock.now())).await;

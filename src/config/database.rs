@@ -43,7 +43,12 @@ pub fn redact_url(url: &str) -> String {
         Some((path, query)) => {
             let query: Vec<String> = query
                 .split('&')
-                .map(|kv| if kv.starts_with("password=") { "password=***".to_string() } else { kv.to_string() })
+                .map(|kv| {
+                    // The key as the URL parser reads it: percent-decoded, any case.
+                    let key = kv.split('=').next().unwrap_or_default();
+                    let key: String = form_urlencoded::parse(key.as_bytes()).map(|(k, _)| k.into_owned()).collect();
+                    if key.eq_ignore_ascii_case("password") { "password=***".to_string() } else { kv.to_string() }
+                })
                 .collect();
             format!("{path}?{}", query.join("&"))
         }
@@ -158,6 +163,8 @@ mod tests {
             "postgres://poort@db/poort?password=***&sslmode=require"
         );
         assert_eq!(redact_url("postgres://p:a@b@db/x"), "postgres://p:***@db/x");
+        assert_eq!(redact_url("postgres://db/x?pass%77ord=s3cret"), "postgres://db/x?password=***");
+        assert_eq!(redact_url("postgres://db/x?PassWord=s3cret"), "postgres://db/x?password=***");
         assert_eq!(redact_url("postgres://db/poort"), "postgres://db/poort");
     }
 }

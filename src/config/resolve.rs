@@ -460,6 +460,13 @@ fn session(c: &mut Collector, f: file::Session) -> SessionTimeouts {
         absolute: c.duration("session.absolute_timeout", &f.absolute_timeout, Duration::from_secs(12 * 3600)),
         outage_grace: c.duration("session.outage_grace", &f.outage_grace, Duration::from_secs(60)),
     };
+    if session.outage_grace < Duration::from_secs(3) {
+        c.add(
+            "session.outage_grace",
+            "is shorter than 3s, the time a node may go between two reads of the store",
+            "set \"3s\" for the least grace there can be",
+        );
+    }
     if session.idle > session.absolute {
         c.add(
             "session.idle_timeout",

@@ -9,6 +9,8 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 
 pub struct Sealer {
     key: LessSafeKey,
+    /// Keys short codes before they are stored (`keyed`), derived from the same file.
+    ids: ring::hmac::Key,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -31,7 +33,19 @@ impl Sealer {
         };
         let unbound = UnboundKey::new(&AES_256_GCM, &bytes)
             .map_err(|_| anyhow::anyhow!("{} must hold exactly 32 bytes", path.display()))?;
-        Ok(Sealer { key: LessSafeKey::new(unbound) })
+        let ids = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &crate::secret::sha256(&[b"poort-keyed-ids\0".as_slice(), &bytes].concat()),
+        );
+        Ok(Sealer { key: LessSafeKey::new(unbound), ids })
+    }
+
+    /// A short code (a command-line user code: 35 bits) as it may be stored: keyed with this
+    /// gateway's secret, so that reading the database does not give the code back by trying
+    /// every possible one.
+    pub fn keyed(&self, purpose: &str, code: &str) -> String {
+        let tag = ring::hmac::sign(&self.ids, format!("{purpose}\0{code}").as_bytes());
+        crate::secret::b64(tag.as_ref())
     }
 
     pub fn seal(&self, owner: &str, plain: &[u8]) -> Vec<u8> {

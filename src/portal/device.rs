@@ -57,6 +57,12 @@ fn unavailable() -> Response<Body> {
     json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "temporarily_unavailable" }))
 }
 
+/// A user code as the store keeps it: keyed with the gateway's secret (a user code is short
+/// enough to be found from a plain hash by trying them all).
+fn user_key(st: &State, code: &str) -> String {
+    st.signins.sealer.keyed("device", code)
+}
+
 /// POST /.poort/device/code (the command line)
 pub(crate) async fn code(st: &State, call: &Call) -> Response<Body> {
     let now = st.clock.now();
@@ -64,7 +70,7 @@ pub(crate) async fn code(st: &State, call: &Call) -> Response<Body> {
     let raw: [u8; 8] = crate::secret::random_bytes();
     let letters: String = raw.iter().map(|b| USER_ALPHABET[(*b as usize) % 20] as char).collect();
     let user_code = format!("{}-{}", &letters[..4], &letters[4..]);
-    let (u, d, requester) = (user_code.clone(), device_code.clone(), call.ctx.client.to_string());
+    let (u, d, requester) = (user_key(st, &user_code), device_code.clone(), call.ctx.client.to_string());
     match st.store.run(move |c| devices::add(c, &u, &d, &requester, now)).await {
         Ok(true) => {}
         Ok(false) => return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "slow_down" })),
@@ -118,13 +124,13 @@ pub(crate) async fn token(st: &State, call: &Call) -> Response<Body> {
 /// Claims `code` for the browser of session `s` (see `devices::claim`); None when it cannot
 /// be claimed or the store did not answer.
 async fn claim(st: &State, code: &str, s: &crate::session::Session) -> Option<(String, i64, bool)> {
-    let (code, me, now) = (code.to_string(), claimant(s), st.clock.now());
+    let (code, me, now) = (user_key(st, code), claimant(s), st.clock.now());
     st.store.run(move |c| devices::claim(c, &code, &me, now)).await.ok().flatten()
 }
 
 /// Records a proof given for `code` by the browser of session `s`.
 pub(crate) async fn prove(st: &State, code: &str, s: &crate::session::Session) {
-    let (code, me, now) = (code.to_string(), claimant(s), st.clock.now());
+    let (code, me, now) = (user_key(st, code), claimant(s), st.clock.now());
     if let Err(e) = st.store.run(move |c| devices::prove(c, &code, &me, now)).await {
         tracing::error!(error = %e, "Recording a proof for a command-line code failed");
     }
@@ -189,7 +195,7 @@ pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
     };
     let Some((requester, _, proved)) = claimed else { return show(None, Some("That code is unknown or expired.")) };
     if !approve {
-        let (c2, me) = (code.clone(), claimant(s));
+        let (c2, me) = (user_key(st, &code), claimant(s));
         if st.store.run(move |c| devices::decide(c, &c2, &me, DeviceState::Denied, now)).await.is_err() {
             return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
         }
@@ -226,7 +232,7 @@ pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
         user: s.identity.user.clone(),
         expires_at: s.expires_at,
     };
-    let (c2, me) = (code.clone(), claimant(s));
+    let (c2, me) = (user_key(st, &code), claimant(s));
     if !matches!(st.store.run(move |c| devices::decide(c, &c2, &me, approved, now)).await, Ok(true)) {
         // Decided meanwhile, or the store went away: the new session is not handed out.
         let _ = st.sessions.end(&id).await;

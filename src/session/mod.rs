@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::clock::{Clock, UnixTime};
 use crate::config::SessionTimeouts;
 use crate::identity::Identity;
-use crate::store::{SessionRow, Store};
+use crate::store::{Expiry, SessionRow, Store};
 
 pub use cookie::{CSRF_COOKIE, SESSION_COOKIE};
 pub use factors::{Factor, Factors};
@@ -346,10 +346,21 @@ impl Sessions {
             }
         };
         if let Some(idle) = self.expired(session.expires_at, session.created_at, session.last_seen(), now) {
-            self.forget(&session.id, "session expired");
-            let id = session.id.clone();
-            let _ = self.store.run(move |c| Store::delete_session(c, &id)).await;
-            return Err((Lookup::Expired { idle }, Some(session)));
+            // Idle here is not idle everywhere: another node may be the one in use. The
+            // store decides, by the last use any node recorded.
+            let (id, (idle_secs, absolute_secs)) = (session.id.clone(), self.limits());
+            match self.store.run(move |c| Store::expire_session(c, &id, now, idle_secs, absolute_secs)).await {
+                Ok(Expiry::InUse(seen)) => session.touch(seen),
+                Ok(Expiry::Ended | Expiry::Gone) => {
+                    self.forget(&session.id, "session expired");
+                    return Err((Lookup::Expired { idle }, Some(session)));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Ending an expired session failed");
+                    self.forget(&session.id, "session expired");
+                    return Err((Lookup::Unavailable, None));
+                }
+            }
         }
         session.touch(now);
         Ok(session)
@@ -503,31 +514,59 @@ impl Sessions {
     /// lines are cut and they are deleted from the store (so that a later, longer timeout
     /// cannot bring them back).
     pub async fn end_expired(&self, now: UnixTime) {
-        let mut ended = Vec::new();
-        self.lines.lock().retain(|id, l| {
-            let over = self.expired(l.expires_at, l.created_at, l.last_seen.load(Ordering::Relaxed), now).is_some();
-            if over {
-                l.cut("session expired");
-                ended.push(id.clone());
-            }
-            !over
-        });
-        if ended.is_empty() {
+        let over: Vec<String> = self
+            .lines
+            .lock()
+            .iter()
+            .filter(|(_, l)| {
+                self.expired(l.expires_at, l.created_at, l.last_seen.load(Ordering::Relaxed), now).is_some()
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        if over.is_empty() {
             return;
         }
-        self.cache.write().retain(|_, s| !ended.contains(&s.id));
-        let deleted = self
+        // The store decides, by the last use any node recorded (another node may be the one
+        // in use); what it cannot say about is ended here, failing closed.
+        let (idle_secs, absolute_secs) = self.limits();
+        let asked = over.clone();
+        let found = self
             .store
             .run(move |c| {
-                for id in &ended {
-                    Store::delete_session(c, id)?;
-                }
-                Ok(())
+                asked
+                    .iter()
+                    .map(|id| Store::expire_session(c, id, now, idle_secs, absolute_secs))
+                    .collect::<Result<Vec<_>, _>>()
             })
             .await;
-        if let Err(e) = deleted {
-            tracing::error!(error = %e, "Deleting expired sessions failed");
+        if let Err(e) = &found {
+            tracing::error!(error = %e, "Ending expired sessions failed");
         }
+        let found = found.unwrap_or_default();
+        let mut ended = Vec::new();
+        {
+            let mut lines = self.lines.lock();
+            for (i, id) in over.iter().enumerate() {
+                match (found.get(i), lines.get(id)) {
+                    (Some(Expiry::InUse(seen)), Some(l)) => {
+                        l.last_seen.fetch_max(*seen, Ordering::Relaxed);
+                    }
+                    (_, Some(l)) => {
+                        l.cut("session expired");
+                        lines.remove(id);
+                        ended.push(id.clone());
+                    }
+                    (_, None) => {}
+                }
+            }
+        }
+        self.cache.write().retain(|_, s| !ended.contains(&s.id));
+    }
+
+    /// The idle and absolute timeouts in force, in seconds.
+    fn limits(&self) -> (i64, i64) {
+        let t = self.timeouts();
+        (t.idle.as_secs() as i64, t.absolute.as_secs() as i64)
     }
 
     /// Cuts every line whose user is not in `group` (a lockdown). The sessions stay; their
@@ -563,6 +602,21 @@ impl Sessions {
     }
 
     /// Applies revocations recorded since the last poll (by this or another process).
+    /// Past the outage grace, ends everything held in memory: copies, tunnels, WebSockets,
+    /// streams. A node that cannot read revocations cannot tell which of them were revoked.
+    /// True if it ended anything.
+    pub fn end_all_past_grace(&self) -> bool {
+        if self.store_silent() <= self.timeouts().outage_grace {
+            return false;
+        }
+        let lines: Vec<Arc<Line>> = self.lines.lock().drain().map(|(_, l)| l).collect();
+        for l in &lines {
+            l.cut("the store does not answer");
+        }
+        self.cache.write().clear();
+        !lines.is_empty()
+    }
+
     /// How long the store has not answered the revocation poll.
     fn store_silent(&self) -> std::time::Duration {
         let answered = std::time::Duration::from_millis(self.store_answered.load(Ordering::Relaxed));

@@ -142,8 +142,9 @@ pub enum DeviceState {
     Denied,
 }
 
-/// A code pair in flight, under its user code (and found from its device code through a
-/// second flow, `DEVICE_POLL`).
+/// A code pair in flight, under its user code keyed with the gateway's secret
+/// (`Sealer::keyed`), and found from its device code through a second flow, `DEVICE_POLL`,
+/// which holds that keyed form (never the code itself).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DeviceCode {
     pub requester: String,

@@ -83,7 +83,9 @@ pub type Copied = Vec<(&'static str, usize)>;
 pub fn copy(from: &mut Conn, to: &mut Conn) -> anyhow::Result<Copied> {
     let source = from.transaction()?;
     let target = to.transaction()?;
-    for table in ["users", "audit", "sessions"] {
+    // Into an empty store only: a lockdown switch, a revocation or a lock already there
+    // would otherwise carry into the copy.
+    for table in TABLES.iter().map(|(t, _)| *t).chain(["flows", "attempts", "nodes"]) {
         let n: i64 = target.query_row(&format!("SELECT count(*) FROM {table}"), (), |r| r.get(0))?;
         if n > 0 {
             anyhow::bail!("the target database already has {n} row(s) in {table}: copy into an empty one");

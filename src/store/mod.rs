@@ -549,6 +549,17 @@ pub struct FactorChange {
     pub proof: String,
 }
 
+/// What `expire_session` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Over here and in the store: ended (and revoked).
+    Ended,
+    /// Still in use: another node recorded this last use.
+    InUse(UnixTime),
+    /// Not in the store any more.
+    Gone,
+}
+
 /// What a revocation poll returns: end this session, or forget cached data of this user.
 #[derive(Debug, Clone)]
 pub struct Revocation {
@@ -846,11 +857,6 @@ impl Store {
         Ok(added == 1)
     }
 
-    /// Deletes one session (expired); its tokens go with it.
-    pub fn delete_session(conn: &Conn, id: &str) -> db::Result<()> {
-        conn.execute("DELETE FROM sessions WHERE id = ?1", [id]).map(|_| ())
-    }
-
     /// The session a token hash belongs to, with its user's identity, if both are live.
     pub fn load_session(conn: &Conn, token_hash: &[u8]) -> db::Result<Option<(SessionRow, String, Identity)>> {
         let row = conn
@@ -935,15 +941,59 @@ impl Store {
         self.revoke_where("parent = ?1", Some(parent), now)
     }
 
-    /// Removes sessions past their expiry, idle too long, or older than the absolute timeout
-    /// in force (`absolute_secs`, which a reload may have shortened).
+    /// Removes sessions past their expiry, idle too long by the last use any node recorded,
+    /// or older than the absolute timeout in force (`absolute_secs`, which a reload may have
+    /// shortened); each is recorded as a revocation, so that a node still holding one drops
+    /// it.
     pub fn purge_expired(&self, now: UnixTime, idle_secs: i64, absolute_secs: i64) -> anyhow::Result<usize> {
-        self.with(|c| {
-            c.execute(
-                "DELETE FROM sessions WHERE expires_at <= ?1 OR last_seen + ?2 <= ?1 OR created_at + ?3 <= ?1",
+        self.with(|c| Ok(Store::end_expired(c, None, now, idle_secs, absolute_secs)?.len()))
+    }
+
+    /// Ends session `only` (or every session) if the store also finds it over: past its
+    /// expiry, or idle by the last use recorded by any node. Returns the ids ended.
+    fn end_expired(
+        conn: &mut Conn,
+        only: Option<&str>,
+        now: UnixTime,
+        idle_secs: i64,
+        absolute_secs: i64,
+    ) -> db::Result<Vec<String>> {
+        let tx = conn.transaction()?;
+        let over = "(expires_at <= ?1 OR last_seen + ?2 <= ?1 OR created_at + ?3 <= ?1)";
+        let ids: Vec<String> = match only {
+            Some(id) => tx.query_map(
+                &format!("DELETE FROM sessions WHERE {over} AND id = ?4 RETURNING id"),
+                params![now, idle_secs, absolute_secs, id],
+                |r| r.get(0),
+            )?,
+            None => tx.query_map(
+                &format!("DELETE FROM sessions WHERE {over} RETURNING id"),
                 params![now, idle_secs, absolute_secs],
-            )
-        })
+                |r| r.get(0),
+            )?,
+        };
+        for id in &ids {
+            revoked(&tx, Some(id), None, now)?;
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// A session this node finds over by what it saw itself: ended if the store agrees, or
+    /// else when another node last saw it in use.
+    pub fn expire_session(
+        conn: &mut Conn,
+        id: &str,
+        now: UnixTime,
+        idle_secs: i64,
+        absolute_secs: i64,
+    ) -> db::Result<Expiry> {
+        if !Store::end_expired(conn, Some(id), now, idle_secs, absolute_secs)?.is_empty() {
+            return Ok(Expiry::Ended);
+        }
+        let seen: Option<i64> =
+            conn.query_row("SELECT last_seen FROM sessions WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        Ok(seen.map_or(Expiry::Gone, Expiry::InUse))
     }
 
     pub fn revocations_since(conn: &Conn, seq: i64) -> db::Result<Vec<Revocation>> {

@@ -235,7 +235,7 @@ async fn nodes_come_back_by_themselves_after_the_database_restarts() {
 #[tokio::test]
 async fn in_an_outage_known_sessions_last_the_grace_and_new_sign_ins_get_a_clear_refusal() {
     let mut pg = Postgres::start();
-    let gate = Gate::start_on_with(&pg.database("outage"), "[session]\noutage_grace = \"2s\"\n").await;
+    let gate = Gate::start_on_with(&pg.database("outage"), "[session]\noutage_grace = \"3s\"\n").await;
     let alice = gate.login("alice").await;
     assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200);
     pg.stop();
@@ -248,7 +248,7 @@ async fn in_an_outage_known_sessions_last_the_grace_and_new_sign_ins_get_a_clear
     assert!(refused.cookie("__Host-poort").is_none());
     assert!(down.elapsed() < Duration::from_secs(2), "the checks within the grace took too long to mean anything");
     // Past it, nothing is served on the strength of memory alone.
-    tokio::time::sleep(Duration::from_secs(2).saturating_sub(down.elapsed()) + Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(down.elapsed()) + Duration::from_millis(300)).await;
     assert_ne!(gate.get("/app/", Some(&alice)).await.status, 200, "a session was served past the grace");
     // The database back: the node reconnects by itself and the session (in the database) works.
     pg.run();
@@ -483,4 +483,96 @@ async fn a_node_with_other_keys_refuses_to_join() {
     std::fs::copy(gate.dir.0.join("secrets.key"), other.0.join("secrets.key")).unwrap();
     let err = String::from_utf8_lossy(&serve(&other.0).stderr).to_string();
     assert!(err.contains("assertion-key.p8 is not the key the other gateways on this database use"), "{err}");
+}
+
+/// Pins the test client to one node.
+fn pin(gate: &Gate, addr: std::net::SocketAddr) {
+    *gate.nodes.lock().unwrap() = vec![addr];
+}
+
+#[tokio::test]
+async fn a_session_in_use_on_one_node_is_not_ended_by_another_that_saw_it_long_ago() {
+    let pg = Postgres::start();
+    let mut gate = Gate::start_on_with(&pg.database("idle"), "[session]\nidle_timeout = \"1m\"\n").await;
+    let (a, b) = (gate.addr, gate.add_node().await);
+    let alice = gate.login("alice").await;
+    // Node B serves the session once; from then on the user is on node A only (a browser
+    // keeps its connection to one node).
+    pin(&gate, b);
+    assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200);
+    pin(&gate, a);
+    let node_a = gate.running.as_ref().unwrap().live.get();
+    for _ in 0..3 {
+        gate.clock.advance(25);
+        assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200);
+        node_a.state.sessions.flush().await.unwrap(); // A records its use, as every 10 s
+    }
+    // 75 s after B last saw it, B's idle check ran (every 100 ms) and asked the store.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200);
+    assert_eq!(
+        gate.store().list_sessions(Some("alice")).unwrap().len(),
+        1,
+        "the session is still there to see and end"
+    );
+    // ...and so an administrator can still end it, on the node in use too.
+    assert!(gate.cli(&["session", "revoke", "--user", "alice"]).status.success());
+    every_node_says(&gate, 2, "/app/", &alice, 401, Duration::from_millis(400)).await;
+    // A session idle everywhere does end, and every node drops it.
+    pin(&gate, a);
+    let bob = gate.login("bob").await;
+    pin(&gate, b);
+    assert_eq!(gate.get("/app/", Some(&bob)).await.status, 200);
+    gate.clock.advance(61);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    pin(&gate, a);
+    assert_ne!(gate.get("/app/", Some(&bob)).await.status, 200);
+    assert!(gate.store().list_sessions(Some("bob")).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn past_the_outage_grace_open_websockets_end_too() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut pg = Postgres::start();
+    let gate = Gate::start_on_with(&pg.database("wsgrace"), "[session]\noutage_grace = \"3s\"\n").await;
+    let cookie = format!("__Host-poort={}", gate.login("alice").await);
+    let mut ws = gate.websocket("localhost", "/ws/", &[("Cookie", &cookie)]).await.unwrap();
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
+    let down = tokio::time::Instant::now();
+    pg.stop();
+    // Within the grace it carries on; past it, it is ended (revocations cannot reach the node).
+    ws.send(Message::text("during")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("during"));
+    let ended = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the WebSocket outlived the grace");
+    // The node last heard from the store up to a second (its poll) before it stopped.
+    assert!(down.elapsed() >= Duration::from_secs(2), "ended before the grace was over ({:?})", down.elapsed());
+}
+
+#[tokio::test]
+async fn the_database_holds_no_command_line_user_code() {
+    let pg = Postgres::start();
+    let gate = Gate::start_on(&pg.database("codes")).await;
+    let cli = [("X-Poort-Client", "cli"), ("Content-Type", "application/json")];
+    let r = gate.request("POST", "/.poort/device/code", &cli, b"{}").await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let (user_code, device_code) = (v["user_code"].as_str().unwrap(), v["device_code"].as_str().unwrap());
+    let rows = pg.psql("codes", "SELECT kind || ' ' || id || ' ' || value FROM flows").unwrap();
+    assert_eq!(rows.lines().count(), 2, "{rows}");
+    for secret in [user_code, &user_code.replace('-', ""), device_code] {
+        assert!(!rows.contains(secret), "{secret} is in the database: {rows}");
+    }
+    // A plain hash of the user code is not there either (35 bits are quickly tried).
+    let plain = poort::secret::hex(&poort::secret::sha256(user_code.as_bytes()));
+    assert!(!rows.contains(&plain));
 }
