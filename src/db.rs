@@ -511,7 +511,7 @@ impl Pg {
         });
         match rx.recv() {
             Ok(Ok(Ok(client))) => Ok(Pg { client, statements: parking_lot::Mutex::new(HashMap::new()) }),
-            Ok(Ok(Err(e))) => Err(Error::Unavailable(e.to_string())),
+            Ok(Ok(Err(e))) => Err(Error::Unavailable(pg_message(&e))),
             Ok(Err(_)) => Err(Error::Unavailable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
             Err(_) => Err(Error::Unavailable("the database runtime stopped".into())),
         }

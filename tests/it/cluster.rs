@@ -18,6 +18,7 @@ pub struct Postgres {
     bin: PathBuf,
     pub port: u16,
     process: Option<Reaped>,
+    tls: bool,
 }
 
 /// As root, the server runs as the `postgres` account the package made (it refuses root).
@@ -34,6 +35,20 @@ fn as_server_user(program: PathBuf) -> Command {
 
 impl Postgres {
     pub fn start() -> Postgres {
+        Postgres::start_with(false)
+    }
+
+    /// As `start`, with TLS required of every TCP client (its certificate, self-signed for
+    /// 127.0.0.1, is `cert.pem` in `dir()`).
+    pub fn start_tls() -> Postgres {
+        Postgres::start_with(true)
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir.0
+    }
+
+    fn start_with(tls: bool) -> Postgres {
         let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL is installed (scripts/test installs the postgresql package)")
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -42,6 +57,13 @@ impl Postgres {
         found.sort();
         let bin = found.pop().expect("an initdb under /usr/lib/postgresql");
         let dir = TempDir::new();
+        if tls {
+            let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+            std::fs::write(dir.0.join("cert.pem"), ck.cert.pem()).unwrap();
+            std::fs::write(dir.0.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.0.join("key.pem"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let owner = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir.0).status();
         let _ = owner; // Only possible (and needed) as root.
         let out = as_server_user(bin.join("initdb"))
@@ -51,7 +73,18 @@ impl Postgres {
             .output()
             .unwrap();
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut pg = Postgres { dir, bin, port: closed_port(), process: None };
+        if tls {
+            // Only TLS over TCP (the Unix socket stays for psql here).
+            let hba =
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n";
+            std::fs::write(dir.0.join("data/pg_hba.conf"), hba).unwrap();
+            let conf =
+                format!("ssl = on\nssl_cert_file = '{0}/cert.pem'\nssl_key_file = '{0}/key.pem'\n", dir.0.display());
+            let mut text = std::fs::read_to_string(dir.0.join("data/postgresql.conf")).unwrap();
+            text.push_str(&conf);
+            std::fs::write(dir.0.join("data/postgresql.conf"), text).unwrap();
+        }
+        let mut pg = Postgres { dir, bin, port: closed_port(), process: None, tls };
         pg.run();
         pg
     }
@@ -96,8 +129,12 @@ impl Postgres {
     }
 
     pub fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
-        let out = Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-t", "-A", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "poort", "-d", db])
+        // With TLS required over TCP, psql comes through the Unix socket (as the server's account).
+        let mut psql =
+            if self.tls { as_server_user(self.bin.join("psql")) } else { Command::new(self.bin.join("psql")) };
+        let host = if self.tls { self.dir.0.display().to_string() } else { "127.0.0.1".into() };
+        let out = psql
+            .args(["-X", "-q", "-t", "-A", "-h", &host, "-p", &self.port.to_string(), "-U", "poort", "-d", db])
             .args(["-c", sql])
             .output()
             .unwrap();
@@ -575,4 +612,32 @@ async fn the_database_holds_no_command_line_user_code() {
     // A plain hash of the user code is not there either (35 bits are quickly tried).
     let plain = poort::secret::hex(&poort::secret::sha256(user_code.as_bytes()));
     assert!(!rows.contains(&plain));
+}
+
+#[tokio::test]
+async fn the_database_connection_is_tls_checked_against_the_configured_ca() {
+    let pg = Postgres::start_tls();
+    let url = pg.database("tls");
+    let ca = pg.dir().join("cert.pem");
+    let store = format!("database_url = \"{url}\"\ndatabase_ca_file = \"{}\"", ca.display());
+    let gate = Gate::start_store("", "", "", &store).await;
+    let alice = gate.login("alice").await;
+    assert_eq!(gate.get("/app/", Some(&alice)).await.status, 200);
+    let encrypted = pg
+        .psql("tls", "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'poort' AND s.ssl")
+        .unwrap();
+    assert!(encrypted.parse::<u32>().unwrap() >= 1, "no TLS connection from poort: {encrypted}");
+    // Against another CA the connection is not made.
+    let other = TempDir::new();
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    std::fs::write(other.0.join("other.pem"), ck.cert.pem()).unwrap();
+    gate.edit_config(|c| c.replace(&ca.display().to_string(), &other.0.join("other.pem").display().to_string()));
+    let live = gate.cli(&["check", "--live"]);
+    let text = String::from_utf8_lossy(&live.stdout);
+    assert_eq!(live.status.code(), Some(1), "{text}");
+    assert!(text.contains("store: postgres://poort@127.0.0.1") && text.contains("certificate"), "{text}");
+    // And without TLS the server does not let anyone in.
+    gate.edit_config(|c| c.replace(&format!("database_ca_file = \"{}\"", other.0.join("other.pem").display()), ""));
+    let live = gate.cli(&["check", "--live"]);
+    assert_eq!(live.status.code(), Some(1), "{}", String::from_utf8_lossy(&live.stdout));
 }

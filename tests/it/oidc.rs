@@ -348,3 +348,24 @@ async fn one_address_cannot_fill_the_sign_ins_in_flight() {
     };
     assert!(statuses.contains(&429), "{statuses:?}");
 }
+
+#[tokio::test]
+async fn a_sign_in_started_on_one_node_finishes_on_another_once() {
+    let op = Op::start();
+    let pg = crate::cluster::Postgres::start();
+    let mut gate = Gate::start_on_with(&pg.database("sso"), &op.config("")).await;
+    gate.add_node().await;
+    // Each connection goes to the next node: the start on one, the callback on the other.
+    let (url, browser) = begin(&gate, "/staff/").await;
+    let back = op.authorize(&url).await;
+    let r = back_at_poort(&gate, &back, &browser).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let session = r.cookie("__Host-poort").expect("a session");
+    for _ in 0..2 {
+        assert_eq!(gate.get("/staff/", Some(&session)).await.status, 200);
+    }
+    // The callback replayed, now on the first node: refused.
+    let again = back_at_poort(&gate, &back, &browser).await;
+    assert_eq!(again.status, 400);
+    assert!(again.cookie("__Host-poort").is_none());
+}

@@ -125,7 +125,8 @@ impl Gate {
         Gate::start_store("", "", tables, &format!("database_url = \"{url}\"")).await
     }
 
-    async fn start_store(server_extra: &str, proxy_extra: &str, tables: &str, store_extra: &str) -> Gate {
+    /// As `start_full`, with extra lines for the `[store]` table.
+    pub async fn start_store(server_extra: &str, proxy_extra: &str, tables: &str, store_extra: &str) -> Gate {
         let dir = TempDir::new();
         // Short, so that tests of an app that never answers finish soon; a test may set its own.
         let proxy_extra = if proxy_extra.contains("response_timeout") {
