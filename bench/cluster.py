@@ -29,7 +29,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +51,6 @@ def start_postgres(d, procs):
     b = bins[-1]
     pg = os.path.join(d, "pg")
     os.makedirs(pg)
-    os.chmod(d, 0o755)  # mkdtemp's folder is owner-only; the server's account must get through
     if os.geteuid() == 0:
         shutil.chown(pg, "postgres", "postgres")
     subprocess.run(
@@ -157,17 +155,7 @@ def main():
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--out")
     a = ap.parse_args()
-    procs = c.Procs()
-    d = tempfile.mkdtemp(prefix="poort-cluster-bench-")
-    try:
-        report = run(a, d, procs)
-    finally:
-        procs.stop()
-        shutil.rmtree(d, ignore_errors=True)
-    print(report)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(report)
+    c.report_of(run, a, "poort-cluster-bench-")
 
 
 def run(a, d, procs):

@@ -463,9 +463,15 @@ def main():
     if a.quick:
         a.seconds, a.rounds, a.idle = 2, 1, 1000
     raise_fd_limit()
+    report_of(run, a, "poort-bench-")
 
-    d = tempfile.mkdtemp(prefix="poort-bench-")
-    # nginx started as root runs its workers as nobody; they must be able to read the files.
+
+def report_of(run, a, prefix):
+    """Runs `run(a, folder, procs)` in a temporary folder, stops what it started, and prints
+    (and with --out writes) the report it returns."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    # nginx started as root runs its workers as nobody, and PostgreSQL as its own account:
+    # they must be able to reach the files.
     os.chmod(d, 0o755)
     procs = Procs()
     try:

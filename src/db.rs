@@ -313,7 +313,26 @@ impl Conn {
     }
 
     /// All rows of a query, each turned into a `T` by `f`.
-    pub fn query_map<T>(&self, sql: &str, params: impl Params, mut f: impl FnMut(&Row) -> Result<T>) -> Result<Vec<T>> {
+    pub fn query_map<T>(&self, sql: &str, params: impl Params, f: impl FnMut(&Row) -> Result<T>) -> Result<Vec<T>> {
+        self.rows(sql, params, usize::MAX, f)
+    }
+
+    /// The first row of a query, turned into a `T` by `f`; `Error::NoRow` when there is none.
+    pub fn query_row<T>(&self, sql: &str, params: impl Params, f: impl FnOnce(&Row) -> Result<T>) -> Result<T> {
+        let mut f = Some(f);
+        let mut out = self.rows(sql, params, 1, |r| f.take().map_or(Err(Error::NoRow), |f| f(r)))?;
+        out.pop().ok_or(Error::NoRow)
+    }
+
+    /// Up to `limit` rows of a query (the rest are not read on SQLite), each turned into a
+    /// `T` by `f`.
+    fn rows<T>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        limit: usize,
+        mut f: impl FnMut(&Row) -> Result<T>,
+    ) -> Result<Vec<T>> {
         let values = params.values();
         match self {
             Conn::Sqlite(c) => {
@@ -321,35 +340,14 @@ impl Conn {
                 let n = stmt.column_count();
                 let mut rows = stmt.query(rusqlite::params_from_iter(values.iter().map(SqliteValue)))?;
                 let mut out = Vec::new();
-                while let Some(r) = rows.next()? {
+                while out.len() < limit
+                    && let Some(r) = rows.next()?
+                {
                     out.push(f(&sqlite_row(r, n)?)?);
                 }
                 Ok(out)
             }
-            Conn::Postgres(pg) => pg.query(sql, &values)?.iter().map(f).collect(),
-        }
-    }
-
-    /// The first row of a query, turned into a `T` by `f`; `Error::NoRow` when there is none.
-    pub fn query_row<T>(&self, sql: &str, params: impl Params, f: impl FnOnce(&Row) -> Result<T>) -> Result<T> {
-        let mut f = Some(f);
-        let mut first = None;
-        // Only the first row is read; the rest are not turned into values.
-        let values = params.values();
-        match self {
-            Conn::Sqlite(c) => {
-                let mut stmt = c.prepare_cached(sql)?;
-                let n = stmt.column_count();
-                let mut rows = stmt.query(rusqlite::params_from_iter(values.iter().map(SqliteValue)))?;
-                if let Some(r) = rows.next()? {
-                    first = Some(sqlite_row(r, n)?);
-                }
-            }
-            Conn::Postgres(pg) => first = pg.query(sql, &values)?.into_iter().next(),
-        }
-        match (first, f.take()) {
-            (Some(r), Some(f)) => f(&r),
-            _ => Err(Error::NoRow),
+            Conn::Postgres(pg) => pg.query(sql, &values)?.iter().take(limit).map(f).collect(),
         }
     }
 
