@@ -85,40 +85,10 @@ def node_config(d, name, port, upstream, database_url, external):
     folder = os.path.join(d, name)
     shutil.copytree(os.path.join(d, "poort-data"), folder, ignore=shutil.ignore_patterns("poort.db*", "poort.toml"))
     store = f'database_url = "{database_url}"' if database_url else ""
-    text = f"""
-[server]
-listen = "127.0.0.1:{port}"
-external_url = "https://localhost:{external}"
-header_timeout = "300s"
-idle_timeout = "300s"
-max_connections = 20000
-max_connections_per_client = 20000
-
-[store]
-data_dir = "."
-{store}
-
-[log]
-access = false
-
-[admin]
-listen = "127.0.0.1:{c.free_port()}"
-
-[tls]
-cert_file = "tls/cert.pem"
-key_file = "tls/key.pem"
-
-[[app]]
-name = "bench"
-upstream = "http://127.0.0.1:{upstream}"
-path = "/app/"
-strip_prefix = true
-access = {{ rules = [ {{ effect = "allow", groups = ["staff"] }}, {{ effect = "deny", users = ["mallory"] }} ] }}
-"""
-    path = os.path.join(folder, "poort.toml")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    # Each node has an admin listener of its own (two cannot share the default port).
+    admin = f'listen = "127.0.0.1:{c.free_port()}"'
+    ports = {"poort": port, "upstream": upstream}
+    return c.poort_config(d, ports, folder=name, external=external, store=store, admin=admin)
 
 
 def measure(a, nodes, token, pg_pids):

@@ -261,11 +261,14 @@ def write_configs(d, ports, cert, key, session_value):
     return paths
 
 
-def poort_config(d, ports):
+def poort_config(d, ports, folder="poort-data", external=None, store="", admin=""):
+    """poort's config in `folder`: listening on ports['poort'], in front of ports['upstream'];
+    `external` is the port users type (default: the one it listens on); `store` and `admin`
+    are extra lines for those tables."""
     text = f"""
 [server]
 listen = "127.0.0.1:{ports['poort']}"
-external_url = "https://localhost:{ports['poort']}"
+external_url = "https://localhost:{external or ports['poort']}"
 header_timeout = "300s"
 idle_timeout = "300s"
 max_connections = 20000
@@ -273,10 +276,14 @@ max_connections_per_client = 20000
 
 [store]
 data_dir = "."
+{store}
 
 # As nginx's access_log off in the peers' configs.
 [log]
 access = false
+
+[admin]
+{admin}
 
 [tls]
 cert_file = "tls/cert.pem"
@@ -289,7 +296,7 @@ path = "/app/"
 strip_prefix = true
 access = {{ rules = [ {{ effect = "allow", groups = ["staff"] }}, {{ effect = "deny", users = ["mallory"] }} ] }}
 """
-    p = os.path.join(d, "poort-data", "poort.toml")
+    p = os.path.join(d, folder, "poort.toml")
     with open(p, "w") as f:
         f.write(text)
     return p
