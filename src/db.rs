@@ -284,7 +284,7 @@ impl Conn {
     pub fn is_broken(&self) -> bool {
         match self {
             Conn::Sqlite(_) => false,
-            Conn::Postgres(pg) => pg.client.is_closed(),
+            Conn::Postgres(pg) => pg.client.is_closed() || pg.stuck.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -306,7 +306,7 @@ impl Conn {
             Conn::Sqlite(c) => Ok(c.execute_batch(sql)?),
             Conn::Postgres(pg) => {
                 let client = &pg.client;
-                block_on(client.batch_execute(sql))?;
+                pg.answer(client.batch_execute(sql))??;
                 Ok(())
             }
         }
@@ -425,7 +425,14 @@ fn sqlite_row(r: &rusqlite::Row<'_>, n: usize) -> Result<Row> {
 pub struct Pg {
     client: tokio_postgres::Client,
     statements: parking_lot::Mutex<HashMap<String, tokio_postgres::Statement>>,
+    /// A statement went unanswered: the connection is given up (opened again by the store).
+    stuck: std::sync::atomic::AtomicBool,
 }
+
+/// How long one statement may wait for the server. A server that stops answering without
+/// closing the connection (a frozen link, a stopped process) makes callers fail after this,
+/// rather than wait with them for ever.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The runtime the PostgreSQL connection tasks run on: one thread, whatever runtime (or none)
 /// the callers are on.
@@ -442,8 +449,9 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 /// Waits on this thread for a future that needs no runtime of its own (the client half of a
-/// PostgreSQL connection: it only exchanges messages with the connection task).
-fn block_on<F: Future>(f: F) -> F::Output {
+/// PostgreSQL connection: it only exchanges messages with the connection task), for at most
+/// `limit`.
+fn block_on_for<F: Future>(f: F, limit: std::time::Duration) -> Option<F::Output> {
     struct Unpark(std::thread::Thread);
     impl Wake for Unpark {
         fn wake(self: Arc<Self>) {
@@ -453,11 +461,16 @@ fn block_on<F: Future>(f: F) -> F::Output {
     let waker = Arc::new(Unpark(std::thread::current())).into();
     let mut cx = Context::from_waker(&waker);
     let mut f = std::pin::pin!(f);
+    let deadline = crate::clock::instant() + limit;
     loop {
         if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
+            return Some(v);
         }
-        std::thread::park();
+        let left = deadline.saturating_duration_since(crate::clock::instant());
+        if left.is_zero() {
+            return None;
+        }
+        std::thread::park_timeout(left);
     }
 }
 
@@ -473,7 +486,11 @@ impl Pg {
             config.ssl_mode(tokio_postgres::config::SslMode::Require);
         }
         // A server that vanished without closing the connection is noticed.
-        config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(10));
+        config
+            .keepalives(true)
+            .keepalives_idle(std::time::Duration::from_secs(10))
+            .keepalives_interval(std::time::Duration::from_secs(5))
+            .keepalives_retries(3);
         if config.get_application_name().is_none() {
             config.application_name("poort");
         }
@@ -508,18 +525,32 @@ impl Pg {
             let _ = tx.send(connected);
         });
         match rx.recv() {
-            Ok(Ok(Ok(client))) => Ok(Pg { client, statements: parking_lot::Mutex::new(HashMap::new()) }),
+            Ok(Ok(Ok(client))) => {
+                Ok(Pg { client, statements: parking_lot::Mutex::new(HashMap::new()), stuck: Default::default() })
+            }
             Ok(Ok(Err(e))) => Err(Error::Unavailable(pg_message(&e))),
             Ok(Err(_)) => Err(Error::Unavailable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
             Err(_) => Err(Error::Unavailable("the database runtime stopped".into())),
         }
     }
 
+    /// The server's answer to `f`, or `Unavailable` (and the connection given up) when it
+    /// does not come within `ANSWER_WITHIN`.
+    fn answer<F: Future>(&self, f: F) -> Result<F::Output> {
+        if self.stuck.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Unavailable("the connection stopped answering".into()));
+        }
+        block_on_for(f, ANSWER_WITHIN).ok_or_else(|| {
+            self.stuck.store(true, std::sync::atomic::Ordering::Relaxed);
+            Error::Unavailable(format!("no answer within {ANSWER_WITHIN:?}"))
+        })
+    }
+
     fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement> {
         if let Some(s) = self.statements.lock().get(sql) {
             return Ok(s.clone());
         }
-        let s = block_on(self.client.prepare(&numbered(sql)))?;
+        let s = self.answer(self.client.prepare(&numbered(sql)))??;
         let mut m = self.statements.lock();
         if m.len() > 512 {
             m.clear();
@@ -532,14 +563,14 @@ impl Pg {
         let stmt = self.statement(sql)?;
         let params = pg_params(&stmt, values)?;
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-        Ok(block_on(self.client.execute(&stmt, &refs))? as usize)
+        Ok(self.answer(self.client.execute(&stmt, &refs))?? as usize)
     }
 
     fn query(&self, sql: &str, values: &[Value]) -> Result<Vec<Row>> {
         let stmt = self.statement(sql)?;
         let params = pg_params(&stmt, values)?;
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
-        let rows = block_on(self.client.query(&stmt, &refs))?;
+        let rows = self.answer(self.client.query(&stmt, &refs))??;
         rows.iter().map(pg_row).collect()
     }
 }

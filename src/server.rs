@@ -225,6 +225,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         seen_at: 0,
     };
     tasks.push(tokio::spawn(background(control.clone(), stopped.clone(), node)));
+    tasks.push(tokio::spawn(outage_watch(live.clone(), stopped.clone())));
     tracing::info!(listen = %addr, portal = %cfg.server.external_origin, apps = cfg.apps.len(), "poort is serving");
     Ok(Running { addr, redirect_addr, admin_addr, live, control, stop, tasks })
 }
@@ -275,6 +276,22 @@ async fn poll_store(control: &Control, gw: &Gateway) {
     control.answer_reload_command(gw).await;
 }
 
+/// Ends every session held here once the store has been silent past the outage grace. A task
+/// of its own: the background loop may itself be waiting on a store that stopped answering.
+async fn outage_watch(live: Arc<Live>, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if live.get().state.sessions.end_all_past_grace() {
+                    tracing::warn!("The store has not answered for longer than [session] outage_grace: every session held here was ended");
+                }
+            }
+            _ = stopped.changed() => break,
+        }
+    }
+}
+
 /// How a node names itself to the others: its host and where it listens.
 fn node_id(addr: SocketAddr) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -323,9 +340,6 @@ async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>, m
                 if listener.is_none() || crate::clock::instant().saturating_duration_since(polled) >= STORE_POLL {
                     poll_store(&control, &gw).await;
                     polled = crate::clock::instant();
-                }
-                if gw.state.sessions.end_all_past_grace() {
-                    tracing::warn!("The store has not answered for longer than [session] outage_grace: every session held here was ended");
                 }
                 gw.state.sessions.end_expired(gw.state.clock.now()).await;
                 gw.state.audit.flush_counted();

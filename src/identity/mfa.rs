@@ -254,6 +254,17 @@ pub fn record_failure(
     Ok(Some((failures, until)))
 }
 
+/// Records a right password or factor: clears the count, unless a lock took hold since the
+/// check began (guesses sent at once with it locked the account meanwhile). True if the
+/// success stands.
+pub fn succeeded(conn: &Conn, user: &str, lock: Lock, now: UnixTime) -> db::Result<bool> {
+    if locked(conn, user, lock, now)? {
+        return Ok(false);
+    }
+    unlock(conn, user, lock)?;
+    Ok(true)
+}
+
 /// Clears one of `user`'s locks and its count.
 pub fn unlock(conn: &Conn, user: &str, lock: Lock) -> db::Result<bool> {
     Ok(conn.execute("DELETE FROM lockouts WHERE \"user\" = ?1", [lock.key(user)])? > 0)

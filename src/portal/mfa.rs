@@ -260,7 +260,7 @@ pub(crate) async fn factor_submit(st: &State, call: Call, mode: Mode) -> Respons
             })
             .await;
         let (ok, remaining) = checked.unwrap_or((false, 0));
-        settle(st, &user, Lock::Factor, ok, client).await;
+        let ok = settle(st, &user, Lock::Factor, ok, client).await;
         let factor = if use_recovery { Factor::Rc } else { Factor::Otp };
         if !ok {
             let ev = Event::MfaFailed { user: user.clone(), factor: factor.amr().into(), client };
@@ -401,7 +401,7 @@ pub(crate) async fn totp_confirm(st: &State, call: Call) -> Response<Body> {
         })
         .await
         .unwrap_or(false);
-    settle(st, &user, Lock::Factor, ok, ctx.client).await;
+    let ok = settle(st, &user, Lock::Factor, ok, ctx.client).await;
     if !ok {
         let msg = "That code did not work. Check the app and try the current one.";
         return totp_enrol_view(st, s, call.headers(), &next, Some(msg)).await;

@@ -250,7 +250,7 @@ pub(crate) async fn factor_finish(st: &State, call: Call) -> Response<Body> {
     let result =
         st.signins.passkeys.webauthn.finish_passkey_authentication(&body.credential, &state).map_err(|e| e.to_string());
     let ok = !locked && verify_and_touch(st, &user, result).await;
-    signin::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
+    let ok = signin::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
     if !ok {
         let ev = Event::MfaFailed { user: user.clone(), factor: "hwk".into(), client: ctx.client };
         st.audit.note(ev).await;
@@ -316,7 +316,7 @@ pub(crate) async fn passwordless_finish(st: &State, call: Call) -> Response<Body
     let result =
         wa.finish_discoverable_authentication_v2(&body.credential, state, &stored.passkey).map_err(|e| e.to_string());
     let ok = !locked && verify_and_touch(st, &user, result).await;
-    signin::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
+    let ok = signin::settle(st, &user, factors::Lock::Factor, ok, ctx.client).await;
     if !ok {
         let ev = Event::LoginFailed { user: user.clone(), client: ctx.client };
         st.audit.note(ev).await;

@@ -85,34 +85,43 @@ pub(crate) async fn password_check(st: &State, user: &str, pw: &str, client: IpA
     };
     // An outage is not the user's fault: it does not count towards a lock.
     if outcome != PasswordCheck::DirectoryDown {
-        settle(st, &counted_on, Lock::Password, matches!(outcome, PasswordCheck::Right(_)), client).await;
+        let right = matches!(outcome, PasswordCheck::Right(_));
+        if !settle(st, &counted_on, Lock::Password, right, client).await && right {
+            // Locked while this check ran (guesses sent at once with it).
+            return PasswordCheck::Wrong;
+        }
     }
     outcome
 }
 
 /// Records the outcome of one check of a password or a factor (`lock`) for the lockout,
-/// auditing a lock.
-pub(crate) async fn settle(st: &State, user: &str, lock: Lock, ok: bool, client: IpAddr) {
+/// auditing a lock. True only for a success that stands: not when the account was locked
+/// while the check ran, nor when the store could not record it.
+pub(crate) async fn settle(st: &State, user: &str, lock: Lock, ok: bool, client: IpAddr) -> bool {
     let (name, now, policy) = (user.to_string(), st.clock.now(), st.cfg.login.lock);
     let result = st
         .store
         .run(move |c| {
             if ok {
-                mfa::unlock(c, &name, lock).map(|_| None)
+                mfa::succeeded(c, &name, lock, now).map(|stands| (stands, None))
             } else {
-                mfa::record_failure(c, policy, &name, lock, now)
+                mfa::record_failure(c, policy, &name, lock, now).map(|locked| (false, locked))
             }
         })
         .await;
     match result {
-        Ok(Some((failures, until))) => {
+        Ok((_, Some((failures, until)))) => {
             tracing::warn!(user = %user, failures, lock = lock.as_str(), "Account locked");
             let ev =
                 Event::AccountLocked { user: user.to_string(), lock: lock.as_str().into(), failures, until, client };
             st.audit.note(ev).await;
+            false
         }
-        Ok(None) => {}
-        Err(e) => tracing::error!(error = %e, "Recording a sign-in outcome failed"),
+        Ok((stands, None)) => stands,
+        Err(e) => {
+            tracing::error!(error = %e, "Recording a sign-in outcome failed");
+            false
+        }
     }
 }
 

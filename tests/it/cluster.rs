@@ -122,6 +122,22 @@ impl Postgres {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    /// Freezes the server and its backends (SIGSTOP): connections stay open, nothing answers.
+    /// `thaw` lets them go on.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.process.as_ref().expect("the server runs").0.id().to_string();
+        let _ = Command::new("pkill").args([sig, "-P", &pid]).status();
+        let _ = Command::new("kill").args([sig, &pid]).status();
+    }
+
     /// Stops the server at once and starts it again on the same port.
     pub fn restart(&mut self) {
         self.stop();
@@ -569,6 +585,17 @@ async fn a_session_in_use_on_one_node_is_not_ended_by_another_that_saw_it_long_a
 
 #[tokio::test]
 async fn past_the_outage_grace_open_websockets_end_too() {
+    websockets_end_past_the_grace(false).await;
+}
+
+#[tokio::test]
+async fn past_the_outage_grace_open_websockets_end_when_the_database_hangs_too() {
+    websockets_end_past_the_grace(true).await;
+}
+
+/// A WebSocket through a node whose database stops (or, with `hang`, stops answering while
+/// its connections stay open) ends once the outage grace is over.
+async fn websockets_end_past_the_grace(hang: bool) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let mut pg = Postgres::start();
@@ -578,7 +605,11 @@ async fn past_the_outage_grace_open_websockets_end_too() {
     ws.send(Message::text("before")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
     let down = tokio::time::Instant::now();
-    pg.stop();
+    if hang {
+        pg.freeze();
+    } else {
+        pg.stop();
+    }
     // Within the grace it carries on; past it, it is ended (revocations cannot reach the node).
     ws.send(Message::text("during")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("during"));
@@ -594,6 +625,9 @@ async fn past_the_outage_grace_open_websockets_end_too() {
     assert!(ended.is_ok(), "the WebSocket outlived the grace");
     // The node last heard from the store up to a second (its poll) before it stopped.
     assert!(down.elapsed() >= Duration::from_secs(2), "ended before the grace was over ({:?})", down.elapsed());
+    if hang {
+        pg.thaw();
+    }
 }
 
 #[tokio::test]
