@@ -31,7 +31,7 @@ impl std::fmt::Display for Database {
 
 /// A database URL with its password (in the user part or a `password=` parameter) as `***`.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((scheme, rest)) = url.split_once("://") else { return redact_pairs(url) };
     let rest = match rest.rsplit_once('@') {
         Some((auth, host)) => match auth.split_once(':') {
             Some((user, _)) => format!("{user}:***@{host}"),
@@ -151,6 +151,32 @@ impl From<&Database> for Database {
     }
 }
 
+/// The `key=value` form (`host=db password=secret`) with every value of a key that mentions
+/// a password as `***` (quoted values included).
+fn redact_pairs(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(eq) = rest.find('=') {
+        let key_start = rest[..eq].rfind(char::is_whitespace).map_or(0, |i| i + 1);
+        let key = rest[key_start..eq].trim();
+        out.push_str(&rest[..=eq]);
+        let value = &rest[eq + 1..];
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            quoted.find('\'').map_or(value.len(), |i| i + 2)
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        if key.to_ascii_lowercase().contains("pass") {
+            out.push_str("***");
+        } else {
+            out.push_str(&value[..end]);
+        }
+        rest = &value[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,5 +192,8 @@ mod tests {
         assert_eq!(redact_url("postgres://db/x?pass%77ord=s3cret"), "postgres://db/x?password=***");
         assert_eq!(redact_url("postgres://db/x?PassWord=s3cret"), "postgres://db/x?password=***");
         assert_eq!(redact_url("postgres://db/poort"), "postgres://db/poort");
+        assert_eq!(redact_url("host=db password=s3cret user=p"), "host=db password=*** user=p");
+        assert_eq!(redact_url("host=db password='a b c' user=p"), "host=db password=*** user=p");
+        assert_eq!(redact_url("host=db sslpassword=x"), "host=db sslpassword=***");
     }
 }

@@ -112,6 +112,11 @@ fn suite(db: Database) {
     assert_eq!(fail(2003), Some((4, 2123)));
     with(&|c| {
         assert!(mfa::locked(c, "alice", mfa::Lock::Factor, 2100)?);
+        assert!(
+            !mfa::succeeded(c, "alice", mfa::Lock::Factor, 2100)?,
+            "a right code checked while locked does not stand"
+        );
+        assert!(mfa::locked(c, "alice", mfa::Lock::Factor, 2100)?, "...nor lifts the lock");
         assert!(!mfa::locked(c, "alice", mfa::Lock::Password, 2100)?, "the locks count apart");
         assert!(mfa::unlock(c, "alice", mfa::Lock::Factor)?);
         let handle = poort::identity::passkey::handle(c, "alice")?;
