@@ -252,8 +252,6 @@ fn applied_rules(store: &Store) -> anyhow::Result<Option<crate::mitigate::Applie
         .and_then(|v| serde_json::from_str::<crate::mitigate::Applied>(&v).ok()))
 }
 
-/// The gateway's periodic work: revocations, the lockdown switch, expiry, the rules file,
-/// certificates and the config file (every `REVOCATION_POLL`); SIGHUP; session activity.
 /// How often a node reads revocations and settings when the database also notifies it.
 const STORE_POLL: Duration = Duration::from_secs(1);
 
@@ -303,14 +301,14 @@ fn node_id(addr: SocketAddr) -> String {
 async fn heartbeat(gw: &Gateway, node: &mut crate::store::cluster::Node) {
     node.seen_at = gw.state.clock.now();
     node.config = gw.state.cfg.source.as_ref().map(|s| s.sha256.clone()).unwrap_or_default();
-    let (store, n) = (gw.state.store.clone(), node.clone());
-    match tokio::task::spawn_blocking(move || store.heartbeat(&n)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "Recording this node's heartbeat failed"),
-        Err(e) => tracing::warn!(error = %e, "Recording this node's heartbeat failed"),
+    let n = node.clone();
+    if let Err(e) = gw.state.store.run(move |c| crate::store::cluster::heartbeat(c, &n)).await {
+        tracing::warn!(error = %e, "Recording this node's heartbeat failed");
     }
 }
 
+/// The gateway's periodic work: revocations, the lockdown switch, expiry, the rules file,
+/// certificates and the config file (every `REVOCATION_POLL`); SIGHUP; session activity.
 async fn background(control: Arc<Control>, mut stopped: watch::Receiver<bool>, mut node: crate::store::cluster::Node) {
     let mut poll = tokio::time::interval(REVOCATION_POLL);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())

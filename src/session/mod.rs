@@ -239,6 +239,9 @@ pub struct Sessions {
     last_revocation: AtomicI64,
     /// When the store last answered the revocation poll, in milliseconds since `started`.
     store_answered: AtomicU64,
+    /// Set while the store has been silent past the outage grace (by `end_all_past_grace`,
+    /// which a task runs four times a second), so that a request only reads a flag.
+    past_grace: std::sync::atomic::AtomicBool,
     started: std::time::Instant,
     /// The line of every session in memory, by id.
     lines: Mutex<HashMap<String, Arc<Line>>>,
@@ -287,6 +290,7 @@ impl Sessions {
             cache: RwLock::new(HashMap::new()),
             last_revocation: AtomicI64::new(last),
             store_answered: AtomicU64::new(0),
+            past_grace: std::sync::atomic::AtomicBool::new(false),
             started: crate::clock::instant(),
             lines: Mutex::new(HashMap::new()),
         })
@@ -326,7 +330,7 @@ impl Sessions {
         let session = match cached {
             // Revocations cannot reach a node the store does not answer: past the grace, what
             // it holds in memory is not trusted either.
-            Some(_) if self.store_silent() > self.timeouts().outage_grace => return Err((Lookup::Unavailable, None)),
+            Some(_) if self.past_grace.load(Ordering::Relaxed) => return Err((Lookup::Unavailable, None)),
             Some(s) => s,
             None => {
                 let loaded = self.store.run(move |c| Store::load_session(c, &hash)).await;
@@ -601,7 +605,6 @@ impl Sessions {
         });
     }
 
-    /// Applies revocations recorded since the last poll (by this or another process).
     /// Past the outage grace, ends everything held in memory: copies, tunnels, WebSockets,
     /// streams. A node that cannot read revocations cannot tell which of them were revoked.
     /// True if it ended anything.
@@ -609,6 +612,7 @@ impl Sessions {
         if self.store_silent() <= self.timeouts().outage_grace {
             return false;
         }
+        self.past_grace.store(true, Ordering::Relaxed);
         let lines: Vec<Arc<Line>> = self.lines.lock().drain().map(|(_, l)| l).collect();
         for l in &lines {
             l.cut("the store does not answer");
@@ -623,11 +627,13 @@ impl Sessions {
         crate::clock::instant().saturating_duration_since(self.started + answered)
     }
 
+    /// Applies revocations recorded since the last poll (by this or another process).
     pub async fn poll_revocations(&self) -> anyhow::Result<usize> {
         let since = self.last_revocation.load(Ordering::Relaxed);
         let revs = self.store.run(move |c| Store::revocations_since(c, since)).await?;
         let answered = crate::clock::instant().saturating_duration_since(self.started).as_millis() as u64;
         self.store_answered.fetch_max(answered, Ordering::Relaxed);
+        self.past_grace.store(false, Ordering::Relaxed);
         for r in &revs {
             if let Some(id) = &r.session_id {
                 self.forget(id, "session ended");

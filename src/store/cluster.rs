@@ -20,22 +20,20 @@ pub struct Node {
 /// Nodes not heard from for this long are no longer listed.
 pub const NODE_SEEN_WITHIN: i64 = 60;
 
-impl Store {
-    /// Records that `node` is alive now.
-    pub fn heartbeat(&self, node: &Node) -> anyhow::Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO nodes (id, version, config, started_at, seen_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (id) DO UPDATE SET version = excluded.version, config = excluded.config,
-                                                seen_at = excluded.seen_at",
-                params![node.id, node.version, node.config, node.started_at, node.seen_at],
-            )?;
-            // Nodes gone for a day are forgotten.
-            c.execute("DELETE FROM nodes WHERE seen_at < ?1", [node.seen_at - 86_400])?;
-            Ok(())
-        })
-    }
+/// Records that `node` is alive now.
+pub fn heartbeat(c: &Conn, node: &Node) -> db::Result<()> {
+    c.execute(
+        "INSERT INTO nodes (id, version, config, started_at, seen_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (id) DO UPDATE SET version = excluded.version, config = excluded.config,
+                                        seen_at = excluded.seen_at",
+        params![node.id, node.version, node.config, node.started_at, node.seen_at],
+    )?;
+    // Nodes gone for a day are forgotten.
+    c.execute("DELETE FROM nodes WHERE seen_at < ?1", [node.seen_at - 86_400])?;
+    Ok(())
+}
 
+impl Store {
     /// The nodes seen since `since`, by id.
     pub fn nodes(&self, since: UnixTime) -> anyhow::Result<Vec<Node>> {
         self.with(|c| {
