@@ -217,7 +217,8 @@ impl Pools {
             let (mut lease, fresh) = match take_idle(home, dest.key) {
                 Some(Pooled::Http2(h2)) => return send_http2(h2, req).await,
                 Some(Pooled::Http1(l)) => (l, false),
-                None => match connect(dest, self.connect_timeout, true).await? {
+                // Boxed: connecting is rare and its state large.
+                None => match Box::pin(connect(dest, self.connect_timeout, true)).await? {
                     Connected::Http1(sender, conn) => {
                         let lease = Lease { sender, conn, home: home.clone(), authority: dest.key.into() };
                         (lease, true)

@@ -609,10 +609,12 @@ fn malformed(status: StatusCode, code: &'static str) -> Refusal {
 }
 
 /// Runs a request's stages; a bug that panics in them costs that request a constant 500 page
-/// and its connection, never a worker thread or another request.
-async fn shielded(stages: impl Future<Output = Response<Body>>) -> Response<Body> {
+/// and its connection, never a worker thread or another request. A plain function rather than
+/// an `async fn`, which would hold the stages' future twice (as its argument and as what it
+/// awaits): every request's state would be twice its size.
+fn shielded(stages: impl Future<Output = Response<Body>>) -> impl Future<Output = Response<Body>> {
     use futures_util::FutureExt;
-    match std::panic::AssertUnwindSafe(stages).catch_unwind().await {
+    std::panic::AssertUnwindSafe(stages).catch_unwind().map(|ended| match ended {
         Ok(resp) => resp,
         Err(_) => {
             tracing::error!("A request's handling panicked; answered 500");
@@ -620,7 +622,7 @@ async fn shielded(stages: impl Future<Output = Response<Body>>) -> Response<Body
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             resp
         }
-    }
+    })
 }
 
 /// A response to HEAD: the headers of the answer to GET, with its length and without its body

@@ -232,7 +232,7 @@ pub async fn serve<H: Handler>(
         };
         let _ = stream.set_nodelay(true);
         while conns.try_join_next().is_some() {}
-        let (gw, acceptor, builders, mut draining) = (gw.clone(), acceptor.clone(), builders.clone(), draining.clone());
+        let (gw, acceptor, builders, draining) = (gw.clone(), acceptor.clone(), builders.clone(), draining.clone());
         let (handshake, idle) = (server.handshake_timeout, server.idle_timeout);
         conns.spawn(async move {
             let _slots = (slot, client_slot, gw.connected());
@@ -250,35 +250,7 @@ pub async fn serve<H: Handler>(
                 }
             };
             gw.handshake(true);
-            let (_, session) = tls.get_ref();
-            let h2 = session.alpn_protocol() == Some(b"h2");
-            let conn =
-                Arc::new(Conn { sni: session.server_name().map(str::to_ascii_lowercase), refused: Arc::default() });
-            let io = Strict::new(tls, h2, conn.refused.clone(), gw.marker());
-            let service = service_fn(move |req: Request<Incoming>| {
-                let (gw, conn) = (gw.clone(), conn.clone());
-                async move { Ok::<_, Infallible>(gw.handle(peer, &conn, req).await) }
-            });
-            // Serves the connection; on shutdown, lets its requests finish and closes it.
-            macro_rules! drive {
-                ($conn:expr) => {{
-                    let conn = $conn;
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        _ = draining.changed() => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    }
-                }};
-            }
-            let ended = if h2 {
-                drive!(builders.h2.serve_connection(TokioIo::new(io), service))
-            } else {
-                drive!(builders.h1.serve_connection(TokioIo::new(io), service).with_upgrades())
-            };
-            if let Err(e) = ended {
+            if let Err(e) = serving(gw, peer, tls, &builders, draining).await {
                 tracing::debug!(client = %peer, error = %e, "Connection ended with an error");
             }
         });
@@ -290,6 +262,51 @@ pub async fn serve<H: Handler>(
     if tokio::time::timeout(now.server.shutdown_grace, drained).await.is_err() {
         tracing::warn!("Shutdown grace period over; closing the remaining connections");
         conns.abort_all();
+    }
+}
+
+type Serving = std::pin::Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// Serves one connection after its handshake: HTTP/2 or HTTP/1 as ALPN chose, each request
+/// answered by `gw`; on shutdown, lets its requests finish and closes it. Made here, outside
+/// the connection's task, and boxed: the task then keeps no room for the handshake's state
+/// beside the connection's (an `async` block that took the connection over would also keep
+/// it twice).
+fn serving<H: Handler>(
+    gw: Arc<H>,
+    peer: SocketAddr,
+    tls: tokio_rustls::server::TlsStream<IdleIo<tokio::net::TcpStream>>,
+    builders: &Builders,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) -> Serving {
+    let (_, session) = tls.get_ref();
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    let conn = Arc::new(Conn { sni: session.server_name().map(str::to_ascii_lowercase), refused: Arc::default() });
+    let io = Strict::new(tls, h2, conn.refused.clone(), gw.marker());
+    let service = service_fn(move |req: Request<Incoming>| {
+        let (gw, conn) = (gw.clone(), conn.clone());
+        // Boxed, so that a connection between requests holds no request's state (the
+        // library keeps room for the future of each connection's request in flight).
+        Box::pin(async move { Ok::<_, Infallible>(gw.handle(peer, &conn, req).await) })
+    });
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let mut conn = Box::pin($conn);
+            Box::pin(async move {
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = draining.changed() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            })
+        }};
+    }
+    if h2 {
+        drive!(builders.h2.serve_connection(TokioIo::new(io), service))
+    } else {
+        drive!(builders.h1.serve_connection(TokioIo::new(io), service).with_upgrades())
     }
 }
 

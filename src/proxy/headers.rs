@@ -22,7 +22,7 @@ pub(super) const CROSS_ORIGIN_OPENER_POLICY: HeaderName = HeaderName::from_stati
 /// The headers of the upstream request, from the client's: only allowed names, no poort
 /// cookies. Framing, Host, forwarding and identity headers are added by the caller.
 pub fn allowed_headers(incoming: &HeaderMap, extra: &[HeaderName]) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(incoming.len() + 8);
+    let mut out = HeaderMap::with_capacity(incoming.len() + 12);
     let mut cookies: Vec<String> = Vec::new();
     // Names the client's `Connection` lists belong to its connection with poort only.
     let named = if incoming.contains_key(header::CONNECTION) { connection_named(incoming) } else { Vec::new() };

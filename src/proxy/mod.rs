@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::Limited;
 use hyper::body::Incoming;
@@ -56,6 +56,20 @@ struct Assertion {
     jwt: HeaderValue,
 }
 
+/// What poort adds to the upstream requests of one session at one app, from one client
+/// address on one host: the forwarding facts, who the user is and the signed assertion. Made
+/// once and reused while its assertion may be; a change in any of what it was made from
+/// makes it anew.
+struct Added {
+    app: String,
+    who: Identity,
+    factors: crate::session::Factors,
+    client: IpAddr,
+    host: String,
+    iat: UnixTime,
+    headers: Arc<[(HeaderName, HeaderValue)]>,
+}
+
 pub struct Proxy {
     pools: pool::Pools,
     settings: ProxySettings,
@@ -65,6 +79,8 @@ pub struct Proxy {
     /// Assertions made for a session, reused while fresh: by session id, (app, issued at,
     /// token). Dropped once stale (`tidy`).
     assertions: RwLock<HashMap<String, Vec<Assertion>>>,
+    /// The headers added for a session (`Added`), by session id; dropped once stale (`tidy`).
+    added: RwLock<HashMap<String, Vec<Added>>>,
     metrics: Arc<crate::metrics::Metrics>,
     /// What open WebSockets hold, reviewed when the config changes.
     grants: Arc<Grants>,
@@ -98,7 +114,16 @@ impl Proxy {
         grants: Arc<Grants>,
     ) -> Proxy {
         let pools = pool::Pools::new(workers, settings.connect_timeout);
-        Proxy { pools, settings, signer, whoami, assertions: RwLock::default(), metrics, grants }
+        Proxy {
+            pools,
+            settings,
+            signer,
+            whoami,
+            assertions: RwLock::default(),
+            added: RwLock::default(),
+            metrics,
+            grants,
+        }
     }
 
     /// Idle pooled connections to apps, over every worker.
@@ -109,6 +134,10 @@ impl Proxy {
     /// Forgets assertions too old to be reused (called periodically).
     pub fn tidy(&self, now: UnixTime) {
         self.assertions.write().retain(|_, list| {
+            list.retain(|a| now - a.iat < assertion::REUSE_FOR);
+            !list.is_empty()
+        });
+        self.added.write().retain(|_, list| {
             list.retain(|a| now - a.iat < assertion::REUSE_FOR);
             !list.is_empty()
         });
@@ -195,6 +224,94 @@ impl Proxy {
             headers.entry(name).or_insert(HeaderValue::from_static(""));
         }
         Ok(headers)
+    }
+
+    /// The headers poort adds to a request to `app` (reached at `authority`) for `origin`:
+    /// for a session, made once and reused while fresh (`Added`).
+    fn added(
+        &self,
+        app: &App,
+        authority: &str,
+        origin: &Origin<'_>,
+    ) -> Result<Arc<[(HeaderName, HeaderValue)]>, Failure> {
+        let Some(session) = origin.session else {
+            return Ok(self.make_added(app, authority, origin)?.into());
+        };
+        let (who, factors, now) = (&session.identity, session.factors, origin.now);
+        let fresh = |a: &Added| {
+            a.app == app.name
+                && a.who == *who
+                && a.factors == factors
+                && a.client == origin.client
+                && a.host == origin.host
+                && now - a.iat < assertion::REUSE_FOR
+                && a.iat <= now
+        };
+        let cached =
+            self.added.read().get(&session.id).and_then(|l| l.iter().find(|a| fresh(a)).map(|a| a.headers.clone()));
+        if let Some(headers) = cached {
+            return Ok(headers);
+        }
+        let headers: Arc<[(HeaderName, HeaderValue)]> = self.make_added(app, authority, origin)?.into();
+        let mut m = self.added.write();
+        let list = m.entry(session.id.clone()).or_default();
+        list.retain(|a| a.app != app.name && now - a.iat < assertion::REUSE_FOR);
+        list.push(Added {
+            app: app.name.clone(),
+            who: who.clone(),
+            factors,
+            client: origin.client,
+            host: origin.host.to_string(),
+            iat: now,
+            headers: headers.clone(),
+        });
+        Ok(headers)
+    }
+
+    /// Makes what `added` returns: Host, the forwarding headers (`X-Forwarded-*` and RFC
+    /// 7239's `Forwarded`), then identity and assertion (`identity`).
+    fn make_added(
+        &self,
+        app: &App,
+        authority: &str,
+        origin: &Origin<'_>,
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, Failure> {
+        let mut out = Vec::with_capacity(10);
+        let value = |s: &str| HeaderValue::from_str(s).ok();
+        // The host the browser addressed, with the gateway's port unless it is 443: what an
+        // app needs to make its own absolute URLs, and what it compares a WebSocket's Origin
+        // with.
+        let public_host = format!("{}{}", origin.host, origin.port);
+        let host = if app.preserve_host { &public_host } else { authority };
+        out.push((header::HOST, value(host).ok_or_else(|| Failure::Internal("the upstream is no valid Host".into()))?));
+        let client = origin.client.to_string();
+        if let Some(v) = value(&client) {
+            out.push((X_FORWARDED_FOR, v));
+        }
+        out.push((X_FORWARDED_PROTO, HeaderValue::from_static("https")));
+        if let Some(v) = value(&public_host) {
+            out.push((X_FORWARDED_HOST, v));
+        }
+        // A path-routed app whose prefix poort takes off learns it, to put it back in links.
+        if let Route::Path { prefix, strip: true } = &app.route
+            && let Some(v) = value(prefix.trim_end_matches('/'))
+        {
+            out.push((X_FORWARDED_PREFIX, v));
+        }
+        // The same facts in RFC 7239's form; `for` and `host` are quoted, as an IPv6 address
+        // and a port need to be.
+        let forwarded = if origin.client.is_ipv6() {
+            format!("for=\"[{client}]\";host=\"{public_host}\";proto=https")
+        } else {
+            format!("for=\"{client}\";host=\"{public_host}\";proto=https")
+        };
+        if let Some(v) = value(&forwarded) {
+            out.push((header::FORWARDED, v));
+        }
+        let mut identity = HeaderMap::new();
+        self.identity(app, origin.session, origin.now, &mut identity).map_err(Failure::Internal)?;
+        out.extend(identity.into_iter().filter_map(|(name, value)| Some((name?, value))));
+        Ok(out)
     }
 
     /// The upstream request's body and its length, if known: read whole when it is at most
@@ -301,51 +418,19 @@ impl Proxy {
             _ => target.path(),
         };
         // Origin form: the connection already goes to the upstream, and Host names it.
-        let mut uri = String::with_capacity(base.len() + path.len() + 32);
+        let mut uri = String::with_capacity(base.len() + path.len() + target.query().map_or(0, str::len) + 16);
         uri.push_str(base);
-        uri.push_str(&target.forward_form(path));
+        target.forward_form_onto(path, &mut uri);
 
         let mut headers = allowed_headers(&parts.headers, &app.forward_headers);
-        let value = |s: &str| HeaderValue::from_str(s).ok();
-        // The host the browser addressed, with the gateway's port unless it is 443: what an
-        // app needs to make its own absolute URLs, and what it compares a WebSocket's Origin
-        // with.
-        let public_host = format!("{}{}", origin.host, origin.port);
-        let host = if app.preserve_host { &public_host } else { authority };
-        headers.insert(
-            header::HOST,
-            value(host).ok_or_else(|| Failure::Internal("the upstream is no valid Host".into()))?,
-        );
-        let client = origin.client.to_string();
-        if let Some(v) = value(&client) {
-            headers.insert(X_FORWARDED_FOR, v);
-        }
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        if let Some(v) = value(&public_host) {
-            headers.insert(X_FORWARDED_HOST, v);
-        }
-        // A path-routed app whose prefix poort takes off learns it, to put it back in links.
-        if let Route::Path { prefix, strip: true } = &app.route
-            && let Some(v) = value(prefix.trim_end_matches('/'))
-        {
-            headers.insert(X_FORWARDED_PREFIX, v);
-        }
-        // The same facts in RFC 7239's form; `for` and `host` are quoted, as an IPv6 address
-        // and a port need to be.
-        let forwarded = if origin.client.is_ipv6() {
-            format!("for=\"[{client}]\";host=\"{public_host}\";proto=https")
-        } else {
-            format!("for=\"{client}\";host=\"{public_host}\";proto=https")
-        };
-        if let Some(v) = value(&forwarded) {
-            headers.insert(header::FORWARDED, v);
-        }
         if websocket {
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        // Identity last, so nothing above can have set it.
-        self.identity(app, origin.session, origin.now, &mut headers).map_err(Failure::Internal)?;
+        // Forwarding and identity last, so nothing above can have set them.
+        for (name, value) in self.added(app, authority, &origin)?.iter() {
+            headers.insert(name, value.clone());
+        }
 
         let mut out = Request::builder().method(parts.method).uri(uri).version(Version::HTTP_11);
         if let Some(h) = out.headers_mut() {
@@ -357,14 +442,15 @@ impl Proxy {
         }
         let out = out.body(body).map_err(|e| Failure::Internal(e.into()))?;
         let line = origin.session.map(Session::lifeline);
-        let public_origin = format!("https://{public_host}");
+        // The origin the browser addressed, with the gateway's port unless it is 443.
+        let public_origin = app.rewrite_paths.then(|| format!("https://{}{}", origin.host, origin.port));
         let answer = Answer {
             // An app routed by path is served from the portal's own origin.
             shared: matches!(app.route, Route::Path { .. }),
-            rewrite: app.rewrite_paths.then(|| Rewrite {
-                sent_host: host,
+            rewrite: public_origin.as_deref().map(|public_origin| Rewrite {
+                sent_host: if app.preserve_host { &public_origin["https://".len()..] } else { authority },
                 base,
-                public_origin: &public_origin,
+                public_origin,
                 prefix: match &app.route {
                     Route::Path { prefix, strip: true } => prefix.trim_end_matches('/'),
                     _ => "",
@@ -375,10 +461,12 @@ impl Proxy {
             // A WebSocket holds a grant: it ends with the session, or when a reload takes
             // the app away from this user.
             let grant = self.grants.hold(&permit, origin.session, &app.destination());
-            return self.upgrade(dest, out, client_upgrade, line, grant, &answer).await;
+            return Box::pin(self.upgrade(dest, out, client_upgrade, line, grant, &answer)).await;
         }
+        // `alone` and `upgrade` are boxed: they are rare, and every request's future would
+        // otherwise keep room for their state.
         if alone {
-            return self.alone(dest, out, line, &answer).await;
+            return Box::pin(self.alone(dest, out, line, &answer)).await;
         }
         let worker = WORKER.with(|w| w.get());
         let sent = crate::clock::instant();

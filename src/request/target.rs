@@ -120,12 +120,17 @@ impl Target {
     /// an app strips its prefix) and the query.
     pub fn forward_form(&self, path: &str) -> String {
         let mut out = String::with_capacity(path.len() + self.query.as_ref().map_or(0, |q| q.len() + 1));
-        Target::encode_path(path, &mut out);
+        self.forward_form_onto(path, &mut out);
+        out
+    }
+
+    /// `forward_form`, written at the end of `out`.
+    pub fn forward_form_onto(&self, path: &str, out: &mut String) {
+        Target::encode_path(path, out);
         if let Some(q) = &self.query {
             out.push('?');
             out.push_str(q);
         }
-        out
     }
 }
 
