@@ -369,3 +369,31 @@ async fn an_app_that_thinks_it_lives_at_the_root_gets_its_redirects_and_cookie_p
     assert_eq!(r.header("location"), Some("http://localhost:8443/next?x=1"));
     assert!(r.headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("set-cookie") && v == "sid=1; Path=/; HttpOnly"));
 }
+
+/// What poort adds to a session's upstream requests is made once and reused, but never past
+/// what it was made from: the same session from another client address gets that address, and
+/// another user's session at the same app never gets the first user's identity.
+#[tokio::test]
+async fn added_headers_follow_the_client_and_the_session() {
+    let gate = Gate::start_with("trusted_proxies = [\"127.0.0.1/32\"]").await;
+    let (alice, bob) = (gate.login("alice").await, gate.login("bob").await);
+    let seen = async |s: &str, from: &str| {
+        let raw = format!(
+            "GET /app/x HTTP/1.1\r\nHost: localhost\r\nCookie: __Host-poort={s}\r\nX-Forwarded-For: {from}\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(gate.hostile(raw.as_bytes()).await.0, Some(200));
+        let last = gate.upstream.last();
+        let h = |n: &str| last.header(n).unwrap_or("").to_string();
+        (h("x-forwarded-for"), h("forwarded"), h("x-poort-user"), h("x-poort-assertion"))
+    };
+    let first = seen(&alice, "192.0.2.10").await;
+    assert_eq!((first.0.as_str(), first.2.as_str()), ("192.0.2.10", "alice"));
+    assert!(first.1.starts_with("for=\"192.0.2.10\";"), "{}", first.1);
+    assert_eq!(seen(&alice, "192.0.2.10").await, first, "reused while nothing changed");
+    let moved = seen(&alice, "198.51.100.7").await;
+    assert_eq!((moved.0.as_str(), moved.2.as_str()), ("198.51.100.7", "alice"));
+    assert!(moved.1.starts_with("for=\"198.51.100.7\";"), "{}", moved.1);
+    let other = seen(&bob, "192.0.2.10").await;
+    assert_eq!(other.2, "bob");
+    assert_ne!(other.3, first.3, "bob's request carries an assertion of its own");
+}
