@@ -156,6 +156,59 @@ impl<T> Strict<T> {
         }
     }
 
+    /// How much of `data`, read just now with nothing held back before it, passes as it is:
+    /// whole heads that pass `check_head`, and the bodies they frame. Stops, changing nothing
+    /// for what follows, where anything else begins (a head not yet complete or refused, empty
+    /// lines before a request line, broken chunk framing): `process` then takes that part the
+    /// long way, with the same checks and the same outcome.
+    fn check_in_place(&mut self, data: &[u8]) -> usize {
+        let mut at = 0;
+        while at < data.len() {
+            let rest = &data[at..];
+            match &mut self.state {
+                State::Through => return data.len(),
+                State::Head => {
+                    if rest.starts_with(b"\r") {
+                        return at;
+                    }
+                    let Some(end) = head::head_end_from(rest, 0) else { return at };
+                    match head::check_head(&rest[..end]) {
+                        Ok(framing) => {
+                            at += end;
+                            self.state = match framing {
+                                Framing::None => State::Head,
+                                Framing::Length(n) => State::Length(n),
+                                Framing::Chunked => State::Chunked(Chunked::default()),
+                                Framing::Upgrade => State::Through,
+                            };
+                        }
+                        Err(_) => return at,
+                    }
+                }
+                State::Length(left) => {
+                    let n = (rest.len() as u64).min(*left) as usize;
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.state = State::Head;
+                    }
+                    at += n;
+                }
+                State::Chunked(c) => {
+                    let mut next = c.clone();
+                    match next.feed(rest) {
+                        Ok(n) => {
+                            at += n;
+                            self.state = if next.done() { State::Head } else { State::Chunked(next) };
+                        }
+                        Err(_) => return at,
+                    }
+                }
+                State::Closed | State::Broken => return at,
+            }
+        }
+        at
+    }
+
     /// Hands the library the marker request instead of the refused head.
     fn refuse(&mut self, why: Reject) {
         *self.refused.0.lock() = Some(why);
@@ -204,9 +257,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for Strict<T> {
                 this.eof = true;
                 continue;
             }
-            this.pending.extend_from_slice(got);
-            buf.set_filled(before);
-            if let Err(e) = this.process() {
+            // What can be checked where it lies stays in the caller's buffer; the rest (from
+            // a head not yet complete, or anything but the plain case) takes the long way.
+            let passed = if this.pending.is_empty() { this.check_in_place(got) } else { 0 };
+            if passed == got.len() {
+                return Poll::Ready(Ok(()));
+            }
+            this.pending.extend_from_slice(&got[passed..]);
+            buf.set_filled(before + passed);
+            let processed = this.process();
+            if passed > 0 {
+                // What passed goes first; a break after it fails the next read (`Broken`).
+                return Poll::Ready(Ok(()));
+            }
+            if let Err(e) = processed {
                 return Poll::Ready(Err(e));
             }
         }
@@ -257,6 +321,76 @@ mod tests {
             Err(_) => false,
         };
         (out, refused.take(), failed)
+    }
+
+    /// A stream that yields `data` in reads of the given sizes, in turn.
+    struct Pieces {
+        data: Vec<u8>,
+        sizes: Vec<usize>,
+        at: usize,
+        turn: usize,
+    }
+
+    impl AsyncRead for Pieces {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let size = self.sizes[self.turn % self.sizes.len()].max(1);
+            self.turn += 1;
+            let n = size.min(self.data.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.data[at..at + n]);
+            self.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// What the library reads of `data` delivered in reads of `sizes`, whether reading failed,
+    /// and the refusal.
+    async fn in_pieces(data: &[u8], sizes: Vec<usize>) -> (Vec<u8>, bool, Option<Reject>) {
+        let refused = Arc::new(Refused::default());
+        let pieces = Pieces { data: data.to_vec(), sizes, at: 0, turn: 0 };
+        let mut s = Strict::new(pieces, false, refused.clone(), "/.poort/refused/MARK");
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 97];
+        let failed = loop {
+            match tokio::time::timeout(std::time::Duration::from_millis(50), s.read(&mut chunk)).await {
+                Ok(Ok(0)) | Err(_) => break false,
+                Ok(Ok(n)) => out.extend_from_slice(&chunk[..n]),
+                Ok(Err(_)) => break true,
+            }
+        };
+        (out, failed, refused.take())
+    }
+
+    /// However a stream is cut into reads, the library reads the same: checking a read where
+    /// it lies and checking it the long way agree, for good streams and for every refusal.
+    #[tokio::test]
+    async fn the_cut_of_the_reads_changes_nothing() {
+        let streams: [&[u8]; 6] = [
+            b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcPOST /y HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\nGET /z HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 30\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\nHost: a\n\nGET /c HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyzGET /smuggled HTTP/1.1\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello\nnot http",
+            b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\nGET /c HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok",
+        ];
+        for data in streams {
+            let whole = in_pieces(data, vec![data.len()]).await;
+            for sizes in [vec![1], vec![2], vec![3, 7], vec![13], vec![29, 1], vec![40, 64], vec![5, 100, 2]] {
+                let cut = in_pieces(data, sizes.clone()).await;
+                let what = format!("{:?} in reads of {sizes:?}", String::from_utf8_lossy(data));
+                assert_eq!((cut.1, cut.2), (whole.1, whole.2), "{what}");
+                if whole.1 {
+                    // Broken framing: body bytes checked before the break may pass first, as
+                    // they arrived; nothing after it does.
+                    let (short, long) =
+                        if cut.0.len() < whole.0.len() { (&cut.0, &whole.0) } else { (&whole.0, &cut.0) };
+                    assert!(long.starts_with(short), "{what}");
+                    assert!(!long.windows(9).any(|w| w == b"/smuggled"), "{what}");
+                } else {
+                    assert_eq!(cut.0, whole.0, "{what}");
+                }
+            }
+        }
     }
 
     #[tokio::test]
