@@ -13,6 +13,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri, Version, header};
 use poort::clock::{Clock, SystemClock};
 use poort::config::{self, Config, SessionTimeouts};
 use poort::identity::Identity;
+use poort::listen::{Refused, Strict};
 use poort::policy::{self, Decision, Subject};
 use poort::request::{self, Target};
 use poort::route::{Found, Routes};
@@ -93,6 +94,31 @@ fn stages(c: &mut Criterion) {
             let v =
                 session::cookie::find(std::iter::once(black_box(cookie_header.as_bytes())), session::SESSION_COOKIE);
             v.and_then(session::cookie::decode_token).map(|raw| session::hash_token(&raw))
+        })
+    });
+
+    // Sixteen keep-alive GETs with browser-sized heads (about 400 bytes each) that arrive in
+    // one read, as a busy HTTP/1.1 connection delivers them: the front door's framing check
+    // of every byte before hyper sees it.
+    let head = "GET /team3/app423/api/v2/projects/42/issues?state=open HTTP/1.1\r\nHost: gate.example.org\r\n\
+                User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0\r\n\
+                Accept: application/json\r\nAccept-Language: nl,en;q=0.5\r\nAccept-Encoding: gzip, br\r\n\
+                Cookie: theme=dark; __Host-poort=jI0osRfLVhS0nutuoiFQ95H7r42KcdZzugQ5eoa93ys\r\n\
+                Connection: keep-alive\r\n\r\n";
+    let burst = head.repeat(16).into_bytes();
+    let mut into = vec![0u8; 16 * 1024];
+    c.bench_function("strict framing of 16 pipelined heads", |b| {
+        b.iter(|| {
+            let refused = Arc::new(Refused::default());
+            let mut s = Strict::new(black_box(&burst[..]), false, refused, "/.poort/refused/MARK");
+            let mut total = 0;
+            while let Some(Ok(n)) = tokio::io::AsyncReadExt::read(&mut s, &mut into).now_or_never() {
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            assert_eq!(total, burst.len(), "every head passes");
         })
     });
 

@@ -156,59 +156,6 @@ impl<T> Strict<T> {
         }
     }
 
-    /// How much of `data`, read just now with nothing held back before it, passes as it is:
-    /// whole heads that pass `check_head`, and the bodies they frame. Stops, changing nothing
-    /// for what follows, where anything else begins (a head not yet complete or refused, empty
-    /// lines before a request line, broken chunk framing): `process` then takes that part the
-    /// long way, with the same checks and the same outcome.
-    fn check_in_place(&mut self, data: &[u8]) -> usize {
-        let mut at = 0;
-        while at < data.len() {
-            let rest = &data[at..];
-            match &mut self.state {
-                State::Through => return data.len(),
-                State::Head => {
-                    if rest.starts_with(b"\r") {
-                        return at;
-                    }
-                    let Some(end) = head::head_end_from(rest, 0) else { return at };
-                    match head::check_head(&rest[..end]) {
-                        Ok(framing) => {
-                            at += end;
-                            self.state = match framing {
-                                Framing::None => State::Head,
-                                Framing::Length(n) => State::Length(n),
-                                Framing::Chunked => State::Chunked(Chunked::default()),
-                                Framing::Upgrade => State::Through,
-                            };
-                        }
-                        Err(_) => return at,
-                    }
-                }
-                State::Length(left) => {
-                    let n = (rest.len() as u64).min(*left) as usize;
-                    *left -= n as u64;
-                    if *left == 0 {
-                        self.state = State::Head;
-                    }
-                    at += n;
-                }
-                State::Chunked(c) => {
-                    let mut next = c.clone();
-                    match next.feed(rest) {
-                        Ok(n) => {
-                            at += n;
-                            self.state = if next.done() { State::Head } else { State::Chunked(next) };
-                        }
-                        Err(_) => return at,
-                    }
-                }
-                State::Closed | State::Broken => return at,
-            }
-        }
-        at
-    }
-
     /// Hands the library the marker request instead of the refused head.
     fn refuse(&mut self, why: Reject) {
         *self.refused.0.lock() = Some(why);
@@ -257,20 +204,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Strict<T> {
                 this.eof = true;
                 continue;
             }
-            // What can be checked where it lies stays in the caller's buffer; the rest (from
-            // a head not yet complete, or anything but the plain case) takes the long way.
-            let passed = if this.pending.is_empty() { this.check_in_place(got) } else { 0 };
-            if passed == got.len() {
-                return Poll::Ready(Ok(()));
-            }
-            this.pending.extend_from_slice(&got[passed..]);
-            buf.set_filled(before + passed);
-            let processed = this.process();
-            if passed > 0 {
-                // What passed goes first; a break after it fails the next read (`Broken`).
-                return Poll::Ready(Ok(()));
-            }
-            if let Err(e) = processed {
+            this.pending.extend_from_slice(got);
+            buf.set_filled(before);
+            if let Err(e) = this.process() {
                 return Poll::Ready(Err(e));
             }
         }

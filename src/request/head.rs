@@ -277,6 +277,20 @@ mod tests {
         check_head(bytes)
     }
 
+    /// A field name passes with RFC 9110's tchar (letters, digits and fifteen marks) and with
+    /// nothing else: every other byte in a name is refused (a colon ends the name).
+    #[test]
+    fn a_name_is_tchar_only() {
+        let marks = b"!#$%&'*+-.^_`|~";
+        for b in (0..=255u8).filter(|b| *b != b':') {
+            let mut head = b"GET / HTTP/1.1\r\nX-A".to_vec();
+            head.push(b);
+            head.extend_from_slice(b"B: v\r\n\r\n");
+            let tchar = b.is_ascii_alphanumeric() || marks.contains(&b);
+            assert_eq!(check_head(&head).is_ok(), tchar, "a name with byte {b:#04x}");
+        }
+    }
+
     #[test]
     fn heads() {
         use Reject::*;
