@@ -465,6 +465,12 @@ def main():
     ap.add_argument("--poort", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release/poort"))
     ap.add_argument("--out", help="also write the Markdown report here")
     ap.add_argument("--only", help="only these keep-alive runs, e.g. small:64,large:64 (no HTTP/2, handshake or memory runs)")
+    ap.add_argument(
+        "--against",
+        metavar="POORT",
+        help="also measure this poort binary (\"poort-b\"), alternating with the first in every round: "
+        "the way to compare two builds on a machine that drifts",
+    )
     ap.add_argument("--hold", action="store_true", help="start everything, print the wrk commands, wait (to profile)")
     a = ap.parse_args()
     if a.quick:
@@ -521,6 +527,20 @@ def run(a, d, procs):
         wait_port(ports[n])
     time.sleep(0.5)
     token = login(ports["poort"], "alice", password)
+    if a.against:
+        # The second build serves a copy of the first one's data, session included, under the
+        # same external address (so the same Host header and cookie work), on a port of its own.
+        shutil.copytree(os.path.join(d, "poort-data"), os.path.join(d, "poort-b-data"))
+        ports["poort-b"] = free_port()
+        cfg_b = poort_config(
+            d,
+            dict(ports, poort=ports["poort-b"]),
+            folder="poort-b-data",
+            external=ports["poort"],
+            admin=f'listen = "127.0.0.1:{free_port()}"',
+        )
+        poort_b = procs.start([a.against, "serve", "--config", cfg_b], env=env, cwd=d)
+        wait_port(ports["poort-b"])
 
     pids = {
         "nginx": pids_of(nginx["nginx"].pid),
@@ -536,6 +556,10 @@ def run(a, d, procs):
         "poort": (f"https://127.0.0.1:{ports['poort']}/app/", [f"Host: {host}", f"Cookie: {COOKIE}={token}"]),
     }
     order = ["direct", "nginx", "nginx-auth", "poort"]
+    if a.against:
+        pids["poort-b"] = [poort_b.pid]
+        targets["poort-b"] = (f"https://127.0.0.1:{ports['poort-b']}/app/", targets["poort"][1])
+        order.append("poort-b")
 
     # Every target must answer 200 with the right body before anything is measured.
     for t in order:
@@ -547,7 +571,8 @@ def run(a, d, procs):
         if got != "200 65536":
             raise SystemExit(f"{t} answered {got!r} instead of 200 with 65536 bytes")
     # A wrong session must not get through poort or nginx-auth.
-    for t, h in [("poort", [f"Host: {host}", f"Cookie: {COOKIE}=AAAA"]), ("nginx-auth", ["Cookie: session=x"])]:
+    wrong = [(t, [f"Host: {host}", f"Cookie: {COOKIE}=AAAA"]) for t in order if t.startswith("poort")]
+    for t, h in wrong + [("nginx-auth", ["Cookie: session=x"])]:
         got = subprocess.run(
             ["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}"] + sum((["-H", x] for x in h), []) + [targets[t][0] + "small"],
             capture_output=True,
@@ -583,24 +608,25 @@ def run(a, d, procs):
                 print(f"  {body} c{conns} {t}: {res['rps']:.0f} req/s p99 {res['p99']:.2f} ms", file=sys.stderr)
         if a.only:
             continue
-        for t in ["nginx", "nginx-auth", "poort"]:
+        for t in order[1:]:
             url, hdrs = targets[t]
             h2 = [h.replace("Host: ", ":authority: ") for h in hdrs]
             res = h2load(url + "small", 64, a.seconds, h2)
             results.setdefault(("h2", 64), {}).setdefault(t, []).append(res)
             print(f"  h2 {t}: {res['rps']:.0f} req/s", file=sys.stderr)
-        for t in ["nginx", "nginx-auth", "poort"]:
+        for t in order[1:]:
             url, hdrs = targets[t]
             res = wrk(url + "small", 16, a.seconds, hdrs + ["Connection: close"])
             results.setdefault(("handshake", 16), {}).setdefault(t, []).append(res)
             print(f"  new connection {t}: {res['rps']:.0f} req/s", file=sys.stderr)
 
     mem = {}
-    for t in [] if a.only else ["nginx", "poort"]:
+    for t in [] if a.only else [t for t in order if t == "nginx" or t.startswith("poort")]:
         url, hdrs = targets[t]
         port = int(urllib.parse.urlparse(url).port)
-        cookie = f"{COOKIE}={token}" if t == "poort" else None
-        hh = host if t == "poort" else f"127.0.0.1:{port}"
+        ours = t.startswith("poort")
+        cookie = f"{COOKIE}={token}" if ours else None
+        hh = host if ours else f"127.0.0.1:{port}"
         path = urllib.parse.urlparse(url).path + "small"
         mem[t] = memory(t, pids[t], port, a.idle, hh, cookie, path)
         print(f"  memory {t}: {mem[t]}", file=sys.stderr)
