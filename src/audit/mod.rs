@@ -188,11 +188,19 @@ pub enum Event {
         path: String,
         client: IpAddr,
     },
-    /// An administrative command (CLI or admin API).
+    /// An administrative command: from the command line on the gateway's machine (no `by`),
+    /// or from the admin console in the portal (`by` the administrator, from `client`, in
+    /// `session`).
     Admin {
         command: String,
         target: String,
         detail: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client: Option<IpAddr>,
     },
     GatewayStarted {
         version: String,
@@ -214,6 +222,39 @@ pub enum Event {
         why: String,
     },
 }
+
+/// Every kind of record (`Event::kind`), for choosing one in a filter.
+pub const KINDS: &[&str] = &[
+    "login_succeeded",
+    "login_failed",
+    "logout",
+    "session_ended",
+    "session_expired",
+    "access_allowed",
+    "access_denied",
+    "request_rejected",
+    "mfa_succeeded",
+    "mfa_failed",
+    "account_locked",
+    "rate_limited",
+    "factor_changed",
+    "recovery_code_used",
+    "tunnel_opened",
+    "tunnel_closed",
+    "tunnel_failed",
+    "device_login",
+    "handoff_redeemed",
+    "handoff_refused",
+    "mitigation_matched",
+    "rules_loaded",
+    "rules_refused",
+    "refusals_counted",
+    "locked_down",
+    "admin",
+    "gateway_started",
+    "config_reloaded",
+    "config_refused",
+];
 
 impl Event {
     pub fn kind(&self) -> &'static str {
@@ -637,6 +678,20 @@ pub fn verify(conn: &Conn) -> db::Result<Verdict> {
 /// Path of the database in a data directory, for tools that only know the directory.
 pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("poort.db")
+}
+
+#[cfg(test)]
+mod kind_tests {
+    /// `KINDS` holds exactly the kinds `Event::kind` names.
+    #[test]
+    fn kinds_lists_every_kind() {
+        let src = include_str!("mod.rs");
+        let body =
+            src.split("pub fn kind(&self)").nth(1).and_then(|s| s.split("\n    }\n}").next()).unwrap_or_default();
+        let named: Vec<&str> = body.split("=> \"").skip(1).filter_map(|s| s.split('"').next()).collect();
+        assert!(named.len() > 20, "the kinds were found in the source");
+        assert_eq!(named, super::KINDS);
+    }
 }
 
 #[cfg(test)]

@@ -453,7 +453,14 @@ fn serve(cfg: Config) -> anyhow::Result<i32> {
 
 fn record_admin(cfg: &Config, command: &str, target: &str, detail: &str) -> anyhow::Result<()> {
     let mut conn = crate::store::open_connection(&cfg.database)?;
-    let ev = Event::Admin { command: command.into(), target: target.into(), detail: detail.into() };
+    let ev = Event::Admin {
+        command: command.into(),
+        target: target.into(),
+        detail: detail.into(),
+        by: None,
+        session: None,
+        client: None,
+    };
     crate::audit::append(&mut conn, SystemClock.now(), &[ev])?;
     Ok(())
 }

@@ -188,6 +188,11 @@ impl Mitigation {
     }
 
     /// How many rules are in force.
+    /// What `poort rules status` shows: the file in force, its hits, why a newer one was refused.
+    pub fn status(&self) -> Status {
+        self.status.lock().clone()
+    }
+
     pub fn rule_count(&self) -> usize {
         self.rules.read().rules.len()
     }

@@ -1,9 +1,11 @@
 //! The portal: the fixed set of `/.poort/` pages (login, logout, app launcher, my sessions,
-//! second factors, command-line sign-in, the host hand-off, JWKS, health, the style sheet).
+//! second factors, command-line sign-in, the host hand-off, JWKS, health, the style sheet,
+//! and the admin console).
 //! Which route answers whom is declared in `routes`, whose dispatcher applies each route's
 //! guard before the handler here runs. Pages are askama templates compiled into the binary
 //! with auto-escaping.
 
+mod admin;
 pub mod device;
 mod mfa;
 mod passkey;
@@ -184,6 +186,17 @@ pub(crate) async fn serve(st: &State, page_: Page, call: Call) -> Response<Body>
         Page::Tunnel | Page::ForwardAuth => error_page(StatusCode::NOT_FOUND, call.ctx.id),
         Page::SignInHere => sign_in_here(st, &call),
         Page::Oidc => sso::serve(st, call).await,
+        Page::AdminHome
+        | Page::AdminUsers
+        | Page::AdminUser
+        | Page::AdminUserAct
+        | Page::AdminSessions
+        | Page::AdminSessionsAct
+        | Page::AdminAudit
+        | Page::AdminAuditExport
+        | Page::AdminMitigation
+        | Page::AdminMitigationAct
+        | Page::AdminAccess => admin::serve(st, page_, call).await,
     }
 }
 

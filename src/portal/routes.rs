@@ -46,6 +46,13 @@ pub enum Guard {
     /// A browser session whose user proved who they are within `session::FRESH_FOR`: with a
     /// second factor if they have one, else a password or a provider sign-in.
     Fresh,
+    /// The admin console (`portal::admin`): a browser session of a member of `[mitigate]
+    /// admin_group` (as the store has it now, not as the session began) that was opened or
+    /// stepped up with a second factor. A page must be the person's own navigation from the
+    /// portal or the address bar (`admin::navigated`), never a script's or a frame's request;
+    /// an action (a post) is also the person's own action (`own_action`) after a fresh second
+    /// factor.
+    Admin,
 }
 
 /// How a route's request body is read before its handler runs.
@@ -117,6 +124,17 @@ pub enum Page {
     ForwardAuth,
     SignInHere,
     Oidc,
+    AdminHome,
+    AdminUsers,
+    AdminUser,
+    AdminUserAct,
+    AdminSessions,
+    AdminSessionsAct,
+    AdminAudit,
+    AdminAuditExport,
+    AdminMitigation,
+    AdminMitigationAct,
+    AdminAccess,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -218,6 +236,18 @@ pub const ROUTES: &[Route] = &[
     row(Portal, "/.poort/device", Get, Session, NoBody, Page::DeviceForm),
     // Approving also needs a factor proved for this very code (portal::device).
     row(Portal, "/.poort/device", Post, Session, Form, Page::DeviceDecide).own_action(),
+    // The admin console: every row is `Admin`, every post also a person's own action.
+    row(Portal, "/.poort/admin", Get, Admin, NoBody, Page::AdminHome),
+    row(Portal, "/.poort/admin/users", Get, Admin, NoBody, Page::AdminUsers),
+    row(Portal, "/.poort/admin/users", Post, Admin, Form, Page::AdminUserAct).own_action(),
+    row(Portal, "/.poort/admin/user", Get, Admin, NoBody, Page::AdminUser),
+    row(Portal, "/.poort/admin/sessions", Get, Admin, NoBody, Page::AdminSessions),
+    row(Portal, "/.poort/admin/sessions", Post, Admin, Form, Page::AdminSessionsAct).own_action(),
+    row(Portal, "/.poort/admin/audit", Get, Admin, NoBody, Page::AdminAudit),
+    row(Portal, "/.poort/admin/audit/export", Get, Admin, NoBody, Page::AdminAuditExport),
+    row(Portal, "/.poort/admin/mitigation", Get, Admin, NoBody, Page::AdminMitigation),
+    row(Portal, "/.poort/admin/mitigation", Post, Admin, Form, Page::AdminMitigationAct).own_action(),
+    row(Portal, "/.poort/admin/access", Get, Admin, NoBody, Page::AdminAccess),
 ];
 
 impl Route {
@@ -411,7 +441,7 @@ async fn guard(st: &State, ctx: &Ctx, route: &Route, head: &http::request::Parts
             (route.guard == CliSession && ctx.session.is_none())
                 .then(|| json_error(StatusCode::UNAUTHORIZED, "not signed in, or the session ended: run poort login"))
         }
-        Session | Fresh => {
+        Session | Fresh | Admin => {
             let Some(s) = &ctx.session else {
                 return Some(match (route.input, route.verb) {
                     (Json, _) => json_error(StatusCode::UNAUTHORIZED, "sign in first"),
@@ -423,6 +453,9 @@ async fn guard(st: &State, ctx: &Ctx, route: &Route, head: &http::request::Parts
                     _ => redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/login", st.cfg.server.external_origin)),
                 });
             };
+            if route.guard == Admin {
+                return super::admin::admit(st, ctx, s, route, h).await;
+            }
             if route.guard == Fresh && !fresh(st, s).await {
                 let confirm = format!("{}/.poort/confirm?next=%2F.poort%2Fsecurity", st.cfg.server.external_origin);
                 return Some(match route.input {
@@ -527,7 +560,13 @@ mod tests {
             if matches!(r.page, DeviceCode | DeviceToken | DeviceLogout) {
                 assert_eq!(r.guard, Cli);
             }
-            if r.verb == Post && matches!(r.guard, Session | Fresh) {
+            if r.guard == Admin && r.verb == Post {
+                assert!(r.own_action && r.input == Form, "{:?}: an admin action is a person's own form post", r.page);
+            }
+            if r.path.starts_with("/.poort/admin") {
+                assert_eq!((r.page, r.guard), (r.page, Admin), "every admin console row is guarded as one");
+            }
+            if r.verb == Post && matches!(r.guard, Session | Fresh | Admin) {
                 assert!(matches!(r.input, Form | Json), "{:?}: a signed-in post without CSRF", r.page);
             }
         }

@@ -4,6 +4,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod acme;
+mod admin_console;
 mod audit_export;
 mod cli;
 mod cluster;

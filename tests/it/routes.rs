@@ -79,7 +79,7 @@ async fn every_route_refuses_every_caller_its_row_does_not_admit() {
             let what = format!("{method} {host}{target} ({:?})", r.page);
             walked += 1;
             match r.guard {
-                Guard::Session | Guard::Fresh => {
+                Guard::Session | Guard::Fresh | Guard::Admin => {
                     // Nobody signed in, from the portal or from anywhere.
                     for extra in [&[][..], &cross_site[..]] {
                         let resp = call(&gate, r, host, method, &target, extra).await;
@@ -88,6 +88,12 @@ async fn every_route_refuses_every_caller_its_row_does_not_admit() {
                     // The command line's session does not open a browser route.
                     let resp = call(&gate, r, host, method, &target, &[("Cookie", &cli_cookie)]).await;
                     assert!(sent_to_sign_in(r, &resp), "{what}, with a command-line session: {}", resp.status);
+                    if r.guard == Guard::Admin {
+                        // A signed-in user outside the admin group (tests/it/admin_console.rs
+                        // tries the rest).
+                        let resp = call(&gate, r, host, method, &target, &[("Cookie", &browser_cookie)]).await;
+                        assert_eq!(resp.status, 403, "{what}, signed in, not an admin");
+                    }
                 }
                 Guard::Cli | Guard::CliSession => {
                     // A browser (it always sends Origin or fetch metadata) is refused, marked

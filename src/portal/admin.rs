@@ -1,0 +1,1000 @@
+//! The admin console at `/.poort/admin`: users, sessions across the deployment, the audit
+//! log, mitigation and lockdown, and who may use which app, for members of `[mitigate]
+//! admin_group`. The route table's `Admin` guard (`admit` here) decides who reaches a page;
+//! every change is recorded in the audit log before it is made, with the administrator, the
+//! session and the address, as the command line records its own.
+
+use askama::Template;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+
+use super::routes::{Call, Route, Verb};
+use super::{csrf_for_page, query_param, with_csrf_cookie};
+use crate::audit::{self, Event, Record};
+use crate::body::Body;
+use crate::clock::format_minutes;
+use crate::names::valid_user_name;
+use crate::policy::{self, Decision, Resource, Subject};
+use crate::respond::{error_page, html, page, redirect};
+use crate::session::Session;
+use crate::state::{Ctx, State};
+use crate::store::Store;
+
+/// The guard of an `Admin` row, after the dispatcher found a browser session: None to go on.
+pub(super) async fn admit(st: &State, ctx: &Ctx, s: &Session, route: &Route, h: &HeaderMap) -> Option<Response<Body>> {
+    if !is_admin(st, s).await {
+        tracing::warn!(request = %ctx.id, client = %ctx.client, user = %s.identity.user, "Refused: the admin console is for the admin group");
+        return Some(error_page(StatusCode::FORBIDDEN, ctx.id));
+    }
+    if route.verb == Verb::Get && !navigated(st, h) {
+        tracing::warn!(request = %ctx.id, client = %ctx.client, "Refused: an admin page not opened by the person");
+        return Some(error_page(StatusCode::FORBIDDEN, ctx.id));
+    }
+    let origin = &st.cfg.server.external_origin;
+    let back = form_urlencoded::Serializer::new(String::new()).append_pair("next", "/.poort/admin").finish();
+    if !s.mfa() {
+        // Set one up, or prove it: the console is never open on a password alone.
+        return Some(redirect(StatusCode::SEE_OTHER, &format!("{origin}/.poort/mfa?{back}")));
+    }
+    if route.verb == Verb::Post && !super::routes::fresh(st, s).await {
+        return Some(redirect(StatusCode::SEE_OTHER, &format!("{origin}/.poort/confirm?{back}")));
+    }
+    None
+}
+
+/// Whether the user of `s` is in the admin group now: as the store has them (enabled, with
+/// the group), not only as the session began.
+async fn is_admin(st: &State, s: &Session) -> bool {
+    let group = st.mitigation.admin_group.clone();
+    if !s.identity.groups.contains(&group) {
+        return false;
+    }
+    let name = s.identity.user.clone();
+    // A store that cannot be read fails closed.
+    matches!(st.store.run(move |c| Store::identity(c, &name)).await, Ok(Some(who)) if who.groups.contains(&group))
+}
+
+/// A page the person opened themselves: a top-level navigation (fetch metadata) they
+/// activated, from the address bar or a bookmark (`none`), or from a portal page. A script's
+/// `fetch`, a frame, or a window an app's page opened on the portal's origin (when apps are
+/// routed by path they share it) sends something else, and reads no admin page.
+fn navigated(st: &State, h: &HeaderMap) -> bool {
+    let is = |name: &str, want: &[u8]| h.get(name).is_some_and(|v| v.as_bytes() == want);
+    let portal = format!("{}/.poort/", st.cfg.server.external_origin);
+    let launcher = format!("{}/", st.cfg.server.external_origin);
+    let from_portal = h.get(header::REFERER).is_some_and(|r| {
+        let r = r.as_bytes();
+        r.starts_with(portal.as_bytes()) || r == launcher.as_bytes()
+    });
+    is("sec-fetch-mode", b"navigate")
+        && is("sec-fetch-dest", b"document")
+        && is("sec-fetch-user", b"?1")
+        && (is("sec-fetch-site", b"none") || (is("sec-fetch-site", b"same-origin") && from_portal))
+}
+
+/// Runs an admin page's handler.
+pub(super) async fn serve(st: &State, page_: super::Page, call: Call) -> Response<Body> {
+    use super::Page::*;
+    let mut resp = match page_ {
+        AdminHome => home(st, &call).await,
+        AdminUsers => users(st, &call, None).await,
+        AdminUser => user(st, &call).await,
+        AdminUserAct => user_act(st, &call).await,
+        AdminSessions => sessions(st, &call, None).await,
+        AdminSessionsAct => sessions_act(st, &call).await,
+        AdminAudit => audit_page(st, &call).await,
+        AdminAuditExport => audit_export(st, &call).await,
+        AdminMitigation => mitigation(st, &call, None).await,
+        AdminMitigationAct => mitigation_act(st, &call).await,
+        AdminAccess => access(st, &call).await,
+        _ => error_page(StatusCode::NOT_FOUND, call.ctx.id),
+    };
+    // What an administrator sees stays out of caches and frames.
+    let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    resp
+}
+
+/// Records an administrator's action before it is made: an action that cannot be audited is
+/// not made.
+async fn record(st: &State, call: &Call, command: &str, target: &str, detail: &str) -> bool {
+    let s = call.session();
+    let ev = Event::Admin {
+        command: format!("console: {command}"),
+        target: target.into(),
+        detail: detail.into(),
+        by: Some(s.identity.user.clone()),
+        session: Some(s.id.clone()),
+        client: Some(call.ctx.client),
+    };
+    match st.audit.record(ev).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "Recording an admin action failed; the action was not made");
+            false
+        }
+    }
+}
+
+/// Runs `f` on the store off the async threads.
+async fn blocking<R: Send + 'static>(
+    st: &State,
+    f: impl FnOnce(Store) -> anyhow::Result<R> + Send + 'static,
+) -> Option<R> {
+    let store = st.store.clone();
+    match tokio::task::spawn_blocking(move || f(store)).await {
+        Ok(Ok(r)) => Some(r),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "Admin console: the store failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+fn unavailable(call: &Call) -> Response<Body> {
+    error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id)
+}
+
+/// Browser and system from a User-Agent, as a person names them ("Firefox on Windows"); the
+/// command line's own name for its sessions; else "unknown".
+pub(crate) fn browser_of(ua: &str) -> String {
+    if ua.starts_with("poort/") {
+        return "poort command line".into();
+    }
+    let browser = if ua.contains("Edg/") {
+        "Edge"
+    } else if ua.contains("OPR/") {
+        "Opera"
+    } else if ua.contains("Firefox/") {
+        "Firefox"
+    } else if ua.contains("Chrome/") || ua.contains("Chromium/") {
+        "Chrome"
+    } else if ua.contains("Safari/") {
+        "Safari"
+    } else if ua.starts_with("curl/") {
+        "curl"
+    } else {
+        ""
+    };
+    let os = if ua.contains("Windows") {
+        "Windows"
+    } else if ua.contains("Android") {
+        "Android"
+    } else if ua.contains("iPhone") || ua.contains("iPad") {
+        "iOS"
+    } else if ua.contains("Mac OS X") || ua.contains("Macintosh") {
+        "macOS"
+    } else if ua.contains("CrOS") {
+        "ChromeOS"
+    } else if ua.contains("Linux") {
+        "Linux"
+    } else {
+        ""
+    };
+    match (browser, os) {
+        ("", "") => "unknown".into(),
+        (b, "") => b.into(),
+        ("", o) => format!("a browser on {o}"),
+        (b, o) => format!("{b} on {o}"),
+    }
+}
+
+// ---- overview -----------------------------------------------------------------------------
+
+#[derive(Template)]
+#[template(path = "admin_home.html")]
+struct HomePage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    users: usize,
+    disabled: usize,
+    sessions: usize,
+    lockdown: bool,
+    rules: usize,
+    rules_error: Option<String>,
+    records: i64,
+}
+
+async fn home(st: &State, call: &Call) -> Response<Body> {
+    let counts = blocking(st, |store| {
+        let users = store.list_users()?;
+        let sessions = store.list_sessions(None)?.len();
+        let records = store.with(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", (), |r| r.get(0)))?;
+        Ok((users.len(), users.iter().filter(|u| u.disabled).count(), sessions, records))
+    })
+    .await;
+    let Some((users, disabled, sessions, records)) = counts else { return unavailable(call) };
+    let status = st.mitigation.status();
+    let (csrf, new) = csrf_for_page(call.headers());
+    let p = HomePage {
+        user: &call.session().identity.user,
+        csrf: &csrf,
+        users,
+        disabled,
+        sessions,
+        lockdown: st.mitigation.lockdown(),
+        rules: st.mitigation.rule_count(),
+        rules_error: status.last_error,
+        records,
+    };
+    with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
+}
+
+// ---- users --------------------------------------------------------------------------------
+
+struct UserLine {
+    name: String,
+    email: String,
+    source: String,
+    groups: String,
+    disabled: bool,
+}
+
+#[derive(Template)]
+#[template(path = "admin_users.html")]
+struct UsersPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    q: &'a str,
+    users: Vec<UserLine>,
+    /// What the last action did, or why it was not done.
+    done: Option<String>,
+    /// A password made for a new user, shown this once.
+    password: Option<String>,
+}
+
+async fn users(st: &State, call: &Call, done: Option<(String, Option<String>)>) -> Response<Body> {
+    let q = query_param(call, "q").unwrap_or_default();
+    let needle = q.to_lowercase();
+    let Some(all) = blocking(st, |store| store.list_users()).await else { return unavailable(call) };
+    let users = all
+        .into_iter()
+        .filter(|u| {
+            needle.is_empty()
+                || u.name.to_lowercase().contains(&needle)
+                || u.email.as_deref().is_some_and(|e| e.to_lowercase().contains(&needle))
+                || u.groups.iter().any(|g| g.to_lowercase() == needle)
+        })
+        .map(|u| UserLine {
+            email: u.email.unwrap_or_default(),
+            groups: u.groups.join(", "),
+            name: u.name,
+            source: u.source,
+            disabled: u.disabled,
+        })
+        .collect();
+    let (done, password) = done.map_or((None, None), |(d, p)| (Some(d), p));
+    let (csrf, new) = csrf_for_page(call.headers());
+    let p = UsersPage { user: &call.session().identity.user, csrf: &csrf, q: &q, users, done, password };
+    with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
+}
+
+struct SignInLine {
+    at: String,
+    what: String,
+    client: String,
+}
+
+#[derive(Template)]
+#[template(path = "admin_user.html")]
+struct UserPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    name: &'a str,
+    email: String,
+    source: String,
+    groups: String,
+    disabled: bool,
+    totp: bool,
+    passkeys: usize,
+    recovery_left: usize,
+    locked: Vec<String>,
+    signins: Vec<SignInLine>,
+    sessions: Vec<SessionLine>,
+}
+
+async fn user(st: &State, call: &Call) -> Response<Body> {
+    let name = query_param(call, "name").unwrap_or_default();
+    if !valid_user_name(&name) {
+        return error_page(StatusCode::NOT_FOUND, call.ctx.id);
+    }
+    let now = st.clock.now();
+    let wanted = name.clone();
+    let found = blocking(st, move |store| {
+        let Some(u) = store.list_users()?.into_iter().find(|u| u.name == wanted) else { return Ok(None) };
+        let (f, locks) = store.with(|c| {
+            Ok((crate::identity::mfa::factors(c, &wanted)?, crate::identity::mfa::lock_state(c, &wanted)?))
+        })?;
+        let filter = Filter { user: wanted.clone(), ..Filter::default() };
+        let kinds = ["login_succeeded", "login_failed", "logout"];
+        let signins = store.with(|c| search(c, &filter, 20, |r| kinds.contains(&r.kind.as_str())))?;
+        let sessions = store.list_sessions(Some(&wanted))?;
+        Ok(Some((u, f, locks, signins, sessions)))
+    })
+    .await;
+    let Some(found) = found else { return unavailable(call) };
+    let Some((u, f, locks, signins, sessions)) = found else { return error_page(StatusCode::NOT_FOUND, call.ctx.id) };
+    let locked = locks
+        .into_iter()
+        .filter(|(_, _, until)| *until > now)
+        .map(|(lock, n, until)| format!("{} until {} ({n} failures)", lock.as_str(), format_minutes(until)))
+        .collect();
+    let signins = signins
+        .into_iter()
+        .map(|(r, d)| SignInLine {
+            at: format_minutes(r.at),
+            what: r.kind.replace('_', " "),
+            client: text(&d, "client"),
+        })
+        .collect();
+    let (csrf, new) = csrf_for_page(call.headers());
+    let p = UserPage {
+        user: &call.session().identity.user,
+        csrf: &csrf,
+        name: &name,
+        email: u.email.unwrap_or_default(),
+        source: u.source,
+        groups: u.groups.join(", "),
+        disabled: u.disabled,
+        totp: f.totp,
+        passkeys: f.passkeys,
+        recovery_left: f.recovery_left,
+        locked,
+        signins,
+        sessions: sessions.into_iter().map(|r| session_line(r, &call.session().id)).collect(),
+    };
+    with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
+}
+
+/// A list of group names from a form field: comma or space separated.
+fn group_list(field: &str) -> Vec<String> {
+    field.split([',', ' ']).map(str::trim).filter(|g| !g.is_empty()).map(String::from).collect()
+}
+
+async fn user_act(st: &State, call: &Call) -> Response<Body> {
+    let me = call.session().identity.user.clone();
+    let admins = st.mitigation.admin_group.clone();
+    let name = call.field("name").trim().to_string();
+    let op = call.field("op").to_string();
+    if !valid_user_name(&name) {
+        return users(
+            st,
+            call,
+            Some((format!("{name:?} is not a valid user name: use letters, digits, and - _ . @ (at most 64)"), None)),
+        )
+        .await;
+    }
+    let now = st.clock.now();
+    let said = |s: String| Some((s, None));
+    let outcome = match op.as_str() {
+        "add" => {
+            let groups = group_list(call.field("groups"));
+            if let Some(g) = groups.iter().find(|g| !valid_user_name(g)) {
+                return users(st, call, said(format!("{g:?} is not a valid group name"))).await;
+            }
+            let email = Some(call.field("email").trim().to_string()).filter(|e| !e.is_empty());
+            let wanted = name.clone();
+            if blocking(st, move |store| store.user_exists(&wanted)).await != Some(false) {
+                return users(st, call, said(format!("User {name} exists already."))).await;
+            }
+            if !record(st, call, "user add", &name, &format!("groups: {}", groups.join(","))).await {
+                return unavailable(call);
+            }
+            let pw = crate::cli::random_password();
+            let Ok(hash) = crate::identity::password::hash(&pw) else { return unavailable(call) };
+            let wanted = name.clone();
+            let added = blocking(st, move |store| store.add_user(&wanted, email.as_deref(), &hash, &groups, now)).await;
+            if added.is_none() {
+                return unavailable(call);
+            }
+            return users(st, call, Some((format!("Added user {name}."), Some(pw)))).await;
+        }
+        "disable" | "enable" => {
+            let off = op == "disable";
+            if off && name == me {
+                return users(st, call, said("You cannot disable yourself here: ask another administrator, or use poort user disable on the gateway.".into())).await;
+            }
+            let detail = if off { "disabled; sessions ended" } else { "enabled" };
+            if !record(st, call, &format!("user {op}"), &name, detail).await {
+                return unavailable(call);
+            }
+            let wanted = name.clone();
+            match blocking(st, move |store| store.set_disabled(&wanted, off, now)).await {
+                Some(true) => format!("{} {name}.", if off { "Disabled" } else { "Enabled" }),
+                Some(false) => format!("No user {name}."),
+                None => return unavailable(call),
+            }
+        }
+        "unlock" => {
+            if !record(st, call, "user unlock", &name, "failures cleared").await {
+                return unavailable(call);
+            }
+            let wanted = name.clone();
+            let done = blocking(st, move |store| {
+                use crate::identity::mfa::{Lock, unlock};
+                store.with(|c| Ok(unlock(c, &wanted, Lock::Password)? | unlock(c, &wanted, Lock::Factor)?))
+            })
+            .await;
+            match done {
+                Some(_) => format!("{name} can sign in again."),
+                None => return unavailable(call),
+            }
+        }
+        "mfa-reset" => {
+            if name == me {
+                return users(
+                    st,
+                    call,
+                    said("You cannot remove your own second factors here: do it on your Security page.".into()),
+                )
+                .await;
+            }
+            let wanted = name.clone();
+            if blocking(st, move |store| store.user_exists(&wanted)).await != Some(true) {
+                return users(st, call, said(format!("No user {name}."))).await;
+            }
+            if !record(st, call, "user mfa-reset", &name, "all second factors removed").await {
+                return unavailable(call);
+            }
+            let wanted = name.clone();
+            match blocking(st, move |store| store.with(|c| crate::identity::mfa::reset(c, &wanted))).await {
+                Some(_) => {
+                    format!("Removed every second factor of {name}; they set up new ones at their next sign-in.")
+                }
+                None => return unavailable(call),
+            }
+        }
+        "groups" => {
+            let (add, remove) = (group_list(call.field("add")), group_list(call.field("remove")));
+            if let Some(g) = add.iter().find(|g| !valid_user_name(g)) {
+                return users(st, call, said(format!("{g:?} is not a valid group name"))).await;
+            }
+            if name == me && remove.contains(&admins) {
+                return users(
+                    st,
+                    call,
+                    said(format!("You cannot take yourself out of {admins} here: ask another administrator.")),
+                )
+                .await;
+            }
+            let wanted = name.clone();
+            if blocking(st, move |store| store.user_exists(&wanted)).await != Some(true) {
+                return users(st, call, said(format!("No user {name}."))).await;
+            }
+            let detail = format!("added: {}; removed: {}", add.join(","), remove.join(","));
+            if !record(st, call, "user groups", &name, &detail).await {
+                return unavailable(call);
+            }
+            let wanted = name.clone();
+            match blocking(st, move |store| store.change_groups(&wanted, &add, &remove, now)).await {
+                Some(()) => format!("Changed the groups of {name} ({detail})."),
+                None => return unavailable(call),
+            }
+        }
+        _ => return error_page(StatusCode::BAD_REQUEST, call.ctx.id),
+    };
+    users(st, call, said(outcome)).await
+}
+
+// ---- sessions -----------------------------------------------------------------------------
+
+struct SessionLine {
+    id: String,
+    user: String,
+    kind: String,
+    created: String,
+    last_seen: String,
+    client_addr: String,
+    browser: String,
+    current: bool,
+}
+
+fn session_line(r: crate::store::SessionRow, current: &str) -> SessionLine {
+    SessionLine {
+        current: r.id == current,
+        browser: browser_of(&r.user_agent),
+        created: format_minutes(r.created_at),
+        last_seen: format_minutes(r.last_seen),
+        id: r.id,
+        user: r.user,
+        kind: r.kind,
+        client_addr: r.client_addr,
+    }
+}
+
+#[derive(Template)]
+#[template(path = "admin_sessions.html")]
+struct SessionsPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    sessions: Vec<SessionLine>,
+    done: Option<String>,
+}
+
+async fn sessions(st: &State, call: &Call, done: Option<String>) -> Response<Body> {
+    let Some(rows) = blocking(st, |store| store.list_sessions(None)).await else { return unavailable(call) };
+    let current = &call.session().id;
+    let sessions = rows.into_iter().map(|r| session_line(r, current)).collect();
+    let (csrf, new) = csrf_for_page(call.headers());
+    let p = SessionsPage { user: &call.session().identity.user, csrf: &csrf, sessions, done };
+    with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
+}
+
+async fn sessions_act(st: &State, call: &Call) -> Response<Body> {
+    let own = call.session().id.clone();
+    let now = st.clock.now();
+    let done = match call.field("op") {
+        "end" => {
+            let id = call.field("id").to_string();
+            let wanted = id.clone();
+            let Some(rows) = blocking(st, |store| store.list_sessions(None)).await else { return unavailable(call) };
+            let Some(row) = rows.into_iter().find(|r| r.id == wanted) else {
+                return sessions(st, call, Some("That session has ended already.".into())).await;
+            };
+            if !record(st, call, "session end", &id, &format!("a session of {}", row.user)).await {
+                return unavailable(call);
+            }
+            let _ = st.sessions.end(&id).await;
+            let ev =
+                Event::SessionEnded { user: row.user.clone(), session: id, by: call.session().identity.user.clone() };
+            st.audit.note(ev).await;
+            if row.id == own {
+                return super::to_login(st);
+            }
+            format!("Ended a session of {}.", row.user)
+        }
+        "end-user" => {
+            let user = call.field("user").to_string();
+            if !valid_user_name(&user) {
+                return error_page(StatusCode::BAD_REQUEST, call.ctx.id);
+            }
+            if !record(st, call, "session end-user", &user, "every session of the user").await {
+                return unavailable(call);
+            }
+            let (wanted, keep) = (user.clone(), own.clone());
+            let ended = blocking(st, move |store| {
+                let ids: Vec<String> =
+                    store.list_sessions(Some(&wanted))?.into_iter().map(|r| r.id).filter(|id| *id != keep).collect();
+                for id in &ids {
+                    store.revoke_session(id, now)?;
+                }
+                Ok(ids.len())
+            })
+            .await;
+            let Some(ended) = ended else { return unavailable(call) };
+            let _ = st.sessions.poll_revocations().await;
+            format!("Ended {ended} session(s) of {user}.")
+        }
+        "end-all" => {
+            if call.field("confirm") != "yes" {
+                return sessions(st, call, Some("Tick the box to confirm ending every session.".into())).await;
+            }
+            if !record(st, call, "session end-all", "all", "every session but the administrator's own").await {
+                return unavailable(call);
+            }
+            let keep = own.clone();
+            let ended = blocking(st, move |store| {
+                let ids: Vec<String> =
+                    store.list_sessions(None)?.into_iter().map(|r| r.id).filter(|id| *id != keep).collect();
+                for id in &ids {
+                    store.revoke_session(id, now)?;
+                }
+                Ok(ids.len())
+            })
+            .await;
+            let Some(ended) = ended else { return unavailable(call) };
+            let _ = st.sessions.poll_revocations().await;
+            format!("Ended {ended} session(s); yours stays open.")
+        }
+        _ => return error_page(StatusCode::BAD_REQUEST, call.ctx.id),
+    };
+    sessions(st, call, Some(done)).await
+}
+
+// ---- audit --------------------------------------------------------------------------------
+
+/// What the audit page filters on; empty fields match everything.
+#[derive(Debug, Default, Clone)]
+struct Filter {
+    kind: String,
+    user: String,
+    app: String,
+    client: String,
+    /// Dates (YYYY-MM-DD, UTC), inclusive.
+    since: String,
+    until: String,
+}
+
+impl Filter {
+    fn from(call: &Call) -> Filter {
+        let q = |n| query_param(call, n).unwrap_or_default().trim().to_string();
+        Filter {
+            kind: q("kind"),
+            user: q("user"),
+            app: q("app"),
+            client: q("client"),
+            since: q("since"),
+            until: q("until"),
+        }
+    }
+
+    fn query(&self) -> String {
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs([
+                ("kind", &self.kind),
+                ("user", &self.user),
+                ("app", &self.app),
+                ("client", &self.client),
+                ("since", &self.since),
+                ("until", &self.until),
+            ])
+            .finish()
+    }
+
+    fn matches(&self, r: &Record, d: &serde_json::Value) -> bool {
+        let field = |k: &str, want: &str| want.is_empty() || text(d, k) == want;
+        (self.kind.is_empty() || r.kind == self.kind)
+            && field("user", &self.user)
+            && field("app", &self.app)
+            && field("client", &self.client)
+    }
+}
+
+/// A string field of an event's JSON, or "".
+fn text(d: &serde_json::Value, k: &str) -> String {
+    match d.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v) if !v.is_null() => v.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// A date (YYYY-MM-DD) as the Unix time of its first second, UTC.
+fn day_start(date: &str) -> Option<i64> {
+    let t = humantime::parse_rfc3339(&format!("{date}T00:00:00Z")).ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64)
+}
+
+/// The newest records that match `filter` and `also`, at most `limit`, newest first; looks at
+/// no more than `SCAN` records.
+fn search(
+    conn: &crate::db::Conn,
+    filter: &Filter,
+    limit: usize,
+    also: impl Fn(&Record) -> bool,
+) -> crate::db::Result<Vec<(Record, serde_json::Value)>> {
+    const PAGE: i64 = 2000;
+    const SCAN: usize = 200_000;
+    let since = day_start(&filter.since).unwrap_or(i64::MIN);
+    let until = day_start(&filter.until).map_or(i64::MAX, |t| t + 86_400);
+    let mut before = i64::MAX;
+    let (mut out, mut seen) = (Vec::new(), 0usize);
+    while out.len() < limit && seen < SCAN {
+        let page = conn.query_map(
+            "SELECT seq, at, kind, detail, hash FROM audit WHERE seq < ?1 AND at >= ?2 AND at < ?3 ORDER BY seq DESC LIMIT ?4",
+            crate::db::params![before, since, until, PAGE],
+            |r| Ok(Record { seq: r.get(0)?, at: r.get(1)?, kind: r.get(2)?, detail: r.get(3)?, hash: r.get(4)? }),
+        )?;
+        let Some(last) = page.last() else { break };
+        before = last.seq;
+        seen += page.len();
+        for r in page {
+            let d: serde_json::Value = serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null);
+            if filter.matches(&r, &d) && also(&r) {
+                out.push((r, d));
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct AuditLine {
+    seq: i64,
+    at: String,
+    kind: String,
+    user: String,
+    client: String,
+    detail: String,
+}
+
+#[derive(Template)]
+#[template(path = "admin_audit.html")]
+struct AuditPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    f: &'a Filter,
+    query: String,
+    kinds: Vec<&'static str>,
+    lines: Vec<AuditLine>,
+    /// The chain verification, when asked for.
+    verdict: Option<(bool, String)>,
+}
+
+const SHOWN: usize = 200;
+
+async fn audit_page(st: &State, call: &Call) -> Response<Body> {
+    let f = Filter::from(call);
+    let verify = query_param(call, "verify").is_some_and(|v| v == "1");
+    let filter = f.clone();
+    let found = blocking(st, move |store| {
+        store.with(|c| {
+            let lines = search(c, &filter, SHOWN, |_| true)?;
+            let verdict = if verify { Some(audit::verify(c)?) } else { None };
+            Ok((lines, verdict))
+        })
+    })
+    .await;
+    let Some((lines, verdict)) = found else { return unavailable(call) };
+    let lines = lines
+        .into_iter()
+        .map(|(r, d)| AuditLine {
+            seq: r.seq,
+            at: format_minutes(r.at),
+            kind: r.kind,
+            user: text(&d, "user"),
+            client: text(&d, "client"),
+            detail: r.detail,
+        })
+        .collect();
+    let verdict = verdict.map(|v| match v {
+        audit::Verdict::Intact { records, head } => (true, format!("intact: {records} records, head {head}")),
+        audit::Verdict::Broken { seq, why } => (false, format!("broken at record {seq}: {why}")),
+    });
+    let (csrf, new) = csrf_for_page(call.headers());
+    let p = AuditPage {
+        user: &call.session().identity.user,
+        csrf: &csrf,
+        query: f.query(),
+        f: &f,
+        kinds: audit::KINDS.to_vec(),
+        lines,
+        verdict,
+    };
+    with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
+}
+
+/// The filtered records as JSON lines (seq, at, event, hash), as `poort audit tail --json`
+/// prints them, to download.
+async fn audit_export(st: &State, call: &Call) -> Response<Body> {
+    let f = Filter::from(call);
+    if !record(st, call, "audit export", "audit", &f.query()).await {
+        return unavailable(call);
+    }
+    let found = blocking(st, move |store| store.with(|c| search(c, &f, 100_000, |_| true))).await;
+    let Some(mut lines) = found else { return unavailable(call) };
+    lines.reverse();
+    let mut out = String::new();
+    for (r, d) in lines {
+        let line = serde_json::json!({"seq": r.seq, "at": crate::clock::format_utc(r.at), "event": d, "hash": crate::secret::hex(&r.hash)});
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    let mut resp = page(StatusCode::OK, "application/x-ndjson", Body::from(out));
+    resp.headers_mut()
+        .insert(header::CONTENT_DISPOSITION, HeaderValue::from_static("attachment; filename=\"poort-audit.jsonl\""));
+    resp
+}
+
+// ---- mitigation ---------------------------------------------------------------------------
+
+struct HitLine {
+    rule: String,
+    hits: u64,
+}
+
+#[derive(Template)]
+#[template(path = "admin_mitigation.html")]
+struct MitigationPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    file: String,
+    rules: usize,
+    version: String,
+    loaded_at: String,
+    sha256: String,
+    last_error: Option<String>,
+    hits: Vec<HitLine>,
+    lockdown: bool,
+    lockdown_config: bool,
+    admin_group: &'a str,
+    done: Option<String>,
+}
+
+async fn mitigation(st: &State, call: &Call, done: Option<String>) -> Response<Body> {
+    let status = st.mitigation.status();
+    let mut hits: Vec<HitLine> = status.hits.into_iter().map(|(rule, hits)| HitLine { rule, hits }).collect();
+    hits.sort_by(|a, b| b.hits.cmp(&a.hits).then(a.rule.cmp(&b.rule)));
+    let (csrf, new) = csrf_for_page(call.headers());
+    let p = MitigationPage {
+        user: &call.session().identity.user,
+        csrf: &csrf,
+        file: status.file.unwrap_or_else(|| "none configured".into()),
+        rules: st.mitigation.rule_count(),
+        version: status.version.map(|v| v.to_string()).unwrap_or_default(),
+        loaded_at: status.loaded_at.unwrap_or_default(),
+        sha256: status.sha256.unwrap_or_default(),
+        last_error: status.last_error,
+        hits,
+        lockdown: st.mitigation.lockdown(),
+        lockdown_config: st.cfg.mitigate.lockdown,
+        admin_group: &st.mitigation.admin_group,
+        done,
+    };
+    with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
+}
+
+async fn mitigation_act(st: &State, call: &Call) -> Response<Body> {
+    let state = match call.field("lockdown") {
+        "on" => "on",
+        "off" => "off",
+        _ => return error_page(StatusCode::BAD_REQUEST, call.ctx.id),
+    };
+    if call.field("confirm") != "yes" {
+        return mitigation(st, call, Some("Tick the box to confirm.".into())).await;
+    }
+    let detail = format!("only group {} may sign in", st.mitigation.admin_group);
+    if !record(st, call, "lockdown", state, &detail).await {
+        return unavailable(call);
+    }
+    let value = state.to_string();
+    if blocking(st, move |store| store.set_setting("lockdown", &value)).await.is_none() {
+        return unavailable(call);
+    }
+    // Every node reads the switch within a second (server::poll_store), this one included.
+    let said = if state == "on" {
+        format!("Lockdown is on: within a second only {} can sign in or reach apps.", st.mitigation.admin_group)
+    } else if st.cfg.mitigate.lockdown {
+        "The switch is off, but the config keeps lockdown on ([mitigate] lockdown = true).".into()
+    } else {
+        "Lockdown is off within a second.".into()
+    };
+    mitigation(st, call, Some(said)).await
+}
+
+// ---- who may use what ---------------------------------------------------------------------
+
+struct AccessLine {
+    kind: &'static str,
+    name: String,
+    title: String,
+    rule: String,
+    verdict: String,
+    allowed: bool,
+}
+
+#[derive(Template)]
+#[template(path = "admin_access.html")]
+struct AccessPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    who: &'a str,
+    /// What is known of `who`: groups, or why nothing is decided.
+    about: String,
+    lines: Vec<AccessLine>,
+}
+
+/// How a resource's access is declared, in a line.
+fn describe(access: &policy::Access, mfa: bool) -> String {
+    let base = match access {
+        policy::Access::Public => "public".to_string(),
+        policy::Access::Authenticated => "any signed-in user".to_string(),
+        policy::Access::Rules(rules) => rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let effect = if r.effect == policy::Effect::Allow { "allow" } else { "deny" };
+                let mut who: Vec<String> = r.users.iter().map(|u| format!("user {u}")).collect();
+                who.extend(r.groups.iter().map(|g| format!("group {g}")));
+                format!("rule {i}: {effect} {}", who.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+    };
+    if mfa { format!("{base}; second factor required") } else { base }
+}
+
+async fn access(st: &State, call: &Call) -> Response<Body> {
+    let who = query_param(call, "user").unwrap_or_default().trim().to_string();
+    let mut lines = Vec::new();
+    let mut about = String::new();
+    let identity = if who.is_empty() {
+        None
+    } else if !valid_user_name(&who) {
+        about = "Not a valid user name.".into();
+        None
+    } else {
+        let name = who.clone();
+        match st.store.run(move |c| Store::identity(c, &name)).await {
+            Ok(Some(id)) => Some(id),
+            Ok(None) => {
+                about = format!("{who} is not a user here, or is disabled: nothing is open to them.");
+                None
+            }
+            Err(_) => return unavailable(call),
+        }
+    };
+    if let Some(id) = &identity {
+        about =
+            format!("{who} is in: {}", if id.groups.is_empty() { "no groups".into() } else { id.groups.join(", ") });
+        if st.mitigation.lockdown() && !id.groups.contains(&st.mitigation.admin_group) {
+            about.push_str(". Lockdown is on: they cannot sign in now, whatever the rules below say");
+        }
+    }
+    let verdict = |resource: Resource<'_>, access: &policy::Access, mfa: bool| -> (String, bool) {
+        let Some(id) = &identity else { return (String::new(), false) };
+        let with = |m| policy::evaluate(resource, access, mfa, Some(Subject { identity: id, mfa: m }));
+        match (with(false), with(true)) {
+            (Decision::Allow(_), _) => ("allowed".into(), true),
+            (_, Decision::Allow(_)) => ("allowed after a second factor".into(), true),
+            (Decision::Deny(why), _) => (format!("denied: {why}"), false),
+            _ => ("denied".into(), false),
+        }
+    };
+    for app in &st.cfg.apps {
+        let (v, ok) = verdict(Resource::App(&app.name), &app.access, app.mfa);
+        lines.push(AccessLine {
+            kind: "app",
+            name: app.name.clone(),
+            title: app.title.clone(),
+            rule: describe(&app.access, app.mfa),
+            verdict: v,
+            allowed: ok,
+        });
+    }
+    for t in &st.cfg.tunnels {
+        let (v, ok) = verdict(Resource::Tunnel(&t.name), &t.access, t.mfa);
+        lines.push(AccessLine {
+            kind: "tunnel",
+            name: t.name.clone(),
+            title: t.title.clone(),
+            rule: describe(&t.access, t.mfa),
+            verdict: v,
+            allowed: ok,
+        });
+    }
+    let (csrf, new) = csrf_for_page(call.headers());
+    let p = AccessPage { user: &call.session().identity.user, csrf: &csrf, who: &who, about, lines };
+    with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn browsers_are_named_as_people_name_them() {
+        let cases = [
+            ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:132.0) Gecko/20100101 Firefox/132.0", "Firefox on Windows"),
+            (
+                "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 Safari/605.1.15",
+                "Safari on macOS",
+            ),
+            (
+                "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1",
+                "Safari on iOS",
+            ),
+            (
+                "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+                "Chrome on Linux",
+            ),
+            (
+                "Mozilla/5.0 (Linux; Android 14) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36",
+                "Chrome on Android",
+            ),
+            (
+                "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36 Edg/131.0.0.0",
+                "Edge on Windows",
+            ),
+            ("curl/8.5.0", "curl"),
+            ("", "unknown"),
+        ];
+        for (ua, want) in cases {
+            assert_eq!(browser_of(ua), want, "{ua}");
+        }
+    }
+}

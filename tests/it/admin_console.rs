@@ -1,0 +1,321 @@
+//! The admin console (`/.poort/admin`), tried by everyone who should not get in: a user
+//! outside the admin group, an administrator with only a password, a script or a frame on the
+//! portal's origin, an administrator whose proof went stale or who was just taken out of the
+//! group; and by the administrator, whose every change lands and is audited.
+
+use poort::clock::Clock;
+use poort::identity::totp;
+
+use crate::harness::{Gate, ORIGIN, PASSWORD, Resp, enrol};
+
+const PAGES: [&str; 8] = [
+    "/.poort/admin",
+    "/.poort/admin/users",
+    "/.poort/admin/user?name=bob",
+    "/.poort/admin/sessions",
+    "/.poort/admin/audit",
+    "/.poort/admin/audit/export",
+    "/.poort/admin/mitigation",
+    "/.poort/admin/access?user=bob",
+];
+
+/// A page opened the way a person opens it: a click on a portal page.
+async fn open(gate: &Gate, path: &str, session: &str) -> Resp {
+    let referer = format!("{ORIGIN}/.poort/admin");
+    let cookie = format!("__Host-poort={session}");
+    let nav = [
+        ("Cookie", cookie.as_str()),
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Sec-Fetch-Mode", "navigate"),
+        ("Sec-Fetch-Dest", "document"),
+        ("Sec-Fetch-User", "?1"),
+        ("Referer", referer.as_str()),
+    ];
+    gate.request("GET", path, &nav, b"").await
+}
+
+/// Puts alice in the admin group with an authenticator; returns a session she opened with her
+/// password and then that factor (what the console takes), and her authenticator's secret.
+async fn admin(gate: &Gate) -> (String, Vec<u8>) {
+    let now = gate.clock.now();
+    gate.store().change_groups("alice", &["admins".into()], &[], now).unwrap();
+    let first = gate.login("alice").await;
+    let (secret, _, _) = enrol(gate, &first).await;
+    // The next code: the enrolment used this one.
+    gate.clock.advance(30);
+    let s = gate.login("alice").await;
+    let code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
+    let r = gate.post("/.poort/mfa", &s, &[("code", &code), ("next", "/.poort/admin")]).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    (r.cookie("__Host-poort").expect("the step-up renews the session"), secret)
+}
+
+fn disabled(gate: &Gate, user: &str) -> bool {
+    gate.store().list_users().unwrap().into_iter().find(|u| u.name == user).unwrap().disabled
+}
+
+#[tokio::test]
+async fn a_user_outside_the_admin_group_gets_no_page_and_no_action() {
+    let gate = Gate::start().await;
+    let bob = gate.login("bob").await;
+    for path in PAGES {
+        assert_eq!(open(&gate, path, &bob).await.status, 403, "{path}");
+    }
+    for (path, fields) in [
+        ("/.poort/admin/users", vec![("op", "disable"), ("name", "alice")]),
+        ("/.poort/admin/users", vec![("op", "groups"), ("name", "bob"), ("add", "admins")]),
+        ("/.poort/admin/sessions", vec![("op", "end-all"), ("confirm", "yes")]),
+        ("/.poort/admin/mitigation", vec![("lockdown", "on"), ("confirm", "yes")]),
+    ] {
+        assert_eq!(gate.post(path, &bob, &fields).await.status, 403, "{path} {fields:?}");
+    }
+    assert!(!disabled(&gate, "alice"));
+    let bob_groups = gate.store().list_users().unwrap().into_iter().find(|u| u.name == "bob").unwrap().groups;
+    assert!(bob_groups.is_empty(), "bob did not make himself an admin");
+    assert_eq!(gate.status("/app/", Some(&gate.login("alice").await)).await, 200, "no session was ended");
+    assert!(gate.audit("admin").is_empty(), "nothing was done");
+    // Signed out, the console sends the browser to sign in.
+    let r = gate.request("GET", "/.poort/admin", &[], b"").await;
+    assert_eq!(r.status, 302);
+    assert!(r.header("location").unwrap().starts_with(&format!("{ORIGIN}/.poort/login")));
+}
+
+#[tokio::test]
+async fn an_admin_with_only_a_password_is_sent_to_prove_a_second_factor() {
+    let gate = Gate::start().await;
+    let (_, _) = admin(&gate).await;
+    let password_only = gate.login("alice").await;
+    let r = open(&gate, "/.poort/admin/users", &password_only).await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.header("location"), Some(format!("{ORIGIN}/.poort/mfa?next=%2F.poort%2Fadmin").as_str()));
+    let r = gate.post("/.poort/admin/users", &password_only, &[("op", "disable"), ("name", "bob")]).await;
+    assert_eq!(r.status, 303);
+    assert!(!disabled(&gate, "bob"), "a password alone changes nothing");
+
+    // An admin who has no factor at all is sent to set one up first.
+    let now = gate.clock.now();
+    gate.store().change_groups("bob", &["admins".into()], &[], now).unwrap();
+    let bob = gate.login("bob").await;
+    let r = open(&gate, "/.poort/admin", &bob).await;
+    assert_eq!(r.status, 303);
+    let to = gate.get(r.header("location").unwrap().strip_prefix(ORIGIN).unwrap(), Some(&bob)).await;
+    assert!(to.header("location").unwrap().starts_with(&format!("{ORIGIN}/.poort/security?next=")), "set one up");
+}
+
+#[tokio::test]
+async fn admin_pages_open_to_the_person_and_not_to_a_script_or_a_frame() {
+    let gate = Gate::start().await;
+    let (s, _) = admin(&gate).await;
+    for path in PAGES {
+        assert_eq!(open(&gate, path, &s).await.status, 200, "{path}");
+    }
+    let page = open(&gate, "/.poort/admin/users", &s).await;
+    assert_eq!(page.header("cache-control"), Some("no-store"));
+    assert!(page.text().contains("bob"));
+
+    let cookie = format!("__Host-poort={s}");
+    let app_page = format!("{ORIGIN}/app/index.html");
+    let portal_page = format!("{ORIGIN}/.poort/admin");
+    let (app_page, portal_page) = (app_page.as_str(), portal_page.as_str());
+    // What an app's script on the portal's origin can send (apps routed by path share it).
+    let tries: [(&str, [(&str, &str); 5]); 6] = [
+        (
+            "fetch()",
+            [
+                ("Sec-Fetch-Site", "same-origin"),
+                ("Sec-Fetch-Mode", "cors"),
+                ("Sec-Fetch-Dest", "empty"),
+                ("Referer", app_page),
+                ("X-Nothing", ""),
+            ],
+        ),
+        (
+            "an iframe",
+            [
+                ("Sec-Fetch-Site", "same-origin"),
+                ("Sec-Fetch-Mode", "navigate"),
+                ("Sec-Fetch-Dest", "iframe"),
+                ("Sec-Fetch-User", "?1"),
+                ("Referer", portal_page),
+            ],
+        ),
+        (
+            "a window the app's page opened",
+            [
+                ("Sec-Fetch-Site", "same-origin"),
+                ("Sec-Fetch-Mode", "navigate"),
+                ("Sec-Fetch-Dest", "document"),
+                ("Sec-Fetch-User", "?1"),
+                ("Referer", app_page),
+            ],
+        ),
+        (
+            "a navigation no person started",
+            [
+                ("Sec-Fetch-Site", "same-origin"),
+                ("Sec-Fetch-Mode", "navigate"),
+                ("Sec-Fetch-Dest", "document"),
+                ("Referer", portal_page),
+                ("X-Nothing", ""),
+            ],
+        ),
+        (
+            "a link on another site",
+            [
+                ("Sec-Fetch-Site", "cross-site"),
+                ("Sec-Fetch-Mode", "navigate"),
+                ("Sec-Fetch-Dest", "document"),
+                ("Sec-Fetch-User", "?1"),
+                ("Referer", "https://evil.example/"),
+            ],
+        ),
+        (
+            "a client without fetch metadata",
+            [("Accept", "text/html"), ("X-Nothing", ""), ("X-Nothing-2", ""), ("X-Nothing-3", ""), ("X-Nothing-4", "")],
+        ),
+    ];
+    for (who, headers) in tries {
+        let mut all = vec![("Cookie", cookie.as_str())];
+        all.extend(headers);
+        let r = gate.request("GET", "/.poort/admin/users", &all, b"").await;
+        assert_eq!(r.status, 403, "{who}");
+        assert!(!r.text().contains("bob"), "{who} reads nothing");
+    }
+    // The address bar works.
+    let typed = [
+        ("Cookie", cookie.as_str()),
+        ("Sec-Fetch-Site", "none"),
+        ("Sec-Fetch-Mode", "navigate"),
+        ("Sec-Fetch-Dest", "document"),
+        ("Sec-Fetch-User", "?1"),
+    ];
+    assert_eq!(gate.request("GET", "/.poort/admin/users", &typed, b"").await.status, 200);
+
+    // A form posted by a script, not by the person, changes nothing.
+    let (csrf, field) = gate.login_form().await;
+    let scripted = [("Sec-Fetch-Site", "same-origin"), ("Sec-Fetch-Mode", "cors"), ("Referer", app_page)];
+    let r = gate
+        .post_form_from(
+            "/.poort/admin/users",
+            &csrf,
+            Some(&s),
+            &[("csrf", &field), ("op", "disable"), ("name", "bob")],
+            &scripted,
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    assert!(!disabled(&gate, "bob"));
+}
+
+#[tokio::test]
+async fn an_admin_action_lands_is_audited_and_needs_a_fresh_factor() {
+    let gate = Gate::start().await;
+    let (s, secret) = admin(&gate).await;
+    let bob = gate.login("bob").await;
+    let r = gate.post("/.poort/admin/users", &s, &[("op", "disable"), ("name", "bob")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("Disabled bob."));
+    assert!(disabled(&gate, "bob"));
+    crate::harness::eventually("bob's session ends", std::time::Duration::from_secs(3), async || {
+        gate.status("/app/", Some(&bob)).await == 401
+    })
+    .await;
+    let rec = gate.audit("admin");
+    let last = rec.last().expect("the action is recorded");
+    assert_eq!(last["command"], "console: user disable");
+    assert_eq!(last["target"], "bob");
+    assert_eq!(last["by"], "alice");
+    assert_eq!(last["client"], "127.0.0.1");
+
+    // Six minutes on, the proof is stale: the action waits for a new one.
+    gate.clock.advance(6 * 60);
+    let r = gate.post("/.poort/admin/users", &s, &[("op", "enable"), ("name", "bob")]).await;
+    assert_eq!(r.status, 303);
+    assert_eq!(r.header("location"), Some(format!("{ORIGIN}/.poort/confirm?next=%2F.poort%2Fadmin").as_str()));
+    assert!(disabled(&gate, "bob"), "nothing changed on a stale proof");
+    assert_eq!(open(&gate, "/.poort/admin/users", &s).await.status, 200, "reading needs no new proof");
+    let code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
+    let s = gate.confirm(&s, &[("code", &code)]).await;
+    let r = gate.post("/.poort/admin/users", &s, &[("op", "enable"), ("name", "bob")]).await;
+    assert_eq!(r.status, 200);
+    assert!(!disabled(&gate, "bob"));
+
+    // A new user, with a password shown once, that works.
+    let r = gate.post("/.poort/admin/users", &s, &[("op", "add"), ("name", "carol"), ("groups", "staff, ops")]).await;
+    let text = r.text();
+    let pw = text.split("shown only this once: <code>").nth(1).unwrap().split('<').next().unwrap().to_string();
+    assert!(pw.len() >= 16);
+    assert_eq!(gate.try_login("carol", &pw, "").await.status, 303);
+    let carol = gate.store().list_users().unwrap().into_iter().find(|u| u.name == "carol").unwrap();
+    assert_eq!(carol.groups, ["ops", "staff"]);
+
+    // An administrator cannot lock themselves out from here.
+    let r = gate.post("/.poort/admin/users", &s, &[("op", "groups"), ("name", "alice"), ("remove", "admins")]).await;
+    assert!(r.text().contains("You cannot take yourself out of admins"));
+    assert!(!disabled(&gate, "alice"));
+}
+
+#[tokio::test]
+async fn taken_out_of_the_admin_group_the_console_closes_at_once() {
+    let gate = Gate::start().await;
+    let (s, _) = admin(&gate).await;
+    assert_eq!(open(&gate, "/.poort/admin", &s).await.status, 200);
+    let now = gate.clock.now();
+    gate.store().change_groups("alice", &[], &["admins".into()], now).unwrap();
+    assert_eq!(open(&gate, "/.poort/admin", &s).await.status, 403);
+    let r = gate.post("/.poort/admin/sessions", &s, &[("op", "end-all"), ("confirm", "yes")]).await;
+    assert_eq!(r.status, 403);
+}
+
+#[tokio::test]
+async fn ending_sessions_and_lockdown_from_the_console_take_effect() {
+    let gate = Gate::start().await;
+    let (s, _) = admin(&gate).await;
+    let bob = gate.login("bob").await;
+    let page = open(&gate, "/.poort/admin/sessions", &s).await.text();
+    assert!(page.contains(">bob</a>"), "bob's session is listed");
+
+    // Unconfirmed, nothing ends.
+    let r = gate.post("/.poort/admin/sessions", &s, &[("op", "end-all")]).await;
+    assert!(r.text().contains("Tick the box"));
+    assert_eq!(gate.status("/app/", Some(&bob)).await, 200);
+    let r = gate.post("/.poort/admin/sessions", &s, &[("op", "end-all"), ("confirm", "yes")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    crate::harness::eventually("bob's session ends", std::time::Duration::from_secs(3), async || {
+        gate.status("/app/", Some(&bob)).await == 401
+    })
+    .await;
+    assert_eq!(open(&gate, "/.poort/admin", &s).await.status, 200, "the administrator's own session stays");
+
+    let r = gate.post("/.poort/admin/mitigation", &s, &[("lockdown", "on"), ("confirm", "yes")]).await;
+    assert!(r.text().contains("Lockdown is on"), "{}", r.text());
+    crate::harness::eventually("lockdown holds bob out", std::time::Duration::from_secs(4), async || {
+        gate.try_login("bob", PASSWORD, "").await.status != 303
+    })
+    .await;
+    assert_eq!(open(&gate, "/.poort/admin", &s).await.status, 200, "administrators work on");
+    let r = gate.post("/.poort/admin/mitigation", &s, &[("lockdown", "off"), ("confirm", "yes")]).await;
+    assert!(r.text().contains("Lockdown is off"));
+    let kinds: Vec<String> = gate.audit("admin").iter().map(|e| e["command"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kinds, ["console: session end-all", "console: lockdown", "console: lockdown"]);
+}
+
+#[tokio::test]
+async fn the_access_page_says_why_a_user_cannot_open_an_app() {
+    let gate = Gate::start().await;
+    let (s, _) = admin(&gate).await;
+    let page = open(&gate, "/.poort/admin/access?user=bob", &s).await.text();
+    assert!(page.contains("bob is in: no groups"), "{page}");
+    assert!(page.contains("denied: no allow rule matched"), "{page}");
+    let page = open(&gate, "/.poort/admin/access?user=nobody", &s).await.text();
+    assert!(page.contains("nobody is not a user here"));
+    // The audit page filters by user, and its export is the same records.
+    let page = open(&gate, "/.poort/admin/audit?user=bob&kind=login_succeeded", &s).await.text();
+    assert!(!page.contains("\"user\":\"alice\""));
+    let export = open(&gate, "/.poort/admin/audit/export?kind=login_succeeded&user=alice", &s).await;
+    let lines: Vec<serde_json::Value> = export.text().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.len() >= 2, "alice signed in more than once");
+    assert!(lines.iter().all(|l| l["event"]["user"] == "alice" && l["event"]["kind"] == "login_succeeded"));
+    let verified = open(&gate, "/.poort/admin/audit?verify=1", &s).await.text();
+    assert!(verified.contains("Hash chain intact"), "{verified}");
+}
