@@ -1,21 +1,7 @@
 //! `poort quickstart`: a working gateway in a fresh folder.
 
 use super::*;
-
-/// A random password of 20 characters from an alphabet without look-alikes (~117 bits).
-pub fn random_password() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let mut out = String::with_capacity(20);
-    while out.len() < 20 {
-        for b in crate::secret::random_bytes::<32>() {
-            // Rejection sampling keeps every character equally likely.
-            if (b as usize) < 256 - 256 % ALPHABET.len() && out.len() < 20 {
-                out.push(ALPHABET[b as usize % ALPHABET.len()] as char);
-            }
-        }
-    }
-    out
-}
+pub use crate::identity::password::random_password;
 
 const QUICKSTART_CONFIG: &str = r#"# Written by `poort quickstart`. Edit it, check it with
 #   poort check --config @CONFIG@

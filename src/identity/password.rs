@@ -52,6 +52,21 @@ pub fn check_strength(password: &str, user_inputs: &[&str]) -> Result<(), String
     Ok(())
 }
 
+/// A random password of 20 characters from an alphabet without look-alikes (~117 bits).
+pub fn random_password() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut out = String::with_capacity(20);
+    while out.len() < 20 {
+        for b in crate::secret::random_bytes::<32>() {
+            // Rejection sampling keeps every character equally likely.
+            if (b as usize) < 256 - 256 % ALPHABET.len() && out.len() < 20 {
+                out.push(ALPHABET[b as usize % ALPHABET.len()] as char);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

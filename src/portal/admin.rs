@@ -382,7 +382,7 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
             if !record(st, call, "user add", &name, &format!("groups: {}", groups.join(","))).await {
                 return unavailable(call);
             }
-            let pw = crate::cli::random_password();
+            let pw = crate::identity::password::random_password();
             let Ok(hash) = crate::identity::password::hash(&pw) else { return unavailable(call) };
             let wanted = name.clone();
             let added = blocking(st, move |store| store.add_user(&wanted, email.as_deref(), &hash, &groups, now)).await;

@@ -131,7 +131,8 @@ async fn before_login_only_the_fixed_routes_answer() {
     assert_eq!(gate.get("/.poort/login", None).await.status, 200);
     assert_eq!(gate.get("/", None).await.status, 302);
     assert_eq!(gate.get("/.poort/sessions", None).await.status, 302);
-    for p in ["/.poort/", "/.poort/admin", "/.poort/login/x", "/.poort/../etc/passwd", "/favicon.ico", "/nothing/"] {
+    assert_eq!(gate.get("/.poort/admin", None).await.status, 302, "the admin console sends to the login");
+    for p in ["/.poort/", "/.poort/admin/", "/.poort/login/x", "/.poort/../etc/passwd", "/favicon.ico", "/nothing/"] {
         let status = gate.get(p, None).await.status;
         assert!(status == 404 || status == 400, "{p}: {status}");
     }
