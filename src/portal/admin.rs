@@ -553,18 +553,7 @@ async fn sessions_act(st: &State, call: &Call) -> Response<Body> {
             if !record(st, call, "session end-user", &user, "every session of the user").await {
                 return unavailable(call);
             }
-            let (wanted, keep) = (user.clone(), own.clone());
-            let ended = blocking(st, move |store| {
-                let ids: Vec<String> =
-                    store.list_sessions(Some(&wanted))?.into_iter().map(|r| r.id).filter(|id| *id != keep).collect();
-                for id in &ids {
-                    store.revoke_session(id, now)?;
-                }
-                Ok(ids.len())
-            })
-            .await;
-            let Some(ended) = ended else { return unavailable(call) };
-            let _ = st.sessions.poll_revocations().await;
+            let Some(ended) = end_many(st, Some(user.clone()), own, now).await else { return unavailable(call) };
             format!("Ended {ended} session(s) of {user}.")
         }
         "end-all" => {
@@ -574,23 +563,28 @@ async fn sessions_act(st: &State, call: &Call) -> Response<Body> {
             if !record(st, call, "session end-all", "all", "every session but the administrator's own").await {
                 return unavailable(call);
             }
-            let keep = own.clone();
-            let ended = blocking(st, move |store| {
-                let ids: Vec<String> =
-                    store.list_sessions(None)?.into_iter().map(|r| r.id).filter(|id| *id != keep).collect();
-                for id in &ids {
-                    store.revoke_session(id, now)?;
-                }
-                Ok(ids.len())
-            })
-            .await;
-            let Some(ended) = ended else { return unavailable(call) };
-            let _ = st.sessions.poll_revocations().await;
+            let Some(ended) = end_many(st, None, own, now).await else { return unavailable(call) };
             format!("Ended {ended} session(s); yours stays open.")
         }
         _ => return error_page(StatusCode::BAD_REQUEST, call.ctx.id),
     };
     sessions(st, call, Some(done)).await
+}
+
+/// Ends every session of `user` (or of everyone) but `keep`, on every node; how many.
+async fn end_many(st: &State, user: Option<String>, keep: String, now: crate::clock::UnixTime) -> Option<usize> {
+    let ended = blocking(st, move |store| {
+        let rows = store.list_sessions(user.as_deref())?;
+        let ids: Vec<String> = rows.into_iter().map(|r| r.id).filter(|id| *id != keep).collect();
+        for id in &ids {
+            store.revoke_session(id, now)?;
+        }
+        Ok(ids.len())
+    })
+    .await?;
+    // This node at once; the others within a second.
+    let _ = st.sessions.poll_revocations().await;
+    Some(ended)
 }
 
 // ---- audit --------------------------------------------------------------------------------
