@@ -104,6 +104,26 @@
     finished(await post(base + "/finish", { ceremony: start.ceremony, credential: assertion(cred) }));
   }
 
+  // What went wrong, in words a person can act on; the browser's own message names
+  // specifications and is not for them.
+  function plain(err) {
+    switch (err && err.name) {
+      case "NotAllowedError":
+        return "The passkey prompt was closed or timed out. Try again when you are ready.";
+      case "InvalidStateError":
+        return "This device or key already holds a passkey for your account here.";
+      case "AbortError":
+        return "The passkey prompt was cancelled. Try again.";
+      case "SecurityError":
+        return "The browser refused to use a passkey for this address.";
+      case "NotSupportedError":
+        return "This device or key cannot make a passkey of the kind needed here.";
+      default:
+        // Our own errors (the gateway's answers) are already sentences.
+        return err instanceof DOMException || !err ? "The passkey did not work. Try again, or use another way to sign in." : err.message;
+    }
+  }
+
   if (!window.PublicKeyCredential) {
     say("This browser does not support passkeys.");
     return;
@@ -113,14 +133,14 @@
     button.addEventListener("click", (e) => {
       e.preventDefault();
       say("Follow your browser's prompt…");
-      register().catch((err) => say("That did not work: " + err.message));
+      register().catch((err) => say(plain(err)));
     });
   });
   root.querySelectorAll("button[data-passkey-auth]").forEach((button) => {
     button.addEventListener("click", (e) => {
       e.preventDefault();
       say("Follow your browser's prompt…");
-      authenticate(button.dataset.passkeyAuth).catch((err) => say("That did not work: " + err.message));
+      authenticate(button.dataset.passkeyAuth).catch((err) => say(plain(err)));
     });
   });
 })();

@@ -33,11 +33,9 @@ pub async fn start() -> anyhow::Result<SocketAddr> {
 }
 
 async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let mut out = String::from("poort demo app \"whoami\": this is the request poort forwarded.\n\n");
-    let _ = writeln!(out, "{} {} {:?}", req.method(), req.uri(), req.version());
-    for (name, value) in req.headers() {
-        let _ = writeln!(out, "{}: {}", name, String::from_utf8_lossy(value.as_bytes()));
-    }
+    let mut out = String::from("poort demo app \"whoami\": this is the request poort forwarded.\n");
+    // Who the user is first: the assertion's claims, decoded. The token itself is long, and
+    // folded below.
     if let Some(jwt) = req.headers().get("x-poort-assertion").and_then(|v| v.to_str().ok())
         && let Some(claims) = jwt.split('.').nth(1).and_then(|p| {
             use base64::Engine;
@@ -46,9 +44,19 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     {
         let _ = writeln!(
             out,
-            "\nX-Poort-Assertion claims (verify the signature with /.poort/jwks.json):\n{}",
+            "\nWho you are, from the X-Poort-Assertion (verify its signature with /.poort/jwks.json):\n{}",
             String::from_utf8_lossy(&claims)
         );
+    }
+    let _ = writeln!(out, "\n{} {} {:?}", req.method(), req.uri(), req.version());
+    for (name, value) in req.headers() {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        if name == "x-poort-assertion" && value.len() > 40 {
+            let head: String = value.chars().take(32).collect();
+            let _ = writeln!(out, "{name}: {head}… ({} characters)", value.len());
+        } else {
+            let _ = writeln!(out, "{name}: {value}");
+        }
     }
     let resp = Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")

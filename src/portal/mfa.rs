@@ -72,7 +72,10 @@ struct TotpEnrolPage<'a> {
     csrf: &'a str,
     next: &'a str,
     qr: &'a str,
+    /// The key in groups of four, to read and type.
     key: &'a str,
+    /// The same key as one string, to copy.
+    plain: &'a str,
     error: Option<&'a str>,
 }
 
@@ -526,11 +529,12 @@ async fn totp_enrol_view(
     };
     let uri = totp::otpauth_uri(&st.cfg.mfa.issuer, &s.identity.user, &secret);
     let qr = qr_data_uri(&uri).unwrap_or_default();
-    let key = grouped(&totp::base32(&secret));
+    let plain = totp::base32(&secret);
+    let key = grouped(&plain);
     let (csrf, new) = csrf_for_page(headers);
     let next = if safe_next(next, &st.cfg) == Next::Portal { "" } else { next };
     let status = if error.is_some() { StatusCode::UNAUTHORIZED } else { StatusCode::OK };
-    let page = TotpEnrolPage { user: &s.identity.user, csrf: &csrf, next, qr: &qr, key: &key, error };
+    let page = TotpEnrolPage { user: &s.identity.user, csrf: &csrf, next, qr: &qr, key: &key, plain: &plain, error };
     with_csrf_cookie(html(status, &page), &csrf, new)
 }
 

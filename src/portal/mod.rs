@@ -71,6 +71,8 @@ struct LauncherPage<'a> {
     apps: Vec<AppLink>,
     tunnels: Vec<TunnelLink>,
     origin: &'a str,
+    /// In the admin group: the console is linked (it checks for itself who gets in).
+    admin: bool,
 }
 
 struct SessionLine {
@@ -78,7 +80,8 @@ struct SessionLine {
     created: String,
     last_seen: String,
     client_addr: String,
-    user_agent: String,
+    /// Browser and system, as a person names them ("Firefox on Windows").
+    browser: String,
     current: bool,
     /// A command-line session this browser session approved.
     approved_here: bool,
@@ -261,8 +264,15 @@ fn launcher(st: &State, call: &Call) -> Response<Body> {
         })
         .collect();
     let (csrf, new) = csrf_for_page(call.headers());
-    let page =
-        LauncherPage { user: &s.identity.user, csrf: &csrf, apps, tunnels, origin: &st.cfg.server.external_origin };
+    let admin = s.identity.groups.contains(&st.mitigation.admin_group);
+    let page = LauncherPage {
+        user: &s.identity.user,
+        csrf: &csrf,
+        apps,
+        tunnels,
+        origin: &st.cfg.server.external_origin,
+        admin,
+    };
     with_csrf_cookie(html(StatusCode::OK, &page), &csrf, new)
 }
 
@@ -558,7 +568,7 @@ async fn sessions_page(st: &State, call: &Call) -> Response<Body> {
             created: format_minutes(r.created_at),
             last_seen: format_minutes(if r.id == s.id { s.last_seen() } else { r.last_seen }),
             client_addr: r.client_addr,
-            user_agent: r.user_agent,
+            browser: admin::browser_of(&r.user_agent),
             id: r.id,
         })
         .collect();

@@ -5,7 +5,11 @@
 // folder for screenshots of each page.
 
 import { createHmac } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
 import { chromium } from "playwright-core";
+
+const axeSource = readFileSync(createRequire(import.meta.url).resolve("axe-core/axe.min.js"), "utf8");
 
 // What a phone authenticator app does, written independently of poort (RFC 6238).
 function base32Decode(text) {
@@ -217,6 +221,84 @@ try {
   await page.goto(`${gateway}/secure/`);
   const pl = await page.locator("body").innerText();
   check("a passkey sign-in opens the MFA app without another prompt", page.url() === `${gateway}/secure/` && /"amr":\["hwk","mfa"\]/.test(pl), page.url());
+
+  // The admin console: the quickstart's admin is in group admins, and this session was
+  // opened with a passkey (a second factor).
+  await page.goto(`${gateway}/`);
+  await page.click("a:has-text(\"Admin console\")");
+  await page.waitForURL(`${gateway}/.poort/admin`);
+  check("an administrator with a second factor opens the console from the launcher", (await page.locator("h1").textContent()) === "Administration", page.url());
+  await page.goto(`${gateway}/.poort/admin`);
+  check("and from the address bar", (await page.locator("h1").textContent()) === "Administration", page.url());
+  await page.click("nav.sub a:has-text(\"Users\")");
+  await page.waitForURL(`${gateway}/.poort/admin/users`);
+  check("the users page lists the administrator", (await page.locator("td a", { hasText: "admin" }).count()) === 1);
+  await page.fill("#new-name", "carol");
+  await page.fill("#new-groups", "staff");
+  await page.click("button:has-text(\"Add user\")");
+  const added = await page.locator("p.notice").allTextContents();
+  check("a user added in the console gets a password shown once", added.some((t) => t.includes("Added user carol")) && added.some((t) => /shown only this once: \S{20}/.test(t)), added.join(" | "));
+  await shot("11-admin-users");
+  await page.click("nav.sub a:has-text(\"Sessions\")");
+  await page.waitForURL(`${gateway}/.poort/admin/sessions`);
+  const mine = await page.locator("tbody tr", { hasText: "yours" }).innerText().catch(() => "");
+  check("the console's sessions page names browser and system", /Chrome(ium)? on Linux/.test(mine), mine);
+  await shot("12-admin-sessions");
+  // A script on the demo app's page (the portal's origin) cannot read the console.
+  await page.goto(`${gateway}/whoami/`);
+  const scripted = await page.evaluate(async () => {
+    const r = await fetch("/.poort/admin/users", { credentials: "include" });
+    return `${r.status} ${(await r.text()).includes("carol") ? "read" : "nothing"}`;
+  });
+  check("an app's script gets nothing from the console", scripted === "403 nothing", scripted);
+
+  // On a phone: nothing leaves the screen sideways, and sign out stays in reach.
+  await page.setViewportSize({ width: 390, height: 844 });
+  for (const [name, path] of [["launcher", "/"], ["sessions", "/.poort/sessions"], ["security", "/.poort/security"], ["admin-users", "/.poort/admin/users"]]) {
+    await page.goto(`${gateway}${path}`);
+    const fits = await page.evaluate(() => {
+      const out = document.querySelector("button.link");
+      const r = out ? out.getBoundingClientRect() : { right: 0 };
+      return { scroll: document.documentElement.scrollWidth, signOut: Math.round(r.right) };
+    });
+    check(`on a 390 px screen the ${name} page fits and sign out is on screen`, fits.scroll <= 390 && fits.signOut > 0 && fits.signOut <= 390, JSON.stringify(fits));
+    if (shots) await page.screenshot({ path: `${shots}/phone-${name}.png`, fullPage: true });
+  }
+  await page.setViewportSize({ width: 1280, height: 800 });
+
+  // Accessibility: axe-core on every portal and admin page, signed out and signed in, finds
+  // nothing serious or critical. axe runs as a script the page did not ask for, so this
+  // context lets it past the portal's Content-Security-Policy (the only difference).
+  const audit = await browser.newContext({ ignoreHTTPSErrors: true, bypassCSP: true });
+  const a11y = await audit.newPage();
+  const scan = async (name, path) => {
+    await a11y.goto(`${gateway}${path}`);
+    await a11y.addScriptTag({ content: axeSource });
+    const found = await a11y.evaluate(async () => {
+      const r = await window.axe.run(document, { resultTypes: ["violations"] });
+      return r.violations
+        .filter((v) => v.impact === "serious" || v.impact === "critical")
+        .map((v) => `${v.id} (${v.impact}): ${v.nodes.map((n) => n.target.join(" ")).slice(0, 3).join(", ")}`);
+    });
+    check(`axe finds nothing serious on the ${name} page`, found.length === 0, found.join("; "));
+  };
+  await scan("login", "/.poort/login");
+  await audit.addCookies(await context.cookies());
+  for (const [name, path] of [
+    ["launcher", "/"],
+    ["sessions", "/.poort/sessions"],
+    ["security", "/.poort/security"],
+    ["admin overview", "/.poort/admin"],
+    ["admin users", "/.poort/admin/users"],
+    ["admin user", "/.poort/admin/user?name=carol"],
+    ["admin sessions", "/.poort/admin/sessions"],
+    ["admin audit", "/.poort/admin/audit"],
+    ["admin mitigation", "/.poort/admin/mitigation"],
+    ["admin access", "/.poort/admin/access?user=carol"],
+  ]) {
+    await scan(name, path);
+  }
+  await audit.close();
 } finally {
   await browser.close();
 }
