@@ -20,9 +20,52 @@ pub fn valid_user_name(s: &str) -> bool {
         && !s.starts_with(['-', '.'])
 }
 
+/// An email address as poort stores it for a local user and passes on to apps (a header, a
+/// claim): one line of visible characters with one `@` inside, none of the characters that
+/// would need quoting in a header, in HTML or in a mail address; at most 254 bytes.
+pub fn valid_email(s: &str) -> bool {
+    let Some((local, domain)) = s.split_once('@') else { return false };
+    !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && s.len() <= 254
+        && !domain.contains('@')
+        && s.bytes().all(|b| b.is_ascii_graphic() && !b"<>\"'(),;:[]\\`".contains(&b))
+}
+
 /// The name of an app, a tunnel or a provider: lower-case letters, digits, `-` and `_`.
 pub fn valid_entry_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails() {
+        for ok in ["alice@example.com", "a.b+tag@sub.example.org", "x_y-z@e.nl"] {
+            assert!(valid_email(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "alice",
+            "@example.com",
+            "alice@",
+            "alice@localhost",
+            "a@b@c.d",
+            "a b@c.d",
+            "a\n@c.d",
+            "a\"><img src=x>@c.d",
+            "n@x.y\n{\"kind\":1}",
+            "a@.c",
+            "a@c.",
+            "é@c.d",
+        ] {
+            assert!(!valid_email(bad), "{bad:?}");
+        }
+    }
 }

@@ -109,9 +109,14 @@ pub(super) fn run(cmd: UserCmd) -> anyhow::Result<i32> {
         UserCmd::Add { name, email, groups, password_stdin, config } => {
             let cfg = load(&config.config)?;
             check_names(&name, &groups)?;
+            if let Some(e) = email.as_deref().filter(|e| !crate::names::valid_email(e)) {
+                bail!(
+                    "{e:?} is not an email address poort accepts: one line, like name@example.com, without spaces, quotes or <>"
+                );
+            }
             let store = Store::open(&cfg.database)?;
-            if store.user_exists(&name)? {
-                bail!("user {name} exists already");
+            if store.name_taken(&name)? {
+                bail!("user {name} exists already (names are compared without regard to case)");
             }
             let (pw, made) = new_password(password_stdin, &name)?;
             store.add_user(&name, email.as_deref(), &password::hash(&pw)?, &groups, now)?;

@@ -24,10 +24,12 @@ use crate::store::Store;
 pub(super) async fn admit(st: &State, ctx: &Ctx, s: &Session, route: &Route, h: &HeaderMap) -> Option<Response<Body>> {
     if !is_admin(st, s).await {
         tracing::warn!(request = %ctx.id, client = %ctx.client, user = %s.identity.user, "Refused: the admin console is for the admin group");
+        refused(st, ctx, s, "not in the admin group");
         return Some(error_page(StatusCode::FORBIDDEN, ctx.id));
     }
     if route.verb == Verb::Get && !navigated(st, h) {
         tracing::warn!(request = %ctx.id, client = %ctx.client, "Refused: an admin page not opened by the person");
+        refused(st, ctx, s, "a page not opened by the person");
         return Some(error_page(StatusCode::FORBIDDEN, ctx.id));
     }
     let origin = &st.cfg.server.external_origin;
@@ -75,6 +77,11 @@ fn navigated(st: &State, h: &HeaderMap) -> bool {
 /// Runs an admin page's handler.
 pub(super) async fn serve(st: &State, page_: super::Page, call: Call) -> Response<Body> {
     use super::Page::*;
+    if call.head.method == http::Method::POST && !token_ok(st, &call) {
+        tracing::warn!(request = %call.ctx.id, client = %call.ctx.client, "Refused: an admin action without the console's token");
+        refused(st, &call.ctx, call.session(), "an action without the console's token");
+        return error_page(StatusCode::FORBIDDEN, call.ctx.id);
+    }
     let mut resp = match page_ {
         AdminHome => home(st, &call).await,
         AdminUsers => users(st, &call, None).await,
@@ -94,6 +101,35 @@ pub(super) async fn serve(st: &State, page_: super::Page, call: Call) -> Respons
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     resp
+}
+
+/// The console's token for this session: what only a console page carries, so that an
+/// action comes from one. The portal's CSRF token stops other sites; it does not stop a
+/// script on an app that shares the portal's origin (apps routed by path), which can read
+/// other portal pages and even make its page's address look like a portal page's. That
+/// script reads no console page (`navigated`), so it never holds this token. Keyed with the
+/// gateway's shared secret: every node makes and checks the same one.
+fn token(st: &State, call: &Call) -> String {
+    st.signins.sealer.keyed("admin console", &call.session().id)
+}
+
+fn token_ok(st: &State, call: &Call) -> bool {
+    use subtle::ConstantTimeEq;
+    let want = token(st, call);
+    bool::from(want.as_bytes().ct_eq(call.field("admin").as_bytes()))
+}
+
+/// Records an attempt at the console that its guard or token refused (counted per minute,
+/// as every refusal is).
+fn refused(st: &State, ctx: &Ctx, s: &Session, why: &str) {
+    let ev = Event::AccessDenied {
+        user: s.identity.user.clone(),
+        session: s.id.clone(),
+        app: "admin console".into(),
+        reason: why.into(),
+        client: ctx.client,
+    };
+    st.audit.refusal("admin_console", &s.identity.user, ctx.client, why, ev);
 }
 
 /// Records an administrator's action before it is made: an action that cannot be audited is
@@ -237,6 +273,8 @@ struct UserLine {
 struct UsersPage<'a> {
     user: &'a str,
     csrf: &'a str,
+    /// This session's console token (`token`), for the page's forms.
+    token: String,
     q: &'a str,
     users: Vec<UserLine>,
     /// What the last action did, or why it was not done.
@@ -267,7 +305,15 @@ async fn users(st: &State, call: &Call, done: Option<(String, Option<String>)>) 
         .collect();
     let (done, password) = done.map_or((None, None), |(d, p)| (Some(d), p));
     let (csrf, new) = csrf_for_page(call.headers());
-    let p = UsersPage { user: &call.session().identity.user, csrf: &csrf, q: &q, users, done, password };
+    let p = UsersPage {
+        user: &call.session().identity.user,
+        csrf: &csrf,
+        token: token(st, call),
+        q: &q,
+        users,
+        done,
+        password,
+    };
     with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
 }
 
@@ -282,6 +328,8 @@ struct SignInLine {
 struct UserPage<'a> {
     user: &'a str,
     csrf: &'a str,
+    /// This session's console token (`token`), for the page's forms.
+    token: String,
     name: &'a str,
     email: String,
     source: String,
@@ -333,6 +381,7 @@ async fn user(st: &State, call: &Call) -> Response<Body> {
     let p = UserPage {
         user: &call.session().identity.user,
         csrf: &csrf,
+        token: token(st, call),
         name: &name,
         email: u.email.unwrap_or_default(),
         source: u.source,
@@ -375,11 +424,17 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
                 return users(st, call, said(format!("{g:?} is not a valid group name"))).await;
             }
             let email = Some(call.field("email").trim().to_string()).filter(|e| !e.is_empty());
-            let wanted = name.clone();
-            if blocking(st, move |store| store.user_exists(&wanted)).await != Some(false) {
-                return users(st, call, said(format!("User {name} exists already."))).await;
+            if email.as_deref().is_some_and(|e| !crate::names::valid_email(e)) {
+                let why = "That is not an email address poort accepts: one line, like name@example.com, without spaces, quotes or <>.";
+                return users(st, call, said(why.into())).await;
             }
-            if !record(st, call, "user add", &name, &format!("groups: {}", groups.join(","))).await {
+            let wanted = name.clone();
+            if blocking(st, move |store| store.name_taken(&wanted)).await != Some(false) {
+                let why = format!("User {name} exists already (names are compared without regard to case).");
+                return users(st, call, said(why)).await;
+            }
+            let detail = format!("groups: {}; email: {}", groups.join(","), email.as_deref().unwrap_or("none"));
+            if !record(st, call, "user add", &name, &detail).await {
                 return unavailable(call);
             }
             let pw = crate::identity::password::random_password();
@@ -432,8 +487,18 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
                 .await;
             }
             let wanted = name.clone();
-            if blocking(st, move |store| store.user_exists(&wanted)).await != Some(true) {
-                return users(st, call, said(format!("No user {name}."))).await;
+            let Some(found) =
+                blocking(st, move |store| Ok(store.list_users()?.into_iter().find(|u| u.name == wanted))).await
+            else {
+                return unavailable(call);
+            };
+            let Some(found) = found else { return users(st, call, said(format!("No user {name}."))).await };
+            if found.groups.contains(&admins) {
+                // Without factors, an administrator is one password away from this console.
+                let why = format!(
+                    "{name} is an administrator: remove their factors on the gateway (poort user mfa-reset), or take them out of {admins} first."
+                );
+                return users(st, call, said(why)).await;
             }
             if !record(st, call, "user mfa-reset", &name, "all second factors removed").await {
                 return unavailable(call);
@@ -509,6 +574,8 @@ fn session_line(r: crate::store::SessionRow, current: &str) -> SessionLine {
 struct SessionsPage<'a> {
     user: &'a str,
     csrf: &'a str,
+    /// This session's console token (`token`), for the page's forms.
+    token: String,
     sessions: Vec<SessionLine>,
     done: Option<String>,
 }
@@ -518,7 +585,7 @@ async fn sessions(st: &State, call: &Call, done: Option<String>) -> Response<Bod
     let current = &call.session().id;
     let sessions = rows.into_iter().map(|r| session_line(r, current)).collect();
     let (csrf, new) = csrf_for_page(call.headers());
-    let p = SessionsPage { user: &call.session().identity.user, csrf: &csrf, sessions, done };
+    let p = SessionsPage { user: &call.session().identity.user, csrf: &csrf, token: token(st, call), sessions, done };
     with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
 }
 
@@ -550,7 +617,12 @@ async fn sessions_act(st: &State, call: &Call) -> Response<Body> {
             if !valid_user_name(&user) {
                 return error_page(StatusCode::BAD_REQUEST, call.ctx.id);
             }
-            if !record(st, call, "session end-user", &user, "every session of the user").await {
+            let detail = if user == call.session().identity.user {
+                "every session of the user but this one"
+            } else {
+                "every session of the user"
+            };
+            if !record(st, call, "session end-user", &user, detail).await {
                 return unavailable(call);
             }
             let Some(ended) = end_many(st, Some(user.clone()), own, now).await else { return unavailable(call) };
@@ -614,6 +686,14 @@ impl Filter {
         }
     }
 
+    /// Why the filter cannot be used, if it cannot.
+    fn problem(&self) -> Option<String> {
+        [("From", &self.since), ("To", &self.until)]
+            .into_iter()
+            .find(|(_, d)| !d.is_empty() && day_start(d).is_none())
+            .map(|(what, d)| format!("{what}: {d:?} is not a date; write it as YYYY-MM-DD."))
+    }
+
     fn query(&self) -> String {
         form_urlencoded::Serializer::new(String::new())
             .extend_pairs([
@@ -629,8 +709,10 @@ impl Filter {
 
     fn matches(&self, r: &Record, d: &serde_json::Value) -> bool {
         let field = |k: &str, want: &str| want.is_empty() || text(d, k) == want;
+        // A user is in a record as its user, or as the administrator who acted or their target.
+        let user = self.user.is_empty() || ["user", "by", "target"].iter().any(|k| text(d, k) == self.user);
         (self.kind.is_empty() || r.kind == self.kind)
-            && field("user", &self.user)
+            && user
             && field("app", &self.app)
             && field("client", &self.client)
     }
@@ -707,12 +789,31 @@ struct AuditPage<'a> {
     lines: Vec<AuditLine>,
     /// The chain verification, when asked for.
     verdict: Option<(bool, String)>,
+    /// Why the filter was not applied.
+    problem: Option<String>,
 }
 
 const SHOWN: usize = 200;
 
 async fn audit_page(st: &State, call: &Call) -> Response<Body> {
     let f = Filter::from(call);
+    let problem = f.problem();
+    if problem.is_some() {
+        // Nothing is shown for a filter that cannot be applied, rather than everything.
+        let (csrf, new) = csrf_for_page(call.headers());
+        let kinds = audit::KINDS.to_vec();
+        let p = AuditPage {
+            user: &call.session().identity.user,
+            csrf: &csrf,
+            query: f.query(),
+            f: &f,
+            kinds,
+            lines: Vec::new(),
+            verdict: None,
+            problem,
+        };
+        return with_csrf_cookie(html(StatusCode::BAD_REQUEST, &p), &csrf, new);
+    }
     let verify = query_param(call, "verify").is_some_and(|v| v == "1");
     let filter = f.clone();
     let found = blocking(st, move |store| {
@@ -748,6 +849,7 @@ async fn audit_page(st: &State, call: &Call) -> Response<Body> {
         kinds: audit::KINDS.to_vec(),
         lines,
         verdict,
+        problem: None,
     };
     with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
 }
@@ -756,6 +858,9 @@ async fn audit_page(st: &State, call: &Call) -> Response<Body> {
 /// prints them, to download.
 async fn audit_export(st: &State, call: &Call) -> Response<Body> {
     let f = Filter::from(call);
+    if let Some(why) = f.problem() {
+        return page(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", Body::from(format!("{why}\n")));
+    }
     if !record(st, call, "audit export", "audit", &f.query()).await {
         return unavailable(call);
     }
@@ -786,6 +891,8 @@ struct HitLine {
 struct MitigationPage<'a> {
     user: &'a str,
     csrf: &'a str,
+    /// This session's console token (`token`), for the page's forms.
+    token: String,
     file: String,
     rules: usize,
     version: String,
@@ -807,6 +914,7 @@ async fn mitigation(st: &State, call: &Call, done: Option<String>) -> Response<B
     let p = MitigationPage {
         user: &call.session().identity.user,
         csrf: &csrf,
+        token: token(st, call),
         file: status.file.unwrap_or_else(|| "none configured".into()),
         rules: st.mitigation.rule_count(),
         version: status.version.map(|v| v.to_string()).unwrap_or_default(),
@@ -831,7 +939,11 @@ async fn mitigation_act(st: &State, call: &Call) -> Response<Body> {
     if call.field("confirm") != "yes" {
         return mitigation(st, call, Some("Tick the box to confirm.".into())).await;
     }
-    let detail = format!("only group {} may sign in", st.mitigation.admin_group);
+    let detail = if state == "on" {
+        format!("only group {} may sign in", st.mitigation.admin_group)
+    } else {
+        "everyone may sign in again".to_string()
+    };
     if !record(st, call, "lockdown", state, &detail).await {
         return unavailable(call);
     }
@@ -899,7 +1011,7 @@ async fn access(st: &State, call: &Call) -> Response<Body> {
     let identity = if who.is_empty() {
         None
     } else if !valid_user_name(&who) {
-        about = "Not a valid user name.".into();
+        about = "Not a valid user name".into();
         None
     } else {
         let name = who.clone();

@@ -149,9 +149,10 @@ pub struct Route {
     pub rate: Rate,
     /// Stays open to everyone during a lockdown (so that an administrator can sign in).
     pub lockdown: bool,
-    /// Must be a person's own action in the portal: a navigation they started on a portal
-    /// page (`Sec-Fetch-Site: same-origin`, `Sec-Fetch-Mode: navigate`, `Sec-Fetch-User:
-    /// ?1`), never a script's request. Only form rows can be: a JSON request is a script's.
+    /// Must be a person's own action in the portal: a top-level navigation they started on a
+    /// portal page (`Sec-Fetch-Site: same-origin`, `Sec-Fetch-Mode: navigate`,
+    /// `Sec-Fetch-Dest: document`, `Sec-Fetch-User: ?1`), never a script's request or a form
+    /// posted into a frame. Only form rows can be: a JSON request is a script's.
     pub own_action: bool,
     pub page: Page,
 }
@@ -482,9 +483,9 @@ pub async fn fresh(st: &State, s: &Session) -> bool {
     s.fresh(st.clock.now(), has_factor)
 }
 
-/// A person's own action on a portal page (see `Route::own_action`): a navigation the user
-/// activated (fetch metadata: a script's `fetch`, or a form it submits without a click, never
-/// carries all three), sent from a portal page (`Referer` under `/.poort/`; the portal's
+/// A person's own action on a portal page (see `Route::own_action`): a top-level navigation
+/// the user activated (fetch metadata: a script's `fetch`, a form it submits without a click,
+/// or a form posted into a frame, never carries all four), sent from a portal page (`Referer` under `/.poort/`; the portal's
 /// pages send it, and an app's page, which shares the origin when the app is routed by path,
 /// cannot send a portal page's address).
 fn own_action(st: &State, h: &HeaderMap) -> bool {
@@ -493,6 +494,7 @@ fn own_action(st: &State, h: &HeaderMap) -> bool {
     let from_portal = h.get(header::REFERER).is_some_and(|r| r.as_bytes().starts_with(portal.as_bytes()));
     is("sec-fetch-site", b"same-origin")
         && is("sec-fetch-mode", b"navigate")
+        && is("sec-fetch-dest", b"document")
         && is("sec-fetch-user", b"?1")
         && from_portal
 }

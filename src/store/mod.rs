@@ -601,6 +601,16 @@ impl Store {
         })
     }
 
+    /// Whether a user of this name exists, in any letter case: a new account may not differ
+    /// from an existing one only by case (people and audit records would confuse them).
+    pub fn name_taken(&self, name: &str) -> anyhow::Result<bool> {
+        self.with(|c| {
+            c.query_row("SELECT 1 FROM users WHERE lower(name) = lower(?1)", [name], |_| Ok(()))
+                .optional()
+                .map(|o| o.is_some())
+        })
+    }
+
     pub fn list_users(&self) -> anyhow::Result<Vec<UserRow>> {
         self.with(|c| {
             let mut users =

@@ -34,6 +34,26 @@ async fn open(gate: &Gate, path: &str, session: &str) -> Resp {
     gate.request("GET", path, &nav, b"").await
 }
 
+/// The console's token on the page at `path`, as a person's browser holds it.
+async fn token(gate: &Gate, session: &str, path: &str) -> String {
+    let page = open(gate, path, session).await.text();
+    page.split("name=\"admin\" value=\"")
+        .nth(1)
+        .expect("a console page carries its token")
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Posts a console form as the administrator's browser does: from the page, with its token.
+async fn act(gate: &Gate, session: &str, path: &str, fields: &[(&str, &str)]) -> Resp {
+    let t = token(gate, session, path).await;
+    let mut all = vec![("admin", t.as_str())];
+    all.extend_from_slice(fields);
+    gate.post(path, session, &all).await
+}
+
 /// Puts alice in the admin group with an authenticator; returns a session she opened with her
 /// password and then that factor (what the console takes), and her authenticator's secret.
 async fn admin(gate: &Gate) -> (String, Vec<u8>) {
@@ -212,7 +232,7 @@ async fn an_admin_action_lands_is_audited_and_needs_a_fresh_factor() {
     let gate = Gate::start().await;
     let (s, secret) = admin(&gate).await;
     let bob = gate.login("bob").await;
-    let r = gate.post("/.poort/admin/users", &s, &[("op", "disable"), ("name", "bob")]).await;
+    let r = act(&gate, &s, "/.poort/admin/users", &[("op", "disable"), ("name", "bob")]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("Disabled bob."));
     assert!(disabled(&gate, "bob"));
@@ -229,19 +249,19 @@ async fn an_admin_action_lands_is_audited_and_needs_a_fresh_factor() {
 
     // Six minutes on, the proof is stale: the action waits for a new one.
     gate.clock.advance(6 * 60);
-    let r = gate.post("/.poort/admin/users", &s, &[("op", "enable"), ("name", "bob")]).await;
+    let r = act(&gate, &s, "/.poort/admin/users", &[("op", "enable"), ("name", "bob")]).await;
     assert_eq!(r.status, 303);
     assert_eq!(r.header("location"), Some(format!("{ORIGIN}/.poort/confirm?next=%2F.poort%2Fadmin").as_str()));
     assert!(disabled(&gate, "bob"), "nothing changed on a stale proof");
     assert_eq!(open(&gate, "/.poort/admin/users", &s).await.status, 200, "reading needs no new proof");
     let code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
     let s = gate.confirm(&s, &[("code", &code)]).await;
-    let r = gate.post("/.poort/admin/users", &s, &[("op", "enable"), ("name", "bob")]).await;
+    let r = act(&gate, &s, "/.poort/admin/users", &[("op", "enable"), ("name", "bob")]).await;
     assert_eq!(r.status, 200);
     assert!(!disabled(&gate, "bob"));
 
     // A new user, with a password shown once, that works.
-    let r = gate.post("/.poort/admin/users", &s, &[("op", "add"), ("name", "carol"), ("groups", "staff, ops")]).await;
+    let r = act(&gate, &s, "/.poort/admin/users", &[("op", "add"), ("name", "carol"), ("groups", "staff, ops")]).await;
     let text = r.text();
     let pw = text.split("shown only this once: <code>").nth(1).unwrap().split('<').next().unwrap().to_string();
     assert!(pw.len() >= 16);
@@ -250,7 +270,7 @@ async fn an_admin_action_lands_is_audited_and_needs_a_fresh_factor() {
     assert_eq!(carol.groups, ["ops", "staff"]);
 
     // An administrator cannot lock themselves out from here.
-    let r = gate.post("/.poort/admin/users", &s, &[("op", "groups"), ("name", "alice"), ("remove", "admins")]).await;
+    let r = act(&gate, &s, "/.poort/admin/users", &[("op", "groups"), ("name", "alice"), ("remove", "admins")]).await;
     assert!(r.text().contains("You cannot take yourself out of admins"));
     assert!(!disabled(&gate, "alice"));
 }
@@ -260,11 +280,12 @@ async fn taken_out_of_the_admin_group_the_console_closes_at_once() {
     let gate = Gate::start().await;
     let (s, _) = admin(&gate).await;
     assert_eq!(open(&gate, "/.poort/admin", &s).await.status, 200);
+    let held = token(&gate, &s, "/.poort/admin/sessions").await;
     let now = gate.clock.now();
     gate.store().change_groups("alice", &[], &["admins".into()], now).unwrap();
     assert_eq!(open(&gate, "/.poort/admin", &s).await.status, 403);
-    let r = gate.post("/.poort/admin/sessions", &s, &[("op", "end-all"), ("confirm", "yes")]).await;
-    assert_eq!(r.status, 403);
+    let r = gate.post("/.poort/admin/sessions", &s, &[("admin", &held), ("op", "end-all"), ("confirm", "yes")]).await;
+    assert_eq!(r.status, 403, "a page loaded before is no way back in");
 }
 
 #[tokio::test]
@@ -276,10 +297,10 @@ async fn ending_sessions_and_lockdown_from_the_console_take_effect() {
     assert!(page.contains(">bob</a>"), "bob's session is listed");
 
     // Unconfirmed, nothing ends.
-    let r = gate.post("/.poort/admin/sessions", &s, &[("op", "end-all")]).await;
+    let r = act(&gate, &s, "/.poort/admin/sessions", &[("op", "end-all")]).await;
     assert!(r.text().contains("Tick the box"));
     assert_eq!(gate.status("/app/", Some(&bob)).await, 200);
-    let r = gate.post("/.poort/admin/sessions", &s, &[("op", "end-all"), ("confirm", "yes")]).await;
+    let r = act(&gate, &s, "/.poort/admin/sessions", &[("op", "end-all"), ("confirm", "yes")]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     crate::harness::eventually("bob's session ends", std::time::Duration::from_secs(3), async || {
         gate.status("/app/", Some(&bob)).await == 401
@@ -287,14 +308,14 @@ async fn ending_sessions_and_lockdown_from_the_console_take_effect() {
     .await;
     assert_eq!(open(&gate, "/.poort/admin", &s).await.status, 200, "the administrator's own session stays");
 
-    let r = gate.post("/.poort/admin/mitigation", &s, &[("lockdown", "on"), ("confirm", "yes")]).await;
+    let r = act(&gate, &s, "/.poort/admin/mitigation", &[("lockdown", "on"), ("confirm", "yes")]).await;
     assert!(r.text().contains("Lockdown is on"), "{}", r.text());
     crate::harness::eventually("lockdown holds bob out", std::time::Duration::from_secs(4), async || {
         gate.try_login("bob", PASSWORD, "").await.status != 303
     })
     .await;
     assert_eq!(open(&gate, "/.poort/admin", &s).await.status, 200, "administrators work on");
-    let r = gate.post("/.poort/admin/mitigation", &s, &[("lockdown", "off"), ("confirm", "yes")]).await;
+    let r = act(&gate, &s, "/.poort/admin/mitigation", &[("lockdown", "off"), ("confirm", "yes")]).await;
     assert!(r.text().contains("Lockdown is off"));
     let kinds: Vec<String> = gate.audit("admin").iter().map(|e| e["command"].as_str().unwrap().to_string()).collect();
     assert_eq!(kinds, ["console: session end-all", "console: lockdown", "console: lockdown"]);
@@ -318,4 +339,84 @@ async fn the_access_page_says_why_a_user_cannot_open_an_app() {
     assert!(lines.iter().all(|l| l["event"]["user"] == "alice" && l["event"]["kind"] == "login_succeeded"));
     let verified = open(&gate, "/.poort/admin/audit?verify=1", &s).await.text();
     assert!(verified.contains("Hash chain intact"), "{verified}");
+}
+
+/// A script on an app routed by path shares the portal's origin: it can read the portal's
+/// CSRF token and fake its page's address, and a click of the administrator's can make its
+/// form post look like theirs. It cannot read a console page, so it has no console token.
+#[tokio::test]
+async fn a_console_form_needs_the_token_of_a_console_page_of_this_session() {
+    let gate = Gate::start().await;
+    let (s, secret) = admin(&gate).await;
+    let disable = [("op", "disable"), ("name", "bob")];
+    // Every header and the CSRF pair right, the console token missing or wrong.
+    assert_eq!(gate.post("/.poort/admin/users", &s, &disable).await.status, 403);
+    let wrong = [("admin", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"), ("op", "disable"), ("name", "bob")];
+    assert_eq!(gate.post("/.poort/admin/users", &s, &wrong).await.status, 403);
+    // The token of another session (the same administrator in another browser) is not this one's.
+    gate.clock.advance(30);
+    let other = gate.login("alice").await;
+    let code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
+    let other = gate.post("/.poort/mfa", &other, &[("code", &code)]).await.cookie("__Host-poort").unwrap();
+    let theirs = token(&gate, &other, "/.poort/admin/users").await;
+    let r = gate.post("/.poort/admin/users", &s, &[("admin", &theirs), ("op", "disable"), ("name", "bob")]).await;
+    assert_eq!(r.status, 403);
+    assert!(!disabled(&gate, "bob"));
+    let refused = gate.audit("access_denied");
+    assert!(refused.iter().any(|e| e["app"] == "admin console" && e["user"] == "alice"), "{refused:?}");
+
+    // A form posted into a frame, with everything else right, changes nothing either.
+    let t = token(&gate, &s, "/.poort/admin/users").await;
+    let (csrf, field) = gate.login_form().await;
+    let referer = format!("{ORIGIN}/.poort/admin/users");
+    let framed = [
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Sec-Fetch-Mode", "navigate"),
+        ("Sec-Fetch-Dest", "iframe"),
+        ("Sec-Fetch-User", "?1"),
+        ("Referer", referer.as_str()),
+    ];
+    let fields = [("csrf", field.as_str()), ("admin", t.as_str()), ("op", "disable"), ("name", "bob")];
+    let r = gate.post_form_from("/.poort/admin/users", &csrf, Some(&s), &fields, &framed).await;
+    assert_eq!(r.status, 403);
+    assert!(!disabled(&gate, "bob"));
+    // The same post as the page's own: it lands.
+    assert_eq!(act(&gate, &s, "/.poort/admin/users", &disable).await.status, 200);
+    assert!(disabled(&gate, "bob"));
+}
+
+#[tokio::test]
+async fn what_the_console_takes_in_is_checked() {
+    let gate = Gate::start().await;
+    let (s, _) = admin(&gate).await;
+    let users = "/.poort/admin/users";
+    for email in ["a\"><img src=x onerror=alert(1)>@x.y", "n@x.y\n{\"kind\":\"admin\"}", "no-at-sign"] {
+        let r = act(&gate, &s, users, &[("op", "add"), ("name", "mallory"), ("email", email)]).await;
+        assert!(r.text().contains("not an email address poort accepts"), "{email:?}");
+    }
+    let r = act(&gate, &s, users, &[("op", "add"), ("name", "Alice")]).await;
+    assert!(r.text().contains("exists already"), "a name that differs only in case");
+    let names: Vec<String> = gate.store().list_users().unwrap().into_iter().map(|u| u.name).collect();
+    assert!(!names.iter().any(|n| n == "mallory" || n == "Alice"), "{names:?}");
+
+    // An administrator's factors stay: without them the account is a password from here.
+    let now = gate.clock.now();
+    gate.store().change_groups("bob", &["admins".into()], &[], now).unwrap();
+    let r = act(&gate, &s, users, &[("op", "mfa-reset"), ("name", "bob")]).await;
+    assert!(r.text().contains("bob is an administrator"), "{}", r.text());
+
+    // A date that is no date filters nothing in, rather than everything.
+    let r = open(&gate, "/.poort/admin/audit?since=2026-12-32", &s).await;
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("is not a date"));
+    assert!(!r.text().contains("login_succeeded</td>"));
+    assert_eq!(open(&gate, "/.poort/admin/audit/export?until=bogus", &s).await.status, 400);
+
+    // Filtering by a user finds what was done by them and to them.
+    let r = act(&gate, &s, users, &[("op", "unlock"), ("name", "bob")]).await;
+    assert_eq!(r.status, 200);
+    let export = open(&gate, "/.poort/admin/audit/export?kind=admin&user=bob", &s).await.text();
+    assert!(export.contains("\"target\":\"bob\""), "{export}");
+    let export = open(&gate, "/.poort/admin/audit/export?kind=admin&user=alice", &s).await.text();
+    assert!(export.contains("\"by\":\"alice\""), "{export}");
 }
