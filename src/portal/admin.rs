@@ -4,6 +4,8 @@
 //! every change is recorded in the audit log before it is made, with the administrator, the
 //! session and the address, as the command line records its own.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
 use askama::Template;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
@@ -549,6 +551,9 @@ struct SessionLine {
     id: String,
     user: String,
     kind: String,
+    /// Apps this session opened, and tunnels it holds open (from the audit log).
+    apps: String,
+    tunnels: String,
     created: String,
     last_seen: String,
     client_addr: String,
@@ -558,6 +563,8 @@ struct SessionLine {
 
 fn session_line(r: crate::store::SessionRow, current: &str) -> SessionLine {
     SessionLine {
+        apps: String::new(),
+        tunnels: String::new(),
         current: r.id == current,
         browser: browser_of(&r.user_agent),
         created: format_minutes(r.created_at),
@@ -580,10 +587,68 @@ struct SessionsPage<'a> {
     done: Option<String>,
 }
 
+/// What one session did, from the audit log.
+#[derive(Default)]
+struct Activity {
+    /// Apps it opened (since it last signed in or stepped up: a renewal is a new session).
+    apps: BTreeSet<String>,
+    /// Tunnels opened less tunnels closed, by name.
+    tunnels: BTreeMap<String, i64>,
+}
+
+/// What sessions did since `since`, by session.
+fn activity(conn: &crate::db::Conn, since: crate::clock::UnixTime) -> crate::db::Result<HashMap<String, Activity>> {
+    let rows = conn.query_map(
+        "SELECT kind, detail FROM audit WHERE at >= ?1 AND kind IN ('access_allowed', 'tunnel_opened', 'tunnel_closed') \
+         ORDER BY seq DESC LIMIT 50000",
+        crate::db::params![since],
+        |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)),
+    )?;
+    let mut out: HashMap<String, Activity> = HashMap::new();
+    for (kind, detail) in rows {
+        let Ok(d) = serde_json::from_str::<serde_json::Value>(&detail) else { continue };
+        let session = text(&d, "session");
+        if session.is_empty() {
+            continue;
+        }
+        let entry = out.entry(session).or_default();
+        match kind.as_str() {
+            "access_allowed" => {
+                entry.apps.insert(text(&d, "app"));
+            }
+            "tunnel_opened" => *entry.tunnels.entry(text(&d, "tunnel")).or_default() += 1,
+            _ => *entry.tunnels.entry(text(&d, "tunnel")).or_default() -= 1,
+        }
+    }
+    Ok(out)
+}
+
 async fn sessions(st: &State, call: &Call, done: Option<String>) -> Response<Body> {
-    let Some(rows) = blocking(st, |store| store.list_sessions(None)).await else { return unavailable(call) };
+    let found = blocking(st, |store| {
+        let rows = store.list_sessions(None)?;
+        let since = rows.iter().map(|r| r.created_at).min().unwrap_or(i64::MAX);
+        let did = store.with(|c| activity(c, since))?;
+        Ok((rows, did))
+    })
+    .await;
+    let Some((rows, mut did)) = found else { return unavailable(call) };
     let current = &call.session().id;
-    let sessions = rows.into_iter().map(|r| session_line(r, current)).collect();
+    let sessions = rows
+        .into_iter()
+        .map(|r| {
+            let did = did.remove(&r.id).unwrap_or_default();
+            let mut line = session_line(r, current);
+            line.apps = did.apps.into_iter().collect::<Vec<_>>().join(", ");
+            line.tunnels = did
+                .tunnels
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(t, n)| if n == 1 { t } else { format!("{t} ({n})") })
+                .collect::<Vec<_>>()
+                .join(", ");
+            line
+        })
+        .collect();
     let (csrf, new) = csrf_for_page(call.headers());
     let p = SessionsPage { user: &call.session().identity.user, csrf: &csrf, token: token(st, call), sessions, done };
     with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)

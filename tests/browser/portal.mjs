@@ -150,6 +150,7 @@ try {
     },
   });
   await page.goto(`${gateway}/.poort/security`);
+  check("the security page asks for no password on its own forms", (await page.locator("input[type=password]").count()) === 0);
   // The authenticator code given a moment ago is a fresh second factor: changes are open.
   await page.fill("#pk-name", "laptop");
   await page.click("button:has-text(\"Add a passkey\")");

@@ -293,8 +293,29 @@ async fn ending_sessions_and_lockdown_from_the_console_take_effect() {
     let gate = Gate::start().await;
     let (s, _) = admin(&gate).await;
     let bob = gate.login("bob").await;
+    assert_eq!(gate.status("/app/", Some(&bob)).await, 200);
     let page = open(&gate, "/.poort/admin/sessions", &s).await.text();
-    assert!(page.contains(">bob</a>"), "bob's session is listed");
+    let row = page.split("<tr>").find(|r| r.contains(">bob</a>")).expect("bob's session is listed");
+    assert!(row.contains("<td>app</td>"), "with the app it opened: {row}");
+    // bob's command line holds a tunnel open: its session shows it until it closes.
+    let cli = gate.cli_session("bob").await;
+    let cookie = format!("__Host-poort={cli}");
+    let ws =
+        gate.websocket("localhost", "/.poort/tunnel/sink", &[("X-Poort-Client", "cli"), ("Cookie", &cookie)]).await;
+    let ws = ws.expect("the tunnel opens");
+    crate::harness::eventually("the open tunnel is listed", std::time::Duration::from_secs(3), async || {
+        let page = open(&gate, "/.poort/admin/sessions", &s).await.text();
+        page.split("<tr>").any(|r| r.contains("<td>cli</td>") && r.contains("<td>sink</td>"))
+    })
+    .await;
+    drop(ws);
+    crate::harness::eventually("the closed tunnel is not", std::time::Duration::from_secs(3), async || {
+        let page = open(&gate, "/.poort/admin/sessions", &s).await.text();
+        !page.contains("<td>sink</td>")
+    })
+    .await;
+    // The browser that approved the command line was renewed; its first session ended.
+    let bob = gate.login("bob").await;
 
     // Unconfirmed, nothing ends.
     let r = act(&gate, &s, "/.poort/admin/sessions", &[("op", "end-all")]).await;
