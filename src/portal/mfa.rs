@@ -54,6 +54,7 @@ struct SecurityPage<'a> {
     has_factor: bool,
     recovery_left: usize,
     notice: Option<&'a str>,
+    attention: Option<&'a str>,
     error: Option<&'a str>,
 }
 
@@ -288,7 +289,10 @@ pub(crate) async fn factor_submit(st: &State, call: Call, mode: Mode) -> Respons
 /// A message on the security page.
 enum Say<'a> {
     Nothing,
+    /// Something done.
     Notice(&'a str),
+    /// Something to do before going on (not a success, not a failure).
+    Attention(&'a str),
     Error(&'a str),
 }
 
@@ -303,10 +307,11 @@ fn security_view(
     status: StatusCode,
     say: Say<'_>,
 ) -> Response<Body> {
-    let (notice, error) = match say {
-        Say::Nothing => (None, None),
-        Say::Notice(m) => (Some(m), None),
-        Say::Error(m) => (None, Some(m)),
+    let (notice, attention, error) = match say {
+        Say::Nothing => (None, None, None),
+        Say::Notice(m) => (Some(m), None, None),
+        Say::Attention(m) => (None, Some(m), None),
+        Say::Error(m) => (None, None, Some(m)),
     };
     let (csrf, new) = csrf_for_page(headers);
     let next = if safe_next(next, &st.cfg) == Next::Portal { "" } else { next };
@@ -320,6 +325,7 @@ fn security_view(
         has_factor: f.any(),
         recovery_left: f.recovery_left,
         notice,
+        attention,
         error,
     };
     with_csrf_cookie(html(status, &page), &csrf, new)
@@ -343,7 +349,7 @@ pub(crate) async fn security_page(st: &State, call: &Call) -> Response<Body> {
     };
     let next = query_param(call, "next").unwrap_or_default();
     let say = if !next.is_empty() && !data.0.any() {
-        Say::Notice("That app needs a second factor. Set up an authenticator app to continue.")
+        Say::Attention("That app needs a second factor. Set up an authenticator app to continue.")
     } else {
         Say::Nothing
     };

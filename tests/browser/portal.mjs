@@ -98,6 +98,7 @@ try {
   check("the app receives who the user is", /x-poort-user: admin/i.test(whoami), whoami.slice(0, 400));
   check("the app receives a signed assertion", /x-poort-assertion: ey/i.test(whoami));
   check("the session cookie never reaches the app", !/__Host-poort/.test(whoami));
+  check("the demo app shows who the user is first and folds the long token", whoami.indexOf('"sub":"admin"') > 0 && whoami.indexOf('"sub":"admin"') < whoami.indexOf("\nGET /") && /x-poort-assertion: ey\S{30}… \(\d+ characters\)/.test(whoami), whoami.slice(0, 600));
   await shot("3-app");
 
   const cookies = await context.cookies();
@@ -117,6 +118,8 @@ try {
   // An app behind a second factor: the user sets up an authenticator app on the way.
   await page.goto(`${gateway}/secure/`);
   check("an MFA app sends a user without a factor to set one up", page.url().startsWith(`${gateway}/.poort/security?next=`), page.url());
+  const needs = await page.locator("p", { hasText: "needs a second factor" }).getAttribute("class").catch(() => "");
+  check("the notice that a factor is needed is not in the success colour", needs === "attention", needs);
   await shot("6-security");
   // Just signed in and without a factor yet: the sign-in is the proof, no password again.
   check("a fresh sign-in may set up a first factor", (await page.locator("#pw-totp").count()) === 0);
@@ -124,6 +127,27 @@ try {
   check("the enrolment page shows a QR code", (await page.locator("img.qr").count()) === 1);
   const secret = base32Decode(await page.locator(".key code").textContent());
   check("the key is 160 bits", secret.length === 20);
+  const shown = (await page.locator(".key code").textContent()).trim();
+  const plain = await page.locator("#key-plain").inputValue();
+  check("the key is offered as one string to copy", plain === shown.replace(/\s+/g, "") && /^[A-Z2-7]{32}$/.test(plain), `${shown} / ${plain}`);
+  await page.setViewportSize({ width: 390, height: 844 });
+  const lines = await page.evaluate(() => {
+    // Where the key's lines break: each line must hold whole groups of four.
+    const code = document.querySelector(".key code");
+    const range = document.createRange();
+    const text = code.firstChild;
+    const tops = new Map();
+    for (let i = 0; i < text.length; i++) {
+      range.setStart(text, i);
+      range.setEnd(text, i + 1);
+      const top = Math.round(range.getBoundingClientRect().top);
+      tops.set(top, (tops.get(top) || "") + text.data[i]);
+    }
+    return [...tops.values()].map((l) => l.trim());
+  });
+  check("on a phone the key breaks only between groups", lines.every((l) => l.split(" ").every((g) => g.length === 4)), JSON.stringify(lines));
+  if (shots) await page.screenshot({ path: `${shots}/phone-enrol.png`, fullPage: true });
+  await page.setViewportSize({ width: 1280, height: 800 });
   await shot("7-enrol");
   await page.fill("#code", totp(secret, stepNow()));
   await page.click("button:has-text(\"Confirm\")");
@@ -161,10 +185,20 @@ try {
   await page.waitForSelector("td:has-text(\"laptop\")", { timeout: 10000 }).catch(() => {});
   await check("a passkey can be added and named", (await page.locator("td", { hasText: "laptop" }).count()) === 1, () => page.locator("#passkey-status").textContent({ timeout: 2000 }).catch(() => ""));
   await shot("10-passkey");
+  // The same authenticator again: it holds a passkey for this account already, and the
+  // person reads why in a sentence, not the browser's error with a specification's address.
+  await page.fill("#pk-name", "again");
+  await page.click("button:has-text(\"Add a passkey\")");
+  await page.waitForURL(`${gateway}/.poort/security/passkey/start`);
+  await page.click("button:has-text(\"Create the passkey\")");
+  await page.waitForFunction(() => !/Follow your browser/.test(document.querySelector("#passkey-status").textContent), null, { timeout: 10000 }).catch(() => {});
+  const failure = await page.locator("#passkey-status").textContent();
+  check("a passkey that fails says why in a sentence", /already holds a passkey/.test(failure) && !/w3\.org|https?:/.test(failure), failure);
 
   await page.goto(`${gateway}/.poort/sessions`);
   const rows = page.locator("table").first().locator("tbody tr");
   check("my sessions lists this session", (await rows.count()) === 1 && (await rows.first().innerText()).includes("this session"));
+  check("my sessions names browser and system, not a cut-off user agent", /Chrome(ium)? on Linux/.test(await rows.first().innerText()), await rows.first().innerText());
   const changes = await page.locator("table").nth(1).innerText().catch(() => "");
   check("the sessions page shows the first factor set up with the password alone", /authenticator app set up/.test(changes) && /with the password alone/.test(changes), changes);
   await shot("5-sessions");
@@ -204,6 +238,7 @@ try {
   check("the plain app needs only the password", /x-poort-user: admin/i.test(await page.locator("body").innerText()));
   await page.goto(`${gateway}/secure/`);
   check("the MFA app asks a password-only session for the code", page.url().startsWith(`${gateway}/.poort/mfa?next=`), page.url());
+  check("the code prompt has a way to sign out", (await page.locator("button:has-text(\"Sign out\")").count()) === 1);
   await shot("9-step-up");
   // The code of the step just used at enrolment would be a replay; the next one is within
   // the accepted drift, as a phone a few seconds ahead would show it.
@@ -255,7 +290,19 @@ try {
 
   // On a phone: nothing leaves the screen sideways, and sign out stays in reach.
   await page.setViewportSize({ width: 390, height: 844 });
-  for (const [name, path] of [["launcher", "/"], ["sessions", "/.poort/sessions"], ["security", "/.poort/security"], ["admin-users", "/.poort/admin/users"]]) {
+  for (const [name, path] of [
+    ["launcher", "/"],
+    ["sessions", "/.poort/sessions"],
+    ["security", "/.poort/security"],
+    ["confirm", "/.poort/confirm"],
+    ["admin", "/.poort/admin"],
+    ["admin-users", "/.poort/admin/users"],
+    ["admin-user", "/.poort/admin/user?name=carol"],
+    ["admin-sessions", "/.poort/admin/sessions"],
+    ["admin-audit", "/.poort/admin/audit"],
+    ["admin-mitigation", "/.poort/admin/mitigation"],
+    ["admin-access", "/.poort/admin/access?user=carol"],
+  ]) {
     await page.goto(`${gateway}${path}`);
     const fits = await page.evaluate(() => {
       const out = document.querySelector("button.link");
@@ -263,7 +310,12 @@ try {
       return { scroll: document.documentElement.scrollWidth, signOut: Math.round(r.right) };
     });
     check(`on a 390 px screen the ${name} page fits and sign out is on screen`, fits.scroll <= 390 && fits.signOut > 0 && fits.signOut <= 390, JSON.stringify(fits));
-    if (shots) await page.screenshot({ path: `${shots}/phone-${name}.png`, fullPage: true });
+    if (shots) {
+      await page.screenshot({ path: `${shots}/phone-${name}.png`, fullPage: true });
+      await page.setViewportSize({ width: 1280, height: 800 });
+      await page.screenshot({ path: `${shots}/wide-${name}.png`, fullPage: true });
+      await page.setViewportSize({ width: 390, height: 844 });
+    }
   }
   await page.setViewportSize({ width: 1280, height: 800 });
 
@@ -289,6 +341,8 @@ try {
     ["launcher", "/"],
     ["sessions", "/.poort/sessions"],
     ["security", "/.poort/security"],
+    ["confirm", "/.poort/confirm"],
+    ["command-line approval", "/.poort/device"],
     ["admin overview", "/.poort/admin"],
     ["admin users", "/.poort/admin/users"],
     ["admin user", "/.poort/admin/user?name=carol"],
