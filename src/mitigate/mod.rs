@@ -193,6 +193,23 @@ impl Mitigation {
         self.status.lock().clone()
     }
 
+    /// The rules in force, in order: (id, what it does, why).
+    pub fn rule_list(&self) -> Vec<(String, String, String)> {
+        let rules = self.rules.read().clone();
+        rules
+            .rules
+            .iter()
+            .map(|r| {
+                let action = match r.action {
+                    Action::Deny => "deny".to_string(),
+                    Action::Throttle { count, per_secs } => format!("throttle to {count} per {per_secs} s per address"),
+                    Action::Log => "log".to_string(),
+                };
+                (r.id.clone(), action, r.reason.clone())
+            })
+            .collect()
+    }
+
     pub fn rule_count(&self) -> usize {
         self.rules.read().rules.len()
     }

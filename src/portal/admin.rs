@@ -419,6 +419,19 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
     }
     let now = st.clock.now();
     let said = |s: String| Some((s, None));
+    // Every change but an addition is to a user who exists: nothing is recorded for one who
+    // does not.
+    let wanted = name.clone();
+    let Some(found) = blocking(st, move |store| Ok(store.list_users()?.into_iter().find(|u| u.name == wanted))).await
+    else {
+        return unavailable(call);
+    };
+    let found = match (found, op.as_str()) {
+        (_, "add") => None,
+        (Some(u), _) => Some(u),
+        (None, _) => return users(st, call, said(format!("No user {name}."))).await,
+    };
+    let current: Vec<String> = found.as_ref().map(|u| u.groups.clone()).unwrap_or_default();
     let outcome = match op.as_str() {
         "add" => {
             let groups = group_list(call.field("groups"));
@@ -459,8 +472,7 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
             }
             let wanted = name.clone();
             match blocking(st, move |store| store.set_disabled(&wanted, off, now)).await {
-                Some(true) => format!("{} {name}.", if off { "Disabled" } else { "Enabled" }),
-                Some(false) => format!("No user {name}."),
+                Some(_) => format!("{} {name}.", if off { "Disabled" } else { "Enabled" }),
                 None => return unavailable(call),
             }
         }
@@ -488,14 +500,7 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
                 )
                 .await;
             }
-            let wanted = name.clone();
-            let Some(found) =
-                blocking(st, move |store| Ok(store.list_users()?.into_iter().find(|u| u.name == wanted))).await
-            else {
-                return unavailable(call);
-            };
-            let Some(found) = found else { return users(st, call, said(format!("No user {name}."))).await };
-            if found.groups.contains(&admins) {
+            if current.contains(&admins) {
                 // Without factors, an administrator is one password away from this console.
                 let why = format!(
                     "{name} is an administrator: remove their factors on the gateway (poort user mfa-reset), or take them out of {admins} first."
@@ -526,9 +531,12 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
                 )
                 .await;
             }
-            let wanted = name.clone();
-            if blocking(st, move |store| store.user_exists(&wanted)).await != Some(true) {
-                return users(st, call, said(format!("No user {name}."))).await;
+            // What changes: groups the user is not in yet, and groups they are in.
+            let add: Vec<String> = add.into_iter().filter(|g| !current.contains(g)).collect();
+            let remove: Vec<String> = remove.into_iter().filter(|g| current.contains(g)).collect();
+            if add.is_empty() && remove.is_empty() {
+                let why = format!("Nothing to change: {name} is in {}.", current.join(", "));
+                return users(st, call, said(why)).await;
             }
             let detail = format!("added: {}; removed: {}", add.join(","), remove.join(","));
             if !record(st, call, "user groups", &name, &detail).await {
@@ -682,6 +690,10 @@ async fn sessions_act(st: &State, call: &Call) -> Response<Body> {
             if !valid_user_name(&user) {
                 return error_page(StatusCode::BAD_REQUEST, call.ctx.id);
             }
+            let wanted = user.clone();
+            if blocking(st, move |store| store.user_exists(&wanted)).await != Some(true) {
+                return sessions(st, call, Some(format!("No user {user}."))).await;
+            }
             let detail = if user == call.session().identity.user {
                 "every session of the user but this one"
             } else {
@@ -753,6 +765,9 @@ impl Filter {
 
     /// Why the filter cannot be used, if it cannot.
     fn problem(&self) -> Option<String> {
+        if !self.kind.is_empty() && !audit::KINDS.contains(&self.kind.as_str()) {
+            return Some(format!("Kind: {:?} is not a kind of record.", self.kind));
+        }
         [("From", &self.since), ("To", &self.until)]
             .into_iter()
             .find(|(_, d)| !d.is_empty() && day_start(d).is_none())
@@ -946,8 +961,11 @@ async fn audit_export(st: &State, call: &Call) -> Response<Body> {
 
 // ---- mitigation ---------------------------------------------------------------------------
 
-struct HitLine {
-    rule: String,
+struct RuleLine {
+    id: String,
+    action: String,
+    reason: String,
+    /// Requests it matched on this node since the rules were loaded or the node started.
     hits: u64,
 }
 
@@ -964,7 +982,7 @@ struct MitigationPage<'a> {
     loaded_at: String,
     sha256: String,
     last_error: Option<String>,
-    hits: Vec<HitLine>,
+    rule_lines: Vec<RuleLine>,
     lockdown: bool,
     lockdown_config: bool,
     admin_group: &'a str,
@@ -973,8 +991,12 @@ struct MitigationPage<'a> {
 
 async fn mitigation(st: &State, call: &Call, done: Option<String>) -> Response<Body> {
     let status = st.mitigation.status();
-    let mut hits: Vec<HitLine> = status.hits.into_iter().map(|(rule, hits)| HitLine { rule, hits }).collect();
-    hits.sort_by(|a, b| b.hits.cmp(&a.hits).then(a.rule.cmp(&b.rule)));
+    let rule_lines = st
+        .mitigation
+        .rule_list()
+        .into_iter()
+        .map(|(id, action, reason)| RuleLine { hits: status.hits.get(&id).copied().unwrap_or(0), id, action, reason })
+        .collect();
     let (csrf, new) = csrf_for_page(call.headers());
     let p = MitigationPage {
         user: &call.session().identity.user,
@@ -986,7 +1008,7 @@ async fn mitigation(st: &State, call: &Call, done: Option<String>) -> Response<B
         loaded_at: status.loaded_at.unwrap_or_default(),
         sha256: status.sha256.unwrap_or_default(),
         last_error: status.last_error,
-        hits,
+        rule_lines,
         lockdown: st.mitigation.lockdown(),
         lockdown_config: st.cfg.mitigate.lockdown,
         admin_group: &st.mitigation.admin_group,

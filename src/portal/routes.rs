@@ -215,7 +215,8 @@ pub const ROUTES: &[Route] = &[
     row(Portal, "/", Get, Session, NoBody, Page::Launcher),
     row(Portal, "/.poort/handoff/begin", Get, Session, NoBody, Page::HandoffBegin),
     row(Portal, "/.poort/sessions", Get, Session, NoBody, Page::Sessions),
-    row(Portal, "/.poort/sessions/end", Post, Session, Form, Page::EndSession),
+    // Ending a session (any of the user's, on any device) is the person's own click too.
+    row(Portal, "/.poort/sessions/end", Post, Session, Form, Page::EndSession).own_action(),
     row(Portal, "/.poort/mfa", Get, Session, NoBody, Page::MfaForm),
     row(Portal, "/.poort/mfa", Post, Session, Form, Page::MfaSubmit).limited(),
     row(Portal, "/.poort/mfa/passkey/start", Post, Session, Json, Page::FactorStart),

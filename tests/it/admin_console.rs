@@ -433,6 +433,17 @@ async fn what_the_console_takes_in_is_checked() {
     assert!(!r.text().contains("login_succeeded</td>"));
     assert_eq!(open(&gate, "/.poort/admin/audit/export?until=bogus", &s).await.status, 400);
 
+    assert_eq!(open(&gate, "/.poort/admin/audit?kind=bogus", &s).await.status, 400);
+
+    // What is recorded is what changed: nothing for a user who does not exist, or a change
+    // that changes nothing.
+    let before = gate.audit("admin").len();
+    let r = act(&gate, &s, users, &[("op", "disable"), ("name", "nobody")]).await;
+    assert!(r.text().contains("No user nobody."));
+    let r = act(&gate, &s, users, &[("op", "groups"), ("name", "bob"), ("remove", "Admins")]).await;
+    assert!(r.text().contains("Nothing to change"), "bob is in admins, not Admins");
+    assert_eq!(gate.audit("admin").len(), before);
+
     // Filtering by a user finds what was done by them and to them.
     let r = act(&gate, &s, users, &[("op", "unlock"), ("name", "bob")]).await;
     assert_eq!(r.status, 200);
@@ -440,4 +451,36 @@ async fn what_the_console_takes_in_is_checked() {
     assert!(export.contains("\"target\":\"bob\""), "{export}");
     let export = open(&gate, "/.poort/admin/audit/export?kind=admin&user=alice", &s).await.text();
     assert!(export.contains("\"by\":\"alice\""), "{export}");
+}
+
+#[tokio::test]
+async fn the_mitigation_page_lists_every_rule_in_force_with_its_hits() {
+    let dir = crate::harness::TempDir::new();
+    let file = dir.0.join("rules.toml");
+    let rules = r#"
+[[rule]]
+id = "vpns-path"
+reason = "CVE-2019-19781 target directory"
+action = "deny"
+path_prefix = "/vpns"
+
+[[rule]]
+id = "watch-admin"
+reason = "who looks for an admin page"
+action = "log"
+path_prefix = "/wp-admin"
+"#;
+    std::fs::write(&file, rules).unwrap();
+    let gate = Gate::start_config("", &format!("\n[mitigate]\nrules_file = \"{}\"\n", file.display())).await;
+    let (s, _) = admin(&gate).await;
+    for _ in 0..2 {
+        assert_eq!(gate.get("/vpns/portal/scripts/newbm.pl", None).await.status, 403);
+    }
+    let page = open(&gate, "/.poort/admin/mitigation", &s).await.text();
+    let row =
+        |id: &str| page.split("<tr>").find(|r| r.contains(&format!("<td>{id}</td>"))).unwrap_or_default().to_string();
+    let vpns = row("vpns-path");
+    assert!(vpns.contains("<td>deny</td>") && vpns.contains("CVE-2019-19781") && vpns.contains("<td>2</td>"), "{vpns}");
+    let watch = row("watch-admin");
+    assert!(watch.contains("<td>log</td>") && watch.contains("<td>0</td>"), "a rule not yet hit is listed too: {page}");
 }

@@ -242,3 +242,58 @@ async fn a_failed_sign_in_echoes_nothing_but_the_form() {
     assert_eq!(r.status, 401);
     assert!(r.text().contains("value=\"bob\"") && r.text().contains("/app/x"));
 }
+
+/// A script on an app that shares the portal's origin can read the user's session ids from
+/// the sessions page; ending one (on any of the user's devices) still takes the person's own
+/// top-level click on a portal page.
+#[tokio::test]
+async fn only_the_person_ends_their_sessions() {
+    let gate = Gate::start().await;
+    let laptop = gate.login("bob").await;
+    let phone = gate.login("bob").await;
+    // The other session's id, as the laptop's sessions page shows it.
+    let page = gate.get("/.poort/sessions", Some(&laptop)).await.text();
+    let mine = page.split("<tr>").find(|r| r.contains("this session")).unwrap().to_string();
+    let phone_id = page
+        .split("name=\"id\" value=\"")
+        .skip(1)
+        .map(|s| s.split('"').next().unwrap().to_string())
+        .find(|id| !mine.contains(id.as_str()))
+        .unwrap();
+    let (csrf, field) = gate.login_form().await;
+    let portal_page = format!("{ORIGIN}/.poort/sessions");
+    let app_page = format!("{ORIGIN}/app/");
+    let scripts: [&[(&str, &str)]; 3] = [
+        &[
+            ("Sec-Fetch-Site", "same-origin"),
+            ("Sec-Fetch-Mode", "cors"),
+            ("Sec-Fetch-Dest", "empty"),
+            ("Referer", &app_page),
+        ],
+        &[
+            ("Sec-Fetch-Site", "same-origin"),
+            ("Sec-Fetch-Mode", "navigate"),
+            ("Sec-Fetch-Dest", "iframe"),
+            ("Sec-Fetch-User", "?1"),
+            ("Referer", &portal_page),
+        ],
+        &[
+            ("Sec-Fetch-Site", "same-origin"),
+            ("Sec-Fetch-Mode", "navigate"),
+            ("Sec-Fetch-Dest", "document"),
+            ("Referer", &portal_page),
+        ],
+    ];
+    for metadata in scripts {
+        let fields = [("csrf", field.as_str()), ("id", phone_id.as_str())];
+        let r = gate.post_form_from("/.poort/sessions/end", &csrf, Some(&laptop), &fields, metadata).await;
+        assert_eq!(r.status, 403, "{metadata:?}");
+    }
+    assert_eq!(gate.status("/app/", Some(&phone)).await, 200, "the other session lives");
+    let r = gate.post_form("/.poort/sessions/end", &csrf, Some(&laptop), &[("csrf", &field), ("id", &phone_id)]).await;
+    assert_eq!(r.status, 303);
+    crate::harness::eventually("the session ends", std::time::Duration::from_secs(3), async || {
+        gate.status("/app/", Some(&phone)).await == 401
+    })
+    .await;
+}
