@@ -50,6 +50,15 @@ pub fn format_utc(t: UnixTime) -> String {
 }
 
 /// `2026-11-30 08:15 UTC`: for people reading pages.
+/// A date (YYYY-MM-DD, UTC) as the Unix time of its first second; None if it is no date.
+pub fn parse_day(date: &str) -> Option<UnixTime> {
+    if date.len() != 10 {
+        return None;
+    }
+    let t = humantime::parse_rfc3339(&format!("{date}T00:00:00Z")).ok()?;
+    Some(t.duration_since(UNIX_EPOCH).ok()?.as_secs() as UnixTime)
+}
+
 pub fn format_minutes(t: UnixTime) -> String {
     let full = format_utc(t);
     format!("{} {} UTC", &full[..10], &full[11..16])

@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::clock::{Clock, UnixTime};
 
 pub mod export;
+pub mod report;
 
 /// Everything the audit log records. Field names are part of the log's format.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

@@ -20,6 +20,23 @@ pub enum AuditCmd {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// "Were we breached?": what matched mitigation rules and front-door refusal classes (with
+    /// CVEs), sign-ins from new addresses, failed sign-ins by address, locked accounts, factor
+    /// changes, recovery codes used, admin commands, sessions ended, lockdown, tunnels opened,
+    /// and the state of the hash chain, for a range of days (UTC).
+    Report {
+        /// The first day, YYYY-MM-DD.
+        #[arg(long)]
+        since: String,
+        /// The last day, YYYY-MM-DD (default: today).
+        #[arg(long)]
+        until: Option<String>,
+        /// The report as one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Have an audit export send again from a record on (a gap the receiver found in the
     /// sequence numbers); the running gateway picks it up within seconds.
     Resend {
@@ -62,6 +79,37 @@ pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
                 }
             }
             Ok(0)
+        }
+        AuditCmd::Report { since, until, json, config } => {
+            let day = |d: &str, what: &str| {
+                crate::clock::parse_day(d)
+                    .ok_or_else(|| anyhow::anyhow!("--{what} {d:?} is not a date: write it as YYYY-MM-DD"))
+            };
+            let from = day(&since, "since")?;
+            let to = match until.as_deref() {
+                Some(d) => day(d, "until")? + 86_400,
+                None => SystemClock.now() + 1,
+            };
+            anyhow::ensure!(from < to, "--since is after --until");
+            // The rules file in force names what each rule is about (its reason), for the CVEs.
+            let reasons: std::collections::HashMap<String, String> = crate::config::load(&config.config)
+                .ok()
+                .and_then(|cfg| {
+                    let path = cfg.mitigate.rules_file.clone()?;
+                    let (rules, _) =
+                        crate::mitigate::load_file(&path, cfg.mitigate.public_key.as_deref(), SystemClock.now())
+                            .ok()?;
+                    Some(rules.rules.into_iter().map(|r| (r.id, r.reason)).collect())
+                })
+                .unwrap_or_default();
+            let conn = crate::store::open_connection(&database(&config.config)?)?;
+            let report = crate::audit::report::build(&conn, from, to, |rule| reasons.get(rule).cloned())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(if report.chain_intact { 0 } else { 1 })
         }
         AuditCmd::Verify { config } => {
             let conn = crate::store::open_connection(&database(&config.config)?)?;

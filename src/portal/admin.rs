@@ -96,6 +96,7 @@ pub(super) async fn serve(st: &State, page_: super::Page, call: Call) -> Respons
         AdminMitigation => mitigation(st, &call, None).await,
         AdminMitigationAct => mitigation_act(st, &call).await,
         AdminAccess => access(st, &call).await,
+        AdminReport => report(st, &call).await,
         _ => error_page(StatusCode::NOT_FOUND, call.ctx.id),
     };
     // What an administrator sees stays out of caches and frames.
@@ -770,7 +771,7 @@ impl Filter {
         }
         [("From", &self.since), ("To", &self.until)]
             .into_iter()
-            .find(|(_, d)| !d.is_empty() && day_start(d).is_none())
+            .find(|(_, d)| !d.is_empty() && crate::clock::parse_day(d).is_none())
             .map(|(what, d)| format!("{what}: {d:?} is not a date; write it as YYYY-MM-DD."))
     }
 
@@ -807,12 +808,6 @@ fn text(d: &serde_json::Value, k: &str) -> String {
     }
 }
 
-/// A date (YYYY-MM-DD) as the Unix time of its first second, UTC.
-fn day_start(date: &str) -> Option<i64> {
-    let t = humantime::parse_rfc3339(&format!("{date}T00:00:00Z")).ok()?;
-    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64)
-}
-
 /// The newest records that match `filter` and `also`, at most `limit`, newest first; looks at
 /// no more than `SCAN` records.
 fn search(
@@ -823,8 +818,8 @@ fn search(
 ) -> crate::db::Result<Vec<(Record, serde_json::Value)>> {
     const PAGE: i64 = 2000;
     const SCAN: usize = 200_000;
-    let since = day_start(&filter.since).unwrap_or(i64::MIN);
-    let until = day_start(&filter.until).map_or(i64::MAX, |t| t + 86_400);
+    let since = crate::clock::parse_day(&filter.since).unwrap_or(i64::MIN);
+    let until = crate::clock::parse_day(&filter.until).map_or(i64::MAX, |t| t + 86_400);
     let mut before = i64::MAX;
     let (mut out, mut seen) = (Vec::new(), 0usize);
     while out.len() < limit && seen < SCAN {
@@ -1190,4 +1185,91 @@ mod tests {
             assert_eq!(browser_of(ua), want, "{ua}");
         }
     }
+}
+
+// ---- were we breached? ----------------------------------------------------------------------
+
+/// One bar of the timeline, placed in the chart's coordinates.
+struct Bar {
+    x: String,
+    y: String,
+    width: String,
+    height: String,
+    fill: &'static str,
+}
+
+#[derive(Template)]
+#[template(path = "admin_report.html")]
+struct ReportPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    since: String,
+    until: String,
+    problem: Option<String>,
+    r: audit::report::Report,
+    bars: Vec<Bar>,
+    /// The highest hourly count, the chart's scale.
+    top: u64,
+}
+
+impl ReportPage<'_> {
+    fn when(&self, t: &i64) -> String {
+        format_minutes(*t)
+    }
+}
+
+/// Bars for the hourly counts: refused requests, failed sign-ins and sign-ins side by side.
+fn bars(hours: &[audit::report::Hour], since: i64, until: i64) -> (Vec<Bar>, u64) {
+    const WIDTH: f64 = 900.0;
+    const HEIGHT: f64 = 160.0;
+    let top = hours.iter().map(|h| h.refused.max(h.failed_sign_ins).max(h.sign_ins)).max().unwrap_or(0).max(1);
+    let slots = ((until - since) / 3600).max(1) as f64;
+    let slot = WIDTH / slots;
+    let mut out = Vec::new();
+    for h in hours {
+        let x0 = (h.start - since) as f64 / 3600.0 * slot;
+        for (i, (n, fill)) in
+            [(h.refused, "#b3261e"), (h.failed_sign_ins, "#b86e00"), (h.sign_ins, "#1f5fbf")].into_iter().enumerate()
+        {
+            if n == 0 {
+                continue;
+            }
+            let height = (n as f64 / top as f64 * HEIGHT).max(1.0);
+            out.push(Bar {
+                x: format!("{:.2}", x0 + i as f64 * slot / 3.0),
+                y: format!("{:.2}", HEIGHT - height),
+                width: format!("{:.2}", (slot / 3.0).max(0.5)),
+                height: format!("{height:.2}"),
+                fill,
+            });
+        }
+    }
+    (out, top)
+}
+
+async fn report(st: &State, call: &Call) -> Response<Body> {
+    let now = st.clock.now();
+    let today = crate::clock::format_utc(now)[..10].to_string();
+    let week_ago = crate::clock::format_utc(now - 6 * 86_400)[..10].to_string();
+    let since = query_param(call, "since").map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).unwrap_or(week_ago);
+    let until = query_param(call, "until").map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).unwrap_or(today);
+    let (from, to) = (crate::clock::parse_day(&since), crate::clock::parse_day(&until).map(|t| t + 86_400));
+    let (csrf, new) = csrf_for_page(call.headers());
+    let user = &call.session().identity.user;
+    let (Some(from), Some(to)) = (from, to) else {
+        let problem = Some("Write the dates as YYYY-MM-DD.".to_string());
+        let p =
+            ReportPage { user, csrf: &csrf, since, until, problem, r: Default::default(), bars: Vec::new(), top: 0 };
+        return with_csrf_cookie(html(StatusCode::BAD_REQUEST, &p), &csrf, new);
+    };
+    let to = to.min(now + 1);
+    let reasons: HashMap<String, String> =
+        st.mitigation.rule_list().into_iter().map(|(id, _, why)| (id, why)).collect();
+    let built =
+        blocking(st, move |store| store.with(|c| audit::report::build(c, from, to, |rule| reasons.get(rule).cloned())))
+            .await;
+    let Some(r) = built else { return unavailable(call) };
+    let (bars, top) = bars(&r.timeline, from, to);
+    let p = ReportPage { user, csrf: &csrf, since, until, problem: None, r, bars, top };
+    with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
 }

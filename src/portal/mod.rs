@@ -199,7 +199,8 @@ pub(crate) async fn serve(st: &State, page_: Page, call: Call) -> Response<Body>
         | Page::AdminAuditExport
         | Page::AdminMitigation
         | Page::AdminMitigationAct
-        | Page::AdminAccess => admin::serve(st, page_, call).await,
+        | Page::AdminAccess
+        | Page::AdminReport => admin::serve(st, page_, call).await,
     }
 }
 

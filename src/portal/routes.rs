@@ -135,6 +135,7 @@ pub enum Page {
     AdminMitigation,
     AdminMitigationAct,
     AdminAccess,
+    AdminReport,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -250,6 +251,7 @@ pub const ROUTES: &[Route] = &[
     row(Portal, "/.poort/admin/mitigation", Get, Admin, NoBody, Page::AdminMitigation),
     row(Portal, "/.poort/admin/mitigation", Post, Admin, Form, Page::AdminMitigationAct).own_action(),
     row(Portal, "/.poort/admin/access", Get, Admin, NoBody, Page::AdminAccess),
+    row(Portal, "/.poort/admin/report", Get, Admin, NoBody, Page::AdminReport),
 ];
 
 impl Route {

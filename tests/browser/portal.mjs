@@ -321,6 +321,7 @@ try {
     ["admin-audit", "/.poort/admin/audit"],
     ["admin-mitigation", "/.poort/admin/mitigation"],
     ["admin-access", "/.poort/admin/access?user=carol"],
+    ["admin-report", "/.poort/admin/report"],
   ]) {
     await page.goto(`${gateway}${path}`);
     const fits = await page.evaluate(() => {
@@ -354,6 +355,7 @@ try {
     ["admin audit", "/.poort/admin/audit"],
     ["admin mitigation", "/.poort/admin/mitigation"],
     ["admin access", "/.poort/admin/access?user=carol"],
+    ["admin report", "/.poort/admin/report"],
   ]) {
     await page.goto(`${gateway}${path}`);
     await a11y(name);

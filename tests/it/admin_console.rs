@@ -8,7 +8,7 @@ use poort::identity::totp;
 
 use crate::harness::{Gate, ORIGIN, PASSWORD, Resp, enrol};
 
-const PAGES: [&str; 8] = [
+const PAGES: [&str; 9] = [
     "/.poort/admin",
     "/.poort/admin/users",
     "/.poort/admin/user?name=bob",
@@ -17,6 +17,7 @@ const PAGES: [&str; 8] = [
     "/.poort/admin/audit/export",
     "/.poort/admin/mitigation",
     "/.poort/admin/access?user=bob",
+    "/.poort/admin/report",
 ];
 
 /// A page opened the way a person opens it: a click on a portal page.
@@ -483,4 +484,13 @@ path_prefix = "/wp-admin"
     assert!(vpns.contains("<td>deny</td>") && vpns.contains("CVE-2019-19781") && vpns.contains("<td>2</td>"), "{vpns}");
     let watch = row("watch-admin");
     assert!(watch.contains("<td>log</td>") && watch.contains("<td>0</td>"), "a rule not yet hit is listed too: {page}");
+
+    // The report page counts the probes by rule and CVE, and draws them on the timeline.
+    gate.refusals("mitigation_matched").await;
+    let day = poort::clock::format_utc(gate.clock.now())[..10].to_string();
+    let report = open(&gate, &format!("/.poort/admin/report?since={day}&until={day}"), &s).await.text();
+    let probes = report.split("<tr>").find(|r| r.contains("<td>vpns-path</td>")).unwrap_or_default();
+    assert!(probes.contains("<td>CVE-2019-19781</td><td>2</td>"), "{report}");
+    assert!(report.contains("<rect ") && report.contains("fill=\"#b3261e\""), "a red bar for the refused requests");
+    assert_eq!(open(&gate, "/.poort/admin/report?since=yesterday", &s).await.status, 400);
 }

@@ -6,6 +6,7 @@
 mod acme;
 mod admin_console;
 mod audit_export;
+mod audit_report;
 mod cli;
 mod cluster;
 mod compat;
