@@ -307,47 +307,13 @@ try {
   });
   check("an app's script gets nothing from the console", scripted === "403 nothing", scripted);
 
-  // On a phone: nothing leaves the screen sideways, and sign out stays in reach.
-  await page.setViewportSize({ width: 390, height: 844 });
-  for (const [name, path] of [
-    ["launcher", "/"],
-    ["sessions", "/.poort/sessions"],
-    ["security", "/.poort/security"],
-    ["confirm", "/.poort/confirm"],
-    ["admin", "/.poort/admin"],
-    ["admin-users", "/.poort/admin/users"],
-    ["admin-user", "/.poort/admin/user?name=carol"],
-    ["admin-sessions", "/.poort/admin/sessions"],
-    ["admin-audit", "/.poort/admin/audit"],
-    ["admin-mitigation", "/.poort/admin/mitigation"],
-    ["admin-access", "/.poort/admin/access?user=carol"],
-    ["admin-report", "/.poort/admin/report"],
-  ]) {
-    await page.goto(`${gateway}${path}`);
-    const fits = await page.evaluate(() => {
-      const out = document.querySelector("button.link");
-      const r = out ? out.getBoundingClientRect() : { right: 0 };
-      return { scroll: document.documentElement.scrollWidth, signOut: Math.round(r.right) };
-    });
-    check(`on a 390 px screen the ${name} page fits and sign out is on screen`, fits.scroll <= 390 && fits.signOut > 0 && fits.signOut <= 390, JSON.stringify(fits));
-    if (shots) {
-      await page.screenshot({ path: `${shots}/phone-${name}.png`, fullPage: true });
-      await page.setViewportSize({ width: 1280, height: 800 });
-      await page.screenshot({ path: `${shots}/wide-${name}.png`, fullPage: true });
-      await page.setViewportSize({ width: 390, height: 844 });
-    }
-  }
-  await page.setViewportSize({ width: 1280, height: 800 });
-
-  // Accessibility: axe-core on every portal and admin page (the pages met on the way were
-  // checked there, by `a11y`), signed out and signed in: nothing serious or critical.
-  for (const [name, path] of [
+  // Every signed-in page, for the phone and accessibility checks below.
+  const pages = [
     ["launcher", "/"],
     ["sessions", "/.poort/sessions"],
     ["security", "/.poort/security"],
     ["confirm", "/.poort/confirm"],
     ["command-line approval", "/.poort/device"],
-    ["error", "/.poort/no-such-page"],
     ["admin overview", "/.poort/admin"],
     ["admin users", "/.poort/admin/users"],
     ["admin user", "/.poort/admin/user?name=carol"],
@@ -356,7 +322,31 @@ try {
     ["admin mitigation", "/.poort/admin/mitigation"],
     ["admin access", "/.poort/admin/access?user=carol"],
     ["admin report", "/.poort/admin/report"],
-  ]) {
+  ];
+
+  // On a phone: nothing leaves the screen sideways, and sign out stays in reach.
+  await page.setViewportSize({ width: 390, height: 844 });
+  for (const [name, path] of pages) {
+    await page.goto(`${gateway}${path}`);
+    const fits = await page.evaluate(() => {
+      const out = document.querySelector("button.link");
+      const r = out ? out.getBoundingClientRect() : { right: 0 };
+      return { scroll: document.documentElement.scrollWidth, signOut: Math.round(r.right) };
+    });
+    check(`on a 390 px screen the ${name} page fits and sign out is on screen`, fits.scroll <= 390 && fits.signOut > 0 && fits.signOut <= 390, JSON.stringify(fits));
+    if (shots) {
+      const file = name.replaceAll(" ", "-");
+      await page.screenshot({ path: `${shots}/phone-${file}.png`, fullPage: true });
+      await page.setViewportSize({ width: 1280, height: 800 });
+      await page.screenshot({ path: `${shots}/wide-${file}.png`, fullPage: true });
+      await page.setViewportSize({ width: 390, height: 844 });
+    }
+  }
+  await page.setViewportSize({ width: 1280, height: 800 });
+
+  // Accessibility: axe-core on every portal and admin page (the pages met on the way were
+  // checked there, by `a11y`), signed out and signed in: nothing serious or critical.
+  for (const [name, path] of [...pages, ["error", "/.poort/no-such-page"]]) {
     await page.goto(`${gateway}${path}`);
     await a11y(name);
   }
