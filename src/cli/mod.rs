@@ -279,7 +279,12 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
                 }
                 "status" => {
                     let switch = store.with(|c| Store::setting(c, "lockdown"))?.unwrap_or_else(|| "off".into());
-                    println!("lockdown switch: {switch}; config: {}", if cfg.mitigate.lockdown { "on" } else { "off" });
+                    let on = switch == "on" || cfg.mitigate.lockdown;
+                    println!(
+                        "lockdown is {} (switch: {switch}; [mitigate] lockdown in the config: {}; either one on is on)",
+                        if on { "on" } else { "off" },
+                        if cfg.mitigate.lockdown { "on" } else { "off" }
+                    );
                 }
                 other => bail!("{other:?}: say on, off or status"),
             }

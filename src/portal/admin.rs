@@ -32,10 +32,20 @@ pub(super) async fn admit(st: &State, ctx: &Ctx, s: &Session, route: &Route, h: 
     if route.verb == Verb::Get && !navigated(st, h) {
         tracing::warn!(request = %ctx.id, client = %ctx.client, "Refused: an admin page not opened by the person");
         refused(st, ctx, s, "a page not opened by the person");
-        return Some(error_page(StatusCode::FORBIDDEN, ctx.id));
+        // The administrator is allowed in, just not this way: say how.
+        let message = "Admin pages open only from the portal: follow a link on a portal page, or type the address. Links from other sites, e-mail or chat are refused, so that nothing but you can open them.";
+        let body = crate::respond::render_error(403, "Open the console from the portal", message, &ctx.id.to_string());
+        return Some(page(StatusCode::FORBIDDEN, "text/html; charset=utf-8", Body::from(body)));
     }
     let origin = &st.cfg.server.external_origin;
-    let back = form_urlencoded::Serializer::new(String::new()).append_pair("next", "/.poort/admin").finish();
+    // Back to the console page the person was on (a post's Referer), else the overview.
+    let from = h
+        .get(header::REFERER)
+        .and_then(|r| r.to_str().ok())
+        .and_then(|r| r.strip_prefix(origin.as_str()))
+        .filter(|p| p.starts_with("/.poort/admin") && crate::request::Target::parse(p).is_ok())
+        .unwrap_or("/.poort/admin");
+    let back = form_urlencoded::Serializer::new(String::new()).append_pair("next", from).finish();
     if !s.mfa() {
         // Set one up, or prove it: the console is never open on a password alone.
         return Some(redirect(StatusCode::SEE_OTHER, &format!("{origin}/.poort/mfa?{back}")));
@@ -341,6 +351,10 @@ struct UserPage<'a> {
     totp: bool,
     passkeys: usize,
     recovery_left: usize,
+    /// The page shows the administrator's own account, or another administrator's: the
+    /// actions the console refuses for them are not offered.
+    is_self: bool,
+    is_admin: bool,
     locked: Vec<String>,
     signins: Vec<SignInLine>,
     sessions: Vec<SessionLine>,
@@ -386,13 +400,15 @@ async fn user(st: &State, call: &Call) -> Response<Body> {
         csrf: &csrf,
         token: token(st, call),
         name: &name,
-        email: u.email.unwrap_or_default(),
-        source: u.source,
+        email: u.email.clone().unwrap_or_default(),
+        source: u.source.clone(),
         groups: u.groups.join(", "),
         disabled: u.disabled,
         totp: f.totp,
         passkeys: f.passkeys,
         recovery_left: f.recovery_left,
+        is_self: name == call.session().identity.user,
+        is_admin: u.groups.contains(&st.mitigation.admin_group),
         locked,
         signins,
         sessions: sessions.into_iter().map(|r| session_line(r, &call.session().id)).collect(),
@@ -446,7 +462,8 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
             }
             let wanted = name.clone();
             if blocking(st, move |store| store.name_taken(&wanted)).await != Some(false) {
-                let why = format!("User {name} exists already (names are compared without regard to case).");
+                let why =
+                    format!("The name {name} is taken: a user of that name exists, perhaps in other letter case.");
                 return users(st, call, said(why)).await;
             }
             let detail = format!("groups: {}; email: {}", groups.join(","), email.as_deref().unwrap_or("none"));
@@ -539,7 +556,12 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
                 let why = format!("Nothing to change: {name} is in {}.", current.join(", "));
                 return users(st, call, said(why)).await;
             }
-            let detail = format!("added: {}; removed: {}", add.join(","), remove.join(","));
+            let detail = [("added", &add), ("removed", &remove)]
+                .into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(what, v)| format!("{what}: {}", v.join(",")))
+                .collect::<Vec<_>>()
+                .join("; ");
             if !record(st, call, "user groups", &name, &detail).await {
                 return unavailable(call);
             }
@@ -674,7 +696,7 @@ async fn sessions_act(st: &State, call: &Call) -> Response<Body> {
             let Some(row) = rows.into_iter().find(|r| r.id == wanted) else {
                 return sessions(st, call, Some("That session has ended already.".into())).await;
             };
-            if !record(st, call, "session end", &id, &format!("a session of {}", row.user)).await {
+            if !record(st, call, "session end", &row.user, &format!("session {id}")).await {
                 return unavailable(call);
             }
             let _ = st.sessions.end(&id).await;
@@ -985,6 +1007,12 @@ struct MitigationPage<'a> {
 }
 
 async fn mitigation(st: &State, call: &Call, done: Option<String>) -> Response<Body> {
+    mitigation_as(st, call, done, None).await
+}
+
+/// The mitigation page; `switched` is the lockdown switch just set (every node, this one
+/// included, takes it up within a second: the page shows it at once).
+async fn mitigation_as(st: &State, call: &Call, done: Option<String>, switched: Option<bool>) -> Response<Body> {
     let status = st.mitigation.status();
     let rule_lines = st
         .mitigation
@@ -1004,7 +1032,7 @@ async fn mitigation(st: &State, call: &Call, done: Option<String>) -> Response<B
         sha256: status.sha256.unwrap_or_default(),
         last_error: status.last_error,
         rule_lines,
-        lockdown: st.mitigation.lockdown(),
+        lockdown: switched.map_or(st.mitigation.lockdown(), |on| on || st.cfg.mitigate.lockdown),
         lockdown_config: st.cfg.mitigate.lockdown,
         admin_group: &st.mitigation.admin_group,
         done,
@@ -1035,13 +1063,16 @@ async fn mitigation_act(st: &State, call: &Call) -> Response<Body> {
     }
     // Every node reads the switch within a second (server::poll_store), this one included.
     let said = if state == "on" {
-        format!("Lockdown is on: within a second only {} can sign in or reach apps.", st.mitigation.admin_group)
+        format!(
+            "Lockdown is on: within a second only {} can sign in or reach apps, on every node.",
+            st.mitigation.admin_group
+        )
     } else if st.cfg.mitigate.lockdown {
         "The switch is off, but the config keeps lockdown on ([mitigate] lockdown = true).".into()
     } else {
-        "Lockdown is off within a second.".into()
+        "Lockdown is off: within a second everyone can sign in again, on every node.".into()
     };
-    mitigation(st, call, Some(said)).await
+    mitigation_as(st, call, Some(said), Some(state == "on")).await
 }
 
 // ---- who may use what ---------------------------------------------------------------------
@@ -1078,7 +1109,7 @@ fn describe(access: &policy::Access, mfa: bool) -> String {
                 let effect = if r.effect == policy::Effect::Allow { "allow" } else { "deny" };
                 let mut who: Vec<String> = r.users.iter().map(|u| format!("user {u}")).collect();
                 who.extend(r.groups.iter().map(|g| format!("group {g}")));
-                format!("rule {i}: {effect} {}", who.join(", "))
+                format!("rule {}: {effect} {}", i + 1, who.join(", "))
             })
             .collect::<Vec<_>>()
             .join("; "),
@@ -1100,7 +1131,7 @@ async fn access(st: &State, call: &Call) -> Response<Body> {
         match st.store.run(move |c| Store::identity(c, &name)).await {
             Ok(Some(id)) => Some(id),
             Ok(None) => {
-                about = format!("{who} is not a user here, or is disabled: nothing is open to them.");
+                about = format!("{who} is not a user here, or is disabled: nothing is open to them");
                 None
             }
             Err(_) => return unavailable(call),
@@ -1119,7 +1150,10 @@ async fn access(st: &State, call: &Call) -> Response<Body> {
         match (with(false), with(true)) {
             (Decision::Allow(_), _) => ("allowed".into(), true),
             (_, Decision::Allow(_)) => ("allowed after a second factor".into(), true),
-            (Decision::Deny(why), _) => (format!("denied: {why}"), false),
+            (Decision::Deny(policy::DenyReason::DenyRule(i)), _) => {
+                (format!("denied: deny rule {} matches", i + 1), false)
+            }
+            (Decision::Deny(_), _) => ("denied: no allow rule matches".into(), false),
             _ => ("denied".into(), false),
         }
     };

@@ -194,7 +194,12 @@ fn factor_view(
     error: Option<&str>,
 ) -> Response<Body> {
     let (csrf, new) = csrf_for_page(headers);
+    let console = next.starts_with("/.poort/admin");
     let lead = match (mode, device.is_empty(), f.any()) {
+        (Mode::Confirm, true, true) if console => {
+            "To make changes in the admin console, give your second factor first."
+        }
+        (Mode::StepUp, _, _) if console => "The admin console needs a second factor as well as your password.",
         (Mode::StepUp, _, _) => "This needs a second factor as well as your password.",
         (Mode::Confirm, false, true) => "To approve the command-line sign-in, give your second factor.",
         (Mode::Confirm, false, false) => "To approve the command-line sign-in, give your password.",
@@ -348,7 +353,9 @@ pub(crate) async fn security_page(st: &State, call: &Call) -> Response<Body> {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id);
     };
     let next = query_param(call, "next").unwrap_or_default();
-    let say = if !next.is_empty() && !data.0.any() {
+    let say = if next.starts_with("/.poort/admin") && !data.0.any() {
+        Say::Attention("The admin console needs a second factor. Set up an authenticator app or a passkey to continue.")
+    } else if !next.is_empty() && !data.0.any() {
         Say::Attention("That app needs a second factor. Set up an authenticator app to continue.")
     } else {
         Say::Nothing

@@ -201,6 +201,7 @@ async fn admin_pages_open_to_the_person_and_not_to_a_script_or_a_frame() {
         let r = gate.request("GET", "/.poort/admin/users", &all, b"").await;
         assert_eq!(r.status, 403, "{who}");
         assert!(!r.text().contains("bob"), "{who} reads nothing");
+        assert!(r.text().contains("Admin pages open only from the portal"), "{who}: the administrator learns why");
     }
     // The address bar works.
     let typed = [
@@ -252,8 +253,11 @@ async fn an_admin_action_lands_is_audited_and_needs_a_fresh_factor() {
     gate.clock.advance(6 * 60);
     let r = act(&gate, &s, "/.poort/admin/users", &[("op", "enable"), ("name", "bob")]).await;
     assert_eq!(r.status, 303);
-    assert_eq!(r.header("location"), Some(format!("{ORIGIN}/.poort/confirm?next=%2F.poort%2Fadmin").as_str()));
+    let back = format!("{ORIGIN}/.poort/confirm?next=%2F.poort%2Fadmin%2Fusers");
+    assert_eq!(r.header("location"), Some(back.as_str()), "confirm, then back to the page of the form");
     assert!(disabled(&gate, "bob"), "nothing changed on a stale proof");
+    let confirm = gate.get("/.poort/confirm?next=%2F.poort%2Fadmin%2Fusers", Some(&s)).await.text();
+    assert!(confirm.contains("To make changes in the admin console"), "{confirm}");
     assert_eq!(open(&gate, "/.poort/admin/users", &s).await.status, 200, "reading needs no new proof");
     let code = totp::code_at_step(&secret, totp::step_at(gate.clock.now()));
     let s = gate.confirm(&s, &[("code", &code)]).await;
@@ -332,6 +336,7 @@ async fn ending_sessions_and_lockdown_from_the_console_take_effect() {
 
     let r = act(&gate, &s, "/.poort/admin/mitigation", &[("lockdown", "on"), ("confirm", "yes")]).await;
     assert!(r.text().contains("Lockdown is on"), "{}", r.text());
+    assert!(r.text().contains("Switch lockdown off"), "the page shows the state just set");
     crate::harness::eventually("lockdown holds bob out", std::time::Duration::from_secs(4), async || {
         gate.try_login("bob", PASSWORD, "").await.status != 303
     })
@@ -349,7 +354,7 @@ async fn the_access_page_says_why_a_user_cannot_open_an_app() {
     let (s, _) = admin(&gate).await;
     let page = open(&gate, "/.poort/admin/access?user=bob", &s).await.text();
     assert!(page.contains("bob is in: no groups"), "{page}");
-    assert!(page.contains("denied: no allow rule matched"), "{page}");
+    assert!(page.contains("denied: no allow rule matches"), "{page}");
     let page = open(&gate, "/.poort/admin/access?user=nobody", &s).await.text();
     assert!(page.contains("nobody is not a user here"));
     // The audit page filters by user, and its export is the same records.
@@ -417,7 +422,7 @@ async fn what_the_console_takes_in_is_checked() {
         assert!(r.text().contains("not an email address poort accepts"), "{email:?}");
     }
     let r = act(&gate, &s, users, &[("op", "add"), ("name", "Alice")]).await;
-    assert!(r.text().contains("exists already"), "a name that differs only in case");
+    assert!(r.text().contains("The name Alice is taken"), "a name that differs only in case");
     let names: Vec<String> = gate.store().list_users().unwrap().into_iter().map(|u| u.name).collect();
     assert!(!names.iter().any(|n| n == "mallory" || n == "Alice"), "{names:?}");
 
