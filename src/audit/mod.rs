@@ -673,6 +673,12 @@ pub fn verify(conn: &Conn) -> db::Result<Verdict> {
             expect_seq += 1;
         }
     }
+    if expect_seq == 1 {
+        // Every gateway start and every command writes a record before anything else: an
+        // empty log was emptied, or is not a gateway's. Never "intact".
+        let why = "the log is empty, but every gateway start and every command writes to it: it was emptied, or this is not the gateway's database";
+        return Ok(Verdict::Broken { seq: 1, why: why.into() });
+    }
     Ok(Verdict::Intact { records: expect_seq - 1, head: crate::secret::hex(&prev) })
 }
 

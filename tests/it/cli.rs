@@ -208,6 +208,11 @@ async fn audit_verify_finds_an_edited_record() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(v["event"]["kind"].is_string());
     }
+    // Emptied, the log is not "intact: 0 records".
+    conn.execute("DELETE FROM audit", ()).unwrap();
+    let empty = gate.cli(&["audit", "verify"]);
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&empty.stdout).contains("the log is empty"), "{empty:?}");
 }
 
 #[test]
