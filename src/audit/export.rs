@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::{AuditExport, ExportTo};
-use crate::db::{self, Conn, params};
+use crate::db::{self, Conn, OptionalExtension, params};
 use crate::metrics::{ExportLabels, Metrics};
 use crate::store::Store;
 
@@ -50,6 +50,38 @@ pub struct Exported {
     pub detail: String,
     pub prev: Vec<u8>,
     pub hash: Vec<u8>,
+}
+
+/// Holds the log in `conn` against `export`, the JSON lines an export wrote (kept where an
+/// intruder on the gateway cannot reach): Ok(records compared), or Err(where the log differs
+/// from what was exported: a record changed, missing, or the log cut short).
+pub fn held_against(conn: &Conn, export: &str) -> db::Result<Result<usize, String>> {
+    let mut compared = 0usize;
+    for (n, line) in export.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            return Ok(Err(format!("line {} of the export is not a record", n + 1)));
+        };
+        let (Some(seq), Some(hash)) = (v["seq"].as_i64(), v["hash"].as_str()) else {
+            return Ok(Err(format!("line {} of the export has no seq and hash", n + 1)));
+        };
+        let stored: Option<Vec<u8>> =
+            conn.query_row("SELECT hash FROM audit WHERE seq = ?1", params![seq], |r| r.get(0)).optional()?;
+        match stored {
+            None => {
+                return Ok(Err(format!(
+                    "record {seq} was exported but is not in the log (removed, or the log cut short)"
+                )));
+            }
+            Some(h) if crate::secret::hex(&h) != hash => {
+                return Ok(Err(format!(
+                    "record {seq} differs from what was exported (changed, with the hashes after it made again)"
+                )));
+            }
+            Some(_) => {}
+        }
+        compared += 1;
+    }
+    Ok(Ok(compared))
 }
 
 /// Up to `n` records after `seq`, in order.

@@ -17,6 +17,12 @@ pub enum AuditCmd {
     },
     /// Check the hash chain; exit 1 at the first record that was changed, removed or moved.
     Verify {
+        /// Also hold the log against a copy of its export kept off this machine (the JSON
+        /// lines of an `[[audit.export]]` file): every exported record must be in the log
+        /// with the same hash, and the log must reach the last one. This finds a change made
+        /// with every later hash recomputed, and a truncated or emptied log.
+        #[arg(long, value_name = "EXPORT_FILE")]
+        against: Option<std::path::PathBuf>,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -111,8 +117,18 @@ pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
             }
             Ok(if report.chain_intact { 0 } else { 1 })
         }
-        AuditCmd::Verify { config } => {
+        AuditCmd::Verify { against, config } => {
             let conn = crate::store::open_connection(&database(&config.config)?)?;
+            if let Some(file) = against {
+                let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                match crate::audit::export::held_against(&conn, &text)? {
+                    Ok(n) => println!("audit log holds all {n} records of {}", file.display()),
+                    Err(why) => {
+                        println!("audit log BROKEN against {}: {why}", file.display());
+                        return Ok(1);
+                    }
+                }
+            }
             match crate::audit::verify(&conn)? {
                 Verdict::Intact { records, head } => {
                     println!("audit log intact: {records} records; head {head}");

@@ -258,3 +258,70 @@ async fn a_receiver_with_a_certificate_poort_does_not_trust_gets_nothing() {
     assert!(siem.received().is_empty());
     assert_eq!(delivered(&gate, "siem"), 0);
 }
+
+/// Someone who can write the database can change a record and make every hash after it
+/// again with the log's own recipe; the chain alone then looks whole. A copy of the export
+/// kept elsewhere does not go along: `poort audit verify --against` finds the change, a
+/// truncation and an emptied log.
+#[tokio::test]
+async fn the_export_kept_elsewhere_finds_a_rewritten_or_truncated_log() {
+    let gate = Gate::start_config("", "[[audit.export]]\nfile = \"audit.jsonl\"\n").await;
+    let file = gate.dir.0.join("audit.jsonl");
+    gate.login("alice").await;
+    let _ = gate.try_login("bob", "wrong password!", "").await;
+    gate.login("bob").await;
+    let conn = poort::store::open_connection(gate.db()).unwrap();
+    let total: i64 = conn.query_row("SELECT MAX(seq) FROM audit", (), |r| r.get(0)).unwrap();
+    eventually("every record is exported", Duration::from_secs(5), async || {
+        std::fs::read_to_string(&file).unwrap_or_default().lines().count() as i64 >= total
+    })
+    .await;
+    // The copy the operator's log server keeps.
+    let kept = gate.dir.0.join("kept-elsewhere.jsonl");
+    std::fs::copy(&file, &kept).unwrap();
+    let kept = kept.to_str().unwrap();
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["audit", "verify"];
+        args.extend_from_slice(extra);
+        let out = gate.cli(&args);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert_eq!(verify(&["--against", kept]).0, Some(0));
+
+    // The failed sign-in becomes someone else's, and every later hash is made again.
+    let seq: i64 = conn.query_row("SELECT seq FROM audit WHERE kind = 'login_failed'", (), |r| r.get(0)).unwrap();
+    let rows: Vec<(i64, i64, String, String)> = conn
+        .query_map("SELECT seq, at, kind, detail FROM audit WHERE seq >= ?1 ORDER BY seq", [seq], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .unwrap();
+    let mut prev: Vec<u8> = conn.query_row("SELECT prev_hash FROM audit WHERE seq = ?1", [seq], |r| r.get(0)).unwrap();
+    for (s, at, kind, detail) in rows {
+        let detail = if s == seq { detail.replace("bob", "eve") } else { detail };
+        let hash = poort::audit::chain_hash(&prev, s, at, &kind, &detail);
+        conn.execute("UPDATE audit SET detail = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4", {
+            use poort::db::IntoValue;
+            vec![detail.value(), prev.value(), hash.value(), s.value()]
+        })
+        .unwrap();
+        prev = hash;
+    }
+    let (code, text) = verify(&[]);
+    assert_eq!(code, Some(0), "the chain alone looks whole: {text}");
+    let (code, text) = verify(&["--against", kept]);
+    assert_eq!(code, Some(1));
+    assert!(text.contains(&format!("record {seq} differs")), "{text}");
+
+    // Cut short: the chain that is left is whole, the export knows better.
+    let cut = conn.execute("DELETE FROM audit WHERE seq >= ?1", [seq]).unwrap();
+    assert!(cut > 0);
+    assert_eq!(verify(&[]).0, Some(0));
+    let (code, text) = verify(&["--against", kept]);
+    assert_eq!(code, Some(1));
+    assert!(text.contains(&format!("record {seq} was exported but is not in the log")), "{text}");
+
+    // Emptied.
+    conn.execute("DELETE FROM audit", ()).unwrap();
+    assert_eq!(verify(&[]).0, Some(1));
+    assert_eq!(verify(&["--against", kept]).0, Some(1));
+}
