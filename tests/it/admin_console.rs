@@ -499,3 +499,41 @@ path_prefix = "/wp-admin"
     assert!(report.contains("<rect ") && report.contains("fill=\"#b3261e\""), "a red bar for the refused requests");
     assert_eq!(open(&gate, "/.poort/admin/report?since=yesterday", &s).await.status, 400);
 }
+
+/// Three nodes on one PostgreSQL, requests alternating between them: a console page from one
+/// node and its form posted to the next works (the token is keyed with the shared secret), and
+/// taking the administrator out of the group, or revoking the session, closes the console on
+/// every node.
+#[tokio::test]
+async fn the_console_holds_across_nodes() {
+    let pg = crate::cluster::Postgres::start();
+    let mut gate = Gate::start_on(&pg.database("console")).await;
+    gate.add_node().await;
+    gate.add_node().await;
+    let (s, _) = admin(&gate).await;
+    for _ in 0..3 {
+        // `act` reads the page on one node and posts on the next.
+        let r = act(&gate, &s, "/.poort/admin/users", &[("op", "unlock"), ("name", "bob")]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(gate.audit("admin").len(), 3);
+
+    // Every node, three requests in a row, answers `status` for the console.
+    let every_node = async |status: u16| {
+        let mut all = true;
+        for _ in 0..3 {
+            all &= open(&gate, "/.poort/admin", &s).await.status == status;
+        }
+        all
+    };
+    let limit = std::time::Duration::from_secs(4);
+    let store = gate.store();
+    store.change_groups("alice", &[], &["admins".into()], gate.clock.now()).unwrap();
+    crate::harness::eventually("every node refuses a former administrator", limit, async || every_node(403).await)
+        .await;
+    store.change_groups("alice", &["admins".into()], &[], gate.clock.now()).unwrap();
+    crate::harness::eventually("and lets her in again", limit, async || every_node(200).await).await;
+    store.revoke_user_sessions("alice", gate.clock.now()).unwrap();
+    crate::harness::eventually("every node sends a revoked session to sign in", limit, async || every_node(302).await)
+        .await;
+}
