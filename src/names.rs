@@ -34,6 +34,24 @@ pub fn valid_email(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_graphic() && !b"<>\"'(),;:[]\\`".contains(&b))
 }
 
+/// Why an account cannot be made (or changed) with these names, if it cannot: a user name,
+/// group names and an email address as poort takes them, in the words the command line and
+/// the admin console both show.
+pub fn account_problem(user: &str, groups: &[String], email: Option<&str>) -> Option<String> {
+    const NAMES: &str = "use letters, digits, and - _ . @ (at most 64)";
+    if !valid_user_name(user) {
+        return Some(format!("{user:?} is not a valid user name: {NAMES}"));
+    }
+    if let Some(g) = groups.iter().find(|g| !valid_user_name(g)) {
+        return Some(format!("{g:?} is not a valid group name: {NAMES}"));
+    }
+    email.filter(|e| !valid_email(e)).map(|e| {
+        format!(
+            "{e:?} is not an email address poort accepts: one line, like name@example.com, without spaces, quotes or <>"
+        )
+    })
+}
+
 /// The name of an app, a tunnel or a provider: lower-case letters, digits, `-` and `_`.
 pub fn valid_entry_name(s: &str) -> bool {
     !s.is_empty()

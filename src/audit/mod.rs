@@ -293,6 +293,16 @@ impl Event {
     }
 }
 
+/// A field of a record's event (its JSON) as text: a string as it is, another value as JSON,
+/// a missing one as "".
+pub fn field(d: &serde_json::Value, k: &str) -> String {
+    match d.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v) if !v.is_null() => v.to_string(),
+        _ => String::new(),
+    }
+}
+
 /// One stored record.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
+use super::field;
 use crate::clock::{UnixTime, format_minutes};
 use crate::db::{self, Conn, params};
 
@@ -82,14 +83,6 @@ pub fn cve_in(text: &str) -> Option<String> {
     None
 }
 
-fn text(d: &serde_json::Value, k: &str) -> String {
-    match d.get(k) {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(v) if !v.is_null() => v.to_string(),
-        _ => String::new(),
-    }
-}
-
 /// Builds the report of `[since, until)`; `reason_of` gives a mitigation rule's reason (from
 /// the rules in force), to find the CVE it is about.
 pub fn build(
@@ -106,7 +99,7 @@ pub fn build(
             row.get::<String>(0)
         })?;
     for d in before.iter().filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok()) {
-        seen.entry(text(&d, "user")).or_default().insert(text(&d, "client"));
+        seen.entry(field(&d, "user")).or_default().insert(field(&d, "client"));
     }
     let mut mitigation: BTreeMap<String, u64> = BTreeMap::new();
     let mut refused: BTreeMap<String, u64> = BTreeMap::new();
@@ -127,21 +120,21 @@ pub fn build(
             let hour = hours
                 .entry(at.div_euclid(3600) * 3600)
                 .or_insert_with(|| Hour { start: at.div_euclid(3600) * 3600, ..Hour::default() });
-            let line = |what: String| Line { at, user: text(&d, "user"), what, client: text(&d, "client") };
+            let line = |what: String| Line { at, user: field(&d, "user"), what, client: field(&d, "client") };
             match kind.as_str() {
                 "mitigation_matched" => {
-                    *mitigation.entry(text(&d, "rule")).or_default() += 1;
+                    *mitigation.entry(field(&d, "rule")).or_default() += 1;
                     hour.refused += 1;
                 }
                 "request_rejected" => {
-                    *refused.entry(text(&d, "code")).or_default() += 1;
+                    *refused.entry(field(&d, "code")).or_default() += 1;
                     hour.refused += 1;
                 }
                 "refusals_counted" => {
                     let n = d.get("count").and_then(serde_json::Value::as_u64).unwrap_or(0);
-                    match text(&d, "refusal").as_str() {
-                        "mitigation_matched" => *mitigation.entry(text(&d, "key")).or_default() += n,
-                        "request_rejected" => *refused.entry(text(&d, "key")).or_default() += n,
+                    match field(&d, "refusal").as_str() {
+                        "mitigation_matched" => *mitigation.entry(field(&d, "key")).or_default() += n,
+                        "request_rejected" => *refused.entry(field(&d, "key")).or_default() += n,
                         "locked_down" => r.locked_out_requests += n,
                         _ => {}
                     }
@@ -149,35 +142,35 @@ pub fn build(
                 }
                 "login_succeeded" => {
                     hour.sign_ins += 1;
-                    let (user, client) = (text(&d, "user"), text(&d, "client"));
+                    let (user, client) = (field(&d, "user"), field(&d, "client"));
                     if seen.entry(user).or_default().insert(client) {
                         r.new_addresses.push(line("first sign-in from this address".into()));
                     }
                 }
                 "login_failed" | "mfa_failed" => {
                     hour.failed_sign_ins += 1;
-                    *failed.entry(text(&d, "client")).or_default() += 1;
+                    *failed.entry(field(&d, "client")).or_default() += 1;
                 }
-                "account_locked" => r.accounts_locked.push(line(format!("{} locked", text(&d, "lock")))),
+                "account_locked" => r.accounts_locked.push(line(format!("{} locked", field(&d, "lock")))),
                 "factor_changed" => {
-                    r.factor_changes.push(line(format!("{} (proved by: {})", text(&d, "change"), text(&d, "proof"))))
+                    r.factor_changes.push(line(format!("{} (proved by: {})", field(&d, "change"), field(&d, "proof"))))
                 }
                 "recovery_code_used" => {
-                    r.recovery_codes_used.push(line(format!("{} codes left", text(&d, "remaining"))))
+                    r.recovery_codes_used.push(line(format!("{} codes left", field(&d, "remaining"))))
                 }
                 "admin" => {
-                    let by = text(&d, "by");
-                    let what = format!("{} {}: {}", text(&d, "command"), text(&d, "target"), text(&d, "detail"));
+                    let by = field(&d, "by");
+                    let what = format!("{} {}: {}", field(&d, "command"), field(&d, "target"), field(&d, "detail"));
                     let who = if by.is_empty() { "(command line)".to_string() } else { by };
-                    r.admin_commands.push(Line { at, user: who.clone(), what, client: text(&d, "client") });
-                    if text(&d, "command").ends_with("lockdown") {
-                        let what = format!("lockdown {}", text(&d, "target"));
-                        r.lockdown.push(Line { at, user: who, what, client: text(&d, "client") });
+                    r.admin_commands.push(Line { at, user: who.clone(), what, client: field(&d, "client") });
+                    if field(&d, "command").ends_with("lockdown") {
+                        let what = format!("lockdown {}", field(&d, "target"));
+                        r.lockdown.push(Line { at, user: who, what, client: field(&d, "client") });
                     }
                 }
-                "session_ended" => r.sessions_ended.push(line(format!("ended by {}", text(&d, "by")))),
+                "session_ended" => r.sessions_ended.push(line(format!("ended by {}", field(&d, "by")))),
                 "locked_down" => r.locked_out_requests += 1,
-                "tunnel_opened" => r.tunnels_opened.push(line(format!("tunnel {}", text(&d, "tunnel")))),
+                "tunnel_opened" => r.tunnels_opened.push(line(format!("tunnel {}", field(&d, "tunnel")))),
                 _ => {}
             }
         }

@@ -13,7 +13,6 @@ use crate::audit::{Event, Verdict};
 use crate::clock::{Clock, SystemClock, format_utc};
 use crate::config::{self, Config};
 use crate::identity::password;
-use crate::names::valid_user_name;
 use crate::server;
 use crate::store::Store;
 

@@ -93,14 +93,11 @@ fn new_password(stdin: bool, user: &str) -> anyhow::Result<(String, bool)> {
     }
 }
 
-fn check_names(user: &str, groups: &[String]) -> anyhow::Result<()> {
-    if !valid_user_name(user) {
-        bail!("{user:?} is not a valid user name: use letters, digits, and - _ . @ (at most 64)");
+fn check_names(user: &str, groups: &[String], email: Option<&str>) -> anyhow::Result<()> {
+    match crate::names::account_problem(user, groups, email) {
+        Some(why) => bail!("{why}"),
+        None => Ok(()),
     }
-    if let Some(g) = groups.iter().find(|g| !valid_user_name(g)) {
-        bail!("{g:?} is not a valid group name: use letters, digits, and - _ . @ (at most 64)");
-    }
-    Ok(())
 }
 
 pub(super) fn run(cmd: UserCmd) -> anyhow::Result<i32> {
@@ -108,12 +105,7 @@ pub(super) fn run(cmd: UserCmd) -> anyhow::Result<i32> {
     match cmd {
         UserCmd::Add { name, email, groups, password_stdin, config } => {
             let cfg = load(&config.config)?;
-            check_names(&name, &groups)?;
-            if let Some(e) = email.as_deref().filter(|e| !crate::names::valid_email(e)) {
-                bail!(
-                    "{e:?} is not an email address poort accepts: one line, like name@example.com, without spaces, quotes or <>"
-                );
-            }
+            check_names(&name, &groups, email.as_deref())?;
             let store = Store::open(&cfg.database)?;
             if store.name_taken(&name)? {
                 bail!("user {name} exists already (names are compared without regard to case)");
@@ -221,7 +213,7 @@ pub(super) fn run(cmd: UserCmd) -> anyhow::Result<i32> {
         }
         UserCmd::Groups { name, add, remove, config } => {
             let cfg = load(&config.config)?;
-            check_names(&name, &add)?;
+            check_names(&name, &add, None)?;
             let store = Store::open(&cfg.database)?;
             if !store.user_exists(&name)? {
                 bail!("no user {name}");

@@ -186,50 +186,6 @@ fn unavailable(call: &Call) -> Response<Body> {
     error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id)
 }
 
-/// Browser and system from a User-Agent, as a person names them ("Firefox on Windows"); the
-/// command line's own name for its sessions; else "unknown".
-pub(crate) fn browser_of(ua: &str) -> String {
-    if ua.starts_with("poort/") {
-        return "poort command line".into();
-    }
-    let browser = if ua.contains("Edg/") {
-        "Edge"
-    } else if ua.contains("OPR/") {
-        "Opera"
-    } else if ua.contains("Firefox/") {
-        "Firefox"
-    } else if ua.contains("Chrome/") || ua.contains("Chromium/") {
-        "Chrome"
-    } else if ua.contains("Safari/") {
-        "Safari"
-    } else if ua.starts_with("curl/") {
-        "curl"
-    } else {
-        ""
-    };
-    let os = if ua.contains("Windows") {
-        "Windows"
-    } else if ua.contains("Android") {
-        "Android"
-    } else if ua.contains("iPhone") || ua.contains("iPad") {
-        "iOS"
-    } else if ua.contains("Mac OS X") || ua.contains("Macintosh") {
-        "macOS"
-    } else if ua.contains("CrOS") {
-        "ChromeOS"
-    } else if ua.contains("Linux") {
-        "Linux"
-    } else {
-        ""
-    };
-    match (browser, os) {
-        ("", "") => "unknown".into(),
-        (b, "") => b.into(),
-        ("", o) => format!("a browser on {o}"),
-        (b, o) => format!("{b} on {o}"),
-    }
-}
-
 // ---- overview -----------------------------------------------------------------------------
 
 #[derive(Template)]
@@ -391,7 +347,7 @@ async fn user(st: &State, call: &Call) -> Response<Body> {
         .map(|(r, d)| SignInLine {
             at: format_minutes(r.at),
             what: r.kind.replace('_', " "),
-            client: text(&d, "client"),
+            client: audit::field(&d, "client"),
         })
         .collect();
     let (csrf, new) = csrf_for_page(call.headers());
@@ -426,16 +382,16 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
     let admins = st.mitigation.admin_group.clone();
     let name = call.field("name").trim().to_string();
     let op = call.field("op").to_string();
-    if !valid_user_name(&name) {
-        return users(
-            st,
-            call,
-            Some((format!("{name:?} is not a valid user name: use letters, digits, and - _ . @ (at most 64)"), None)),
-        )
-        .await;
-    }
     let now = st.clock.now();
     let said = |s: String| Some((s, None));
+    // The names an action takes in, checked as the command line checks them.
+    let (groups, add, remove) =
+        (group_list(call.field("groups")), group_list(call.field("add")), group_list(call.field("remove")));
+    let email = Some(call.field("email").trim().to_string()).filter(|e| !e.is_empty());
+    let taken_in: Vec<String> = groups.iter().chain(&add).cloned().collect();
+    if let Some(why) = crate::names::account_problem(&name, &taken_in, email.as_deref()) {
+        return users(st, call, said(why)).await;
+    }
     // Every change but an addition is to a user who exists: nothing is recorded for one who
     // does not.
     let wanted = name.clone();
@@ -451,15 +407,6 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
     let current: Vec<String> = found.as_ref().map(|u| u.groups.clone()).unwrap_or_default();
     let outcome = match op.as_str() {
         "add" => {
-            let groups = group_list(call.field("groups"));
-            if let Some(g) = groups.iter().find(|g| !valid_user_name(g)) {
-                return users(st, call, said(format!("{g:?} is not a valid group name"))).await;
-            }
-            let email = Some(call.field("email").trim().to_string()).filter(|e| !e.is_empty());
-            if email.as_deref().is_some_and(|e| !crate::names::valid_email(e)) {
-                let why = "That is not an email address poort accepts: one line, like name@example.com, without spaces, quotes or <>.";
-                return users(st, call, said(why.into())).await;
-            }
             let wanted = name.clone();
             if blocking(st, move |store| store.name_taken(&wanted)).await != Some(false) {
                 let why =
@@ -537,10 +484,6 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
             }
         }
         "groups" => {
-            let (add, remove) = (group_list(call.field("add")), group_list(call.field("remove")));
-            if let Some(g) = add.iter().find(|g| !valid_user_name(g)) {
-                return users(st, call, said(format!("{g:?} is not a valid group name"))).await;
-            }
             if name == me && remove.contains(&admins) {
                 return users(
                     st,
@@ -597,7 +540,7 @@ fn session_line(r: crate::store::SessionRow, current: &str) -> SessionLine {
         apps: String::new(),
         tunnels: String::new(),
         current: r.id == current,
-        browser: browser_of(&r.user_agent),
+        browser: super::browser_of(&r.user_agent),
         created: format_minutes(r.created_at),
         last_seen: format_minutes(r.last_seen),
         id: r.id,
@@ -638,17 +581,17 @@ fn activity(conn: &crate::db::Conn, since: crate::clock::UnixTime) -> crate::db:
     let mut out: HashMap<String, Activity> = HashMap::new();
     for (kind, detail) in rows {
         let Ok(d) = serde_json::from_str::<serde_json::Value>(&detail) else { continue };
-        let session = text(&d, "session");
+        let session = audit::field(&d, "session");
         if session.is_empty() {
             continue;
         }
         let entry = out.entry(session).or_default();
         match kind.as_str() {
             "access_allowed" => {
-                entry.apps.insert(text(&d, "app"));
+                entry.apps.insert(audit::field(&d, "app"));
             }
-            "tunnel_opened" => *entry.tunnels.entry(text(&d, "tunnel")).or_default() += 1,
-            _ => *entry.tunnels.entry(text(&d, "tunnel")).or_default() -= 1,
+            "tunnel_opened" => *entry.tunnels.entry(audit::field(&d, "tunnel")).or_default() += 1,
+            _ => *entry.tunnels.entry(audit::field(&d, "tunnel")).or_default() -= 1,
         }
     }
     Ok(out)
@@ -811,22 +754,13 @@ impl Filter {
     }
 
     fn matches(&self, r: &Record, d: &serde_json::Value) -> bool {
-        let field = |k: &str, want: &str| want.is_empty() || text(d, k) == want;
+        let field = |k: &str, want: &str| want.is_empty() || audit::field(d, k) == want;
         // A user is in a record as its user, or as the administrator who acted or their target.
-        let user = self.user.is_empty() || ["user", "by", "target"].iter().any(|k| text(d, k) == self.user);
+        let user = self.user.is_empty() || ["user", "by", "target"].iter().any(|k| audit::field(d, k) == self.user);
         (self.kind.is_empty() || r.kind == self.kind)
             && user
             && field("app", &self.app)
             && field("client", &self.client)
-    }
-}
-
-/// A string field of an event's JSON, or "".
-fn text(d: &serde_json::Value, k: &str) -> String {
-    match d.get(k) {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(v) if !v.is_null() => v.to_string(),
-        _ => String::new(),
     }
 }
 
@@ -928,8 +862,8 @@ async fn audit_page(st: &State, call: &Call) -> Response<Body> {
             seq: r.seq,
             at: format_minutes(r.at),
             kind: r.kind,
-            user: text(&d, "user"),
-            client: text(&d, "client"),
+            user: audit::field(&d, "user"),
+            client: audit::field(&d, "client"),
             detail: r.detail,
         })
         .collect();
@@ -1182,43 +1116,6 @@ async fn access(st: &State, call: &Call) -> Response<Body> {
     let (csrf, new) = csrf_for_page(call.headers());
     let p = AccessPage { user: &call.session().identity.user, csrf: &csrf, who: &who, about, lines };
     with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn browsers_are_named_as_people_name_them() {
-        let cases = [
-            ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:132.0) Gecko/20100101 Firefox/132.0", "Firefox on Windows"),
-            (
-                "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 Safari/605.1.15",
-                "Safari on macOS",
-            ),
-            (
-                "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1",
-                "Safari on iOS",
-            ),
-            (
-                "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
-                "Chrome on Linux",
-            ),
-            (
-                "Mozilla/5.0 (Linux; Android 14) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36",
-                "Chrome on Android",
-            ),
-            (
-                "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36 Edg/131.0.0.0",
-                "Edge on Windows",
-            ),
-            ("curl/8.5.0", "curl"),
-            ("", "unknown"),
-        ];
-        for (ua, want) in cases {
-            assert_eq!(browser_of(ua), want, "{ua}");
-        }
-    }
 }
 
 // ---- were we breached? ----------------------------------------------------------------------

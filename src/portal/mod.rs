@@ -569,7 +569,7 @@ async fn sessions_page(st: &State, call: &Call) -> Response<Body> {
             created: format_minutes(r.created_at),
             last_seen: format_minutes(if r.id == s.id { s.last_seen() } else { r.last_seen }),
             client_addr: r.client_addr,
-            browser: admin::browser_of(&r.user_agent),
+            browser: browser_of(&r.user_agent),
             id: r.id,
         })
         .collect();
@@ -611,9 +611,76 @@ async fn end_session(st: &State, call: Call) -> Response<Body> {
     redirect(StatusCode::SEE_OTHER, &format!("{}/.poort/sessions", st.cfg.server.external_origin))
 }
 
+/// Browser and system from a User-Agent, as a person names them ("Firefox on Windows"); the
+/// command line's own name for its sessions; else "unknown". The first match in each table
+/// wins: Edge and Opera also say Chrome, Chrome also says Safari, Android also says Linux.
+pub(crate) fn browser_of(ua: &str) -> String {
+    const BROWSERS: [(&str, &str); 7] = [
+        ("Edg/", "Edge"),
+        ("OPR/", "Opera"),
+        ("Firefox/", "Firefox"),
+        ("Chrome/", "Chrome"),
+        ("Chromium/", "Chrome"),
+        ("Safari/", "Safari"),
+        ("curl/", "curl"),
+    ];
+    const SYSTEMS: [(&str, &str); 7] = [
+        ("Windows", "Windows"),
+        ("Android", "Android"),
+        ("iPhone", "iOS"),
+        ("iPad", "iOS"),
+        ("Macintosh", "macOS"),
+        ("CrOS", "ChromeOS"),
+        ("Linux", "Linux"),
+    ];
+    if ua.starts_with("poort/") {
+        return "poort command line".into();
+    }
+    let first =
+        |table: &[(&str, &'static str)]| table.iter().find(|(mark, _)| ua.contains(mark)).map(|(_, name)| *name);
+    match (first(&BROWSERS), first(&SYSTEMS)) {
+        (None, None) => "unknown".into(),
+        (Some(b), None) => b.into(),
+        (None, Some(o)) => format!("a browser on {o}"),
+        (Some(b), Some(o)) => format!("{b} on {o}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn browsers_are_named_as_people_name_them() {
+        let cases = [
+            ("Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:132.0) Gecko/20100101 Firefox/132.0", "Firefox on Windows"),
+            (
+                "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 Safari/605.1.15",
+                "Safari on macOS",
+            ),
+            (
+                "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1",
+                "Safari on iOS",
+            ),
+            (
+                "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+                "Chrome on Linux",
+            ),
+            (
+                "Mozilla/5.0 (Linux; Android 14) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36",
+                "Chrome on Android",
+            ),
+            (
+                "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36 Edg/131.0.0.0",
+                "Edge on Windows",
+            ),
+            ("curl/8.5.0", "curl"),
+            ("", "unknown"),
+        ];
+        for (ua, want) in cases {
+            assert_eq!(browser_of(ua), want, "{ua}");
+        }
+    }
 
     #[test]
     fn next_targets() {
