@@ -98,6 +98,10 @@ pub struct Metrics {
     pub audit_write_seconds: Histogram,
     pub upstream_idle: Gauge,
     pub sessions_cached: Gauge,
+    /// The version of the mitigation feed file in force (0: none).
+    pub feed_version: Gauge,
+    /// When the feed last answered, as a Unix time (0: never).
+    pub feed_answered: Gauge,
 }
 
 impl Default for Metrics {
@@ -128,6 +132,8 @@ impl Metrics {
             audit_write_seconds: seconds(),
             upstream_idle: Gauge::default(),
             sessions_cached: Gauge::default(),
+            feed_version: Gauge::default(),
+            feed_answered: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -150,6 +156,16 @@ impl Metrics {
             m.rule_hits.clone(),
         );
         r.register("mitigation_rule_reloads", "Readings of the rules file, by result", m.rule_reloads.clone());
+        r.register(
+            "mitigation_feed_version",
+            "The version of the feed file in force (0: none)",
+            m.feed_version.clone(),
+        );
+        r.register(
+            "mitigation_feed_answered_timestamp_seconds",
+            "When the mitigation feed last answered (0: never); an old time means the feed is unreachable",
+            m.feed_answered.clone(),
+        );
         r.register("config_reloads", "Changed configs read while running, by result", m.config_reloads.clone());
         r.register("audit_queue", "Audit records waiting to be written", m.audit_queue.clone());
         r.register(

@@ -135,9 +135,9 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     let signer = Arc::new(Signer::load_or_create(&signing_key_path(&cfg), &cfg.server.external_origin)?);
     let sealer = Arc::new(Sealer::load_or_create(&sealing_key_path(&cfg))?);
     same_keys(&store, &sealer, &signer, &cfg)?;
-    let applied = applied_rules(&store)?;
+    let remembered = remembered_rules(&store)?;
     let (mitigation, first_rules) =
-        crate::mitigate::Mitigation::start(&cfg.mitigate, &cfg.data_dir, applied, clock.now())?;
+        crate::mitigate::Mitigation::start(&cfg.mitigate, &cfg.data_dir, remembered, clock.now())?;
     let whoami = if cfg.apps.iter().any(|a| a.upstream == Upstream::Whoami) {
         Some(whoami::start().await?.to_string())
     } else {
@@ -225,6 +225,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         seen_at: 0,
     };
     tasks.push(tokio::spawn(background(control.clone(), stopped.clone(), node)));
+    tasks.push(tokio::spawn(poll_feed(live.clone(), stopped.clone())));
     tasks.push(tokio::spawn(outage_watch(live.clone(), stopped.clone())));
     tracing::info!(listen = %addr, portal = %cfg.server.external_origin, apps = cfg.apps.len(), "poort is serving");
     Ok(Running { addr, redirect_addr, admin_addr, live, control, stop, tasks })
@@ -246,10 +247,13 @@ fn warn_uncovered(cfg: &Config, certs: &crate::certs::Certs) {
     }
 }
 
-fn applied_rules(store: &Store) -> anyhow::Result<Option<crate::mitigate::Applied>> {
-    Ok(store
-        .with(|c| Store::setting(c, RULES_APPLIED))?
-        .and_then(|v| serde_json::from_str::<crate::mitigate::Applied>(&v).ok()))
+/// What the gateway applied last: the local rules file's version and the feed file in force.
+fn remembered_rules(store: &Store) -> anyhow::Result<crate::mitigate::Remembered> {
+    let (applied, feed) = store.with(|c| Ok((Store::setting(c, RULES_APPLIED)?, Store::setting(c, RULES_FEED)?)))?;
+    Ok(crate::mitigate::Remembered {
+        applied: applied.and_then(|v| serde_json::from_str(&v).ok()),
+        feed: feed.and_then(|v| serde_json::from_str(&v).ok()),
+    })
 }
 
 /// How often a node reads revocations and settings when the database also notifies it.
@@ -395,6 +399,9 @@ fn reload_certs(certs: &crate::certs::Certs) {
 /// to an older signed file.
 const RULES_APPLIED: &str = "rules_applied";
 
+/// Where the gateway keeps the feed file in force (`mitigate::feed::Record`).
+const RULES_FEED: &str = "rules_feed";
+
 /// Audits a look at the rules file, and remembers a file that was applied.
 async fn rules_outcome(gw: &Gateway, outcome: crate::mitigate::Reload) {
     use crate::mitigate::Reload;
@@ -410,6 +417,81 @@ async fn rules_outcome(gw: &Gateway, outcome: crate::mitigate::Reload) {
         Reload::Refused { file, why } => Event::RulesRefused { file, why },
     };
     gw.state.audit.note(ev).await;
+}
+
+/// Records what taking a feed file came to: a file put in force is kept in the database
+/// (unless a node put a newer one there already) and audited, as is a refused one.
+async fn feed_outcome(gw: &Gateway, outcome: crate::mitigate::FeedOutcome) {
+    use crate::mitigate::FeedOutcome;
+    let ev = match outcome {
+        FeedOutcome::Unchanged => return,
+        FeedOutcome::Loaded { url, record, rules } => {
+            let (version, sha256) = (record.version, record.sha256.clone());
+            let kept = gw
+                .state
+                .store
+                .run(move |c| {
+                    let newer = Store::setting(c, RULES_FEED)?
+                        .and_then(|v| serde_json::from_str::<crate::mitigate::feed::Record>(&v).ok())
+                        .is_some_and(|r| r.version > record.version);
+                    if newer {
+                        return Ok(());
+                    }
+                    Store::put_setting(c, RULES_FEED, &serde_json::to_string(&record).unwrap_or_default())
+                })
+                .await;
+            if let Err(e) = kept {
+                tracing::error!(error = %e, "Recording the feed file in force failed");
+            }
+            Event::RulesLoaded { file: url, version: Some(version), sha256, rules }
+        }
+        FeedOutcome::Refused { url, why } => Event::RulesRefused { file: url, why },
+    };
+    gw.state.audit.note(ev).await;
+}
+
+/// Polls the mitigation feed, if the config names one, every `feed_interval` and a tenth of
+/// it more at random (so that a fleet does not ask at the same moment); the first time at once.
+async fn poll_feed(live: Arc<Live>, mut stopped: watch::Receiver<bool>) {
+    let mut wait = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopped.changed() => return,
+        }
+        let gw = live.get();
+        let Some((feed, tls, etag)) = gw.state.mitigation.feed() else {
+            // No feed configured: look again after a reload may have named one.
+            wait = Duration::from_secs(1);
+            continue;
+        };
+        let limit = feed.interval.min(Duration::from_secs(30));
+        let now = || gw.state.clock.now();
+        let answered = match crate::mitigate::feed::fetch(&feed.url, tls, etag.as_deref(), limit).await {
+            Ok(crate::mitigate::feed::Fetched::NotModified) => {
+                gw.state.mitigation.feed_not_modified(now());
+                true
+            }
+            Ok(crate::mitigate::feed::Fetched::Body { bytes, etag }) => {
+                feed_outcome(&gw, gw.state.mitigation.offer_feed(&bytes, etag, now())).await;
+                true
+            }
+            Err(why) => {
+                if gw.state.mitigation.feed_unreachable(&why, now()) {
+                    tracing::warn!(url = %feed.url, problem = %why, "The mitigation feed cannot be reached; the rules in force stay");
+                }
+                false
+            }
+        };
+        let m = &gw.state.metrics;
+        if answered {
+            m.feed_answered.set(now());
+        }
+        m.feed_version.set(gw.state.mitigation.status().feed.and_then(|f| f.version).unwrap_or(0) as i64);
+        let jitter = u64::from(u16::from_le_bytes(crate::secret::random_bytes::<2>()));
+        wait = feed.interval + feed.interval.mul_f64(jitter as f64 / f64::from(u16::MAX) / 10.0);
+        gw.state.mitigation.feed_next_check(now() + wait.as_secs() as i64);
+    }
 }
 
 impl Running {

@@ -128,6 +128,57 @@ pub fn parse_fingerprint(s: &str) -> anyhow::Result<[u8; 32]> {
 }
 
 /// The name a server is checked against: a DNS name or an IP address, brackets removed.
+/// One HTTP/1.1 request to an http or https URL (TLS by `tls`), with its answer's body cut
+/// off at `limit` bytes. The caller bounds the time.
+pub async fn exchange(
+    req: http::Request<Vec<u8>>,
+    tls: Arc<rustls::ClientConfig>,
+    limit: usize,
+) -> Result<http::Response<Vec<u8>>, String> {
+    use http_body_util::{BodyExt, Full, Limited};
+    use hyper_util::rt::TokioIo;
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let uri = req.uri().clone();
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err("not an http(s) URL".into()),
+    };
+    let host = uri.host().ok_or("no host")?.trim_matches(['[', ']']).to_string();
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| err(&e))?;
+    let _ = tcp.set_nodelay(true);
+    let (parts, body) = req.into_parts();
+    let mut out = http::Request::from_parts(parts, Full::new(bytes::Bytes::from(body)));
+    let authority = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+    *out.uri_mut() = uri.path_and_query().map_or("/", |p| p.as_str()).parse().map_err(|e| err(&e))?;
+    out.headers_mut().insert(http::header::HOST, http::HeaderValue::from_str(&authority).map_err(|e| err(&e))?);
+    async fn send<T>(
+        io: T,
+        req: http::Request<Full<bytes::Bytes>>,
+        limit: usize,
+    ) -> Result<http::Response<Vec<u8>>, String>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, limit).collect().await.map_err(|e| e.to_string())?.to_bytes().to_vec();
+        Ok(http::Response::from_parts(parts, body))
+    }
+    if https {
+        let name = ServerName::try_from(host).map_err(|e| err(&e))?;
+        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| err(&e))?;
+        send(TokioIo::new(stream), out, limit).await
+    } else {
+        send(TokioIo::new(tcp), out, limit).await
+    }
+}
+
 pub fn server_name(host: &str) -> anyhow::Result<ServerName<'static>> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(host.to_string()).map_err(|_| anyhow::anyhow!("{host:?} is not a DNS name or IP address"))

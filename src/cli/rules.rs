@@ -39,6 +39,24 @@ pub enum RulesCmd {
         key: PathBuf,
         file: PathBuf,
     },
+    /// Write a signed, versioned feed file from a rules file, for every gateway whose
+    /// [mitigate] feed names where it is served.
+    Publish {
+        /// The private key from `poort rules keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        /// The feed file to write (atomically, so that a server never sends half of it).
+        #[arg(long)]
+        out: PathBuf,
+        /// The version; default: one more than the feed file at --out, or 1.
+        #[arg(long)]
+        version: Option<u64>,
+        /// How long gateways may take the file: after that it is refused as a replay.
+        #[arg(long, default_value = "7d")]
+        valid_for: String,
+        /// The rules file.
+        rules: PathBuf,
+    },
     /// Check FILE.sig against a public key.
     Verify {
         #[arg(long)]
@@ -78,12 +96,15 @@ pub(super) fn run(cmd: RulesCmd) -> anyhow::Result<i32> {
                         Some(e) => println!("REFUSED:   the newest file was not loaded: {e}"),
                         None => println!("newest file: loaded"),
                     }
+                    if let Some(f) = &s.feed {
+                        print_feed(f);
+                    }
                     let mut hits: Vec<_> = s.hits.iter().collect();
                     hits.sort();
                     for (rule, n) in hits {
                         println!("hits:      {rule}: {n}");
                     }
-                    if s.last_error.is_some() {
+                    if s.last_error.is_some() || s.feed.as_ref().is_some_and(|f| f.refused.is_some()) {
                         return Ok(1);
                     }
                 }
@@ -120,6 +141,7 @@ pub(super) fn run(cmd: RulesCmd) -> anyhow::Result<i32> {
             println!("Wrote {}", sig_path.display());
             Ok(0)
         }
+        RulesCmd::Publish { key, out, version, valid_for, rules } => publish(&key, &out, version, &valid_for, &rules),
         RulesCmd::Verify { public_key, file } => {
             let key = STANDARD.decode(public_key.trim()).context("the public key is not base64")?;
             match crate::mitigate::load_file(&file, Some(&key), SystemClock.now()) {
@@ -133,6 +155,65 @@ pub(super) fn run(cmd: RulesCmd) -> anyhow::Result<i32> {
                 }
             }
         }
+    }
+}
+
+fn publish(key: &Path, out: &Path, version: Option<u64>, valid_for: &str, rules: &Path) -> anyhow::Result<i32> {
+    use ring::signature::Ed25519KeyPair;
+    let pkcs8 = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+    let pair =
+        Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| anyhow::anyhow!("{} is not an Ed25519 key", key.display()))?;
+    let text = std::fs::read_to_string(rules).with_context(|| format!("reading {}", rules.display()))?;
+    if let Err(problems) = crate::mitigate::rules::compile(&text) {
+        bail!("refusing to publish a rules file with problems:\n  {}", problems.join("\n  "));
+    }
+    let valid_for = humantime::parse_duration(valid_for)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--valid-for {valid_for:?} is not a duration (for example 7d or 12h)"))?;
+    let before = std::fs::read(out).ok().and_then(|b| crate::mitigate::feed::version_of(&b));
+    let version = match (version, before) {
+        (Some(v), Some(b)) if v <= b => {
+            bail!(
+                "version {v} does not follow version {b} in {}: gateways refuse it (hint: leave out --version)",
+                out.display()
+            )
+        }
+        (Some(v), _) => v,
+        (None, Some(b)) => b + 1,
+        (None, None) => 1,
+    };
+    let expires = SystemClock.now() + valid_for.as_secs() as i64;
+    let feed = crate::mitigate::feed::write(&pair, version, expires, &text);
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, feed).with_context(|| format!("writing {}", PathBuf::from(&tmp).display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("moving the new file to {}", out.display()))?;
+    println!(
+        "Wrote {}: version {version}, valid until {}. Gateways polling it take it at their next check.",
+        out.display(),
+        crate::clock::format_utc(expires)
+    );
+    Ok(0)
+}
+
+fn print_feed(f: &crate::mitigate::FeedStatus) {
+    let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    println!("feed:      {}", f.url);
+    println!("  signer:  {}", f.signer);
+    match f.version {
+        Some(v) => {
+            println!("  version: {v}, {} rules, expires {}, applied {}", f.rules, or(&f.expires), or(&f.applied_at))
+        }
+        None => println!("  version: none yet: no file from the feed has been taken"),
+    }
+    println!("  sha256:  {}", or(&f.sha256));
+    println!("  fetched: {} (last answer); next check {}", or(&f.fetched_at), or(&f.next_check));
+    if let Some(e) = &f.refused {
+        println!("  REFUSED: the newest file served was not taken: {e}");
+    }
+    if let Some(e) = &f.unreachable {
+        println!("  UNREACHABLE since {}: {e}; the file in force stays", or(&f.unreachable_since));
     }
 }
 

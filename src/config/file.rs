@@ -98,6 +98,15 @@ pub struct Mitigate {
     pub lockdown: Option<bool>,
     /// Who may still work during a lockdown. Default "admins".
     pub admin_group: Option<String>,
+    /// An https URL of a signed rules feed (`poort rules publish` writes one), polled by
+    /// every node; its rules follow the local file's.
+    pub feed: Option<String>,
+    /// The feed publisher's Ed25519 public key (base64). Required with `feed`.
+    pub feed_public_key: Option<String>,
+    /// How often the feed is polled (a tenth more at random). Default "60s".
+    pub feed_interval: Option<String>,
+    /// The CA (PEM) of the feed server's certificate; default: the system's trust store.
+    pub feed_ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

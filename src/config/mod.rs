@@ -124,6 +124,17 @@ pub struct Mitigate {
     pub public_key: Option<Vec<u8>>,
     pub lockdown: bool,
     pub admin_group: String,
+    pub feed: Option<Feed>,
+}
+
+/// `[mitigate] feed`: where the signed rules feed is, and whose signature it must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Feed {
+    pub url: String,
+    /// The raw 32-byte Ed25519 key of the publisher.
+    pub public_key: Vec<u8>,
+    pub interval: Duration,
+    pub trust: crate::tls_client::Trust,
 }
 
 #[derive(Debug, Clone, Copy)]

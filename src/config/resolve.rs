@@ -607,31 +607,76 @@ fn mitigate(c: &mut Collector, f: file::Mitigate, base: &Path) -> Mitigate {
             );
             None
         }
-        (true, Some(k)) => {
-            use base64::Engine;
-            match base64::engine::general_purpose::STANDARD.decode(k.trim()) {
-                Ok(b) if b.len() == 32 => Some(b),
-                _ => {
-                    c.add(
-                        "mitigate.public_key",
-                        "is not a base64 Ed25519 public key",
-                        "paste what poort rules keygen printed",
-                    );
-                    None
-                }
-            }
-        }
+        (true, Some(k)) => ed25519_key(c, "mitigate.public_key", k),
     };
+    let feed = feed(c, &f, base);
     let mitigate = Mitigate {
         rules_file: f.rules_file.as_deref().map(|p| at(base, p)),
         public_key,
         lockdown: f.lockdown.unwrap_or(false),
         admin_group: f.admin_group.unwrap_or_else(|| "admins".into()),
+        feed,
     };
     if f.require_signature == Some(true) && mitigate.rules_file.is_none() {
         c.add("mitigate.rules_file", "missing", "require_signature applies to a rules file: name it");
     }
     mitigate
+}
+
+/// A base64 Ed25519 public key, as `poort rules keygen` prints it.
+fn ed25519_key(c: &mut Collector, path: &str, raw: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    match base64::engine::general_purpose::STANDARD.decode(raw.trim()) {
+        Ok(b) if b.len() == 32 => Some(b),
+        _ => {
+            c.add(path, "is not a base64 Ed25519 public key", "paste what poort rules keygen printed");
+            None
+        }
+    }
+}
+
+/// `[mitigate] feed` and the settings that go with it.
+fn feed(c: &mut Collector, f: &file::Mitigate, base: &Path) -> Option<crate::config::Feed> {
+    let Some(url) = f.feed.as_deref() else {
+        for (key, set) in [
+            ("feed_public_key", f.feed_public_key.is_some()),
+            ("feed_interval", f.feed_interval.is_some()),
+            ("feed_ca_file", f.feed_ca_file.is_some()),
+        ] {
+            if set {
+                c.add(format!("mitigate.{key}"), "is set but feed is not", "name the feed's URL in feed, or remove it");
+            }
+        }
+        return None;
+    };
+    let parsed = url.parse::<http::Uri>().ok().filter(|u| u.scheme_str() == Some("https") && u.host().is_some());
+    if parsed.is_none() {
+        c.add(
+            "mitigate.feed",
+            format!("{url:?} is not an https URL"),
+            "feed = \"https://rules.example.org/poort.feed\"",
+        );
+    }
+    let public_key = match f.feed_public_key.as_deref() {
+        Some(k) => ed25519_key(c, "mitigate.feed_public_key", k),
+        None => {
+            c.add(
+                "mitigate.feed_public_key",
+                "missing",
+                "a feed is taken only with the publisher's signature: paste the key poort rules keygen printed",
+            );
+            None
+        }
+    };
+    let interval = c.duration("mitigate.feed_interval", &f.feed_interval, Duration::from_secs(60));
+    if interval < Duration::from_secs(1) || interval > Duration::from_secs(24 * 3600) {
+        c.add("mitigate.feed_interval", "must be between 1 s and 24 h", "feed_interval = \"60s\"");
+    }
+    let trust = match &f.feed_ca_file {
+        Some(p) => Trust::CaFile(at(base, p)),
+        None => Trust::SystemRoots,
+    };
+    Some(crate::config::Feed { url: parsed?.to_string(), public_key: public_key?, interval, trust })
 }
 
 /// `http(s)://host[:port]`, lower case, as a browser sends it in `Origin`.

@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
 use openidconnect::core::{
     CoreAuthDisplay, CoreAuthenticationFlow, CoreClaimName, CoreClaimType, CoreClient, CoreClientAuthMethod,
     CoreGrantType, CoreJsonWebKey, CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm, CoreResponseMode,
@@ -20,7 +18,6 @@ use openidconnect::{
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
 
 use crate::config::auth::Oidc as Settings;
 use crate::identity::ldap::map_groups;
@@ -382,44 +379,5 @@ async fn fetch_inner(
     req: openidconnect::HttpRequest,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<openidconnect::HttpResponse, HttpError> {
-    let err = |e: &dyn std::fmt::Display| HttpError(e.to_string());
-    let uri = req.uri().clone();
-    let https = match uri.scheme_str() {
-        Some("https") => true,
-        Some("http") => false,
-        _ => return Err(HttpError("not an http(s) URL".into())),
-    };
-    let host = uri.host().ok_or_else(|| HttpError("no host".into()))?.trim_matches(['[', ']']).to_string();
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| err(&e))?;
-    let _ = tcp.set_nodelay(true);
-    let (parts, body) = req.into_parts();
-    let mut out = http::Request::from_parts(parts, Full::new(bytes::Bytes::from(body)));
-    let authority = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
-    *out.uri_mut() = uri.path_and_query().map_or("/", |p| p.as_str()).parse().map_err(|e| err(&e))?;
-    out.headers_mut().insert(http::header::HOST, http::HeaderValue::from_str(&authority).map_err(|e| err(&e))?);
-    let resp = if https {
-        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| err(&e))?;
-        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| err(&e))?;
-        send(TokioIo::new(stream), out).await?
-    } else {
-        send(TokioIo::new(tcp), out).await?
-    };
-    Ok(resp)
-}
-
-async fn send<T>(io: T, req: http::Request<Full<bytes::Bytes>>) -> Result<openidconnect::HttpResponse, HttpError>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let err = |e: &dyn std::fmt::Display| HttpError(e.to_string());
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| err(&e))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let resp = sender.send_request(req).await.map_err(|e| err(&e))?;
-    let (parts, body) = resp.into_parts();
-    let body =
-        Limited::new(body, MAX_RESPONSE).collect().await.map_err(|e| HttpError(e.to_string()))?.to_bytes().to_vec();
-    Ok(http::Response::from_parts(parts, body))
+    crate::tls_client::exchange(req, tls, MAX_RESPONSE).await.map_err(HttpError)
 }

@@ -4,8 +4,10 @@
 //! config requires one) before it replaces the old rules; a bad one changes nothing and says
 //! why in the log and in `poort rules status`. A file is read only once it has stopped
 //! changing, a signed file never goes back to a lower `version`, and a file with no rules does
-//! not replace rules unless it says `rule = []`.
+//! not replace rules unless it says `rule = []`. A signed feed (`feed`) adds the rules of a
+//! publisher's file, polled over https, after the local ones.
 
+pub mod feed;
 pub mod rules;
 
 use std::collections::HashMap;
@@ -53,6 +55,65 @@ pub struct Status {
     /// Why the newest file was refused; the rules above stay in force.
     pub last_error: Option<String>,
     pub hits: HashMap<String, u64>,
+    #[serde(default)]
+    pub feed: Option<FeedStatus>,
+}
+
+/// The feed's part of `poort rules status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FeedStatus {
+    pub url: String,
+    /// The publisher's key the gateway takes (base64).
+    pub signer: String,
+    pub version: Option<u64>,
+    pub sha256: Option<String>,
+    pub expires: Option<String>,
+    pub rules: usize,
+    /// When the file in force was applied.
+    pub applied_at: Option<String>,
+    /// The last time the feed answered (a new file or "not modified").
+    pub fetched_at: Option<String>,
+    pub next_check: Option<String>,
+    /// Why the newest file served was refused; the file in force stays.
+    pub refused: Option<String>,
+    /// Why the last poll got no answer, and since when that is so.
+    pub unreachable: Option<String>,
+    pub unreachable_since: Option<String>,
+}
+
+/// What the gateway keeps in its database about the rules it applied: the local file's
+/// version and digest, and the feed file in force.
+#[derive(Debug, Clone, Default)]
+pub struct Remembered {
+    pub applied: Option<Applied>,
+    pub feed: Option<feed::Record>,
+}
+
+/// What taking a feed file came to.
+#[derive(Debug, Clone)]
+pub enum FeedOutcome {
+    Unchanged,
+    Loaded {
+        url: String,
+        record: feed::Record,
+        rules: usize,
+    },
+    /// A new file was refused (told once per file); the one in force stays.
+    Refused {
+        url: String,
+        why: String,
+    },
+}
+
+/// The feed a gateway polls, and the file of it in force.
+struct FeedSource {
+    cfg: crate::config::Feed,
+    tls: Arc<rustls::ClientConfig>,
+    record: Option<feed::Record>,
+    rules: Arc<Rules>,
+    etag: Option<String>,
+    /// The digest of the last file refused, so that it is reported once.
+    refused: Option<String>,
 }
 
 /// Reads, verifies and checks a rules file: `Err` lists every problem. A signed file must
@@ -124,7 +185,11 @@ pub struct Mitigation {
     file: Option<PathBuf>,
     public_key: Option<Vec<u8>>,
     status_path: PathBuf,
+    /// The rules in force: the local file's, then the feed's.
     rules: RwLock<Arc<Rules>>,
+    /// The local file's rules.
+    local: RwLock<Arc<Rules>>,
+    feed: Option<Mutex<FeedSource>>,
     /// The file in force.
     applied: Mutex<Option<Applied>>,
     /// Stamps of the rules file and its signature when last read, and a newer stamp with when
@@ -159,26 +224,26 @@ fn stamp(path: &Path) -> Stamp {
 }
 
 impl Mitigation {
-    /// Loads the rules named by the config; `applied` is the file the gateway applied last
-    /// (from its database). At start-up a bad file is an error: poort does not start without
+    /// Loads the rules named by the config; `remembered` is what the gateway applied last
+    /// (from its database), and its feed file is put in force again. At start-up a bad file is an error: poort does not start without
     /// the mitigations the operator asked for.
     pub fn start(
         cfg: &crate::config::Mitigate,
         data_dir: &Path,
-        applied: Option<Applied>,
+        remembered: Remembered,
         now: i64,
     ) -> anyhow::Result<(Mitigation, Reload)> {
-        Mitigation::prepare(cfg, data_dir, applied, now, true)
+        Mitigation::prepare(cfg, data_dir, remembered, now, true)
     }
 
     /// As `start`, for a reload: the engine writes no status until `publish`.
     pub fn staged(
         cfg: &crate::config::Mitigate,
         data_dir: &Path,
-        applied: Option<Applied>,
+        remembered: Remembered,
         now: i64,
     ) -> anyhow::Result<(Mitigation, Reload)> {
-        Mitigation::prepare(cfg, data_dir, applied, now, false)
+        Mitigation::prepare(cfg, data_dir, remembered, now, false)
     }
 
     /// Puts a staged engine's status in `rules-status.json`: it is the one in force now.
@@ -217,16 +282,33 @@ impl Mitigation {
     fn prepare(
         cfg: &crate::config::Mitigate,
         data_dir: &Path,
-        applied: Option<Applied>,
+        remembered: Remembered,
         now: i64,
         publish: bool,
     ) -> anyhow::Result<(Mitigation, Reload)> {
+        let feed = match &cfg.feed {
+            None => None,
+            Some(f) => {
+                let tls = crate::tls_client::config(&f.trust, None, &[b"http/1.1"])
+                    .map_err(|e| anyhow::anyhow!("mitigate.feed_ca_file: {e:#}"))?;
+                Some(Mutex::new(FeedSource {
+                    cfg: f.clone(),
+                    tls,
+                    record: None,
+                    rules: Arc::new(Rules::default()),
+                    etag: None,
+                    refused: None,
+                }))
+            }
+        };
         let m = Mitigation {
             file: cfg.rules_file.clone(),
             public_key: cfg.public_key.clone(),
             status_path: data_dir.join("rules-status.json"),
             rules: RwLock::new(Arc::new(Rules::default())),
-            applied: Mutex::new(applied),
+            local: RwLock::new(Arc::new(Rules::default())),
+            feed,
+            applied: Mutex::new(remembered.applied),
             seen: Mutex::new(([None, None], None)),
             throttles: Mutex::new(HashMap::new()),
             status: Mutex::new(Status::default()),
@@ -235,6 +317,9 @@ impl Mitigation {
             admin_group: cfg.admin_group.clone(),
             publishes: AtomicBool::new(publish),
         };
+        if let Some(record) = remembered.feed {
+            m.restore_feed(record);
+        }
         let mut first = m.reload(now);
         // A file being written at this moment: wait for it to settle (at most five seconds).
         for _ in 0..50 {
@@ -264,7 +349,7 @@ impl Mitigation {
         if self.public_key.is_some() && rules.version.is_none() {
             return Err("a signed rules file needs a version".into());
         }
-        let in_force = self.rules.read().rules.len();
+        let in_force = self.local.read().rules.len();
         if rules.rules.is_empty() && !rules.explicitly_empty && in_force > 0 {
             return Err(format!(
                 "the file has no rules and would replace {in_force} (hint: write rule = [] to remove every rule on purpose; write files elsewhere and rename them into place)"
@@ -300,11 +385,8 @@ impl Mitigation {
                 status.version = rules.version;
                 status.loaded_at = Some(crate::clock::format_utc(now));
                 status.last_error = None;
-                // Counts of rules the new file no longer has go with them.
-                status.hits.retain(|id, _| rules.rules.iter().any(|r| &r.id == id));
-                *self.rules.write() = Arc::new(rules);
+                *self.local.write() = Arc::new(rules);
                 *self.applied.lock() = Some(applied.clone());
-                self.throttles.lock().clear();
                 Reload::Loaded { file, applied, rules: count }
             }
             Err(why) => {
@@ -314,8 +396,153 @@ impl Mitigation {
             }
         };
         drop(status);
+        if matches!(outcome, Reload::Loaded { .. }) {
+            self.combine();
+        }
         self.write_status();
         outcome
+    }
+
+    /// Puts the local rules and then the feed's in force. Counts and throttles of rules no
+    /// longer there go with them.
+    fn combine(&self) {
+        let local = self.local.read().clone();
+        let feed = self.feed.as_ref().map(|f| f.lock().rules.clone()).unwrap_or_default();
+        let rules = Rules {
+            rules: local.rules.iter().chain(feed.rules.iter()).cloned().collect(),
+            version: local.version,
+            expires: local.expires,
+            explicitly_empty: local.explicitly_empty,
+        };
+        self.status.lock().hits.retain(|id, _| rules.rules.iter().any(|r| &r.id == id));
+        *self.rules.write() = Arc::new(rules);
+        self.throttles.lock().clear();
+    }
+
+    /// The feed this gateway polls: its settings, TLS client settings and the ETag of the
+    /// last answer.
+    pub fn feed(&self) -> Option<(crate::config::Feed, Arc<rustls::ClientConfig>, Option<String>)> {
+        let f = self.feed.as_ref()?.lock();
+        Some((f.cfg.clone(), f.tls.clone(), f.etag.clone()))
+    }
+
+    /// Puts in force the feed file kept in the database (at start, before any poll). One the
+    /// configured key does not open is not used: the publisher's key was changed.
+    fn restore_feed(&self, record: feed::Record) {
+        let Some(source) = &self.feed else { return };
+        let mut f = source.lock();
+        match feed::open(record.text.as_bytes(), &f.cfg.public_key) {
+            Ok(opened) => {
+                tracing::info!(
+                    version = opened.version,
+                    rules = opened.rules.rules.len(),
+                    "Mitigation feed file from the database in force until the feed answers"
+                );
+                f.rules = Arc::new(opened.rules);
+                f.record = Some(record);
+            }
+            Err(why) => {
+                tracing::warn!(problem = %why, "The feed file kept in the database is not used");
+            }
+        }
+        drop(f);
+        self.set_feed_status(|_| {});
+        self.combine();
+    }
+
+    /// Takes a feed file the server sent (with its ETag), if it follows the one in force.
+    pub fn offer_feed(&self, bytes: &[u8], etag: Option<String>, now: i64) -> FeedOutcome {
+        let Some(source) = &self.feed else { return FeedOutcome::Unchanged };
+        let mut f = source.lock();
+        f.etag = etag;
+        let url = f.cfg.url.clone();
+        let digest = crate::secret::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+        let result =
+            feed::open(bytes, &f.cfg.public_key).and_then(|o| Ok((feed::follows(&o, f.record.as_ref(), now)?, o)));
+        let outcome = match result {
+            Ok((false, _)) => FeedOutcome::Unchanged,
+            Ok((true, opened)) => {
+                let text = String::from_utf8_lossy(bytes).into_owned();
+                let record =
+                    feed::Record { version: opened.version, expires: opened.expires, sha256: opened.sha256, text };
+                let rules = opened.rules.rules.len();
+                tracing::info!(url = %url, version = record.version, rules, "Mitigation feed file loaded");
+                f.rules = Arc::new(opened.rules);
+                f.record = Some(record.clone());
+                f.refused = None;
+                FeedOutcome::Loaded { url, record, rules }
+            }
+            Err(why) => {
+                let told = f.refused.as_deref() == Some(&digest);
+                f.refused = Some(digest);
+                tracing::error!(url = %url, problem = %why, "Mitigation feed file refused; the one in force stays");
+                if told { FeedOutcome::Unchanged } else { FeedOutcome::Refused { url, why } }
+            }
+        };
+        drop(f);
+        self.set_feed_status(|s| {
+            s.fetched_at = Some(crate::clock::format_utc(now));
+            s.unreachable = None;
+            s.unreachable_since = None;
+            match &outcome {
+                FeedOutcome::Loaded { .. } => {
+                    s.applied_at = Some(crate::clock::format_utc(now));
+                    s.refused = None;
+                }
+                FeedOutcome::Refused { why, .. } => s.refused = Some(why.clone()),
+                FeedOutcome::Unchanged => {}
+            }
+        });
+        if matches!(outcome, FeedOutcome::Loaded { .. }) {
+            self.combine();
+        }
+        outcome
+    }
+
+    /// The feed answered that the file is the one it sent last.
+    pub fn feed_not_modified(&self, now: i64) {
+        self.set_feed_status(|s| {
+            s.fetched_at = Some(crate::clock::format_utc(now));
+            s.unreachable = None;
+            s.unreachable_since = None;
+        });
+    }
+
+    /// The feed could not be had; the file in force stays. Returns whether it was reachable
+    /// until now.
+    pub fn feed_unreachable(&self, why: &str, now: i64) -> bool {
+        let mut was = false;
+        self.set_feed_status(|s| {
+            was = s.unreachable.is_none();
+            s.unreachable = Some(why.to_string());
+            if s.unreachable_since.is_none() {
+                s.unreachable_since = Some(crate::clock::format_utc(now));
+            }
+        });
+        was
+    }
+
+    /// When the feed is polled next.
+    pub fn feed_next_check(&self, at: i64) {
+        self.set_feed_status(|s| s.next_check = Some(crate::clock::format_utc(at)));
+    }
+
+    /// Brings the feed's part of the status up to date with the file in force, then `change`.
+    fn set_feed_status(&self, change: impl FnOnce(&mut FeedStatus)) {
+        let Some(source) = &self.feed else { return };
+        let f = source.lock();
+        let mut status = self.status.lock();
+        let s = status.feed.get_or_insert_with(FeedStatus::default);
+        s.url = f.cfg.url.clone();
+        s.signer = STANDARD.encode(&f.cfg.public_key);
+        s.version = f.record.as_ref().map(|r| r.version);
+        s.sha256 = f.record.as_ref().map(|r| r.sha256.clone());
+        s.expires = f.record.as_ref().map(|r| crate::clock::format_utc(r.expires));
+        s.rules = f.rules.rules.len();
+        change(s);
+        drop(status);
+        drop(f);
+        self.write_status();
     }
 
     /// Reloads once the file has changed and then stayed the same for `SETTLE` (an editor or

@@ -191,9 +191,9 @@ impl Control {
         let mitigation = if same(&was.mitigate, &cfg.mitigate) && !explicit {
             None
         } else {
-            let applied = super::applied_rules(&old.state.store).map_err(|e| format!("mitigate: {e:#}"))?;
+            let remembered = super::remembered_rules(&old.state.store).map_err(|e| format!("mitigate: {e:#}"))?;
             let (m, first) =
-                crate::mitigate::Mitigation::staged(&cfg.mitigate, &cfg.data_dir, applied, old.state.clock.now())
+                crate::mitigate::Mitigation::staged(&cfg.mitigate, &cfg.data_dir, remembered, old.state.clock.now())
                     .map_err(|e| format!("mitigate: {e:#}"))?;
             m.set_lockdown_switch(old.state.mitigation.lockdown_switch());
             Some((m, first))

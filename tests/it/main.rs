@@ -20,6 +20,7 @@ pub mod ldap;
 mod metrics;
 mod mfa;
 mod mitigate;
+mod mitigate_feed;
 mod oidc;
 mod passkey;
 mod proxy;

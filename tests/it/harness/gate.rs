@@ -265,6 +265,8 @@ access = "authenticated"
         for r in self.others.drain(..) {
             r.stop().await;
         }
+        // A gateway booted again is one node.
+        self.nodes.lock().unwrap().clear();
     }
 
     /// Runs the gateway as a process of its own (the `poort` binary on the same config and
