@@ -131,7 +131,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     let tls = listen::tls_config(certs.clone())?;
     let store = Store::open(&cfg.database)?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let audit = Audit::start(&cfg.database, clock.clone(), metrics.clone())?;
+    let audit = Audit::start(&cfg.database, clock.clone(), metrics.clone(), Some(cfg.data_dir.clone()))?;
     let signer = Arc::new(Signer::load_or_create(&signing_key_path(&cfg), &cfg.server.external_origin)?);
     let sealer = Arc::new(Sealer::load_or_create(&sealing_key_path(&cfg))?);
     same_keys(&store, &sealer, &signer, &cfg)?;
@@ -226,6 +226,7 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     };
     tasks.push(tokio::spawn(background(control.clone(), stopped.clone(), node)));
     tasks.push(tokio::spawn(poll_feed(live.clone(), stopped.clone())));
+    tasks.push(tokio::spawn(seal_audit(live.clone(), stopped.clone())));
     tasks.push(tokio::spawn(outage_watch(live.clone(), stopped.clone())));
     tracing::info!(listen = %addr, portal = %cfg.server.external_origin, apps = cfg.apps.len(), "poort is serving");
     Ok(Running { addr, redirect_addr, admin_addr, live, control, stop, tasks })
@@ -448,6 +449,21 @@ async fn feed_outcome(gw: &Gateway, outcome: crate::mitigate::FeedOutcome) {
         FeedOutcome::Refused { url, why } => Event::RulesRefused { file: url, why },
     };
     gw.state.audit.note(ev).await;
+}
+
+/// Seals the audit chain at start and every `[audit] seal_interval` (the writer does nothing
+/// while the log has no sealing key).
+async fn seal_audit(live: Arc<Live>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let gw = live.get();
+        if let Err(e) = gw.state.audit.seal().await {
+            tracing::error!(error = %format!("{e:#}"), "Sealing the audit log failed; the next interval tries again");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(gw.state.cfg.audit_seal_interval) => {}
+            _ = stopped.changed() => return,
+        }
+    }
 }
 
 /// Polls the mitigation feed, if the config names one, every `feed_interval` and a tenth of

@@ -24,6 +24,7 @@ use crate::clock::{Clock, UnixTime};
 
 pub mod export;
 pub mod report;
+pub mod seal;
 
 /// Everything the audit log records. Field names are part of the log's format.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -222,6 +223,15 @@ pub enum Event {
         trigger: String,
         why: String,
     },
+    /// A forward-secure seal over the chain up to record `covers` (whose hash is `head`), by
+    /// the sealing key `key` at `generation` (`seal::Checker` checks it).
+    AuditSealed {
+        key: String,
+        generation: u64,
+        covers: i64,
+        head: String,
+        mac: String,
+    },
 }
 
 /// Every kind of record (`Event::kind`), for choosing one in a filter.
@@ -255,6 +265,7 @@ pub const KINDS: &[&str] = &[
     "gateway_started",
     "config_reloaded",
     "config_refused",
+    "audit_sealed",
 ];
 
 impl Event {
@@ -289,6 +300,7 @@ impl Event {
             Event::GatewayStarted { .. } => "gateway_started",
             Event::ConfigReloaded { .. } => "config_reloaded",
             Event::ConfigRefused { .. } => "config_refused",
+            Event::AuditSealed { .. } => "audit_sealed",
         }
     }
 }
@@ -332,6 +344,11 @@ pub fn chain_hash(prev: &[u8], seq: i64, at: UnixTime, kind: &str, detail: &str)
 
 /// Appends events in one transaction; returns the sequence number of the last one.
 pub fn append(conn: &mut Conn, at: UnixTime, events: &[Event]) -> db::Result<i64> {
+    append_sealed(conn, at, events, None)
+}
+
+/// As `append`, and then a seal by `seal` over the chain, the new records included.
+pub fn append_sealed(conn: &mut Conn, at: UnixTime, events: &[Event], seal: Option<&seal::SealKey>) -> db::Result<i64> {
     let tx = conn.transaction()?;
     if tx.backend() == Backend::Postgres {
         // Nodes sharing the database take turns: each appends after the last record any of
@@ -342,21 +359,30 @@ pub fn append(conn: &mut Conn, at: UnixTime, events: &[Event]) -> db::Result<i64
         .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", (), |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?
         .unwrap_or((0, vec![0u8; 32]));
-    for ev in events {
-        seq += 1;
+    let put = |ev: &Event, seq: &mut i64, prev: &mut Vec<u8>| -> db::Result<()> {
+        *seq += 1;
         let detail = serde_json::to_string(ev).expect("invariant: audit events serialise");
-        let hash = chain_hash(&prev, seq, at, ev.kind(), &detail);
+        let hash = chain_hash(prev, *seq, at, ev.kind(), &detail);
         tx.execute(
             "INSERT INTO audit (seq, at, kind, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![seq, at, ev.kind(), detail, prev, hash],
+            params![*seq, at, ev.kind(), detail, &*prev, hash],
         )?;
-        prev = hash;
+        *prev = hash;
+        Ok(())
+    };
+    for ev in events {
+        put(ev, &mut seq, &mut prev)?;
+    }
+    // The seal covers the chain up to the record before it, known only now.
+    if let Some(key) = seal {
+        put(&key.seal(seq, &prev, at), &mut seq, &mut prev)?;
     }
     tx.commit()?;
     Ok(seq)
 }
 
-type Job = (Event, Option<tokio::sync::oneshot::Sender<Result<i64, String>>>);
+/// What the writer is asked to do: write an event, or seal the chain (`None`).
+type Job = (Option<Event>, Option<tokio::sync::oneshot::Sender<Result<i64, String>>>);
 
 /// Events waiting for the writer, at most.
 const QUEUE: usize = 8192;
@@ -426,10 +452,12 @@ fn count(m: &Metrics, e: &Event) {
 impl Audit {
     /// Starts the writer thread on its own connection to `db`. What is recorded is also
     /// counted in `metrics` (sign-ins, lockouts, rule hits), with the queue and write time.
+    /// With `data_dir`, seals are made with the sealing key kept there (`seal`), once it exists.
     pub fn start(
         db: &crate::store::Database,
         clock: std::sync::Arc<dyn Clock>,
         metrics: std::sync::Arc<Metrics>,
+        data_dir: Option<PathBuf>,
     ) -> anyhow::Result<Audit> {
         let database = db.clone();
         let mut conn = Some(crate::store::open_connection(db)?);
@@ -444,6 +472,7 @@ impl Audit {
             |r| r.get::<i64>(0),
         )?;
         let (committed_tx, committed) = tokio::sync::watch::channel(last);
+        let mut key: Option<seal::SealKey> = None;
         std::thread::Builder::new()
             .name("poort-audit".into())
             .spawn(move || {
@@ -456,8 +485,17 @@ impl Audit {
                         }
                     }
                     let started = crate::clock::instant();
-                    let events: Vec<Event> = batch.iter().map(|(e, _)| e.clone()).collect();
-                    let result = write(&mut conn, &database, writer_clock.now(), &events);
+                    let events: Vec<Event> = batch.iter().filter_map(|(e, _)| e.clone()).collect();
+                    let key = match (&data_dir, batch.iter().any(|(e, _)| e.is_none())) {
+                        (Some(dir), true) => seal_key(&mut key, dir),
+                        _ => None,
+                    };
+                    let result = write(&mut conn, &database, writer_clock.now(), &events, key.as_deref());
+                    if let (Ok(_), Some(k)) = (&result, key)
+                        && let Err(e) = k.evolve()
+                    {
+                        tracing::error!(error = %format!("{e:#}"), "Moving the audit sealing key to its next generation failed; the next seal repeats this one's");
+                    }
                     m.audit_write_seconds
                         .observe(crate::clock::instant().saturating_duration_since(started).as_secs_f64());
                     m.audit_queue.dec_by(batch.len() as i64);
@@ -494,7 +532,7 @@ impl Audit {
     pub async fn record(&self, event: Event) -> anyhow::Result<i64> {
         count(&self.metrics, &event);
         let (done, wait) = tokio::sync::oneshot::channel();
-        let mut job = (event, Some(done));
+        let mut job = (Some(event), Some(done));
         // A full queue makes the caller wait its turn, a little at a time.
         loop {
             match self.enqueue(job) {
@@ -555,8 +593,17 @@ impl Audit {
         };
         if first {
             // Not waited for: a refusal is not an access that must be recorded first.
-            let _ = self.enqueue((event, None));
+            let _ = self.enqueue((Some(event), None));
         }
+    }
+
+    /// Seals the chain as it stands (when the log has a sealing key), and waits for it.
+    pub async fn seal(&self) -> anyhow::Result<i64> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.enqueue((None, Some(done))).map_err(|_| anyhow::anyhow!("the audit writer is busy or stopped"))?;
+        wait.await
+            .map_err(|_| anyhow::anyhow!("audit writer stopped"))?
+            .map_err(|e| anyhow::anyhow!("audit write failed: {e}"))
     }
 
     /// Writes the counts of a minute that has ended (called every few seconds).
@@ -595,7 +642,7 @@ impl Audit {
                     minute_starting: c.minute,
                     samples,
                 };
-                let _ = self.enqueue((ev, None));
+                let _ = self.enqueue((Some(ev), None));
             }
         }
     }
@@ -609,18 +656,33 @@ fn write(
     database: &crate::store::Database,
     at: UnixTime,
     events: &[Event],
+    seal: Option<&seal::SealKey>,
 ) -> Result<i64, String> {
     if conn.as_ref().is_none_or(Conn::is_broken) {
         *conn = None;
         *conn = Some(crate::store::open_connection(database).map_err(|e| format!("{e:#}"))?);
     }
     let c = conn.as_mut().expect("invariant: connected just above");
-    append(c, at, events).map_err(|e| {
+    append_sealed(c, at, events, seal).map_err(|e| {
         if e.is_connection() {
             *conn = None;
         }
         e.to_string()
     })
+}
+
+/// The sealing key of `dir`, read when there is none in hand yet (it may be made while the
+/// gateway runs); a key that cannot be read is logged, and no seal is made.
+fn seal_key<'a>(held: &'a mut Option<seal::SealKey>, dir: &Path) -> Option<&'a mut seal::SealKey> {
+    if held.is_none() {
+        match seal::SealKey::load(dir) {
+            Ok(k) => *held = k,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "The audit sealing key cannot be read; no seal is made")
+            }
+        }
+    }
+    held.as_mut()
 }
 
 /// Reads the last `n` records, oldest first.
@@ -646,6 +708,15 @@ pub enum Verdict {
 /// Walks the chain from the first record and reports the first one that was changed, removed
 /// or moved.
 pub fn verify(conn: &Conn) -> db::Result<Verdict> {
+    verify_with(conn, &mut |_, _, _, _, _| {})
+}
+
+/// Shown each record of the chain: (seq, at, kind, detail, the previous record's hash).
+pub type EachRecord<'a> = dyn FnMut(i64, i64, &str, &str, &[u8]) + 'a;
+
+/// As `verify`, showing `each` every record that fits the chain, in order, with the hash of
+/// the record before it: (seq, at, kind, detail, previous hash).
+pub fn verify_with(conn: &Conn, each: &mut EachRecord<'_>) -> db::Result<Verdict> {
     const PAGE: i64 = 10_000;
     let mut expect_seq = 1i64;
     let mut prev = vec![0u8; 32];
@@ -679,6 +750,7 @@ pub fn verify(conn: &Conn) -> db::Result<Verdict> {
             if chain_hash(&prev, seq, at, &kind, &detail) != hash {
                 return Ok(Verdict::Broken { seq, why: "its content does not match its hash".into() });
             }
+            each(seq, at, &kind, &detail, &prev);
             prev = hash;
             expect_seq += 1;
         }

@@ -23,6 +23,17 @@ pub enum AuditCmd {
         /// with every later hash recomputed, and a truncated or emptied log.
         #[arg(long, value_name = "EXPORT_FILE")]
         against: Option<std::path::PathBuf>,
+        /// Also check the seals with the verification key `poort audit seal-init` showed
+        /// (repeatable: one per node of a cluster): which records are proven as they were
+        /// sealed, and where a change, a removal or a cut from the end begins.
+        #[arg(long, value_name = "KEY")]
+        verification_key: Vec<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Make the key that seals the audit log (once): shows the verification key, which is
+    /// kept nowhere on this machine.
+    SealInit {
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -117,7 +128,15 @@ pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
             }
             Ok(if report.chain_intact { 0 } else { 1 })
         }
-        AuditCmd::Verify { against, config } => {
+        AuditCmd::SealInit { config } => {
+            let cfg = load(&config.config)?;
+            let key = crate::audit::seal::init(&cfg.data_dir)?;
+            println!(
+                "The gateway seals the audit log every [audit] seal_interval from now on (a running one at its next seal).\nThe verification key, shown only this once; keep it off this machine:\n\n    {key}\n\nCheck the log with: poort audit verify --verification-key KEY"
+            );
+            Ok(0)
+        }
+        AuditCmd::Verify { against, verification_key, config } => {
             let conn = crate::store::open_connection(&database(&config.config)?)?;
             if let Some(file) = against {
                 let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -129,16 +148,29 @@ pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
                     }
                 }
             }
-            match crate::audit::verify(&conn)? {
+            let keys = verification_key
+                .iter()
+                .map(|k| crate::audit::seal::Verifier::parse(k))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let sealed = !keys.is_empty();
+            let mut checker = crate::audit::seal::Checker::new(keys);
+            let verdict = crate::audit::verify_with(&conn, &mut |seq, at, kind, detail, prev| {
+                checker.record(seq, at, kind, detail, prev)
+            })?;
+            let mut bad = match verdict {
                 Verdict::Intact { records, head } => {
                     println!("audit log intact: {records} records; head {head}");
-                    Ok(0)
+                    false
                 }
                 Verdict::Broken { seq, why } => {
                     println!("audit log BROKEN at record {seq}: {why}");
-                    Ok(1)
+                    true
                 }
+            };
+            if sealed {
+                bad |= print_sealing(&config.config, &conn, &mut checker)?;
             }
+            Ok(i32::from(bad))
         }
     }
 }
@@ -161,4 +193,60 @@ fn database(path: &std::path::Path) -> anyhow::Result<crate::store::Database> {
             Err(_) => Err(super::BadConfig(problems).into()),
         },
     }
+}
+
+/// What the seals prove, per verification key; true when something does not hold.
+fn print_sealing(
+    config: &std::path::Path,
+    conn: &crate::db::Conn,
+    checker: &mut crate::audit::seal::Checker,
+) -> anyhow::Result<bool> {
+    // This machine's sealing key tells how many seals there must be.
+    let mut bad = false;
+    match crate::config::load(config) {
+        Ok(cfg) => match crate::audit::seal::SealKey::load(&cfg.data_dir)? {
+            None => {
+                bad = true;
+                println!("sealing: NO SEALING KEY on this machine: it was deleted, or the log was never sealed here");
+            }
+            Some(key) if !checker.against_key_file(&key) => {
+                bad = true;
+                println!(
+                    "sealing: the sealing key on this machine (key {}) belongs to none of the verification keys given: it was replaced",
+                    key.id
+                );
+            }
+            Some(_) => {}
+        },
+        Err(_) => eprintln!("note: the config has problems, so the sealing key on this machine is not compared"),
+    }
+    let last: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", (), |r| r.get(0))?;
+    let mut found: Vec<_> = checker.found.values().cloned().collect();
+    found.sort_by(|a, b| a.key.cmp(&b.key));
+    for s in found {
+        match (&s.problem, s.sealed_through) {
+            (Some(problem), through) => {
+                bad = true;
+                let proven = through.map_or("no record".to_string(), |(seq, _, _)| format!("records 1 to {seq}"));
+                println!("sealing (key {}) BROKEN: {problem}. Proven as sealed: {proven}.", s.key);
+            }
+            (None, None) => {
+                bad = true;
+                println!("sealing (key {}): NO SEAL by this key in the log: nothing is proven", s.key);
+            }
+            (None, Some((seq, generation, at))) => {
+                println!(
+                    "sealing (key {}): {} seals good; records 1 to {seq} are as they were sealed (generation {generation}, {}); {} records after it not sealed yet",
+                    s.key,
+                    s.seals,
+                    crate::clock::format_utc(at),
+                    (last - seq - 1).max(0)
+                );
+            }
+        }
+    }
+    if checker.others > 0 {
+        println!("({} seals by keys not given)", checker.others);
+    }
+    Ok(bad)
 }

@@ -118,6 +118,12 @@ pub fn quickstart(
     // node of a cluster, docs/cluster.md) has the same ones.
     crate::identity::seal::Sealer::load_or_create(&server::sealing_key_path(&cfg))?;
     crate::identity::assertion::Signer::load_or_create(&server::signing_key_path(&cfg), &cfg.server.external_origin)?;
+    if !crate::audit::seal::key_path(&cfg.data_dir).exists() {
+        let key = crate::audit::seal::init(&cfg.data_dir)?;
+        println!(
+            "Sealed the audit log. Its verification key, shown only this once: keep it off this machine\n(poort audit verify --verification-key KEY proves the log was not rewritten):\n\n    {key}\n"
+        );
+    }
     let store = Store::open(&cfg.database)?;
     if store.user_exists("admin")? {
         println!("User admin exists already (reset its password with `poort user passwd admin`).");

@@ -46,6 +46,9 @@ pub struct Audit {
     /// Where every audit record is sent as it is committed (`[[audit.export]]`).
     #[serde(default)]
     pub export: Vec<AuditExport>,
+    /// How often the chain is sealed, once `poort audit seal-init` made a sealing key.
+    /// Default "15m".
+    pub seal_interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

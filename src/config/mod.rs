@@ -71,6 +71,8 @@ pub struct Config {
     pub source: Option<Source>,
     /// Where audit records are sent as they are committed (`[[audit.export]]`).
     pub audit_export: Vec<AuditExport>,
+    /// How often the audit chain is sealed (docs/operations.md, "Sealing the audit log").
+    pub audit_seal_interval: Duration,
 }
 
 /// One destination of the audit log's records.

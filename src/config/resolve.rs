@@ -141,6 +141,10 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         );
     }
 
+    let audit_seal_interval = c.duration("audit.seal_interval", &f.audit.seal_interval, Duration::from_secs(15 * 60));
+    if audit_seal_interval < Duration::from_secs(1) {
+        c.add("audit.seal_interval", "must be 1 s or longer", "seal_interval = \"15m\"");
+    }
     let audit_export = audit_export(c, f.audit, base);
 
     if c.0.is_empty() {
@@ -162,6 +166,7 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
             admin_listen,
             source: None,
             audit_export,
+            audit_seal_interval,
         })
     } else {
         Err(Problems(std::mem::take(&mut c.0)))

@@ -96,8 +96,17 @@ fn quickstart_sets_up_once_and_prints_the_secret_once() {
     assert!(first.status.success(), "{first:?}");
     let out = String::from_utf8_lossy(&first.stdout);
     assert!(out.contains("shown only this once"), "{out}");
-    let pw = out.lines().skip_while(|l| !l.contains("shown only this once")).nth(2).unwrap().trim().to_string();
+    let pw = out
+        .lines()
+        .skip_while(|l| !l.contains("Its password, shown only this once"))
+        .nth(2)
+        .unwrap()
+        .trim()
+        .to_string();
     assert_eq!(pw.len(), 20);
+    let key =
+        out.lines().map(str::trim).find(|l| l.starts_with("poort-seal-1-")).expect("the audit log's verification key");
+    assert!(poort::audit::seal::Verifier::parse(key).is_ok());
     let data = dir.0.join("poort-data");
     for f in ["poort.toml", "poort.db", "tls/cert.pem", "tls/key.pem"] {
         assert!(data.join(f).exists(), "{f}");
@@ -108,7 +117,7 @@ fn quickstart_sets_up_once_and_prints_the_secret_once() {
     let again = poort(&["quickstart", "--no-serve"], &dir.0);
     let out2 = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success());
-    assert!(!out2.contains(&pw) && !out2.contains("shown only this once"), "{out2}");
+    assert!(!out2.contains(&pw) && !out2.contains(key) && !out2.contains("shown only this once"), "{out2}");
     let store = poort::store::Store::open(data.join("poort.db")).unwrap();
     let hash = store.with(|c| poort::store::Store::password_hash(c, "admin")).unwrap().unwrap();
     assert!(poort::identity::password::verify(&pw, &hash), "the printed password is admin's");

@@ -7,6 +7,7 @@ mod acme;
 mod admin_console;
 mod audit_export;
 mod audit_report;
+mod audit_seal;
 mod cli;
 mod cluster;
 mod compat;
