@@ -425,7 +425,7 @@ async fn rules_outcome(gw: &Gateway, outcome: crate::mitigate::Reload) {
 async fn feed_outcome(gw: &Gateway, outcome: crate::mitigate::FeedOutcome) {
     use crate::mitigate::FeedOutcome;
     let ev = match outcome {
-        FeedOutcome::Unchanged => return,
+        FeedOutcome::Unchanged | FeedOutcome::Ignored { .. } => return,
         FeedOutcome::Loaded { url, record, rules } => {
             let (version, sha256) = (record.version, record.sha256.clone());
             let kept = gw
@@ -481,8 +481,18 @@ async fn poll_feed(live: Arc<Live>, mut stopped: watch::Receiver<bool>) {
             wait = Duration::from_secs(1);
             continue;
         };
-        let limit = feed.interval.min(Duration::from_secs(30));
+        let limit = Duration::from_secs(30);
         let now = || gw.state.clock.now();
+        // Another node may have taken a newer file already: no node runs below it.
+        match gw.state.store.run(|c| Store::setting(c, RULES_FEED)).await {
+            Ok(Some(v)) => {
+                if let Ok(record) = serde_json::from_str::<crate::mitigate::feed::Record>(&v) {
+                    gw.state.mitigation.adopt_feed(record, now());
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "Reading the feed file in force from the database failed"),
+        }
         let answered = match crate::mitigate::feed::fetch(&feed.url, tls, etag.as_deref(), limit).await {
             Ok(crate::mitigate::feed::Fetched::NotModified) => {
                 gw.state.mitigation.feed_not_modified(now());

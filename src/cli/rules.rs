@@ -167,23 +167,41 @@ fn publish(key: &Path, out: &Path, version: Option<u64>, valid_for: &str, rules:
     if let Err(problems) = crate::mitigate::rules::compile(&text) {
         bail!("refusing to publish a rules file with problems:\n  {}", problems.join("\n  "));
     }
-    let valid_for = humantime::parse_duration(valid_for)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .with_context(|| format!("--valid-for {valid_for:?} is not a duration (for example 7d or 12h)"))?;
-    let before = std::fs::read(out).ok().and_then(|b| crate::mitigate::feed::version_of(&b));
+    // Gateways never take an earlier expiry than the file in force's: a file valid for years
+    // would hold every later one to years too.
+    const LONGEST: u64 = 366 * 24 * 3600;
+    // Versions stay exact as JSON numbers and metrics.
+    const HIGHEST: u64 = 1 << 53;
+    let valid_for =
+        humantime::parse_duration(valid_for).ok().filter(|d| !d.is_zero() && d.as_secs() <= LONGEST).with_context(
+            || format!("--valid-for {valid_for:?} is not a duration of at most a year (for example 7d or 12h)"),
+        )?;
+    let before = std::fs::read(out).ok().and_then(|b| crate::mitigate::feed::header_of(&b));
     let version = match (version, before) {
-        (Some(v), Some(b)) if v <= b => {
+        (Some(v), Some((b, _))) if v <= b => {
             bail!(
                 "version {v} does not follow version {b} in {}: gateways refuse it (hint: leave out --version)",
                 out.display()
             )
         }
         (Some(v), _) => v,
-        (None, Some(b)) => b + 1,
+        (None, Some((b, _))) => b.saturating_add(1),
         (None, None) => 1,
     };
+    if version > HIGHEST {
+        bail!(
+            "version {version} is too high: gateways could take no file after it (hint: number files from 1, one higher each time)"
+        );
+    }
     let expires = SystemClock.now() + valid_for.as_secs() as i64;
+    if let Some((_, e)) = before.filter(|(_, e)| *e > expires) {
+        bail!(
+            "the file in {} expires at {}, later than this one would ({}): gateways refuse an expiry that goes back (hint: a longer --valid-for)",
+            out.display(),
+            crate::clock::format_utc(e),
+            crate::clock::format_utc(expires)
+        );
+    }
     let feed = crate::mitigate::feed::write(&pair, version, expires, &text);
     let mut tmp = out.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -206,6 +224,12 @@ fn print_feed(f: &crate::mitigate::FeedStatus) {
             println!("  version: {v}, {} rules, expires {}, applied {}", f.rules, or(&f.expires), or(&f.applied_at))
         }
         None => println!("  version: none yet: no file from the feed has been taken"),
+    }
+    let expired = f.expires.as_deref().and_then(|t| humantime::parse_rfc3339(t).ok()).is_some_and(|t| {
+        t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64) <= SystemClock.now()
+    });
+    if expired {
+        println!("  EXPIRED: the publisher has sent no newer file; the rules of this one stay in force");
     }
     println!("  sha256:  {}", or(&f.sha256));
     println!("  fetched: {} (last answer); next check {}", or(&f.fetched_at), or(&f.next_check));

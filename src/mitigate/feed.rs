@@ -59,6 +59,39 @@ pub fn write(key: &Ed25519KeyPair, version: u64, expires: i64, rules: &str) -> S
     )
 }
 
+/// Why a feed file was refused: `class` names the kind of refusal (a node reports each kind
+/// once until it takes a file), `why` says it in words, in at most a few hundred printable
+/// characters whatever the file held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub class: &'static str,
+    pub why: String,
+}
+
+impl Refusal {
+    fn new(class: &'static str, why: impl AsRef<str>) -> Refusal {
+        Refusal { class, why: printable(why.as_ref(), 300) }
+    }
+}
+
+/// `s` with control characters escaped (a terminal or a log line shows them as text) and cut
+/// at `max` characters.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A feed file whose signature is good.
 #[derive(Debug, Clone)]
 pub struct Opened {
@@ -68,39 +101,52 @@ pub struct Opened {
     pub sha256: String,
 }
 
-/// The version a feed file says it is, without checking it (for `poort rules publish`, to
-/// number the next one).
-pub fn version_of(bytes: &[u8]) -> Option<u64> {
-    toml::from_str::<File>(std::str::from_utf8(bytes).ok()?).ok().map(|f| f.version)
+/// The version and expiry a feed file says it has, without checking it (for `poort rules
+/// publish`, to follow it).
+pub fn header_of(bytes: &[u8]) -> Option<(u64, i64)> {
+    let f = toml::from_str::<File>(std::str::from_utf8(bytes).ok()?).ok()?;
+    let expires = humantime::parse_rfc3339(&f.expires).ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+    Some((f.version, expires.as_secs() as i64))
 }
 
 /// Checks a feed file against the publisher's key and compiles its rules; `Err` says why it
 /// cannot be used.
-pub fn open(bytes: &[u8], public_key: &[u8]) -> Result<Opened, String> {
+pub fn open(bytes: &[u8], public_key: &[u8]) -> Result<Opened, Refusal> {
+    let format = |why: String| Refusal::new("format", why);
     if bytes.len() > MAX_SIZE {
-        return Err(format!("longer than {MAX_SIZE} bytes"));
+        return Err(format(format!("longer than {MAX_SIZE} bytes")));
     }
-    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
-    let file: File = toml::from_str(text).map_err(|e| format!("not a feed file: {}", e.message()))?;
+    let text = std::str::from_utf8(bytes).map_err(|_| format("not UTF-8".into()))?;
+    let file: File = toml::from_str(text).map_err(|e| format(format!("not a feed file: {}", e.message())))?;
     if file.format != FORMAT {
-        return Err(format!("format {:?} is not {FORMAT:?}", file.format));
+        return Err(format(format!("format {:?} is not {FORMAT:?}", file.format)));
     }
     let expires = humantime::parse_rfc3339(&file.expires)
-        .map_err(|_| format!("expires {:?} is not a time", file.expires))?
+        .map_err(|_| format(format!("expires {:?} is not a time", file.expires)))?
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let trusted = STANDARD.encode(public_key);
     if file.signer.trim() != trusted {
-        return Err(format!(
-            "signed by {}, but this gateway takes feeds signed by {trusted} (hint: [mitigate] feed_public_key)",
-            file.signer.trim()
+        return Err(Refusal::new(
+            "signer",
+            format!(
+                "signed by {}, but this gateway takes feeds signed by {trusted} (hint: [mitigate] feed_public_key)",
+                printable(file.signer.trim(), 60)
+            ),
         ));
     }
-    let signature = STANDARD.decode(file.signature.trim()).map_err(|_| "the signature is not base64".to_string())?;
+    let bad_signature =
+        || Refusal::new("signature", "the signature does not match the file: it was changed after it was signed");
+    let signature = STANDARD.decode(file.signature.trim()).map_err(|_| bad_signature())?;
     UnparsedPublicKey::new(&ED25519, public_key)
         .verify(&message(file.version, expires, &file.rules), &signature)
-        .map_err(|_| "the signature does not match the file: it was changed after it was signed".to_string())?;
-    let mut rules = rules::compile(&file.rules).map_err(|p| p.join("; "))?;
+        .map_err(|_| bad_signature())?;
+    let mut rules = rules::compile(&file.rules).map_err(|p| Refusal::new("rules", p.join("; ")))?;
+    // The publisher's rules are named apart from the operator's: a feed rule with a local
+    // rule's id shares neither its counts nor its throttle.
+    for r in &mut rules.rules {
+        r.id = format!("feed:{}", r.id);
+    }
     // The signed header decides; a version or expiry inside the rules text is not used.
     rules.version = Some(file.version);
     rules.expires = Some(expires);
@@ -120,27 +166,34 @@ pub struct Record {
 
 /// Whether `new` may replace the feed file `old` in force at `now`: `Ok(false)` when it is the
 /// same file again.
-pub fn follows(new: &Opened, old: Option<&Record>, now: i64) -> Result<bool, String> {
+pub fn follows(new: &Opened, old: Option<&Record>, now: i64) -> Result<bool, Refusal> {
     if let Some(old) = old {
         if new.sha256 == old.sha256 {
             return Ok(false);
         }
         if new.version <= old.version {
-            return Err(format!(
-                "version {} does not follow version {} in force: an older or reused version is refused (rollback)",
-                new.version, old.version
+            return Err(Refusal::new(
+                "rollback",
+                format!(
+                    "version {} does not follow version {} in force: an older or reused version is refused (rollback)",
+                    new.version, old.version
+                ),
             ));
         }
         if new.expires < old.expires {
-            return Err(format!(
-                "it expires at {}, before the file in force ({}): an expiry never goes back",
-                crate::clock::format_utc(new.expires),
-                crate::clock::format_utc(old.expires)
+            return Err(Refusal::new(
+                "expiry",
+                format!(
+                    "it expires at {}, before the file in force ({}): an expiry never goes back",
+                    crate::clock::format_utc(new.expires),
+                    crate::clock::format_utc(old.expires)
+                ),
             ));
         }
     }
     if new.expires <= now {
-        return Err(format!("it expired at {} (replay of an old file)", crate::clock::format_utc(new.expires)));
+        let why = format!("it expired at {} (replay of an old file)", crate::clock::format_utc(new.expires));
+        return Err(Refusal::new("expired", why));
     }
     Ok(true)
 }
@@ -174,12 +227,17 @@ pub async fn fetch(
         .await
         .map_err(|_| format!("no answer within {} s", limit.as_secs()))??;
     match resp.status() {
-        http::StatusCode::NOT_MODIFIED => Ok(Fetched::NotModified),
+        // Only an answer to the ETag sent: a 304 to a request that named no file would keep
+        // a node from ever getting one while it looks up to date.
+        http::StatusCode::NOT_MODIFIED if etag.is_some() => Ok(Fetched::NotModified),
         http::StatusCode::OK => {
             let etag = resp.headers().get(http::header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
             Ok(Fetched::Body { bytes: resp.into_body(), etag })
         }
-        other => Err(format!("the server answered {other}")),
+        other => Err(format!(
+            "the server answered {other}{}",
+            if other.is_redirection() { " (redirects are not followed)" } else { "" }
+        )),
     }
 }
 
@@ -202,7 +260,7 @@ mod tests {
         let opened = open(text.as_bytes(), k.public_key().as_ref()).unwrap();
         assert_eq!((opened.version, opened.expires, opened.rules.rules.len()), (3, 2_000_000_000, 1));
         let why = open(text.as_bytes(), other.public_key().as_ref()).unwrap_err();
-        assert!(why.contains("signed by"), "{why}");
+        assert_eq!(why.class, "signer", "{why:?}");
     }
 
     #[test]
@@ -215,8 +273,20 @@ mod tests {
             assert!(text.contains(from), "{from} in {text}");
             let changed = text.replace(from, to);
             let why = open(changed.as_bytes(), k.public_key().as_ref()).unwrap_err();
-            assert!(why.contains("changed after it was signed"), "{from}: {why}");
+            assert_eq!(why.class, "signature", "{from}: {why:?}");
         }
+    }
+
+    #[test]
+    fn a_reason_is_printable_and_short_whatever_the_file_held() {
+        let k = key();
+        let text = write(&k, 1, 2_000_000_000, RULES)
+            .replace(&STANDARD.encode(k.public_key().as_ref()), &format!("\\u001b[2K\\r{}", "A".repeat(5000)));
+        let why = open(text.as_bytes(), k.public_key().as_ref()).unwrap_err();
+        assert_eq!(why.class, "signer");
+        assert!(!why.why.chars().any(char::is_control) && why.why.len() < 400, "{why:?}");
+        let opened = open(write(&k, 1, 2_000_000_000, RULES).as_bytes(), k.public_key().as_ref()).unwrap();
+        assert_eq!(opened.rules.rules[0].id, "feed:CVE-2019-19781", "named apart from local rules");
     }
 
     #[test]
@@ -231,9 +301,10 @@ mod tests {
         let (old, old_opened) = record(5, now + 100);
         assert_eq!(follows(&old_opened, Some(&old), now), Ok(false));
         assert!(follows(&record(6, now + 100).1, Some(&old), now).unwrap());
-        assert!(follows(&record(4, now + 200).1, Some(&old), now).unwrap_err().contains("rollback"));
-        assert!(follows(&record(5, now + 200).1, Some(&old), now).unwrap_err().contains("rollback"));
-        assert!(follows(&record(6, now + 50).1, Some(&old), now).unwrap_err().contains("never goes back"));
-        assert!(follows(&record(1, now - 1).1, None, now).unwrap_err().contains("expired"));
+        let class = |v: u64, e: i64, old: Option<&Record>| follows(&record(v, e).1, old, now).unwrap_err().class;
+        assert_eq!(class(4, now + 200, Some(&old)), "rollback");
+        assert_eq!(class(5, now + 200, Some(&old)), "rollback");
+        assert_eq!(class(6, now + 50, Some(&old)), "expiry");
+        assert_eq!(class(1, now - 1, None), "expired");
     }
 }

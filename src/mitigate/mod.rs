@@ -98,9 +98,14 @@ pub enum FeedOutcome {
         record: feed::Record,
         rules: usize,
     },
-    /// A new file was refused (told once per file); the one in force stays.
+    /// A new file was refused; the one in force stays.
     Refused {
         url: String,
+        why: String,
+    },
+    /// Refused for a kind of reason reported already since a file was last taken: shown in
+    /// the status, not reported again.
+    Ignored {
         why: String,
     },
 }
@@ -112,8 +117,9 @@ struct FeedSource {
     record: Option<feed::Record>,
     rules: Arc<Rules>,
     etag: Option<String>,
-    /// The digest of the last file refused, so that it is reported once.
-    refused: Option<String>,
+    /// The kinds of refusal reported since a file was last taken: each is reported once, so
+    /// that a server sending a new bad file at every poll cannot flood the audit log.
+    told: std::collections::HashSet<&'static str>,
 }
 
 /// Reads, verifies and checks a rules file: `Err` lists every problem. A signed file must
@@ -297,7 +303,7 @@ impl Mitigation {
                     record: None,
                     rules: Arc::new(Rules::default()),
                     etag: None,
-                    refused: None,
+                    told: Default::default(),
                 }))
             }
         };
@@ -318,7 +324,7 @@ impl Mitigation {
             publishes: AtomicBool::new(publish),
         };
         if let Some(record) = remembered.feed {
-            m.restore_feed(record);
+            m.adopt_feed(record, now);
         }
         let mut first = m.reload(now);
         // A file being written at this moment: wait for it to settle (at most five seconds).
@@ -426,28 +432,34 @@ impl Mitigation {
         Some((f.cfg.clone(), f.tls.clone(), f.etag.clone()))
     }
 
-    /// Puts in force the feed file kept in the database (at start, before any poll). One the
-    /// configured key does not open is not used: the publisher's key was changed.
-    fn restore_feed(&self, record: feed::Record) {
-        let Some(source) = &self.feed else { return };
+    /// Puts in force a feed file kept in the database, if it is newer than the one in force:
+    /// at start (before any poll), and when another node took a newer one. One the configured
+    /// key does not open is not used (the publisher's key was changed).
+    pub fn adopt_feed(&self, record: feed::Record, now: i64) -> bool {
+        let Some(source) = &self.feed else { return false };
         let mut f = source.lock();
+        if f.record.as_ref().is_some_and(|r| r.version >= record.version) {
+            return false;
+        }
         match feed::open(record.text.as_bytes(), &f.cfg.public_key) {
             Ok(opened) => {
                 tracing::info!(
                     version = opened.version,
                     rules = opened.rules.rules.len(),
-                    "Mitigation feed file from the database in force until the feed answers"
+                    "Mitigation feed file from the database in force"
                 );
                 f.rules = Arc::new(opened.rules);
                 f.record = Some(record);
             }
-            Err(why) => {
-                tracing::warn!(problem = %why, "The feed file kept in the database is not used");
+            Err(refusal) => {
+                tracing::warn!(problem = %refusal.why, "The feed file kept in the database is not used");
+                return false;
             }
         }
         drop(f);
-        self.set_feed_status(|_| {});
+        self.set_feed_status(|s| s.applied_at = Some(crate::clock::format_utc(now)));
         self.combine();
+        true
     }
 
     /// Takes a feed file the server sent (with its ETag), if it follows the one in force.
@@ -456,7 +468,6 @@ impl Mitigation {
         let mut f = source.lock();
         f.etag = etag;
         let url = f.cfg.url.clone();
-        let digest = crate::secret::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
         let result =
             feed::open(bytes, &f.cfg.public_key).and_then(|o| Ok((feed::follows(&o, f.record.as_ref(), now)?, o)));
         let outcome = match result {
@@ -469,14 +480,17 @@ impl Mitigation {
                 tracing::info!(url = %url, version = record.version, rules, "Mitigation feed file loaded");
                 f.rules = Arc::new(opened.rules);
                 f.record = Some(record.clone());
-                f.refused = None;
+                f.told.clear();
                 FeedOutcome::Loaded { url, record, rules }
             }
-            Err(why) => {
-                let told = f.refused.as_deref() == Some(&digest);
-                f.refused = Some(digest);
-                tracing::error!(url = %url, problem = %why, "Mitigation feed file refused; the one in force stays");
-                if told { FeedOutcome::Unchanged } else { FeedOutcome::Refused { url, why } }
+            Err(refusal) => {
+                if f.told.insert(refusal.class) {
+                    tracing::error!(url = %url, problem = %refusal.why, "Mitigation feed file refused; the one in force stays");
+                    FeedOutcome::Refused { url, why: refusal.why }
+                } else {
+                    tracing::debug!(url = %url, problem = %refusal.why, "Mitigation feed file refused again");
+                    FeedOutcome::Ignored { why: refusal.why }
+                }
             }
         };
         drop(f);
@@ -489,8 +503,9 @@ impl Mitigation {
                     s.applied_at = Some(crate::clock::format_utc(now));
                     s.refused = None;
                 }
-                FeedOutcome::Refused { why, .. } => s.refused = Some(why.clone()),
-                FeedOutcome::Unchanged => {}
+                FeedOutcome::Refused { why, .. } | FeedOutcome::Ignored { why } => s.refused = Some(why.clone()),
+                // The file in force is the one served again.
+                FeedOutcome::Unchanged => s.refused = None,
             }
         });
         if matches!(outcome, FeedOutcome::Loaded { .. }) {

@@ -116,6 +116,8 @@ async fn three_nodes_follow_the_signed_feed_and_refuse_rollback_tampering_and_re
     println!("version 2 in force on three nodes {:?} after it was published", published.elapsed());
     let loaded = gate.audited("rules_loaded", |e| e["file"] == url.as_str() && e["version"] == 2).await;
     assert!(!loaded.is_empty(), "the new version is audited");
+    let matched = gate.audited("mitigation_matched", |e| e["rule"] == "feed:feed-2").await;
+    assert!(!matched.is_empty(), "a feed rule is named apart from local rules");
 
     // Rollback: the publisher's server sends version 1 again. Every node refuses it once.
     publisher.serve(&v1);
@@ -135,6 +137,13 @@ async fn three_nodes_follow_the_signed_feed_and_refuse_rollback_tampering_and_re
     .await;
     assert!(all_deny(&gate, "/feed-v2").await, "the rule taken out stays in force");
     assert!(!all_deny(&gate, "/feed-v3").await, "nothing of the refused file is used");
+    // A server that sends another bad file at every poll does not flood the audit log: each
+    // kind of refusal is reported once until a file is taken.
+    for n in 0..3 {
+        publisher.serve(format!("# {n}\n{tampered}").as_bytes());
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+    }
+    assert_eq!(refusals(&gate, &url, "changed after it was signed"), 3);
 
     // Replay of an expired file: the gateways' clock is eight days on, past a file valid for
     // seven days and an hour.
@@ -153,7 +162,7 @@ async fn three_nodes_follow_the_signed_feed_and_refuse_rollback_tampering_and_re
 
     // The publisher fixes it: a new version is taken again.
     gate.clock.advance(-8 * 24 * 3600);
-    publisher.serve(&publisher.publish(&rules(&["/feed-v1", "/feed-v2", "/feed-v5"]), &[]));
+    publisher.serve(&publisher.publish(&rules(&["/feed-v1", "/feed-v2", "/feed-v5"]), &["--valid-for", "170h"]));
     eventually("version 5 on every node", Duration::from_secs(3), async || all_deny(&gate, "/feed-v5").await).await;
     eventually("the metrics to show version 5", Duration::from_secs(3), async || {
         gate.scrape().await.contains("poort_mitigation_feed_version 5")
