@@ -401,7 +401,7 @@ fn reload_certs(certs: &crate::certs::Certs) {
 const RULES_APPLIED: &str = "rules_applied";
 
 /// Where the gateway keeps the feed file in force (`mitigate::feed::Record`).
-const RULES_FEED: &str = "rules_feed";
+pub const RULES_FEED: &str = "rules_feed";
 
 /// Audits a look at the rules file, and remembers a file that was applied.
 async fn rules_outcome(gw: &Gateway, outcome: crate::mitigate::Reload) {

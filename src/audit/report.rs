@@ -63,6 +63,12 @@ pub struct Report {
     pub lockdown: Vec<Line>,
     pub locked_out_requests: u64,
     pub tunnels_opened: Vec<Line>,
+    /// Rules files and feed files applied or refused (a rolled-back or forged feed shows here).
+    pub rules_changes: Vec<Line>,
+    /// Seals of the chain in the range, and when the last one was made (a gap of more than
+    /// the seal interval means sealing stopped).
+    pub seals: u64,
+    pub last_seal: Option<UnixTime>,
     pub timeline: Vec<Hour>,
 }
 
@@ -171,6 +177,23 @@ pub fn build(
                 "session_ended" => r.sessions_ended.push(line(format!("ended by {}", field(&d, "by")))),
                 "locked_down" => r.locked_out_requests += 1,
                 "tunnel_opened" => r.tunnels_opened.push(line(format!("tunnel {}", field(&d, "tunnel")))),
+                "rules_loaded" => {
+                    let what = format!(
+                        "applied {} version {} ({} rules)",
+                        field(&d, "file"),
+                        field(&d, "version"),
+                        field(&d, "rules")
+                    );
+                    r.rules_changes.push(Line { at, user: String::new(), what, client: String::new() });
+                }
+                "rules_refused" => {
+                    let what = format!("REFUSED {}: {}", field(&d, "file"), field(&d, "why"));
+                    r.rules_changes.push(Line { at, user: String::new(), what, client: String::new() });
+                }
+                "audit_sealed" => {
+                    r.seals += 1;
+                    r.last_seal = Some(at);
+                }
                 _ => {}
             }
         }
@@ -226,6 +249,16 @@ impl Report {
         lines(&mut o, "Lockdown switched", &self.lockdown);
         let _ = writeln!(o, "  requests refused by lockdown: {}", self.locked_out_requests);
         lines(&mut o, "Tunnels opened", &self.tunnels_opened);
+        lines(&mut o, "Rules files and feed files applied or refused", &self.rules_changes);
+        let _ = match self.last_seal {
+            Some(t) => writeln!(
+                o,
+                "\nSeals of the audit log: {} in the range, the last at {} (poort audit verify --verification-key checks them)",
+                self.seals,
+                format_minutes(t)
+            ),
+            None => writeln!(o, "\nSeals of the audit log: none in the range (poort audit seal-init starts sealing)"),
+        };
         o
     }
 }

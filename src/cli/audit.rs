@@ -108,18 +108,26 @@ pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
                 None => SystemClock.now() + 1,
             };
             anyhow::ensure!(from < to, "--since is after --until");
-            // The rules file in force names what each rule is about (its reason), for the CVEs.
-            let reasons: std::collections::HashMap<String, String> = crate::config::load(&config.config)
-                .ok()
-                .and_then(|cfg| {
-                    let path = cfg.mitigate.rules_file.clone()?;
-                    let (rules, _) =
-                        crate::mitigate::load_file(&path, cfg.mitigate.public_key.as_deref(), SystemClock.now())
-                            .ok()?;
-                    Some(rules.rules.into_iter().map(|r| (r.id, r.reason)).collect())
-                })
-                .unwrap_or_default();
             let conn = crate::store::open_connection(&database(&config.config)?)?;
+            // The rules file and the feed file in force name what each rule is about (its
+            // reason), for the CVEs.
+            let mut reasons: std::collections::HashMap<String, String> = Default::default();
+            if let Ok(cfg) = crate::config::load(&config.config) {
+                let key = cfg.mitigate.public_key.as_deref();
+                let local = cfg
+                    .mitigate
+                    .rules_file
+                    .as_ref()
+                    .and_then(|p| crate::mitigate::load_file(p, key, SystemClock.now()).ok());
+                let feed = cfg.mitigate.feed.as_ref().and_then(|f| {
+                    let text = Store::setting(&conn, crate::server::RULES_FEED).ok()??;
+                    let record: crate::mitigate::feed::Record = serde_json::from_str(&text).ok()?;
+                    crate::mitigate::feed::open(record.text.as_bytes(), &f.public_key).ok().map(|o| o.rules)
+                });
+                for r in local.map(|(r, _)| r).into_iter().chain(feed).flat_map(|r| r.rules) {
+                    reasons.insert(r.id, r.reason);
+                }
+            }
             let report = crate::audit::report::build(&conn, from, to, |rule| reasons.get(rule).cloned())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

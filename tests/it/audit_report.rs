@@ -37,6 +37,17 @@ async fn a_scripted_incident_is_in_the_report_with_the_right_counts() {
     assert!(ws.is_ok());
     assert!(gate.cli(&["user", "unlock", "alice"]).status.success());
     assert!(gate.refusals("request_rejected").await >= 1, "the traversal is written");
+    // Someone puts a rules file in place that the gateway refuses.
+    std::fs::write(&file, "[[rule]]\nid = \"oops\"\n").unwrap();
+    crate::harness::eventually("the bad rules file refused", std::time::Duration::from_secs(3), async || {
+        !gate.audit("rules_refused").is_empty()
+    })
+    .await;
+    std::fs::write(&file, rules).unwrap();
+    crate::harness::eventually("the rules file loaded again", std::time::Duration::from_secs(3), async || {
+        gate.audit("rules_loaded").len() >= 2
+    })
+    .await;
 
     let day = poort::clock::format_utc(gate.clock.now())[..10].to_string();
     let next = poort::clock::format_utc(gate.clock.now() + 86_400)[..10].to_string();
@@ -65,11 +76,16 @@ async fn a_scripted_incident_is_in_the_report_with_the_right_counts() {
     assert_eq!((&tunnels[0]["user"], &tunnels[0]["what"]), (&"bob".into(), &"tunnel sink".into()));
     let admin = r["admin_commands"].as_array().unwrap();
     assert!(admin.iter().any(|l| l["what"].as_str().unwrap().starts_with("user unlock alice")), "{admin:?}");
+    let rules: Vec<&str> = r["rules_changes"].as_array().unwrap().iter().map(|l| l["what"].as_str().unwrap()).collect();
+    assert!(rules.iter().any(|w| w.starts_with("applied ") && w.ends_with("(1 rules)")), "{rules:?}");
+    assert!(rules.iter().any(|w| w.starts_with("REFUSED ")), "{rules:?}");
+    assert_eq!((r["seals"].as_u64(), r["last_seal"].is_null()), (Some(0), true), "the log is not sealed");
 
     // The text report says the same for a terminal.
     let text = gate.cli(&["audit", "report", "--since", &day, "--until", &next]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("vpns-path (CVE-2019-19781)"), "{text}");
+    assert!(text.contains("Seals of the audit log: none in the range"), "{text}");
 
     // A day that is no day is refused.
     let bad = gate.cli(&["audit", "report", "--since", "2026-02-30"]);
