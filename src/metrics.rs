@@ -102,6 +102,8 @@ pub struct Metrics {
     pub feed_version: Gauge,
     /// When the feed last answered, as a Unix time (0: never).
     pub feed_answered: Gauge,
+    /// When the audit log was last sealed and its key moved on, as a Unix time (0: never).
+    pub audit_sealed: Gauge,
 }
 
 impl Default for Metrics {
@@ -134,6 +136,7 @@ impl Metrics {
             sessions_cached: Gauge::default(),
             feed_version: Gauge::default(),
             feed_answered: Gauge::default(),
+            audit_sealed: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -165,6 +168,11 @@ impl Metrics {
             "mitigation_feed_answered_timestamp_seconds",
             "When the mitigation feed last answered (0: never); an old time means the feed is unreachable",
             m.feed_answered.clone(),
+        );
+        r.register(
+            "audit_sealed_timestamp_seconds",
+            "When the audit log was last sealed and its key moved on (0: never); older than the seal interval means sealing stopped",
+            m.audit_sealed.clone(),
         );
         r.register("config_reloads", "Changed configs read while running, by result", m.config_reloads.clone());
         r.register("audit_queue", "Audit records waiting to be written", m.audit_queue.clone());

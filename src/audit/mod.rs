@@ -476,6 +476,17 @@ impl Audit {
         std::thread::Builder::new()
             .name("poort-audit".into())
             .spawn(move || {
+                // A writer that stops for any reason is not writing: readiness says so.
+                struct Stopped(std::sync::Arc<std::sync::atomic::AtomicBool>);
+                impl Drop for Stopped {
+                    fn drop(&mut self) {
+                        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                let _stopped = Stopped(wrote.clone());
+                if let Some(dir) = &data_dir {
+                    warn_unsealed(conn.as_ref(), dir);
+                }
                 while let Ok(first) = rx.recv() {
                     let mut batch = vec![first];
                     while batch.len() < 1024 {
@@ -491,10 +502,13 @@ impl Audit {
                         _ => None,
                     };
                     let result = write(&mut conn, &database, writer_clock.now(), &events, key.as_deref());
-                    if let (Ok(_), Some(k)) = (&result, key)
-                        && let Err(e) = k.evolve()
-                    {
-                        tracing::error!(error = %format!("{e:#}"), "Moving the audit sealing key to its next generation failed; the next seal repeats this one's");
+                    if let (Ok(_), Some(k)) = (&result, key) {
+                        match k.evolve() {
+                            Ok(()) => {
+                                m.audit_sealed.set(writer_clock.now());
+                            }
+                            Err(e) => tracing::error!(error = %format!("{e:#}"), "Moving the audit sealing key to its next generation failed: the key that sealed stays on disk, and poort audit verify will say so"),
+                        }
                     }
                     m.audit_write_seconds
                         .observe(crate::clock::instant().saturating_duration_since(started).as_secs_f64());
@@ -669,6 +683,21 @@ fn write(
         }
         e.to_string()
     })
+}
+
+/// A log that holds seals but whose sealing key is gone is sealed no more: say so at start.
+fn warn_unsealed(conn: Option<&Conn>, dir: &Path) {
+    if seal::key_path(dir).exists() {
+        return;
+    }
+    let sealed = conn.and_then(|c| {
+        c.query_row("SELECT seq FROM audit WHERE kind = 'audit_sealed' LIMIT 1", (), |r| r.get::<i64>(0))
+            .optional()
+            .ok()
+    });
+    if sealed.flatten().is_some() {
+        tracing::error!(key = %seal::key_path(dir).display(), "The audit log was sealed, but the sealing key is gone: no seal is made, and poort audit verify will say so");
+    }
 }
 
 /// The sealing key of `dir`, read when there is none in hand yet (it may be made while the

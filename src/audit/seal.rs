@@ -11,6 +11,10 @@
 //! K(g) and nothing older: the hash cannot be run backwards, so the seals already written
 //! cannot be made again for a changed log.
 //!
+//! K0 itself never reaches the disk: the key file starts at K(1). The key is held in one place
+//! in memory and wiped when it moves on; so are the buffers it passes through, and the stack
+//! the MAC was computed on, so that a look at the process's memory finds only the current key.
+//!
 //! With K0, `poort audit verify --verification-key` derives every K(g) and checks each seal,
 //! the order of the generations (a seal taken out leaves a gap) and, against the key file, that
 //! no seal is missing at the end (a log cut short after its last seal). Records after the last
@@ -23,6 +27,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use ring::{digest, hmac};
 use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
 
 use super::Event;
 
@@ -65,24 +70,55 @@ fn mac(key: &[u8; 32], id: &str, generation: u64, covers: i64, head: &str, at: i
     crate::secret::hex(ctx.sign().as_ref())
 }
 
-#[derive(Serialize, Deserialize)]
-struct KeyFile {
-    id: String,
-    generation: u64,
-    key: String,
-}
+/// The first line of the key file; then the key chain's id, the generation and the key.
+const FILE_TAG: &str = "poort-audit-seal-key-1";
 
-/// The sealing key as the gateway holds it: only the current generation.
+/// The sealing key as the gateway holds it: only the current generation, in one place on the
+/// heap, wiped when it moves on and when it is dropped.
 pub struct SealKey {
     path: PathBuf,
     pub id: String,
     pub generation: u64,
-    key: [u8; 32],
+    key: Box<[u8; 32]>,
+}
+
+impl Drop for SealKey {
+    fn drop(&mut self) {
+        self.key.zeroize();
+    }
+}
+
+/// Overwrites the stack below the caller, where hash and MAC states of a key were.
+#[inline(never)]
+fn scrub_stack() {
+    let mut room = [0u8; 32 * 1024];
+    room.zeroize();
+    std::hint::black_box(&room);
+}
+
+fn hex_into(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+}
+
+/// Writes the key file for `key` at `generation` by renaming a new file over the old one.
+fn write_key(path: &Path, id: &str, generation: u64, key: &[u8; 32]) -> anyhow::Result<()> {
+    let mut text = Zeroizing::new(String::with_capacity(160));
+    text.push_str(&format!("{FILE_TAG}\n{id}\n{generation}\n"));
+    hex_into(&mut text, key);
+    text.push('\n');
+    let tmp = path.with_extension("key.next");
+    let _ = std::fs::remove_file(&tmp);
+    crate::secret::write_private(&tmp, text.as_bytes())?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 
 /// Creates the sealing key in `data_dir`; returns the verification key, which is shown once
-/// and kept nowhere on the machine. Refuses to replace a key: that would end the chain of
-/// keys the seals already written are checked with.
+/// and kept nowhere on the machine (the file starts at the next generation). Refuses to
+/// replace a key: that would end the chain of keys the seals already written are checked with.
 pub fn init(data_dir: &Path) -> anyhow::Result<String> {
     let path = key_path(data_dir);
     if path.exists() {
@@ -91,10 +127,13 @@ pub fn init(data_dir: &Path) -> anyhow::Result<String> {
             path.display()
         );
     }
-    let k0: [u8; 32] = crate::secret::random_bytes();
-    let file = KeyFile { id: id_of(&k0), generation: 0, key: crate::secret::hex(&k0) };
-    crate::secret::write_private(&path, &serde_json::to_vec(&file)?)?;
-    Ok(format!("{PREFIX}{}", crate::secret::hex(&k0)))
+    let mut k0: [u8; 32] = crate::secret::random_bytes();
+    let mut k1 = evolve(&k0);
+    write_key(&path, &id_of(&k0), 1, &k1)?;
+    let shown = format!("{PREFIX}{}", crate::secret::hex(&k0));
+    k0.zeroize();
+    k1.zeroize();
+    Ok(shown)
 }
 
 fn unhex32(s: &str) -> Option<[u8; 32]> {
@@ -114,34 +153,46 @@ impl SealKey {
     pub fn load(data_dir: &Path) -> anyhow::Result<Option<SealKey>> {
         let path = key_path(data_dir);
         let bytes = match crate::secret::read_regular(&path, 4096) {
-            Ok(b) => b,
+            Ok(b) => Zeroizing::new(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let file: KeyFile = serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", path.display()))?;
-        let key = unhex32(&file.key).with_context(|| format!("{} is damaged", path.display()))?;
-        Ok(Some(SealKey { path, id: file.id, generation: file.generation, key }))
+        let damaged = || anyhow::anyhow!("{} is damaged", path.display());
+        let text = std::str::from_utf8(&bytes).map_err(|_| damaged())?;
+        let mut lines = text.lines();
+        if lines.next() != Some(FILE_TAG) {
+            return Err(damaged());
+        }
+        let id = lines.next().ok_or_else(damaged)?.to_string();
+        let generation: u64 = lines.next().and_then(|g| g.parse().ok()).ok_or_else(damaged)?;
+        let mut key = Box::new([0u8; 32]);
+        let mut raw = lines.next().and_then(unhex32).ok_or_else(damaged)?;
+        key.copy_from_slice(&raw);
+        raw.zeroize();
+        Ok(Some(SealKey { path, id, generation, key }))
     }
 
     /// The seal record for a chain whose last record is `covers` with hash `head`, at `at`.
     pub fn seal(&self, covers: i64, head: &[u8], at: i64) -> Event {
         let head = crate::secret::hex(head);
         let mac = mac(&self.key, &self.id, self.generation, covers, &head, at);
+        scrub_stack();
         Event::AuditSealed { key: self.id.clone(), generation: self.generation, covers, head, mac }
     }
 
-    /// Moves to the next generation and erases this one's key from the disk (the new file
-    /// replaces the old by a rename).
+    /// Moves to the next generation and erases this one's key: in memory, where it is
+    /// overwritten, and on disk, where the new file replaces the old by a rename.
     pub fn evolve(&mut self) -> anyhow::Result<()> {
-        let next = evolve(&self.key);
-        let file = KeyFile { id: self.id.clone(), generation: self.generation + 1, key: crate::secret::hex(&next) };
-        let tmp = self.path.with_extension("key.next");
-        let _ = std::fs::remove_file(&tmp);
-        crate::secret::write_private(&tmp, &serde_json::to_vec(&file)?)?;
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))?;
-        self.key = next;
-        self.generation += 1;
-        Ok(())
+        let generation = self.generation.checked_add(1).context("the sealing key's generation cannot go higher")?;
+        let mut next = evolve(&self.key);
+        let written = write_key(&self.path, &self.id, generation, &next);
+        if written.is_ok() {
+            self.key.copy_from_slice(&next);
+            self.generation = generation;
+        }
+        next.zeroize();
+        scrub_stack();
+        written
     }
 }
 
@@ -204,12 +255,15 @@ pub struct Checker {
     pub found: HashMap<String, Sealing>,
     /// Seals by keys not given.
     pub others: u64,
+    /// Per key: how many times its last generation sealed.
+    repeats: HashMap<String, u32>,
 }
 
 impl Checker {
     pub fn new(keys: Vec<Verifier>) -> Checker {
         let found = keys.iter().map(|k| (k.id.clone(), Sealing { key: k.id.clone(), ..Sealing::default() })).collect();
-        Checker { caches: keys.iter().map(|k| (k.id.clone(), (0, k.k0))).collect(), keys, found, others: 0 }
+        let caches = keys.iter().map(|k| (k.id.clone(), (0, k.k0))).collect();
+        Checker { caches, keys, found, others: 0, repeats: HashMap::new() }
     }
 
     /// A record of the chain, in order, with the hash of the record before it: checks it if it
@@ -218,7 +272,12 @@ impl Checker {
         if kind != "audit_sealed" {
             return;
         }
-        let Ok(f) = serde_json::from_str::<SealFields>(detail) else { return };
+        let Ok(f) = serde_json::from_str::<SealFields>(detail) else {
+            for s in self.found.values_mut().filter(|s| s.problem.is_none()) {
+                s.problem = Some(format!("record {seq} is a seal that cannot be read: it was changed"));
+            }
+            return;
+        };
         let Some(v) = self.keys.iter().find(|k| k.id == f.key) else {
             self.others += 1;
             return;
@@ -232,6 +291,29 @@ impl Checker {
             Some((through, g, _)) => format!("after record {through} (sealed by generation {g})"),
             None => "before the first seal".to_string(),
         };
+        // The order first, so that no key is derived for a generation out of reach. After a
+        // crash between writing a seal and moving to the next key, a generation can seal a
+        // second time; more often means the key stopped moving on.
+        let expected = s.sealed_through.map_or(1, |(_, g, _)| g + 1);
+        let repeats = self.repeats.entry(v.id.clone()).or_default();
+        if s.sealed_through.is_some() && f.generation + 1 == expected {
+            *repeats += 1;
+            if *repeats > 1 {
+                s.problem = Some(format!(
+                    "generation {} sealed again at record {seq}: the sealing key stopped moving on, so whoever holds it can rewrite what it sealed, {since}",
+                    f.generation
+                ));
+                return;
+            }
+        } else if f.generation != expected {
+            s.problem = Some(format!(
+                "seal generations {expected} to {} are missing: records {since} up to record {seq} were removed or rewritten together with their seals",
+                f.generation.saturating_sub(1)
+            ));
+            return;
+        } else {
+            *repeats = 0;
+        }
         let key = v.key_at(f.generation, cache);
         if mac(&key, &f.key, f.generation, f.covers, &f.head, at) != f.mac {
             s.problem = Some(format!(
@@ -244,17 +326,6 @@ impl Checker {
             s.problem = Some(format!(
                 "records {since} up to record {} were changed after they were sealed (the seal at record {seq}, generation {}, was made over other records)",
                 f.covers, f.generation
-            ));
-            return;
-        }
-        // After a crash between writing a seal and moving to the next key, one generation
-        // can seal twice; a generation skipped means a seal was taken out.
-        let expected = s.sealed_through.map_or(0, |(_, g, _)| g + 1);
-        let repeat = s.sealed_through.is_some() && f.generation + 1 == expected;
-        if f.generation != expected && !repeat {
-            s.problem = Some(format!(
-                "seal generations {expected} to {} are missing: records {since} up to record {seq} were removed or rewritten together with their seals",
-                f.generation.saturating_sub(1)
             ));
             return;
         }
@@ -271,16 +342,24 @@ impl Checker {
         if s.problem.is_some() {
             return true;
         }
+        let last = s.sealed_through.map(|(_, g, _)| g);
+        let expected = last.map_or(1, |g| g + 1);
+        // Far beyond any seal: not derived (that could take for ever), and wrong anyway.
+        if current.generation > expected.saturating_add(10_000_000) {
+            s.problem = Some(format!(
+                "the sealing key on this machine says generation {}, beyond any seal in the log: it was replaced",
+                current.generation
+            ));
+            return true;
+        }
         let mut cache = (0, v.k0);
-        if v.key_at(current.generation, &mut cache) != current.key {
+        if v.key_at(current.generation, &mut cache) != *current.key {
             s.problem = Some(format!(
                 "the sealing key on this machine is not generation {} of this verification key: it was replaced",
                 current.generation
             ));
             return true;
         }
-        let last = s.sealed_through.map(|(_, g, _)| g);
-        let expected = last.map_or(0, |g| g + 1);
         if current.generation > expected {
             let through = s.sealed_through.map_or("the start".to_string(), |(seq, _, _)| format!("record {seq}"));
             s.problem = Some(format!(
@@ -310,6 +389,15 @@ mod tests {
         assert_ne!(evolve(&k2), k1);
         assert_ne!(mac(&k1, "id", 1, 5, "h", 9), mac(&k2, "id", 1, 5, "h", 9));
         assert_ne!(mac(&k1, "id", 1, 5, "h", 9), mac(&k1, "id", 1, 6, "h", 9));
+    }
+
+    #[test]
+    fn a_key_file_far_beyond_the_seals_is_refused_without_deriving_its_key() {
+        let k0 = [7u8; 32];
+        let mut c = Checker::new(vec![Verifier { id: id_of(&k0), k0 }]);
+        let key = SealKey { path: PathBuf::new(), id: id_of(&k0), generation: u64::MAX, key: Box::new([0; 32]) };
+        assert!(c.against_key_file(&key));
+        assert!(c.found[&id_of(&k0)].problem.as_deref().unwrap().contains("beyond any seal"));
     }
 
     #[test]

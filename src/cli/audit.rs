@@ -226,7 +226,12 @@ fn print_sealing(
             }
             Some(_) => {}
         },
-        Err(_) => eprintln!("note: the config has problems, so the sealing key on this machine is not compared"),
+        Err(_) => {
+            bad = true;
+            println!(
+                "sealing: NOT PROVEN: the config has problems (poort check lists them), so the sealing key on this machine cannot be compared and a log cut from the end would go unseen"
+            );
+        }
     }
     let last: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", (), |r| r.get(0))?;
     let mut found: Vec<_> = checker.found.values().cloned().collect();

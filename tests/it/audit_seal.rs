@@ -71,11 +71,13 @@ async fn the_seals_find_a_rewritten_cut_or_emptied_log_that_the_chain_alone_call
     };
     let (code, text) = verify(true);
     assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("seals good") && text.contains("generation 4"), "{text}");
+    assert!(text.contains("seals good") && text.contains("generation 5"), "{text}");
     let original = rows(&gate);
     let seals = seal_positions(&original);
     let generations: Vec<u64> = gate.audit("audit_sealed").iter().map(|s| s["generation"].as_u64().unwrap()).collect();
-    assert_eq!(generations, (0..generations.len() as u64).collect::<Vec<_>>(), "one generation per seal");
+    assert_eq!(generations, (1..=generations.len() as u64).collect::<Vec<_>>(), "one generation per seal, from 1");
+    let on_disk = std::fs::read_to_string(poort::audit::seal::key_path(&gate.dir.0)).unwrap();
+    assert!(!on_disk.contains(key.trim_start_matches("poort-seal-1-")), "the verification key never reaches the disk");
 
     // 1. The failed sign-in becomes someone else's; every hash made again.
     let failed = original.iter().position(|r| r.1 == "login_failed").unwrap();
@@ -106,6 +108,13 @@ async fn the_seals_find_a_rewritten_cut_or_emptied_log_that_the_chain_alone_call
     let (code, text) = verify(true);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("cut from the end"), "{text}");
+    // A config that does not load cannot hide it: the key on disk is not compared, so nothing
+    // is proven.
+    gate.edit_config(|c| c.replace("seal_interval = \"1s\"", "seal_interval = \"0s\""));
+    let (code, text) = verify(true);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("NOT PROVEN"), "{text}");
+    gate.edit_config(|c| c.replace("seal_interval = \"0s\"", "seal_interval = \"1s\""));
 
     // 4. Sealed again with the key left on disk: it makes only seals of its own generation,
     // never the older ones.
@@ -160,4 +169,110 @@ async fn the_seals_find_a_rewritten_cut_or_emptied_log_that_the_chain_alone_call
     let (code, text) = verify(true);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("belongs to none of the verification keys"), "{text}");
+}
+
+/// The key on disk kept from moving on (a directory where its next file goes): every later seal
+/// repeats one generation, whose key stays on the machine for an intruder. The seal metric
+/// stops, and verify says what it means. A key file with an absurd generation neither stops
+/// the audit writer nor the verifier.
+#[tokio::test]
+async fn a_sealing_key_that_stops_moving_on_is_reported() {
+    let mut gate = Gate::start_config("", "[audit]\nseal_interval = \"1s\"\n").await;
+    let out = gate.cli(&["audit", "seal-init"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let key = text.lines().map(str::trim).find(|l| l.starts_with("poort-seal-1-")).unwrap().to_string();
+    eventually("two seals", Duration::from_secs(4), async || gate.audit("audit_sealed").len() >= 2).await;
+    let sealed_at = |m: String| {
+        m.lines().find_map(|l| l.strip_prefix("poort_audit_sealed_timestamp_seconds ")).map(|v| v.trim().to_string())
+    };
+    assert_ne!(sealed_at(gate.scrape().await).as_deref(), Some("0"), "the metric follows the seals");
+
+    let key_file = poort::audit::seal::key_path(&gate.dir.0);
+    std::fs::create_dir(key_file.with_extension("key.next")).unwrap();
+    let stuck_from = gate.audit("audit_sealed").len();
+    eventually("three more seals", Duration::from_secs(6), async || gate.audit("audit_sealed").len() >= stuck_from + 3)
+        .await;
+    let before = sealed_at(gate.scrape().await);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(sealed_at(gate.scrape().await), before, "a seal whose key did not move on is not counted");
+    gate.stop().await;
+    let out = gate.cli(&["audit", "verify", "--verification-key", &key]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("stopped moving on"), "{text}");
+
+    // An absurd generation in the key file: the verifier answers at once, and the gateway's
+    // audit writer keeps writing (the key cannot move on from there).
+    std::fs::remove_dir(key_file.with_extension("key.next")).unwrap();
+    let held = std::fs::read_to_string(&key_file).unwrap();
+    let lines: Vec<&str> = held.lines().collect();
+    let absurd = format!("{}\n{}\n{}\n{}\n", lines[0], lines[1], u64::MAX, lines[3]);
+    std::fs::write(&key_file, absurd).unwrap();
+    let out = gate.cli(&["audit", "verify", "--verification-key", &key]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    gate.boot().await;
+    let records = gate.audit("login_succeeded").len();
+    gate.login("alice").await;
+    eventually("the sign-in recorded", Duration::from_secs(3), async || gate.audit("login_succeeded").len() > records)
+        .await;
+    let ready = crate::harness::admin(gate.admin_addr, "GET", "/readyz").await;
+    assert_eq!(ready.status, 200);
+}
+
+/// The regions of a process's memory that it can write (heap, stacks, data), read whole.
+fn writable_memory(pid: u32) -> Vec<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else { continue };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = (u64::from_str_radix(a, 16).unwrap(), u64::from_str_radix(b, 16).unwrap());
+        let mut buf = vec![0u8; (b - a) as usize];
+        if mem.seek(SeekFrom::Start(a)).is_ok() && mem.read_exact(&mut buf).is_ok() {
+            out.push(buf);
+        }
+    }
+    out
+}
+
+/// An intruder who reads the running gateway's memory finds the current sealing key and no
+/// older one: neither as bytes nor as text. The verification key derives them all, so the test
+/// knows what to look for; finding the current key shows that the search works.
+#[tokio::test]
+async fn the_running_gateway_holds_no_older_sealing_key_in_memory() {
+    let mut gate = Gate::start_config("", "[audit]\nseal_interval = \"1s\"\n").await;
+    let out = gate.cli(&["audit", "seal-init"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let k0_hex = text.lines().map(str::trim).find_map(|l| l.strip_prefix("poort-seal-1-")).unwrap().to_string();
+    let (_process, pid) = gate.as_process("").await;
+    eventually("five seals", Duration::from_secs(10), async || gate.audit("audit_sealed").len() >= 5).await;
+
+    let evolve = |k: &[u8]| {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"poort-audit-seal-evolve-1");
+        ctx.update(k);
+        ctx.finish().as_ref().to_vec()
+    };
+    let file = std::fs::read_to_string(poort::audit::seal::key_path(&gate.dir.0)).unwrap();
+    let current_generation: u64 = file.lines().nth(2).unwrap().parse().unwrap();
+    let mut keys =
+        vec![(0..32).map(|i| u8::from_str_radix(&k0_hex[2 * i..2 * i + 2], 16).unwrap()).collect::<Vec<u8>>()];
+    for _ in 0..current_generation {
+        let next = evolve(keys.last().unwrap());
+        keys.push(next);
+    }
+    let memory = writable_memory(pid);
+    let found = |needle: &[u8]| memory.iter().any(|region| memchr::memmem::find(region, needle).is_some());
+    assert!(found(&keys[current_generation as usize]), "the search finds the key in use");
+    for (generation, k) in keys.iter().enumerate().take(current_generation as usize) {
+        assert!(!found(k), "generation {generation}'s key is in the gateway's memory");
+        assert!(!found(poort::secret::hex(k).as_bytes()), "generation {generation}'s key is in memory as text");
+    }
 }
