@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod names;
 pub mod secret;
 pub mod server;
+pub mod ssh;
 pub mod state;
 pub mod store;
 pub mod tls_client;

@@ -41,6 +41,16 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum SshCmd {
+    /// Print the CA public key SSH targets trust (standard output), and how to set a target up
+    /// (standard error). Makes the key on first use.
+    Ca {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print shell completions (bash, zsh, fish, elvish, powershell) to standard output.
     Completions { shell: clap_complete::Shell },
@@ -92,6 +102,9 @@ pub enum Command {
     /// Emergency mitigation rules: test, status, and signing.
     #[command(subcommand)]
     Rules(RulesCmd),
+    /// SSH targets: the user CA they trust.
+    #[command(subcommand)]
+    Ssh(SshCmd),
     /// Close the gateway to everyone but the admin group, or open it again.
     Lockdown {
         /// on, off or status
@@ -256,6 +269,16 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
         Command::Session(cmd) => session::run(cmd),
         Command::Audit(cmd) => audit::run(cmd),
         Command::Rules(cmd) => rules::run(cmd),
+        Command::Ssh(SshCmd::Ca { config }) => {
+            let cfg = load(&config.config)?;
+            let ca = crate::ssh::UserCa::load_or_create(&cfg.data_dir)?;
+            println!("{}", ca.public_line());
+            eprintln!(
+                "\nOn each SSH target, trust certificates poort signs (they name the account and last minutes):\n\n    poort ssh ca --config {} 2>/dev/null > /etc/ssh/poort_user_ca.pub\n    echo 'TrustedUserCAKeys /etc/ssh/poort_user_ca.pub' >> /etc/ssh/sshd_config\n    systemctl reload ssh",
+                config.config.display()
+            );
+            Ok(0)
+        }
         Command::Cluster(cmd) => cluster::cluster(cmd),
         Command::Store(cmd) => cluster::store(cmd),
         Command::Lockdown { state, config } => {

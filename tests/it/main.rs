@@ -33,6 +33,7 @@ mod security_headers;
 mod security_paths;
 mod security_session;
 mod security_websockets;
+mod ssh_ca;
 mod store;
 mod streaming;
 mod tls;
