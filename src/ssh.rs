@@ -240,3 +240,158 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// A user's SSH public key, as they paste it: `TYPE BASE64 [comment]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    pub algo: String,
+    pub blob: Vec<u8>,
+    /// `SHA256:...`, as `ssh-keygen -l` shows it.
+    pub fingerprint: String,
+}
+
+/// Reads SSH wire strings off a blob.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn string(&mut self) -> Option<&'a [u8]> {
+        let (len, rest) = self.0.split_first_chunk::<4>()?;
+        let len = u32::from_be_bytes(*len) as usize;
+        let (s, rest) = (rest.get(..len)?, rest.get(len..)?);
+        self.0 = rest;
+        Some(s)
+    }
+}
+
+/// The key types poort takes: Ed25519 and ECDSA (also on security keys), and RSA of 2048 bits
+/// or more. Not DSA, not certificates.
+pub fn parse_public_key(line: &str) -> Result<PublicKey, &'static str> {
+    let mut parts = line.split_whitespace();
+    let (Some(algo), Some(b64)) = (parts.next(), parts.next()) else {
+        return Err("Paste the whole public key: it starts with ssh-ed25519, ecdsa-sha2-… or ssh-rsa.");
+    };
+    const TAKEN: &[&str] = &[
+        "ssh-ed25519",
+        "sk-ssh-ed25519@openssh.com",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+        "ssh-rsa",
+    ];
+    match algo {
+        a if TAKEN.contains(&a) => {}
+        "ssh-dss" => return Err("DSA keys are not taken: make an Ed25519 key (ssh-keygen -t ed25519)."),
+        a if a.contains("-cert-") => return Err("That is a certificate: paste the public key itself."),
+        _ => return Err("That key type is not taken: use Ed25519, ECDSA or RSA (2048 bits or more)."),
+    }
+    let blob = STANDARD.decode(b64).map_err(|_| "That is not an SSH public key: its middle part is not base64.")?;
+    let mut r = Reader(&blob);
+    if r.string() != Some(algo.as_bytes()) {
+        return Err("That is not an SSH public key: its type and its content do not agree.");
+    }
+    let whole = match algo {
+        "ssh-ed25519" => r.string().is_some_and(|k| k.len() == 32),
+        "sk-ssh-ed25519@openssh.com" => r.string().is_some_and(|k| k.len() == 32) && r.string().is_some(),
+        "ecdsa-sha2-nistp256" | "ecdsa-sha2-nistp384" | "ecdsa-sha2-nistp521" => {
+            r.string().is_some_and(|curve| algo.ends_with(std::str::from_utf8(curve).unwrap_or("-")))
+                && r.string().is_some_and(|point| point.first() == Some(&4))
+        }
+        "sk-ecdsa-sha2-nistp256@openssh.com" => {
+            r.string() == Some(b"nistp256") && r.string().is_some_and(|p| p.first() == Some(&4)) && r.string().is_some()
+        }
+        "ssh-rsa" => {
+            let (e, n) = (r.string(), r.string());
+            let bits = n.map_or(0, |n| {
+                let n = n.iter().skip_while(|b| **b == 0).copied().collect::<Vec<u8>>();
+                n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize)
+            });
+            if e.is_some() && bits > 0 && bits < 2048 {
+                return Err("That RSA key is shorter than 2048 bits: make an Ed25519 key (ssh-keygen -t ed25519).");
+            }
+            e.is_some() && bits >= 2048
+        }
+        _ => false,
+    };
+    if !whole || !r.0.is_empty() {
+        return Err("That is not an SSH public key: it is cut short or has extra bytes.");
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, &blob);
+    let fingerprint = format!("SHA256:{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest.as_ref()));
+    Ok(PublicKey { algo: algo.to_string(), blob, fingerprint })
+}
+
+impl PublicKey {
+    /// `TYPE BASE64`, without the comment.
+    pub fn line(&self) -> String {
+        format!("{} {}", self.algo, STANDARD.encode(&self.blob))
+    }
+}
+
+/// A key as registered.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub fingerprint: String,
+    pub name: String,
+    pub algo: String,
+    pub created_at: i64,
+    pub last_used: Option<i64>,
+}
+
+/// Keys a user may register at most.
+pub const MAX_KEYS: usize = 16;
+
+/// Registers `key` for `user` as `name`; `Ok(Err)` says why not (a key is one person's).
+pub fn add_key(
+    conn: &crate::db::Conn,
+    user: &str,
+    name: &str,
+    key: &PublicKey,
+    now: i64,
+) -> crate::db::Result<Result<(), &'static str>> {
+    use crate::db::{OptionalExtension, params};
+    let taken = conn
+        .query_row("SELECT 1 FROM ssh_keys WHERE fingerprint = ?1", [key.fingerprint.as_str()], |r| r.get::<i64>(0))
+        .optional()?;
+    if taken.is_some() {
+        return Ok(Err("That key is registered already. A key belongs to one person: make one of your own."));
+    }
+    if keys(conn, user)?.len() >= MAX_KEYS {
+        return Ok(Err("You have as many SSH keys as can be registered: remove one first."));
+    }
+    conn.execute(
+        "INSERT INTO ssh_keys (fingerprint, \"user\", name, key, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![key.fingerprint, user, name, key.line(), now],
+    )?;
+    Ok(Ok(()))
+}
+
+/// A user's keys, oldest first.
+pub fn keys(conn: &crate::db::Conn, user: &str) -> crate::db::Result<Vec<Registered>> {
+    conn.query_map(
+        "SELECT fingerprint, name, key, created_at, last_used FROM ssh_keys WHERE \"user\" = ?1 ORDER BY created_at, fingerprint",
+        [user],
+        |r| {
+            let key: String = r.get(2)?;
+            Ok(Registered {
+                fingerprint: r.get(0)?,
+                name: r.get(1)?,
+                algo: key.split(' ').next().unwrap_or_default().to_string(),
+                created_at: r.get(3)?,
+                last_used: r.get(4)?,
+            })
+        },
+    )
+}
+
+pub fn remove_key(conn: &crate::db::Conn, user: &str, fingerprint: &str) -> crate::db::Result<bool> {
+    use crate::db::params;
+    Ok(conn.execute("DELETE FROM ssh_keys WHERE \"user\" = ?1 AND fingerprint = ?2", params![user, fingerprint])? > 0)
+}
+
+/// Whose key this is (for the SSH front door).
+pub fn owner(conn: &crate::db::Conn, key: &PublicKey) -> crate::db::Result<Option<String>> {
+    use crate::db::OptionalExtension;
+    conn.query_row("SELECT \"user\" FROM ssh_keys WHERE fingerprint = ?1", [key.fingerprint.as_str()], |r| r.get(0))
+        .optional()
+}

@@ -48,6 +48,7 @@ struct SecurityPage<'a> {
     /// The user proved who they are within five minutes: the forms are shown.
     fresh: bool,
     passkeys: Vec<PasskeyLine>,
+    ssh_keys: Vec<SshKeyLine>,
     csrf: &'a str,
     next: &'a str,
     totp: bool,
@@ -56,6 +57,15 @@ struct SecurityPage<'a> {
     notice: Option<&'a str>,
     attention: Option<&'a str>,
     error: Option<&'a str>,
+}
+
+#[derive(Clone)]
+struct SshKeyLine {
+    fingerprint: String,
+    name: String,
+    algo: String,
+    created: String,
+    last_used: String,
 }
 
 #[derive(Clone)]
@@ -90,10 +100,29 @@ struct RecoveryPage<'a> {
 }
 
 /// Factors and the passkey list, for the security page.
-async fn security_data(st: &State, user: &str) -> Option<(Factors, Vec<PasskeyLine>)> {
+/// What the security page shows: the factors, passkeys and SSH keys.
+type SecurityData = (Factors, Vec<PasskeyLine>, Vec<SshKeyLine>);
+
+async fn security_data(st: &State, user: &str) -> Option<SecurityData> {
     let name = user.to_string();
-    let (f, list) =
-        st.store.run(move |c| Ok((mfa::factors(c, &name)?, crate::identity::passkey::list(c, &name)?))).await.ok()?;
+    let (f, list, ssh) = st
+        .store
+        .run(move |c| {
+            Ok((mfa::factors(c, &name)?, crate::identity::passkey::list(c, &name)?, crate::ssh::keys(c, &name)?))
+        })
+        .await
+        .ok()?;
+    let when = |t: Option<i64>| t.map(crate::clock::format_minutes).unwrap_or_else(|| "never".into());
+    let ssh = ssh
+        .into_iter()
+        .map(|k| SshKeyLine {
+            fingerprint: k.fingerprint,
+            name: k.name,
+            algo: k.algo,
+            created: crate::clock::format_minutes(k.created_at),
+            last_used: when(k.last_used),
+        })
+        .collect();
     let lines = list
         .into_iter()
         .map(|p| PasskeyLine {
@@ -103,7 +132,7 @@ async fn security_data(st: &State, user: &str) -> Option<(Factors, Vec<PasskeyLi
             last_used: p.last_used.map(crate::clock::format_minutes).unwrap_or_else(|| "never".into()),
         })
         .collect();
-    Some((f, lines))
+    Some((f, lines, ssh))
 }
 
 pub(crate) async fn factors_of(st: &State, user: &str) -> Option<Factors> {
@@ -306,7 +335,7 @@ fn security_view(
     st: &State,
     s: &Session,
     headers: &http::HeaderMap,
-    (f, passkeys): &(Factors, Vec<PasskeyLine>),
+    (f, passkeys, ssh_keys): &SecurityData,
     fresh: bool,
     next: &str,
     status: StatusCode,
@@ -322,6 +351,7 @@ fn security_view(
     let next = if safe_next(next, &st.cfg) == Next::Portal { "" } else { next };
     let page = SecurityPage {
         passkeys: passkeys.clone(),
+        ssh_keys: ssh_keys.clone(),
         user: &s.identity.user,
         fresh,
         csrf: &csrf,
@@ -507,6 +537,58 @@ pub(crate) async fn passkey_remove(st: &State, call: &Call) -> Response<Body> {
     );
     let said = after_removal(st, call, codes_dropped, notices).await;
     security_after(st, call, StatusCode::OK, Say::Notice(said)).await
+}
+
+/// An SSH key added or removed, in the audit log: proved by the fresh confirmation the route
+/// asks for (a second factor when the user has one, else a fresh sign-in).
+async fn ssh_key_changed(st: &State, call: &Call, change: String) {
+    let user = call.session().identity.user.clone();
+    let has_factor = factors_of(st, &user).await.is_some_and(|f| f.any());
+    let proof = if has_factor { PROOF_SECOND_FACTOR } else { "fresh sign-in" };
+    let ev = Event::FactorChanged { user, change, proof: proof.to_string(), client: call.ctx.client };
+    st.audit.note(ev).await;
+}
+
+/// POST /.poort/security/ssh/add (fresh): registers a public key for the SSH front door.
+pub(crate) async fn ssh_key_add(st: &State, call: &Call) -> Response<Body> {
+    let key = match crate::ssh::parse_public_key(call.field("key")) {
+        Ok(k) => k,
+        Err(why) => return security_after(st, call, StatusCode::BAD_REQUEST, Say::Error(why)).await,
+    };
+    let name = call.field("name").trim().to_string();
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+        return security_after(
+            st,
+            call,
+            StatusCode::BAD_REQUEST,
+            Say::Error("Give the key a name of up to 64 characters."),
+        )
+        .await;
+    }
+    let (user, now) = (call.session().identity.user.clone(), st.clock.now());
+    let k = key.clone();
+    match st.store.run(move |c| crate::ssh::add_key(c, &user, &name, &k, now)).await {
+        Ok(Ok(())) => {
+            ssh_key_changed(st, call, format!("ssh key added {}", key.fingerprint)).await;
+            security_after(st, call, StatusCode::OK, Say::Notice("The SSH key was added.")).await
+        }
+        Ok(Err(why)) => security_after(st, call, StatusCode::CONFLICT, Say::Error(why)).await,
+        Err(_) => error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id),
+    }
+}
+
+/// POST /.poort/security/ssh/remove (fresh).
+pub(crate) async fn ssh_key_remove(st: &State, call: &Call) -> Response<Body> {
+    let (user, fingerprint) = (call.session().identity.user.clone(), call.field("fingerprint").to_string());
+    let fp = fingerprint.clone();
+    match st.store.run(move |c| crate::ssh::remove_key(c, &user, &fp)).await {
+        Ok(true) => {
+            ssh_key_changed(st, call, format!("ssh key removed {fingerprint}")).await;
+            security_after(st, call, StatusCode::OK, Say::Notice("The SSH key was removed.")).await
+        }
+        Ok(false) => security_after(st, call, StatusCode::NOT_FOUND, Say::Error("No such SSH key.")).await,
+        Err(_) => error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id),
+    }
 }
 
 /// POST /.poort/security/recovery (fresh): ten new codes, the old ones void.

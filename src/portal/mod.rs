@@ -174,6 +174,8 @@ pub(crate) async fn serve(st: &State, page_: Page, call: Call) -> Response<Body>
         Page::TotpRemove => mfa::totp_remove(st, &call).await,
         Page::RecoveryCodes => mfa::recovery_codes(st, &call).await,
         Page::PasskeyRemove => mfa::passkey_remove(st, &call).await,
+        Page::SshKeyAdd => mfa::ssh_key_add(st, &call).await,
+        Page::SshKeyRemove => mfa::ssh_key_remove(st, &call).await,
         Page::PasskeyRegisterStart => passkey::register_start(st, call).await,
         Page::PasskeyRegisterFinish => passkey::register_finish(st, call).await,
         Page::FactorStart => passkey::factor_start(st, call).await,

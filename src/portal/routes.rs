@@ -109,6 +109,8 @@ pub enum Page {
     TotpRemove,
     RecoveryCodes,
     PasskeyRemove,
+    SshKeyAdd,
+    SshKeyRemove,
     PasskeyRegisterStart,
     PasskeyRegisterFinish,
     FactorStart,
@@ -231,6 +233,8 @@ pub const ROUTES: &[Route] = &[
     row(Portal, "/.poort/security/totp/remove", Post, Fresh, Form, Page::TotpRemove).own_action(),
     row(Portal, "/.poort/security/recovery", Post, Fresh, Form, Page::RecoveryCodes).own_action(),
     row(Portal, "/.poort/security/passkey/remove", Post, Fresh, Form, Page::PasskeyRemove).own_action(),
+    row(Portal, "/.poort/security/ssh/add", Post, Fresh, Form, Page::SshKeyAdd).own_action(),
+    row(Portal, "/.poort/security/ssh/remove", Post, Fresh, Form, Page::SshKeyRemove).own_action(),
     // A form post (the person's own navigation) that answers with a page carrying the
     // registration: a script's request gets nothing to register.
     row(Portal, "/.poort/security/passkey/start", Post, Fresh, Form, Page::PasskeyRegisterStart).own_action(),
@@ -550,8 +554,16 @@ mod tests {
             if r.own_action {
                 assert_eq!((r.page, r.input), (r.page, Form), "a person's own action is a form post");
             }
-            let changes =
-                matches!(r.page, TotpBegin | TotpRemove | RecoveryCodes | PasskeyRemove | PasskeyRegisterStart);
+            let changes = matches!(
+                r.page,
+                TotpBegin
+                    | TotpRemove
+                    | RecoveryCodes
+                    | PasskeyRemove
+                    | PasskeyRegisterStart
+                    | SshKeyAdd
+                    | SshKeyRemove
+            );
             if changes {
                 assert_eq!((r.page, r.guard), (r.page, Fresh));
                 assert!(r.own_action, "{:?}", r.page);

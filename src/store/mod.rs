@@ -135,6 +135,17 @@ ALTER TABLE users ADD COLUMN subject TEXT;
 CREATE UNIQUE INDEX users_source_subject ON users(source, subject) WHERE subject IS NOT NULL;
 "#,
     FLOWS_SQLITE,
+    r#"
+CREATE TABLE ssh_keys (
+    fingerprint TEXT PRIMARY KEY,
+    user        TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    last_used   INTEGER
+);
+CREATE INDEX ssh_keys_user ON ssh_keys(user);
+"#,
 ];
 
 /// Migration 7: what one request of a sign-in leaves for the next (on any node), the sign-in
@@ -164,7 +175,8 @@ CREATE TABLE nodes (
 
 /// The PostgreSQL schema, in the same shape as SQLite's after its migrations; the
 /// `schema_version` table records how many of these ran.
-const PG_MIGRATIONS: &[&str] = &[r#"
+const PG_MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (
     name          TEXT PRIMARY KEY,
     email         TEXT,
@@ -272,7 +284,19 @@ CREATE TABLE nodes (
     started_at BIGINT NOT NULL,
     seen_at    BIGINT NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE ssh_keys (
+    fingerprint TEXT PRIMARY KEY,
+    "user"      TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    last_used   BIGINT
+);
+CREATE INDEX ssh_keys_user ON ssh_keys("user");
+"#,
+];
 
 /// The advisory lock keys that serialise schema changes, audit appends and revocations across
 /// nodes.

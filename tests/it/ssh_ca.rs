@@ -106,3 +106,69 @@ async fn openssh_takes_the_certificates_poort_signs_and_nothing_else() {
     let forged = issue(&stranger, &keys, "forged", "root", (now - 60, now + 300));
     assert!(!ssh(&forged, port).status.success(), "a certificate from another CA");
 }
+
+/// A user registers an SSH public key in the portal (the key the SSH front door will know them
+/// by): only with a fresh proof, one key for one person, bad keys refused, each change audited.
+#[tokio::test]
+async fn an_ssh_key_is_registered_by_its_owner_only_and_freshly() {
+    let gate = Gate::start().await;
+    let keys = TempDir::new();
+    let mut keygen = Command::new("ssh-keygen");
+    keygen.args(["-q", "-t", "ed25519", "-N", "", "-C", "alice@laptop", "-f"]).arg(keys.0.join("id"));
+    assert!(keygen.status().unwrap().success());
+    let line = std::fs::read_to_string(keys.0.join("id.pub")).unwrap();
+    let listed = Command::new("ssh-keygen").arg("-lf").arg(keys.0.join("id.pub")).output().unwrap();
+    let fingerprint = String::from_utf8_lossy(&listed.stdout).split_whitespace().nth(1).unwrap().to_string();
+    assert!(fingerprint.starts_with("SHA256:"));
+
+    let alice = gate.login("alice").await;
+    let added = gate.post("/.poort/security/ssh/add", &alice, &[("key", line.trim()), ("name", "laptop")]).await;
+    assert_eq!(added.status, 200, "{}", added.text());
+    assert!(added.text().contains("The SSH key was added.") && added.text().contains(&fingerprint), "{}", added.text());
+    let owner = gate.store().with(|c| poort::ssh::owner(c, &poort::ssh::parse_public_key(&line).unwrap())).unwrap();
+    assert_eq!(owner.as_deref(), Some("alice"));
+    let audited = gate
+        .audited("factor_changed", |e| e["user"] == "alice" && e["change"] == format!("ssh key added {fingerprint}"))
+        .await;
+    assert!(!audited.is_empty());
+
+    // Someone else cannot take the same key, nor remove it.
+    let bob = gate.login("bob").await;
+    let taken = gate.post("/.poort/security/ssh/add", &bob, &[("key", line.trim()), ("name", "mine")]).await;
+    assert_eq!(taken.status, 409);
+    assert!(!taken.text().contains("alice"), "whose key it is stays unsaid");
+    let theirs = gate.post("/.poort/security/ssh/remove", &bob, &[("fingerprint", &fingerprint)]).await;
+    assert_eq!(theirs.status, 404);
+
+    // Not a key poort takes.
+    for (bad, why) in [
+        ("ssh-dss AAAAB3NzaC1kc3MAAACBAP", "DSA keys are not taken"),
+        (&line.replace("ssh-ed25519", "ssh-rsa") as &str, "do not agree"),
+        ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA==", "cut short"),
+        ("hello", "Paste the whole public key"),
+    ] {
+        let r = gate.post("/.poort/security/ssh/add", &bob, &[("key", bad), ("name", "x")]).await;
+        assert_eq!(r.status, 400, "{bad}");
+        assert!(r.text().contains(why), "{bad}: {}", r.text());
+    }
+
+    // The other kinds OpenSSH makes: ECDSA is taken, short RSA is not.
+    for (kind, bits, expect) in [("ecdsa", "256", 200), ("rsa", "1024", 400)] {
+        let path = keys.0.join(format!("id_{kind}"));
+        let made = Command::new("ssh-keygen").args(["-q", "-t", kind, "-b", bits, "-N", "", "-f"]).arg(&path).status();
+        assert!(made.unwrap().success());
+        let pub_line = std::fs::read_to_string(path.with_extension("pub")).unwrap();
+        let r = gate.post("/.poort/security/ssh/add", &bob, &[("key", pub_line.trim()), ("name", kind)]).await;
+        assert_eq!(r.status, expect, "{kind}: {}", r.text());
+    }
+
+    // Five minutes on, a change needs a fresh proof first.
+    gate.clock.advance(301);
+    let stale = gate.post("/.poort/security/ssh/remove", &alice, &[("fingerprint", &fingerprint)]).await;
+    assert_eq!(stale.status, 303, "confirm first");
+    let alice = gate.confirm(&alice, &[("password", crate::harness::PASSWORD)]).await;
+    let removed = gate.post("/.poort/security/ssh/remove", &alice, &[("fingerprint", &fingerprint)]).await;
+    assert_eq!(removed.status, 200);
+    let owner = gate.store().with(|c| poort::ssh::owner(c, &poort::ssh::parse_public_key(&line).unwrap())).unwrap();
+    assert_eq!(owner, None);
+}
