@@ -171,7 +171,7 @@ impl Metrics {
         );
         r.register(
             "audit_sealed_timestamp_seconds",
-            "When the audit log was last sealed and its key moved on (0: never); older than the seal interval means sealing stopped",
+            "When the audit log was last sealed and its key moved on (0: never); older than a few seal intervals means sealing stopped",
             m.audit_sealed.clone(),
         );
         r.register("config_reloads", "Changed configs read while running, by result", m.config_reloads.clone());

@@ -452,15 +452,21 @@ async fn feed_outcome(gw: &Gateway, outcome: crate::mitigate::FeedOutcome) {
 }
 
 /// Seals the audit chain at start and every `[audit] seal_interval` (the writer does nothing
-/// while the log has no sealing key).
+/// while the log has no sealing key). The interval is read every second, so a reload that
+/// shortens it takes effect at once.
 async fn seal_audit(live: Arc<Live>, mut stopped: watch::Receiver<bool>) {
+    let mut last = None;
     loop {
         let gw = live.get();
-        if let Err(e) = gw.state.audit.seal().await {
-            tracing::error!(error = %format!("{e:#}"), "Sealing the audit log failed; the next interval tries again");
+        if last.is_none_or(|t: tokio::time::Instant| t.elapsed() >= gw.state.cfg.audit_seal_interval) {
+            if let Err(e) = gw.state.audit.seal().await {
+                tracing::error!(error = %format!("{e:#}"), "Sealing the audit log failed; the next interval tries again");
+            }
+            last = Some(tokio::time::Instant::now());
         }
+        drop(gw);
         tokio::select! {
-            _ = tokio::time::sleep(gw.state.cfg.audit_seal_interval) => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stopped.changed() => return,
         }
     }

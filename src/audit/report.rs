@@ -69,6 +69,8 @@ pub struct Report {
     /// the seal interval means sealing stopped).
     pub seals: u64,
     pub last_seal: Option<UnixTime>,
+    /// The longest time between two seals in the range, in seconds.
+    pub longest_seal_gap: Option<i64>,
     pub timeline: Vec<Hour>,
 }
 
@@ -192,6 +194,9 @@ pub fn build(
                 }
                 "audit_sealed" => {
                     r.seals += 1;
+                    if let Some(before) = r.last_seal {
+                        r.longest_seal_gap = Some(r.longest_seal_gap.unwrap_or(0).max(at - before));
+                    }
                     r.last_seal = Some(at);
                 }
                 _ => {}
@@ -253,9 +258,12 @@ impl Report {
         let _ = match self.last_seal {
             Some(t) => writeln!(
                 o,
-                "\nSeals of the audit log: {} in the range, the last at {} (poort audit verify --verification-key checks them)",
+                "\nSeals of the audit log: {} in the range, the last at {}{} (poort audit verify --verification-key checks them)",
                 self.seals,
-                format_minutes(t)
+                format_minutes(t),
+                self.longest_seal_gap
+                    .map(|g| format!("; the longest time between two: {} min", g.div_euclid(60)))
+                    .unwrap_or_default()
             ),
             None => writeln!(o, "\nSeals of the audit log: none in the range (poort audit seal-init starts sealing)"),
         };

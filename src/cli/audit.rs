@@ -162,7 +162,9 @@ pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let sealed = !keys.is_empty();
             let mut checker = crate::audit::seal::Checker::new(keys);
+            let mut seals = 0u64;
             let verdict = crate::audit::verify_with(&conn, &mut |seq, at, kind, detail, prev| {
+                seals += u64::from(kind == "audit_sealed");
                 checker.record(seq, at, kind, detail, prev)
             })?;
             let mut bad = match verdict {
@@ -177,6 +179,10 @@ pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
             };
             if sealed {
                 bad |= print_sealing(&config.config, &conn, &mut checker)?;
+            } else if seals > 0 {
+                println!(
+                    "the log holds {seals} seals, not checked: add --verification-key KEY (the key seal-init or quickstart showed) to prove it was not rewritten"
+                );
             }
             Ok(i32::from(bad))
         }
@@ -220,7 +226,7 @@ fn print_sealing(
             Some(key) if !checker.against_key_file(&key) => {
                 bad = true;
                 println!(
-                    "sealing: the sealing key on this machine (key {}) belongs to none of the verification keys given: it was replaced",
+                    "sealing: the sealing key on this machine (key {}) matches none of the verification keys given: a mistyped key, another node's, or the key was replaced",
                     key.id
                 );
             }

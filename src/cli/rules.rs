@@ -20,6 +20,10 @@ pub enum RulesCmd {
         /// A file with a raw request head (request line and headers) instead.
         #[arg(long, conflicts_with = "target")]
         raw: Option<PathBuf>,
+        /// Test this rules file (or feed file's rules) instead of the gateway's rules file and
+        /// feed; works without a gateway config, as on a publisher's machine.
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -70,8 +74,13 @@ pub(super) fn run(cmd: RulesCmd) -> anyhow::Result<i32> {
     use base64::engine::general_purpose::STANDARD;
     use ring::signature::{Ed25519KeyPair, KeyPair};
     match cmd {
-        RulesCmd::Test { method, target, headers, client, raw, config } => {
-            let cfg = load(&config.config)?;
+        RulesCmd::Test { method, target, headers, client, raw, rules, config } => {
+            // With a rules file of its own, a config is optional: it only names the apps.
+            let cfg = match (&rules, load(&config.config)) {
+                (_, Ok(cfg)) => Some(cfg),
+                (Some(_), Err(_)) => None,
+                (None, Err(e)) => return Err(e),
+            };
             let (method, target, headers) = match raw {
                 Some(path) => {
                     parse_raw_head(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)?
@@ -81,20 +90,27 @@ pub(super) fn run(cmd: RulesCmd) -> anyhow::Result<i32> {
                     (method, target.unwrap_or_default(), headers)
                 }
             };
-            rules_test(&cfg, &method, &target, &headers, client)
+            let request = TestRequest { method: &method, target: &target, headers: &headers, client };
+            rules_test(cfg.as_ref(), rules.as_deref(), &request)
         }
         RulesCmd::Status { config } => {
             let cfg = load(&config.config)?;
             match crate::mitigate::read_status(&cfg.data_dir) {
                 None => println!("No status yet: the gateway has not run with this data directory."),
                 Some(s) => {
-                    println!("file:      {}", s.file.as_deref().unwrap_or("(no rules file configured)"));
-                    println!("rules:     {} in force, loaded {}", s.rules, s.loaded_at.as_deref().unwrap_or("never"));
-                    println!("sha256:    {}", s.sha256.as_deref().unwrap_or("-"));
-                    println!("version:   {}", s.version.map_or("-".to_string(), |v| v.to_string()));
-                    match &s.last_error {
-                        Some(e) => println!("REFUSED:   the newest file was not loaded: {e}"),
-                        None => println!("newest file: loaded"),
+                    match &s.file {
+                        None => println!("file:      (no local rules file)"),
+                        Some(file) => {
+                            println!("file:      {file}");
+                            let loaded = s.loaded_at.as_deref().unwrap_or("never");
+                            println!("rules:     {} from the file, loaded {loaded}", s.rules);
+                            println!("sha256:    {}", s.sha256.as_deref().unwrap_or("-"));
+                            println!("version:   {}", s.version.map_or("-".to_string(), |v| v.to_string()));
+                            match &s.last_error {
+                                Some(e) => println!("REFUSED:   the newest file was not loaded: {e}"),
+                                None => println!("newest file: loaded"),
+                            }
+                        }
                     }
                     if let Some(f) = &s.feed {
                         print_feed(f);
@@ -104,7 +120,8 @@ pub(super) fn run(cmd: RulesCmd) -> anyhow::Result<i32> {
                     for (rule, n) in hits {
                         println!("hits:      {rule}: {n}");
                     }
-                    if s.last_error.is_some() || s.feed.as_ref().is_some_and(|f| f.refused.is_some()) {
+                    let feed_trouble = s.feed.as_ref().is_some_and(|f| f.refused.is_some() || f.unreachable.is_some());
+                    if s.last_error.is_some() || feed_trouble {
                         return Ok(1);
                     }
                 }
@@ -119,7 +136,7 @@ pub(super) fn run(cmd: RulesCmd) -> anyhow::Result<i32> {
             crate::secret::write_private(&out, doc.as_ref())?;
             println!("Wrote the private key to {} (keep it away from the gateway).", out.display());
             println!(
-                "Public key for the gateway's [mitigate] public_key:\n\n    {}",
+                "Public key for the gateway's [mitigate] public_key (signed rules files) or feed_public_key (a feed):\n\n    {}",
                 STANDARD.encode(pair.public_key().as_ref())
             );
             Ok(0)
@@ -255,22 +272,65 @@ fn parse_raw_head(raw: &[u8]) -> anyhow::Result<(String, String, Vec<Vec<u8>>)> 
     Ok((method.to_string(), target.to_string(), headers))
 }
 
-fn rules_test(
-    cfg: &Config,
-    method: &str,
-    target: &str,
-    headers: &[Vec<u8>],
+/// The request `poort rules test` is asked about.
+struct TestRequest<'a> {
+    method: &'a str,
+    target: &'a str,
+    headers: &'a [Vec<u8>],
     client: std::net::IpAddr,
-) -> anyhow::Result<i32> {
+}
+
+/// The rules a gateway would check, in order: its rules file's, then the feed file in force
+/// (from its database); or the file given on its own.
+fn rules_to_test(cfg: Option<&Config>, file: Option<&Path>) -> Result<crate::mitigate::Rules, String> {
+    let now = SystemClock.now();
+    if let Some(path) = file {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // A feed file tests as the rules it carries (its signature is not checked here).
+        if let Some(text) = std::str::from_utf8(&bytes).ok().and_then(crate::mitigate::feed::rules_text_of) {
+            return crate::mitigate::rules::compile(&text).map_err(|p| p.join("\n  "));
+        }
+        return crate::mitigate::rules::compile(&String::from_utf8_lossy(&bytes)).map_err(|p| p.join("\n  "));
+    }
+    let cfg = cfg.expect("invariant: a config when no file is given");
+    let mut rules = match &cfg.mitigate.rules_file {
+        Some(path) => {
+            crate::mitigate::load_file(path, cfg.mitigate.public_key.as_deref(), now)
+                .map_err(|p| {
+                    format!("the rules file would be refused (the running rules stay):\n  {}", p.join("\n  "))
+                })?
+                .0
+        }
+        None => crate::mitigate::Rules::default(),
+    };
+    if let Some(feed) = &cfg.mitigate.feed {
+        let record = Store::open(&cfg.database)
+            .ok()
+            .and_then(|s| s.with(|c| Store::setting(c, crate::server::RULES_FEED)).ok().flatten())
+            .and_then(|v| serde_json::from_str::<crate::mitigate::feed::Record>(&v).ok());
+        match record.map(|r| crate::mitigate::feed::open(r.text.as_bytes(), &feed.public_key)) {
+            Some(Ok(opened)) => rules.rules.extend(opened.rules.rules),
+            Some(Err(e)) => {
+                println!("the feed file kept in the database does not open ({}): its rules are left out", e.why)
+            }
+            None => println!("no file from the feed has been taken yet: only the local rules are checked"),
+        }
+    }
+    Ok(rules)
+}
+
+fn rules_test(cfg: Option<&Config>, file: Option<&Path>, req: &TestRequest<'_>) -> anyhow::Result<i32> {
+    let (method, target, client) = (req.method, req.target, req.client);
+    let portal_host = cfg.map_or("localhost", |c| c.server.portal_host.as_str());
     let mut map = http::HeaderMap::new();
-    for h in headers {
+    for h in req.headers {
         let colon = h.iter().position(|b| *b == b':');
         let Some(colon) = colon else { bail!("{:?} is not 'Name: value'", String::from_utf8_lossy(h)) };
         let (k, v) = (h[..colon].trim_ascii(), h[colon + 1..].trim_ascii());
         map.append(http::HeaderName::from_bytes(k)?, http::HeaderValue::from_bytes(v)?);
     }
     if !map.contains_key(http::header::HOST) {
-        map.insert(http::header::HOST, http::HeaderValue::from_str(&cfg.server.portal_host)?);
+        map.insert(http::header::HOST, http::HeaderValue::from_str(portal_host)?);
     }
     let method: http::Method = method.parse().context("not an HTTP method")?;
     let front = match target.parse::<http::Uri>() {
@@ -287,21 +347,22 @@ fn rules_test(
             return Ok(0);
         }
     };
-    let routes = crate::route::Routes::new(&cfg.server.portal_host, &cfg.apps);
+    let apps = cfg.map_or(&[][..], |c| c.apps.as_slice());
+    let routes = crate::route::Routes::new(portal_host, apps);
     let app = match routes.find_target(&front.host, &front.target) {
-        crate::route::Found::App(i) | crate::route::Found::AddSlash(i) => Some(cfg.apps[i].name.as_str()),
+        crate::route::Found::App(i) | crate::route::Found::AddSlash(i) => Some(apps[i].name.as_str()),
         _ => None,
     };
     println!("canonical path: {}", front.target.path());
     println!("app: {}", app.unwrap_or("(none: portal or not found)"));
-    let Some(file) = &cfg.mitigate.rules_file else {
-        println!("no rules file is configured: the request goes on to the session check");
+    if file.is_none() && cfg.is_some_and(|c| c.mitigate.rules_file.is_none() && c.mitigate.feed.is_none()) {
+        println!("no rules file or feed is configured: the request goes on to the session check");
         return Ok(0);
-    };
-    let rules = match crate::mitigate::load_file(file, cfg.mitigate.public_key.as_deref(), SystemClock.now()) {
-        Ok((r, _)) => r,
+    }
+    let rules = match rules_to_test(cfg, file) {
+        Ok(r) => r,
         Err(problems) => {
-            println!("the rules file would be refused (the running rules stay):\n  {}", problems.join("\n  "));
+            println!("{problems}");
             return Ok(1);
         }
     };

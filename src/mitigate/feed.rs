@@ -101,6 +101,11 @@ pub struct Opened {
     pub sha256: String,
 }
 
+/// The rules text a feed file carries, if it is one (unchecked: for `poort rules test`).
+pub fn rules_text_of(text: &str) -> Option<String> {
+    toml::from_str::<File>(text).ok().map(|f| f.rules)
+}
+
 /// The version and expiry a feed file says it has, without checking it (for `poort rules
 /// publish`, to follow it).
 pub fn header_of(bytes: &[u8]) -> Option<(u64, i64)> {
@@ -171,7 +176,14 @@ pub fn follows(new: &Opened, old: Option<&Record>, now: i64) -> Result<bool, Ref
         if new.sha256 == old.sha256 {
             return Ok(false);
         }
-        if new.version <= old.version {
+        if new.version == old.version {
+            let why = format!(
+                "version {} was taken already, with other content: a version number is used once (hint: the publisher publishes again with a higher --version)",
+                new.version
+            );
+            return Err(Refusal::new("reused", why));
+        }
+        if new.version < old.version {
             return Err(Refusal::new(
                 "rollback",
                 format!(
@@ -303,7 +315,7 @@ mod tests {
         assert!(follows(&record(6, now + 100).1, Some(&old), now).unwrap());
         let class = |v: u64, e: i64, old: Option<&Record>| follows(&record(v, e).1, old, now).unwrap_err().class;
         assert_eq!(class(4, now + 200, Some(&old)), "rollback");
-        assert_eq!(class(5, now + 200, Some(&old)), "rollback");
+        assert_eq!(class(5, now + 200, Some(&old)), "reused");
         assert_eq!(class(6, now + 50, Some(&old)), "expiry");
         assert_eq!(class(1, now - 1, None), "expired");
     }

@@ -464,7 +464,7 @@ fn changes(was: &Config, now: &Config) -> Vec<String> {
     note("auth", same(&was.auth, &now.auth));
     note("log", same(&was.log, &now.log));
     note("admin", was.admin_listen == now.admin_listen);
-    note("audit", same(&was.audit_export, &now.audit_export));
+    note("audit", same(&was.audit_export, &now.audit_export) && was.audit_seal_interval == now.audit_seal_interval);
     out
 }
 

@@ -168,7 +168,7 @@ async fn the_seals_find_a_rewritten_cut_or_emptied_log_that_the_chain_alone_call
     assert!(gate.cli(&["audit", "seal-init"]).status.success());
     let (code, text) = verify(true);
     assert_eq!(code, Some(1), "{text}");
-    assert!(text.contains("belongs to none of the verification keys"), "{text}");
+    assert!(text.contains("matches none of the verification keys"), "{text}");
 }
 
 /// The key on disk kept from moving on (a directory where its next file goes): every later seal

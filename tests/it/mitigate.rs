@@ -65,7 +65,7 @@ async fn a_new_rule_blocks_within_two_seconds_and_a_broken_file_changes_nothing(
     let out = gate.cli(&["rules", "status"]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("rule[oops].path_prefix") && text.contains("2 in force"), "{text}");
+    assert!(text.contains("rule[oops].path_prefix") && text.contains("2 from the file"), "{text}");
     assert_eq!(gate.get(probe, Some(&s)).await.status, 403, "the old rules still apply");
     assert_eq!(gate.get("/vpns/x", Some(&s)).await.status, 403);
     assert!(text.contains("hits:      lang-traversal:"), "{text}");

@@ -164,6 +164,14 @@ async fn three_nodes_follow_the_signed_feed_and_refuse_rollback_tampering_and_re
     gate.clock.advance(-8 * 24 * 3600);
     publisher.serve(&publisher.publish(&rules(&["/feed-v1", "/feed-v2", "/feed-v5"]), &["--valid-for", "170h"]));
     eventually("version 5 on every node", Duration::from_secs(3), async || all_deny(&gate, "/feed-v5").await).await;
+    // `rules test` on the gateway checks the feed's rules too; with --rules, a publisher checks
+    // a file without any gateway.
+    let tested = gate.cli(&["rules", "test", "--target", "/feed-v5/x"]);
+    assert!(String::from_utf8_lossy(&tested.stdout).contains("rule feed:feed-3 matches: deny"), "{tested:?}");
+    let feed_file = publisher.path("poort.feed");
+    let offline =
+        poort(&["rules", "test", "--rules", &feed_file, "--target", "/feed-v5/x", "--config", "/nonexistent.toml"]);
+    assert!(offline.contains("rule feed-3 matches: deny"), "{offline}");
     eventually("the metrics to show version 5", Duration::from_secs(3), async || {
         gate.scrape().await.contains("poort_mitigation_feed_version 5")
     })
