@@ -248,6 +248,8 @@ pub struct PublicKey {
     pub blob: Vec<u8>,
     /// `SHA256:...`, as `ssh-keygen -l` shows it.
     pub fingerprint: String,
+    /// A digest of the key itself, the same for every type that wraps it: one key, one person.
+    pub material: String,
 }
 
 /// Reads SSH wire strings off a blob.
@@ -263,8 +265,22 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A canonical SSH `mpint` holding a positive number: no needless leading zero byte, and a
+/// zero byte only where the top bit would otherwise read as a sign. Returns its magnitude.
+fn positive_mpint(m: &[u8]) -> Option<&[u8]> {
+    match m {
+        [] | [0] => None,
+        [0, next, ..] if *next >= 0x80 => Some(&m[1..]),
+        [0, ..] => None,
+        [first, ..] if *first >= 0x80 => None,
+        _ => Some(m),
+    }
+}
+
 /// The key types poort takes: Ed25519 and ECDSA (also on security keys), and RSA of 2048 bits
-/// or more. Not DSA, not certificates.
+/// or more. Not DSA, not certificates. Every field must be in the one form OpenSSH writes, so
+/// that a key has one fingerprint (the one `ssh-keygen -l` shows), and `material` names the
+/// key itself whatever wraps it (a security-key type around a plain key is the same key).
 pub fn parse_public_key(line: &str) -> Result<PublicKey, &'static str> {
     let mut parts = line.split_whitespace();
     let (Some(algo), Some(b64)) = (parts.next(), parts.next()) else {
@@ -290,35 +306,63 @@ pub fn parse_public_key(line: &str) -> Result<PublicKey, &'static str> {
     if r.string() != Some(algo.as_bytes()) {
         return Err("That is not an SSH public key: its type and its content do not agree.");
     }
-    let whole = match algo {
-        "ssh-ed25519" => r.string().is_some_and(|k| k.len() == 32),
-        "sk-ssh-ed25519@openssh.com" => r.string().is_some_and(|k| k.len() == 32) && r.string().is_some(),
-        "ecdsa-sha2-nistp256" | "ecdsa-sha2-nistp384" | "ecdsa-sha2-nistp521" => {
-            r.string().is_some_and(|curve| algo.ends_with(std::str::from_utf8(curve).unwrap_or("-")))
-                && r.string().is_some_and(|point| point.first() == Some(&4))
+    let bad = "That is not an SSH public key: it is cut short, has extra bytes or a field out of form.";
+    let application = |r: &mut Reader<'_>| r.string().is_some_and(|a| a.starts_with(b"ssh:") && a.len() <= 256);
+    let point_len = |curve: &[u8]| match curve {
+        b"nistp256" => Some(65),
+        b"nistp384" => Some(97),
+        b"nistp521" => Some(133),
+        _ => None,
+    };
+    let mut material = Vec::new();
+    match algo {
+        "ssh-ed25519" | "sk-ssh-ed25519@openssh.com" => {
+            let k = r.string().filter(|k| k.len() == 32).ok_or(bad)?;
+            if algo.starts_with("sk-") && !application(&mut r) {
+                return Err(bad);
+            }
+            material.extend_from_slice(b"ed25519:");
+            material.extend_from_slice(k);
         }
-        "sk-ecdsa-sha2-nistp256@openssh.com" => {
-            r.string() == Some(b"nistp256") && r.string().is_some_and(|p| p.first() == Some(&4)) && r.string().is_some()
+        _ if algo.contains("ecdsa-sha2-") => {
+            let curve = r.string().ok_or(bad)?;
+            let wanted =
+                algo.trim_start_matches("sk-").trim_start_matches("ecdsa-sha2-").trim_end_matches("@openssh.com");
+            let point = r.string().ok_or(bad)?;
+            if curve != wanted.as_bytes() || point_len(curve) != Some(point.len()) || point[0] != 4 {
+                return Err(bad);
+            }
+            if algo.starts_with("sk-") && !application(&mut r) {
+                return Err(bad);
+            }
+            material.extend_from_slice(b"ecdsa:");
+            material.extend_from_slice(curve);
+            material.extend_from_slice(point);
         }
-        "ssh-rsa" => {
-            let (e, n) = (r.string(), r.string());
-            let bits = n.map_or(0, |n| {
-                let n = n.iter().skip_while(|b| **b == 0).copied().collect::<Vec<u8>>();
-                n.len() * 8 - n.first().map_or(8, |b| b.leading_zeros() as usize)
-            });
-            if e.is_some() && bits > 0 && bits < 2048 {
+        _ => {
+            let e = r.string().and_then(positive_mpint).ok_or(bad)?;
+            let n = r.string().and_then(positive_mpint).ok_or(bad)?;
+            if e.len() > 4 || e.last().is_none_or(|b| b & 1 == 0) || e == [1] {
+                return Err(bad);
+            }
+            let bits = n.len() * 8 - n[0].leading_zeros() as usize;
+            if bits < 2048 {
                 return Err("That RSA key is shorter than 2048 bits: make an Ed25519 key (ssh-keygen -t ed25519).");
             }
-            e.is_some() && bits >= 2048
+            if bits > 16384 {
+                return Err(bad);
+            }
+            material.extend_from_slice(b"rsa:");
+            material.extend_from_slice(n);
         }
-        _ => false,
-    };
-    if !whole || !r.0.is_empty() {
-        return Err("That is not an SSH public key: it is cut short or has extra bytes.");
+    }
+    if !r.0.is_empty() {
+        return Err(bad);
     }
     let digest = ring::digest::digest(&ring::digest::SHA256, &blob);
     let fingerprint = format!("SHA256:{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest.as_ref()));
-    Ok(PublicKey { algo: algo.to_string(), blob, fingerprint })
+    let material = crate::secret::hex(ring::digest::digest(&ring::digest::SHA256, &material).as_ref());
+    Ok(PublicKey { algo: algo.to_string(), blob, fingerprint, material })
 }
 
 impl PublicKey {
@@ -351,7 +395,11 @@ pub fn add_key(
 ) -> crate::db::Result<Result<(), &'static str>> {
     use crate::db::{OptionalExtension, params};
     let taken = conn
-        .query_row("SELECT 1 FROM ssh_keys WHERE fingerprint = ?1", [key.fingerprint.as_str()], |r| r.get::<i64>(0))
+        .query_row(
+            "SELECT 1 FROM ssh_keys WHERE fingerprint = ?1 OR material = ?2",
+            [key.fingerprint.as_str(), key.material.as_str()],
+            |r| r.get::<i64>(0),
+        )
         .optional()?;
     if taken.is_some() {
         return Ok(Err("That key is registered already. A key belongs to one person: make one of your own."));
@@ -360,8 +408,8 @@ pub fn add_key(
         return Ok(Err("You have as many SSH keys as can be registered: remove one first."));
     }
     conn.execute(
-        "INSERT INTO ssh_keys (fingerprint, \"user\", name, key, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![key.fingerprint, user, name, key.line(), now],
+        "INSERT INTO ssh_keys (fingerprint, material, \"user\", name, key, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![key.fingerprint, key.material, user, name, key.line(), now],
     )?;
     Ok(Ok(()))
 }
@@ -389,9 +437,13 @@ pub fn remove_key(conn: &crate::db::Conn, user: &str, fingerprint: &str) -> crat
     Ok(conn.execute("DELETE FROM ssh_keys WHERE \"user\" = ?1 AND fingerprint = ?2", params![user, fingerprint])? > 0)
 }
 
-/// Whose key this is (for the SSH front door).
+/// Whose key this is (for the SSH front door): nobody's while its owner is disabled.
 pub fn owner(conn: &crate::db::Conn, key: &PublicKey) -> crate::db::Result<Option<String>> {
     use crate::db::OptionalExtension;
-    conn.query_row("SELECT \"user\" FROM ssh_keys WHERE fingerprint = ?1", [key.fingerprint.as_str()], |r| r.get(0))
-        .optional()
+    conn.query_row(
+        "SELECT k.\"user\" FROM ssh_keys k JOIN users u ON u.name = k.\"user\" WHERE k.material = ?1 AND u.disabled = 0",
+        [key.material.as_str()],
+        |r| r.get(0),
+    )
+    .optional()
 }

@@ -274,7 +274,7 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
             let ca = crate::ssh::UserCa::load_or_create(&cfg.data_dir)?;
             println!("{}", ca.public_line());
             eprintln!(
-                "\nOn each SSH target, trust certificates poort signs (they name the account and last minutes):\n\n    poort ssh ca --config {} 2>/dev/null > /etc/ssh/poort_user_ca.pub\n    echo 'TrustedUserCAKeys /etc/ssh/poort_user_ca.pub' >> /etc/ssh/sshd_config\n    systemctl reload ssh",
+                "\nOn each SSH target, trust certificates poort signs (they name the account and last minutes):\n\n    poort ssh ca --config {} 2>/dev/null > /etc/ssh/poort_user_ca.pub\n    echo 'TrustedUserCAKeys /etc/ssh/poort_user_ca.pub' > /etc/ssh/sshd_config.d/poort.conf\n    systemctl reload ssh\n\n(docs/ssh.md says more.)",
                 config.config.display()
             );
             Ok(0)

@@ -55,7 +55,7 @@ pub enum UserCmd {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Remove all of a user's second factors (a lost phone): they set up new ones at next use.
+    /// Remove all of a user's second factors and SSH keys (a lost phone, an account taken over): they set up new ones at next use.
     MfaReset {
         name: String,
         #[command(flatten)]
@@ -174,13 +174,21 @@ pub(super) fn run(cmd: UserCmd) -> anyhow::Result<i32> {
             if !store.user_exists(&name)? {
                 bail!("no user {name}");
             }
-            let (f, locks) = store.with(|c| {
-                Ok((crate::identity::mfa::factors(c, &name)?, crate::identity::mfa::lock_state(c, &name)?))
+            let (f, locks, ssh) = store.with(|c| {
+                Ok((
+                    crate::identity::mfa::factors(c, &name)?,
+                    crate::identity::mfa::lock_state(c, &name)?,
+                    crate::ssh::keys(c, &name)?,
+                ))
             })?;
             println!("user:            {name}");
             println!("authenticator:   {}", if f.totp { "set up" } else { "none" });
             println!("passkeys:        {}", f.passkeys);
             println!("recovery codes:  {} unused", f.recovery_left);
+            println!("ssh keys:        {}", ssh.len());
+            for k in &ssh {
+                println!("  {} {} ({}, added {})", k.algo, k.fingerprint, k.name, format_utc(k.created_at));
+            }
             if locks.is_empty() {
                 println!("locked:          no");
             }
@@ -200,8 +208,8 @@ pub(super) fn run(cmd: UserCmd) -> anyhow::Result<i32> {
                 bail!("no user {name}");
             }
             store.with(|c| crate::identity::mfa::reset(c, &name))?;
-            record_admin(&cfg, "user mfa-reset", &name, "all second factors removed")?;
-            println!("Removed every second factor of {name}.");
+            record_admin(&cfg, "user mfa-reset", &name, "all second factors and SSH keys removed")?;
+            println!("Removed every second factor and SSH key of {name}.");
         }
         UserCmd::Unlock { name, config } => {
             let cfg = load(&config.config)?;

@@ -163,6 +163,8 @@ pub fn reset(conn: &mut Conn, user: &str) -> db::Result<()> {
     tx.execute("DELETE FROM totp WHERE \"user\" = ?1", [user])?;
     tx.execute("DELETE FROM recovery_codes WHERE \"user\" = ?1", [user])?;
     tx.execute("DELETE FROM passkeys WHERE \"user\" = ?1", [user])?;
+    // The SSH keys too: a reset is for an account whose credentials cannot be trusted.
+    tx.execute("DELETE FROM ssh_keys WHERE \"user\" = ?1", [user])?;
     tx.commit()
 }
 

@@ -472,13 +472,15 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
                 );
                 return users(st, call, said(why)).await;
             }
-            if !record(st, call, "user mfa-reset", &name, "all second factors removed").await {
+            if !record(st, call, "user mfa-reset", &name, "all second factors and SSH keys removed").await {
                 return unavailable(call);
             }
             let wanted = name.clone();
             match blocking(st, move |store| store.with(|c| crate::identity::mfa::reset(c, &wanted))).await {
                 Some(_) => {
-                    format!("Removed every second factor of {name}; they set up new ones at their next sign-in.")
+                    format!(
+                        "Removed every second factor and SSH key of {name}; they set up new ones at their next sign-in."
+                    )
                 }
                 None => return unavailable(call),
             }

@@ -556,7 +556,12 @@ pub(crate) async fn ssh_key_add(st: &State, call: &Call) -> Response<Body> {
         Err(why) => return security_after(st, call, StatusCode::BAD_REQUEST, Say::Error(why)).await,
     };
     let name = call.field("name").trim().to_string();
-    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+    // No control or direction-changing characters: a name shows as it was typed.
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+    };
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(hidden) {
         return security_after(
             st,
             call,

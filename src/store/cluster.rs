@@ -69,7 +69,7 @@ const TABLES: &[(&str, &str)] = &[
     ("totp", "\"user\", secret, confirmed, last_step, created_at"),
     ("recovery_codes", "\"user\", code_hash, used_at"),
     ("passkeys", "id, \"user\", name, passkey, created_at, last_used"),
-    ("ssh_keys", "fingerprint, \"user\", name, key, created_at, last_used"),
+    ("ssh_keys", "fingerprint, material, \"user\", name, key, created_at, last_used"),
     ("lockouts", "\"user\", failures, locked_until, last_failure"),
     ("settings", "key, value"),
 ];

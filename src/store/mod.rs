@@ -138,6 +138,7 @@ CREATE UNIQUE INDEX users_source_subject ON users(source, subject) WHERE subject
     r#"
 CREATE TABLE ssh_keys (
     fingerprint TEXT PRIMARY KEY,
+    material    TEXT NOT NULL UNIQUE,
     user        TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
     name        TEXT NOT NULL,
     key         TEXT NOT NULL,
@@ -288,6 +289,7 @@ CREATE TABLE nodes (
     r#"
 CREATE TABLE ssh_keys (
     fingerprint TEXT PRIMARY KEY,
+    material    TEXT NOT NULL UNIQUE,
     "user"      TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
     name        TEXT NOT NULL,
     key         TEXT NOT NULL,

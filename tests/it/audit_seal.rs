@@ -40,14 +40,20 @@ fn seal_positions(rows: &[Row]) -> Vec<usize> {
     rows.iter().enumerate().filter(|(_, r)| r.1 == "audit_sealed").map(|(i, _)| i).collect()
 }
 
-#[tokio::test]
-async fn the_seals_find_a_rewritten_cut_or_emptied_log_that_the_chain_alone_calls_intact() {
-    let mut gate = Gate::start_config("", "[audit]\nseal_interval = \"1s\"\n").await;
+/// A gateway sealing every second, and the verification key `seal-init` showed.
+async fn sealed_gate() -> (Gate, String) {
+    let gate = Gate::start_config("", "[audit]\nseal_interval = \"1s\"\n").await;
     let out = gate.cli(&["audit", "seal-init"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{text}");
     let key =
         text.lines().map(str::trim).find(|l| l.starts_with("poort-seal-1-")).expect("the key is shown").to_string();
+    (gate, key)
+}
+
+#[tokio::test]
+async fn the_seals_find_a_rewritten_cut_or_emptied_log_that_the_chain_alone_calls_intact() {
+    let (mut gate, key) = sealed_gate().await;
     let again = gate.cli(&["audit", "seal-init"]);
     assert!(!again.status.success(), "a second key would end the first chain of keys");
 
@@ -177,10 +183,7 @@ async fn the_seals_find_a_rewritten_cut_or_emptied_log_that_the_chain_alone_call
 /// the audit writer nor the verifier.
 #[tokio::test]
 async fn a_sealing_key_that_stops_moving_on_is_reported() {
-    let mut gate = Gate::start_config("", "[audit]\nseal_interval = \"1s\"\n").await;
-    let out = gate.cli(&["audit", "seal-init"]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let key = text.lines().map(str::trim).find(|l| l.starts_with("poort-seal-1-")).unwrap().to_string();
+    let (mut gate, key) = sealed_gate().await;
     eventually("two seals", Duration::from_secs(4), async || gate.audit("audit_sealed").len() >= 2).await;
     let sealed_at = |m: String| {
         m.lines().find_map(|l| l.strip_prefix("poort_audit_sealed_timestamp_seconds ")).map(|v| v.trim().to_string())
@@ -247,10 +250,8 @@ fn writable_memory(pid: u32) -> Vec<Vec<u8>> {
 /// knows what to look for; finding the current key shows that the search works.
 #[tokio::test]
 async fn the_running_gateway_holds_no_older_sealing_key_in_memory() {
-    let mut gate = Gate::start_config("", "[audit]\nseal_interval = \"1s\"\n").await;
-    let out = gate.cli(&["audit", "seal-init"]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let k0_hex = text.lines().map(str::trim).find_map(|l| l.strip_prefix("poort-seal-1-")).unwrap().to_string();
+    let (mut gate, key) = sealed_gate().await;
+    let k0_hex = key.trim_start_matches("poort-seal-1-").to_string();
     let (_process, pid) = gate.as_process("").await;
     eventually("five seals", Duration::from_secs(10), async || gate.audit("audit_sealed").len() >= 5).await;
 

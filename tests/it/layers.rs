@@ -11,7 +11,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("pipeline", &["gateway", "listen"]),
     ("handlers", &["portal", "tunnel", "proxy"]),
     ("shared", &["state", "respond"]),
-    ("services", &["session", "audit", "mitigate", "identity", "store", "upstream", "body", "certs", "acme"]),
+    ("services", &["session", "audit", "mitigate", "identity", "store", "upstream", "body", "certs", "acme", "ssh"]),
     ("pure", &["request", "route", "policy", "config", "names"]),
     ("base", &["secret", "clock", "tls_client", "metrics", "db"]),
 ];

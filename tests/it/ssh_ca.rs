@@ -2,36 +2,16 @@
 //! `poort ssh ca` prints lets in a real `ssh` with a certificate poort signed for a key of its
 //! own, and refuses one for another account, one past its time, and one from another CA.
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use crate::harness::{Gate, Reaped, TempDir};
 
 /// A real sshd on loopback that takes certificates from the CA in `ca_pub` and no plain keys.
 fn sshd(ca_pub: &str) -> (TempDir, Reaped, u16) {
     let dir = TempDir::new();
-    let d = &dir.0;
-    let ok = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(d.join("host_key")).status();
-    assert!(ok.unwrap().success());
-    std::fs::write(d.join("ca.pub"), ca_pub).unwrap();
-    let port = crate::harness::closed_port();
-    let config = format!(
-        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nTrustedUserCAKeys {}\nAuthorizedKeysFile none\n\
-         PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
-         PermitRootLogin prohibit-password\nPidFile none\n",
-        d.join("host_key").display(),
-        d.join("ca.pub").display()
-    );
-    std::fs::write(d.join("sshd_config"), config).unwrap();
-    std::fs::create_dir_all("/run/sshd").unwrap();
-    let child = Command::new("/usr/sbin/sshd")
-        .args(["-D", "-e", "-f"])
-        .arg(d.join("sshd_config"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("OpenSSH sshd is installed (scripts/test installs it)");
-    let process = Reaped(child);
-    crate::harness::wait_for_port(port, "sshd", Duration::from_secs(10));
+    std::fs::write(dir.0.join("ca.pub"), ca_pub).unwrap();
+    let auth = format!("TrustedUserCAKeys {}\nAuthorizedKeysFile none", dir.0.join("ca.pub").display());
+    let (process, port) = crate::harness::start_sshd(&dir, &auth);
     (dir, process, port)
 }
 
@@ -162,6 +142,37 @@ async fn an_ssh_key_is_registered_by_its_owner_only_and_freshly() {
         assert_eq!(r.status, expect, "{kind}: {}", r.text());
     }
 
+    // One key, one fingerprint, one person: no other encoding of the same key gets in.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let wire = |parts: &[&[u8]]| -> String {
+        let mut out = Vec::new();
+        for p in parts {
+            out.extend_from_slice(&(p.len() as u32).to_be_bytes());
+            out.extend_from_slice(p);
+        }
+        b64.encode(out)
+    };
+    let raw = b64.decode(line.split_whitespace().nth(1).unwrap()).unwrap();
+    let ed = &raw[raw.len() - 32..];
+    let n = [&[0u8][..], &[0xc5; 256][..]].concat();
+    let variants = [
+        (format!("sk-ssh-ed25519@openssh.com {}", wire(&[b"sk-ssh-ed25519@openssh.com", ed, b"ssh:"])), 409),
+        (format!("ssh-rsa {}", wire(&[b"ssh-rsa", &[1, 0, 1], &n])), 200),
+        (format!("ssh-rsa {}", wire(&[b"ssh-rsa", &[1, 0, 1], &[&[0u8][..], &n[..]].concat()])), 400),
+        (format!("ssh-rsa {}", wire(&[b"ssh-rsa", &[0, 1, 0, 1], &n])), 400),
+        (format!("ssh-rsa {}", wire(&[b"ssh-rsa", &[1, 0, 1], &[0u8; 256]])), 400),
+        (format!("ssh-rsa {}", wire(&[b"ssh-rsa", &[1, 0, 1], b""])), 400),
+        (format!("ecdsa-sha2-nistp256 {}", wire(&[b"ecdsa-sha2-nistp256", b"p256", &[4; 65]])), 400),
+        (format!("ecdsa-sha2-nistp256 {}", wire(&[b"ecdsa-sha2-nistp256", b"nistp256", &[4]])), 400),
+    ];
+    for (variant, expect) in variants {
+        let r = gate.post("/.poort/security/ssh/add", &bob, &[("key", &variant), ("name", "variant")]).await;
+        assert_eq!(r.status, expect, "{variant}: {}", r.text());
+    }
+    let mirrored = gate.post("/.poort/security/ssh/add", &bob, &[("key", line.trim()), ("name", "a\u{202e}b")]).await;
+    assert_eq!(mirrored.status, 400, "a name that turns the text around");
+
     // Five minutes on, a change needs a fresh proof first.
     gate.clock.advance(301);
     let stale = gate.post("/.poort/security/ssh/remove", &alice, &[("fingerprint", &fingerprint)]).await;
@@ -171,4 +182,17 @@ async fn an_ssh_key_is_registered_by_its_owner_only_and_freshly() {
     assert_eq!(removed.status, 200);
     let owner = gate.store().with(|c| poort::ssh::owner(c, &poort::ssh::parse_public_key(&line).unwrap())).unwrap();
     assert_eq!(owner, None);
+
+    // A disabled person's keys sign nobody in; a reset of their credentials takes the keys too.
+    let again = gate.post("/.poort/security/ssh/add", &alice, &[("key", line.trim()), ("name", "laptop")]).await;
+    assert_eq!(again.status, 200);
+    let key = poort::ssh::parse_public_key(&line).unwrap();
+    assert!(gate.cli(&["user", "disable", "alice"]).status.success());
+    assert_eq!(gate.store().with(|c| poort::ssh::owner(c, &key)).unwrap(), None);
+    assert!(gate.cli(&["user", "enable", "alice"]).status.success());
+    assert_eq!(gate.store().with(|c| poort::ssh::owner(c, &key)).unwrap().as_deref(), Some("alice"));
+    let listed = gate.cli(&["user", "mfa", "alice"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&fingerprint), "{listed:?}");
+    assert!(gate.cli(&["user", "mfa-reset", "alice"]).status.success());
+    assert_eq!(gate.store().with(|c| poort::ssh::owner(c, &key)).unwrap(), None);
 }

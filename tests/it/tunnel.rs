@@ -249,30 +249,13 @@ async fn a_reload_that_narrows_the_rule_cuts_open_tunnels_within_a_second() {
 /// process and its port.
 fn sshd() -> (TempDir, Reaped, u16) {
     let dir = TempDir::new();
-    let d = &dir.0;
-    for (key, kind) in [("host_key", "ed25519"), ("client_key", "ed25519")] {
-        let ok = Command::new("ssh-keygen").args(["-q", "-t", kind, "-N", "", "-f"]).arg(d.join(key)).status().unwrap();
-        assert!(ok.success());
-    }
-    std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
-    let port = crate::harness::closed_port();
-    let config = format!(
-        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPasswordAuthentication no\n\
-         KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nPidFile none\n",
-        d.join("host_key").display(),
-        d.join("authorized_keys").display()
-    );
-    std::fs::write(d.join("sshd_config"), config).unwrap();
-    std::fs::create_dir_all("/run/sshd").unwrap();
-    let sshd = Command::new("/usr/sbin/sshd")
-        .args(["-D", "-e", "-f"])
-        .arg(d.join("sshd_config"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("OpenSSH sshd is installed (scripts/test installs it)");
-    let sshd = Reaped(sshd);
-    crate::harness::wait_for_port(port, "sshd", Duration::from_secs(10));
-    (dir, sshd, port)
+    let mut keygen = Command::new("ssh-keygen");
+    keygen.args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(dir.0.join("client_key"));
+    assert!(keygen.status().unwrap().success());
+    std::fs::copy(dir.0.join("client_key.pub"), dir.0.join("authorized_keys")).unwrap();
+    let auth = format!("AuthorizedKeysFile {}", dir.0.join("authorized_keys").display());
+    let (process, port) = crate::harness::start_sshd(&dir, &auth);
+    (dir, process, port)
 }
 
 /// `ssh` to the tunnel `ssh` through `poort connect ssh --stdio`, signed in from `home`,

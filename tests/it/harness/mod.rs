@@ -102,6 +102,34 @@ impl Drop for Reaped {
     }
 }
 
+/// A real OpenSSH `sshd` on loopback with a host key in `dir` and `auth` (its lines on how
+/// clients authenticate): the process and its port.
+pub fn start_sshd(dir: &TempDir, auth: &str) -> (Reaped, u16) {
+    let d = &dir.0;
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(d.join("host_key"))
+        .status();
+    assert!(made.unwrap().success());
+    let port = closed_port();
+    let config = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\n{auth}\nPasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nPidFile none\n",
+        d.join("host_key").display()
+    );
+    std::fs::write(d.join("sshd_config"), config).unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let child = std::process::Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("OpenSSH sshd is installed (scripts/test installs it)");
+    let process = Reaped(child);
+    wait_for_port(port, "sshd", Duration::from_secs(10));
+    (process, port)
+}
+
 /// Waits (polling, bounded) until `f` returns true.
 pub async fn eventually(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> bool) {
     let start = tokio::time::Instant::now();
