@@ -35,7 +35,7 @@ socat "TCP-LISTEN:$relay_echo,bind=127.0.0.1,fork,reuseaddr" "TCP:127.0.0.1:$ech
 
 # A quickstart gateway with two tunnels, and the command line signed in to it.
 (cd "$work" && "$poort" quickstart --no-serve > quickstart.out)
-password=$(awk '/shown only this once/ {getline; getline; print $1}' "$work/quickstart.out")
+password=$(awk '/Its password, shown only this once/ {getline; getline; print $1}' "$work/quickstart.out")
 fingerprint=$(sed -n 's/^Certificate SHA-256 fingerprint: //p' "$work/quickstart.out")
 sed -i "s/8443/$gw_port/g" "$work/poort-data/poort.toml"
 cat >> "$work/poort-data/poort.toml" <<TOML
