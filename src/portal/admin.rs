@@ -307,6 +307,8 @@ struct UserPage<'a> {
     totp: bool,
     passkeys: usize,
     recovery_left: usize,
+    /// The SSH keys registered: type, fingerprint and name.
+    ssh_keys: Vec<(String, String, String)>,
     /// The page shows the administrator's own account, or another administrator's: the
     /// actions the console refuses for them are not offered.
     is_self: bool,
@@ -325,18 +327,24 @@ async fn user(st: &State, call: &Call) -> Response<Body> {
     let wanted = name.clone();
     let found = blocking(st, move |store| {
         let Some(u) = store.list_users()?.into_iter().find(|u| u.name == wanted) else { return Ok(None) };
-        let (f, locks) = store.with(|c| {
-            Ok((crate::identity::mfa::factors(c, &wanted)?, crate::identity::mfa::lock_state(c, &wanted)?))
+        let (f, locks, ssh) = store.with(|c| {
+            Ok((
+                crate::identity::mfa::factors(c, &wanted)?,
+                crate::identity::mfa::lock_state(c, &wanted)?,
+                crate::ssh::keys(c, &wanted)?,
+            ))
         })?;
         let filter = Filter { user: wanted.clone(), ..Filter::default() };
         let kinds = ["login_succeeded", "login_failed", "logout"];
         let signins = store.with(|c| search(c, &filter, 20, |r| kinds.contains(&r.kind.as_str())))?;
         let sessions = store.list_sessions(Some(&wanted))?;
-        Ok(Some((u, f, locks, signins, sessions)))
+        Ok(Some((u, f, locks, ssh, signins, sessions)))
     })
     .await;
     let Some(found) = found else { return unavailable(call) };
-    let Some((u, f, locks, signins, sessions)) = found else { return error_page(StatusCode::NOT_FOUND, call.ctx.id) };
+    let Some((u, f, locks, ssh, signins, sessions)) = found else {
+        return error_page(StatusCode::NOT_FOUND, call.ctx.id);
+    };
     let locked = locks
         .into_iter()
         .filter(|(_, _, until)| *until > now)
@@ -363,6 +371,7 @@ async fn user(st: &State, call: &Call) -> Response<Body> {
         totp: f.totp,
         passkeys: f.passkeys,
         recovery_left: f.recovery_left,
+        ssh_keys: ssh.into_iter().map(|k| (k.algo, k.fingerprint, k.name)).collect(),
         is_self: name == call.session().identity.user,
         is_admin: u.groups.contains(&st.mitigation.admin_group),
         locked,

@@ -537,3 +537,24 @@ async fn the_console_holds_across_nodes() {
     crate::harness::eventually("every node sends a revoked session to sign in", limit, async || every_node(302).await)
         .await;
 }
+
+/// A person's SSH keys show on their page in the console, and the reset offered there names
+/// them.
+#[tokio::test]
+async fn the_user_page_lists_ssh_keys() {
+    use base64::Engine;
+    let gate = Gate::start().await;
+    let (s, _) = admin(&gate).await;
+    let mut blob = Vec::new();
+    for part in [&b"ssh-ed25519"[..], &[7u8; 32][..]] {
+        blob.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        blob.extend_from_slice(part);
+    }
+    let line = format!("ssh-ed25519 {}", base64::engine::general_purpose::STANDARD.encode(&blob));
+    let key = poort::ssh::parse_public_key(&line).unwrap();
+    let now = gate.clock.now();
+    gate.store().with(|c| poort::ssh::add_key(c, "bob", "build box", &key, now)).unwrap().unwrap();
+    let page = open(&gate, "/.poort/admin/user?name=bob", &s).await.text();
+    assert!(page.contains(&key.fingerprint) && page.contains("build box") && page.contains("SSH keys: 1"), "{page}");
+    assert!(page.contains("Remove second factors and SSH keys"));
+}
