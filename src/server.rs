@@ -250,11 +250,8 @@ fn warn_uncovered(cfg: &Config, certs: &crate::certs::Certs) {
 
 /// What the gateway applied last: the local rules file's version and the feed file in force.
 fn remembered_rules(store: &Store) -> anyhow::Result<crate::mitigate::Remembered> {
-    let (applied, feed) = store.with(|c| Ok((Store::setting(c, RULES_APPLIED)?, Store::setting(c, RULES_FEED)?)))?;
-    Ok(crate::mitigate::Remembered {
-        applied: applied.and_then(|v| serde_json::from_str(&v).ok()),
-        feed: feed.and_then(|v| serde_json::from_str(&v).ok()),
-    })
+    let (applied, feed) = store.with(|c| Ok((Store::setting(c, RULES_APPLIED)?, crate::mitigate::feed::kept(c)?)))?;
+    Ok(crate::mitigate::Remembered { applied: applied.and_then(|v| serde_json::from_str(&v).ok()), feed })
 }
 
 /// How often a node reads revocations and settings when the database also notifies it.
@@ -400,9 +397,6 @@ fn reload_certs(certs: &crate::certs::Certs) {
 /// to an older signed file.
 const RULES_APPLIED: &str = "rules_applied";
 
-/// Where the gateway keeps the feed file in force (`mitigate::feed::Record`).
-pub const RULES_FEED: &str = "rules_feed";
-
 /// Audits a look at the rules file, and remembers a file that was applied.
 async fn rules_outcome(gw: &Gateway, outcome: crate::mitigate::Reload) {
     use crate::mitigate::Reload;
@@ -428,20 +422,7 @@ async fn feed_outcome(gw: &Gateway, outcome: crate::mitigate::FeedOutcome) {
         FeedOutcome::Unchanged | FeedOutcome::Ignored { .. } => return,
         FeedOutcome::Loaded { url, record, rules } => {
             let (version, sha256) = (record.version, record.sha256.clone());
-            let kept = gw
-                .state
-                .store
-                .run(move |c| {
-                    let newer = Store::setting(c, RULES_FEED)?
-                        .and_then(|v| serde_json::from_str::<crate::mitigate::feed::Record>(&v).ok())
-                        .is_some_and(|r| r.version > record.version);
-                    if newer {
-                        return Ok(());
-                    }
-                    Store::put_setting(c, RULES_FEED, &serde_json::to_string(&record).unwrap_or_default())
-                })
-                .await;
-            if let Err(e) = kept {
+            if let Err(e) = gw.state.store.run(move |c| crate::mitigate::feed::keep(c, &record)).await {
                 tracing::error!(error = %e, "Recording the feed file in force failed");
             }
             Event::RulesLoaded { file: url, version: Some(version), sha256, rules }
@@ -490,11 +471,9 @@ async fn poll_feed(live: Arc<Live>, mut stopped: watch::Receiver<bool>) {
         let limit = Duration::from_secs(30);
         let now = || gw.state.clock.now();
         // Another node may have taken a newer file already: no node runs below it.
-        match gw.state.store.run(|c| Store::setting(c, RULES_FEED)).await {
-            Ok(Some(v)) => {
-                if let Ok(record) = serde_json::from_str::<crate::mitigate::feed::Record>(&v) {
-                    gw.state.mitigation.adopt_feed(record, now());
-                }
+        match gw.state.store.run(|c| crate::mitigate::feed::kept(c)).await {
+            Ok(Some(record)) => {
+                gw.state.mitigation.adopt_feed(record, now());
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "Reading the feed file in force from the database failed"),

@@ -120,8 +120,7 @@ pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
                     .as_ref()
                     .and_then(|p| crate::mitigate::load_file(p, key, SystemClock.now()).ok());
                 let feed = cfg.mitigate.feed.as_ref().and_then(|f| {
-                    let text = Store::setting(&conn, crate::server::RULES_FEED).ok()??;
-                    let record: crate::mitigate::feed::Record = serde_json::from_str(&text).ok()?;
+                    let record = crate::mitigate::feed::kept(&conn).ok()??;
                     crate::mitigate::feed::open(record.text.as_bytes(), &f.public_key).ok().map(|o| o.rules)
                 });
                 for r in local.map(|(r, _)| r).into_iter().chain(feed).flat_map(|r| r.rules) {

@@ -304,10 +304,8 @@ fn rules_to_test(cfg: Option<&Config>, file: Option<&Path>) -> Result<crate::mit
         None => crate::mitigate::Rules::default(),
     };
     if let Some(feed) = &cfg.mitigate.feed {
-        let record = Store::open(&cfg.database)
-            .ok()
-            .and_then(|s| s.with(|c| Store::setting(c, crate::server::RULES_FEED)).ok().flatten())
-            .and_then(|v| serde_json::from_str::<crate::mitigate::feed::Record>(&v).ok());
+        let record =
+            Store::open(&cfg.database).ok().and_then(|s| s.with(|c| crate::mitigate::feed::kept(c)).ok().flatten());
         match record.map(|r| crate::mitigate::feed::open(r.text.as_bytes(), &feed.public_key)) {
             Some(Ok(opened)) => rules.rules.extend(opened.rules.rules),
             Some(Err(e)) => {

@@ -169,6 +169,23 @@ pub struct Record {
     pub text: String,
 }
 
+/// Where the gateway keeps the feed file in force.
+const SETTING: &str = "rules_feed";
+
+/// The feed file in force, as kept in the database.
+pub fn kept(conn: &crate::db::Conn) -> crate::db::Result<Option<Record>> {
+    Ok(crate::store::Store::setting(conn, SETTING)?.and_then(|v| serde_json::from_str(&v).ok()))
+}
+
+/// Keeps `record` as the feed file in force, unless a node kept a newer one already.
+pub fn keep(conn: &crate::db::Conn, record: &Record) -> crate::db::Result<()> {
+    if kept(conn)?.is_some_and(|r| r.version > record.version) {
+        return Ok(());
+    }
+    let text = serde_json::to_string(record).map_err(|e| crate::db::Error::Value(e.to_string()))?;
+    crate::store::Store::put_setting(conn, SETTING, &text)
+}
+
 /// Whether `new` may replace the feed file `old` in force at `now`: `Ok(false)` when it is the
 /// same file again.
 pub fn follows(new: &Opened, old: Option<&Record>, now: i64) -> Result<bool, Refusal> {
