@@ -12,6 +12,7 @@ pub mod mitigate;
 pub mod session;
 pub mod portal;
 pub mod tunnel;
+pub mod sshd;
 pub mod policy;
 pub mod proxy;
 pub mod audit;

@@ -34,6 +34,8 @@ pub struct Running {
     pub redirect_addr: Option<SocketAddr>,
     /// Where metrics and health checks are served.
     pub admin_addr: Option<SocketAddr>,
+    /// Where the SSH front door listens, if it does.
+    pub ssh_addr: Option<SocketAddr>,
     /// The gateway in force.
     pub live: Arc<Live>,
     control: Arc<Control>,
@@ -163,6 +165,11 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
         None => None,
     };
     let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
+    let ssh = match cfg.ssh.listen {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("[ssh] listen {a}"))?),
+        None => None,
+    };
+    let ssh_addr = ssh.as_ref().map(|l| l.local_addr()).transpose()?;
     audit.record(Event::GatewayStarted { version: env!("CARGO_PKG_VERSION").into() }).await?;
     rules_outcome(&gateway, first_rules).await;
 
@@ -228,8 +235,18 @@ pub async fn start(cfg: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running
     tasks.push(tokio::spawn(poll_feed(live.clone(), stopped.clone())));
     tasks.push(tokio::spawn(seal_audit(live.clone(), stopped.clone())));
     tasks.push(tokio::spawn(outage_watch(live.clone(), stopped.clone())));
+    if let Some(listener) = ssh {
+        let current_live = live.clone();
+        let current: crate::sshd::Current = Arc::new(move || {
+            let now: Arc<dyn AsRef<crate::state::State> + Send + Sync> = current_live.get();
+            now
+        });
+        let door = crate::sshd::FrontDoor::new(&cfg.data_dir, cfg.ssh.idle_timeout, current)?;
+        tracing::info!(listen = ?ssh_addr, host_key = %door.host_public_line(), "SSH front door is serving");
+        tasks.push(tokio::spawn(door.serve(listener, until_stop(stopped.clone()))));
+    }
     tracing::info!(listen = %addr, portal = %cfg.server.external_origin, apps = cfg.apps.len(), "poort is serving");
-    Ok(Running { addr, redirect_addr, admin_addr, live, control, stop, tasks })
+    Ok(Running { addr, redirect_addr, admin_addr, ssh_addr, live, control, stop, tasks })
 }
 
 async fn until_stop(mut rx: watch::Receiver<bool>) {

@@ -130,9 +130,9 @@ impl Exported {
         match self.kind.as_str() {
             "login_failed" | "mfa_failed" | "account_locked" | "access_denied" | "request_rejected"
             | "rate_limited" | "mitigation_matched" | "rules_refused" | "config_refused" | "handoff_refused"
-            | "locked_down" | "refusals_counted" | "tunnel_failed" => 4,
+            | "locked_down" | "refusals_counted" | "tunnel_failed" | "ssh_failed" => 4,
             "admin" | "factor_changed" | "recovery_code_used" | "rules_loaded" | "config_reloaded"
-            | "gateway_started" | "session_ended" => 5,
+            | "gateway_started" | "session_ended" | "ssh_host_key_kept" => 5,
             _ => 6,
         }
     }

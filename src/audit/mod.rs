@@ -133,6 +133,53 @@ pub enum Event {
         why: String,
         client: IpAddr,
     },
+    /// A person signed in at the SSH front door, for a target and an account on it.
+    SshOpened {
+        user: String,
+        session: String,
+        target: String,
+        principal: String,
+        /// `key SHA256:…` or `approved in the browser`.
+        method: String,
+        client: IpAddr,
+    },
+    /// One channel of an SSH connection ended: what it did and where its recording is.
+    SshChannelClosed {
+        user: String,
+        session: String,
+        target: String,
+        principal: String,
+        /// `shell`, `exec <command>`, `sftp`, `forward host:port`.
+        what: String,
+        bytes_in: u64,
+        bytes_out: u64,
+        seconds: u64,
+        /// The recording's file name in the data folder's `recordings`, if recorded.
+        recording: String,
+        /// SHA-256 of the recording as written, so the chain vouches for it.
+        sha256: String,
+        exit_status: Option<u32>,
+    },
+    /// An SSH connection ended.
+    SshClosed {
+        user: String,
+        session: String,
+        target: String,
+        seconds: u64,
+        why: String,
+    },
+    /// A permitted SSH connection whose target could not be reached or refused poort.
+    SshFailed {
+        user: String,
+        target: String,
+        why: String,
+        client: IpAddr,
+    },
+    /// The first host key a target showed, kept from now on (no `host_key` in the config).
+    SshHostKeyKept {
+        target: String,
+        key: String,
+    },
     /// A signed-in user approved a command-line sign-in (device code flow).
     DeviceLogin {
         user: String,
@@ -253,6 +300,11 @@ pub const KINDS: &[&str] = &[
     "tunnel_opened",
     "tunnel_closed",
     "tunnel_failed",
+    "ssh_opened",
+    "ssh_channel_closed",
+    "ssh_closed",
+    "ssh_failed",
+    "ssh_host_key_kept",
     "device_login",
     "handoff_redeemed",
     "handoff_refused",
@@ -288,6 +340,11 @@ impl Event {
             Event::TunnelOpened { .. } => "tunnel_opened",
             Event::TunnelClosed { .. } => "tunnel_closed",
             Event::TunnelFailed { .. } => "tunnel_failed",
+            Event::SshOpened { .. } => "ssh_opened",
+            Event::SshChannelClosed { .. } => "ssh_channel_closed",
+            Event::SshClosed { .. } => "ssh_closed",
+            Event::SshFailed { .. } => "ssh_failed",
+            Event::SshHostKeyKept { .. } => "ssh_host_key_kept",
             Event::DeviceLogin { .. } => "device_login",
             Event::HandoffRedeemed { .. } => "handoff_redeemed",
             Event::HandoffRefused { .. } => "handoff_refused",

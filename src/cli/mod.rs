@@ -48,6 +48,19 @@ pub enum SshCmd {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Print the SSH front door's own host key, as a line for people's `known_hosts`.
+    HostKey {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Forget the host key poort kept for a target on first use (after the target's key was
+    /// changed on purpose): the next connection keeps the key it then shows.
+    ForgetHostKey {
+        /// The `[[ssh_target]]` name.
+        target: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,6 +290,33 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
                 "\nOn each SSH target, trust certificates poort signs (they name the account and last minutes):\n\n    poort ssh ca --config {} 2>/dev/null > /etc/ssh/poort_user_ca.pub\n    echo 'TrustedUserCAKeys /etc/ssh/poort_user_ca.pub' > /etc/ssh/sshd_config.d/poort.conf\n    systemctl reload ssh\n\n(docs/ssh.md says more.)",
                 config.config.display()
             );
+            Ok(0)
+        }
+        Command::Ssh(SshCmd::HostKey { config }) => {
+            let cfg = load(&config.config)?;
+            let path = crate::sshd::host_key_path(&cfg.data_dir);
+            let Ok(text) = std::fs::read_to_string(&path).map(zeroize::Zeroizing::new) else {
+                eprintln!("No host key yet: the SSH front door makes {} when it first starts.", path.display());
+                return Ok(1);
+            };
+            let key = russh::keys::ssh_key::PrivateKey::from_openssh(text.as_bytes())?;
+            let host = cfg.server.portal_host.clone();
+            let port = cfg.ssh.listen.map_or(22, |a| a.port());
+            let name = if port == 22 { host } else { format!("[{host}]:{port}") };
+            println!("{name} {}", key.public_key().to_openssh()?);
+            Ok(0)
+        }
+        Command::Ssh(SshCmd::ForgetHostKey { target, config }) => {
+            let cfg = load(&config.config)?;
+            let store = Store::open(&cfg.database)?;
+            let key = crate::sshd::kept_key_setting(&target);
+            let Some(kept) = store.with(|c| Store::setting(c, &key))? else {
+                eprintln!("poort kept no host key for {target:?}.");
+                return Ok(1);
+            };
+            record_admin(&cfg, "ssh forget-host-key", &target, &format!("was {kept}"))?;
+            store.with(|c| Store::remove_setting(c, &key))?;
+            println!("Forgot the host key of {target}; the next connection keeps the key it then shows.");
             Ok(0)
         }
         Command::Cluster(cmd) => cluster::cluster(cmd),

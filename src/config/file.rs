@@ -38,6 +38,50 @@ pub struct File {
     pub admin: Admin,
     #[serde(default)]
     pub audit: Audit,
+    /// The SSH front door (docs/ssh.md).
+    #[serde(default)]
+    pub ssh: Ssh,
+    /// SSH hosts reached through the SSH front door.
+    #[serde(default, rename = "ssh_target")]
+    pub ssh_targets: Vec<SshTarget>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Ssh {
+    /// The SSH listener, `ip:port`. Default: none (no SSH front door).
+    pub listen: Option<String>,
+    /// How long a certificate poort signs for a target is valid. Default "5m".
+    pub certificate_lifetime: Option<String>,
+    /// Connecting to a target. Default "5s".
+    pub connect_timeout: Option<String>,
+    /// A connection with no bytes either way for this long is closed. Default "1h".
+    pub idle_timeout: Option<String>,
+    /// Open SSH connections per person at most. Default 16.
+    pub per_user: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshTarget {
+    pub name: Option<String>,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    /// `host:port` of the target's sshd, as poort reaches it.
+    pub address: Option<String>,
+    pub access: Option<toml::Value>,
+    pub mfa: Option<String>,
+    /// Accounts on the target everyone `access` lets in may use; `%u` is the person's name.
+    pub principals: Option<Vec<String>>,
+    /// More accounts, for members of a group: `{ admins = ["root"] }`.
+    pub group_principals: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    /// The target's host public key(s), as in `/etc/ssh/ssh_host_ed25519_key.pub`. Without
+    /// one, the first key the target shows is kept and audited (trust on first use).
+    pub host_key: Option<Vec<String>>,
+    /// Record sessions (asciicast). Default true.
+    pub record: Option<bool>,
+    /// What a session may do: "shell", "exec", "sftp", "forward". Default shell, exec, sftp.
+    pub allow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

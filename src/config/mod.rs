@@ -73,6 +73,63 @@ pub struct Config {
     pub audit_export: Vec<AuditExport>,
     /// How often the audit chain is sealed (docs/operations.md, "Sealing the audit log").
     pub audit_seal_interval: Duration,
+    /// `[ssh]`: the SSH front door.
+    pub ssh: SshSettings,
+    pub ssh_targets: Vec<SshTarget>,
+}
+
+/// `[ssh]`.
+#[derive(Debug, Clone, Copy)]
+pub struct SshSettings {
+    pub listen: Option<SocketAddr>,
+    pub certificate_lifetime: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub per_user: usize,
+}
+
+/// What an SSH session may do on a target, each allowed or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SshChannels {
+    pub shell: bool,
+    pub exec: bool,
+    pub sftp: bool,
+    pub forward: bool,
+}
+
+/// An SSH host reached through the SSH front door.
+#[derive(Debug, Clone)]
+pub struct SshTarget {
+    pub name: String,
+    pub title: String,
+    pub description: String,
+    /// `host:port`, checked.
+    pub address: String,
+    pub access: Access,
+    pub mfa: bool,
+    /// Accounts anyone allowed may use; `%u` stands for the person's own name.
+    pub principals: Vec<String>,
+    /// More accounts per group.
+    pub group_principals: Vec<(String, Vec<String>)>,
+    /// Pinned host keys (`type base64`); empty: trust on first use.
+    pub host_keys: Vec<String>,
+    pub record: bool,
+    pub allow: SshChannels,
+}
+
+impl SshTarget {
+    /// The accounts `who` may log in to on this target, in the order the config gives them.
+    pub fn principals_for(&self, who: &crate::names::Identity) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let groups = self.group_principals.iter().filter(|(g, _)| who.groups.contains(g)).flat_map(|(_, p)| p);
+        for p in self.principals.iter().chain(groups) {
+            let p = if p == "%u" { who.user.clone() } else { p.clone() };
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        out
+    }
 }
 
 /// One destination of the audit log's records.

@@ -146,6 +146,10 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
         c.add("audit.seal_interval", "must be 1 s or longer", "seal_interval = \"15m\"");
     }
     let audit_export = audit_export(c, f.audit, base);
+    let (ssh, ssh_targets) = ssh(c, f.ssh, f.ssh_targets, mfa.required);
+    if ssh.listen.is_some_and(|a| a.port() != 0 && (a == server.listen || Some(a) == server.redirect_listen)) {
+        c.add("ssh.listen", "is the address of another listener", "give SSH a port of its own, for example 2222");
+    }
 
     if c.0.is_empty() {
         Ok(Config {
@@ -167,6 +171,8 @@ pub(super) fn resolve(f: file::File, base: &Path) -> Result<Config, Problems> {
             source: None,
             audit_export,
             audit_seal_interval,
+            ssh,
+            ssh_targets,
         })
     } else {
         Err(Problems(std::mem::take(&mut c.0)))
@@ -590,6 +596,161 @@ fn tunnels(
         }
     }
     (tunnel, tunnels)
+}
+
+/// `[ssh]` and `[[ssh_target]]`.
+fn ssh(
+    c: &mut Collector,
+    f: file::Ssh,
+    list: Vec<file::SshTarget>,
+    mfa_default: bool,
+) -> (SshSettings, Vec<SshTarget>) {
+    let settings = SshSettings {
+        listen: f.listen.as_deref().and_then(|raw| c.socket("ssh.listen", raw)),
+        certificate_lifetime: c.duration("ssh.certificate_lifetime", &f.certificate_lifetime, Duration::from_secs(300)),
+        connect_timeout: c.duration("ssh.connect_timeout", &f.connect_timeout, Duration::from_secs(5)),
+        idle_timeout: c.duration("ssh.idle_timeout", &f.idle_timeout, Duration::from_secs(3600)),
+        per_user: f.per_user.unwrap_or(16),
+    };
+    if !(Duration::from_secs(60)..=Duration::from_secs(3600)).contains(&settings.certificate_lifetime) {
+        c.add("ssh.certificate_lifetime", "must be from 1m to 1h", "leave it out for 5m");
+    }
+    if settings.per_user == 0 {
+        c.add("ssh.per_user", "must be at least 1", "leave it out for 16");
+    }
+    let mut targets: Vec<SshTarget> = Vec::new();
+    for (i, t) in list.into_iter().enumerate() {
+        if let Some(t) = resolve_ssh_target(c, i, t, mfa_default) {
+            if targets.iter().any(|u| u.name == t.name) {
+                c.add(
+                    format!("ssh_target[{}].name", t.name),
+                    "is used by another SSH target",
+                    "give each its own name",
+                );
+            }
+            targets.push(t);
+        }
+    }
+    (settings, targets)
+}
+
+/// A host key line (`TYPE BASE64 [comment]`) as `TYPE BASE64`, if its base64 holds a key of
+/// that type. (The front door reads the key itself when it compares.)
+fn host_key_line(raw: &str) -> Option<String> {
+    use base64::Engine;
+    let mut parts = raw.split_whitespace();
+    let (algo, b64) = (parts.next()?, parts.next()?);
+    let blob = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    let len = u32::from_be_bytes(blob.get(..4)?.try_into().ok()?) as usize;
+    (blob.get(4..4 + len)? == algo.as_bytes()).then(|| format!("{algo} {b64}"))
+}
+
+/// An account name on a target: what OpenSSH takes as a user name, or `%u`.
+fn valid_principal(p: &str) -> bool {
+    p == "%u"
+        || (!p.is_empty()
+            && p.len() <= 32
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && !p.starts_with(['-', '.']))
+}
+
+fn resolve_ssh_target(c: &mut Collector, i: usize, t: file::SshTarget, mfa_default: bool) -> Option<SshTarget> {
+    let name = c.name(
+        "ssh_target",
+        i,
+        t.name,
+        "is not a valid name",
+        "every SSH target needs a name, for example name = \"db1\"",
+    );
+    let key = format!("ssh_target[{name}]");
+    let address = match t.address.as_deref() {
+        Some(raw) if valid_target(raw) => Some(raw.to_ascii_lowercase()),
+        Some(raw) => {
+            c.add(
+                format!("{key}.address"),
+                format!("{raw:?} is not host:port"),
+                "for example address = \"10.0.0.5:22\"",
+            );
+            None
+        }
+        None => {
+            c.add(format!("{key}.address"), "missing", "for example address = \"10.0.0.5:22\"");
+            None
+        }
+    };
+    let access = match t.access {
+        None => {
+            c.add(format!("{key}.access"), "missing", "state it: \"authenticated\" or { rules = [...] }");
+            None
+        }
+        Some(v) => resolve_access(c, &key, v),
+    };
+    if access == Some(Access::Public) {
+        c.add(format!("{key}.access"), "an SSH target cannot be public", "use \"authenticated\" or { rules = [...] }");
+    }
+    let mfa = c.mfa(&key, t.mfa.as_deref(), mfa_default);
+    let principals = t.principals.unwrap_or_default();
+    let group_principals: Vec<(String, Vec<String>)> = t.group_principals.unwrap_or_default().into_iter().collect();
+    let all = principals.iter().chain(group_principals.iter().flat_map(|(_, p)| p));
+    if let Some(bad) = all.clone().find(|p| !valid_principal(p)) {
+        c.add(
+            format!("{key}.principals"),
+            format!("{bad:?} is not an account name"),
+            "letters, digits and -_. (or %u for the person's own name)",
+        );
+    }
+    if let Some((g, _)) = group_principals.iter().find(|(g, _)| !crate::names::valid_user_name(g)) {
+        c.add(
+            format!("{key}.group_principals"),
+            format!("{g:?} is not a group name"),
+            "name a group, for example admins",
+        );
+    }
+    if all.count() == 0 {
+        c.add(
+            format!("{key}.principals"),
+            "no account on the target is named",
+            "for example principals = [\"%u\"] (the person's own name) or [\"deploy\"]",
+        );
+    }
+    let mut host_keys = Vec::new();
+    for raw in t.host_key.unwrap_or_default() {
+        match host_key_line(&raw) {
+            Some(k) => host_keys.push(k),
+            None => c.add(
+                format!("{key}.host_key"),
+                format!("{:?} is not an SSH public key", raw.chars().take(40).collect::<String>()),
+                "paste the target's /etc/ssh/ssh_host_ed25519_key.pub (type and base64)",
+            ),
+        }
+    }
+    let mut allow = SshChannels::default();
+    for what in t.allow.unwrap_or_else(|| vec!["shell".into(), "exec".into(), "sftp".into()]) {
+        match what.as_str() {
+            "shell" => allow.shell = true,
+            "exec" => allow.exec = true,
+            "sftp" => allow.sftp = true,
+            "forward" => allow.forward = true,
+            other => c.add(
+                format!("{key}.allow"),
+                format!("{other:?} is not something a session does"),
+                "list any of \"shell\", \"exec\", \"sftp\", \"forward\"",
+            ),
+        }
+    }
+    Some(SshTarget {
+        title: t.title.unwrap_or_else(|| name.clone()),
+        description: t.description.unwrap_or_default(),
+        name,
+        address: address?,
+        access: access.filter(|a| *a != Access::Public)?,
+        mfa: mfa?,
+        principals,
+        group_principals,
+        host_keys,
+        record: t.record.unwrap_or(true),
+        allow,
+    })
 }
 
 /// `[mitigate]`.

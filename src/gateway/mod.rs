@@ -45,6 +45,12 @@ pub struct Gateway {
     lasting: Arc<Lasting>,
 }
 
+impl AsRef<State> for Gateway {
+    fn as_ref(&self) -> &State {
+        &self.state
+    }
+}
+
 /// What the gateway keeps from one config to the next.
 struct Lasting {
     request_ids: AtomicU64,

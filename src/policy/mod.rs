@@ -21,6 +21,8 @@ fn matches(rule: &Rule, who: &Identity) -> bool {
 pub enum Resource<'a> {
     App(&'a str),
     Tunnel(&'a str),
+    /// An SSH target of the SSH front door.
+    Ssh(&'a str),
 }
 
 /// Proof that policy allowed this request to this resource. Only `evaluate` can make one; the

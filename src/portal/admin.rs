@@ -1124,6 +1124,21 @@ async fn access(st: &State, call: &Call) -> Response<Body> {
             allowed: ok,
         });
     }
+    for t in &st.cfg.ssh_targets {
+        let (mut v, ok) = verdict(Resource::Ssh(&t.name), &t.access, t.mfa);
+        if ok && let Some(identity) = &identity {
+            let accounts = t.principals_for(identity);
+            v = if accounts.is_empty() { "no account on it".into() } else { format!("{v} as {}", accounts.join(", ")) };
+        }
+        lines.push(AccessLine {
+            kind: "ssh",
+            name: t.name.clone(),
+            title: t.title.clone(),
+            rule: describe(&t.access, t.mfa),
+            verdict: v,
+            allowed: ok,
+        });
+    }
     let (csrf, new) = csrf_for_page(call.headers());
     let p = AccessPage { user: &call.session().identity.user, csrf: &csrf, who: &who, about, lines };
     with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)

@@ -32,6 +32,8 @@ struct DevicePage<'a> {
     csrf: &'a str,
     code: Option<&'a str>,
     requester: &'a str,
+    /// What asked, if not `poort login`.
+    purpose: &'a str,
     asked: &'a str,
     /// The user proved who they are for this code: the approve button is shown.
     proved: bool,
@@ -63,19 +65,53 @@ fn user_key(st: &State, code: &str) -> String {
     st.signins.sealer.keyed("device", code)
 }
 
-/// POST /.poort/device/code (the command line)
-pub(crate) async fn code(st: &State, call: &Call) -> Response<Body> {
+/// Starts a code pair for `requester` (a client address) asking for `purpose` ("" for
+/// `poort login`): the user code and the device code, or the answer to give when too many are
+/// in flight or the store did not answer.
+pub(crate) async fn start(st: &State, requester: &str, purpose: &str) -> Result<(String, String), Response<Body>> {
     let now = st.clock.now();
     let device_code = cookie::encode_token(&crate::secret::random_bytes());
     let raw: [u8; 8] = crate::secret::random_bytes();
     let letters: String = raw.iter().map(|b| USER_ALPHABET[(*b as usize) % 20] as char).collect();
     let user_code = format!("{}-{}", &letters[..4], &letters[4..]);
-    let (u, d, requester) = (user_key(st, &user_code), device_code.clone(), call.ctx.client.to_string());
-    match st.store.run(move |c| devices::add(c, &u, &d, &requester, now)).await {
-        Ok(true) => {}
-        Ok(false) => return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "slow_down" })),
-        Err(_) => return unavailable(),
+    let (u, d, requester, purpose) =
+        (user_key(st, &user_code), device_code.clone(), requester.to_string(), purpose.to_string());
+    match st.store.run(move |c| devices::add(c, &u, &d, &requester, &purpose, now)).await {
+        Ok(true) => Ok((user_code, device_code)),
+        Ok(false) => Err(json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": "slow_down" }))),
+        Err(_) => Err(unavailable()),
     }
+}
+
+/// Waits, polling the store, until the code pair of `device_code` is decided or `longest`
+/// passed: the approved session's token, or None (refused, expired, or no answer in time).
+/// For the SSH front door, which holds the connection open meanwhile.
+pub(crate) async fn wait(st: &State, device_code: &str, longest: std::time::Duration) -> Option<String> {
+    let until = tokio::time::Instant::now() + longest;
+    while tokio::time::Instant::now() < until {
+        let (d, now) = (device_code.to_string(), st.clock.now());
+        match st.store.run(move |c| devices::poll(c, &d, now)).await {
+            Ok(Some(p)) => match p.state {
+                DeviceState::Pending => {}
+                DeviceState::Denied => return None,
+                DeviceState::Approved { sealed_token, .. } => {
+                    return st.signins.sealer.open(SEAL_OWNER, &sealed_token).and_then(|t| String::from_utf8(t).ok());
+                }
+            },
+            Ok(None) => return None,
+            Err(_) => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    None
+}
+
+/// POST /.poort/device/code (the command line)
+pub(crate) async fn code(st: &State, call: &Call) -> Response<Body> {
+    let (user_code, device_code) = match start(st, &call.ctx.client.to_string(), "").await {
+        Ok(pair) => pair,
+        Err(refused) => return refused,
+    };
     let uri = format!("{}/.poort/device", st.cfg.server.external_origin);
     json(
         StatusCode::OK,
@@ -123,7 +159,7 @@ pub(crate) async fn token(st: &State, call: &Call) -> Response<Body> {
 
 /// Claims `code` for the browser of session `s` (see `devices::claim`); None when it cannot
 /// be claimed or the store did not answer.
-async fn claim(st: &State, code: &str, s: &crate::session::Session) -> Option<(String, i64, bool)> {
+async fn claim(st: &State, code: &str, s: &crate::session::Session) -> Option<(String, i64, bool, String)> {
     let (code, me, now) = (user_key(st, code), claimant(s), st.clock.now());
     st.store.run(move |c| devices::claim(c, &code, &me, now)).await.ok().flatten()
 }
@@ -150,8 +186,10 @@ pub(crate) async fn approve_page(st: &State, call: &Call) -> Response<Body> {
     let code = query_param(call, "code").map(|c| normal_code(&c)).unwrap_or_default();
     let found = if code.is_empty() { None } else { claim(st, &code, s).await };
     let (csrf, new) = csrf_for_page(call.headers());
-    let (requester, asked, proved) =
-        found.clone().map(|(r, t, p)| (r, format_minutes(t), p)).unwrap_or((String::new(), String::new(), false));
+    let (requester, asked, proved, purpose) = found
+        .clone()
+        .map(|(r, t, p, what)| (r, format_minutes(t), p, what))
+        .unwrap_or((String::new(), String::new(), false, String::new()));
     let error =
         (!code.is_empty() && found.is_none()).then_some("That code is unknown or expired. Run poort login again.");
     let confirm = confirm_url(&code);
@@ -160,6 +198,7 @@ pub(crate) async fn approve_page(st: &State, call: &Call) -> Response<Body> {
         csrf: &csrf,
         code: found.as_ref().map(|_| code.as_str()),
         requester: &requester,
+        purpose: &purpose,
         asked: &asked,
         proved,
         confirm: &confirm,
@@ -185,6 +224,7 @@ pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
             csrf: &csrf,
             code: None,
             requester: "",
+            purpose: "",
             asked: "",
             proved: false,
             confirm: &confirm,
@@ -193,7 +233,7 @@ pub(crate) async fn decide(st: &State, call: Call) -> Response<Body> {
         };
         html(if error.is_some() { StatusCode::BAD_REQUEST } else { StatusCode::OK }, &page)
     };
-    let Some((requester, _, proved)) = claimed else { return show(None, Some("That code is unknown or expired.")) };
+    let Some((requester, _, proved, _)) = claimed else { return show(None, Some("That code is unknown or expired.")) };
     if !approve {
         let (c2, me) = (user_key(st, &code), claimant(s));
         if st.store.run(move |c| devices::decide(c, &c2, &me, DeviceState::Denied, now)).await.is_err() {

@@ -483,6 +483,13 @@ fn still_allowed(cfg: &Config, h: &Held) -> bool {
         Resource::Tunnel(name) => cfg.tunnels.iter().find(|t| t.name == name).is_some_and(|t| {
             t.target == h.dest && allowed(policy::evaluate(Resource::Tunnel(name), &t.access, t.mfa, who))
         }),
+        // An SSH connection holds its target's address and the account on it: both must stay
+        // allowed to this person.
+        Resource::Ssh(name) => cfg.ssh_targets.iter().find(|t| t.name == name).is_some_and(|t| {
+            let account = h.subject.as_ref().map(|(identity, _)| t.principals_for(identity)).unwrap_or_default();
+            account.iter().any(|p| crate::sshd::destination(&t.address, p) == h.dest)
+                && allowed(policy::evaluate(Resource::Ssh(name), &t.access, t.mfa, who))
+        }),
     }
 }
 

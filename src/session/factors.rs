@@ -18,9 +18,11 @@ pub enum Factor {
     Hwk,
     /// More than one factor, as an identity provider or a verifying passkey vouched.
     Mfa,
+    /// A key held in software: an SSH key the person registered. One factor.
+    Swk,
 }
 
-const ALL: [Factor; 6] = [Factor::Pwd, Factor::Ext, Factor::Otp, Factor::Rc, Factor::Hwk, Factor::Mfa];
+const ALL: [Factor; 7] = [Factor::Pwd, Factor::Ext, Factor::Otp, Factor::Rc, Factor::Hwk, Factor::Mfa, Factor::Swk];
 
 impl Factor {
     pub fn amr(self) -> &'static str {
@@ -31,6 +33,7 @@ impl Factor {
             Factor::Rc => "rc",
             Factor::Hwk => "hwk",
             Factor::Mfa => "mfa",
+            Factor::Swk => "swk",
         }
     }
 
@@ -44,6 +47,9 @@ impl Factor {
 pub struct Factors(u8);
 
 impl Factors {
+    /// An SSH key alone.
+    pub const SWK: Factors = Factors(1 << 6);
+
     pub fn of(list: &[Factor]) -> Factors {
         Factors(list.iter().fold(0, |bits, f| bits | f.bit()))
     }
@@ -61,9 +67,10 @@ impl Factors {
         self.0 & f.bit() != 0
     }
 
-    /// More than one factor: anything but a password or a provider that did not vouch for more.
+    /// More than one factor: anything but a password, a provider that did not vouch for more,
+    /// or an SSH key (each of them one factor on its own).
     pub fn second_factor(self) -> bool {
-        self.0 & !(Factor::Pwd.bit() | Factor::Ext.bit()) != 0
+        self.0 & !(Factor::Pwd.bit() | Factor::Ext.bit() | Factor::Swk.bit()) != 0
     }
 
     /// A second factor poort itself checked (not a provider's word).
@@ -94,6 +101,8 @@ mod tests {
         }
         assert!(!Factors::parse("pwd").second_factor());
         assert!(!Factors::parse("ext").second_factor());
+        assert!(!Factors::parse("swk").second_factor(), "an SSH key is one factor");
+        assert_eq!(Factors::SWK, Factors::of(&[Factor::Swk]));
         assert!(Factors::parse("ext mfa").second_factor());
         assert!(!Factors::parse("ext mfa").own_second_factor());
         assert!(Factors::parse("pwd rc").own_second_factor());

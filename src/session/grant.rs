@@ -26,6 +26,7 @@ pub const ACCESS_WITHDRAWN: &str = "access withdrawn by a config change";
 pub struct Held {
     pub app: Option<String>,
     pub tunnel: Option<String>,
+    pub ssh: Option<String>,
     /// Where the connection goes: the app's upstream or the tunnel's target.
     pub dest: String,
     /// The session's identity and whether it had a second factor; None on a public app.
@@ -38,10 +39,11 @@ pub struct Held {
 impl Held {
     /// The resource, borrowed as policy takes it.
     pub fn resource(&self) -> Resource<'_> {
-        match (&self.app, &self.tunnel) {
-            (Some(a), _) => Resource::App(a),
-            (None, Some(t)) => Resource::Tunnel(t),
-            (None, None) => unreachable!("invariant: a grant names an app or a tunnel"),
+        match (&self.app, &self.tunnel, &self.ssh) {
+            (Some(a), _, _) => Resource::App(a),
+            (None, Some(t), _) => Resource::Tunnel(t),
+            (None, None, Some(t)) => Resource::Ssh(t),
+            (None, None, None) => unreachable!("invariant: a grant names an app, a tunnel or an SSH target"),
         }
     }
 }
@@ -63,13 +65,16 @@ pub struct Grant {
 impl Grants {
     /// Registers a long-lived connection to `dest` opened under `permit` for `session`.
     pub fn hold(&self, permit: &Permit<'_>, session: Option<&Session>, dest: &str) -> Grant {
-        let (app, tunnel) = match permit.resource() {
-            Resource::App(a) => (Some(a.to_string()), None),
-            Resource::Tunnel(t) => (None, Some(t.to_string())),
-        };
+        let (mut app, mut tunnel, mut ssh) = (None, None, None);
+        match permit.resource() {
+            Resource::App(a) => app = Some(a.to_string()),
+            Resource::Tunnel(t) => tunnel = Some(t.to_string()),
+            Resource::Ssh(t) => ssh = Some(t.to_string()),
+        }
         let held = Arc::new(Held {
             app,
             tunnel,
+            ssh,
             subject: session.map(|s| (s.identity.clone(), s.mfa())),
             dest: dest.to_string(),
             cut: watch::channel(None).0,

@@ -76,6 +76,8 @@ pub enum Kind {
     Browser,
     /// The `poort` command line: tunnels and its own sign-out, nothing else.
     Cli,
+    /// One connection at the SSH front door: its token never leaves the gateway.
+    Ssh,
 }
 
 impl Kind {
@@ -83,11 +85,16 @@ impl Kind {
         match self {
             Kind::Browser => "browser",
             Kind::Cli => "cli",
+            Kind::Ssh => "ssh",
         }
     }
 
     fn parse(s: &str) -> Kind {
-        if s == "cli" { Kind::Cli } else { Kind::Browser }
+        match s {
+            "cli" => Kind::Cli,
+            "ssh" => Kind::Ssh,
+            _ => Kind::Browser,
+        }
     }
 }
 

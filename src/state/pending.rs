@@ -148,6 +148,10 @@ pub enum DeviceState {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DeviceCode {
     pub requester: String,
+    /// What asks, in words for the approval page: empty for `poort login`, else for example
+    /// "an SSH connection to db1".
+    #[serde(default)]
+    pub purpose: String,
     pub created: UnixTime,
     pub state: DeviceState,
     /// The browser (the user and their session's `chain`) that opened it first: the only one
@@ -165,12 +169,20 @@ pub mod devices {
     use super::*;
 
     /// Records a new code pair; false when too many are in flight (or the user code is taken).
-    pub fn add(conn: &Conn, user_code: &str, device_code: &str, requester: &str, now: UnixTime) -> db::Result<bool> {
+    pub fn add(
+        conn: &Conn,
+        user_code: &str,
+        device_code: &str,
+        requester: &str,
+        purpose: &str,
+        now: UnixTime,
+    ) -> db::Result<bool> {
         if flows::count(conn, flows::DEVICE, now)? >= MAX_PENDING as i64 {
             return Ok(false);
         }
         let p = DeviceCode {
             requester: requester.to_string(),
+            purpose: purpose.to_string(),
             created: now,
             state: DeviceState::Pending,
             claimed_by: None,
@@ -209,13 +221,13 @@ pub mod devices {
     }
 
     /// A pending, unexpired code the browser of session `s` may decide on: claimed by it now
-    /// if nobody has it. Returns (requester, asked at, proved for it just now).
+    /// if nobody has it. Returns (requester, asked at, proved for it just now, purpose).
     pub fn claim(
         conn: &Conn,
         code: &str,
         me: &Claimant,
         now: UnixTime,
-    ) -> db::Result<Option<(String, UnixTime, bool)>> {
+    ) -> db::Result<Option<(String, UnixTime, bool, String)>> {
         let got = flows::update::<DeviceCode, _>(conn, flows::DEVICE, code, now, |p| {
             if p.state != DeviceState::Pending || now - p.created >= LIFETIME {
                 return (None, false);
@@ -225,7 +237,7 @@ pub mod devices {
                 return (None, false);
             }
             let proved = p.proved_at.is_some_and(|t| t <= now && now - t < PROOF_FOR);
-            (Some((p.requester.clone(), p.created, proved)), fresh)
+            (Some((p.requester.clone(), p.created, proved, p.purpose.clone())), fresh)
         })?;
         Ok(got.flatten())
     }

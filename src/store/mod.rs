@@ -1054,6 +1054,11 @@ impl Store {
         notify(conn)
     }
 
+    pub fn remove_setting(conn: &Conn, key: &str) -> db::Result<()> {
+        conn.execute("DELETE FROM settings WHERE key = ?1", [key])?;
+        notify(conn)
+    }
+
     pub fn last_revocation(&self) -> anyhow::Result<i64> {
         self.with(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM revocations", (), |r| r.get(0)))
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     ("front", &["cli", "server", "whoami", "logging", "admin"]),
     ("pipeline", &["gateway", "listen"]),
-    ("handlers", &["portal", "tunnel", "proxy"]),
+    ("handlers", &["portal", "tunnel", "proxy", "sshd"]),
     ("shared", &["state", "respond"]),
     ("services", &["session", "audit", "mitigate", "identity", "store", "upstream", "body", "certs", "acme", "ssh"]),
     ("pure", &["request", "route", "policy", "config", "names"]),

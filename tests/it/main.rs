@@ -34,6 +34,7 @@ mod security_paths;
 mod security_session;
 mod security_websockets;
 mod ssh_ca;
+mod sshd;
 mod store;
 mod streaming;
 mod tls;

@@ -553,15 +553,22 @@ access = "authenticated"
         assert_eq!(code.status, 200, "{}", code.text());
         let code: serde_json::Value = serde_json::from_slice(&code.body).unwrap();
         let (user_code, device_code) = (code["user_code"].as_str().unwrap(), code["device_code"].as_str().unwrap());
-        assert_eq!(self.get(&format!("/.poort/device?code={user_code}"), Some(browser)).await.status, 200);
-        let browser = self.confirm(browser, &[("password", PASSWORD), ("device", user_code)]).await;
-        let r = self.post("/.poort/device", &browser, &[("code", user_code), ("decision", "approve")]).await;
-        assert!(r.text().contains("Go back to your terminal"), "{}", r.text());
+        let browser = self.approve_code(browser, user_code).await;
         let body = serde_json::json!({ "device_code": device_code }).to_string();
         let t = self.request("POST", "/.poort/device/token", &cli, body.as_bytes()).await;
         assert_eq!(t.status, 200, "{}", t.text());
         let t: serde_json::Value = serde_json::from_slice(&t.body).unwrap();
         (t["token"].as_str().unwrap().to_string(), browser)
+    }
+
+    /// Approves the device code `user_code` in the browser session `browser`, with the
+    /// password given for it; returns the browser's session after that proof.
+    pub async fn approve_code(&self, browser: &str, user_code: &str) -> String {
+        assert_eq!(self.get(&format!("/.poort/device?code={user_code}"), Some(browser)).await.status, 200);
+        let browser = self.confirm(browser, &[("password", PASSWORD), ("device", user_code)]).await;
+        let r = self.post("/.poort/device", &browser, &[("code", user_code), ("decision", "approve")]).await;
+        assert!(r.text().contains("Go back to your terminal"), "{}", r.text());
+        browser
     }
 
     /// Opens a WebSocket to `path` on the gateway with `headers`; the handshake's answer status

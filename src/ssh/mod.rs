@@ -437,6 +437,19 @@ pub fn remove_key(conn: &crate::db::Conn, user: &str, fingerprint: &str) -> crat
     Ok(conn.execute("DELETE FROM ssh_keys WHERE \"user\" = ?1 AND fingerprint = ?2", params![user, fingerprint])? > 0)
 }
 
+/// A target's host key as an operator pastes it (`TYPE BASE64 [comment]`, from its
+/// `ssh_host_*_key.pub`), as `TYPE BASE64`; None if it is not one.
+pub fn parse_host_key(raw: &str) -> Option<String> {
+    parse_public_key(raw).ok().map(|k| k.line())
+}
+
+/// Notes that `key` just signed someone in.
+pub fn touch_key(conn: &crate::db::Conn, key: &PublicKey, now: i64) -> crate::db::Result<()> {
+    use crate::db::params;
+    conn.execute("UPDATE ssh_keys SET last_used = ?1 WHERE material = ?2", params![now, key.material])?;
+    Ok(())
+}
+
 /// Whose key this is (for the SSH front door): nobody's while its owner is disabled.
 pub fn owner(conn: &crate::db::Conn, key: &PublicKey) -> crate::db::Result<Option<String>> {
     use crate::db::OptionalExtension;

@@ -1,0 +1,1160 @@
+//! The SSH front door (`[ssh] listen`): people run plain OpenSSH against poort,
+//! `ssh -p 2222 alice+db1@gate`, and poort signs in to the target `db1` for them with a
+//! certificate of its own CA (`crate::ssh`), after the same checks as for apps and tunnels.
+//!
+//! The user name says who and where: `PERSON+TARGET`, or `PERSON+TARGET+ACCOUNT` for an account
+//! on the target other than the first one policy gives the person. Neither people's nor
+//! targets' names can hold a `+`, so the name splits one way only.
+//!
+//! Who may get in:
+//! - with a public key the person registered in the portal, only for the account the name
+//!   names (a key registered by someone else signs nobody into another account). A key is one
+//!   factor: a target that needs a second factor refuses it and asks for the browser instead.
+//! - with keyboard-interactive: poort prints a URL and a short code; the person approves it in
+//!   a browser where they are signed in (the command line's device flow, second factor
+//!   included), and the connection gets a session derived from that browser's.
+//!
+//! No password is ever taken over SSH. Every connection is a session of its own, listed and
+//! revocable like any other; a lockdown, revocation, expiry, disabling the person or a config
+//! change that takes the target away ends the connection at once (`session::grant`).
+//!
+//! Each channel is relayed to a channel of one connection to the target; what a channel may do
+//! (shell, exec, sftp, port forwarding) is the target's `allow`. Shells and commands are
+//! recorded (`record`) unless the target says `record = false`; file transfers only by name
+//! and size.
+
+pub mod record;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use russh::keys::ssh_key;
+use russh::server::{Auth, Msg, Session as SshSession};
+use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::audit::Event;
+use crate::config::SshTarget;
+use crate::policy::{self, Decision, Resource, Subject};
+use crate::session::grant::Grant;
+use crate::session::{Factors, Kind, Opening, Session};
+use crate::state::State;
+use crate::store::Store;
+
+/// The config in force now: a new connection takes it once and keeps it.
+pub type Current = Arc<dyn Fn() -> Arc<dyn AsRef<State> + Send + Sync> + Send + Sync>;
+
+/// What a registered key proves: one factor (`swk`), whatever policy asks beyond it.
+const KEY_FACTORS: Factors = Factors::SWK;
+
+/// What a grant holds for an SSH connection: the target's address and the account on it.
+pub fn destination(address: &str, principal: &str) -> String {
+    format!("{principal}@{address}")
+}
+
+/// The front door's host key file in the data folder.
+pub fn host_key_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("ssh-host-ed25519.key")
+}
+
+/// The front door's own host key, made on first start (owner-only).
+fn host_key(data_dir: &std::path::Path) -> anyhow::Result<ssh_key::PrivateKey> {
+    use anyhow::Context;
+    let path = host_key_path(data_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => zeroize::Zeroizing::new(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let text = crate::ssh::ConnectionKey::new().openssh_private("poort host key");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            text
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    ssh_key::PrivateKey::from_openssh(text.as_bytes()).with_context(|| format!("{} is not an SSH key", path.display()))
+}
+
+/// The listener and what every connection shares.
+pub struct FrontDoor {
+    current: Current,
+    config: Arc<russh::server::Config>,
+    ca: Arc<crate::ssh::UserCa>,
+    /// Open connections per person.
+    open: Arc<Mutex<HashMap<String, usize>>>,
+    serial: AtomicU64,
+}
+
+impl FrontDoor {
+    pub fn new(data_dir: &std::path::Path, idle: Duration, current: Current) -> anyhow::Result<Arc<FrontDoor>> {
+        let ca = Arc::new(crate::ssh::UserCa::load_or_create(data_dir)?);
+        let config = russh::server::Config {
+            server_id: russh::SshId::Standard("SSH-2.0-poort".into()),
+            methods: MethodSet::from(&[MethodKind::PublicKey, MethodKind::KeyboardInteractive][..]),
+            keys: vec![host_key(data_dir)?],
+            auth_rejection_time: Duration::from_millis(500),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            max_auth_attempts: 6,
+            inactivity_timeout: Some(idle),
+            keepalive_interval: Some(Duration::from_secs(30)),
+            nodelay: true,
+            ..Default::default()
+        };
+        let serial = AtomicU64::new(u64::from_be_bytes(crate::secret::random_bytes()) >> 16);
+        Ok(Arc::new(FrontDoor { current, config: Arc::new(config), ca, open: Arc::default(), serial }))
+    }
+
+    /// The host key's public line, for people's `known_hosts`.
+    pub fn host_public_line(&self) -> String {
+        self.config.keys[0].public_key().to_openssh().unwrap_or_default()
+    }
+
+    /// Accepts connections until `stop` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = &mut stop => return,
+                got = listener.accept() => match got {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Accepting an SSH connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let door = self.clone();
+            tokio::spawn(async move {
+                let conn = Conn::new(door.clone(), peer);
+                match russh::server::run_stream(door.config.clone(), stream, conn).await {
+                    Ok(running) => {
+                        if let Err(e) = running.await {
+                            tracing::debug!(error = ?e, %peer, "SSH connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = ?e, %peer, "SSH handshake failed"),
+                }
+            });
+        }
+    }
+}
+
+/// What the SSH user name asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ask {
+    user: String,
+    target: String,
+    principal: Option<String>,
+}
+
+impl Ask {
+    /// What the approval page says asks to sign in.
+    fn purpose(&self) -> String {
+        match &self.principal {
+            Some(p) => format!("An SSH connection to {} (account {p})", self.target),
+            None => format!("An SSH connection to {}", self.target),
+        }
+    }
+
+    fn parse(name: &str) -> Option<Ask> {
+        let mut parts = name.split('+');
+        let (user, target) = (parts.next()?, parts.next()?);
+        let principal = parts.next().map(str::to_string);
+        if parts.next().is_some()
+            || !crate::names::valid_user_name(user)
+            || !crate::names::valid_entry_name(target)
+            || principal.as_deref().is_some_and(|p| p.is_empty() || p.len() > 32)
+        {
+            return None;
+        }
+        Some(Ask { user: user.to_string(), target: target.to_string(), principal })
+    }
+}
+
+/// A connection that got in: its session, target, account, and the grant that ends it.
+struct Link {
+    session: Arc<Session>,
+    target: SshTarget,
+    principal: String,
+    grant: Grant,
+    started: std::time::Instant,
+    /// The slot in the per-person count, given back when the connection ends.
+    _slot: Slot,
+}
+
+struct Slot {
+    open: Arc<Mutex<HashMap<String, usize>>>,
+    user: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock();
+        if let Some(n) = open.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// Why a sign-in was refused.
+enum Refusal {
+    /// Policy wants a second factor: the browser can give one, a key cannot.
+    NeedsFactor,
+    Refused,
+}
+
+/// A device-flow approval being waited for.
+struct Pending {
+    ask: Ask,
+    device_code: String,
+}
+
+/// The connection to the target, made at the first channel, shared by the channels after it.
+type TargetConn = russh::client::Handle<TargetCheck>;
+
+/// One channel relayed to the target.
+struct Chan {
+    to: Option<russh::ChannelWriteHalf<russh::client::Msg>>,
+    /// Answers to the requests sent to the target, in order.
+    replies: mpsc::Receiver<bool>,
+    /// Why the target could not be reached, shown when the channel asks for something.
+    failed: Option<String>,
+    /// What it does, once it asked: `shell`, `exec ...`, `sftp`, `forward ...`.
+    what: Arc<Mutex<Option<String>>>,
+    recorder: Arc<Mutex<Option<record::Recorder>>>,
+    size: (u32, u32, String),
+    counts: Arc<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+struct Conn {
+    door: Arc<FrontDoor>,
+    st: Arc<dyn AsRef<State> + Send + Sync>,
+    peer: SocketAddr,
+    pending: Option<Pending>,
+    link: Option<Arc<Link>>,
+    target: Option<Result<Arc<TargetConn>, String>>,
+    chans: HashMap<ChannelId, Chan>,
+    watch: Option<tokio::task::JoinHandle<()>>,
+    channels: u32,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(w) = self.watch.take() {
+            w.abort();
+        }
+        let Some(link) = self.link.take() else { return };
+        // The session was this connection's own: it ends with it.
+        let st = self.st.clone();
+        tokio::spawn(async move {
+            let st = (*st).as_ref();
+            let why = link.grant_ended_now().unwrap_or("connection closed");
+            let _ = st.sessions.end(&link.session.id).await;
+            let ev = Event::SshClosed {
+                user: link.session.identity.user.clone(),
+                session: link.session.id.clone(),
+                target: link.target.name.clone(),
+                seconds: link.started.elapsed().as_secs(),
+                why: why.to_string(),
+            };
+            st.audit.note(ev).await;
+        });
+    }
+}
+
+impl Link {
+    fn grant_ended_now(&self) -> Option<&'static str> {
+        self.session.lifeline().ended_now()
+    }
+}
+
+impl Conn {
+    fn new(door: Arc<FrontDoor>, peer: SocketAddr) -> Conn {
+        let st = (door.current)();
+        Conn {
+            door,
+            st,
+            peer,
+            pending: None,
+            link: None,
+            target: None,
+            chans: HashMap::new(),
+            watch: None,
+            channels: 0,
+        }
+    }
+
+    fn st(&self) -> &State {
+        (*self.st).as_ref()
+    }
+
+    /// Records a refusal the way tunnels do: counted per client and minute, no waiting.
+    fn refused(&self, user: &str, target: &str, reason: &str) {
+        let st = self.st();
+        let ev = Event::AccessDenied {
+            user: user.to_string(),
+            session: String::new(),
+            app: format!("ssh:{}", target.chars().take(64).collect::<String>()),
+            reason: reason.to_string(),
+            client: self.peer.ip(),
+        };
+        // Keyed by the reason, so that each kind of refusal from a client gets its first one
+        // written; the one reason that holds what the client sent is keyed without it.
+        let key = if reason.starts_with("account ") { "account not open to them" } else { reason };
+        st.audit.refusal("access_denied", key, self.peer.ip(), target, ev);
+    }
+
+    /// The target and account `ask` names, if policy gives them to `who`; Err says why not.
+    fn decide<'t>(
+        &self,
+        ask: &Ask,
+        target: &'t SshTarget,
+        who: Subject<'_>,
+    ) -> Result<(policy::Permit<'t>, String), (Refusal, String)> {
+        match policy::evaluate(Resource::Ssh(&target.name), &target.access, target.mfa, Some(who)) {
+            Decision::Allow(p) => {
+                let accounts = target.principals_for(who.identity);
+                let principal = match &ask.principal {
+                    Some(p) if accounts.contains(p) => p.clone(),
+                    Some(p) => return Err((Refusal::Refused, format!("account {p:?} is not open to them"))),
+                    None => match accounts.first() {
+                        Some(p) => p.clone(),
+                        None => return Err((Refusal::Refused, "no account on the target is open to them".into())),
+                    },
+                };
+                Ok((p, principal))
+            }
+            Decision::Authenticate { step_up: true } => Err((Refusal::NeedsFactor, "needs a second factor".into())),
+            Decision::Authenticate { step_up: false } => Err((Refusal::Refused, "not signed in".into())),
+            Decision::Deny(reason) => Err((Refusal::Refused, reason.to_string())),
+        }
+    }
+
+    /// Whether a lockdown keeps `user` out.
+    async fn locked_out(&self, user: &str) -> bool {
+        let st = self.st();
+        if !st.mitigation.lockdown() {
+            return false;
+        }
+        let (name, group) = (user.to_string(), st.mitigation.admin_group.clone());
+        !st.store
+            .run(move |c| Store::identity(c, &name))
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|id| id.groups.contains(&group))
+    }
+
+    /// Lets in the person `session` belongs to, for what `ask` names: the last checks (policy,
+    /// account, the per-person limit), the grant, and the audit record, which must be written.
+    async fn finish(&mut self, ask: &Ask, session: Arc<Session>, method: String) -> Result<(), Refusal> {
+        let st = self.st();
+        let Some(target) = st.cfg.ssh_targets.iter().find(|t| t.name == ask.target) else {
+            return Err(Refusal::Refused);
+        };
+        let who = Subject { identity: &session.identity, mfa: session.mfa() };
+        let (permit, principal) = match self.decide(ask, target, who) {
+            Ok(ok) => ok,
+            Err((why, reason)) => {
+                self.refused(&ask.user, &ask.target, &reason);
+                return Err(why);
+            }
+        };
+        let slot = {
+            let mut open = self.door.open.lock();
+            let n = open.entry(ask.user.clone()).or_default();
+            if *n >= st.cfg.ssh.per_user {
+                None
+            } else {
+                *n += 1;
+                Some(Slot { open: self.door.open.clone(), user: ask.user.clone() })
+            }
+        };
+        let Some(slot) = slot else {
+            self.refused(&ask.user, &ask.target, "too many open SSH connections");
+            return Err(Refusal::Refused);
+        };
+        let grant = st.grants.hold(&permit, Some(&session), &destination(&target.address, &principal));
+        let ev = Event::SshOpened {
+            user: session.identity.user.clone(),
+            session: session.id.clone(),
+            target: target.name.clone(),
+            principal: principal.clone(),
+            method,
+            client: self.peer.ip(),
+        };
+        if let Err(e) = st.audit.record(ev).await {
+            tracing::error!(error = %e, "Audit unavailable; refusing the SSH connection");
+            return Err(Refusal::Refused);
+        }
+        tracing::info!(user = %session.identity.user, target = %target.name, %principal, "SSH connection opened");
+        let target = target.clone();
+        self.link =
+            Some(Arc::new(Link { session, target, principal, grant, started: crate::clock::instant(), _slot: slot }));
+        Ok(())
+    }
+
+    /// A registered key of the person the name names.
+    async fn key_login(&mut self, ask: &Ask, key: crate::ssh::PublicKey) -> Result<(), Refusal> {
+        let st = self.st();
+        let Some(target) = st.cfg.ssh_targets.iter().find(|t| t.name == ask.target) else {
+            self.refused(&ask.user, &ask.target, "no SSH target of that name");
+            return Err(Refusal::Refused);
+        };
+        if self.locked_out(&ask.user).await {
+            self.refused(&ask.user, &ask.target, "lockdown");
+            return Err(Refusal::Refused);
+        }
+        let name = ask.user.clone();
+        let Ok(Some(identity)) = st.store.run(move |c| Store::identity(c, &name)).await else {
+            return Err(Refusal::Refused);
+        };
+        // Decided before a session is made, so that a refusal leaves none behind.
+        if let Err((why, reason)) =
+            self.decide(ask, target, Subject { identity: &identity, mfa: KEY_FACTORS.second_factor() })
+        {
+            if matches!(why, Refusal::Refused) {
+                self.refused(&ask.user, &ask.target, &reason);
+            }
+            return Err(why);
+        }
+        let opening = Opening {
+            user: &ask.user,
+            host: &st.cfg.server.portal_host,
+            client_addr: self.peer.ip().to_string(),
+            user_agent: format!("ssh to {} (key {})", ask.target, key.fingerprint),
+            factors: KEY_FACTORS,
+            kind: Kind::Ssh,
+            approved_by: None,
+        };
+        let Ok((_, token)) = st.sessions.open(opening).await else { return Err(Refusal::Refused) };
+        let Ok(session) = st.sessions.lookup(&token.cookie_value).await else { return Err(Refusal::Refused) };
+        let now = st.clock.now();
+        let (k2, fingerprint) = (key.clone(), key.fingerprint.clone());
+        let _ = st.store.run(move |c| crate::ssh::touch_key(c, &k2, now)).await;
+        let id = session.id.clone();
+        let done = self.finish(ask, session, format!("key {fingerprint}")).await;
+        if done.is_err() {
+            let _ = self.st().sessions.end(&id).await;
+        }
+        done
+    }
+}
+
+impl russh::server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(Auth::reject())
+    }
+
+    async fn auth_password(&mut self, _user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        Ok(Auth::reject())
+    }
+
+    async fn auth_publickey_offered(&mut self, user: &str, key: &ssh_key::PublicKey) -> Result<Auth, Self::Error> {
+        // Only a key registered by the person the name names is worth a signature.
+        let (Some(ask), Some(key)) = (Ask::parse(user), parse_offered(key)) else { return Ok(Auth::reject()) };
+        let owner = self.st().store.run(move |c| crate::ssh::owner(c, &key)).await.ok().flatten();
+        Ok(if owner.as_deref() == Some(ask.user.as_str()) { Auth::Accept } else { Auth::reject() })
+    }
+
+    async fn auth_publickey(&mut self, user: &str, key: &ssh_key::PublicKey) -> Result<Auth, Self::Error> {
+        if self.link.is_some() {
+            return Ok(Auth::reject());
+        }
+        let (Some(ask), Some(key)) = (Ask::parse(user), parse_offered(key)) else { return Ok(Auth::reject()) };
+        let k2 = key.clone();
+        let owner = self.st().store.run(move |c| crate::ssh::owner(c, &k2)).await.ok().flatten();
+        if owner.as_deref() != Some(ask.user.as_str()) {
+            return Ok(Auth::reject());
+        }
+        Ok(match self.key_login(&ask, key).await {
+            Ok(()) => Auth::Accept,
+            Err(Refusal::NeedsFactor) => Auth::Reject {
+                proceed_with_methods: Some(MethodSet::from(&[MethodKind::KeyboardInteractive][..])),
+                partial_success: false,
+            },
+            Err(Refusal::Refused) => Auth::reject(),
+        })
+    }
+
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        user: &str,
+        _submethods: &str,
+        response: Option<russh::server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        if self.link.is_some() {
+            return Ok(Auth::reject());
+        }
+        let Some(ask) = Ask::parse(user) else { return Ok(Auth::reject()) };
+        let pending = self.pending.take().filter(|p| p.ask == ask && response.is_some());
+        let Some(pending) = pending else {
+            // First round: a code pair, shown as the prompt's instructions, with no prompt
+            // to answer: the client answers at once and then waits while poort polls.
+            let st = self.st();
+            if !st.cfg.ssh_targets.iter().any(|t| t.name == ask.target) || self.locked_out(&ask.user).await {
+                self.refused(&ask.user, &ask.target, "no SSH target of that name, or lockdown");
+                return Ok(Auth::reject());
+            }
+            let Ok((user_code, device_code)) =
+                crate::portal::device::start(st, &self.peer.ip().to_string(), &ask.purpose()).await
+            else {
+                return Ok(Auth::reject());
+            };
+            let url = format!("{}/.poort/device?code={user_code}", st.cfg.server.external_origin);
+            let instructions = format!(
+                "To sign in to {} as {}, open\n\n    {url}\n\nin a browser where you are signed in to poort, check that it shows the code {user_code}, and approve it. Waiting...\n",
+                ask.target, ask.user
+            );
+            self.pending = Some(Pending { ask, device_code });
+            return Ok(Auth::Partial {
+                name: "poort".into(),
+                instructions: instructions.into(),
+                prompts: Vec::new().into(),
+            });
+        };
+        let st = self.st();
+        let token = crate::portal::device::wait(st, &pending.device_code, Duration::from_secs(300)).await;
+        let Some(token) = token else { return Ok(Auth::reject()) };
+        let Ok(session) = st.sessions.lookup(&token).await else { return Ok(Auth::reject()) };
+        if session.identity.user != ask.user || self.locked_out(&ask.user).await {
+            // Approved by someone else than the name says: the session is not theirs to use.
+            let _ = st.sessions.end(&session.id).await;
+            self.refused(&ask.user, &ask.target, "approved by another person than the SSH user name names");
+            return Ok(Auth::reject());
+        }
+        let id = session.id.clone();
+        Ok(match self.finish(&ask, session, "approved in the browser".into()).await {
+            Ok(()) => Auth::Accept,
+            Err(_) => {
+                let _ = self.st().sessions.end(&id).await;
+                Auth::reject()
+            }
+        })
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut SshSession) -> Result<(), Self::Error> {
+        let Some(link) = self.link.clone() else { return Err(russh::Error::NotAuthenticated) };
+        let handle = session.handle();
+        // The connection lives as long as its grant: a revocation, lockdown, expiry or a
+        // config change that takes the target away cuts it at once.
+        self.watch = Some(tokio::spawn(async move {
+            let why = link.grant.ended().await;
+            tracing::info!(user = %link.session.identity.user, target = %link.target.name, why, "SSH connection cut");
+            let _ = handle.disconnect(russh::Disconnect::ByApplication, format!("poort: {why}"), String::new()).await;
+        }));
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        decide_open(reply, self.open_channel(channel.id(), session, None).await).await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        let allowed = self.link.as_ref().is_some_and(|l| l.target.allow.forward);
+        if !allowed || host_to_connect.len() > 255 || port_to_connect > 65535 {
+            decide_open(reply, false).await;
+            return Ok(());
+        }
+        let to = (host_to_connect.to_string(), port_to_connect, originator_address.to_string(), originator_port);
+        decide_open(reply, self.open_channel(channel.id(), session, Some(to)).await).await;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        modes: &[(russh::Pty, u32)],
+        session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        let allowed = self.link.as_ref().is_some_and(|l| l.target.allow.shell || l.target.allow.exec);
+        let Some(c) = self.chans.get_mut(&channel) else { return Ok(()) };
+        c.size = (col_width, row_height, term.chars().take(64).collect());
+        let ok = allowed
+            && match &c.to {
+                Some(to) => {
+                    to.request_pty(true, term, col_width, row_height, pix_width, pix_height, modes).await.is_ok()
+                        && reply(&mut c.replies).await
+                }
+                None => true,
+            };
+        answer(session, channel, ok)
+    }
+
+    async fn shell_request(&mut self, channel: ChannelId, session: &mut SshSession) -> Result<(), Self::Error> {
+        self.start(channel, session, Start::Shell).await
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        self.start(channel, session, Start::Exec(data.to_vec())).await
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        self.start(channel, session, Start::Subsystem(name.to_string())).await
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        _session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.chans.get_mut(&channel) {
+            c.size.0 = col_width;
+            c.size.1 = row_height;
+            if let Some(to) = &c.to {
+                let _ = to.window_change(col_width, row_height, pix_width, pix_height).await;
+            }
+            if let Some(r) = c.recorder.lock().as_mut() {
+                r.resize(col_width, row_height);
+            }
+        }
+        Ok(())
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: russh::Sig,
+        _session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        if let Some(to) = self.chans.get(&channel).and_then(|c| c.to.as_ref()) {
+            let _ = to.signal(signal).await;
+        }
+        Ok(())
+    }
+
+    async fn data(&mut self, channel: ChannelId, data: &[u8], _session: &mut SshSession) -> Result<(), Self::Error> {
+        let Some(c) = self.chans.get(&channel) else { return Ok(()) };
+        // Nothing reaches the target before policy said what this channel may do.
+        if c.what.lock().is_none() {
+            return Ok(());
+        }
+        if let Some(r) = c.recorder.lock().as_mut() {
+            r.input(data);
+        }
+        c.counts.up.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(to) = &c.to
+            && to.data_bytes(bytes::Bytes::copy_from_slice(data)).await.is_err()
+        {
+            return Ok(());
+        }
+        if let Some(l) = &self.link {
+            l.session.touch(self.st().clock.now());
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(&mut self, channel: ChannelId, _session: &mut SshSession) -> Result<(), Self::Error> {
+        if let Some(to) = self.chans.get(&channel).and_then(|c| c.to.as_ref()) {
+            let _ = to.eof().await;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(&mut self, channel: ChannelId, _session: &mut SshSession) -> Result<(), Self::Error> {
+        if let Some(c) = self.chans.remove(&channel)
+            && let Some(to) = &c.to
+        {
+            let _ = to.close().await;
+        }
+        Ok(())
+    }
+}
+
+/// Accepts or refuses a channel the client asked to open.
+async fn decide_open(reply: russh::server::ChannelOpenHandle, ok: bool) {
+    if ok { reply.accept().await } else { reply.reject(russh::ChannelOpenFailure::AdministrativelyProhibited).await }
+}
+
+/// A key as offered, in the form poort registers keys in; None for a type it does not take.
+fn parse_offered(key: &ssh_key::PublicKey) -> Option<crate::ssh::PublicKey> {
+    let line = key.to_openssh().ok()?;
+    crate::ssh::parse_public_key(&line).ok()
+}
+
+/// Answers a channel request the client may be waiting on.
+fn answer(session: &mut SshSession, channel: ChannelId, ok: bool) -> Result<(), russh::Error> {
+    if ok { session.channel_success(channel) } else { session.channel_failure(channel) }
+}
+
+/// The target's answer to the request just sent; no answer in 10 s is a no.
+async fn reply(replies: &mut mpsc::Receiver<bool>) -> bool {
+    matches!(tokio::time::timeout(Duration::from_secs(10), replies.recv()).await, Ok(Some(true)))
+}
+
+/// What a session channel asks to start.
+enum Start {
+    Shell,
+    Exec(Vec<u8>),
+    Subsystem(String),
+}
+
+impl Conn {
+    /// Opens the channel's twin on the target (connecting to it first, for the first channel).
+    async fn open_channel(
+        &mut self,
+        id: ChannelId,
+        session: &mut SshSession,
+        forward: Option<(String, u32, String, u32)>,
+    ) -> bool {
+        let Some(link) = self.link.clone() else { return false };
+        if link.session.ended() || self.chans.len() >= 16 {
+            return false;
+        }
+        if self.target.is_none() {
+            self.target = Some(self.connect(&link).await);
+        }
+        let (replies_tx, replies) = mpsc::channel(8);
+        let mut chan = Chan {
+            to: None,
+            replies,
+            failed: None,
+            what: Arc::default(),
+            recorder: Arc::default(),
+            size: (80, 24, "xterm".into()),
+            counts: Arc::default(),
+        };
+        let target = match self.target.as_ref() {
+            Some(Ok(t)) => t.clone(),
+            Some(Err(why)) => {
+                if forward.is_some() {
+                    return false;
+                }
+                chan.failed = Some(why.clone());
+                self.chans.insert(id, chan);
+                return true;
+            }
+            None => return false,
+        };
+        let opened = match &forward {
+            None => target.channel_open_session().await,
+            Some((host, port, from, from_port)) => {
+                target.channel_open_direct_tcpip(host.clone(), *port, from.clone(), *from_port).await
+            }
+        };
+        let Ok(to) = opened else {
+            if forward.is_some() {
+                return false;
+            }
+            chan.failed = Some(format!("{} did not open a session", link.target.name));
+            self.chans.insert(id, chan);
+            return true;
+        };
+        let (read, write) = to.split();
+        chan.to = Some(write);
+        self.channels += 1;
+        if let Some((host, port, _, _)) = &forward {
+            *chan.what.lock() = Some(format!("forward {host}:{port}"));
+        }
+        let pump = Pump {
+            st: self.st.clone(),
+            link,
+            handle: session.handle(),
+            id,
+            replies: replies_tx,
+            what: chan.what.clone(),
+            recorder: chan.recorder.clone(),
+            counts: chan.counts.clone(),
+        };
+        tokio::spawn(pump.run(read));
+        self.chans.insert(id, chan);
+        true
+    }
+
+    /// Connects and signs in to the target with a certificate made for this connection.
+    async fn connect(&self, link: &Link) -> Result<Arc<TargetConn>, String> {
+        let st = self.st();
+        let t = &link.target;
+        let failed = |why: String| {
+            let ev = Event::SshFailed {
+                user: link.session.identity.user.clone(),
+                target: t.name.clone(),
+                why: why.clone(),
+                client: self.peer.ip(),
+            };
+            let audit = st.audit.clone();
+            tokio::spawn(async move { audit.note(ev).await });
+            tracing::info!(target = %t.name, why = %why, "SSH target failed");
+            Err(format!("{} could not be reached: {why}", t.name))
+        };
+        let tcp = match tokio::time::timeout(st.cfg.ssh.connect_timeout, TcpStream::connect(&t.address)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return failed(format!("connect: {e}")),
+            Err(_) => return failed("connect timed out".into()),
+        };
+        let _ = tcp.set_nodelay(true);
+        let check = TargetCheck {
+            st: self.st.clone(),
+            target: t.name.clone(),
+            // Pinned keys poort cannot read pin nothing: they do not fall back to first use.
+            pinned: (!t.host_keys.is_empty())
+                .then(|| t.host_keys.iter().filter_map(|k| crate::ssh::parse_host_key(k)).collect()),
+            verdict: Arc::default(),
+        };
+        let verdict = check.verdict.clone();
+        let config = Arc::new(russh::client::Config { inactivity_timeout: None, nodelay: true, ..Default::default() });
+        let mut handle = match russh::client::connect_stream(config, tcp, check).await {
+            Ok(h) => h,
+            Err(e) => {
+                let why = verdict.lock().take().unwrap_or_else(|| format!("SSH handshake: {e}"));
+                return failed(why);
+            }
+        };
+        // A certificate for a key that lives as long as this connection, for one account,
+        // valid from a minute ago (clocks differ) for the configured lifetime.
+        let key = crate::ssh::ConnectionKey::new();
+        let now = st.clock.now().max(0) as u64;
+        let lifetime = st.cfg.ssh.certificate_lifetime.as_secs();
+        let principals = [link.principal.clone()];
+        let mut extensions = Vec::new();
+        if t.allow.shell || t.allow.exec {
+            extensions.push("permit-pty");
+        }
+        if t.allow.forward {
+            extensions.push("permit-port-forwarding");
+        }
+        let key_id = format!("poort:{}:{}", link.session.identity.user, link.session.id);
+        let grant = crate::ssh::Grant {
+            key_id: &key_id,
+            principals: &principals,
+            valid_after: now.saturating_sub(60),
+            valid_before: now + lifetime,
+            serial: self.door.serial.fetch_add(1, Ordering::Relaxed),
+            extensions: &extensions,
+        };
+        let cert = self.door.ca.certify(key.public(), &grant);
+        let (Ok(cert), Ok(private)) = (
+            ssh_key::Certificate::from_openssh(&cert.line()),
+            ssh_key::PrivateKey::from_openssh(key.openssh_private("").as_bytes()),
+        ) else {
+            return failed("making the certificate failed".into());
+        };
+        match handle.authenticate_openssh_cert(link.principal.clone(), Arc::new(private), cert).await {
+            Ok(r) if r.success() => Ok(Arc::new(handle)),
+            Ok(_) => failed(format!(
+                "it refused poort's certificate for {:?} (does it trust poort's CA, and is there such an account?)",
+                link.principal
+            )),
+            Err(e) => failed(format!("signing in: {e}")),
+        }
+    }
+
+    /// Policy for what a channel asks to do, then the request to the target.
+    async fn start(&mut self, channel: ChannelId, session: &mut SshSession, start: Start) -> Result<(), russh::Error> {
+        let Some(link) = self.link.clone() else { return answer(session, channel, false) };
+        let (st, n) = (self.st.clone(), self.channels);
+        let st: &State = (*st).as_ref();
+        let Some(c) = self.chans.get_mut(&channel) else { return answer(session, channel, false) };
+        if c.what.lock().is_some() {
+            return answer(session, channel, false);
+        }
+        let allow = link.target.allow;
+        let (what, allowed, recorded) = match &start {
+            Start::Shell => ("shell".to_string(), allow.shell, true),
+            Start::Exec(cmd) => {
+                let cmd = String::from_utf8_lossy(cmd);
+                let shown: String = cmd.chars().take(200).collect();
+                // Legacy scp runs as a command; it is a file transfer, allowed and recorded as one.
+                if cmd.starts_with("scp ") {
+                    (format!("scp {}", shown.trim_start_matches("scp ")), allow.sftp, false)
+                } else {
+                    (format!("exec {shown}"), allow.exec, true)
+                }
+            }
+            Start::Subsystem(name) => (format!("subsystem {name}"), name == "sftp" && allow.sftp, false),
+        };
+        if !allowed {
+            tracing::info!(user = %link.session.identity.user, target = %link.target.name, what, "SSH channel refused by policy");
+            let ev = Event::AccessDenied {
+                user: link.session.identity.user.clone(),
+                session: link.session.id.clone(),
+                app: format!("ssh:{}", link.target.name),
+                reason: format!("{what} is not allowed on this target"),
+                client: self.peer.ip(),
+            };
+            st.audit.note(ev).await;
+            return answer(session, channel, false);
+        }
+        if let Some(why) = c.failed.clone() {
+            // Said on the channel itself, so that the person reads why.
+            answer(session, channel, true)?;
+            let handle = session.handle();
+            tokio::spawn(async move {
+                let _ = handle.extended_data(channel, 1, format!("poort: {why}\r\n").into_bytes()).await;
+                let _ = handle.exit_status_request(channel, 255).await;
+                let _ = handle.eof(channel).await;
+                let _ = handle.close(channel).await;
+            });
+            return Ok(());
+        }
+        if recorded && link.target.record {
+            let name = format!("{}-{}-{n}.cast", format_stamp(st.clock.now()), link.session.id);
+            let title = format!("{} on {} as {}: {what}", link.session.identity.user, link.target.name, link.principal);
+            let h = record::Header {
+                width: c.size.0,
+                height: c.size.1,
+                timestamp: st.clock.now(),
+                title: &title,
+                term: &c.size.2,
+            };
+            match record::Recorder::create(&record::folder(&st.cfg.data_dir), &name, &h) {
+                Ok(r) => *c.recorder.lock() = Some(r),
+                Err(e) => {
+                    // Recording is on: a session that cannot be recorded does not start.
+                    tracing::error!(error = %e, "Cannot record; refusing the SSH channel");
+                    return answer(session, channel, false);
+                }
+            }
+        }
+        *c.what.lock() = Some(what);
+        let Some(to) = &c.to else { return answer(session, channel, false) };
+        let sent = match start {
+            Start::Shell => to.request_shell(true).await,
+            Start::Exec(cmd) => to.exec(true, cmd).await,
+            Start::Subsystem(name) => to.request_subsystem(true, name).await,
+        };
+        let ok = sent.is_ok() && reply(&mut c.replies).await;
+        answer(session, channel, ok)
+    }
+}
+
+/// `YYYYMMDDTHHMMSSZ`, for recording names that sort by time.
+fn format_stamp(t: i64) -> String {
+    crate::clock::format_utc(t).replace(['-', ':'], "").replace(' ', "T") + "Z"
+}
+
+/// Carries one channel from the target back to the person, and records it.
+struct Pump {
+    st: Arc<dyn AsRef<State> + Send + Sync>,
+    link: Arc<Link>,
+    handle: russh::server::Handle,
+    id: ChannelId,
+    replies: mpsc::Sender<bool>,
+    what: Arc<Mutex<Option<String>>>,
+    recorder: Arc<Mutex<Option<record::Recorder>>>,
+    counts: Arc<Counts>,
+}
+
+impl Pump {
+    async fn run(self, mut read: russh::ChannelReadHalf) {
+        let started = crate::clock::instant();
+        let mut exit_status = None;
+        while let Some(msg) = read.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => {
+                    self.seen(&data);
+                    if self.handle.data(self.id, data).await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::ExtendedData { data, ext } => {
+                    self.seen(&data);
+                    if self.handle.extended_data(self.id, ext, data).await.is_err() {
+                        break;
+                    }
+                }
+                ChannelMsg::Eof => {
+                    let _ = self.handle.eof(self.id).await;
+                }
+                ChannelMsg::ExitStatus { exit_status: s } => {
+                    exit_status = Some(s);
+                    let _ = self.handle.exit_status_request(self.id, s).await;
+                }
+                ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag } => {
+                    let _ = self
+                        .handle
+                        .exit_signal_request(self.id, signal_name, core_dumped, error_message, lang_tag)
+                        .await;
+                }
+                ChannelMsg::Success => {
+                    let _ = self.replies.try_send(true);
+                }
+                ChannelMsg::Failure => {
+                    let _ = self.replies.try_send(false);
+                }
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        let _ = self.handle.close(self.id).await;
+        let (recording, sha256) = match self.recorder.lock().take() {
+            Some(r) => r.finish(),
+            None => (String::new(), String::new()),
+        };
+        let what = self.what.lock().take();
+        let Some(what) = what else { return };
+        let l = &self.link;
+        let ev = Event::SshChannelClosed {
+            user: l.session.identity.user.clone(),
+            session: l.session.id.clone(),
+            target: l.target.name.clone(),
+            principal: l.principal.clone(),
+            what,
+            bytes_in: self.counts.up.load(Ordering::Relaxed),
+            bytes_out: self.counts.down.load(Ordering::Relaxed),
+            seconds: started.elapsed().as_secs(),
+            recording,
+            sha256,
+            exit_status,
+        };
+        (*self.st).as_ref().audit.note(ev).await;
+    }
+
+    fn seen(&self, data: &[u8]) {
+        self.counts.down.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(r) = self.recorder.lock().as_mut() {
+            r.output(data);
+        }
+    }
+}
+
+/// Checks a target's host key: one of the pinned keys, or else the one kept from the first
+/// connection (kept and audited then).
+struct TargetCheck {
+    st: Arc<dyn AsRef<State> + Send + Sync>,
+    target: String,
+    /// The config's `host_key` lines; None: trust on first use.
+    pinned: Option<Vec<String>>,
+    /// Why the key was refused, for the person and the audit record.
+    verdict: Arc<Mutex<Option<String>>>,
+}
+
+/// The store's setting that holds a target's host key kept on first use.
+pub fn kept_key_setting(target: &str) -> String {
+    format!("ssh_host_key:{target}")
+}
+
+impl russh::client::Handler for TargetCheck {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            *self.verdict.lock() = Some("it showed a host certificate; pin its key with host_key".into());
+            return Ok(false);
+        };
+        let Some(line) = key.to_openssh().ok().and_then(|l| crate::ssh::parse_host_key(&l)) else {
+            *self.verdict.lock() = Some("its host key is of a type poort does not take".into());
+            return Ok(false);
+        };
+        if let Some(pinned) = &self.pinned {
+            let ok = pinned.contains(&line);
+            if !ok {
+                *self.verdict.lock() = Some("its host key is not the one pinned in the config (host_key)".into());
+            }
+            return Ok(ok);
+        }
+        let st = (*self.st).as_ref();
+        let (setting, l2) = (kept_key_setting(&self.target), line.clone());
+        let kept = st
+            .store
+            .run(move |c| {
+                let kept = Store::setting(c, &setting)?;
+                if kept.is_none() {
+                    Store::put_setting(c, &setting, &l2)?;
+                }
+                Ok(kept)
+            })
+            .await;
+        match kept {
+            Ok(Some(k)) if k == line => Ok(true),
+            Ok(Some(_)) => {
+                *self.verdict.lock() = Some(
+                    "its host key changed since poort first saw it (poort ssh forget-host-key, if that is expected)"
+                        .into(),
+                );
+                Ok(false)
+            }
+            Ok(None) => {
+                let ev = Event::SshHostKeyKept { target: self.target.clone(), key: line };
+                if st.audit.record(ev).await.is_err() {
+                    *self.verdict.lock() = Some("the audit log is unavailable".into());
+                    return Ok(false);
+                }
+                Ok(true)
+            }
+            Err(_) => {
+                *self.verdict.lock() = Some("the store is unavailable".into());
+                Ok(false)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_user_name_splits_one_way() {
+        let a = |u: &str, t: &str, p: Option<&str>| {
+            Some(Ask { user: u.into(), target: t.into(), principal: p.map(Into::into) })
+        };
+        assert_eq!(Ask::parse("alice+db1"), a("alice", "db1", None));
+        assert_eq!(Ask::parse("alice@example.com+db1+root"), a("alice@example.com", "db1", Some("root")));
+        for bad in ["alice", "alice+", "+db1", "alice+db1+", "alice+db1+root+x", "alice+DB 1", "al ice+db1", ""] {
+            assert_eq!(Ask::parse(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Recordings of SSH sessions in asciicast v2 (the format of asciinema): a JSON header line,
+//! then one JSON array per event, `[seconds, "o" | "i" | "r", text]`: output, input, and a
+//! terminal resize as `COLSxROWS`. Each line is written and flushed as it happens, so that a
+//! recording cut short by a crash still holds everything before it, and the SHA-256 of the
+//! bytes written is kept as they go: the audit record of the channel carries it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ring::digest;
+
+/// Where recordings are kept: `recordings` in the data folder, next to the audit database.
+pub fn folder(data_dir: &Path) -> PathBuf {
+    data_dir.join("recordings")
+}
+
+/// What a recording's header says.
+pub struct Header<'a> {
+    pub width: u32,
+    pub height: u32,
+    /// Unix seconds at the start.
+    pub timestamp: i64,
+    pub title: &'a str,
+    pub term: &'a str,
+}
+
+pub struct Recorder {
+    file: std::io::BufWriter<std::fs::File>,
+    hash: digest::Context,
+    start: Instant,
+    /// The end of the last chunk each way when it stopped inside a UTF-8 sequence.
+    carry: [Vec<u8>; 2],
+    name: String,
+    broken: bool,
+}
+
+impl Recorder {
+    /// Starts `name` in `dir` (made if missing, owner-only); refuses to overwrite.
+    pub fn create(dir: &Path, name: &str, h: &Header<'_>) -> std::io::Result<Recorder> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dir.join(name))?;
+        let mut r = Recorder {
+            file: std::io::BufWriter::new(file),
+            hash: digest::Context::new(&digest::SHA256),
+            start: crate::clock::instant(),
+            carry: [Vec::new(), Vec::new()],
+            name: name.to_string(),
+            broken: false,
+        };
+        let header = serde_json::json!({
+            "version": 2,
+            "width": h.width.clamp(1, 1000),
+            "height": h.height.clamp(1, 1000),
+            "timestamp": h.timestamp,
+            "title": h.title,
+            "env": { "TERM": h.term },
+        });
+        r.line(&header.to_string())?;
+        Ok(r)
+    }
+
+    fn line(&mut self, s: &str) -> std::io::Result<()> {
+        self.hash.update(s.as_bytes());
+        self.hash.update(b"\n");
+        self.file.write_all(s.as_bytes())?;
+        self.file.write_all(b"\n")?;
+        self.file.flush()
+    }
+
+    fn event(&mut self, code: &str, text: &str) {
+        if self.broken {
+            return;
+        }
+        let t = self.start.elapsed().as_secs_f64();
+        let line = serde_json::json!([(t * 1e6).round() / 1e6, code, text]).to_string();
+        if let Err(e) = self.line(&line) {
+            tracing::error!(error = %e, recording = %self.name, "Writing a recording failed");
+            self.broken = true;
+        }
+    }
+
+    /// Bytes the target sent (`output`) or the person typed (`input`). A UTF-8 sequence cut
+    /// between two chunks is kept for the next; bytes that are not UTF-8 become U+FFFD.
+    fn bytes(&mut self, which: usize, code: &str, data: &[u8]) {
+        let mut all = std::mem::take(&mut self.carry[which]);
+        all.extend_from_slice(data);
+        let keep = incomplete_tail(&all);
+        let tail = all.split_off(all.len() - keep);
+        self.carry[which] = tail;
+        if !all.is_empty() {
+            let text = String::from_utf8_lossy(&all).into_owned();
+            self.event(code, &text);
+        }
+    }
+
+    pub fn output(&mut self, data: &[u8]) {
+        self.bytes(0, "o", data);
+    }
+
+    pub fn input(&mut self, data: &[u8]) {
+        self.bytes(1, "i", data);
+    }
+
+    pub fn resize(&mut self, width: u32, height: u32) {
+        self.event("r", &format!("{width}x{height}"));
+    }
+
+    /// Ends the recording: its file name and the SHA-256 (hex) of all it holds.
+    pub fn finish(mut self) -> (String, String) {
+        for (which, code) in [(0, "o"), (1, "i")] {
+            let rest = std::mem::take(&mut self.carry[which]);
+            if !rest.is_empty() {
+                let text = String::from_utf8_lossy(&rest).into_owned();
+                self.event(code, &text);
+            }
+        }
+        let _ = self.file.get_ref().sync_data();
+        let sum = crate::secret::hex(self.hash.finish().as_ref());
+        (self.name, sum)
+    }
+}
+
+/// How many bytes at the end of `b` begin a UTF-8 sequence that is not complete yet.
+fn incomplete_tail(b: &[u8]) -> usize {
+    for back in 1..=3.min(b.len()) {
+        let byte = b[b.len() - back];
+        if byte & 0xC0 == 0x80 {
+            continue;
+        }
+        let need = match byte {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => return 0,
+        };
+        return if need > back { back } else { 0 };
+    }
+    0
+}
+
+/// The output of a recording played back: every "o" event's text in order (what a replay
+/// shows on the terminal).
+pub fn replay_output(cast: &str) -> String {
+    cast.lines()
+        .skip(1)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get(1).and_then(|c| c.as_str()) == Some("o"))
+        .filter_map(|v| v.get(2).and_then(|t| t.as_str()).map(str::to_string))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_character_cut_between_chunks_is_recorded_whole() {
+        let dir =
+            std::env::temp_dir().join(format!("poort-rec-{}", crate::secret::hex(&crate::secret::random_bytes::<6>())));
+        let h = Header { width: 80, height: 24, timestamp: 1, title: "t", term: "xterm" };
+        let mut r = Recorder::create(&dir, "a.cast", &h).unwrap();
+        let text = "héllo → wörld\n".as_bytes();
+        for chunk in text.chunks(1) {
+            r.output(chunk);
+        }
+        r.input(b"ls\r");
+        r.resize(100, 30);
+        let (name, sum) = r.finish();
+        let cast = std::fs::read_to_string(dir.join(&name)).unwrap();
+        assert_eq!(replay_output(&cast), "héllo → wörld\n");
+        assert!(cast.contains(r#""i","ls\r""#), "{cast}");
+        assert!(cast.contains(r#""r","100x30""#), "{cast}");
+        let digest = crate::secret::hex(digest::digest(&digest::SHA256, cast.as_bytes()).as_ref());
+        assert_eq!(sum, digest, "the sum is of the bytes on disk");
+        assert!(Recorder::create(&dir, "a.cast", &h).is_err(), "a recording is never overwritten");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn incomplete_tails_are_found() {
+        assert_eq!(incomplete_tail(b"abc"), 0);
+        assert_eq!(incomplete_tail(&[b'a', 0xC3]), 1);
+        assert_eq!(incomplete_tail(&[0xE2, 0x86]), 2);
+        assert_eq!(incomplete_tail(&[0xE2, 0x86, 0x92]), 0);
+        assert_eq!(incomplete_tail(&[0xF0, 0x9F, 0x98]), 3);
+        assert_eq!(incomplete_tail(&[0xFF]), 0);
+    }
+}

@@ -1,0 +1,320 @@
+//! The SSH front door, end to end with OpenSSH on both sides: a real `ssh` client signs in to
+//! poort (`PERSON+TARGET`) with a key registered in the portal or with a code approved in the
+//! browser, and poort signs in to a real `sshd` that trusts only poort's CA. Who else tries:
+//! a person policy does not let in, an account policy does not give, someone with another
+//! person's key, a key alone where a second factor is needed, a target whose host key is not
+//! the pinned one, a session revoked mid-command, a command the target does not allow.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use poort::clock::Clock;
+use poort::identity::totp;
+
+use crate::harness::{Gate, Reaped, TempDir, eventually, start_sshd};
+
+struct Door {
+    gate: Gate,
+    _target: (TempDir, Reaped),
+    /// The SSH front door's port.
+    port: u16,
+    keys: TempDir,
+}
+
+/// A gateway with the SSH front door and targets on one real sshd that trusts poort's CA:
+/// `db1` (staff, as root; TOFU), `db1x` (the same, exec not allowed), `strict` (needs a second
+/// factor), `pinned` (a host key that is not the target's), plus `extra` config lines.
+async fn door(extra: &str) -> Door {
+    let sshd_dir = TempDir::new();
+    let ca_file = sshd_dir.0.join("ca.pub");
+    std::fs::write(&ca_file, "").unwrap();
+    let auth = format!("TrustedUserCAKeys {}\nAuthorizedKeysFile none", ca_file.display());
+    let (sshd, target_port) = start_sshd(&sshd_dir, &auth);
+    let other_key = TempDir::new();
+    let made =
+        Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(other_key.0.join("k")).status();
+    assert!(made.unwrap().success());
+    let wrong_host_key = std::fs::read_to_string(other_key.0.join("k.pub")).unwrap();
+    let staff = r#"{ rules = [{ effect = "allow", groups = ["staff"] }] }"#;
+    let tables = format!(
+        r#"
+[ssh]
+listen = "127.0.0.1:0"
+
+[[ssh_target]]
+name = "db1"
+address = "127.0.0.1:{target_port}"
+access = {staff}
+principals = ["root"]
+
+[[ssh_target]]
+name = "db1x"
+address = "127.0.0.1:{target_port}"
+access = {staff}
+principals = ["root"]
+allow = ["shell"]
+
+[[ssh_target]]
+name = "strict"
+address = "127.0.0.1:{target_port}"
+access = {staff}
+principals = ["root"]
+mfa = "required"
+
+[[ssh_target]]
+name = "pinned"
+address = "127.0.0.1:{target_port}"
+access = {staff}
+principals = ["root"]
+host_key = ["{}"]
+{extra}"#,
+        wrong_host_key.trim()
+    );
+    let gate = Gate::start_config("", &tables).await;
+    let ca = gate.cli(&["ssh", "ca"]);
+    assert!(ca.status.success());
+    std::fs::write(&ca_file, &ca.stdout).unwrap();
+    let port = gate.running.as_ref().unwrap().ssh_addr.expect("[ssh] listen is bound").port();
+    Door { gate, _target: (sshd_dir, sshd), port, keys: TempDir::new() }
+}
+
+impl Door {
+    /// A new key for `user`, registered in the portal; its private key's path.
+    async fn key_for(&self, user: &str, name: &str) -> PathBuf {
+        let path = self.new_key(name);
+        let line = std::fs::read_to_string(path.with_extension("pub")).unwrap();
+        let s = self.gate.login(user).await;
+        let added = self.gate.post("/.poort/security/ssh/add", &s, &[("key", line.trim()), ("name", name)]).await;
+        assert_eq!(added.status, 200, "{}", added.text());
+        path
+    }
+
+    /// A new key nobody registered.
+    fn new_key(&self, name: &str) -> PathBuf {
+        let path = self.keys.0.join(name);
+        let made = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&path).status();
+        assert!(made.unwrap().success());
+        path
+    }
+
+    /// `ssh` to the front door as `user` with `key` (batch mode: keys only), running `command`.
+    fn ssh(&self, user: &str, key: Option<&Path>, command: &[&str]) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]).args([
+            "-o",
+            "ConnectTimeout=10",
+            "-p",
+            &self.port.to_string(),
+        ]);
+        match key {
+            Some(k) => {
+                c.arg("-i").arg(k).args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]);
+            }
+            None => {
+                c.args(["-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=keyboard-interactive"]);
+            }
+        }
+        c.arg(format!("{user}@127.0.0.1")).args(command).stdin(Stdio::null());
+        c
+    }
+
+    async fn run(&self, mut c: Command) -> std::process::Output {
+        tokio::task::spawn_blocking(move || c.output().unwrap()).await.unwrap()
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_key_runs_a_command_on_the_target_recorded_and_audited() {
+    let d = door("").await;
+    let key = d.key_for("alice", "laptop").await;
+    let out = d.run(d.ssh("alice+db1", Some(&key), &["echo", "through-poort;", "id", "-un"])).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text(&out.stdout), "through-poort\nroot\n");
+
+    let opened = d.gate.audited("ssh_opened", |e| e["user"] == "alice" && e["target"] == "db1").await;
+    assert_eq!(opened.len(), 1);
+    assert_eq!(opened[0]["principal"], "root");
+    assert!(opened[0]["method"].as_str().unwrap().starts_with("key SHA256:"), "{}", opened[0]);
+    let session = opened[0]["session"].as_str().unwrap().to_string();
+    let mut closed = Vec::new();
+    eventually("the channel's record", Duration::from_secs(5), async || {
+        closed = d.gate.audited("ssh_channel_closed", |e| e["session"] == session.as_str()).await;
+        !closed.is_empty()
+    })
+    .await;
+    let c = &closed[0];
+    assert_eq!(c["what"], "exec echo through-poort; id -un");
+    assert_eq!(c["exit_status"], 0);
+    // The recording is where the record says, holds the output, and its sum is in the chain.
+    let file = d.gate.dir.0.join("recordings").join(c["recording"].as_str().unwrap());
+    let cast = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(poort::sshd::record::replay_output(&cast), "through-poort\nroot\n");
+    let sum = poort::secret::hex(ring::digest::digest(&ring::digest::SHA256, cast.as_bytes()).as_ref());
+    assert_eq!(c["sha256"], sum.as_str());
+    // The first host key of the target was kept and audited; the connection's session ended.
+    assert_eq!(d.gate.audited("ssh_host_key_kept", |e| e["target"] == "db1").await.len(), 1);
+    eventually("the connection's session ends with it", Duration::from_secs(5), async || {
+        !d.gate.audited("ssh_closed", |e| e["session"] == session.as_str()).await.is_empty()
+    })
+    .await;
+    let live = d.gate.store().list_sessions(Some("alice")).unwrap();
+    assert!(!live.iter().any(|r| r.id == session), "the SSH session is gone with its connection");
+    // The key's last use is recorded.
+    let keys = d.gate.store().with(|c| poort::ssh::keys(c, "alice")).unwrap();
+    assert!(keys[0].last_used.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn people_accounts_keys_and_channels_policy_does_not_give_are_refused() {
+    let d = door("").await;
+    let alice = d.key_for("alice", "alice").await;
+    let bob = d.key_for("bob", "bob").await;
+    let nobody = d.new_key("nobody");
+    let refused = async |user: &str, key: &Path| {
+        let out = d.run(d.ssh(user, Some(key), &["echo", "in"])).await;
+        assert!(!out.status.success(), "{user} got in: {out:?}");
+        assert!(!text(&out.stdout).contains("in"), "{user}: {out:?}");
+        text(&out.stderr)
+    };
+    // bob is not staff.
+    assert!(refused("bob+db1", &bob).await.contains("Permission denied"));
+    // alice may not be "operator" on db1; a target that does not exist looks the same.
+    refused("alice+db1+operator", &alice).await;
+    refused("alice+nosuch", &alice).await;
+    // alice's key is not carol's, though carol may use db1 too.
+    let hash = poort::identity::password::hash(crate::harness::PASSWORD).unwrap();
+    let now = d.gate.clock.now();
+    d.gate.store().add_user("carol", None, &hash, &["staff".into()], now).unwrap();
+    refused("carol+db1", &alice).await;
+    refused("bob+db1", &alice).await;
+    refused("alice+db1", &nobody).await;
+    // A plain user name, with no target.
+    refused("alice", &alice).await;
+    // A key is one factor: a target that needs a second one does not take it.
+    refused("alice+strict", &alice).await;
+    let denied = d.gate.audited("access_denied", |e| e["app"].as_str().is_some_and(|a| a.starts_with("ssh:"))).await;
+    let reasons: Vec<String> = denied.iter().map(|e| format!("{} {} {}", e["user"], e["app"], e["reason"])).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("bob") && r.contains("ssh:db1") && r.contains("no allow rule")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("operator")), "{reasons:?}");
+    assert!(d.gate.audit("ssh_opened").is_empty(), "nobody got in");
+    assert!(
+        !d.gate.store().list_sessions(None).unwrap().iter().any(|r| r.kind == "ssh"),
+        "a refusal leaves no session behind"
+    );
+
+    // A command where the target allows a shell only: the channel is refused, said and audited.
+    let out = d.run(d.ssh("alice+db1x", Some(&alice), &["echo", "in"])).await;
+    assert!(!out.status.success() && !text(&out.stdout).contains("in"), "{out:?}");
+    let denied = d.gate.audited("access_denied", |e| e["app"] == "ssh:db1x").await;
+    assert!(denied.iter().any(|e| e["reason"].as_str().unwrap().contains("exec echo in is not allowed")), "{denied:?}");
+
+    // A target whose host key is not the pinned one: poort does not sign in to it, and says so.
+    let out = d.run(d.ssh("alice+pinned", Some(&alice), &["echo", "in"])).await;
+    assert!(!out.status.success(), "{out:?}");
+    assert!(text(&out.stderr).contains("its host key is not the one pinned"), "{}", text(&out.stderr));
+    assert!(!d.gate.audited("ssh_failed", |e| e["target"] == "pinned").await.is_empty());
+
+    // During a lockdown only the admin group gets in; alice is not in it.
+    assert!(d.gate.cli(&["lockdown", "on"]).status.success());
+    let gw = d.gate.running.as_ref().unwrap();
+    eventually("the lockdown is in force", Duration::from_secs(5), async || gw.gateway().state.mitigation.lockdown())
+        .await;
+    refused("alice+db1", &alice).await;
+    let denied = d.gate.audited("access_denied", |e| e["reason"] == "lockdown").await;
+    assert!(denied.iter().any(|e| e["user"] == "alice" && e["app"] == "ssh:db1"), "{denied:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_key_a_code_approved_in_the_browser_signs_in_with_its_factors() {
+    let d = door("").await;
+    let mut child = d
+        .ssh("alice+strict", None, &["echo", "approved-in-the-browser"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The code is printed on the terminal: read it from ssh's standard error.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let code = tokio::task::spawn_blocking(move || {
+        let until = Instant::now() + Duration::from_secs(15);
+        while let Ok(line) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            if let Some(i) = line.find("/.poort/device?code=") {
+                return Some(line[i + "/.poort/device?code=".len()..].trim().to_string());
+            }
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("ssh shows the URL with the code");
+    // alice, signed in with a second factor, approves it.
+    let s = d.gate.login("alice").await;
+    let (secret, s, _) = crate::harness::enrol(&d.gate, &s).await;
+    assert_eq!(d.gate.get(&format!("/.poort/device?code={code}"), Some(&s)).await.status, 200);
+    let page = d.gate.get(&format!("/.poort/device?code={code}"), Some(&s)).await.text();
+    assert!(page.contains("An SSH connection to strict asked to sign in as"), "{page}");
+    d.gate.clock.advance(30);
+    let totp_code = totp::code_at_step(&secret, totp::step_at(d.gate.clock.now()));
+    let s = d.gate.confirm(&s, &[("code", &totp_code), ("device", &code)]).await;
+    let r = d.gate.post("/.poort/device", &s, &[("code", &code), ("decision", "approve")]).await;
+    assert!(r.text().contains("Go back to your terminal"), "{}", r.text());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text(&out.stdout), "approved-in-the-browser\n");
+    let opened = d.gate.audited("ssh_opened", |e| e["target"] == "strict").await;
+    assert_eq!(opened[0]["method"], "approved in the browser");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_session_ends_its_ssh_connection_within_a_second() {
+    let d = door("").await;
+    let key = d.key_for("alice", "laptop").await;
+    let mut child =
+        d.ssh("alice+db1", Some(&key), &["echo", "started;", "sleep", "30"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut session = String::new();
+    eventually("the connection opens", Duration::from_secs(10), async || {
+        let opened = d.gate.audited("ssh_opened", |e| e["user"] == "alice").await;
+        session = opened.first().map(|e| e["session"].as_str().unwrap().to_string()).unwrap_or_default();
+        !session.is_empty()
+    })
+    .await;
+    // The person ends the session from the portal's list of their sessions.
+    let s = d.gate.login("alice").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = d.gate.post("/.poort/sessions/end", &s, &[("id", &session)]).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let revoked = Instant::now();
+    let waited = tokio::task::spawn_blocking(move || {
+        while Instant::now() - revoked < Duration::from_secs(5) {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some((Instant::now() - revoked, status));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    })
+    .await
+    .unwrap();
+    let (after, status) = waited.expect("the ssh client was cut off");
+    assert!(!status.success());
+    assert!(after < Duration::from_secs(1), "cut {after:?} after the revocation");
+    let closed = d.gate.audited("ssh_closed", |e| e["session"] == session.as_str()).await;
+    assert!(!closed.is_empty());
+}
