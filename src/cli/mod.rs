@@ -477,8 +477,13 @@ fn check(path: &Path) -> i32 {
                 sources.push(count(cfg.auth.oidc.len(), "single sign-on provider"));
             }
             let exports: Vec<&str> = cfg.audit_export.iter().map(|e| e.name.as_str()).collect();
+            let ssh = match cfg.ssh.listen {
+                Some(a) => format!(", {} on {a}", count(cfg.ssh_targets.len(), "SSH target")),
+                None if cfg.ssh_targets.is_empty() => String::new(),
+                None => format!(", {} but no [ssh] listen", count(cfg.ssh_targets.len(), "SSH target")),
+            };
             println!(
-                "{}: ok ({}, {}; sign-in: {}; audit export: {})",
+                "{}: ok ({}, {}{ssh}; sign-in: {}; audit export: {})",
                 path.display(),
                 count(cfg.apps.len(), "app"),
                 count(cfg.tunnels.len(), "tunnel"),

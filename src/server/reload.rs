@@ -8,7 +8,7 @@
 //! cut at once (`Grants::review`).
 //!
 //! What a running process cannot change (where its data lives, its worker threads, its public
-//! address and ACME settings) takes a restart: a config that changes one of them is refused,
+//! address, ACME settings, the SSH listener) takes a restart: a config that changes one of them is refused,
 //! saying so.
 
 use std::fmt::Debug;
@@ -426,13 +426,15 @@ fn same_connections(a: &Server, b: &Server) -> bool {
 
 /// Refuses a change a running process cannot make.
 fn needs_no_restart(was: &Config, now: &Config) -> Result<(), String> {
-    let fixed: [(&str, String, String); 6] = [
+    let fixed: [(&str, String, String); 8] = [
         ("store.data_dir", was.data_dir.display().to_string(), now.data_dir.display().to_string()),
         ("store.database_url", was.database.to_string(), now.database.to_string()),
         ("server.workers", was.server.workers.to_string(), now.server.workers.to_string()),
         ("server.external_url", was.server.external_origin.clone(), now.server.external_origin.clone()),
         ("tls.acme", format!("{:?}", was.tls.acme), format!("{:?}", now.tls.acme)),
         ("log.format", was.log.json.to_string(), now.log.json.to_string()),
+        ("ssh.listen", format!("{:?}", was.ssh.listen), format!("{:?}", now.ssh.listen)),
+        ("ssh.idle_timeout", format!("{:?}", was.ssh.idle_timeout), format!("{:?}", now.ssh.idle_timeout)),
     ];
     for (key, a, b) in fixed {
         if a != b {
@@ -464,6 +466,7 @@ fn changes(was: &Config, now: &Config) -> Vec<String> {
     note("auth", same(&was.auth, &now.auth));
     note("log", same(&was.log, &now.log));
     note("admin", was.admin_listen == now.admin_listen);
+    note("ssh", same(&(&was.ssh, &was.ssh_targets), &(&now.ssh, &now.ssh_targets)));
     note("audit", same(&was.audit_export, &now.audit_export) && was.audit_seal_interval == now.audit_seal_interval);
     out
 }
