@@ -24,6 +24,8 @@ pub enum Body {
     Direct(Incoming),
     /// An upstream response to a session, cut when the session ends.
     Watched(Box<Watched>),
+    /// Chunks made as they come (a recording watched while it is made).
+    Stream(tokio::sync::mpsc::Receiver<Bytes>),
 }
 
 /// Why a response stream was cut.
@@ -83,6 +85,7 @@ impl hyper::body::Body for Body {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Upstream(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
             Body::Direct(inner) => Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            Body::Stream(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
             Body::Watched(w) => {
                 if let Some(why) = w.line.ended_now() {
                     return Poll::Ready(Some(Err(Box::new(Cut(why)))));
@@ -108,6 +111,7 @@ impl hyper::body::Body for Body {
             Body::Upstream(inner) => inner.is_end_stream(),
             Body::Direct(inner) => inner.is_end_stream(),
             Body::Watched(w) => w.inner.is_end_stream(),
+            Body::Stream(_) => false,
         }
     }
 
@@ -117,6 +121,7 @@ impl hyper::body::Body for Body {
             Body::Upstream(inner) => inner.size_hint(),
             Body::Direct(inner) => inner.size_hint(),
             Body::Watched(w) => w.inner.size_hint(),
+            Body::Stream(_) => SizeHint::default(),
         }
     }
 }

@@ -43,6 +43,20 @@ fn harden(resp: &mut Response<Body>) {
     );
 }
 
+/// A page with a terminal: the portal's policy, except that styles may also come from the
+/// page's script (the terminal emulator sets its own at run time). Scripts still come only
+/// from the gateway's own files, and nothing on these pages is made from markup a person sent.
+pub fn terminal_page(status: StatusCode, body: impl Into<Body>) -> Response<Body> {
+    let mut resp = page(status, "text/html; charset=utf-8", body);
+    resp.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
+        ),
+    );
+    resp
+}
+
 /// A page poort rendered itself.
 pub fn page(status: StatusCode, content_type: &'static str, body: impl Into<Body>) -> Response<Body> {
     let mut resp = Response::new(body.into());
@@ -272,4 +286,30 @@ async fn answer(st: &State, at: At<'_>, refusal: Refusal) -> Response<Body> {
             error_page(StatusCode::SERVICE_UNAVAILABLE, id)
         }
     }
+}
+
+/// The page of a terminal: an SSH session in the browser, or a recording replayed or watched.
+#[derive(Template)]
+#[template(path = "terminal.html")]
+pub struct TerminalPage<'a> {
+    pub user: &'a str,
+    pub csrf: &'a str,
+    pub heading: &'a str,
+    pub about: &'a str,
+    /// `ssh`, `replay` or `live` (assets/terminal.js).
+    pub mode: &'a str,
+    /// Where an SSH session's WebSocket goes (a path with its ticket).
+    pub socket: &'a str,
+    /// Shown in the admin console, with its menu and its token for the end button.
+    pub admin: bool,
+    pub token: &'a str,
+    pub end_session: Option<&'a str>,
+}
+
+/// Where a terminal page's recording goes: what comes before and after it.
+pub fn terminal_parts(p: &TerminalPage<'_>) -> Option<(String, String)> {
+    let text = p.render().map_err(|e| tracing::error!(error = %e, "Template rendering failed")).ok()?;
+    // The last mark is the page's own: anything a person typed comes before it.
+    let (before, after) = text.rsplit_once("@@CAST@@")?;
+    Some((before.to_string(), after.to_string()))
 }

@@ -18,6 +18,8 @@ pub enum Found {
     App(usize),
     /// `/.poort/tunnel/<name>` on the portal host: a command-line tunnel.
     Tunnel,
+    /// An SSH target in the browser (`TERMINALS`).
+    Terminal,
     /// A path-prefix app's root without its slash: redirect to the prefix.
     AddSlash(usize),
     /// `/.poort/auth` on any host poort serves: a proxy in front of an app asks whether a
@@ -29,6 +31,8 @@ pub enum Found {
 
 /// Where tunnels open, on the portal host.
 pub const TUNNELS: &str = "/.poort/tunnel/";
+/// SSH targets in the browser: `/.poort/ssh/NAME`.
+pub const TERMINALS: &str = "/.poort/ssh/";
 
 /// Where proxies in front of apps ask whether a request may pass, on any host poort serves.
 pub const FORWARD_AUTH: &str = "/.poort/auth";
@@ -82,6 +86,9 @@ impl Routes {
         }
         if path.starts_with(TUNNELS) {
             return Found::Tunnel;
+        }
+        if path.starts_with(TERMINALS) {
+            return Found::Terminal;
         }
         if path == FORWARD_AUTH {
             return Found::ForwardAuth;

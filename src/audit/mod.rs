@@ -23,6 +23,7 @@ use serde::Serialize;
 use crate::clock::{Clock, UnixTime};
 
 pub mod export;
+pub mod recording;
 pub mod report;
 pub mod seal;
 
@@ -142,6 +143,16 @@ pub enum Event {
         /// `key SHA256:…` or `approved in the browser`.
         method: String,
         client: IpAddr,
+    },
+    /// A channel of an SSH connection started: what it does, and its recording if recorded.
+    SshChannelOpened {
+        user: String,
+        session: String,
+        target: String,
+        principal: String,
+        what: String,
+        /// The recording's file name in the data folder's `recordings`; empty if not recorded.
+        recording: String,
     },
     /// One channel of an SSH connection ended: what it did and where its recording is.
     SshChannelClosed {
@@ -301,6 +312,7 @@ pub const KINDS: &[&str] = &[
     "tunnel_closed",
     "tunnel_failed",
     "ssh_opened",
+    "ssh_channel_opened",
     "ssh_channel_closed",
     "ssh_closed",
     "ssh_failed",
@@ -341,6 +353,7 @@ impl Event {
             Event::TunnelClosed { .. } => "tunnel_closed",
             Event::TunnelFailed { .. } => "tunnel_failed",
             Event::SshOpened { .. } => "ssh_opened",
+            Event::SshChannelOpened { .. } => "ssh_channel_opened",
             Event::SshChannelClosed { .. } => "ssh_channel_closed",
             Event::SshClosed { .. } => "ssh_closed",
             Event::SshFailed { .. } => "ssh_failed",

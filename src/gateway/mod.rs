@@ -427,6 +427,7 @@ impl Gateway {
                 Box::pin(portal::routes::dispatch(&self.state, ctx, on_portal_host, req)).await
             }
             Found::Tunnel => Box::pin(crate::tunnel::open(&self.state, ctx, req)).await,
+            Found::Terminal => Box::pin(crate::sshd::terminal::terminal(&self.state, ctx, req)).await,
             Found::ForwardAuth => Box::pin(self.forward_auth(ctx, req)).await,
             Found::App(i) => self.app(i, ctx, req).await,
             Found::AddSlash(i) => match &self.state.cfg.apps[i].route {

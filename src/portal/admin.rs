@@ -29,7 +29,7 @@ pub(super) async fn admit(st: &State, ctx: &Ctx, s: &Session, route: &Route, h: 
         refused(st, ctx, s, "not in the admin group");
         return Some(error_page(StatusCode::FORBIDDEN, ctx.id));
     }
-    if route.verb == Verb::Get && !navigated(st, h) {
+    if route.verb == Verb::Get && !super::routes::navigated(st, h) {
         tracing::warn!(request = %ctx.id, client = %ctx.client, "Refused: an admin page not opened by the person");
         refused(st, ctx, s, "a page not opened by the person");
         // The administrator is allowed in, just not this way: say how.
@@ -68,24 +68,6 @@ async fn is_admin(st: &State, s: &Session) -> bool {
     matches!(st.store.run(move |c| Store::identity(c, &name)).await, Ok(Some(who)) if who.groups.contains(&group))
 }
 
-/// A page the person opened themselves: a top-level navigation (fetch metadata) they
-/// activated, from the address bar or a bookmark (`none`), or from a portal page. A script's
-/// `fetch`, a frame, or a window an app's page opened on the portal's origin (when apps are
-/// routed by path they share it) sends something else, and reads no admin page.
-fn navigated(st: &State, h: &HeaderMap) -> bool {
-    let is = |name: &str, want: &[u8]| h.get(name).is_some_and(|v| v.as_bytes() == want);
-    let portal = format!("{}/.poort/", st.cfg.server.external_origin);
-    let launcher = format!("{}/", st.cfg.server.external_origin);
-    let from_portal = h.get(header::REFERER).is_some_and(|r| {
-        let r = r.as_bytes();
-        r.starts_with(portal.as_bytes()) || r == launcher.as_bytes()
-    });
-    is("sec-fetch-mode", b"navigate")
-        && is("sec-fetch-dest", b"document")
-        && is("sec-fetch-user", b"?1")
-        && (is("sec-fetch-site", b"none") || (is("sec-fetch-site", b"same-origin") && from_portal))
-}
-
 /// Runs an admin page's handler.
 pub(super) async fn serve(st: &State, page_: super::Page, call: Call) -> Response<Body> {
     use super::Page::*;
@@ -107,6 +89,8 @@ pub(super) async fn serve(st: &State, page_: super::Page, call: Call) -> Respons
         AdminMitigationAct => mitigation_act(st, &call).await,
         AdminAccess => access(st, &call).await,
         AdminReport => report(st, &call).await,
+        AdminRecordings => recordings(st, &call).await,
+        AdminRecording => recording(st, &call).await,
         _ => error_page(StatusCode::NOT_FOUND, call.ctx.id),
     };
     // What an administrator sees stays out of caches and frames.
@@ -184,6 +168,140 @@ async fn blocking<R: Send + 'static>(
 
 fn unavailable(call: &Call) -> Response<Body> {
     error_page(StatusCode::SERVICE_UNAVAILABLE, call.ctx.id)
+}
+
+// ---- recordings ---------------------------------------------------------------------------
+
+struct RecordingLine {
+    seq: i64,
+    at: String,
+    user: String,
+    target: String,
+    principal: String,
+    what: String,
+    live: bool,
+    /// The file is on this node.
+    here: bool,
+    state: String,
+}
+
+#[derive(Template)]
+#[template(path = "admin_recordings.html")]
+struct RecordingsPage<'a> {
+    user: &'a str,
+    csrf: &'a str,
+    lines: Vec<RecordingLine>,
+}
+
+/// The newest recorded channels (`ssh_channel_opened` records with a recording).
+async fn recordings(st: &State, call: &Call) -> Response<Body> {
+    let rows = blocking(st, |store| {
+        store.with(|c| {
+            c.query_map(
+                "SELECT seq, at, detail FROM audit WHERE kind = 'ssh_channel_opened' ORDER BY seq DESC LIMIT 200",
+                crate::db::params![],
+                |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?, r.get::<String>(2)?)),
+            )
+        })
+    })
+    .await;
+    let Some(rows) = rows else { return unavailable(call) };
+    let folder = audit::recording::folder(&st.cfg.data_dir);
+    let lines = rows
+        .into_iter()
+        .filter_map(|(seq, at, detail)| {
+            let d: serde_json::Value = serde_json::from_str(&detail).ok()?;
+            let name = audit::field(&d, "recording");
+            if !audit::recording::valid_name(&name) {
+                return None;
+            }
+            let live = audit::recording::is_open(&name);
+            let here = folder.join(&name).is_file();
+            let state = if here { "ended" } else { "on another node, or removed" };
+            Some(RecordingLine {
+                seq,
+                at: format_minutes(at),
+                user: audit::field(&d, "user"),
+                target: audit::field(&d, "target"),
+                principal: audit::field(&d, "principal"),
+                what: audit::field(&d, "what"),
+                live,
+                here,
+                state: state.into(),
+            })
+        })
+        .collect();
+    let (csrf, new) = csrf_for_page(call.headers());
+    let p = RecordingsPage { user: &call.session().identity.user, csrf: &csrf, lines };
+    with_csrf_cookie(html(StatusCode::OK, &p), &csrf, new)
+}
+
+/// Largest recording a page shows.
+const RECORDING_SHOWN: u64 = 16 << 20;
+
+/// One recording, replayed; or, while it is being made on this node, watched as it goes.
+/// Watching someone's session is an administrator's action: it is audited first.
+async fn recording(st: &State, call: &Call) -> Response<Body> {
+    let seq: i64 = query_param(call, "seq").and_then(|s| s.parse().ok()).unwrap_or(-1);
+    let row = blocking(st, move |store| {
+        store.with(|c| {
+            use crate::db::OptionalExtension;
+            c.query_row(
+                "SELECT detail FROM audit WHERE seq = ?1 AND kind = 'ssh_channel_opened'",
+                crate::db::params![seq],
+                |r| r.get::<String>(0),
+            )
+            .optional()
+        })
+    })
+    .await;
+    let Some(row) = row else { return unavailable(call) };
+    let Some(d) = row.and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok()) else {
+        return error_page(StatusCode::NOT_FOUND, call.ctx.id);
+    };
+    // The file's name comes from the audit record, never from the request, and must still
+    // look like one a recorder made.
+    let name = audit::field(&d, "recording");
+    let path = audit::recording::folder(&st.cfg.data_dir).join(&name);
+    if !audit::recording::valid_name(&name) || !path.is_file() {
+        return error_page(StatusCode::NOT_FOUND, call.ctx.id);
+    }
+    let (user, target, what) = (audit::field(&d, "user"), audit::field(&d, "target"), audit::field(&d, "what"));
+    let live = audit::recording::is_open(&name);
+    let verb = if live { "recording watch" } else { "recording replay" };
+    if !record(st, call, verb, &user, &format!("{what} on {target} ({name})")).await {
+        return unavailable(call);
+    }
+    let session = audit::field(&d, "session");
+    let heading = format!("{user} on {target} as {}", audit::field(&d, "principal"));
+    let about = format!("{what}: {}", if live { "live, as it happens" } else { "a recording" });
+    let (csrf, new) = csrf_for_page(call.headers());
+    let token = token(st, call);
+    let p = crate::respond::TerminalPage {
+        user: &call.session().identity.user,
+        csrf: &csrf,
+        heading: &heading,
+        about: &about,
+        mode: if live { "live" } else { "replay" },
+        socket: "",
+        admin: true,
+        token: &token,
+        end_session: live.then_some(session.as_str()),
+    };
+    let Some((before, after)) = crate::respond::terminal_parts(&p) else {
+        return error_page(StatusCode::INTERNAL_SERVER_ERROR, call.ctx.id);
+    };
+    let stream = audit::recording::page_stream(
+        before,
+        after,
+        path,
+        name,
+        RECORDING_SHOWN,
+        std::time::Duration::from_secs(4 * 3600),
+    );
+    // Ends when the administrator's own session does.
+    let body = Body::watched(Body::Stream(stream), call.session().lifeline());
+    with_csrf_cookie(crate::respond::terminal_page(StatusCode::OK, body), &csrf, new)
 }
 
 // ---- overview -----------------------------------------------------------------------------

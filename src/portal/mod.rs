@@ -35,6 +35,10 @@ pub(crate) use signin::{PasswordCheck, SignedIn, lockdown_admin, open_session};
 
 const STYLE: &str = include_str!("../../assets/style.css");
 const SCRIPT: &str = include_str!("../../assets/webauthn.js");
+const TERMINAL_SCRIPT: &str = include_str!("../../assets/terminal.js");
+/// The terminal emulator, xterm.js (MIT; assets/vendor/xterm, refreshed by scripts/vendor-xterm).
+const XTERM_SCRIPT: &str = include_str!("../../assets/vendor/xterm/xterm.js");
+const XTERM_STYLE: &str = include_str!("../../assets/vendor/xterm/xterm.css");
 /// A host hand-off code is good for this long, once.
 const HANDOFF_SECS: i64 = 60;
 
@@ -154,6 +158,13 @@ pub(crate) async fn serve(st: &State, page_: Page, call: Call) -> Response<Body>
     match page_ {
         Page::Style => cached(Body::from_static(STYLE), "text/css; charset=utf-8", "public, max-age=3600"),
         Page::Script => cached(Body::from_static(SCRIPT), "text/javascript; charset=utf-8", "public, max-age=3600"),
+        Page::TerminalScript => {
+            cached(Body::from_static(TERMINAL_SCRIPT), "text/javascript; charset=utf-8", "private, max-age=3600")
+        }
+        Page::XtermScript => {
+            cached(Body::from_static(XTERM_SCRIPT), "text/javascript; charset=utf-8", "private, max-age=3600")
+        }
+        Page::XtermStyle => cached(Body::from_static(XTERM_STYLE), "text/css; charset=utf-8", "private, max-age=3600"),
         Page::Health => page(StatusCode::OK, "text/plain; charset=utf-8", Body::from_static("ok\n")),
         Page::Jwks => cached(Body::from(st.signer.jwks().to_string()), "application/json", "public, max-age=300"),
         Page::Launcher => launcher(st, &call),
@@ -188,7 +199,7 @@ pub(crate) async fn serve(st: &State, page_: Page, call: Call) -> Response<Body>
         Page::DeviceForm => device::approve_page(st, &call).await,
         Page::DeviceDecide => device::decide(st, call).await,
         // The gateway routes tunnels (route::Found::Tunnel); the row only declares them.
-        Page::Tunnel | Page::ForwardAuth => error_page(StatusCode::NOT_FOUND, call.ctx.id),
+        Page::Tunnel | Page::ForwardAuth | Page::Terminal => error_page(StatusCode::NOT_FOUND, call.ctx.id),
         Page::SignInHere => sign_in_here(st, &call),
         Page::Oidc => sso::serve(st, call).await,
         Page::AdminHome
@@ -197,6 +208,8 @@ pub(crate) async fn serve(st: &State, page_: Page, call: Call) -> Response<Body>
         | Page::AdminUserAct
         | Page::AdminSessions
         | Page::AdminSessionsAct
+        | Page::AdminRecordings
+        | Page::AdminRecording
         | Page::AdminAudit
         | Page::AdminAuditExport
         | Page::AdminMitigation

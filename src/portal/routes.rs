@@ -138,6 +138,12 @@ pub enum Page {
     AdminMitigationAct,
     AdminAccess,
     AdminReport,
+    AdminRecordings,
+    AdminRecording,
+    TerminalScript,
+    XtermScript,
+    XtermStyle,
+    Terminal,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -209,6 +215,15 @@ pub const ROUTES: &[Route] = &[
     row(Portal, "/.poort/device/logout", Post, Cli, NoBody, Page::DeviceLogout),
     // Routed by the gateway (route::Found::Tunnel), admitted by this row.
     row(Portal, crate::route::TUNNELS, Get, CliSession, NoBody, Page::Tunnel).prefix(),
+    // Routed by the gateway (route::Found::Terminal) to the SSH front door, admitted by this
+    // row: the page of an SSH session in the browser, and its WebSocket. The page must be the
+    // person's own navigation, and the WebSocket carries a ticket only that page holds
+    // (`sshd::terminal`).
+    row(Portal, crate::route::TERMINALS, Get, Session, NoBody, Page::Terminal).prefix(),
+    // The terminal's scripts and styles, for signed-in pages only.
+    row(Portal, "/.poort/terminal.js", Get, Session, NoBody, Page::TerminalScript),
+    row(Portal, "/.poort/xterm.js", Get, Session, NoBody, Page::XtermScript),
+    row(Portal, "/.poort/xterm.css", Get, Session, NoBody, Page::XtermStyle),
     // Routed by the gateway (route::Found::ForwardAuth), admitted by this row: what a proxy
     // in front of an app asks for each request. Its caller must be a trusted proxy.
     row(Any, crate::route::FORWARD_AUTH, Get, Anyone, NoBody, Page::ForwardAuth),
@@ -256,6 +271,8 @@ pub const ROUTES: &[Route] = &[
     row(Portal, "/.poort/admin/mitigation", Post, Admin, Form, Page::AdminMitigationAct).own_action(),
     row(Portal, "/.poort/admin/access", Get, Admin, NoBody, Page::AdminAccess),
     row(Portal, "/.poort/admin/report", Get, Admin, NoBody, Page::AdminReport),
+    row(Portal, "/.poort/admin/recordings", Get, Admin, NoBody, Page::AdminRecordings),
+    row(Portal, "/.poort/admin/recording", Get, Admin, NoBody, Page::AdminRecording),
 ];
 
 impl Route {
@@ -531,6 +548,24 @@ async fn read_form(h: &HeaderMap, body: Incoming) -> Option<HashMap<String, Stri
         }
     }
     Some(form)
+}
+
+/// A page the person opened themselves: a top-level navigation (fetch metadata) they
+/// activated, from the address bar or a bookmark (`none`), or from a portal page. A script's
+/// `fetch`, a frame, or a window an app's page opened on the portal's origin (when apps are
+/// routed by path they share it) sends something else, and reads no admin page.
+pub fn navigated(st: &State, h: &HeaderMap) -> bool {
+    let is = |name: &str, want: &[u8]| h.get(name).is_some_and(|v| v.as_bytes() == want);
+    let portal = format!("{}/.poort/", st.cfg.server.external_origin);
+    let launcher = format!("{}/", st.cfg.server.external_origin);
+    let from_portal = h.get(header::REFERER).is_some_and(|r| {
+        let r = r.as_bytes();
+        r.starts_with(portal.as_bytes()) || r == launcher.as_bytes()
+    });
+    is("sec-fetch-mode", b"navigate")
+        && is("sec-fetch-dest", b"document")
+        && is("sec-fetch-user", b"?1")
+        && (is("sec-fetch-site", b"none") || (is("sec-fetch-site", b"same-origin") && from_portal))
 }
 
 #[cfg(test)]

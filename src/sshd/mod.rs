@@ -23,8 +23,6 @@
 //! recorded (`record`) unless the target says `record = false`; file transfers only by name
 //! and size.
 
-pub mod record;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,22 +33,42 @@ use parking_lot::Mutex;
 use russh::keys::ssh_key;
 use russh::server::{Auth, Msg, Session as SshSession};
 use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::audit::Event;
+use crate::audit::recording;
+
+mod target;
+pub mod terminal;
 use crate::config::SshTarget;
 use crate::policy::{self, Decision, Resource, Subject};
 use crate::session::grant::Grant;
 use crate::session::{Factors, Kind, Opening, Session};
 use crate::state::State;
 use crate::store::Store;
+pub use target::kept_key_setting;
 
 /// The config in force now: a new connection takes it once and keeps it.
 pub type Current = Arc<dyn Fn() -> Arc<dyn AsRef<State> + Send + Sync> + Send + Sync>;
 
 /// What a registered key proves: one factor (`swk`), whatever policy asks beyond it.
 const KEY_FACTORS: Factors = Factors::SWK;
+
+/// What a connection's tasks need of the gateway's state, owned: they outlive the request
+/// or the config that started them.
+#[derive(Clone)]
+pub(crate) struct Parts {
+    pub store: Store,
+    pub audit: crate::audit::Audit,
+    pub clock: Arc<dyn crate::clock::Clock>,
+    pub cfg: Arc<crate::config::Config>,
+}
+
+impl Parts {
+    pub fn of(st: &State) -> Parts {
+        Parts { store: st.store.clone(), audit: st.audit.clone(), clock: st.clock.clone(), cfg: st.cfg.clone() }
+    }
+}
 
 /// What a grant holds for an SSH connection: the target's address and the account on it.
 pub fn destination(address: &str, principal: &str) -> String {
@@ -230,7 +248,7 @@ struct Pending {
 }
 
 /// The connection to the target, made at the first channel, shared by the channels after it.
-type TargetConn = russh::client::Handle<TargetCheck>;
+type TargetConn = russh::client::Handle<target::TargetCheck>;
 
 /// One channel relayed to the target.
 struct Chan {
@@ -241,7 +259,7 @@ struct Chan {
     failed: Option<String>,
     /// What it does, once it asked: `shell`, `exec ...`, `sftp`, `forward ...`.
     what: Arc<Mutex<Option<String>>>,
-    recorder: Arc<Mutex<Option<record::Recorder>>>,
+    recorder: Arc<Mutex<Option<recording::Recorder>>>,
     size: (u32, u32, String),
     counts: Arc<Counts>,
 }
@@ -825,80 +843,14 @@ impl Conn {
 
     /// Connects and signs in to the target with a certificate made for this connection.
     async fn connect(&self, link: &Link) -> Result<Arc<TargetConn>, String> {
-        let st = self.st();
-        let t = &link.target;
-        let failed = |why: String| {
-            let ev = Event::SshFailed {
-                user: link.session.identity.user.clone(),
-                target: t.name.clone(),
-                why: why.clone(),
-                client: self.peer.ip(),
-            };
-            let audit = st.audit.clone();
-            tokio::spawn(async move { audit.note(ev).await });
-            tracing::info!(target = %t.name, why = %why, "SSH target failed");
-            Err(format!("{} could not be reached: {why}", t.name))
+        let serial = self.door.serial.fetch_add(1, Ordering::Relaxed);
+        let to = target::To {
+            session: &link.session,
+            target: &link.target,
+            principal: &link.principal,
+            client: self.peer.ip(),
         };
-        let tcp = match tokio::time::timeout(st.cfg.ssh.connect_timeout, TcpStream::connect(&t.address)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return failed(format!("connect: {e}")),
-            Err(_) => return failed("connect timed out".into()),
-        };
-        let _ = tcp.set_nodelay(true);
-        let check = TargetCheck {
-            st: self.st.clone(),
-            target: t.name.clone(),
-            // Pinned keys poort cannot read pin nothing: they do not fall back to first use.
-            pinned: (!t.host_keys.is_empty())
-                .then(|| t.host_keys.iter().filter_map(|k| crate::ssh::parse_host_key(k)).collect()),
-            verdict: Arc::default(),
-        };
-        let verdict = check.verdict.clone();
-        let config = Arc::new(russh::client::Config { inactivity_timeout: None, nodelay: true, ..Default::default() });
-        let mut handle = match russh::client::connect_stream(config, tcp, check).await {
-            Ok(h) => h,
-            Err(e) => {
-                let why = verdict.lock().take().unwrap_or_else(|| format!("SSH handshake: {e}"));
-                return failed(why);
-            }
-        };
-        // A certificate for a key that lives as long as this connection, for one account,
-        // valid from a minute ago (clocks differ) for the configured lifetime.
-        let key = crate::ssh::ConnectionKey::new();
-        let now = st.clock.now().max(0) as u64;
-        let lifetime = st.cfg.ssh.certificate_lifetime.as_secs();
-        let principals = [link.principal.clone()];
-        let mut extensions = Vec::new();
-        if t.allow.shell || t.allow.exec {
-            extensions.push("permit-pty");
-        }
-        if t.allow.forward {
-            extensions.push("permit-port-forwarding");
-        }
-        let key_id = format!("poort:{}:{}", link.session.identity.user, link.session.id);
-        let grant = crate::ssh::Grant {
-            key_id: &key_id,
-            principals: &principals,
-            valid_after: now.saturating_sub(60),
-            valid_before: now + lifetime,
-            serial: self.door.serial.fetch_add(1, Ordering::Relaxed),
-            extensions: &extensions,
-        };
-        let cert = self.door.ca.certify(key.public(), &grant);
-        let (Ok(cert), Ok(private)) = (
-            ssh_key::Certificate::from_openssh(&cert.line()),
-            ssh_key::PrivateKey::from_openssh(key.openssh_private("").as_bytes()),
-        ) else {
-            return failed("making the certificate failed".into());
-        };
-        match handle.authenticate_openssh_cert(link.principal.clone(), Arc::new(private), cert).await {
-            Ok(r) if r.success() => Ok(Arc::new(handle)),
-            Ok(_) => failed(format!(
-                "it refused poort's certificate for {:?} (does it trust poort's CA, and is there such an account?)",
-                link.principal
-            )),
-            Err(e) => failed(format!("signing in: {e}")),
-        }
+        target::connect(&Parts::of(self.st()), &self.door.ca, serial, &to).await.map(Arc::new)
     }
 
     /// Policy for what a channel asks to do, then the request to the target.
@@ -949,23 +901,15 @@ impl Conn {
             });
             return Ok(());
         }
-        if recorded && link.target.record {
-            let name = format!("{}-{}-{n}.cast", format_stamp(st.clock.now()), link.session.id);
-            let title = format!("{} on {} as {}: {what}", link.session.identity.user, link.target.name, link.principal);
-            let h = record::Header {
-                width: c.size.0,
-                height: c.size.1,
-                timestamp: st.clock.now(),
-                title: &title,
-                term: &c.size.2,
-            };
-            match record::Recorder::create(&record::folder(&st.cfg.data_dir), &name, &h) {
-                Ok(r) => *c.recorder.lock() = Some(r),
-                Err(e) => {
-                    // Recording is on: a session that cannot be recorded does not start.
-                    tracing::error!(error = %e, "Cannot record; refusing the SSH channel");
-                    return answer(session, channel, false);
-                }
+        let size = (c.size.0, c.size.1, c.size.2.clone());
+        let parts = Parts::of(st);
+        let about =
+            Channel1 { parts: &parts, session: &link.session, target: &link.target, principal: &link.principal, n };
+        match about.open(&what, recorded && link.target.record, size).await {
+            Ok(r) => *c.recorder.lock() = r,
+            Err(why) => {
+                tracing::error!(why, "Refusing the SSH channel");
+                return answer(session, channel, false);
             }
         }
         *c.what.lock() = Some(what);
@@ -977,6 +921,60 @@ impl Conn {
         };
         let ok = sent.is_ok() && reply(&mut c.replies).await;
         answer(session, channel, ok)
+    }
+}
+
+/// A channel about to start: who, where, as whom, and its number in the connection.
+pub(crate) struct Channel1<'a> {
+    pub parts: &'a Parts,
+    pub session: &'a Session,
+    pub target: &'a SshTarget,
+    pub principal: &'a str,
+    pub n: u32,
+}
+
+impl Channel1<'_> {
+    /// Starts the channel's recording (when `record`) and writes its audit record; a channel
+    /// that cannot be recorded or audited does not start.
+    pub async fn open(
+        &self,
+        what: &str,
+        record: bool,
+        size: (u32, u32, String),
+    ) -> Result<Option<recording::Recorder>, &'static str> {
+        let st = self.parts;
+        let recorder = if record {
+            let name = format!("{}-{}-{}.cast", format_stamp(st.clock.now()), self.session.id, self.n);
+            let title = format!("{} on {} as {}: {what}", self.session.identity.user, self.target.name, self.principal);
+            let h = recording::Header {
+                width: size.0,
+                height: size.1,
+                timestamp: st.clock.now(),
+                title: &title,
+                term: &size.2,
+            };
+            match recording::Recorder::create(&recording::folder(&st.cfg.data_dir), &name, &h) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::error!(error = %e, "Cannot record");
+                    return Err("the recording cannot be written");
+                }
+            }
+        } else {
+            None
+        };
+        let ev = Event::SshChannelOpened {
+            user: self.session.identity.user.clone(),
+            session: self.session.id.clone(),
+            target: self.target.name.clone(),
+            principal: self.principal.to_string(),
+            what: what.to_string(),
+            recording: recorder.as_ref().map(|r| r.name().to_string()).unwrap_or_default(),
+        };
+        if st.audit.record(ev).await.is_err() {
+            return Err("the audit log is unavailable");
+        }
+        Ok(recorder)
     }
 }
 
@@ -993,7 +991,7 @@ struct Pump {
     id: ChannelId,
     replies: mpsc::Sender<bool>,
     what: Arc<Mutex<Option<String>>>,
-    recorder: Arc<Mutex<Option<record::Recorder>>>,
+    recorder: Arc<Mutex<Option<recording::Recorder>>>,
     counts: Arc<Counts>,
 }
 
@@ -1066,78 +1064,6 @@ impl Pump {
         self.counts.down.fetch_add(data.len() as u64, Ordering::Relaxed);
         if let Some(r) = self.recorder.lock().as_mut() {
             r.output(data);
-        }
-    }
-}
-
-/// Checks a target's host key: one of the pinned keys, or else the one kept from the first
-/// connection (kept and audited then).
-struct TargetCheck {
-    st: Arc<dyn AsRef<State> + Send + Sync>,
-    target: String,
-    /// The config's `host_key` lines; None: trust on first use.
-    pinned: Option<Vec<String>>,
-    /// Why the key was refused, for the person and the audit record.
-    verdict: Arc<Mutex<Option<String>>>,
-}
-
-/// The store's setting that holds a target's host key kept on first use.
-pub fn kept_key_setting(target: &str) -> String {
-    format!("ssh_host_key:{target}")
-}
-
-impl russh::client::Handler for TargetCheck {
-    type Error = russh::Error;
-
-    async fn check_server_key(&mut self, key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
-        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
-            *self.verdict.lock() = Some("it showed a host certificate; pin its key with host_key".into());
-            return Ok(false);
-        };
-        let Some(line) = key.to_openssh().ok().and_then(|l| crate::ssh::parse_host_key(&l)) else {
-            *self.verdict.lock() = Some("its host key is of a type poort does not take".into());
-            return Ok(false);
-        };
-        if let Some(pinned) = &self.pinned {
-            let ok = pinned.contains(&line);
-            if !ok {
-                *self.verdict.lock() = Some("its host key is not the one pinned in the config (host_key)".into());
-            }
-            return Ok(ok);
-        }
-        let st = (*self.st).as_ref();
-        let (setting, l2) = (kept_key_setting(&self.target), line.clone());
-        let kept = st
-            .store
-            .run(move |c| {
-                let kept = Store::setting(c, &setting)?;
-                if kept.is_none() {
-                    Store::put_setting(c, &setting, &l2)?;
-                }
-                Ok(kept)
-            })
-            .await;
-        match kept {
-            Ok(Some(k)) if k == line => Ok(true),
-            Ok(Some(_)) => {
-                *self.verdict.lock() = Some(
-                    "its host key changed since poort first saw it (poort ssh forget-host-key, if that is expected)"
-                        .into(),
-                );
-                Ok(false)
-            }
-            Ok(None) => {
-                let ev = Event::SshHostKeyKept { target: self.target.clone(), key: line };
-                if st.audit.record(ev).await.is_err() {
-                    *self.verdict.lock() = Some("the audit log is unavailable".into());
-                    return Ok(false);
-                }
-                Ok(true)
-            }
-            Err(_) => {
-                *self.verdict.lock() = Some("the store is unavailable".into());
-                Ok(false)
-            }
         }
     }
 }

@@ -21,7 +21,7 @@ const PAGES: [&str; 9] = [
 ];
 
 /// A page opened the way a person opens it: a click on a portal page.
-async fn open(gate: &Gate, path: &str, session: &str) -> Resp {
+pub(crate) async fn open(gate: &Gate, path: &str, session: &str) -> Resp {
     let referer = format!("{ORIGIN}/.poort/admin");
     let cookie = format!("__Host-poort={session}");
     let nav = [
@@ -57,7 +57,7 @@ async fn act(gate: &Gate, session: &str, path: &str, fields: &[(&str, &str)]) ->
 
 /// Puts alice in the admin group with an authenticator; returns a session she opened with her
 /// password and then that factor (what the console takes), and her authenticator's secret.
-async fn admin(gate: &Gate) -> (String, Vec<u8>) {
+pub(crate) async fn admin(gate: &Gate) -> (String, Vec<u8>) {
     let now = gate.clock.now();
     gate.store().change_groups("alice", &["admins".into()], &[], now).unwrap();
     let first = gate.login("alice").await;

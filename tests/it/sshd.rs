@@ -153,7 +153,7 @@ async fn a_registered_key_runs_a_command_on_the_target_recorded_and_audited() {
     // The recording is where the record says, holds the output, and its sum is in the chain.
     let file = d.gate.dir.0.join("recordings").join(c["recording"].as_str().unwrap());
     let cast = std::fs::read_to_string(&file).unwrap();
-    assert_eq!(poort::sshd::record::replay_output(&cast), "through-poort\nroot\n");
+    assert_eq!(poort::audit::recording::replay_output(&cast), "through-poort\nroot\n");
     let sum = poort::secret::hex(ring::digest::digest(&ring::digest::SHA256, cast.as_bytes()).as_ref());
     assert_eq!(c["sha256"], sum.as_str());
     // The first host key of the target was kept and audited; the connection's session ended.
@@ -317,4 +317,155 @@ async fn a_revoked_session_ends_its_ssh_connection_within_a_second() {
     assert!(after < Duration::from_secs(1), "cut {after:?} after the revocation");
     let closed = d.gate.audited("ssh_closed", |e| e["session"] == session.as_str()).await;
     assert!(!closed.is_empty());
+}
+
+/// A person with a key on db1 who is not the administrator: carol, in staff.
+async fn carol(d: &Door) -> PathBuf {
+    let hash = poort::identity::password::hash(crate::harness::PASSWORD).unwrap();
+    d.gate.store().add_user("carol", None, &hash, &["staff".into()], d.gate.clock.now()).unwrap();
+    d.key_for("carol", "carol").await
+}
+
+/// Reads an answer as it streams in, until `until` says it has what it waits for (or 15 s).
+async fn stream_until(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    got: &mut Vec<u8>,
+    until: impl Fn(&str) -> bool,
+) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 16384];
+    while !until(&String::from_utf8_lossy(got)) {
+        match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrator_watches_a_session_live_then_replays_it() {
+    use tokio::io::AsyncWriteExt;
+    let d = door("").await;
+    let key = carol(&d).await;
+    let (admin, _) = crate::admin_console::admin(&d.gate).await;
+    let command = ["echo", "'first-<line>';", "sleep", "4;", "echo", "second-line"];
+    let mut child = d.ssh("carol+db1", Some(&key), &command).stdout(Stdio::piped()).spawn().unwrap();
+    eventually("the channel starts", Duration::from_secs(10), async || !d.gate.audit("ssh_channel_opened").is_empty())
+        .await;
+    let conn = poort::store::open_connection(d.gate.db()).unwrap();
+    let seq: i64 =
+        conn.query_row("SELECT MAX(seq) FROM audit WHERE kind = ?1", ["ssh_channel_opened"], |r| r.get(0)).unwrap();
+
+    // The live page: the first line arrives while the command still runs.
+    let cookie = format!("__Host-poort={admin}");
+    let referer = format!("{}/.poort/admin/recordings", crate::harness::ORIGIN);
+    let nav = [
+        ("Cookie", cookie.as_str()),
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Sec-Fetch-Mode", "navigate"),
+        ("Sec-Fetch-Dest", "document"),
+        ("Sec-Fetch-User", "?1"),
+        ("Referer", referer.as_str()),
+    ];
+    let path = format!("/.poort/admin/recording?seq={seq}");
+    let (sni, bytes) = Gate::request_bytes("GET", &path, &nav, b"");
+    let mut tls = d.gate.try_connect_to(&sni, &[b"http/1.1"]).await.unwrap();
+    tls.write_all(&bytes).await.unwrap();
+    let mut got = Vec::new();
+    // Output events as the page carries them (the heading names the command too).
+    let (first, second) = (r#""o","first-&lt;line&gt;"#, r#""o","second-line"#);
+    stream_until(&mut tls, &mut got, |t| t.contains(first)).await;
+    let page = String::from_utf8_lossy(&got).to_string();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("data-mode=\"live\""), "{page}");
+    assert!(page.contains(first), "the output so far is on the page: {page}");
+    assert!(child.try_wait().unwrap().is_none(), "and the session is still running");
+    assert!(!page.contains(second));
+    assert!(page.contains("End this session"), "a live session can be ended from its page");
+    // The rest comes as it happens, and the page ends with the recording.
+    stream_until(&mut tls, &mut got, |t| t.contains("</html>")).await;
+    let page = String::from_utf8_lossy(&got).to_string();
+    assert!(page.contains(second) && page.contains("</html>"), "{page}");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(text(&out.stdout), "first-<line>\nsecond-line\n");
+
+    // Replayed afterwards: the whole recording, on a page whose styles the emulator may set.
+    let replay = crate::admin_console::open(&d.gate, &path, &admin).await;
+    assert_eq!(replay.status, 200);
+    assert!(replay.text().contains("data-mode=\"replay\"") && replay.text().contains(second));
+    let csp = replay.header("content-security-policy").unwrap();
+    assert!(csp.contains("script-src 'self';") && csp.contains("style-src 'self' 'unsafe-inline'"), "{csp}");
+    // Both looks were audited as the administrator's.
+    let looked = d.gate.audited("admin", |e| e["command"] == "console: recording replay").await;
+    assert!(looked.iter().any(|e| e["command"] == "console: recording watch" && e["target"] == "carol"), "{looked:?}");
+    // Not for anyone else: carol is no administrator, and a script gets nothing.
+    let carol_s = d.gate.login("carol").await;
+    assert_eq!(crate::admin_console::open(&d.gate, &path, &carol_s).await.status, 403);
+    let scripted = d.gate.request("GET", &path, &[("Cookie", &cookie), ("Sec-Fetch-Mode", "cors")], b"").await;
+    assert_eq!(scripted.status, 403);
+    // A number that is not a recording's record.
+    let other = crate::admin_console::open(&d.gate, "/.poort/admin/recording?seq=1", &admin).await;
+    assert_eq!(other.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_terminal_runs_a_shell_for_the_page_that_holds_its_ticket() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let d = door("").await;
+    carol(&d).await;
+    let s = d.gate.login("carol").await;
+    let cookie = format!("__Host-poort={s}");
+    let referer = format!("{}/", crate::harness::ORIGIN);
+    let nav = [
+        ("Cookie", cookie.as_str()),
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Sec-Fetch-Mode", "navigate"),
+        ("Sec-Fetch-Dest", "document"),
+        ("Sec-Fetch-User", "?1"),
+        ("Referer", referer.as_str()),
+    ];
+    let page = d.gate.request("GET", "/.poort/ssh/db1", &nav, b"").await;
+    assert_eq!(page.status, 200, "{}", page.text());
+    let socket = page.text().split("data-socket=\"").nth(1).unwrap().split('"').next().unwrap().replace("&#38;", "&");
+    assert!(socket.starts_with("/.poort/ssh/db1?account=root&ticket="), "{socket}");
+    // A script's request for the page gets no ticket.
+    let fetched =
+        d.gate.request("GET", "/.poort/ssh/db1", &[("Cookie", &cookie), ("Sec-Fetch-Mode", "cors")], b"").await;
+    assert_eq!(fetched.status, 403);
+    // The WebSocket: without the ticket, from another origin, or for another session: refused.
+    let origin = crate::harness::ORIGIN;
+    let with =
+        |origin: &'static str, cookie: String| [("Origin", origin), ("Cookie", Box::leak(cookie.into_boxed_str()))];
+    assert!(
+        d.gate.websocket("localhost", "/.poort/ssh/db1?account=root", &with(origin, cookie.clone())).await.is_err()
+    );
+    assert!(d.gate.websocket("localhost", &socket, &with("https://evil.example", cookie.clone())).await.is_err());
+    let other = d.gate.login("carol").await;
+    assert!(d.gate.websocket("localhost", &socket, &with(origin, format!("__Host-poort={other}"))).await.is_err());
+    let mut ws =
+        d.gate.websocket("localhost", &socket, &with(origin, cookie.clone())).await.expect("the page's socket opens");
+    ws.send(Message::Text(r#"{"cols":100,"rows":30}"#.into())).await.unwrap();
+    ws.send(Message::Binary("echo from-the-$((6*7))-browser; exit\n".as_bytes().to_vec().into())).await.unwrap();
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        match m {
+            Message::Binary(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    assert!(seen.contains("from-the-42-browser"), "{seen}");
+    let mut closed = Vec::new();
+    eventually("the channel's record", Duration::from_secs(5), async || {
+        closed = d.gate.audited("ssh_channel_closed", |e| e["what"] == "shell (browser)").await;
+        true
+    })
+    .await;
+    let c = closed.iter().find(|e| e["what"] == "shell (browser)").unwrap();
+    let cast = std::fs::read_to_string(d.gate.dir.0.join("recordings").join(c["recording"].as_str().unwrap())).unwrap();
+    assert!(poort::audit::recording::replay_output(&cast).contains("from-the-42-browser"));
+    assert!(cast.contains(r#""i","echo from-the-$((6*7))-browser; exit\n""#), "input is recorded: {cast}");
 }

@@ -397,7 +397,7 @@ access = "authenticated"
         out.windows(4).any(|w| w == b"\r\n\r\n").then(|| parse_response(&out))
     }
 
-    fn request_bytes(method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> (String, Vec<u8>) {
+    pub fn request_bytes(method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> (String, Vec<u8>) {
         let host = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("host")).map_or("localhost", |(_, v)| *v);
         let sni = host.split(':').next().unwrap_or(host);
         let sni = if sni.parse::<std::net::IpAddr>().is_ok() || sni.is_empty() { "localhost" } else { sni };

@@ -25,6 +25,24 @@ pub struct Header<'a> {
     pub term: &'a str,
 }
 
+/// The recordings being written by this process, by name.
+static OPEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether this process is still writing the recording `name`.
+pub fn is_open(name: &str) -> bool {
+    OPEN.lock().map(|o| o.iter().any(|n| n == name)).unwrap_or(false)
+}
+
+/// Whether `name` has the form of a name a recorder made (a time, a session id, a number):
+/// checked again before any name read from the audit log becomes a path.
+pub fn valid_name(name: &str) -> bool {
+    name.len() <= 128
+        && name.ends_with(".cast")
+        && !name.starts_with(['.', '-'])
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.contains("..")
+}
+
 pub struct Recorder {
     file: std::io::BufWriter<std::fs::File>,
     hash: digest::Context,
@@ -40,7 +58,13 @@ impl Recorder {
     pub fn create(dir: &Path, name: &str, h: &Header<'_>) -> std::io::Result<Recorder> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        if !valid_name(name) {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a recording's name"));
+        }
         let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dir.join(name))?;
+        if let Ok(mut o) = OPEN.lock() {
+            o.push(name.to_string());
+        }
         let mut r = Recorder {
             file: std::io::BufWriter::new(file),
             hash: digest::Context::new(&digest::SHA256),
@@ -95,6 +119,11 @@ impl Recorder {
         }
     }
 
+    /// The file name in the recordings folder.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn output(&mut self, data: &[u8]) {
         self.bytes(0, "o", data);
     }
@@ -117,9 +146,73 @@ impl Recorder {
             }
         }
         let _ = self.file.get_ref().sync_data();
-        let sum = crate::secret::hex(self.hash.finish().as_ref());
-        (self.name, sum)
+        let sum = crate::secret::hex(self.hash.clone().finish().as_ref());
+        (self.name.clone(), sum)
     }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if let Ok(mut o) = OPEN.lock() {
+            o.retain(|n| *n != self.name);
+        }
+    }
+}
+
+/// Text for an HTML element's content: `&`, `<` and `>` escaped (a recording's lines are JSON,
+/// whose strings hold no raw control characters).
+fn escape_html(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// A page around a recording: `before`, the recording's lines escaped, `after`. While the
+/// recording is being written (by this process), its lines are sent as they are written, so
+/// that a page shows the session live; the page ends when the recording does, or after
+/// `longest`. At most `limit` bytes of recording are sent.
+pub fn page_stream(
+    before: String,
+    after: String,
+    path: PathBuf,
+    name: String,
+    limit: u64,
+    longest: std::time::Duration,
+) -> tokio::sync::mpsc::Receiver<bytes::Bytes> {
+    use std::io::{Read, Seek, SeekFrom};
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        if tx.send(before.into()).await.is_err() {
+            return;
+        }
+        let started = crate::clock::instant();
+        let (mut sent, mut partial) = (0u64, Vec::new());
+        loop {
+            let open = is_open(&name);
+            let mut chunk = Vec::new();
+            if let Ok(mut f) = std::fs::File::open(&path)
+                && f.seek(SeekFrom::Start(sent + partial.len() as u64)).is_ok()
+            {
+                let _ = f.take(256 * 1024).read_to_end(&mut chunk);
+            }
+            partial.extend_from_slice(&chunk);
+            // Whole lines only: a line is one event.
+            if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {
+                let lines: Vec<u8> = partial.drain(..=end).collect();
+                sent += lines.len() as u64;
+                let text = escape_html(&String::from_utf8_lossy(&lines));
+                if tx.send(text.into()).await.is_err() {
+                    return;
+                }
+            }
+            if sent >= limit || started.elapsed() >= longest || (!open && chunk.is_empty()) {
+                break;
+            }
+            if chunk.is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+        let _ = tx.send(after.into()).await;
+    });
+    rx
 }
 
 /// How many bytes at the end of `b` begin a UTF-8 sequence that is not complete yet.
