@@ -61,6 +61,17 @@ struct TunnelLink {
     port: u32,
 }
 
+/// An SSH target the person may use: the command that reaches it, and the browser terminal.
+struct SshLink {
+    name: String,
+    title: String,
+    description: String,
+    /// `ssh -p PORT PERSON+NAME@HOST`, when the front door listens.
+    command: String,
+    /// The target allows a shell: it opens in the browser too.
+    shell: bool,
+}
+
 struct AppLink {
     title: String,
     description: String,
@@ -74,6 +85,7 @@ struct LauncherPage<'a> {
     csrf: &'a str,
     apps: Vec<AppLink>,
     tunnels: Vec<TunnelLink>,
+    ssh: Vec<SshLink>,
     origin: &'a str,
     /// In the admin group: the console is linked (it checks for itself who gets in).
     admin: bool,
@@ -279,6 +291,25 @@ fn launcher(st: &State, call: &Call) -> Response<Body> {
             }
         })
         .collect();
+    let ssh = st
+        .cfg
+        .ssh_targets
+        .iter()
+        .filter(|t| {
+            matches!(policy::evaluate(Resource::Ssh(&t.name), &t.access, t.mfa, Some(who)), Decision::Allow(_))
+                && !t.principals_for(&s.identity).is_empty()
+        })
+        .map(|t| SshLink {
+            name: t.name.clone(),
+            title: t.title.clone(),
+            description: t.description.clone(),
+            command: st.cfg.ssh.listen.map_or_else(String::new, |a| {
+                let port = if a.port() == 22 { String::new() } else { format!("-p {} ", a.port()) };
+                format!("ssh {port}{}+{}@{}", s.identity.user, t.name, st.cfg.server.portal_host)
+            }),
+            shell: t.allow.shell,
+        })
+        .collect();
     let (csrf, new) = csrf_for_page(call.headers());
     let admin = s.identity.groups.contains(&st.mitigation.admin_group);
     let page = LauncherPage {
@@ -286,6 +317,7 @@ fn launcher(st: &State, call: &Call) -> Response<Body> {
         csrf: &csrf,
         apps,
         tunnels,
+        ssh,
         origin: &st.cfg.server.external_origin,
         admin,
     };

@@ -307,6 +307,43 @@ try {
   });
   check("an app's script gets nothing from the console", scripted === "403 nothing", scripted);
 
+  // SSH in the browser: scripts/browser-test adds a target, this machine's own sshd.
+  const target = process.env.SSH_TARGET;
+  if (target) {
+    const inBuffer = (text) => {
+      const t = window.poortTerminal;
+      if (!t) return false;
+      const b = t.buffer.active;
+      for (let i = 0; i < b.length; i++) if ((b.getLine(i)?.translateToString() || "").includes(text)) return true;
+      return false;
+    };
+    await page.goto(`${gateway}/`);
+    await page.click(`a[href="/.poort/ssh/${target}"]`);
+    await page.waitForURL(`${gateway}/.poort/ssh/${target}`);
+    const connected = await page.waitForFunction(() => document.getElementById("term-status")?.textContent === "Connected.", null, { timeout: 15000 }).then(() => true, () => false);
+    await check("the launcher opens an SSH target in the browser", connected, () => page.locator("#term-status").textContent());
+    await page.locator("#term").click();
+    await page.keyboard.type("echo browser-$((40+2))");
+    await page.keyboard.press("Enter");
+    const ran = await page.waitForFunction(inBuffer, "browser-42", { timeout: 15000 }).then(() => true, () => false);
+    check("a command typed in the browser terminal runs on the target", ran);
+    await shot("13-ssh-terminal");
+    await page.keyboard.type("exit");
+    await page.keyboard.press("Enter");
+    const closed = await page.waitForFunction(() => document.body.dataset.closed === "yes", null, { timeout: 15000 }).then(() => true, () => false);
+    check("exiting the shell closes the terminal and says so", closed && /Disconnected/.test(await page.locator("#term-status").textContent()));
+    // The administrator replays it from the console.
+    await page.goto(`${gateway}/.poort/admin`);
+    await page.click("nav.sub a:has-text(\"Recordings\")");
+    await page.waitForURL(`${gateway}/.poort/admin/recordings`);
+    await page.click("a:has-text(\"Replay\")");
+    await page.waitForURL(/\/\.poort\/admin\/recording\?seq=/);
+    await page.click("#term-skip");
+    const replayed = await page.waitForFunction(inBuffer, "browser-42", { timeout: 15000 }).then(() => true, () => false);
+    check("the console replays the browser session", replayed);
+    await shot("14-admin-replay");
+  }
+
   // Every signed-in page, for the phone and accessibility checks below.
   const pages = [
     ["launcher", "/"],
@@ -322,6 +359,7 @@ try {
     ["admin mitigation", "/.poort/admin/mitigation"],
     ["admin access", "/.poort/admin/access?user=carol"],
     ["admin report", "/.poort/admin/report"],
+    ["admin recordings", "/.poort/admin/recordings"],
   ];
 
   // On a phone: nothing leaves the screen sideways, and sign out stays in reach.

@@ -426,6 +426,13 @@ async fn the_browser_terminal_runs_a_shell_for_the_page_that_holds_its_ticket() 
         ("Sec-Fetch-User", "?1"),
         ("Referer", referer.as_str()),
     ];
+    // The launcher shows the command and the way into the browser; not to bob, who has none.
+    let home = d.gate.get("/", Some(&s)).await.text();
+    assert!(home.contains("carol+db1@localhost</code>"), "{home}");
+    assert!(home.contains("href=\"/.poort/ssh/db1\""), "{home}");
+    let bob = d.gate.login("bob").await;
+    assert!(!d.gate.get("/", Some(&bob)).await.text().contains("carol+db1"));
+    assert!(!d.gate.get("/", Some(&bob)).await.text().contains("/.poort/ssh/"));
     let page = d.gate.request("GET", "/.poort/ssh/db1", &nav, b"").await;
     assert_eq!(page.status, 200, "{}", page.text());
     let socket = page.text().split("data-socket=\"").nth(1).unwrap().split('"').next().unwrap().replace("&#38;", "&");
