@@ -50,6 +50,10 @@ pub enum SshCmd {
     },
     /// Print the SSH front door's own host key, as a line for people's `known_hosts`.
     HostKey {
+        /// Also a line for this SSH target's name, as `ssh -J` reaches it (the key is poort's);
+        /// `all` for every target.
+        #[arg(long = "for", value_name = "TARGET")]
+        targets: Vec<String>,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -292,7 +296,7 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
-        Command::Ssh(SshCmd::HostKey { config }) => {
+        Command::Ssh(SshCmd::HostKey { targets, config }) => {
             let cfg = load(&config.config)?;
             let path = crate::sshd::host_key_path(&cfg.data_dir);
             let Ok(text) = std::fs::read_to_string(&path).map(zeroize::Zeroizing::new) else {
@@ -303,7 +307,17 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
             let host = cfg.server.portal_host.clone();
             let port = cfg.ssh.listen.map_or(22, |a| a.port());
             let name = if port == 22 { host } else { format!("[{host}]:{port}") };
-            println!("{name} {}", key.public_key().to_openssh()?);
+            let line = key.public_key().to_openssh()?;
+            println!("{name} {line}");
+            for t in &cfg.ssh_targets {
+                if targets.iter().any(|n| n == "all" || *n == t.name) {
+                    println!("{} {line}", t.name);
+                }
+            }
+            if let Some(n) = targets.iter().find(|n| *n != "all" && !cfg.ssh_targets.iter().any(|t| t.name == **n)) {
+                eprintln!("No SSH target is named {n:?}.");
+                return Ok(1);
+            }
             Ok(0)
         }
         Command::Ssh(SshCmd::ForgetHostKey { target, config }) => {

@@ -185,13 +185,20 @@ struct Ask {
 impl Ask {
     /// What the approval page says asks to sign in.
     fn purpose(&self) -> String {
+        if self.target.is_empty() {
+            return "An SSH connection to poort (to jump to targets)".into();
+        }
         match &self.principal {
             Some(p) => format!("An SSH connection to {} (account {p})", self.target),
             None => format!("An SSH connection to {}", self.target),
         }
     }
 
+    /// `PERSON+TARGET[+ACCOUNT]`; a plain `PERSON` (target "") signs in for `ssh -J` only.
     fn parse(name: &str) -> Option<Ask> {
+        if crate::names::valid_user_name(name) {
+            return Some(Ask { user: name.to_string(), target: String::new(), principal: None });
+        }
         let mut parts = name.split('+');
         let (user, target) = (parts.next()?, parts.next()?);
         let principal = parts.next().map(str::to_string);
@@ -213,6 +220,9 @@ struct Link {
     principal: String,
     grant: Grant,
     started: std::time::Instant,
+    /// The session is this connection's own and ends with it (not so for a connection
+    /// through `ssh -J`, which uses the jump's session).
+    owns_session: bool,
     /// The slot in the per-person count, given back when the connection ends.
     _slot: Slot,
 }
@@ -280,6 +290,11 @@ struct Conn {
     chans: HashMap<ChannelId, Chan>,
     watch: Option<tokio::task::JoinHandle<()>>,
     channels: u32,
+    /// Signed in as a person with no target: a jump host for `ssh -J` (its session).
+    jump: Option<(Arc<Session>, std::time::Instant)>,
+    /// A connection carried inside a jump's channel: the jump's session and the target the
+    /// channel was opened to.
+    jump_for: Option<(Arc<Session>, String)>,
 }
 
 impl Drop for Conn {
@@ -287,13 +302,31 @@ impl Drop for Conn {
         if let Some(w) = self.watch.take() {
             w.abort();
         }
-        let Some(link) = self.link.take() else { return };
-        // The session was this connection's own: it ends with it.
         let st = self.st.clone();
+        if let Some((session, started)) = self.jump.take() {
+            tokio::spawn(async move {
+                let st = (*st).as_ref();
+                let why = session.lifeline().ended_now().unwrap_or("connection closed");
+                let _ = st.sessions.end(&session.id).await;
+                let ev = Event::SshClosed {
+                    user: session.identity.user.clone(),
+                    session: session.id.clone(),
+                    target: "(jump)".into(),
+                    seconds: started.elapsed().as_secs(),
+                    why: why.to_string(),
+                };
+                st.audit.note(ev).await;
+            });
+            return;
+        }
+        let Some(link) = self.link.take() else { return };
         tokio::spawn(async move {
             let st = (*st).as_ref();
             let why = link.grant_ended_now().unwrap_or("connection closed");
-            let _ = st.sessions.end(&link.session.id).await;
+            // The session was this connection's own: it ends with it.
+            if link.owns_session {
+                let _ = st.sessions.end(&link.session.id).await;
+            }
             let ev = Event::SshClosed {
                 user: link.session.identity.user.clone(),
                 session: link.session.id.clone(),
@@ -325,6 +358,8 @@ impl Conn {
             chans: HashMap::new(),
             watch: None,
             channels: 0,
+            jump: None,
+            jump_for: None,
         }
     }
 
@@ -433,14 +468,59 @@ impl Conn {
         }
         tracing::info!(user = %session.identity.user, target = %target.name, %principal, "SSH connection opened");
         let target = target.clone();
-        self.link =
-            Some(Arc::new(Link { session, target, principal, grant, started: crate::clock::instant(), _slot: slot }));
+        self.link = Some(Arc::new(Link {
+            session,
+            target,
+            principal,
+            grant,
+            started: crate::clock::instant(),
+            owns_session: self.jump_for.is_none(),
+            _slot: slot,
+        }));
+        Ok(())
+    }
+
+    /// A person signing in with a key and no target: a jump host for `ssh -J`. Each target is
+    /// decided when a connection to it is carried (`channel_open_direct_tcpip`).
+    async fn jump_login(&mut self, ask: &Ask, key: &crate::ssh::PublicKey) -> Result<(), Refusal> {
+        let st = self.st();
+        if self.locked_out(&ask.user).await {
+            self.refused(&ask.user, "(jump)", "lockdown");
+            return Err(Refusal::Refused);
+        }
+        let opening = Opening {
+            user: &ask.user,
+            host: &st.cfg.server.portal_host,
+            client_addr: self.peer.ip().to_string(),
+            user_agent: format!("ssh jump (key {})", key.fingerprint),
+            factors: KEY_FACTORS,
+            kind: Kind::Ssh,
+            approved_by: None,
+        };
+        let Ok((_, token)) = st.sessions.open(opening).await else { return Err(Refusal::Refused) };
+        let Ok(session) = st.sessions.lookup(&token.cookie_value).await else { return Err(Refusal::Refused) };
+        let ev = Event::SshOpened {
+            user: ask.user.clone(),
+            session: session.id.clone(),
+            target: "(jump)".into(),
+            principal: String::new(),
+            method: format!("key {}", key.fingerprint),
+            client: self.peer.ip(),
+        };
+        if st.audit.record(ev).await.is_err() {
+            let _ = st.sessions.end(&session.id).await;
+            return Err(Refusal::Refused);
+        }
+        self.jump = Some((session, crate::clock::instant()));
         Ok(())
     }
 
     /// A registered key of the person the name names.
     async fn key_login(&mut self, ask: &Ask, key: crate::ssh::PublicKey) -> Result<(), Refusal> {
         let st = self.st();
+        if ask.target.is_empty() {
+            return self.jump_login(ask, &key).await;
+        }
         let Some(target) = st.cfg.ssh_targets.iter().find(|t| t.name == ask.target) else {
             self.refused(&ask.user, &ask.target, "no SSH target of that name");
             return Err(Refusal::Refused);
@@ -488,8 +568,18 @@ impl Conn {
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
-    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
-        Ok(Auth::reject())
+    async fn auth_none(&mut self, user: &str) -> Result<Auth, Self::Error> {
+        // Only a connection carried through a jump, for the account it names: the person
+        // signed in on the jump already.
+        let Some((session, target)) = self.jump_for.clone() else { return Ok(Auth::reject()) };
+        if self.link.is_some() || user.len() > 32 || session.ended() {
+            return Ok(Auth::reject());
+        }
+        let ask = Ask { user: session.identity.user.clone(), target, principal: Some(user.to_string()) };
+        Ok(match self.finish(&ask, session, "ssh -J".into()).await {
+            Ok(()) => Auth::Accept,
+            Err(_) => Auth::reject(),
+        })
     }
 
     async fn auth_password(&mut self, _user: &str, _password: &str) -> Result<Auth, Self::Error> {
@@ -497,6 +587,9 @@ impl russh::server::Handler for Conn {
     }
 
     async fn auth_publickey_offered(&mut self, user: &str, key: &ssh_key::PublicKey) -> Result<Auth, Self::Error> {
+        if self.jump_for.is_some() {
+            return Ok(Auth::reject());
+        }
         // Only a key registered by the person the name names is worth a signature.
         let (Some(ask), Some(key)) = (Ask::parse(user), parse_offered(key)) else { return Ok(Auth::reject()) };
         let owner = self.st().store.run(move |c| crate::ssh::owner(c, &key)).await.ok().flatten();
@@ -504,7 +597,7 @@ impl russh::server::Handler for Conn {
     }
 
     async fn auth_publickey(&mut self, user: &str, key: &ssh_key::PublicKey) -> Result<Auth, Self::Error> {
-        if self.link.is_some() {
+        if self.link.is_some() || self.jump.is_some() || self.jump_for.is_some() {
             return Ok(Auth::reject());
         }
         let (Some(ask), Some(key)) = (Ask::parse(user), parse_offered(key)) else { return Ok(Auth::reject()) };
@@ -529,7 +622,7 @@ impl russh::server::Handler for Conn {
         _submethods: &str,
         response: Option<russh::server::Response<'a>>,
     ) -> Result<Auth, Self::Error> {
-        if self.link.is_some() {
+        if self.link.is_some() || self.jump.is_some() || self.jump_for.is_some() {
             return Ok(Auth::reject());
         }
         let Some(ask) = Ask::parse(user) else { return Ok(Auth::reject()) };
@@ -538,7 +631,8 @@ impl russh::server::Handler for Conn {
             // First round: a code pair, shown as the prompt's instructions, with no prompt
             // to answer: the client answers at once and then waits while poort polls.
             let st = self.st();
-            if !st.cfg.ssh_targets.iter().any(|t| t.name == ask.target) || self.locked_out(&ask.user).await {
+            let known = ask.target.is_empty() || st.cfg.ssh_targets.iter().any(|t| t.name == ask.target);
+            if !known || self.locked_out(&ask.user).await {
                 self.refused(&ask.user, &ask.target, "no SSH target of that name, or lockdown");
                 return Ok(Auth::reject());
             }
@@ -570,6 +664,22 @@ impl russh::server::Handler for Conn {
             return Ok(Auth::reject());
         }
         let id = session.id.clone();
+        if ask.target.is_empty() {
+            let ev = Event::SshOpened {
+                user: ask.user.clone(),
+                session: id.clone(),
+                target: "(jump)".into(),
+                principal: String::new(),
+                method: "approved in the browser".into(),
+                client: self.peer.ip(),
+            };
+            if st.audit.record(ev).await.is_err() {
+                let _ = st.sessions.end(&id).await;
+                return Ok(Auth::reject());
+            }
+            self.jump = Some((session, crate::clock::instant()));
+            return Ok(Auth::Accept);
+        }
         Ok(match self.finish(&ask, session, "approved in the browser".into()).await {
             Ok(()) => Auth::Accept,
             Err(_) => {
@@ -580,8 +690,17 @@ impl russh::server::Handler for Conn {
     }
 
     async fn auth_succeeded(&mut self, session: &mut SshSession) -> Result<(), Self::Error> {
-        let Some(link) = self.link.clone() else { return Err(russh::Error::NotAuthenticated) };
         let handle = session.handle();
+        if let Some((jump, _)) = &self.jump {
+            let line = jump.lifeline();
+            self.watch = Some(tokio::spawn(async move {
+                let why = line.ended().await;
+                let _ =
+                    handle.disconnect(russh::Disconnect::ByApplication, format!("poort: {why}"), String::new()).await;
+            }));
+            return Ok(());
+        }
+        let Some(link) = self.link.clone() else { return Err(russh::Error::NotAuthenticated) };
         // The connection lives as long as its grant: a revocation, lockdown, expiry or a
         // config change that takes the target away cuts it at once.
         self.watch = Some(tokio::spawn(async move {
@@ -598,6 +717,24 @@ impl russh::server::Handler for Conn {
         reply: russh::server::ChannelOpenHandle,
         session: &mut SshSession,
     ) -> Result<(), Self::Error> {
+        if let Some((jump, _)) = &self.jump {
+            let (replies_tx, replies) = mpsc::channel(1);
+            drop(replies_tx);
+            let (user, host) = (jump.identity.user.clone(), self.st().cfg.server.portal_host.clone());
+            let failed = format!("name a target: ssh {user}+TARGET@{host}, or ssh -J {user}@{host} ACCOUNT@TARGET");
+            let chan = Chan {
+                to: None,
+                replies,
+                failed: Some(failed),
+                what: Arc::default(),
+                recorder: Arc::default(),
+                size: (80, 24, String::new()),
+                counts: Arc::default(),
+            };
+            self.chans.insert(channel.id(), chan);
+            decide_open(reply, true).await;
+            return Ok(());
+        }
         decide_open(reply, self.open_channel(channel.id(), session, None).await).await;
         Ok(())
     }
@@ -612,6 +749,31 @@ impl russh::server::Handler for Conn {
         reply: russh::server::ChannelOpenHandle,
         session: &mut SshSession,
     ) -> Result<(), Self::Error> {
+        if let Some((jump, _)) = &self.jump {
+            // `ssh -J person@gate ACCOUNT@TARGET`: the client speaks SSH to "TARGET" inside
+            // this channel, and poort answers it as that target would, with the same checks and
+            // recording as `person+TARGET+ACCOUNT`.
+            let known = self.st().cfg.ssh_targets.iter().any(|t| t.name == host_to_connect);
+            if !known || jump.ended() {
+                self.refused(&jump.identity.user, host_to_connect, "no SSH target of that name");
+                decide_open(reply, false).await;
+                return Ok(());
+            }
+            let mut inner = Conn::new(self.door.clone(), self.peer);
+            inner.st = self.st.clone();
+            inner.jump_for = Some((jump.clone(), host_to_connect.to_string()));
+            let config = self.door.config.clone();
+            decide_open(reply, true).await;
+            tokio::spawn(async move {
+                match russh::server::run_stream(config, channel.into_stream(), inner).await {
+                    Ok(running) => {
+                        let _ = running.await;
+                    }
+                    Err(e) => tracing::debug!(error = ?e, "SSH through a jump failed"),
+                }
+            });
+            return Ok(());
+        }
         let allowed = self.link.as_ref().is_some_and(|l| l.target.allow.forward);
         if !allowed || host_to_connect.len() > 255 || port_to_connect > 65535 {
             decide_open(reply, false).await;
@@ -757,6 +919,19 @@ fn answer(session: &mut SshSession, channel: ChannelId, ok: bool) -> Result<(), 
     if ok { session.channel_success(channel) } else { session.channel_failure(channel) }
 }
 
+/// Says why on the channel itself (standard error), so that the person reads it, and ends it.
+fn tell(session: &mut SshSession, channel: ChannelId, why: String) -> Result<(), russh::Error> {
+    answer(session, channel, true)?;
+    let handle = session.handle();
+    tokio::spawn(async move {
+        let _ = handle.extended_data(channel, 1, format!("poort: {why}\r\n").into_bytes()).await;
+        let _ = handle.exit_status_request(channel, 255).await;
+        let _ = handle.eof(channel).await;
+        let _ = handle.close(channel).await;
+    });
+    Ok(())
+}
+
 /// The target's answer to the request just sent; no answer in 10 s is a no.
 async fn reply(replies: &mut mpsc::Receiver<bool>) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(10), replies.recv()).await, Ok(Some(true)))
@@ -855,7 +1030,13 @@ impl Conn {
 
     /// Policy for what a channel asks to do, then the request to the target.
     async fn start(&mut self, channel: ChannelId, session: &mut SshSession, start: Start) -> Result<(), russh::Error> {
-        let Some(link) = self.link.clone() else { return answer(session, channel, false) };
+        let Some(link) = self.link.clone() else {
+            // A jump's own session channel: it only says how to name a target.
+            return match self.chans.get(&channel).and_then(|c| c.failed.clone()) {
+                Some(why) => tell(session, channel, why),
+                None => answer(session, channel, false),
+            };
+        };
         let (st, n) = (self.st.clone(), self.channels);
         let st: &State = (*st).as_ref();
         let Some(c) = self.chans.get_mut(&channel) else { return answer(session, channel, false) };
@@ -890,16 +1071,7 @@ impl Conn {
             return answer(session, channel, false);
         }
         if let Some(why) = c.failed.clone() {
-            // Said on the channel itself, so that the person reads why.
-            answer(session, channel, true)?;
-            let handle = session.handle();
-            tokio::spawn(async move {
-                let _ = handle.extended_data(channel, 1, format!("poort: {why}\r\n").into_bytes()).await;
-                let _ = handle.exit_status_request(channel, 255).await;
-                let _ = handle.eof(channel).await;
-                let _ = handle.close(channel).await;
-            });
-            return Ok(());
+            return tell(session, channel, why);
         }
         let size = (c.size.0, c.size.1, c.size.2.clone());
         let parts = Parts::of(st);
@@ -1079,7 +1251,7 @@ mod tests {
         };
         assert_eq!(Ask::parse("alice+db1"), a("alice", "db1", None));
         assert_eq!(Ask::parse("alice@example.com+db1+root"), a("alice@example.com", "db1", Some("root")));
-        for bad in ["alice", "alice+", "+db1", "alice+db1+", "alice+db1+root+x", "alice+DB 1", "al ice+db1", ""] {
+        for bad in ["alice+", "+db1", "alice+db1+", "alice+db1+root+x", "alice+DB 1", "al ice+db1", ""] {
             assert_eq!(Ask::parse(bad), None, "{bad:?}");
         }
     }

@@ -193,8 +193,8 @@ async fn people_accounts_keys_and_channels_policy_does_not_give_are_refused() {
     refused("carol+db1", &alice).await;
     refused("bob+db1", &alice).await;
     refused("alice+db1", &nobody).await;
-    // A plain user name, with no target.
-    refused("alice", &alice).await;
+    // A plain user name is a jump: nothing to run there, and it says how to name a target.
+    assert!(refused("alice", &alice).await.contains("poort: name a target: ssh alice+TARGET@"));
     // A key is one factor: a target that needs a second one does not take it.
     refused("alice+strict", &alice).await;
     let denied = d.gate.audited("access_denied", |e| e["app"].as_str().is_some_and(|a| a.starts_with("ssh:"))).await;
@@ -204,11 +204,11 @@ async fn people_accounts_keys_and_channels_policy_does_not_give_are_refused() {
         "{reasons:?}"
     );
     assert!(reasons.iter().any(|r| r.contains("operator")), "{reasons:?}");
-    assert!(d.gate.audit("ssh_opened").is_empty(), "nobody got in");
-    assert!(
-        !d.gate.store().list_sessions(None).unwrap().iter().any(|r| r.kind == "ssh"),
-        "a refusal leaves no session behind"
-    );
+    assert!(d.gate.audit("ssh_opened").iter().all(|e| e["target"] == "(jump)"), "nobody got in");
+    eventually("a refusal leaves no session behind", Duration::from_secs(5), async || {
+        !d.gate.store().list_sessions(None).unwrap().iter().any(|r| r.kind == "ssh")
+    })
+    .await;
 
     // A command where the target allows a shell only: the channel is refused, said and audited.
     let out = d.run(d.ssh("alice+db1x", Some(&alice), &["echo", "in"])).await;
@@ -475,4 +475,47 @@ async fn the_browser_terminal_runs_a_shell_for_the_page_that_holds_its_ticket() 
     let cast = std::fs::read_to_string(d.gate.dir.0.join("recordings").join(c["recording"].as_str().unwrap())).unwrap();
     assert!(poort::audit::recording::replay_output(&cast).contains("from-the-42-browser"));
     assert!(cast.contains(r#""i","echo from-the-$((6*7))-browser; exit\n""#), "input is recorded: {cast}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_jump_through_poort_is_the_same_session_with_the_same_checks() {
+    let d = door("").await;
+    let key = d.key_for("alice", "laptop").await;
+    // OpenSSH's ProxyJump: the jump host is poort, the target is named as the inner host.
+    let config = d.keys.0.join("ssh_config");
+    let lines = format!(
+        "Host gate\n  HostName 127.0.0.1\n  Port {}\n  User alice\n  IdentityFile {}\n  IdentitiesOnly yes\n\
+         Host *\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+        d.port,
+        key.display()
+    );
+    std::fs::write(&config, lines).unwrap();
+    let jump = |dest: &str, cmd: &str| {
+        let mut c = Command::new("ssh");
+        c.arg("-F").arg(&config).args(["-J", "gate", dest, cmd]).stdin(Stdio::null());
+        c
+    };
+    let out = d.run(jump("root@db1", "echo via-the-jump")).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text(&out.stdout), "via-the-jump\n");
+    let opened = d.gate.audit("ssh_opened");
+    assert!(opened.iter().any(|e| e["target"] == "(jump)" && e["user"] == "alice"), "{opened:?}");
+    assert!(
+        opened.iter().any(|e| e["target"] == "db1" && e["principal"] == "root" && e["method"] == "ssh -J"),
+        "{opened:?}"
+    );
+    let mut closed = Vec::new();
+    eventually("the channel's record", Duration::from_secs(5), async || {
+        closed = d.gate.audit("ssh_channel_closed");
+        !closed.is_empty()
+    })
+    .await;
+    assert_eq!(closed[0]["what"], "exec echo via-the-jump");
+    assert!(!closed[0]["recording"].as_str().unwrap().is_empty(), "recorded as any other");
+    // The same checks: an account policy does not give, a target that needs a second factor,
+    // a name that is not a target.
+    for dest in ["operator@db1", "root@strict", "root@nosuch"] {
+        let out = d.run(jump(dest, "echo in")).await;
+        assert!(!out.status.success() && !text(&out.stdout).contains("in"), "{dest}: {out:?}");
+    }
 }
