@@ -41,10 +41,10 @@ cp "$work/id.pub" "$work/authorized_keys"
 printf '%s\n' "Port $target_port" "ListenAddress 127.0.0.1" "HostKey $work/host_key" \
   "TrustedUserCAKeys $work/ca.pub" "AuthorizedKeysFile $work/authorized_keys" "PasswordAuthentication no" \
   "KbdInteractiveAuthentication no" "UsePAM no" "StrictModes no" "PermitRootLogin prohibit-password" \
-  "PidFile none" > "$work/sshd_config"
+  "PidFile none" "Subsystem sftp internal-sftp" > "$work/sshd_config"
 mkdir -p /run/sshd
 /usr/sbin/sshd -D -e -f "$work/sshd_config" 2>/dev/null & pids+=($!)
-POORT_LOG=warn "$poort" serve --config "$work/poort-data/poort.toml" & pids+=($!)
+POORT_LOG=${POORT_LOG:-warn} "$poort" serve --config "$work/poort-data/poort.toml" & pids+=($!)
 for _ in $(seq 100); do curl -skf "https://localhost:$gw_port/.poort/health" >/dev/null && break; sleep 0.1; done
 
 # Sign in and register the key on the portal's Security page, as a person's browser would.

@@ -170,6 +170,9 @@ pub enum Event {
         /// SHA-256 of the recording as written, so the chain vouches for it.
         sha256: String,
         exit_status: Option<u32>,
+        /// What a file transfer (SFTP) did: `read PATH`, `write PATH`, `remove PATH`, ...
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        files: Vec<String>,
     },
     /// An SSH connection ended.
     SshClosed {

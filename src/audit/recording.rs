@@ -43,8 +43,12 @@ pub fn valid_name(name: &str) -> bool {
         && !name.contains("..")
 }
 
+/// Bytes one recording may hold: a session whose recording reaches it ends.
+pub const LIMIT: u64 = 256 << 20;
+
 pub struct Recorder {
     file: std::io::BufWriter<std::fs::File>,
+    written: u64,
     hash: digest::Context,
     start: Instant,
     /// The end of the last chunk each way when it stopped inside a UTF-8 sequence.
@@ -67,6 +71,7 @@ impl Recorder {
         }
         let mut r = Recorder {
             file: std::io::BufWriter::new(file),
+            written: 0,
             hash: digest::Context::new(&digest::SHA256),
             start: crate::clock::instant(),
             carry: [Vec::new(), Vec::new()],
@@ -86,6 +91,7 @@ impl Recorder {
     }
 
     fn line(&mut self, s: &str) -> std::io::Result<()> {
+        self.written += s.len() as u64 + 1;
         self.hash.update(s.as_bytes());
         self.hash.update(b"\n");
         self.file.write_all(s.as_bytes())?;
@@ -94,7 +100,7 @@ impl Recorder {
     }
 
     fn event(&mut self, code: &str, text: &str) {
-        if self.broken {
+        if self.broken || self.full() {
             return;
         }
         let t = self.start.elapsed().as_secs_f64();
@@ -119,6 +125,11 @@ impl Recorder {
         }
     }
 
+    /// Whether the recording reached `LIMIT` (it takes nothing more).
+    pub fn full(&self) -> bool {
+        self.written >= LIMIT
+    }
+
     /// The file name in the recordings folder.
     pub fn name(&self) -> &str {
         &self.name
@@ -133,7 +144,7 @@ impl Recorder {
     }
 
     pub fn resize(&mut self, width: u32, height: u32) {
-        self.event("r", &format!("{width}x{height}"));
+        self.event("r", &format!("{}x{}", width.clamp(1, 1000), height.clamp(1, 1000)));
     }
 
     /// Ends the recording: its file name and the SHA-256 (hex) of all it holds.

@@ -208,8 +208,10 @@ pub(super) fn run(cmd: UserCmd) -> anyhow::Result<i32> {
                 bail!("no user {name}");
             }
             store.with(|c| crate::identity::mfa::reset(c, &name))?;
+            let now = crate::clock::SystemClock.now();
+            let ended = store.with(|c| crate::ssh::end_sessions(c, &name, now))?;
             record_admin(&cfg, "user mfa-reset", &name, "all second factors and SSH keys removed")?;
-            println!("Removed every second factor and SSH key of {name}.");
+            println!("Removed every second factor and SSH key of {name}, and ended {ended} SSH session(s).");
         }
         UserCmd::Unlock { name, config } => {
             let cfg = load(&config.config)?;

@@ -123,6 +123,10 @@ impl SshTarget {
         let mut out: Vec<String> = Vec::new();
         let groups = self.group_principals.iter().filter(|(g, _)| who.groups.contains(g)).flat_map(|(_, p)| p);
         for p in self.principals.iter().chain(groups) {
+            // `%u` never stands for the superuser, whatever a person is called.
+            if p == "%u" && who.user == "root" {
+                continue;
+            }
             let p = if p == "%u" { who.user.clone() } else { p.clone() };
             if !out.contains(&p) {
                 out.push(p);

@@ -603,7 +603,12 @@ async fn user_act(st: &State, call: &Call) -> Response<Body> {
                 return unavailable(call);
             }
             let wanted = name.clone();
-            match blocking(st, move |store| store.with(|c| crate::identity::mfa::reset(c, &wanted))).await {
+            let now = st.clock.now();
+            let reset = move |store: Store| {
+                store.with(|c| crate::identity::mfa::reset(c, &wanted))?;
+                store.with(|c| crate::ssh::end_sessions(c, &wanted, now))
+            };
+            match blocking(st, reset).await {
                 Some(_) => {
                     format!(
                         "Removed every second factor and SSH key of {name}; they set up new ones at their next sign-in."

@@ -585,8 +585,8 @@ pub(crate) async fn ssh_key_add(st: &State, call: &Call) -> Response<Body> {
 /// POST /.poort/security/ssh/remove (fresh).
 pub(crate) async fn ssh_key_remove(st: &State, call: &Call) -> Response<Body> {
     let (user, fingerprint) = (call.session().identity.user.clone(), call.field("fingerprint").to_string());
-    let fp = fingerprint.clone();
-    match st.store.run(move |c| crate::ssh::remove_key(c, &user, &fp)).await {
+    let (fp, now) = (fingerprint.clone(), st.clock.now());
+    match st.store.run(move |c| crate::ssh::remove_key(c, &user, &fp, now)).await {
         Ok(true) => {
             ssh_key_changed(st, call, format!("ssh key removed {fingerprint}")).await;
             security_after(st, call, StatusCode::OK, Say::Notice("The SSH key was removed.")).await

@@ -31,7 +31,7 @@ use crate::state::pending::Handoff;
 use crate::store::flows;
 pub use routes::Call;
 use routes::Page;
-pub(crate) use signin::{PasswordCheck, SignedIn, lockdown_admin, open_session};
+pub(crate) use signin::{PasswordCheck, SignedIn, attempt_allowed, lockdown_admin, open_session};
 
 const STYLE: &str = include_str!("../../assets/style.css");
 const SCRIPT: &str = include_str!("../../assets/webauthn.js");

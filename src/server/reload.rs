@@ -490,7 +490,7 @@ fn still_allowed(cfg: &Config, h: &Held) -> bool {
         // allowed to this person.
         Resource::Ssh(name) => cfg.ssh_targets.iter().find(|t| t.name == name).is_some_and(|t| {
             let account = h.subject.as_ref().map(|(identity, _)| t.principals_for(identity)).unwrap_or_default();
-            account.iter().any(|p| crate::sshd::destination(&t.address, p) == h.dest)
+            account.iter().any(|p| crate::sshd::destination(t, p) == h.dest)
                 && allowed(policy::evaluate(Resource::Ssh(name), &t.access, t.mfa, who))
         }),
     }

@@ -64,6 +64,9 @@ pub struct Grant<'a> {
     pub serial: u64,
     /// `permit-pty`, `permit-port-forwarding`, ...: what the target lets the session do.
     pub extensions: &'a [&'a str],
+    /// The one command the target may run, whatever the client asks (`force-command`):
+    /// `internal-sftp` where poort allows file transfer only.
+    pub force_command: Option<&'a str>,
 }
 
 /// poort's SSH user CA.
@@ -110,6 +113,11 @@ impl UserCa {
         for name in names {
             extensions.string(name.as_bytes()).string(b"");
         }
+        // Critical options, sorted by name, each with its value as a string in a string.
+        let mut critical = Wire::default();
+        if let Some(command) = grant.force_command {
+            critical.string(b"force-command").string(&Wire::default().string(command.as_bytes()).take());
+        }
         let mut w = Wire::default();
         w.string(ED25519_CERT.as_bytes())
             .string(&nonce)
@@ -120,7 +128,7 @@ impl UserCa {
             .string(&principals.take())
             .u64(grant.valid_after)
             .u64(grant.valid_before)
-            .string(b"")
+            .string(&critical.take())
             .string(&extensions.take())
             .string(b"")
             .string(&ed25519_blob(self.pair.public_key().as_ref()));
@@ -225,6 +233,7 @@ mod tests {
             valid_before: 20,
             serial: 7,
             extensions: &["permit-pty"],
+            force_command: None,
         };
         let cert = ca.certify(key.public(), &grant);
         // Type, nonce, then the subject key.
@@ -432,9 +441,25 @@ pub fn keys(conn: &crate::db::Conn, user: &str) -> crate::db::Result<Vec<Registe
     )
 }
 
-pub fn remove_key(conn: &crate::db::Conn, user: &str, fingerprint: &str) -> crate::db::Result<bool> {
+/// Removes a key, and ends the SSH sessions it opened.
+pub fn remove_key(conn: &mut crate::db::Conn, user: &str, fingerprint: &str, now: i64) -> crate::db::Result<bool> {
     use crate::db::params;
-    Ok(conn.execute("DELETE FROM ssh_keys WHERE \"user\" = ?1 AND fingerprint = ?2", params![user, fingerprint])? > 0)
+    let tx = conn.transaction()?;
+    let gone =
+        tx.execute("DELETE FROM ssh_keys WHERE \"user\" = ?1 AND fingerprint = ?2", params![user, fingerprint])? > 0;
+    if gone {
+        crate::store::Store::revoke_ssh_sessions(&tx, user, Some(fingerprint), now)?;
+    }
+    tx.commit()?;
+    Ok(gone)
+}
+
+/// Ends every SSH session of `user` (after their keys were all removed: `mfa-reset`).
+pub fn end_sessions(conn: &mut crate::db::Conn, user: &str, now: i64) -> crate::db::Result<usize> {
+    let tx = conn.transaction()?;
+    let n = crate::store::Store::revoke_ssh_sessions(&tx, user, None, now)?;
+    tx.commit()?;
+    Ok(n)
 }
 
 /// A target's host key as an operator pastes it (`TYPE BASE64 [comment]`, from its

@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 use crate::audit::Event;
 use crate::audit::recording;
 
+mod sftp;
 mod target;
 pub mod terminal;
 use crate::config::SshTarget;
@@ -70,9 +71,15 @@ impl Parts {
     }
 }
 
-/// What a grant holds for an SSH connection: the target's address and the account on it.
-pub fn destination(address: &str, principal: &str) -> String {
-    format!("{principal}@{address}")
+/// What a grant holds for an SSH connection: the target's address, the account on it, and
+/// what it may do there and whether it is recorded. A reload that changes any of them for this
+/// person ends the connection; the next one opens under the new settings.
+pub fn destination(t: &SshTarget, principal: &str) -> String {
+    let a = t.allow;
+    format!(
+        "{principal}@{} shell={} exec={} sftp={} forward={} record={}",
+        t.address, a.shell, a.exec, a.sftp, a.forward, t.record
+    )
 }
 
 /// The front door's host key file in the data folder.
@@ -113,6 +120,7 @@ pub struct FrontDoor {
     /// Open connections per person.
     open: Arc<Mutex<HashMap<String, usize>>>,
     serial: AtomicU64,
+    preauth: Arc<PreAuth>,
 }
 
 impl FrontDoor {
@@ -131,7 +139,14 @@ impl FrontDoor {
             ..Default::default()
         };
         let serial = AtomicU64::new(u64::from_be_bytes(crate::secret::random_bytes()) >> 16);
-        Ok(Arc::new(FrontDoor { current, config: Arc::new(config), ca, open: Arc::default(), serial }))
+        Ok(Arc::new(FrontDoor {
+            current,
+            config: Arc::new(config),
+            ca,
+            open: Arc::default(),
+            serial,
+            preauth: Arc::default(),
+        }))
     }
 
     /// The host key's public line, for people's `known_hosts`.
@@ -158,18 +173,130 @@ impl FrontDoor {
                     }
                 },
             };
+            // Connections not signed in yet are bounded, in all and per address: a flood of
+            // them never takes the file handles the gateway serves everyone else with.
+            let Some(guard) = self.preauth.enter(peer.ip()) else {
+                drop(stream);
+                continue;
+            };
             let door = self.clone();
             tokio::spawn(async move {
-                let conn = Conn::new(door.clone(), peer);
-                match russh::server::run_stream(door.config.clone(), stream, conn).await {
-                    Ok(running) => {
-                        if let Err(e) = running.await {
-                            tracing::debug!(error = ?e, %peer, "SSH connection ended");
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = ?e, %peer, "SSH handshake failed"),
+                let state = Arc::new(std::sync::atomic::AtomicU8::new(SIGNING_IN));
+                let mut conn = Conn::new(door.clone(), peer);
+                conn.preauth = Some(guard);
+                conn.state = state.clone();
+                let started =
+                    tokio::time::timeout(GREETING, russh::server::run_stream(door.config.clone(), stream, conn));
+                let running = match started.await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => return tracing::debug!(error = ?e, %peer, "SSH handshake failed"),
+                    Err(_) => return tracing::debug!(%peer, "SSH client sent no greeting in time"),
+                };
+                let watchdog = tokio::spawn(sign_in_deadline(running.handle(), state));
+                if let Err(e) = running.await {
+                    tracing::debug!(error = ?e, %peer, "SSH connection ended");
                 }
+                watchdog.abort();
             });
+        }
+    }
+}
+
+/// When a connection last carried bytes either way.
+pub(crate) struct Activity {
+    start: std::time::Instant,
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity { start: crate::clock::instant(), last: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        self.last.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing moved for `idle` (keepalives do not count: they are not use).
+    async fn idle(&self, idle: Duration) {
+        let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = self.start.elapsed().as_millis() as u64;
+            if Duration::from_millis(now.saturating_sub(self.last.load(Ordering::Relaxed))) >= idle {
+                return;
+            }
+        }
+    }
+}
+
+/// How long a client has to send its greeting.
+const GREETING: Duration = Duration::from_secs(20);
+/// How long a client has to sign in (OpenSSH's `LoginGraceTime`), and how long while a code it
+/// was shown waits for approval in the browser.
+const SIGN_IN: Duration = Duration::from_secs(60);
+const APPROVAL: Duration = Duration::from_secs(330);
+/// Where a connection is in signing in.
+const SIGNING_IN: u8 = 0;
+const AWAITING_APPROVAL: u8 = 1;
+const SIGNED_IN: u8 = 2;
+
+/// Cuts a connection that has not signed in within its time.
+async fn sign_in_deadline(handle: russh::server::Handle, state: Arc<std::sync::atomic::AtomicU8>) {
+    let start = crate::clock::instant();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let limit = match state.load(Ordering::Relaxed) {
+            SIGNED_IN => return,
+            AWAITING_APPROVAL => APPROVAL,
+            _ => SIGN_IN,
+        };
+        if start.elapsed() >= limit {
+            let why = "poort: not signed in in time".to_string();
+            let _ = handle.disconnect(russh::Disconnect::ByApplication, why, String::new()).await;
+            return;
+        }
+    }
+}
+
+/// Connections not signed in yet: in all at most `PREAUTH_TOTAL`, from one address at most
+/// `PREAUTH_PER_ADDRESS`.
+const PREAUTH_TOTAL: usize = 256;
+const PREAUTH_PER_ADDRESS: usize = 16;
+
+#[derive(Default)]
+struct PreAuth {
+    open: Mutex<(usize, HashMap<std::net::IpAddr, usize>)>,
+}
+
+impl PreAuth {
+    fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PreAuthGuard> {
+        let mut o = self.open.lock();
+        let here = o.1.get(&ip).copied().unwrap_or(0);
+        if o.0 >= PREAUTH_TOTAL || here >= PREAUTH_PER_ADDRESS {
+            return None;
+        }
+        o.0 += 1;
+        *o.1.entry(ip).or_default() += 1;
+        Some(PreAuthGuard { of: self.clone(), ip })
+    }
+}
+
+/// One connection's place among those not signed in; given back on sign-in or close.
+struct PreAuthGuard {
+    of: Arc<PreAuth>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for PreAuthGuard {
+    fn drop(&mut self) {
+        let mut o = self.of.open.lock();
+        o.0 = o.0.saturating_sub(1);
+        if let Some(n) = o.1.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                o.1.remove(&self.ip);
+            }
         }
     }
 }
@@ -186,11 +313,11 @@ impl Ask {
     /// What the approval page says asks to sign in.
     fn purpose(&self) -> String {
         if self.target.is_empty() {
-            return "An SSH connection to poort (to jump to targets)".into();
+            return format!("An SSH connection for {} to poort (to jump to targets)", self.user);
         }
         match &self.principal {
-            Some(p) => format!("An SSH connection to {} (account {p})", self.target),
-            None => format!("An SSH connection to {}", self.target),
+            Some(p) => format!("An SSH connection for {} to {} (account {p})", self.user, self.target),
+            None => format!("An SSH connection for {} to {}", self.user, self.target),
         }
     }
 
@@ -255,6 +382,7 @@ enum Refusal {
 struct Pending {
     ask: Ask,
     device_code: String,
+    user_code: String,
 }
 
 /// The connection to the target, made at the first channel, shared by the channels after it.
@@ -272,6 +400,8 @@ struct Chan {
     recorder: Arc<Mutex<Option<recording::Recorder>>>,
     size: (u32, u32, String),
     counts: Arc<Counts>,
+    /// For an SFTP channel: the files it touched.
+    files: Arc<Mutex<Option<sftp::Files>>>,
 }
 
 #[derive(Default)]
@@ -295,6 +425,18 @@ struct Conn {
     /// A connection carried inside a jump's channel: the jump's session and the target the
     /// channel was opened to.
     jump_for: Option<(Arc<Session>, String)>,
+    /// Its place among the connections not signed in yet (none once signed in).
+    preauth: Option<PreAuthGuard>,
+    /// Device codes this connection was given (one at most).
+    codes: u32,
+    /// Channels that asked to start something: numbers each one's recording.
+    started: u32,
+    /// When anything last moved either way, for the idle timeout.
+    activity: Arc<Activity>,
+    /// Why the gateway cut the connection, if it did.
+    cut: Arc<Mutex<Option<&'static str>>>,
+    /// Where it is in signing in, for its deadline.
+    state: Arc<std::sync::atomic::AtomicU8>,
 }
 
 impl Drop for Conn {
@@ -303,10 +445,11 @@ impl Drop for Conn {
             w.abort();
         }
         let st = self.st.clone();
+        let cut = *self.cut.lock();
         if let Some((session, started)) = self.jump.take() {
             tokio::spawn(async move {
                 let st = (*st).as_ref();
-                let why = session.lifeline().ended_now().unwrap_or("connection closed");
+                let why = cut.or(session.lifeline().ended_now()).unwrap_or("connection closed");
                 let _ = st.sessions.end(&session.id).await;
                 let ev = Event::SshClosed {
                     user: session.identity.user.clone(),
@@ -322,7 +465,7 @@ impl Drop for Conn {
         let Some(link) = self.link.take() else { return };
         tokio::spawn(async move {
             let st = (*st).as_ref();
-            let why = link.grant_ended_now().unwrap_or("connection closed");
+            let why = cut.or(link.grant_ended_now()).unwrap_or("connection closed");
             // The session was this connection's own: it ends with it.
             if link.owns_session {
                 let _ = st.sessions.end(&link.session.id).await;
@@ -360,6 +503,12 @@ impl Conn {
             channels: 0,
             jump: None,
             jump_for: None,
+            preauth: None,
+            codes: 0,
+            started: 0,
+            activity: Arc::new(Activity::new()),
+            cut: Arc::default(),
+            state: Arc::default(),
         }
     }
 
@@ -429,6 +578,7 @@ impl Conn {
     async fn finish(&mut self, ask: &Ask, session: Arc<Session>, method: String) -> Result<(), Refusal> {
         let st = self.st();
         let Some(target) = st.cfg.ssh_targets.iter().find(|t| t.name == ask.target) else {
+            self.refused(&ask.user, &ask.target, "no SSH target of that name");
             return Err(Refusal::Refused);
         };
         let who = Subject { identity: &session.identity, mfa: session.mfa() };
@@ -453,7 +603,7 @@ impl Conn {
             self.refused(&ask.user, &ask.target, "too many open SSH connections");
             return Err(Refusal::Refused);
         };
-        let grant = st.grants.hold(&permit, Some(&session), &destination(&target.address, &principal));
+        let grant = st.grants.hold(&permit, Some(&session), &destination(target, &principal));
         let ev = Event::SshOpened {
             user: session.identity.user.clone(),
             session: session.id.clone(),
@@ -604,6 +754,8 @@ impl russh::server::Handler for Conn {
         let k2 = key.clone();
         let owner = self.st().store.run(move |c| crate::ssh::owner(c, &k2)).await.ok().flatten();
         if owner.as_deref() != Some(ask.user.as_str()) {
+            // A signed attempt with a key that is not theirs (a client that did not ask first).
+            self.refused(&ask.user, &ask.target, "a key not registered to them");
             return Ok(Auth::reject());
         }
         Ok(match self.key_login(&ask, key).await {
@@ -626,32 +778,44 @@ impl russh::server::Handler for Conn {
             return Ok(Auth::reject());
         }
         let Some(ask) = Ask::parse(user) else { return Ok(Auth::reject()) };
-        let pending = self.pending.take().filter(|p| p.ask == ask && response.is_some());
-        let Some(pending) = pending else {
-            // First round: a code pair, shown as the prompt's instructions, with no prompt
-            // to answer: the client answers at once and then waits while poort polls.
-            let st = self.st();
-            let known = ask.target.is_empty() || st.cfg.ssh_targets.iter().any(|t| t.name == ask.target);
-            if !known || self.locked_out(&ask.user).await {
-                self.refused(&ask.user, &ask.target, "no SSH target of that name, or lockdown");
-                return Ok(Auth::reject());
+        let pending = self.pending.take().filter(|p| p.ask == ask);
+        let pending = match (pending, response.is_some()) {
+            (Some(p), true) => p,
+            (pending, _) => {
+                // A round that shows the code: one code pair per connection (asked again, the
+                // same one), and each counts against the address's sign-in limit. Whether the
+                // target or the person exists is not said here: only after approval.
+                let st_ref = self.st.clone();
+                let st: &State = (*st_ref).as_ref();
+                let (user_code, device_code) = match pending {
+                    Some(p) => (p.user_code, p.device_code),
+                    None if self.codes > 0 => return Ok(Auth::reject()),
+                    None => {
+                        if crate::portal::attempt_allowed(st, self.peer.ip()).await != Some(true) {
+                            return Ok(Auth::reject());
+                        }
+                        let Ok(pair) =
+                            crate::portal::device::start(st, &self.peer.ip().to_string(), &ask.purpose()).await
+                        else {
+                            return Ok(Auth::reject());
+                        };
+                        self.codes += 1;
+                        pair
+                    }
+                };
+                let url = format!("{}/.poort/device?code={user_code}", st.cfg.server.external_origin);
+                let instructions = format!(
+                    "To sign in as {}, open\n\n    {url}\n\nin a browser where you are signed in to poort, check that it shows the code {user_code}, and approve it. Waiting...\n",
+                    ask.user
+                );
+                self.state.store(AWAITING_APPROVAL, Ordering::Relaxed);
+                self.pending = Some(Pending { ask, device_code, user_code });
+                return Ok(Auth::Partial {
+                    name: "poort".into(),
+                    instructions: instructions.into(),
+                    prompts: Vec::new().into(),
+                });
             }
-            let Ok((user_code, device_code)) =
-                crate::portal::device::start(st, &self.peer.ip().to_string(), &ask.purpose()).await
-            else {
-                return Ok(Auth::reject());
-            };
-            let url = format!("{}/.poort/device?code={user_code}", st.cfg.server.external_origin);
-            let instructions = format!(
-                "To sign in to {} as {}, open\n\n    {url}\n\nin a browser where you are signed in to poort, check that it shows the code {user_code}, and approve it. Waiting...\n",
-                ask.target, ask.user
-            );
-            self.pending = Some(Pending { ask, device_code });
-            return Ok(Auth::Partial {
-                name: "poort".into(),
-                instructions: instructions.into(),
-                prompts: Vec::new().into(),
-            });
         };
         let st = self.st();
         let token = crate::portal::device::wait(st, &pending.device_code, Duration::from_secs(300)).await;
@@ -690,11 +854,18 @@ impl russh::server::Handler for Conn {
     }
 
     async fn auth_succeeded(&mut self, session: &mut SshSession) -> Result<(), Self::Error> {
+        self.preauth = None;
+        self.state.store(SIGNED_IN, Ordering::Relaxed);
         let handle = session.handle();
+        let (activity, idle, cut) = (self.activity.clone(), self.st().cfg.ssh.idle_timeout, self.cut.clone());
         if let Some((jump, _)) = &self.jump {
             let line = jump.lifeline();
             self.watch = Some(tokio::spawn(async move {
-                let why = line.ended().await;
+                let why = tokio::select! {
+                    why = line.ended() => why,
+                    _ = activity.idle(idle) => "idle",
+                };
+                *cut.lock() = Some(why);
                 let _ =
                     handle.disconnect(russh::Disconnect::ByApplication, format!("poort: {why}"), String::new()).await;
             }));
@@ -704,7 +875,11 @@ impl russh::server::Handler for Conn {
         // The connection lives as long as its grant: a revocation, lockdown, expiry or a
         // config change that takes the target away cuts it at once.
         self.watch = Some(tokio::spawn(async move {
-            let why = link.grant.ended().await;
+            let why = tokio::select! {
+                why = link.grant.ended() => why,
+                _ = activity.idle(idle) => "idle",
+            };
+            *cut.lock() = Some(why);
             tracing::info!(user = %link.session.identity.user, target = %link.target.name, why, "SSH connection cut");
             let _ = handle.disconnect(russh::Disconnect::ByApplication, format!("poort: {why}"), String::new()).await;
         }));
@@ -730,6 +905,7 @@ impl russh::server::Handler for Conn {
                 recorder: Arc::default(),
                 size: (80, 24, String::new()),
                 counts: Arc::default(),
+                files: Arc::default(),
             };
             self.chans.insert(channel.id(), chan);
             decide_open(reply, true).await;
@@ -874,7 +1050,11 @@ impl russh::server::Handler for Conn {
         if let Some(r) = c.recorder.lock().as_mut() {
             r.input(data);
         }
+        if let Some(f) = c.files.lock().as_mut() {
+            f.feed(data);
+        }
         c.counts.up.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.activity.touch();
         if let Some(to) = &c.to
             && to.data_bytes(bytes::Bytes::copy_from_slice(data)).await.is_err()
         {
@@ -917,6 +1097,18 @@ fn parse_offered(key: &ssh_key::PublicKey) -> Option<crate::ssh::PublicKey> {
 /// Answers a channel request the client may be waiting on.
 fn answer(session: &mut SshSession, channel: ChannelId, ok: bool) -> Result<(), russh::Error> {
     if ok { session.channel_success(channel) } else { session.channel_failure(channel) }
+}
+
+/// A command as the audit log shows it: whole up to 500 characters; a longer one cut there,
+/// with its length and SHA-256, so that what ran is known exactly.
+fn shown_command(cmd: &[u8]) -> String {
+    let text = String::from_utf8_lossy(cmd);
+    if text.chars().count() <= 500 {
+        return text.into_owned();
+    }
+    let head: String = text.chars().take(500).collect();
+    let sum = crate::secret::hex(ring::digest::digest(&ring::digest::SHA256, cmd).as_ref());
+    format!("{head}… ({} bytes, sha256 {sum})", cmd.len())
 }
 
 /// Says why on the channel itself (standard error), so that the person reads it, and ends it.
@@ -968,6 +1160,7 @@ impl Conn {
             recorder: Arc::default(),
             size: (80, 24, "xterm".into()),
             counts: Arc::default(),
+            files: Arc::default(),
         };
         let target = match self.target.as_ref() {
             Some(Ok(t)) => t.clone(),
@@ -1010,6 +1203,8 @@ impl Conn {
             what: chan.what.clone(),
             recorder: chan.recorder.clone(),
             counts: chan.counts.clone(),
+            files: chan.files.clone(),
+            activity: self.activity.clone(),
         };
         tokio::spawn(pump.run(read));
         self.chans.insert(id, chan);
@@ -1037,7 +1232,8 @@ impl Conn {
                 None => answer(session, channel, false),
             };
         };
-        let (st, n) = (self.st.clone(), self.channels);
+        self.started += 1;
+        let (st, n) = (self.st.clone(), self.started);
         let st: &State = (*st).as_ref();
         let Some(c) = self.chans.get_mut(&channel) else { return answer(session, channel, false) };
         if c.what.lock().is_some() {
@@ -1046,17 +1242,15 @@ impl Conn {
         let allow = link.target.allow;
         let (what, allowed, recorded) = match &start {
             Start::Shell => ("shell".to_string(), allow.shell, true),
-            Start::Exec(cmd) => {
-                let cmd = String::from_utf8_lossy(cmd);
-                let shown: String = cmd.chars().take(200).collect();
-                // Legacy scp runs as a command; it is a file transfer, allowed and recorded as one.
-                if cmd.starts_with("scp ") {
-                    (format!("scp {}", shown.trim_start_matches("scp ")), allow.sftp, false)
-                } else {
-                    (format!("exec {shown}"), allow.exec, true)
+            // Every command is a command, whatever it starts with (legacy scp too: OpenSSH's
+            // scp speaks SFTP), allowed by `exec` and recorded.
+            Start::Exec(cmd) => (format!("exec {}", shown_command(cmd)), allow.exec, true),
+            Start::Subsystem(name) => {
+                if name == "sftp" {
+                    *c.files.lock() = Some(sftp::Files::default());
                 }
+                (format!("subsystem {name}"), name == "sftp" && allow.sftp, false)
             }
-            Start::Subsystem(name) => (format!("subsystem {name}"), name == "sftp" && allow.sftp, false),
         };
         if !allowed {
             tracing::info!(user = %link.session.identity.user, target = %link.target.name, what, "SSH channel refused by policy");
@@ -1152,7 +1346,7 @@ impl Channel1<'_> {
 
 /// `YYYYMMDDTHHMMSSZ`, for recording names that sort by time.
 fn format_stamp(t: i64) -> String {
-    crate::clock::format_utc(t).replace(['-', ':'], "").replace(' ', "T") + "Z"
+    crate::clock::format_utc(t).replace(['-', ':'], "")
 }
 
 /// Carries one channel from the target back to the person, and records it.
@@ -1165,6 +1359,8 @@ struct Pump {
     what: Arc<Mutex<Option<String>>>,
     recorder: Arc<Mutex<Option<recording::Recorder>>>,
     counts: Arc<Counts>,
+    files: Arc<Mutex<Option<sftp::Files>>>,
+    activity: Arc<Activity>,
 }
 
 impl Pump {
@@ -1174,14 +1370,22 @@ impl Pump {
         while let Some(msg) = read.wait().await {
             match msg {
                 ChannelMsg::Data { data } => {
-                    self.seen(&data);
+                    let full = self.seen(&data);
                     if self.handle.data(self.id, data).await.is_err() {
+                        break;
+                    }
+                    if full {
+                        self.say_full().await;
                         break;
                     }
                 }
                 ChannelMsg::ExtendedData { data, ext } => {
-                    self.seen(&data);
+                    let full = self.seen(&data);
                     if self.handle.extended_data(self.id, ext, data).await.is_err() {
+                        break;
+                    }
+                    if full {
+                        self.say_full().await;
                         break;
                     }
                 }
@@ -1215,6 +1419,13 @@ impl Pump {
         };
         let what = self.what.lock().take();
         let Some(what) = what else { return };
+        let mut files = Vec::new();
+        if let Some(f) = self.files.lock().take() {
+            files = f.seen;
+            if f.more > 0 {
+                files.push(format!("and {} more", f.more));
+            }
+        }
         let l = &self.link;
         let ev = Event::SshChannelClosed {
             user: l.session.identity.user.clone(),
@@ -1228,15 +1439,28 @@ impl Pump {
             recording,
             sha256,
             exit_status,
+            files,
         };
         (*self.st).as_ref().audit.note(ev).await;
     }
 
-    fn seen(&self, data: &[u8]) {
+    /// Counts and records what the target sent; true once the recording is full.
+    fn seen(&self, data: &[u8]) -> bool {
         self.counts.down.fetch_add(data.len() as u64, Ordering::Relaxed);
-        if let Some(r) = self.recorder.lock().as_mut() {
-            r.output(data);
+        self.activity.touch();
+        match self.recorder.lock().as_mut() {
+            Some(r) => {
+                r.output(data);
+                r.full()
+            }
+            None => false,
         }
+    }
+
+    /// A recorded session whose recording reached its limit ends: it is never unrecorded.
+    async fn say_full(&self) {
+        let text = b"\r\npoort: this session's recording reached its limit; the session ends.\r\n".to_vec();
+        let _ = self.handle.extended_data(self.id, 1, text).await;
     }
 }
 

@@ -88,6 +88,8 @@ pub(crate) async fn connect(
         valid_before: now + lifetime,
         serial,
         extensions: &extensions,
+        // File transfer only: the target itself runs nothing else, whatever poort is asked.
+        force_command: (t.allow.sftp && !t.allow.shell && !t.allow.exec).then_some("internal-sftp"),
     };
     let cert = ca.certify(key.public(), &grant);
     let (Ok(cert), Ok(private)) = (

@@ -142,7 +142,7 @@ pub async fn terminal(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<
     let Some(slot) = st.tunnels.take(&session.id, limits.per_session, limits.total) else {
         return error_page(StatusCode::TOO_MANY_REQUESTS, ctx.id);
     };
-    let grant = st.grants.hold(&permit, Some(&session), &destination(&t.address, &account));
+    let grant = st.grants.hold(&permit, Some(&session), &destination(t, &account));
     let ev = Event::SshOpened {
         user: session.identity.user.clone(),
         session: session.id.clone(),
@@ -312,8 +312,12 @@ impl Job {
                     ChannelMsg::Close | ChannelMsg::Eof => break,
                     _ => continue,
                 };
-                if let Some(r) = recorder.lock().as_mut() {
+                let full = recorder.lock().as_mut().is_some_and(|r| {
                     r.output(&data);
+                    r.full()
+                });
+                if full {
+                    return "the recording reached its limit";
                 }
                 down.fetch_add(data.len() as u64, Ordering::Relaxed);
                 last.store(since(), Ordering::Relaxed);
@@ -359,6 +363,7 @@ impl Job {
             recording,
             sha256,
             exit_status,
+            files: Vec::new(),
         };
         self.parts.audit.note(ev).await;
         let _ = conn.disconnect(russh::Disconnect::ByApplication, "", "").await;

@@ -960,6 +960,26 @@ impl Store {
         })
     }
 
+    /// Ends, within the transaction `tx` and as its last statements, the SSH front door's
+    /// sessions of `user` that the key `fingerprint` opened (every one of theirs with None): a
+    /// key taken away lets nobody stay in with it. Returns how many ended.
+    pub fn revoke_ssh_sessions(tx: &Conn, user: &str, fingerprint: Option<&str>, now: UnixTime) -> db::Result<usize> {
+        // A fingerprint is base64 and `SHA256:`: nothing LIKE would read as a pattern.
+        let pattern = fingerprint.map_or_else(|| "%".to_string(), |fp| format!("%(key {fp})"));
+        let ids: Vec<String> = tx.query_map(
+            "SELECT id FROM sessions WHERE \"user\" = ?1 AND kind = 'ssh' AND user_agent LIKE ?2",
+            params![user, pattern],
+            |r| r.get(0),
+        )?;
+        for id in &ids {
+            tx.execute("DELETE FROM sessions WHERE id = ?1", [id])?;
+        }
+        for id in &ids {
+            revoked(tx, Some(id), None, now)?;
+        }
+        Ok(ids.len())
+    }
+
     pub fn revoke_session(&self, id: &str, now: UnixTime) -> anyhow::Result<bool> {
         Ok(!self.revoke_where("id = ?1", Some(id), now)?.is_empty())
     }

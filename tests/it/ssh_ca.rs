@@ -33,6 +33,7 @@ fn issue(
         valid_before: window.1,
         serial: 1,
         extensions: &["permit-pty"],
+        force_command: None,
     };
     let path = dir.0.join(name);
     std::fs::write(&path, key.openssh_private("poort").as_bytes()).unwrap();

@@ -26,6 +26,11 @@ struct Door {
 /// `db1` (staff, as root; TOFU), `db1x` (the same, exec not allowed), `strict` (needs a second
 /// factor), `pinned` (a host key that is not the target's), plus `extra` config lines.
 async fn door(extra: &str) -> Door {
+    door_with("", extra).await
+}
+
+/// As `door`, with more lines for the `[ssh]` table.
+async fn door_with(ssh_extra: &str, extra: &str) -> Door {
     let sshd_dir = TempDir::new();
     let ca_file = sshd_dir.0.join("ca.pub");
     std::fs::write(&ca_file, "").unwrap();
@@ -41,6 +46,7 @@ async fn door(extra: &str) -> Door {
         r#"
 [ssh]
 listen = "127.0.0.1:0"
+{ssh_extra}
 
 [[ssh_target]]
 name = "db1"
@@ -68,8 +74,9 @@ address = "127.0.0.1:{target_port}"
 access = {staff}
 principals = ["root"]
 host_key = ["{}"]
-{extra}"#,
-        wrong_host_key.trim()
+{}"#,
+        wrong_host_key.trim(),
+        extra.replace("{target_port}", &target_port.to_string())
     );
     let gate = Gate::start_config("", &tables).await;
     let ca = gate.cli(&["ssh", "ca"]);
@@ -267,7 +274,7 @@ async fn without_a_key_a_code_approved_in_the_browser_signs_in_with_its_factors(
     let (secret, s, _) = crate::harness::enrol(&d.gate, &s).await;
     assert_eq!(d.gate.get(&format!("/.poort/device?code={code}"), Some(&s)).await.status, 200);
     let page = d.gate.get(&format!("/.poort/device?code={code}"), Some(&s)).await.text();
-    assert!(page.contains("An SSH connection to strict asked to sign in as"), "{page}");
+    assert!(page.contains("An SSH connection for alice to strict asked to sign in as"), "{page}");
     d.gate.clock.advance(30);
     let totp_code = totp::code_at_step(&secret, totp::step_at(d.gate.clock.now()));
     let s = d.gate.confirm(&s, &[("code", &totp_code), ("device", &code)]).await;
@@ -518,4 +525,238 @@ async fn ssh_jump_through_poort_is_the_same_session_with_the_same_checks() {
         let out = d.run(jump(dest, "echo in")).await;
         assert!(!out.status.success() && !text(&out.stdout).contains("in"), "{dest}: {out:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_transfers_and_forwarding_go_by_the_targets_allow_list() {
+    let d = door(
+        r#"
+[[ssh_target]]
+name = "fwd"
+address = "127.0.0.1:{target_port}"
+access = "authenticated"
+principals = ["root"]
+allow = ["forward"]
+"#,
+    )
+    .await;
+    let key = d.key_for("alice", "laptop").await;
+    // SFTP: allowed on db1; the audit record names what it did to which file, not the contents.
+    let local = d.keys.0.join("payload");
+    std::fs::write(&local, vec![7u8; 300 * 1024]).unwrap();
+    let remote = format!("/tmp/poort-sftp-{}", std::process::id());
+    let batch = d.keys.0.join("batch");
+    std::fs::write(
+        &batch,
+        format!("put {} {remote}\nget {remote} {}.back\nrm {remote}\n", local.display(), local.display()),
+    )
+    .unwrap();
+    let mut sftp = Command::new("sftp");
+    sftp.args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-i"])
+        .arg(&key)
+        .args(["-P", &d.port.to_string(), "-b"])
+        .arg(&batch)
+        .arg("alice+db1@127.0.0.1")
+        .stdin(Stdio::null());
+    let out = d.run(sftp).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&local).unwrap(), std::fs::read(d.keys.0.join("payload.back")).unwrap());
+    let mut closed = Vec::new();
+    eventually("the transfer's record", Duration::from_secs(5), async || {
+        closed = d.gate.audit("ssh_channel_closed");
+        !closed.is_empty()
+    })
+    .await;
+    let c = &closed[0];
+    assert_eq!(c["what"], "subsystem sftp");
+    let files: Vec<&str> = c["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert_eq!(files, [format!("write {remote}"), format!("read {remote}"), format!("remove {remote}")]);
+    assert!(c["bytes_in"].as_u64().unwrap() > 300 * 1024 && c["bytes_out"].as_u64().unwrap() > 300 * 1024, "{c}");
+    assert_eq!(c["recording"], "", "a transfer's contents are not recorded");
+
+    // Where the target allows a shell only, SFTP is refused.
+    let mut refused = Command::new("sftp");
+    refused
+        .args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-i"])
+        .arg(&key)
+        .args(["-P", &d.port.to_string(), "-b"])
+        .arg(&batch)
+        .arg("alice+db1x@127.0.0.1")
+        .stdin(Stdio::null());
+    assert!(!d.run(refused).await.status.success());
+
+    // Forwarding (`ssh -W`, one connection as `-L` makes each): carried where the target
+    // allows it (here onward to the target's own sshd, whose greeting comes back), refused
+    // where it does not; and a shell is refused where only forwarding is allowed.
+    let onward = d.gate.running.as_ref().unwrap().gateway().state.cfg.ssh_targets[0].address.clone();
+    let forward = |user: &str| {
+        let mut c = d.ssh(user, Some(&key), &[]);
+        let mut args: Vec<std::ffi::OsString> = c.get_args().map(|a| a.to_os_string()).collect();
+        let dest = args.pop().unwrap();
+        let mut w = Command::new("ssh");
+        w.args(args).args(["-W", &onward]).arg(dest).stdin(Stdio::piped()).stdout(Stdio::piped());
+        c = w;
+        c
+    };
+    let read_greeting = async |mut c: Command| {
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut child = c.spawn().unwrap();
+            let mut out = child.stdout.take().unwrap();
+            let mut buf = [0u8; 64];
+            let n = out.read(&mut buf).unwrap_or(0);
+            let _ = child.kill();
+            let _ = child.wait();
+            String::from_utf8_lossy(&buf[..n]).to_string()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(read_greeting(forward("alice+fwd")).await.starts_with("SSH-2.0-"), "forwarded where allowed");
+    assert!(!read_greeting(forward("alice+db1")).await.starts_with("SSH-2.0-"), "not where not allowed");
+    let out = d.run(d.ssh("alice+fwd", Some(&key), &["echo", "in"])).await;
+    assert!(!out.status.success() && !text(&out.stdout).contains("in"), "{out:?}");
+}
+
+/// A russh client that takes any host key, for what OpenSSH's client does not do on request.
+struct AnyHost;
+
+impl russh::client::Handler for AnyHost {
+    type Error = russh::Error;
+    async fn check_server_key(&mut self, _: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_floods_device_codes_or_the_gateways_connections_before_signing_in() {
+    use russh::client::KeyboardInteractiveAuthResponse as Kbd;
+    use tokio::io::AsyncReadExt;
+    let d = door("").await;
+    let codes = || {
+        let conn = poort::store::open_connection(d.gate.db()).unwrap();
+        conn.query_row("SELECT count(*) FROM flows WHERE kind = ?1", ["device"], |r| r.get::<i64>(0)).unwrap()
+    };
+    // A connection is shown one code.
+    let config = std::sync::Arc::new(russh::client::Config::default());
+    let mut h = russh::client::connect(config.clone(), ("127.0.0.1", d.port), AnyHost).await.unwrap();
+    let asked = h.authenticate_keyboard_interactive_start("nobody+db1", None::<String>).await;
+    assert!(
+        matches!(asked, Ok(Kbd::InfoRequest { ref instructions, .. }) if instructions.contains("/.poort/device?code="))
+    );
+    assert_eq!(codes(), 1);
+    // New connections each ask for one: the address's sign-in limit (30 a minute) stops them.
+    for _ in 0..35 {
+        let connected = russh::client::connect(config.clone(), ("127.0.0.1", d.port), AnyHost);
+        let Ok(Ok(mut h)) = tokio::time::timeout(Duration::from_secs(5), connected).await else { continue };
+        let asked = h.authenticate_keyboard_interactive_start("nobody+db1", None::<String>);
+        let _ = tokio::time::timeout(Duration::from_secs(5), asked).await;
+    }
+    assert!(codes() <= 30, "{} codes", codes());
+
+    // Silent connections: an address holds at most 16 before signing in; the next is closed.
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(tokio::net::TcpStream::connect(("127.0.0.1", d.port)).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(("127.0.0.1", d.port)).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n =
+        tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await.expect("closed at once").unwrap_or(0);
+    assert_eq!(n, 0, "the 17th silent connection from one address gets nothing: {:?}", &buf[..n]);
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_a_command_and_a_removed_key_ends_what_it_opened() {
+    let d = door(
+        r#"
+[[ssh_target]]
+name = "files"
+address = "127.0.0.1:{target_port}"
+access = "authenticated"
+principals = ["root"]
+allow = ["sftp"]
+
+[[ssh_target]]
+name = "files-and-shell"
+address = "127.0.0.1:{target_port}"
+access = "authenticated"
+principals = ["root"]
+allow = ["sftp", "shell"]
+"#,
+    )
+    .await;
+    let key = d.key_for("alice", "laptop").await;
+    // Legacy scp runs as a command: where commands are not allowed, nothing that starts with
+    // "scp " runs either.
+    for target in ["alice+files", "alice+files-and-shell", "alice+db1x"] {
+        let out = d.run(d.ssh(target, Some(&key), &["scp -f /dev/null; echo ran-anyway"])).await;
+        assert!(!text(&out.stdout).contains("ran-anyway"), "{target}: {out:?}");
+    }
+    let denied = d.gate.audited("access_denied", |e| e["app"] == "ssh:files").await;
+    assert!(denied.iter().any(|e| e["reason"].as_str().unwrap().starts_with("exec scp -f")), "{denied:?}");
+    // A long command is audited in full measure: its length and digest.
+    let long = format!("true{}; echo long", " ".repeat(600));
+    let out = d.run(d.ssh("alice+db1", Some(&key), &[&long])).await;
+    assert_eq!(text(&out.stdout), "long\n");
+    let mut opened = Vec::new();
+    eventually("the long command's record", Duration::from_secs(5), async || {
+        opened = d.gate.audit("ssh_channel_opened");
+        opened.iter().any(|e| e["what"].as_str().unwrap().contains("sha256"))
+    })
+    .await;
+    let sum = poort::secret::hex(ring::digest::digest(&ring::digest::SHA256, long.as_bytes()).as_ref());
+    assert!(
+        opened.iter().any(|e| e["what"].as_str().unwrap().ends_with(&format!("({} bytes, sha256 {sum})", long.len()))),
+        "{opened:?}"
+    );
+
+    // Removing the key ends the connection it opened.
+    let mut child = d.ssh("alice+db1", Some(&key), &["sleep", "30"]).spawn().unwrap();
+    eventually("the command runs", Duration::from_secs(10), async || {
+        d.gate.audit("ssh_channel_opened").iter().any(|e| e["what"] == "exec sleep 30")
+    })
+    .await;
+    assert!(child.try_wait().unwrap().is_none());
+    let listed = Command::new("ssh-keygen").arg("-lf").arg(key.with_extension("pub")).output().unwrap();
+    let fingerprint = text(&listed.stdout).split_whitespace().nth(1).unwrap().to_string();
+    let s = d.gate.login("alice").await;
+    let r = d.gate.post("/.poort/security/ssh/remove", &s, &[("fingerprint", &fingerprint)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let removed = Instant::now();
+    let ended = tokio::task::spawn_blocking(move || {
+        while removed.elapsed() < Duration::from_secs(5) {
+            if child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    })
+    .await
+    .unwrap();
+    assert!(ended, "the key's connection ended with the key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_carries_nothing_ends_at_the_idle_timeout() {
+    let d = door_with("idle_timeout = \"3s\"", "").await;
+    let key = d.key_for("alice", "laptop").await;
+    // The client's keepalives every second are no use of the connection: it still idles out.
+    let mut c = d.ssh("alice+db1", Some(&key), &["sleep", "30"]);
+    let args: Vec<std::ffi::OsString> = c.get_args().map(|a| a.to_os_string()).collect();
+    c = Command::new("ssh");
+    c.args(["-o", "ServerAliveInterval=1"]).args(args).stdin(Stdio::null());
+    let start = Instant::now();
+    let out = d.run(c).await;
+    let took = start.elapsed();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(15), "ended after {took:?}");
+    let closed = d.gate.audited("ssh_closed", |e| e["why"] == "idle").await;
+    assert!(!closed.is_empty());
 }

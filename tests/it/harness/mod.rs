@@ -114,7 +114,8 @@ pub fn start_sshd(dir: &TempDir, auth: &str) -> (Reaped, u16) {
     let port = closed_port();
     let config = format!(
         "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\n{auth}\nPasswordAuthentication no\n\
-         KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nPidFile none\n",
+         KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nPidFile none\n\
+         Subsystem sftp internal-sftp\n",
         d.join("host_key").display()
     );
     std::fs::write(d.join("sshd_config"), config).unwrap();
