@@ -663,31 +663,8 @@ fn resolve_ssh_target(c: &mut Collector, i: usize, t: file::SshTarget, mfa_defau
         "every SSH target needs a name, for example name = \"db1\"",
     );
     let key = format!("ssh_target[{name}]");
-    let address = match t.address.as_deref() {
-        Some(raw) if valid_target(raw) => Some(raw.to_ascii_lowercase()),
-        Some(raw) => {
-            c.add(
-                format!("{key}.address"),
-                format!("{raw:?} is not host:port"),
-                "for example address = \"10.0.0.5:22\"",
-            );
-            None
-        }
-        None => {
-            c.add(format!("{key}.address"), "missing", "for example address = \"10.0.0.5:22\"");
-            None
-        }
-    };
-    let access = match t.access {
-        None => {
-            c.add(format!("{key}.access"), "missing", "state it: \"authenticated\" or { rules = [...] }");
-            None
-        }
-        Some(v) => resolve_access(c, &key, v),
-    };
-    if access == Some(Access::Public) {
-        c.add(format!("{key}.access"), "an SSH target cannot be public", "use \"authenticated\" or { rules = [...] }");
-    }
+    let address = host_port(c, &format!("{key}.address"), t.address.as_deref(), "address = \"10.0.0.5:22\"");
+    let access = signed_in_access(c, &key, t.access, "an SSH target");
     let mfa = c.mfa(&key, t.mfa.as_deref(), mfa_default);
     let principals = t.principals.unwrap_or_default();
     let group_principals: Vec<(String, Vec<String>)> = t.group_principals.unwrap_or_default().into_iter().collect();
@@ -743,7 +720,7 @@ fn resolve_ssh_target(c: &mut Collector, i: usize, t: file::SshTarget, mfa_defau
         description: t.description.unwrap_or_default(),
         name,
         address: address?,
-        access: access.filter(|a| *a != Access::Public)?,
+        access: access?,
         mfa: mfa?,
         principals,
         group_principals,
@@ -1038,42 +1015,54 @@ fn resolve_app(
     })
 }
 
-fn resolve_tunnel(c: &mut Collector, i: usize, t: file::Tunnel, mfa_default: bool) -> Option<Tunnel> {
-    let name =
-        c.name("tunnel", i, t.name, "is not a valid name", "every tunnel needs a name, for example name = \"db\"");
-    let key = format!("tunnel[{name}]");
-    let target = match t.target.as_deref() {
+/// A `host:port` key (`path`), lower-cased; `example` shows the key with a value.
+fn host_port(c: &mut Collector, path: &str, raw: Option<&str>, example: &str) -> Option<String> {
+    match raw {
         Some(raw) if valid_target(raw) => Some(raw.to_ascii_lowercase()),
         Some(raw) => {
-            c.add(
-                format!("{key}.target"),
-                format!("{raw:?} is not host:port"),
-                "for example target = \"10.0.0.9:5432\"",
-            );
+            c.add(path, format!("{raw:?} is not host:port"), format!("for example {example}"));
             None
         }
         None => {
-            c.add(format!("{key}.target"), "missing", "for example target = \"10.0.0.9:22\"");
+            c.add(path, "missing", format!("for example {example}"));
             None
         }
-    };
-    let access = match t.access {
+    }
+}
+
+/// The `access` of a tunnel or an SSH target (`what`): required, and never public.
+fn signed_in_access(c: &mut Collector, key: &str, raw: Option<toml::Value>, what: &str) -> Option<Access> {
+    let access = match raw {
         None => {
             c.add(format!("{key}.access"), "missing", "state it: \"authenticated\" or { rules = [...] }");
             None
         }
-        Some(v) => resolve_access(c, &key, v),
+        Some(v) => resolve_access(c, key, v),
     };
     if access == Some(Access::Public) {
-        c.add(format!("{key}.access"), "a tunnel cannot be public", "use \"authenticated\" or { rules = [...] }");
+        c.add(
+            format!("{key}.access"),
+            format!("{what} cannot be public"),
+            "use \"authenticated\" or { rules = [...] }",
+        );
+        return None;
     }
+    access
+}
+
+fn resolve_tunnel(c: &mut Collector, i: usize, t: file::Tunnel, mfa_default: bool) -> Option<Tunnel> {
+    let name =
+        c.name("tunnel", i, t.name, "is not a valid name", "every tunnel needs a name, for example name = \"db\"");
+    let key = format!("tunnel[{name}]");
+    let target = host_port(c, &format!("{key}.target"), t.target.as_deref(), "target = \"10.0.0.9:5432\"");
+    let access = signed_in_access(c, &key, t.access, "a tunnel");
     let mfa = c.mfa(&key, t.mfa.as_deref(), mfa_default);
     Some(Tunnel {
         title: t.title.unwrap_or_else(|| name.clone()),
         description: t.description.unwrap_or_default(),
         name,
         target: target?,
-        access: access.filter(|a| *a != Access::Public)?,
+        access: access?,
         mfa: mfa?,
     })
 }

@@ -390,7 +390,10 @@ type TargetConn = russh::client::Handle<target::TargetCheck>;
 
 /// One channel relayed to the target.
 struct Chan {
-    to: Option<russh::ChannelWriteHalf<russh::client::Msg>>,
+    to: Option<Arc<russh::ChannelWriteHalf<russh::client::Msg>>>,
+    /// The person's bytes, then end of input or close, in order, to a task that writes them to
+    /// the target: reading the next packet from the person does not wait for the target.
+    out: Option<mpsc::Sender<Out>>,
     /// Answers to the requests sent to the target, in order.
     replies: mpsc::Receiver<bool>,
     /// Why the target could not be reached, shown when the channel asks for something.
@@ -402,6 +405,30 @@ struct Chan {
     counts: Arc<Counts>,
     /// For an SFTP channel: the files it touched.
     files: Arc<Mutex<Option<sftp::Files>>>,
+}
+
+/// What goes to the target's channel after the requests that started it.
+enum Out {
+    Data(bytes::Bytes),
+    Eof,
+    Close,
+}
+
+/// Writes what the person sent to the target's channel, in order; ends with the channel.
+async fn write_out(to: Arc<russh::ChannelWriteHalf<russh::client::Msg>>, mut rx: mpsc::Receiver<Out>) {
+    while let Some(o) = rx.recv().await {
+        let done = match o {
+            Out::Data(b) => to.data_bytes(b).await.is_err(),
+            Out::Eof => to.eof().await.is_err(),
+            Out::Close => {
+                let _ = to.close().await;
+                true
+            }
+        };
+        if done {
+            return;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -899,6 +926,7 @@ impl russh::server::Handler for Conn {
             let failed = format!("name a target: ssh {user}+TARGET@{host}, or ssh -J {user}@{host} ACCOUNT@TARGET");
             let chan = Chan {
                 to: None,
+                out: None,
                 replies,
                 failed: Some(failed),
                 what: Arc::default(),
@@ -1055,8 +1083,8 @@ impl russh::server::Handler for Conn {
         }
         c.counts.up.fetch_add(data.len() as u64, Ordering::Relaxed);
         self.activity.touch();
-        if let Some(to) = &c.to
-            && to.data_bytes(bytes::Bytes::copy_from_slice(data)).await.is_err()
+        if let Some(out) = &c.out
+            && out.send(Out::Data(bytes::Bytes::copy_from_slice(data))).await.is_err()
         {
             return Ok(());
         }
@@ -1067,17 +1095,17 @@ impl russh::server::Handler for Conn {
     }
 
     async fn channel_eof(&mut self, channel: ChannelId, _session: &mut SshSession) -> Result<(), Self::Error> {
-        if let Some(to) = self.chans.get(&channel).and_then(|c| c.to.as_ref()) {
-            let _ = to.eof().await;
+        if let Some(out) = self.chans.get(&channel).and_then(|c| c.out.as_ref()) {
+            let _ = out.send(Out::Eof).await;
         }
         Ok(())
     }
 
     async fn channel_close(&mut self, channel: ChannelId, _session: &mut SshSession) -> Result<(), Self::Error> {
         if let Some(c) = self.chans.remove(&channel)
-            && let Some(to) = &c.to
+            && let Some(out) = &c.out
         {
-            let _ = to.close().await;
+            let _ = out.send(Out::Close).await;
         }
         Ok(())
     }
@@ -1154,6 +1182,7 @@ impl Conn {
         let (replies_tx, replies) = mpsc::channel(8);
         let mut chan = Chan {
             to: None,
+            out: None,
             replies,
             failed: None,
             what: Arc::default(),
@@ -1189,7 +1218,11 @@ impl Conn {
             return true;
         };
         let (read, write) = to.split();
+        let write = Arc::new(write);
+        let (out, rx) = mpsc::channel(64);
+        tokio::spawn(write_out(write.clone(), rx));
         chan.to = Some(write);
+        chan.out = Some(out);
         self.channels += 1;
         if let Some((host, port, _, _)) = &forward {
             *chan.what.lock() = Some(format!("forward {host}:{port}"));

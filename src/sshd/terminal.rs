@@ -96,7 +96,7 @@ pub async fn terminal(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<
         return denied("the account is not open to them");
     }
     let mut req = call.into_request();
-    let Some(accept) = websocket_key(&req) else {
+    let Some(accept) = crate::tunnel::websocket_key(&req) else {
         // The page: the person's own navigation only.
         if !routes::navigated(st, req.headers()) {
             return denied("a terminal page not opened by the person");
@@ -186,16 +186,6 @@ pub async fn terminal(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     resp
-}
-
-fn websocket_key(req: &Request<Incoming>) -> Option<HeaderValue> {
-    let h = req.headers();
-    let upgrade = h.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    let version = h.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v.as_bytes() == b"13");
-    let key = h.get(header::SEC_WEBSOCKET_KEY)?;
-    (upgrade && version && req.method() == http::Method::GET && req.version() == http::Version::HTTP_11)
-        .then(|| tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()).parse().ok())
-        .flatten()
 }
 
 struct Job {

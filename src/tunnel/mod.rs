@@ -39,7 +39,8 @@ use crate::state::{Ctx, State};
 /// Bytes read from the target per message.
 const CHUNK: usize = 256 * 1024;
 
-fn websocket_key(req: &Request<Incoming>) -> Option<HeaderValue> {
+/// The `Sec-WebSocket-Accept` answer for a well-formed WebSocket upgrade request, if it is one.
+pub(crate) fn websocket_key(req: &Request<Incoming>) -> Option<HeaderValue> {
     let h = req.headers();
     let upgrade = h.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     let version = h.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v.as_bytes() == b"13");

@@ -126,9 +126,34 @@ impl Door {
         c
     }
 
+    /// `sftp` to the front door as `user` with `key`, running the commands in `batch`.
+    fn sftp(&self, user: &str, key: &Path, batch: &Path) -> Command {
+        let mut c = Command::new("sftp");
+        c.args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+            .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-i"])
+            .arg(key)
+            .args(["-P", &self.port.to_string(), "-b"])
+            .arg(batch)
+            .arg(format!("{user}@127.0.0.1"))
+            .stdin(Stdio::null());
+        c
+    }
+
     async fn run(&self, mut c: Command) -> std::process::Output {
         tokio::task::spawn_blocking(move || c.output().unwrap()).await.unwrap()
     }
+}
+
+/// The headers of a page the person opened from a portal page (`referer`).
+fn navigation<'a>(cookie: &'a str, referer: &'a str) -> [(&'static str, &'a str); 6] {
+    [
+        ("Cookie", cookie),
+        ("Sec-Fetch-Site", "same-origin"),
+        ("Sec-Fetch-Mode", "navigate"),
+        ("Sec-Fetch-Dest", "document"),
+        ("Sec-Fetch-User", "?1"),
+        ("Referer", referer),
+    ]
 }
 
 fn text(b: &[u8]) -> String {
@@ -367,14 +392,7 @@ async fn an_administrator_watches_a_session_live_then_replays_it() {
     // The live page: the first line arrives while the command still runs.
     let cookie = format!("__Host-poort={admin}");
     let referer = format!("{}/.poort/admin/recordings", crate::harness::ORIGIN);
-    let nav = [
-        ("Cookie", cookie.as_str()),
-        ("Sec-Fetch-Site", "same-origin"),
-        ("Sec-Fetch-Mode", "navigate"),
-        ("Sec-Fetch-Dest", "document"),
-        ("Sec-Fetch-User", "?1"),
-        ("Referer", referer.as_str()),
-    ];
+    let nav = navigation(&cookie, &referer);
     let path = format!("/.poort/admin/recording?seq={seq}");
     let (sni, bytes) = Gate::request_bytes("GET", &path, &nav, b"");
     let mut tls = d.gate.try_connect_to(&sni, &[b"http/1.1"]).await.unwrap();
@@ -425,14 +443,7 @@ async fn the_browser_terminal_runs_a_shell_for_the_page_that_holds_its_ticket() 
     let s = d.gate.login("carol").await;
     let cookie = format!("__Host-poort={s}");
     let referer = format!("{}/", crate::harness::ORIGIN);
-    let nav = [
-        ("Cookie", cookie.as_str()),
-        ("Sec-Fetch-Site", "same-origin"),
-        ("Sec-Fetch-Mode", "navigate"),
-        ("Sec-Fetch-Dest", "document"),
-        ("Sec-Fetch-User", "?1"),
-        ("Referer", referer.as_str()),
-    ];
+    let nav = navigation(&cookie, &referer);
     // The launcher shows the command and the way into the browser; not to bob, who has none.
     let home = d.gate.get("/", Some(&s)).await.text();
     assert!(home.contains("carol+db1@localhost</code>"), "{home}");
@@ -551,14 +562,7 @@ allow = ["forward"]
         format!("put {} {remote}\nget {remote} {}.back\nrm {remote}\n", local.display(), local.display()),
     )
     .unwrap();
-    let mut sftp = Command::new("sftp");
-    sftp.args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-i"])
-        .arg(&key)
-        .args(["-P", &d.port.to_string(), "-b"])
-        .arg(&batch)
-        .arg("alice+db1@127.0.0.1")
-        .stdin(Stdio::null());
+    let sftp = d.sftp("alice+db1", &key, &batch);
     let out = d.run(sftp).await;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::read(&local).unwrap(), std::fs::read(d.keys.0.join("payload.back")).unwrap());
@@ -576,15 +580,7 @@ allow = ["forward"]
     assert_eq!(c["recording"], "", "a transfer's contents are not recorded");
 
     // Where the target allows a shell only, SFTP is refused.
-    let mut refused = Command::new("sftp");
-    refused
-        .args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-        .args(["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-i"])
-        .arg(&key)
-        .args(["-P", &d.port.to_string(), "-b"])
-        .arg(&batch)
-        .arg("alice+db1x@127.0.0.1")
-        .stdin(Stdio::null());
+    let refused = d.sftp("alice+db1x", &key, &batch);
     assert!(!d.run(refused).await.status.success());
 
     // Forwarding (`ssh -W`, one connection as `-L` makes each): carried where the target
