@@ -83,16 +83,20 @@ pub(super) fn run(cmd: AuditCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         AuditCmd::Tail { n, json, config } => {
+            use std::io::Write;
             let conn = crate::store::open_connection(&database(&config.config)?)?;
+            let mut out = std::io::stdout().lock();
             for r in crate::audit::tail(&conn, n)? {
-                if json {
+                let line = if json {
                     let detail: serde_json::Value = serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null);
-                    println!(
-                        "{}",
-                        serde_json::json!({"seq": r.seq, "at": format_utc(r.at), "event": detail, "hash": crate::secret::hex(&r.hash)})
-                    );
+                    serde_json::json!({"seq": r.seq, "at": format_utc(r.at), "event": detail, "hash": crate::secret::hex(&r.hash)})
+                        .to_string()
                 } else {
-                    println!("{:>6} {} {:<17} {}", r.seq, format_utc(r.at), r.kind, r.detail);
+                    format!("{:>6} {} {:<17} {}", r.seq, format_utc(r.at), r.kind, r.detail)
+                };
+                // A reader that stopped (`| head`) ends the listing, not the program with a panic.
+                if writeln!(out, "{line}").is_err() {
+                    break;
                 }
             }
             Ok(0)

@@ -213,7 +213,7 @@ fn reload(path: &std::path::Path) -> anyhow::Result<i32> {
             }
             Ok(r) => {
                 println!(
-                    "Reloaded: {} changed; {} open WebSockets and tunnels lost their access.",
+                    "Reloaded: {} changed; {} open WebSockets, tunnels and SSH connections lost their access.",
                     r.changed.join(", "),
                     r.cut
                 );
@@ -291,8 +291,7 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
             let ca = crate::ssh::UserCa::load_or_create(&cfg.data_dir)?;
             println!("{}", ca.public_line());
             eprintln!(
-                "\nOn each SSH target, trust certificates poort signs (they name the account and last minutes):\n\n    poort ssh ca --config {} 2>/dev/null > /etc/ssh/poort_user_ca.pub\n    echo 'TrustedUserCAKeys /etc/ssh/poort_user_ca.pub' > /etc/ssh/sshd_config.d/poort.conf\n    systemctl reload ssh\n\n(docs/ssh.md says more.)",
-                config.config.display()
+                "\nSave the line above as poort_user_ca.pub, copy it to each SSH target, and there trust certificates poort signs (they name the account and last minutes):\n\n    sudo install -m 644 poort_user_ca.pub /etc/ssh/poort_user_ca.pub\n    echo 'TrustedUserCAKeys /etc/ssh/poort_user_ca.pub' | sudo tee /etc/ssh/sshd_config.d/poort.conf\n    sudo systemctl reload ssh    # sshd on some systems\n\n(docs/ssh.md says more, and what else a target needs.)"
             );
             Ok(0)
         }
@@ -308,7 +307,10 @@ fn command(cli: Cli) -> anyhow::Result<i32> {
             let port = cfg.ssh.listen.map_or(22, |a| a.port());
             let name = if port == 22 { host } else { format!("[{host}]:{port}") };
             let line = key.public_key().to_openssh()?;
-            println!("{name} {line}");
+            // With --for, only the targets' lines (the front door's own is asked for without).
+            if targets.is_empty() {
+                println!("{name} {line}");
+            }
             for t in &cfg.ssh_targets {
                 if targets.iter().any(|n| n == "all" || *n == t.name) {
                     println!("{} {line}", t.name);

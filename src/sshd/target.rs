@@ -59,7 +59,17 @@ pub(crate) async fn connect(
         verdict: Arc::default(),
     };
     let verdict = check.verdict.clone();
-    let config = Arc::new(russh::client::Config { inactivity_timeout: None, nodelay: true, ..Default::default() });
+    // AES-GCM first: the target takes poort's first choice it speaks (see FrontDoor::new).
+    let preferred = russh::Preferred {
+        cipher: std::borrow::Cow::Borrowed(&[
+            russh::cipher::AES_256_GCM,
+            russh::cipher::AES_128_GCM,
+            russh::cipher::CHACHA20_POLY1305,
+        ]),
+        ..Default::default()
+    };
+    let config =
+        Arc::new(russh::client::Config { inactivity_timeout: None, nodelay: true, preferred, ..Default::default() });
     let mut handle = match russh::client::connect_stream(config, tcp, check).await {
         Ok(h) => h,
         Err(e) => {
