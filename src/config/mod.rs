@@ -548,6 +548,58 @@ mod tests {
     }
 
     #[test]
+    fn ssh_targets_are_refused_by_key_with_the_fix() {
+        let text = r#"
+            [ssh]
+            listen = "127.0.0.1:2222"
+            certificate_lifetime = "1d"
+            [[ssh_target]]
+            name = "db1"
+            address = "db1"
+            access = "public"
+            principals = ["root,daemon"]
+            host_key = ["ssh-ed25519 notbase64"]
+            allow = ["shell", "everything"]
+            [[ssh_target]]
+            name = "db2"
+            address = "10.0.0.6:22"
+            access = "authenticated"
+        "#;
+        let problems = parse(text, Path::new(".")).unwrap_err().0;
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "ssh.certificate_lifetime",
+                "ssh_target[db1].address",
+                "ssh_target[db1].access",
+                "ssh_target[db1].principals",
+                "ssh_target[db1].host_key",
+                "ssh_target[db1].allow",
+                "ssh_target[db2].principals",
+            ]
+        );
+        assert!(problems.iter().all(|p| !p.hint.is_empty()), "each says how to fix it");
+        let good = r#"
+            [ssh]
+            listen = "127.0.0.1:2222"
+            [[ssh_target]]
+            name = "db1"
+            address = "10.0.0.5:22"
+            access = "authenticated"
+            principals = ["%u"]
+            group_principals = { admins = ["root"] }
+        "#;
+        let c = parse(good, Path::new(".")).unwrap();
+        let t = &c.ssh_targets[0];
+        assert!(t.record && t.allow.shell && t.allow.exec && t.allow.sftp && !t.allow.forward);
+        let admin = crate::names::Identity { user: "ann".into(), email: None, groups: vec!["admins".into()] };
+        assert_eq!(t.principals_for(&admin), ["ann", "root"]);
+        let root = crate::names::Identity { user: "root".into(), email: None, groups: vec![] };
+        assert!(t.principals_for(&root).is_empty(), "%u never stands for root");
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_path() {
         let text = r#"
             [server]

@@ -453,7 +453,6 @@ struct Conn {
     target: Option<Result<Arc<TargetConn>, String>>,
     chans: HashMap<ChannelId, Chan>,
     watch: Option<tokio::task::JoinHandle<()>>,
-    channels: u32,
     /// Signed in as a person with no target: a jump host for `ssh -J` (its session).
     jump: Option<(Arc<Session>, std::time::Instant)>,
     /// A connection carried inside a jump's channel: the jump's session and the target the
@@ -534,7 +533,6 @@ impl Conn {
             target: None,
             chans: HashMap::new(),
             watch: None,
-            channels: 0,
             jump: None,
             jump_for: None,
             preauth: None,
@@ -1236,7 +1234,6 @@ impl Conn {
         tokio::spawn(write_out(write.clone(), rx));
         chan.to = Some(write);
         chan.out = Some(out);
-        self.channels += 1;
         if let Some((host, port, _, _)) = &forward {
             *chan.what.lock() = Some(format!("forward {host}:{port}"));
         }

@@ -17,11 +17,9 @@ use futures_util::{SinkExt, StreamExt};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use russh::ChannelMsg;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::{Channel1, Parts, destination, target};
 use crate::audit::Event;
@@ -166,8 +164,7 @@ pub async fn terminal(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<
     tokio::spawn(async move {
         let _slot = slot;
         let Ok(upgraded) = upgrade.await else { return };
-        let config = WebSocketConfig::default().max_message_size(Some(1 << 20)).max_frame_size(Some(1 << 20));
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        let ws = crate::tunnel::server_socket(upgraded).await;
         let started = crate::clock::instant();
         let why = job.run(&session, ws, &grant).await;
         let ev = Event::SshClosed {
@@ -179,13 +176,7 @@ pub async fn terminal(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<
         };
         job.parts.audit.note(ev).await;
     });
-    let mut resp = Response::new(Body::empty());
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    resp
+    crate::tunnel::switching(accept)
 }
 
 struct Job {

@@ -169,8 +169,7 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
         let _slot = slot;
         let started = tokio::time::Instant::now();
         let Ok(upgraded) = upgrade.await else { return };
-        let config = WebSocketConfig::default().max_message_size(Some(1 << 20)).max_frame_size(Some(1 << 20));
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        let ws = server_socket(upgraded).await;
         let counts = Counts::default();
         let why = splice(ws, tcp, &session, grant, limits.idle_timeout, &counts, clock.as_ref()).await;
         tracing::info!(tunnel = %name, user = %session.identity.user, why, "Tunnel closed");
@@ -186,6 +185,19 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
         audit.note(ev).await;
     });
 
+    switching(accept)
+}
+
+/// The gateway's side of an upgraded connection as a WebSocket, messages at most 1 MiB.
+pub(crate) async fn server_socket(
+    upgraded: hyper::upgrade::Upgraded,
+) -> WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
+    let config = WebSocketConfig::default().max_message_size(Some(1 << 20)).max_frame_size(Some(1 << 20));
+    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await
+}
+
+/// The 101 answer that accepts a WebSocket upgrade (`accept` from `websocket_key`).
+pub(crate) fn switching(accept: HeaderValue) -> Response<Body> {
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();

@@ -156,6 +156,23 @@ fn navigation<'a>(cookie: &'a str, referer: &'a str) -> [(&'static str, &'a str)
     ]
 }
 
+/// How long after `since` the `child` ended, and how, if it did within 5 s (else it is killed).
+async fn ends_within(mut child: std::process::Child, since: Instant) -> Option<(Duration, std::process::ExitStatus)> {
+    tokio::task::spawn_blocking(move || {
+        while since.elapsed() < Duration::from_secs(5) {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some((since.elapsed(), status));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    })
+    .await
+    .unwrap()
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_string()
 }
@@ -317,7 +334,7 @@ async fn without_a_key_a_code_approved_in_the_browser_signs_in_with_its_factors(
 async fn a_revoked_session_ends_its_ssh_connection_within_a_second() {
     let d = door("").await;
     let key = d.key_for("alice", "laptop").await;
-    let mut child =
+    let child =
         d.ssh("alice+db1", Some(&key), &["echo", "started;", "sleep", "30"]).stdout(Stdio::piped()).spawn().unwrap();
     let mut session = String::new();
     eventually("the connection opens", Duration::from_secs(10), async || {
@@ -332,20 +349,7 @@ async fn a_revoked_session_ends_its_ssh_connection_within_a_second() {
     let r = d.gate.post("/.poort/sessions/end", &s, &[("id", &session)]).await;
     assert_eq!(r.status, 303, "{}", r.text());
     let revoked = Instant::now();
-    let waited = tokio::task::spawn_blocking(move || {
-        while Instant::now() - revoked < Duration::from_secs(5) {
-            if let Some(status) = child.try_wait().unwrap() {
-                return Some((Instant::now() - revoked, status));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
-    })
-    .await
-    .unwrap();
-    let (after, status) = waited.expect("the ssh client was cut off");
+    let (after, status) = ends_within(child, revoked).await.expect("the ssh client was cut off");
     assert!(!status.success());
     assert!(after < Duration::from_secs(1), "cut {after:?} after the revocation");
     let closed = d.gate.audited("ssh_closed", |e| e["session"] == session.as_str()).await;
@@ -724,20 +728,7 @@ allow = ["sftp", "shell"]
     let r = d.gate.post("/.poort/security/ssh/remove", &s, &[("fingerprint", &fingerprint)]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let removed = Instant::now();
-    let ended = tokio::task::spawn_blocking(move || {
-        while removed.elapsed() < Duration::from_secs(5) {
-            if child.try_wait().unwrap().is_some() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        false
-    })
-    .await
-    .unwrap();
-    assert!(ended, "the key's connection ended with the key");
+    assert!(ends_within(child, removed).await.is_some(), "the key's connection ended with the key");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
