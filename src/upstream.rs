@@ -465,7 +465,7 @@ pub enum UpstreamBody {
     /// Read whole before the request started.
     Full(Option<Bytes>),
     /// What was read while deciding, then the rest as it comes.
-    Stream { first: Option<Bytes>, rest: Limited<Incoming> },
+    Stream { first: Option<Bytes>, rest: Limited<http_body_util::combinators::BoxBody<Bytes, Cause>> },
 }
 
 impl hyper::body::Body for UpstreamBody {

@@ -21,10 +21,9 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::Gateway;
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::config::{App, Route, Upstream};
 use crate::mitigate;
 use crate::policy::{self, Decision, Resource, Subject};
@@ -78,7 +77,7 @@ fn malformed(code: &'static str) -> Refusal {
 
 impl Gateway {
     /// GET `/.poort/auth` (route::Found::ForwardAuth).
-    pub(super) async fn forward_auth(&self, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
+    pub(super) async fn forward_auth(&self, ctx: Ctx, req: Request<RequestBody>) -> Response<Body> {
         let st = &self.state;
         let call = match routes::admit(st, ctx, routes::row_of(Page::ForwardAuth), req).await {
             Ok(call) => call,

@@ -9,11 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use parking_lot::RwLock;
 
 use crate::audit::{Audit, Event};
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::clock::Clock;
 use crate::config::{Config, Route};
 use crate::identity::assertion::Signer;
@@ -106,7 +105,7 @@ impl crate::listen::Handler for Live {
         self.get().handshake(ok);
     }
 
-    async fn handle(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<RequestBody>) -> Response<Body> {
         let gw = self.get();
         gw.handle(peer, conn, req).await
     }
@@ -145,7 +144,7 @@ impl crate::listen::Handler for Gateway {
 
     /// One request, start to finish. Closes an HTTP/1 connection whose request asked to
     /// switch protocols and did not: the bytes after it were never checked as HTTP.
-    async fn handle(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<RequestBody>) -> Response<Body> {
         let upgrade = req.version() == http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
         let head = req.method() == http::Method::HEAD;
         let start = crate::clock::instant();
@@ -278,7 +277,7 @@ impl Gateway {
     }
 
     /// The stages of docs/architecture.md, in order; each refusal is answered by `respond`.
-    async fn stages(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    async fn stages(self: Arc<Self>, peer: SocketAddr, conn: &Conn, req: Request<RequestBody>) -> Response<Body> {
         let id = RequestId(self.lasting.request_ids.fetch_add(1, Ordering::Relaxed));
         let client = request::client_addr(peer.ip(), req.headers(), &self.state.cfg.server.trusted_proxies);
         let mut note = Note { id, client, app: None, session: None, kept: self.state.cfg.log.access };
@@ -342,7 +341,7 @@ impl Gateway {
     /// headers, strict framing (a head the connection's wrapper refused arrives as the marker),
     /// the host the TLS handshake named, a body no larger than allowed. A refusal comes with
     /// what it records of the request.
-    fn front_door(&self, conn: &Conn, req: &Request<Incoming>) -> Result<Front, (Refusal, String)> {
+    fn front_door(&self, conn: &Conn, req: &Request<RequestBody>) -> Result<Front, (Refusal, String)> {
         if req.uri().path() == self.lasting.marker {
             let why = conn.refused.take().unwrap_or(request::Reject::RequestLine);
             return Err((malformed(why.status(), why.code()), "(a raw head)".into()));
@@ -371,7 +370,7 @@ impl Gateway {
     /// mitigate::check: the operator's emergency rules, before any session work.
     async fn mitigate(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<RequestBody>,
         front: &Front,
         found: &Found,
         client: IpAddr,
@@ -420,7 +419,7 @@ impl Gateway {
     }
 
     /// The handler of what the route found.
-    async fn dispatch(&self, found: Found, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
+    async fn dispatch(&self, found: Found, ctx: Ctx, req: Request<RequestBody>) -> Response<Body> {
         match found {
             // Cold paths are boxed so that the future of every request stays small.
             Found::Portal { on_portal_host } => {
@@ -462,7 +461,7 @@ impl Gateway {
     }
 
     /// policy::evaluate, then proxy::forward with the permit.
-    async fn app(&self, i: usize, mut ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
+    async fn app(&self, i: usize, mut ctx: Ctx, req: Request<RequestBody>) -> Response<Body> {
         let app = &self.state.cfg.apps[i];
         // A proxy in front serves this app; only poort's own paths are answered on its host.
         if app.upstream == crate::config::Upstream::ForwardAuth {
@@ -553,7 +552,7 @@ impl Gateway {
 
     /// A browser navigation goes to the login page (or, to step up, the second-factor page);
     /// None for anything else (refused as unauthenticated).
-    fn needs_login(&self, ctx: &Ctx, req: &Request<Incoming>, step_up: bool) -> Option<Response<Body>> {
+    fn needs_login(&self, ctx: &Ctx, req: &Request<RequestBody>, step_up: bool) -> Option<Response<Body>> {
         let wants_html =
             req.headers().get_all(header::ACCEPT).iter().any(|v| v.as_bytes().windows(9).any(|w| w == b"text/html"));
         if !wants_html || !matches!(*req.method(), http::Method::GET | http::Method::HEAD) {

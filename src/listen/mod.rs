@@ -3,8 +3,8 @@
 //! heads and streams, an idle cut-off, and graceful shutdown. Also the optional plain-HTTP
 //! listener, which does nothing but redirect to the configured HTTPS origin.
 
+mod h1;
 mod idle;
-mod strict;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,20 +22,20 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::config::Server;
-use crate::request::{MAX_HEADERS, Target};
+use crate::request::Target;
 use crate::respond::redirect;
 
+pub use h1::Refused;
 pub use idle::IdleIo;
-pub use strict::{Refused, Strict};
 
 /// What the gateway knows of the connection a request came on.
 #[derive(Debug, Default)]
 pub struct Conn {
     /// The host name the client asked for in the TLS handshake, lower case.
     pub sni: Option<String>,
-    /// Why the connection's last head was refused, for the marker request (`strict`).
+    /// Why the connection's last head was refused, for the marker request (`h1`).
     pub refused: Arc<Refused>,
 }
 
@@ -72,9 +72,6 @@ impl Drop for ClientSlot {
     }
 }
 
-/// Most bytes hyper buffers for one HTTP/1 head (request line and headers).
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-
 /// The TLS settings, serving the certificates of `certs` by SNI.
 pub fn tls_config(certs: Arc<crate::certs::Certs>) -> anyhow::Result<Arc<ServerConfig>> {
     // ring's default suites are all AEAD with forward secrecy; no CBC, no RSA key exchange.
@@ -88,21 +85,15 @@ pub fn tls_config(certs: Arc<crate::certs::Certs>) -> anyhow::Result<Arc<ServerC
     Ok(Arc::new(cfg))
 }
 
-/// HTTP/1 and HTTP/2 settings. The protocol comes from ALPN: nothing guesses it from the
-/// first bytes (which `Strict` holds back until a head is complete).
+/// HTTP/2 settings, and the HTTP/1 head timeout (`h1` serves HTTP/1 itself). The protocol
+/// comes from ALPN: nothing guesses it from the first bytes.
 struct Builders {
-    h1: hyper::server::conn::http1::Builder,
+    /// Bounds each HTTP/1 head, and the wait for the next request on a kept-alive connection.
+    header_timeout: Duration,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
 fn http_builders(server: &Server) -> Builders {
-    let mut h1 = hyper::server::conn::http1::Builder::new();
-    h1.timer(TokioTimer::new())
-        // Also bounds the wait for the next request on a kept-alive connection.
-        .header_read_timeout(server.header_timeout)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS)
-        .half_close(false);
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new())
         .max_concurrent_streams(128)
@@ -110,7 +101,7 @@ fn http_builders(server: &Server) -> Builders {
         .max_pending_accept_reset_streams(32)
         .max_local_error_reset_streams(256)
         .keep_alive_interval(None);
-    Builders { h1, h2 }
+    Builders { header_timeout: server.header_timeout, h2 }
 }
 
 /// The connection limits, shared by every worker that accepts on the same address.
@@ -128,7 +119,7 @@ impl Limits {
 
 /// What answers the requests a listener accepts: the gateway.
 pub trait Handler: Send + Sync + 'static {
-    /// The target a connection's wrapper (`Strict`) hands over in place of a refused head.
+    /// The target of the request `h1` hands over in place of a refused head.
     fn marker(&self) -> &'static str;
 
     /// A client connection was accepted; what is returned lives as long as the connection.
@@ -144,7 +135,7 @@ pub trait Handler: Send + Sync + 'static {
         self: Arc<Self>,
         peer: SocketAddr,
         conn: &'a Conn,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> impl Future<Output = Response<Body>> + Send + 'a;
 }
 
@@ -250,9 +241,7 @@ pub async fn serve<H: Handler>(
                 }
             };
             gw.handshake(true);
-            if let Err(e) = serving(gw, peer, tls, &builders, draining).await {
-                tracing::debug!(client = %peer, error = %e, "Connection ended with an error");
-            }
+            serving(gw, peer, tls, &builders, draining).await;
         });
     }
     drop(listener);
@@ -265,7 +254,7 @@ pub async fn serve<H: Handler>(
     }
 }
 
-type Serving = std::pin::Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+type Serving = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Serves one connection after its handshake: HTTP/2 or HTTP/1 as ALPN chose, each request
 /// answered by `gw`; on shutdown, lets its requests finish and closes it. Made here, outside
@@ -282,32 +271,40 @@ fn serving<H: Handler>(
     let (_, session) = tls.get_ref();
     let h2 = session.alpn_protocol() == Some(b"h2");
     let conn = Arc::new(Conn { sni: session.server_name().map(str::to_ascii_lowercase), refused: Arc::default() });
-    let io = Strict::new(tls, h2, conn.refused.clone(), gw.marker());
+    if !h2 {
+        return Box::pin(h1::serve(gw, peer, conn, Box::new(tls), builders.header_timeout, draining));
+    }
     let service = service_fn(move |req: Request<Incoming>| {
         let (gw, conn) = (gw.clone(), conn.clone());
         // Boxed, so that a connection between requests holds no request's state (the
         // library keeps room for the future of each connection's request in flight).
-        Box::pin(async move { Ok::<_, Infallible>(gw.handle(peer, &conn, req).await) })
+        Box::pin(async move { Ok::<_, Infallible>(gw.handle(peer, &conn, req.map(RequestBody::H2)).await) })
     });
-    macro_rules! drive {
-        ($conn:expr) => {{
-            let mut conn = Box::pin($conn);
-            Box::pin(async move {
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = draining.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                }
-            })
-        }};
-    }
-    if h2 {
-        drive!(builders.h2.serve_connection(TokioIo::new(io), service))
-    } else {
-        drive!(builders.h1.serve_connection(TokioIo::new(io), service).with_upgrades())
-    }
+    let mut conn = Box::pin(builders.h2.serve_connection(TokioIo::new(tls), service));
+    Box::pin(async move {
+        let ended = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = draining.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+        }
+    })
+}
+
+/// Serves HTTP/1.1 on `io`, a connection from `peer`, as an HTTPS connection after its
+/// handshake is served (for benchmarks: `benches/hotpath.rs`).
+pub async fn serve_http1<H: Handler>(
+    gw: Arc<H>,
+    peer: SocketAddr,
+    io: impl crate::body::wire::Io,
+    header_timeout: Duration,
+) {
+    let (_drain, draining) = tokio::sync::watch::channel(false);
+    h1::serve(gw, peer, Arc::default(), Box::new(io), header_timeout, draining).await;
 }
 
 /// Serves the plain-HTTP listener: every request gets a redirect to the HTTPS origin with the

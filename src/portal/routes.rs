@@ -14,10 +14,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::respond::{error_page, json_error, page, redirect};
 use crate::session::{Kind, Session, cookie};
 use crate::state::{Ctx, State};
@@ -306,7 +305,7 @@ pub struct Call {
     /// The JSON body (`Input::Json`, `Input::CliJson`); empty otherwise.
     pub json: Bytes,
     /// The unread body (`Input::None`).
-    pub body: Option<Incoming>,
+    pub body: Option<RequestBody>,
     /// The rest of the path after a prefix row's path.
     pub rest: String,
 }
@@ -327,7 +326,7 @@ impl Call {
     }
 
     /// The request again, for a handler that needs it whole (a WebSocket upgrade).
-    pub fn into_request(self) -> Request<Incoming> {
+    pub fn into_request(self) -> Request<RequestBody> {
         Request::from_parts(self.head, self.body.expect("invariant: a route without input keeps its body"))
     }
 }
@@ -338,7 +337,7 @@ const MAX_JSON: usize = 64 * 1024;
 
 /// Answers one request for a gateway route: finds its row, admits the request by the row's
 /// rules, then calls its handler.
-pub async fn dispatch(st: &State, ctx: Ctx, on_portal_host: bool, req: Request<Incoming>) -> Response<Body> {
+pub async fn dispatch(st: &State, ctx: Ctx, on_portal_host: bool, req: Request<RequestBody>) -> Response<Body> {
     let path = ctx.front.target.path();
     let verb = verb_of(req.method());
     let found = {
@@ -372,7 +371,7 @@ pub fn row_of(page: Page) -> &'static Route {
 /// Admits a request to `route` by the row's rules: the session kind it takes, its guard, its
 /// rate class, the own-action check, and its body read and checked as the row says. Every
 /// request a route table row answers passes here before its handler sees it.
-pub async fn admit(st: &State, mut ctx: Ctx, route: &Route, req: Request<Incoming>) -> Result<Call, Response<Body>> {
+pub async fn admit(st: &State, mut ctx: Ctx, route: &Route, req: Request<RequestBody>) -> Result<Call, Response<Body>> {
     if verb_of(req.method()) != Some(route.verb) {
         return Err(error_page(StatusCode::METHOD_NOT_ALLOWED, ctx.id));
     }
@@ -534,7 +533,7 @@ fn genuine(st: &State, h: &HeaderMap, sent: Option<&[u8]>) -> bool {
 }
 
 /// Reads a bounded urlencoded form body; None if it is not one, or names a field twice.
-async fn read_form(h: &HeaderMap, body: Incoming) -> Option<HashMap<String, String>> {
+async fn read_form(h: &HeaderMap, body: RequestBody) -> Option<HashMap<String, String>> {
     let ct = h.get(header::CONTENT_TYPE)?.as_bytes();
     if !ct.starts_with(b"application/x-www-form-urlencoded") {
         return None;

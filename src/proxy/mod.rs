@@ -13,11 +13,10 @@ use std::sync::Arc;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::Limited;
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use parking_lot::RwLock;
 
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::clock::UnixTime;
 use crate::config::{App, ProxySettings, Route, Upstream};
 use crate::identity::Identity;
@@ -316,7 +315,7 @@ impl Proxy {
 
     /// The upstream request's body and its length, if known: read whole when it is at most
     /// `buffer_bytes`, else streamed (with what was read while deciding in front).
-    async fn read_body(&self, body: Incoming, length: Option<u64>) -> Result<(UpstreamBody, Option<u64>), Failure> {
+    async fn read_body(&self, body: RequestBody, length: Option<u64>) -> Result<(UpstreamBody, Option<u64>), Failure> {
         use hyper::body::Body as _;
         let (bound, max) = (self.settings.buffer_bytes, self.settings.max_body_bytes);
         if body.is_end_stream() {
@@ -325,7 +324,7 @@ impl Proxy {
         if length.is_some_and(|n| n > max) {
             return Err(Failure::TooLarge);
         }
-        let mut rest = Limited::new(body, max as usize);
+        let mut rest = Limited::new(http_body_util::combinators::BoxBody::new(body), max as usize);
         if length.is_some_and(|n| n > bound) {
             return Ok((UpstreamBody::Stream { first: None, rest }, length));
         }
@@ -368,7 +367,7 @@ impl Proxy {
         target: &Target,
         origin: Origin<'_>,
         length: Option<u64>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<Body>, Failure> {
         if permit.resource() != Resource::App(&app.name) {
             return Err(Failure::Internal("a permit for another resource".into()));
@@ -386,7 +385,7 @@ impl Proxy {
                 }
             }
         }
-        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = websocket.then(|| crate::body::wire::on_upgrade(&mut req));
         let (parts, body) = req.into_parts();
         // A body on a method whose body means nothing (GET, HEAD, OPTIONS, TRACE) is refused:
         // an app that does not read it would take its bytes for the next request on the
@@ -511,7 +510,7 @@ impl Proxy {
         &self,
         dest: Dest<'_>,
         out: Request<UpstreamBody>,
-        client_upgrade: hyper::upgrade::OnUpgrade,
+        client_upgrade: impl std::future::Future<Output = Result<crate::body::wire::Upgraded, ()>> + Send + 'static,
         line: Option<crate::session::Lifeline>,
         grant: crate::session::grant::Grant,
         answer: &Answer<'_>,
@@ -535,7 +534,7 @@ impl Proxy {
         tokio::spawn(async move {
             let _open = open;
             if let (Ok(a), Ok(b)) = (client_upgrade.await, upstream_upgrade.await) {
-                let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                let (mut a, mut b) = (a, TokioIo::new(b));
                 let splice = tokio::io::copy_bidirectional(&mut a, &mut b);
                 // The connection ends with its session or its access (both sides are dropped).
                 tokio::select! {

@@ -264,6 +264,23 @@ impl Chunked {
     pub fn done(&self) -> bool {
         *self == Chunked::Done
     }
+
+    /// Decodes: consumes framing bytes of `input` up to and including the next run of chunk
+    /// data (or the end of the body), and returns how many bytes it consumed and where in
+    /// `input` that data lies (empty when `input` held only framing).
+    pub fn next_data(&mut self, input: &[u8]) -> Result<(usize, std::ops::Range<usize>), Reject> {
+        let mut i = 0;
+        while i < input.len() && !self.done() {
+            if let Chunked::Data { left } = *self {
+                let n = (input.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                let start = i;
+                i += self.feed(&input[i..i + n])?;
+                return Ok((i, start..i));
+            }
+            i += self.feed(&input[i..=i])?;
+        }
+        Ok((i, i..i))
+    }
 }
 
 #[cfg(test)]

@@ -16,14 +16,13 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use russh::ChannelMsg;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{Channel1, Parts, destination, target};
 use crate::audit::Event;
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::config::SshTarget;
 use crate::policy::{self, Decision, Resource, Subject};
 use crate::portal::routes;
@@ -51,7 +50,7 @@ fn query(ctx: &Ctx, name: &str) -> String {
 }
 
 /// GET /.poort/ssh/NAME: the page, or with a WebSocket upgrade the session.
-pub async fn terminal(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
+pub async fn terminal(st: &State, ctx: Ctx, req: Request<RequestBody>) -> Response<Body> {
     let row = routes::row_of(routes::Page::Terminal);
     let call = match routes::admit(st, ctx, row, req).await {
         Ok(call) => call,
@@ -152,7 +151,7 @@ pub async fn terminal(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<
     if st.audit.record(ev).await.is_err() {
         return error_page(StatusCode::SERVICE_UNAVAILABLE, ctx.id);
     }
-    let upgrade = hyper::upgrade::on(&mut req);
+    let upgrade = crate::body::wire::on_upgrade(&mut req);
     let ca = match crate::ssh::UserCa::load_or_create(&st.cfg.data_dir) {
         Ok(ca) => ca,
         Err(e) => {

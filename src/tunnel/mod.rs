@@ -19,8 +19,6 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
@@ -28,7 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::audit::Event;
-use crate::body::Body;
+use crate::body::{Body, RequestBody};
 use crate::config::Tunnel;
 use crate::policy::{self, Decision, Permit, Resource, Subject};
 use crate::portal::routes;
@@ -40,7 +38,7 @@ use crate::state::{Ctx, State};
 const CHUNK: usize = 256 * 1024;
 
 /// The `Sec-WebSocket-Accept` answer for a well-formed WebSocket upgrade request, if it is one.
-pub(crate) fn websocket_key(req: &Request<Incoming>) -> Option<HeaderValue> {
+pub(crate) fn websocket_key(req: &Request<RequestBody>) -> Option<HeaderValue> {
     let h = req.headers();
     let upgrade = h.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     let version = h.get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v.as_bytes() == b"13");
@@ -83,7 +81,7 @@ async fn dial(_permit: Permit<'_>, t: &Tunnel, timeout: Duration) -> Result<TcpS
 }
 
 /// GET /.poort/tunnel/<name> with a WebSocket upgrade.
-pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body> {
+pub async fn open(st: &State, ctx: Ctx, req: Request<RequestBody>) -> Response<Body> {
     let row = routes::row_of(routes::Page::Tunnel);
     let call = match routes::admit(st, ctx, row, req).await {
         Ok(call) => call,
@@ -162,7 +160,7 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "the gateway cannot record this tunnel");
     }
 
-    let upgrade = hyper::upgrade::on(&mut req);
+    let upgrade = crate::body::wire::on_upgrade(&mut req);
     let (audit, clock) = (st.audit.clone(), st.clock.clone());
     let name = t.name.clone();
     tokio::spawn(async move {
@@ -190,10 +188,10 @@ pub async fn open(st: &State, ctx: Ctx, req: Request<Incoming>) -> Response<Body
 
 /// The gateway's side of an upgraded connection as a WebSocket, messages at most 1 MiB.
 pub(crate) async fn server_socket(
-    upgraded: hyper::upgrade::Upgraded,
-) -> WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
+    upgraded: crate::body::wire::Upgraded,
+) -> WebSocketStream<crate::body::wire::Upgraded> {
     let config = WebSocketConfig::default().max_message_size(Some(1 << 20)).max_frame_size(Some(1 << 20));
-    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await
+    WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config)).await
 }
 
 /// The 101 answer that accepts a WebSocket upgrade (`accept` from `websocket_key`).

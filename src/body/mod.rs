@@ -13,7 +13,48 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use crate::session::Lifeline;
 use crate::upstream::PooledBody;
 
+pub mod wire;
+
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request's body, as a handler reads it.
+#[derive(Debug)]
+pub enum RequestBody {
+    Empty,
+    /// An HTTP/1 request's body, read from its connection as it is polled (`listen::h1`).
+    H1(wire::H1Body),
+    /// An HTTP/2 stream's body.
+    H2(Incoming),
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            RequestBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::H1(b) => b.is_end_stream(),
+            RequestBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::H1(b) => b.size_hint(),
+            RequestBody::H2(b) => b.size_hint(),
+        }
+    }
+}
 
 #[derive(Debug)]
 pub enum Body {
